@@ -1,0 +1,189 @@
+"""GEKOConfig: every knob of the GEKO policy in one frozen, validated dataclass.
+
+Field names and defaults follow gekolib 0.3.1's ``GEKOConfig`` so that a
+gekolib user finds what they know; the fields after ``prune_frozen_after`` are
+geko_data's additions (unbiased mode, forgetting re-checks, annealing, and the
+baseline policies used by ``benchmarks/bench_value.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "GEKOConfig",
+    "GEKO_AGGRESSIVE",
+    "GEKO_BALANCED",
+    "GEKO_CONSERVATIVE",
+    "GEKOLIB_DEFAULTS",
+    "MODES",
+    "PRESETS",
+]
+
+#: Sampling policies. ``geko`` and ``unbiased`` are GEKO; the others are the
+#: baselines a user compares against on their own data.
+MODES = ("geko", "unbiased", "uniform", "random_subset", "infobatch")
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class GEKOConfig:
+    """The GEKO policy. All fields are keyword-only and validated at construction.
+
+    Args:
+        freeze_confidence: confidence a correct sample must exceed to enter FREEZE. Defaults to ``0.85``.
+        freeze_quality: stability (``1 - min(sqrt(loss_var), 1)``) a sample must exceed to enter FREEZE.
+            Defaults to ``0.80``.
+        focus_confidence: confidence above which a wrong sample is HARD rather than FOCUS. Defaults to ``0.60``.
+        bucket_weights: sampling weights (HARD, FOCUS, LIGHT) when the curriculum is off; FREEZE is 0.
+            Defaults to ``(3, 1, 0)``.
+        use_curriculum: follow the Mountain curriculum's per-phase weights. Defaults to ``True``.
+        q_value_lr: EMA rate of the Q-value update. Defaults to ``0.1``.
+        min_q_for_freeze: Q-value a sample needs before it may enter FREEZE. Defaults to ``0.8``.
+        q_value_loss_scale: loss that maps to a Q target of 0. Defaults to ``10.0``.
+        repartition_every: re-bucket every N epochs. Defaults to ``1``.
+        log_bucket_stats: print the partition table at each repartition. Defaults to ``True``.
+        max_times_seen: passes after which a sample gets sampling weight 0 (0 disables). Defaults to ``50``.
+        prune_frozen_after: prune a sample for good after N consecutive FREEZE repartitions (0 disables).
+            Defaults to ``0``.
+        mode: one of ``geko``, ``unbiased``, ``uniform``, ``random_subset``, ``infobatch``. Defaults to ``"geko"``.
+        keep_frozen: unbiased mode: fraction of FREEZE samples kept each epoch, at loss weight
+            ``1/keep_frozen``. Defaults to ``0.1``.
+        recheck_frozen: geko mode: fraction of FREEZE samples re-measured each epoch (loss weight 0,
+            forward only) so that forgetting is caught. Defaults to ``0.05``.
+        early_stop_frozen: FREEZE (plus pruned) share at which training may stop (1.0 disables).
+            Defaults to ``0.95``.
+        anneal: final fraction of training run on all unpruned data at weight 1 (InfoBatch's
+            ``1 - delta``). ``None`` means 0.125 for ``unbiased`` and ``infobatch``, 0 otherwise.
+            Defaults to ``None``.
+        loss_ema: decay of the loss EMA and of the squared-deviation EMA behind stability. Defaults to ``0.7``.
+        max_repeats: cap on one sample's multiplicity in an epoch. Defaults to ``5``.
+        subset_fraction: ``random_subset`` mode: fraction of the data drawn each epoch. Defaults to ``0.5``.
+        prune_ratio: ``infobatch`` mode: fraction r of below-mean-loss samples dropped each epoch.
+            Defaults to ``0.5``.
+    """
+
+    freeze_confidence: float = 0.85
+    freeze_quality: float = 0.80
+    focus_confidence: float = 0.60
+    bucket_weights: tuple[float, float, float] = (3.0, 1.0, 0.0)
+    use_curriculum: bool = True
+    q_value_lr: float = 0.1
+    min_q_for_freeze: float = 0.8
+    q_value_loss_scale: float = 10.0
+    repartition_every: int = 1
+    log_bucket_stats: bool = True
+    max_times_seen: int = 50
+    prune_frozen_after: int = 0
+    mode: str = "geko"
+    keep_frozen: float = 0.1
+    recheck_frozen: float = 0.05
+    early_stop_frozen: float = 0.95
+    anneal: float | None = None
+    loss_ema: float = 0.7
+    max_repeats: int = 5
+    subset_fraction: float = 0.5
+    prune_ratio: float = 0.5
+    # Not a policy knob: lets presets carry a name into state files and reports.
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_range("freeze_confidence", self.freeze_confidence, 0.0, 1.0)
+        _check_range("freeze_quality", self.freeze_quality, 0.0, 1.0)
+        _check_range("focus_confidence", self.focus_confidence, 0.0, 1.0)
+        bw = self.bucket_weights
+        if isinstance(bw, list):
+            object.__setattr__(self, "bucket_weights", tuple(bw))
+            bw = self.bucket_weights
+        if not isinstance(bw, tuple) or len(bw) != 3:
+            raise ValueError(f"`bucket_weights` must be 3 numbers (HARD, FOCUS, LIGHT), got {bw!r}")
+        for i, w in enumerate(bw):
+            _check_range(f"bucket_weights[{i}]", w, 0.0, 1e6)
+        object.__setattr__(self, "bucket_weights", tuple(float(w) for w in bw))
+        if not isinstance(self.use_curriculum, bool):
+            raise ValueError(f"`use_curriculum` must be a bool, got {self.use_curriculum!r}")
+        if not isinstance(self.log_bucket_stats, bool):
+            raise ValueError(f"`log_bucket_stats` must be a bool, got {self.log_bucket_stats!r}")
+        _check_range("q_value_lr", self.q_value_lr, 0.0, 1.0, lo_open=True)
+        _check_range("min_q_for_freeze", self.min_q_for_freeze, 0.0, 1.0)
+        _check_range("q_value_loss_scale", self.q_value_loss_scale, 0.0, 1e9, lo_open=True)
+        _check_int("repartition_every", self.repartition_every, 1, 10_000)
+        _check_int("max_times_seen", self.max_times_seen, 0, 65_535)
+        # frozen_epochs is a saturating uint8 counter (it keeps the state at 32 bytes/sample).
+        _check_int("prune_frozen_after", self.prune_frozen_after, 0, 255)
+        if self.mode not in MODES:
+            raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check_range("keep_frozen", self.keep_frozen, 0.0, 1.0, lo_open=True)
+        _check_range("recheck_frozen", self.recheck_frozen, 0.0, 1.0)
+        _check_range("early_stop_frozen", self.early_stop_frozen, 0.0, 1.0, lo_open=True)
+        if self.anneal is not None:
+            _check_range("anneal", self.anneal, 0.0, 1.0)
+        _check_range("loss_ema", self.loss_ema, 0.0, 1.0, hi_open=True)
+        _check_int("max_repeats", self.max_repeats, 1, 1000)
+        _check_range("subset_fraction", self.subset_fraction, 0.0, 1.0, lo_open=True)
+        _check_range("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)
+        if not isinstance(self.name, str):
+            raise ValueError(f"`name` must be a string, got {self.name!r}")
+
+    @property
+    def anneal_fraction(self) -> float:
+        """The effective ``anneal`` (``None`` resolved per mode)."""
+        if self.anneal is not None:
+            return float(self.anneal)
+        return 0.125 if self.mode in ("unbiased", "infobatch") else 0.0
+
+    def replace(self, **changes: Any) -> "GEKOConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict; ``from_dict(to_dict())`` round-trips."""
+        d = dataclasses.asdict(self)
+        d["bucket_weights"] = list(self.bucket_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GEKOConfig":
+        """Build from ``to_dict()`` output; unknown keys raise ValueError naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"GEKOConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GEKOConfig field(s) {unknown}; allowed: {sorted(known)}")
+        d = dict(d)
+        if "bucket_weights" in d and isinstance(d["bucket_weights"], list):
+            d["bucket_weights"] = tuple(d["bucket_weights"])
+        return cls(**d)
+
+
+#: gekolib 0.3.1's defaults, unchanged.
+GEKOLIB_DEFAULTS = GEKOConfig(name="gekolib")
+GEKO_AGGRESSIVE = GEKOConfig(freeze_confidence=0.90, freeze_quality=0.85, bucket_weights=(5.0, 2.0, 0.0),
+                             name="aggressive")
+GEKO_BALANCED = GEKOConfig(freeze_confidence=0.85, freeze_quality=0.80, bucket_weights=(3.0, 2.0, 1.0),
+                           name="balanced")
+GEKO_CONSERVATIVE = GEKOConfig(freeze_confidence=0.80, freeze_quality=0.75, bucket_weights=(2.0, 2.0, 1.0),
+                               name="conservative")
+PRESETS = {c.name: c for c in (GEKOLIB_DEFAULTS, GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE)}

@@ -1,0 +1,85 @@
+"""World: the (rank, world_size, worker, num_workers) topology as a value object.
+
+Pure planning code takes a World argument, so tests can build any topology by
+hand; ``World.detect()`` reads it from torch.distributed, the RANK /
+WORLD_SIZE environment variables and ``torch.utils.data.get_worker_info()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["World"]
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this code runs among ranks and DataLoader workers.
+
+    Args:
+        rank: this process's rank. Defaults to ``0``.
+        world_size: number of ranks. Defaults to ``1``.
+        worker: this DataLoader worker's id (0 in the main process). Defaults to ``0``.
+        num_workers: DataLoader workers per rank (1 when loading in the main process). Defaults to ``1``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "world_size", "worker", "num_workers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"`{name}` must be an int, got {v!r}")
+        if self.world_size < 1:
+            raise ValueError(f"`world_size` must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")
+        if self.num_workers < 1:
+            raise ValueError(f"`num_workers` must be >= 1, got {self.num_workers}")
+        if not 0 <= self.worker < self.num_workers:
+            raise ValueError(f"`worker` must be in [0, {self.num_workers}), got {self.worker}")
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the rank that writes files)."""
+        return self.rank == 0
+
+    @property
+    def global_worker(self) -> int:
+        """Index of this worker among all ``world_size * num_workers`` workers."""
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def total_workers(self) -> int:
+        return self.world_size * self.num_workers
+
+    def with_worker(self, worker: int, num_workers: int) -> "World":
+        """The same ranks, seen from DataLoader worker ``worker`` of ``num_workers``."""
+        return World(rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers)
+
+    @classmethod
+    def detect(cls) -> "World":
+        """The running topology: torch.distributed if initialised, else RANK/WORLD_SIZE, plus the worker."""
+        rank, world_size = 0, 1
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+            else:
+                rank = int(os.environ.get("RANK", 0))
+                world_size = int(os.environ.get("WORLD_SIZE", 1))
+        except ImportError:  # pragma: no cover - torch is a dependency
+            rank = int(os.environ.get("RANK", 0))
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+        worker, num_workers = 0, 1
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is not None:
+            worker, num_workers = info.id, info.num_workers
+        return cls(rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
