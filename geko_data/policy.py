@@ -1,0 +1,193 @@
+"""The GEKO policy as pure numpy functions: no I/O, no torch.
+
+Every rule that decides what a sample's learning state means lives here:
+the Q-value update, bucket classification, the Mountain curriculum (phase,
+per-bucket weights, LR multiplier) and each epoch's expected multiplicity
+and loss weight per sample for every mode. ``state.py`` keeps the arrays,
+``plan.py`` turns expected multiplicities into an order.
+
+gekolib 0.3.1 flaws fixed here (see DESIGN.md, Policy):
+
+* curriculum progress is the epoch *midpoint*, so a 3-epoch run reaches PEAK;
+* the Mountain LR multiplier is applied smoothly, so WARMUP's 0.5 takes effect;
+* an epoch's length is the number of active samples: frozen and pruned samples
+  really cost nothing (gekolib draws N samples with replacement every epoch);
+* frozen samples are re-checked (``recheck_frozen``) so forgetting is seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geko_data.config import GEKOConfig
+
+__all__ = [
+    "BUCKET_NAMES",
+    "FOCUS",
+    "FREEZE",
+    "HARD",
+    "LIGHT",
+    "PHASES",
+    "PHASE_LR",
+    "PHASE_WEIGHTS",
+    "bucket_weight_table",
+    "classify",
+    "epoch_progress",
+    "expected_counts",
+    "lr_multiplier",
+    "phase_index",
+    "phase_name",
+    "prune_mask",
+    "q_update",
+    "stability",
+]
+
+FREEZE, LIGHT, FOCUS, HARD = 0, 1, 2, 3
+BUCKET_NAMES = ("FREEZE", "LIGHT", "FOCUS", "HARD")
+
+PHASES = ("WARMUP", "ASCENT", "PEAK", "DESCENT", "CONSOLIDATE")
+# Upper progress bound of each phase (the last one ends at 1.0).
+_PHASE_ENDS = np.array([0.15, 0.35, 0.65, 0.85, 1.0])
+#: (HARD, FOCUS, LIGHT) sampling weights per phase, gekolib's Mountain table.
+PHASE_WEIGHTS = ((1.0, 2.0, 3.0), (2.0, 3.0, 1.0), (5.0, 2.0, 0.0), (2.0, 3.0, 1.0), (1.0, 2.0, 3.0))
+#: LR multiplier per phase.
+PHASE_LR = (0.5, 0.8, 1.0, 0.8, 0.3)
+_PHASE_MID = np.array([0.075, 0.25, 0.5, 0.75, 0.925])
+
+
+def epoch_progress(epoch: int, total_epochs: int) -> float:
+    """Curriculum progress of an epoch: its midpoint ``(epoch + 0.5) / total_epochs``, clipped to [0, 1]."""
+    if total_epochs < 1:
+        raise ValueError(f"`total_epochs` must be >= 1, got {total_epochs}")
+    return float(min(max((epoch + 0.5) / total_epochs, 0.0), 1.0))
+
+
+def phase_index(progress: float) -> int:
+    """Index into ``PHASES`` of training progress in [0, 1]."""
+    p = min(max(float(progress), 0.0), 1.0)
+    return int(min(np.searchsorted(_PHASE_ENDS, p, side="right"), len(PHASES) - 1))
+
+
+def phase_name(progress: float) -> str:
+    return PHASES[phase_index(progress)]
+
+
+def lr_multiplier(progress: float) -> float:
+    """The Mountain LR multiplier, linear between phase midpoints (flat before the first / after the last)."""
+    return float(np.interp(min(max(float(progress), 0.0), 1.0), _PHASE_MID, PHASE_LR))
+
+
+def bucket_weight_table(progress: float, config: GEKOConfig) -> np.ndarray:
+    """Sampling weight per bucket code, shape (4,): [FREEZE, LIGHT, FOCUS, HARD]; FREEZE is always 0."""
+    hard, focus, light = PHASE_WEIGHTS[phase_index(progress)] if config.use_curriculum else config.bucket_weights
+    return np.array([0.0, light, focus, hard], dtype=np.float64)
+
+
+def q_update(q: np.ndarray, loss: np.ndarray, *, lr: float, loss_scale: float) -> np.ndarray:
+    """``Q <- (1 - lr) Q + lr (1 - min(loss / loss_scale, 1))``; negative losses count as 0."""
+    target = 1.0 - np.clip(np.asarray(loss, dtype=np.float32) / np.float32(loss_scale), 0.0, 1.0)
+    return ((1.0 - lr) * np.asarray(q, dtype=np.float32) + lr * target).astype(np.float32)
+
+
+def stability(loss_var: np.ndarray) -> np.ndarray:
+    """``1 - min(sqrt(loss_var), 1)``: 1 for a loss that stopped moving, 0 for one that moves by >= 1."""
+    return (1.0 - np.minimum(np.sqrt(np.maximum(loss_var, 0.0)), 1.0)).astype(np.float32)
+
+
+def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q: np.ndarray,
+             loss_var: np.ndarray, config: GEKOConfig) -> np.ndarray:
+    """Bucket code per sample (uint8), gekolib's rules; never-seen samples are FOCUS.
+
+    FREEZE: correct, confidence > freeze_confidence, stability > freeze_quality, q >= min_q_for_freeze.
+    LIGHT: correct otherwise. HARD: wrong and confidence > focus_confidence. FOCUS: wrong otherwise.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    conf = np.asarray(confidence, dtype=np.float32)
+    freeze = (correct & (conf > config.freeze_confidence) & (stability(loss_var) > config.freeze_quality)
+              & (np.asarray(q) >= config.min_q_for_freeze))
+    out = np.where(correct, LIGHT, np.where(conf > config.focus_confidence, HARD, FOCUS)).astype(np.uint8)
+    out[freeze] = FREEZE
+    out[~np.asarray(seen, dtype=bool)] = FOCUS
+    return out
+
+
+def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:
+    """Samples to prune for good: ``frozen_epochs >= prune_frozen_after`` (never when it is 0 or for baselines)."""
+    if config.prune_frozen_after <= 0 or config.mode not in ("geko", "unbiased"):
+        return np.zeros(np.shape(frozen_epochs), dtype=bool)
+    return np.asarray(frozen_epochs) >= config.prune_frozen_after
+
+
+def expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
+                    progress: float, config: GEKOConfig,
+                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected multiplicity and loss weight of every sample for one epoch.
+
+    Returns ``(expected, loss_weight)``, both shape (N,): ``expected`` float64 >= 0 (``plan.py`` rounds it
+    stochastically, so ``E[count] == expected``), ``loss_weight`` float32. In ``geko`` mode a FREEZE sample
+    drawn for a forgetting re-check has loss weight 0 (forward only).
+
+    Modes:
+
+    * ``geko``: active samples (not FREEZE, not pruned, under ``max_times_seen``) share an epoch of
+      ``epoch_length`` (default: their count) in proportion to their bucket weight, capped at ``max_repeats``;
+      FREEZE samples get ``recheck_frozen`` at weight 0. Biased on purpose, as GEKO is.
+    * ``unbiased``: as ``geko``, but every unpruned sample keeps an expected count of at least
+      ``keep_frozen`` and carries loss weight ``c / expected`` with ``c`` the mean expected count, so the
+      weighted gradient is an unbiased estimate of the full-data one (InfoBatch's rescaling).
+    * ``uniform``: every unpruned sample once. ``random_subset``: a fresh ``subset_fraction`` of them (RS2).
+    * ``infobatch``: samples whose last loss is below the mean are kept with probability ``1 - prune_ratio``
+      at weight ``1 / (1 - prune_ratio)`` (Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased
+      Dynamic Data Pruning", ICLR 2024).
+
+    In the final ``anneal`` fraction of training every unpruned sample is drawn once at weight 1.
+    """
+    bucket = np.asarray(bucket)
+    n = bucket.shape[0]
+    alive = ~np.asarray(pruned, dtype=bool)
+    expected = np.zeros(n, dtype=np.float64)
+    weight = np.ones(n, dtype=np.float32)
+    mode = config.mode
+    anneal = config.anneal_fraction
+    if mode == "uniform" or (anneal > 0 and progress >= 1.0 - anneal):
+        expected[alive] = 1.0
+        return expected, weight
+    if mode == "random_subset":
+        expected[alive] = config.subset_fraction
+        return expected, weight
+    if mode == "infobatch":
+        loss = np.asarray(loss, dtype=np.float64)
+        seen = np.isfinite(loss) & alive
+        expected[alive] = 1.0
+        if seen.any():
+            well_learned = seen & (loss < loss[seen].mean())
+            expected[well_learned] = 1.0 - config.prune_ratio
+            weight[well_learned] = 1.0 / (1.0 - config.prune_ratio)
+        return expected, weight
+
+    table = bucket_weight_table(progress, config)
+    w = table[bucket]  # (N,) weight per sample, 0 for FREEZE
+    w[~alive] = 0.0
+    if config.max_times_seen > 0:
+        w[np.asarray(times_seen) >= config.max_times_seen] = 0.0
+    active = alive & (bucket != FREEZE)
+    n_active = int(active.sum())
+    length = n_active if epoch_length is None else int(epoch_length)
+    total = w.sum()
+    if total == 0.0 and n_active > 0:
+        # Every active sample sits in a zero-weight bucket (e.g. all LIGHT at PEAK): an empty epoch would
+        # train nothing, so fall back to uniform over the active samples.
+        w = active.astype(np.float64)
+        total = w.sum()
+    if total > 0.0:
+        expected = np.minimum(w * (length / total), float(config.max_repeats))
+    frozen = alive & (bucket == FREEZE)
+    if mode == "geko":
+        expected[frozen] = config.recheck_frozen
+        weight[frozen] = 0.0
+        return expected, weight
+    # unbiased: nobody alive may have probability 0, and weights undo the sampling bias.
+    expected[alive] = np.maximum(expected[alive], config.keep_frozen)
+    c = expected[alive].mean() if alive.any() else 1.0
+    weight[alive] = (c / expected[alive]).astype(np.float32)
+    return expected, weight

@@ -1,0 +1,422 @@
+"""SampleState: the per-sample learning state as one numpy array per column.
+
+It is the only stateful piece of GEKO: the feedback API scatters reported
+losses into it, ``repartition`` re-buckets it, and ``save``/``load`` keep it
+in one Arrow IPC file that pyarrow, pandas, polars or DuckDB open offline.
+
+Memory: 32 bytes per sample (gekolib keeps a Python object per sample, about
+1.1 KB). ``frozen_epochs`` is a saturating uint8 and ``last_step`` an int32 to
+stay at that budget (DESIGN.md said uint16 / int64).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from geko_data import policy
+from geko_data.atomic import atomic_path
+from geko_data.config import GEKOConfig
+
+__all__ = ["COLUMNS", "FORMAT_VERSION", "PartitionStats", "SampleState", "StateFileError", "read_table", "to_numpy"]
+
+FORMAT_VERSION = 1
+_META_KEY = b"geko_data"
+
+#: (column, numpy dtype, initial value), in file order.
+COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("loss", "float32", math.nan),
+    ("loss_ema", "float32", math.nan),
+    ("loss_var", "float32", 0.0),
+    ("confidence", "float32", math.nan),
+    ("correct", "bool", False),
+    ("q", "float32", 0.5),
+    ("bucket", "uint8", policy.FOCUS),
+    ("times_seen", "uint16", 0),
+    ("frozen_epochs", "uint8", 0),
+    ("forgets", "uint16", 0),
+    ("pruned", "bool", False),
+    ("last_step", "int32", -1),
+)
+_NAMES = tuple(c[0] for c in COLUMNS)
+
+
+class StateFileError(ValueError):
+    """A state file that cannot be used: truncated, foreign, too new, or for other shards."""
+
+
+@dataclass(frozen=True)
+class PartitionStats:
+    """Counts of one repartition. ``active`` = unpruned and not FREEZE; bucket counts exclude pruned."""
+
+    epoch: int
+    progress: float
+    phase: str
+    step: int
+    freeze: int
+    light: int
+    focus: int
+    hard: int
+    pruned: int
+    newly_pruned: int
+    active: int
+    seen: int
+    forgets: int
+    mean_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_loss"] = None if math.isnan(self.mean_loss) else self.mean_loss
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PartitionStats":
+        d = dict(d)
+        d["mean_loss"] = math.nan if d.get("mean_loss") is None else d["mean_loss"]
+        return cls(**d)
+
+    def format(self) -> str:
+        """One line as gekolib prints it, with pruned and active counts added."""
+        total = self.freeze + self.light + self.focus + self.hard + self.pruned
+        parts = []
+        for name, n in (("FREEZE", self.freeze), ("LIGHT", self.light), ("FOCUS", self.focus),
+                        ("HARD", self.hard), ("PRUNED", self.pruned)):
+            parts.append(f"{name}: {n:>6} ({100.0 * n / max(total, 1):5.1f}%)")
+        return f"[GEKO] Epoch {self.epoch} ({self.phase}) Partition: " + " | ".join(parts)
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """A 1-D numpy view of a numpy array, torch tensor (any device, detached) or list."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach()
+        if x.dtype.is_floating_point and x.element_size() < 4:  # bf16/fp16: numpy lacks bf16
+            x = x.float()
+        x = x.cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+class SampleState:
+    """Per-sample learning state of ``num_samples`` samples with dense ids ``0..num_samples-1``.
+
+    Args:
+        num_samples: number of samples (> 0).
+        config: the policy. Defaults to ``GEKOConfig()``.
+        fingerprint: shard-index fingerprint stored in saved files. Defaults to ``None``.
+    """
+
+    def __init__(self, num_samples: int, *, config: GEKOConfig | None = None,
+                 fingerprint: str | None = None) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive int, got {num_samples!r}")
+        if config is not None and not isinstance(config, GEKOConfig):
+            raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise TypeError(f"`fingerprint` must be a str or None, got {type(fingerprint).__name__}")
+        self.num_samples = int(num_samples)
+        self.config = config if config is not None else GEKOConfig()
+        self.fingerprint = fingerprint
+        self.epoch = -1  # epoch of the last repartition
+        self.step = 0  # optimizer step of the last report (or set by the loop)
+        self.num_nonfinite = 0
+        self.history: list[dict[str, Any]] = []
+        for name, dtype, init in COLUMNS:
+            setattr(self, name, np.full(self.num_samples, init, dtype=dtype))
+
+    # Declared for readers and type checkers; set in __init__ / _from_table.
+    loss: np.ndarray
+    loss_ema: np.ndarray
+    loss_var: np.ndarray
+    confidence: np.ndarray
+    correct: np.ndarray
+    q: np.ndarray
+    bucket: np.ndarray
+    times_seen: np.ndarray
+    frozen_epochs: np.ndarray
+    forgets: np.ndarray
+    pruned: np.ndarray
+    last_step: np.ndarray
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __repr__(self) -> str:
+        return (f"SampleState(num_samples={self.num_samples}, epoch={self.epoch}, step={self.step}, "
+                f"mode={self.config.mode!r})")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the per-sample arrays."""
+        return sum(getattr(self, n).nbytes for n in _NAMES)
+
+    @property
+    def seen(self) -> np.ndarray:
+        return np.isfinite(self.loss)
+
+    def _make_writable(self) -> None:
+        # Arrays memory-mapped from a file are read-only; copy once before the first mutation.
+        for name in _NAMES:
+            arr = getattr(self, name)
+            if not arr.flags.writeable:
+                setattr(self, name, arr.copy())
+
+    # ------------------------------------------------------------------ feedback
+    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
+               step: int | None = None) -> int:
+        """Scatter one batch of per-sample results into the state; returns how many were applied.
+
+        ``confidence`` defaults to ``exp(-loss)`` (the target's probability under cross-entropy) and
+        ``correct`` to ``confidence >= 0.5``. Ids may repeat: the last occurrence wins for loss,
+        confidence and correctness, and every occurrence counts in ``times_seen``. Non-finite losses are
+        not applied and are counted in ``num_nonfinite``.
+        """
+        return self.apply(*self.prepare(ids, losses, correct=correct, confidence=confidence), step=step)
+
+    def prepare(self, ids: Any, losses: Any, *, correct: Any = None,
+                confidence: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Validate one report and fill its defaults: ``(ids int64, loss f32, correct bool, confidence f32)``.
+
+        Raises ValueError naming the argument at fault. ``Feedback`` calls this on every rank before it
+        all-gathers, so that bad input fails on every rank instead of hanging the others.
+        """
+        ids_a = to_numpy(ids, "ids")
+        if ids_a.dtype.kind not in "iu":
+            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+        n = ids_a.shape[0]
+        loss_a = to_numpy(losses, "losses")
+        if loss_a.shape[0] != n:
+            raise ValueError(f"`losses` must have the length of `ids` ({n}), got {loss_a.shape[0]}")
+        if loss_a.dtype.kind not in "fiu":
+            raise ValueError(f"`losses` must be numbers, got dtype {loss_a.dtype}")
+        if n and (ids_a.min() < 0 or ids_a.max() >= self.num_samples):
+            bad = ids_a[(ids_a < 0) | (ids_a >= self.num_samples)][0]
+            raise ValueError(f"`ids` must be in [0, {self.num_samples}), got {int(bad)}")
+        loss_a = loss_a.astype(np.float32, copy=False)
+        finite = np.isfinite(loss_a)
+        if confidence is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                conf_a = np.exp(-loss_a)
+        else:
+            conf_a = to_numpy(confidence, "confidence")
+            if conf_a.shape[0] != n:
+                raise ValueError(f"`confidence` must have the length of `ids` ({n}), got {conf_a.shape[0]}")
+            if conf_a.dtype.kind not in "fiu":
+                raise ValueError(f"`confidence` must be numbers, got dtype {conf_a.dtype}")
+            conf_a = conf_a.astype(np.float32, copy=False)
+            c = conf_a[finite]
+            in_range = (c >= 0.0) & (c <= 1.0)
+            if not in_range.all():
+                raise ValueError(f"`confidence` must be in [0, 1], got {float(c[~in_range][0])}")
+        if correct is None:
+            correct_a = conf_a >= 0.5
+        else:
+            correct_a = to_numpy(correct, "correct")
+            if correct_a.shape[0] != n:
+                raise ValueError(f"`correct` must have the length of `ids` ({n}), got {correct_a.shape[0]}")
+            if correct_a.dtype.kind not in "biu":
+                raise ValueError(f"`correct` must be booleans, got dtype {correct_a.dtype}")
+            correct_a = correct_a.astype(bool, copy=False)
+        return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a
+
+    def apply(self, ids: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: np.ndarray, *,
+              step: int | None = None) -> int:
+        """Scatter arrays already checked by ``prepare`` (the fast path ``Feedback`` uses after a gather)."""
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise ValueError(f"`step` must be a non-negative int, got {step!r}")
+            self.step = int(step)
+        finite = np.isfinite(loss)
+        n = loss.shape[0]
+        self.num_nonfinite += int(n - finite.sum())
+        if not finite.any():
+            return 0
+        self._make_writable()
+        if not finite.all():
+            ids, loss, correct, confidence = ids[finite], loss[finite], correct[finite], confidence[finite]
+
+        # Last occurrence of each id wins; every occurrence is a pass.
+        m = ids.shape[0]
+        uniq, first_in_reversed, passes = np.unique(ids[::-1], return_index=True, return_counts=True)
+        last = m - 1 - first_in_reversed
+        loss_u, conf_u, correct_u = loss[last], confidence[last], correct[last]
+
+        cfg = self.config
+        prev_seen = np.isfinite(self.loss[uniq])
+        beta = np.float32(cfg.loss_ema)
+        ema_old = self.loss_ema[uniq]
+        delta = np.where(prev_seen, loss_u - ema_old, 0.0).astype(np.float32)
+        self.loss_ema[uniq] = np.where(prev_seen, ema_old + (1 - beta) * delta, loss_u)
+        # Exponentially weighted variance (West 1979): var <- beta * (var + (1 - beta) * delta^2).
+        self.loss_var[uniq] = np.where(prev_seen, beta * (self.loss_var[uniq] + (1 - beta) * delta * delta), 0.0)
+        self.q[uniq] = policy.q_update(self.q[uniq], loss_u, lr=cfg.q_value_lr, loss_scale=cfg.q_value_loss_scale)
+        forgot = prev_seen & self.correct[uniq] & ~correct_u
+        self.forgets[uniq[forgot]] = np.minimum(self.forgets[uniq[forgot]].astype(np.int64) + 1, 65535)
+        # A FREEZE sample that turns wrong leaves FREEZE now, not at the next repartition.
+        thaw = (self.bucket[uniq] == policy.FREEZE) & ~correct_u & ~self.pruned[uniq]
+        if thaw.any():
+            self.bucket[uniq[thaw]] = np.where(conf_u[thaw] > cfg.focus_confidence, policy.HARD, policy.FOCUS)
+            self.frozen_epochs[uniq[thaw]] = 0
+        self.loss[uniq] = loss_u
+        self.confidence[uniq] = conf_u
+        self.correct[uniq] = correct_u
+        self.times_seen[uniq] = np.minimum(self.times_seen[uniq].astype(np.int64) + passes, 65535)
+        self.last_step[uniq] = min(self.step, 2**31 - 1)
+        return m
+
+    # ------------------------------------------------------------------ policy
+    def repartition(self, progress: float, *, epoch: int | None = None) -> PartitionStats:
+        """Re-bucket every unpruned sample from its last reported state; prune; append to ``history``."""
+        self._make_writable()
+        cfg = self.config
+        alive = ~self.pruned
+        seen = self.seen
+        bucket = policy.classify(seen=seen, correct=self.correct, confidence=self.confidence, q=self.q,
+                                 loss_var=self.loss_var, config=cfg)
+        self.bucket[alive] = bucket[alive]
+        is_frozen = alive & (self.bucket == policy.FREEZE)
+        self.frozen_epochs[:] = np.where(is_frozen, np.minimum(self.frozen_epochs.astype(np.int16) + 1, 255), 0)
+        new_pruned = policy.prune_mask(self.frozen_epochs, cfg) & alive
+        self.pruned |= new_pruned
+        self.bucket[new_pruned] = policy.FREEZE
+        self.epoch = self.epoch + 1 if epoch is None else int(epoch)
+        alive = ~self.pruned
+        counts = np.bincount(self.bucket[alive], minlength=4)
+        stats = PartitionStats(
+            epoch=self.epoch, progress=float(progress), phase=policy.phase_name(progress), step=self.step,
+            freeze=int(counts[policy.FREEZE]), light=int(counts[policy.LIGHT]), focus=int(counts[policy.FOCUS]),
+            hard=int(counts[policy.HARD]), pruned=int(self.pruned.sum()), newly_pruned=int(new_pruned.sum()),
+            active=int(alive.sum() - counts[policy.FREEZE]), seen=int(seen.sum()),
+            forgets=int(self.forgets.sum(dtype=np.int64)),
+            mean_loss=float(np.nanmean(self.loss[seen])) if seen.any() else math.nan)
+        self.history.append(stats.to_dict())
+        return stats
+
+    def sampling_weights(self, progress: float, *, epoch_length: int | None = None) -> np.ndarray:
+        """Expected draws of every sample in an epoch at ``progress`` (float64, (N,)); 0 = never drawn."""
+        return self._expected(progress, epoch_length)[0]
+
+    def loss_weights(self, ids: Any, progress: float, *, epoch_length: int | None = None) -> np.ndarray:
+        """Loss weight of ``ids`` in an epoch at ``progress`` (float32)."""
+        ids_a = to_numpy(ids, "ids")
+        if ids_a.dtype.kind not in "iu":
+            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+        return self._expected(progress, epoch_length)[1][ids_a]
+
+    def _expected(self, progress: float, epoch_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+        return policy.expected_counts(bucket=self.bucket, pruned=self.pruned, times_seen=self.times_seen,
+                                      loss=self.loss, progress=progress, config=self.config,
+                                      epoch_length=epoch_length)
+
+    @property
+    def frozen_share(self) -> float:
+        """Share of samples that are FREEZE or pruned (what ``early_stop_frozen`` compares against)."""
+        return float(np.count_nonzero((self.bucket == policy.FREEZE) | self.pruned)) / self.num_samples
+
+    @property
+    def should_stop(self) -> bool:
+        """True once ``frozen_share`` reaches ``config.early_stop_frozen`` after at least one repartition."""
+        return self.epoch >= 0 and self.frozen_share >= self.config.early_stop_frozen
+
+    # ------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        """The JSON stored in the file's schema metadata."""
+        from geko_data import __version__
+
+        return {"format_version": FORMAT_VERSION, "writer": f"geko_data {__version__}",
+                "num_samples": self.num_samples, "config": self.config.to_dict(), "epoch": self.epoch,
+                "step": self.step, "num_nonfinite": self.num_nonfinite, "fingerprint": self.fingerprint,
+                "history": self.history}
+
+    def to_arrow(self) -> pa.Table:
+        """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached."""
+        table = pa.table({name: pa.array(getattr(self, name)) for name in _NAMES})
+        return table.replace_schema_metadata({_META_KEY: json.dumps(self.metadata()).encode()})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole."""
+        table = self.to_arrow()
+        with atomic_path(path) as tmp:
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,
+             config: GEKOConfig | None = None) -> "SampleState":
+        """Read a file written by ``save``.
+
+        With ``memory_map`` the numeric columns are zero-copy views of the file (copied on the first
+        mutation). ``expect_fingerprint`` guards against state written for other shards; ``config``
+        replaces the stored policy (default: the stored one).
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"state file {path!r} does not exist")
+        table, meta = read_table(path, memory_map=memory_map)
+        stored = meta.get("fingerprint")
+        if expect_fingerprint is not None and stored != expect_fingerprint:
+            raise StateFileError(f"{path}: state was written for other shards (fingerprint {stored!r}, "
+                                 f"the shards here have {expect_fingerprint!r})")
+        return cls._from_table(table, meta, config=config, path=path)
+
+    @classmethod
+    def _from_table(cls, table: pa.Table, meta: dict[str, Any], *, config: GEKOConfig | None,
+                    path: str) -> "SampleState":
+        try:
+            stored_config = GEKOConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateFileError(f"{path}: bad config in metadata ({e})") from None
+        self = cls.__new__(cls)
+        self.num_samples = table.num_rows
+        self.config = config if config is not None else stored_config
+        self.fingerprint = meta.get("fingerprint")
+        self.epoch = int(meta.get("epoch", -1))
+        self.step = int(meta.get("step", 0))
+        self.num_nonfinite = int(meta.get("num_nonfinite", 0))
+        self.history = list(meta.get("history", []))
+        for name, dtype, _ in COLUMNS:
+            col = table.column(name).combine_chunks()
+            arr = col.to_numpy(zero_copy_only=False)
+            if arr.dtype != np.dtype(dtype):
+                raise StateFileError(f"{path}: column {name!r} has type {arr.dtype}, expected {dtype}")
+            setattr(self, name, arr)
+        return self
+
+
+def read_table(path: str | os.PathLike, *, memory_map: bool = True,
+               columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those."""
+    path = os.fspath(path)
+    try:
+        source = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
+        reader = pa.ipc.open_file(source)
+        raw = (reader.schema.metadata or {}).get(_META_KEY)
+        if raw is None:
+            raise StateFileError(f"{path}: not a geko_data state file (no {_META_KEY.decode()!r} metadata)")
+        meta = json.loads(raw)
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
+                                 f"reads ({FORMAT_VERSION}); upgrade geko_data")
+        missing = [n for n in _NAMES if n not in reader.schema.names]
+        if missing:
+            raise StateFileError(f"{path}: not a geko_data state file (missing columns {missing})")
+        table = reader.read_all()
+        if columns is not None:
+            table = table.select(columns)
+    except StateFileError:
+        raise
+    except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateFileError(f"{path}: not a readable geko_data state file "
+                             f"(truncated or foreign: {e})") from None
+    if table.num_rows != meta.get("num_samples"):
+        raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
+                             f"{meta.get('num_samples')} samples (truncated?)")
+    return table, meta
