@@ -1,0 +1,65 @@
+"""SharedPlan: the current epoch's plan in shared memory, for DataLoader workers.
+
+The main process owns the SampleState and computes each epoch's plan at
+``set_epoch``; workers (fork or spawn, persistent or not) must filter with
+*that* plan, not with the copy of the dataset object they were started with.
+The plan's arrays live in torch shared-memory tensors: a forked worker
+inherits the mapping, a spawned one receives the handle when the dataset is
+pickled, and either sees the main process's later writes in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from geko_data.plan import EpochPlan
+
+__all__ = ["SharedPlan"]
+
+
+class SharedPlan:
+    """Counts and loss weights of the current epoch, readable from any DataLoader worker.
+
+    Args:
+        num_samples: number of samples (> 0).
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self._counts = torch.zeros(self.num_samples, dtype=torch.int32).share_memory_()
+        self._weight = torch.ones(self.num_samples, dtype=torch.float32).share_memory_()
+        # meta: [epoch, progress]; epoch -1 = nothing published yet.
+        self._meta = torch.tensor([-1.0, 0.0], dtype=torch.float64).share_memory_()
+
+    def publish(self, plan: EpochPlan) -> None:
+        """Make ``plan`` the current one (main process only, between epochs)."""
+        if plan.counts.shape[0] != self.num_samples:
+            raise ValueError(f"plan has {plan.counts.shape[0]} samples, expected {self.num_samples}")
+        self._counts.numpy()[:] = plan.counts
+        self._weight.numpy()[:] = plan.loss_weight
+        self._meta.numpy()[:] = (plan.epoch, plan.progress)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._meta[0].item())
+
+    def read(self) -> EpochPlan:
+        """The published plan; its arrays are copies, so a later ``publish`` cannot change them mid-epoch."""
+        if self.epoch < 0:
+            raise RuntimeError("no epoch plan published yet: call set_epoch() first")
+        epoch, progress = self._meta.numpy().tolist()
+        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=self._counts.numpy().copy(),
+                         loss_weight=self._weight.numpy().copy())
+
+    def weight_of(self, index: int) -> float:
+        """Loss weight of one sample in the current epoch (for map-style ``__getitem__``)."""
+        return float(self._weight[index].item())
+
+    def weights(self) -> np.ndarray:
+        """A read-only view of the current loss weights (no copy)."""
+        view = self._weight.numpy()
+        view.flags.writeable = False
+        return view
