@@ -1,0 +1,268 @@
+"""GEKOSampler: a drop-in ``torch.utils.data.Sampler`` for map-style datasets.
+
+Each epoch it re-buckets the samples from the feedback so far, draws the
+epoch's plan (frozen and pruned samples skipped, hard ones repeated) and
+yields this rank's share of it. ``wrap(dataset)`` adds ``__index__`` and
+``__weight__`` to every item, read from shared memory so that DataLoader
+workers, forked or spawned, persistent or not, always see the current epoch.
+
+Typical loop::
+
+    sampler = GEKOSampler(dataset, total_epochs=E)
+    loader = DataLoader(sampler.wrap(dataset), batch_size=32, sampler=sampler, num_workers=2)
+    for epoch in range(E):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            losses = loss_fn(model(batch["x"]), batch["y"], reduction="none")
+            (losses * batch["__weight__"]).mean().backward()
+            sampler.report(batch["__index__"], losses)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from geko_data import policy
+from geko_data.config import GEKOConfig
+from geko_data.efficiency import efficiency_report, format_efficiency_report
+from geko_data.feedback import Feedback
+from geko_data.plan import EpochPlan, epoch_plan, global_order, rank_slice
+from geko_data.shared import SharedPlan
+from geko_data.state import SampleState
+from geko_data.world import World
+
+__all__ = ["GEKOSampler", "WeightedDataset"]
+
+STATE_DICT_VERSION = 1
+
+
+class WeightedDataset(Dataset):
+    """A map-style dataset whose items carry ``__index__`` and the current epoch's ``__weight__``.
+
+    Dict items get the two keys added; any other item becomes ``{"sample": item, "__index__": i,
+    "__weight__": w}``. Built by ``GEKOSampler.wrap``.
+    """
+
+    def __init__(self, dataset: Any, shared: SharedPlan) -> None:
+        self.dataset = dataset
+        self.shared = shared
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        weight = self.shared.weight_of(index)
+        if isinstance(item, dict):
+            item = dict(item)
+        else:
+            item = {"sample": item}
+        item["__index__"] = int(index)
+        item["__weight__"] = weight
+        return item
+
+
+class GEKOSampler(Sampler[int]):
+    """Yields this rank's dataset indices of the current epoch's GEKO plan.
+
+    Args:
+        data_source: a sized dataset, or the number of samples.
+        total_epochs: planned epochs (sets the curriculum's progress).
+        config: the policy. Defaults to ``GEKOConfig()`` (or ``state.config`` when ``state`` is given).
+        seed: seed of every random choice (with epoch and rank). Defaults to ``0``.
+        num_replicas: number of ranks. Defaults to the torch.distributed world size (1 without it).
+        rank: this rank. Defaults to the torch.distributed rank (0 without it).
+        state: an existing ``SampleState`` (e.g. loaded from a checkpoint). Defaults to a fresh one.
+        epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
+        shuffle: shuffle the epoch's order. Defaults to ``True``.
+    """
+
+    def __init__(self, data_source: Sized | int, *, total_epochs: int, config: GEKOConfig | None = None,
+                 seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
+                 state: SampleState | None = None, epoch_length: int | None = None, shuffle: bool = True) -> None:
+        if isinstance(data_source, bool):
+            raise TypeError(f"`data_source` must be a sized dataset or an int, got {data_source!r}")
+        if isinstance(data_source, (int, np.integer)):
+            num_samples = int(data_source)
+        elif hasattr(data_source, "__len__"):
+            num_samples = len(data_source)
+        else:
+            raise TypeError(f"`data_source` must be a sized dataset or an int, got {type(data_source).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"`data_source` must hold at least 1 sample, got {num_samples}")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ValueError(f"`total_epochs` must be an int >= 1, got {total_epochs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}")
+        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, int)
+                                         or epoch_length < 1):
+            raise ValueError(f"`epoch_length` must be None or an int >= 1, got {epoch_length!r}")
+        if config is not None and not isinstance(config, GEKOConfig):
+            raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+        if state is not None:
+            if not isinstance(state, SampleState):
+                raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
+            if len(state) != num_samples:
+                raise ValueError(f"`state` holds {len(state)} samples but `data_source` has {num_samples}")
+            if config is not None:
+                state.config = config
+        detected = World.detect()
+        world_size = detected.world_size if num_replicas is None else num_replicas
+        rank = detected.rank if rank is None else rank
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"`num_replicas` must be an int >= 1, got {num_replicas!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"`rank` must be an int in [0, {world_size}), got {rank!r}")
+        self.num_samples = num_samples
+        self.total_epochs = total_epochs
+        self.seed = int(seed)
+        self.world = World(rank=rank, world_size=world_size)
+        self.epoch_length = epoch_length
+        self.shuffle = bool(shuffle)
+        self.state = state if state is not None else SampleState(num_samples, config=config)
+        self.feedback = Feedback(self.state)
+        self._shared = SharedPlan(num_samples)
+        self._plan: EpochPlan | None = None
+        self._order: np.ndarray | None = None  # this rank's indices for the current epoch
+        self.epoch = -1
+        self._start = 0  # position to resume from at the next __iter__
+        self._yielded = 0  # indices the current iterator handed out
+
+    # ------------------------------------------------------------------ epochs
+    @property
+    def config(self) -> GEKOConfig:
+        return self.state.config
+
+    @property
+    def progress(self) -> float:
+        """Curriculum progress of the current epoch (its midpoint)."""
+        return policy.epoch_progress(max(self.epoch, 0), self.total_epochs)
+
+    @property
+    def phase(self) -> str:
+        return policy.phase_name(self.progress)
+
+    @property
+    def lr_multiplier(self) -> float:
+        """The Mountain LR multiplier of the current epoch (1.0 without the curriculum)."""
+        return policy.lr_multiplier(self.progress) if self.config.use_curriculum else 1.0
+
+    @property
+    def should_stop(self) -> bool:
+        """True when the FREEZE share has reached ``config.early_stop_frozen``."""
+        return self.state.should_stop
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"`epoch` must be an int >= 0, got {epoch!r}")
+        epoch = int(epoch)
+        resuming = self._start > 0 and epoch == self.epoch
+        progress = policy.epoch_progress(epoch, self.total_epochs)
+        # A resumed epoch was already repartitioned before its checkpoint: the state file holds that.
+        if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
+            stats = self.state.repartition(progress, epoch=epoch)
+            if self.config.log_bucket_stats and self.world.is_main:
+                print(stats.format(), flush=True)
+        self.epoch = epoch
+        self._plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
+                                epoch_length=self.epoch_length)
+        order = global_order(self._plan.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        self._order = rank_slice(order, rank=self.world.rank, world_size=self.world.world_size)
+        self._shared.publish(self._plan)
+        if not resuming:
+            self._start = 0
+        self._yielded = 0
+
+    @property
+    def plan(self) -> EpochPlan:
+        if self._plan is None:
+            self.set_epoch(0)
+        assert self._plan is not None
+        return self._plan
+
+    def __iter__(self) -> Iterator[int]:
+        if self._order is None:
+            self.set_epoch(max(self.epoch, 0))
+        assert self._order is not None
+        start, self._start = self._start, 0
+        self._yielded = start
+        for index in self._order[start:].tolist():
+            self._yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        """This rank's draws in the current epoch (after a resume: what is left of it)."""
+        if self._order is None:
+            self.set_epoch(max(self.epoch, 0))
+        assert self._order is not None
+        return int(self._order.shape[0]) - self._start
+
+    # ------------------------------------------------------------------ data and feedback
+    def wrap(self, dataset: Any) -> WeightedDataset:
+        """``dataset`` with ``__index__`` and this epoch's ``__weight__`` added to every item."""
+        if len(dataset) != self.num_samples:
+            raise ValueError(f"`dataset` has {len(dataset)} samples, the sampler {self.num_samples}")
+        return WeightedDataset(dataset, self._shared)
+
+    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
+               step: int | None = None) -> int:
+        """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
+        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
+        """Small JSON-serializable position; the per-sample state is saved apart with ``state.save``.
+
+        ``consumed`` is how many of this rank's indices of the current epoch the loop has used; a
+        DataLoader prefetches ahead of the loop, so pass it for an exact resume. Without it, what the
+        iterator handed out is used.
+        """
+        if consumed is not None and (isinstance(consumed, bool) or not isinstance(consumed, int)
+                                     or consumed < 0):
+            raise ValueError(f"`consumed` must be None or an int >= 0, got {consumed!r}")
+        position = self._yielded if consumed is None else consumed
+        return {"version": STATE_DICT_VERSION, "kind": "GEKOSampler", "seed": self.seed,
+                "epoch": self.epoch, "position": int(position), "num_samples": self.num_samples,
+                "world_size": self.world.world_size, "total_epochs": self.total_epochs,
+                "epoch_length": self.epoch_length, "shuffle": self.shuffle, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a position from ``state_dict()``; it takes effect at the next ``set_epoch``/``__iter__``.
+
+        Load the matching ``SampleState`` file into ``state`` first (the plan is recomputed from it).
+        """
+        sd = state_dict
+        if not isinstance(sd, dict):
+            raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
+        version = sd.get("version")
+        if not isinstance(version, int) or version > STATE_DICT_VERSION:
+            raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
+        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples),
+                          ("world_size", self.world.world_size), ("shuffle", self.shuffle)):
+            theirs = sd.get(key, mine)
+            if theirs != mine:
+                raise ValueError(f"state_dict {key} {theirs!r} does not match this sampler's {key} {mine!r}")
+        epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
+        if position < 0:
+            raise ValueError(f"state_dict position must be >= 0, got {position}")
+        self.epoch = epoch
+        self._start = position
+        if epoch >= 0:
+            self.set_epoch(epoch)  # recompute the plan; keeps _start since it is the same epoch
+            assert self._order is not None
+            if position > self._order.shape[0]:
+                raise ValueError(f"state_dict position {position} is past this rank's epoch length "
+                                 f"{self._order.shape[0]} (state file from another run?)")
+
+    # ------------------------------------------------------------------ reporting
+    def efficiency_report(self) -> dict[str, Any]:
+        """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history."""
+        return efficiency_report(self.state, epochs_done=self.epoch + 1, total_epochs=self.total_epochs)
+
+    def format_efficiency_report(self) -> str:
+        return format_efficiency_report(self.efficiency_report())
