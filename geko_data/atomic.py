@@ -17,6 +17,12 @@ from collections.abc import Iterator
 __all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "fsync_dir", "fsync_file"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -51,6 +57,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file should look like any other
     try:
         yield tmp
         fsync_file(tmp)
