@@ -1,0 +1,131 @@
+"""TrainArgs: the reference loop's knobs, gekolib's ``GEKOTrainingArgs`` names and defaults plus a few more."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LR_SCHEDULES", "TrainArgs"]
+
+LR_SCHEDULES = ("mountain", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """Arguments of ``geko_data.train.train``; validated at construction.
+
+    Args:
+        output_dir: where checkpoints, ``metrics.jsonl``, ``efficiency.json`` and the state file go.
+            Defaults to ``"./geko_output"``.
+        num_epochs: training epochs. Defaults to ``3``.
+        batch_size: per-device micro-batch size. Defaults to ``32``.
+        learning_rate: peak AdamW learning rate. Defaults to ``5e-5``.
+        weight_decay: AdamW weight decay. Defaults to ``0.01``.
+        warmup_steps: linear warmup in optimizer steps. Defaults to ``100``.
+        logging_steps: log a metrics line every N optimizer steps. Defaults to ``100``.
+        save_steps: checkpoint every N optimizer steps (0 = only at the end). Defaults to ``1000``.
+        eval_steps: evaluate every N optimizer steps (0 = only at the end). Defaults to ``500``.
+        max_grad_norm: gradient clipping norm (0 disables). Defaults to ``1.0``.
+        gradient_accumulation_steps: micro-batches per optimizer step. Defaults to ``1``.
+        seed: seed of the model's RNG and of the data plan. Defaults to ``42``.
+        save_at_end: write a final checkpoint. Defaults to ``True``.
+        bf16: bf16 autocast. Defaults to ``False``.
+        fp16: fp16 autocast with a GradScaler. Defaults to ``False``.
+        gradient_checkpointing: recompute activations in backward. Defaults to ``False``.
+        compile_model: ``torch.compile`` the model (falls back with a warning). Defaults to ``False``.
+        use_8bit_optimizer: 8-bit AdamW from bitsandbytes. Defaults to ``False``.
+        dataloader_num_workers: DataLoader workers (-1 = min(2, CPUs)). Defaults to ``-1``.
+        dataloader_persistent_workers: keep workers between epochs. Defaults to ``True``.
+        dataloader_prefetch_factor: batches prefetched per worker. Defaults to ``2``.
+        lr_schedule: ``mountain`` (GEKO's LR shape), ``cosine`` or ``constant`` after warmup.
+            Defaults to ``"mountain"``.
+        save_total_limit: checkpoints kept (oldest removed first). Defaults to ``2``.
+        eval_batch_size: batch size of evaluation. Defaults to ``batch_size``.
+        correct_threshold: token accuracy a causal-LM sample needs to count as correct. Defaults to ``0.5``.
+        progress: show tqdm bars. Defaults to ``True``.
+        device: ``auto``, ``cpu`` or ``cuda``. Defaults to ``"auto"``.
+    """
+
+    output_dir: str = "./geko_output"
+    num_epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    logging_steps: int = 100
+    save_steps: int = 1000
+    eval_steps: int = 500
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    save_at_end: bool = True
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    compile_model: bool = False
+    use_8bit_optimizer: bool = False
+    dataloader_num_workers: int = -1
+    dataloader_persistent_workers: bool = True
+    dataloader_prefetch_factor: int = 2
+    lr_schedule: str = "mountain"
+    save_total_limit: int = 2
+    eval_batch_size: int | None = None
+    correct_threshold: float = 0.5
+    progress: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        def need_int(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
+
+        def need_float(name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or v > hi or (lo_open and v == lo):
+                rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+                raise ValueError(f"`{name}` must be a number in {rng}, got {v!r}")
+
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"`output_dir` must be a non-empty path string, got {self.output_dir!r}")
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "dataloader_prefetch_factor", "save_total_limit"):
+            need_int(name, 1)
+        for name in ("warmup_steps", "save_steps", "eval_steps", "seed"):
+            need_int(name, 0)
+        if isinstance(self.dataloader_num_workers, bool) or not isinstance(self.dataloader_num_workers, int) \
+                or self.dataloader_num_workers < -1:
+            raise ValueError(f"`dataloader_num_workers` must be an int >= -1, got {self.dataloader_num_workers!r}")
+        if self.eval_batch_size is not None:
+            need_int("eval_batch_size", 1)
+        need_float("learning_rate", 0.0, 10.0, lo_open=True)
+        need_float("weight_decay", 0.0, 10.0)
+        need_float("max_grad_norm", 0.0)
+        need_float("correct_threshold", 0.0, 1.0)
+        for name in ("save_at_end", "bf16", "fp16", "gradient_checkpointing", "compile_model",
+                     "use_8bit_optimizer", "dataloader_persistent_workers", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("`bf16` and `fp16` are exclusive; set at most one to True")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"`lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"`device` must be auto, cpu or cuda, got {self.device!r}")
+
+    def replace(self, **changes: Any) -> "TrainArgs":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainArgs field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,402 @@
+"""The reference training loop: a plain torch loop that uses only geko_data's public API.
+
+Single process::
+
+    python -m geko_data.train --data shards/ --model path/to/model --num_epochs 3
+
+torchrun DDP (CPU gloo or GPU nccl)::
+
+    torchrun --standalone --nproc_per_node=2 -m geko_data.train --data shards/ --model path/to/model
+
+What GEKO needs from a loop is three lines: ``data.set_epoch(epoch)`` before
+each epoch, the loss weighted by ``batch["__weight__"]``, and
+``data.report(batch["__index__"], per_sample_loss, ...)`` after each
+micro-batch. The rest is an ordinary fine-tuning loop: LoRA, bf16/fp16,
+gradient checkpointing, torch.compile, 8-bit AdamW, accumulation, clipping,
+warmup + Mountain LR, step-based logging / eval / checkpoints, exact resume.
+Rank 0 logs and writes; every rank holds the same SampleState.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from geko_data import policy, signals as signals_mod
+from geko_data.config import GEKOConfig
+from geko_data.feedback import Feedback
+from geko_data.sampler import GEKOSampler
+from geko_data.state import SampleState
+from geko_data.stream import GEKOStream
+from geko_data.train.args import TrainArgs
+from geko_data.train.checkpoint import load_checkpoint, save_checkpoint
+from geko_data.train.collate import decode_json, pad_collate
+
+__all__ = ["train"]
+
+SignalsFn = Callable[[Any, dict[str, torch.Tensor]], signals_mod.Signals]
+
+
+def _default_signals(correct_threshold: float) -> SignalsFn:
+    def fn(outputs: Any, batch: dict[str, torch.Tensor]) -> signals_mod.Signals:
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        labels = batch["labels"]
+        if labels.dim() == 1:
+            return signals_mod.classification(logits, labels)
+        return signals_mod.causal_lm(logits, labels, correct_threshold=correct_threshold)
+    return fn
+
+
+def _setup_distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(args: TrainArgs, rank: int) -> torch.device:
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("`device` is 'cuda' but no CUDA device is available")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _autocast(args: TrainArgs, device: torch.device) -> Any:
+    if args.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if args.fp16:
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def _check_fp16(device: torch.device) -> None:
+    try:
+        with torch.autocast(device.type, dtype=torch.float16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+        torch.amp.GradScaler(device.type)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ValueError(f"`fp16` is not supported on device {device} ({e}); use bf16=True instead") from None
+
+
+def _optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if args.use_8bit_optimizer:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("`use_8bit_optimizer` needs bitsandbytes: pip install 'geko-data[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def _apply_lora(model: torch.nn.Module, lora_config: Any, log: Callable[[str], None]) -> torch.nn.Module:
+    try:
+        from peft import get_peft_model
+    except ImportError:
+        raise ImportError("`lora_config` needs peft: pip install 'geko-data[peft]'") from None
+    model = get_peft_model(model, lora_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"[GEKO] LoRA applied\n  Trainable params : {trainable:,} ({100.0 * trainable / total:.2f}%)\n"
+        f"  Total params     : {total:,}\n  Frozen params    : {total - trainable:,}")
+    return model
+
+
+def _lr_factor(args: TrainArgs, step: int, progress: float, use_curriculum: bool) -> float:
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_schedule == "mountain":
+        shape = policy.lr_multiplier(progress) if use_curriculum else 1.0
+    elif args.lr_schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    else:
+        shape = 1.0
+    return warm * shape
+
+
+def _swap_state(data: GEKOSampler | GEKOStream, state: SampleState) -> None:
+    if len(state) != len(data.state):
+        raise ValueError(f"checkpoint state holds {len(state)} samples, the data {len(data.state)}")
+    state.config = data.state.config
+    state.fingerprint = data.state.fingerprint or state.fingerprint
+    data.state = state
+    data.feedback = Feedback(state)
+
+
+def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, decode: Any,
+                rank: int, world: int) -> tuple[GEKOSampler | GEKOStream, Any]:
+    """(the GEKO data object, the dataset the DataLoader reads)."""
+    if isinstance(train_data, (str, os.PathLike)):
+        train_data = GEKOStream(train_data, total_epochs=args.num_epochs, config=config, seed=args.seed,
+                                decode=decode if decode is not None else decode_json, batch_size=args.batch_size)
+    if isinstance(train_data, GEKOStream):
+        if train_data.batch_size is None:
+            train_data.batch_size = args.batch_size
+        elif train_data.batch_size != args.batch_size:
+            raise ValueError(f"GEKOStream batch_size {train_data.batch_size} differs from args.batch_size "
+                             f"{args.batch_size}; they must match for exact resume")
+        return train_data, train_data
+    if isinstance(train_data, GEKOSampler):
+        raise TypeError("pass the map-style dataset itself as `train_data`; train() builds the GEKOSampler")
+    if not hasattr(train_data, "__getitem__") or not hasattr(train_data, "__len__"):
+        raise TypeError(f"`train_data` must be a map-style dataset, a GEKOStream or a shard folder, "
+                        f"got {type(train_data).__name__}")
+    sampler = GEKOSampler(train_data, total_epochs=args.num_epochs, config=config, seed=args.seed,
+                          num_replicas=world, rank=rank)
+    return sampler, sampler.wrap(train_data)
+
+
+class _Logger:
+    def __init__(self, output_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate(model: torch.nn.Module, eval_data: Any, *, args: TrainArgs, signals: SignalsFn,
+             device: torch.device, collate_fn: Callable[..., Any]) -> dict[str, float]:
+    """Mean loss and accuracy (share of correct samples) of ``eval_data``."""
+    loader = DataLoader(eval_data, batch_size=args.eval_batch_size or args.batch_size, shuffle=False,
+                        collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    losses, correct = [], []
+    with torch.no_grad(), _autocast(args, device):
+        for batch in loader:
+            inputs = {k: v.to(device) for k, v in batch.items()
+                      if not k.startswith("__") and isinstance(v, torch.Tensor)}
+            sig = signals(model(**inputs), inputs)
+            losses.append(sig.loss.float().cpu())
+            correct.append(sig.correct.cpu())
+    model.train(was_training)
+    loss = torch.cat(losses)
+    return {"eval_loss": float(loss[torch.isfinite(loss)].mean()) if torch.isfinite(loss).any() else math.nan,
+            "eval_accuracy": float(torch.cat(correct).float().mean())}
+
+
+def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: GEKOConfig | None = None,
+          eval_data: Any = None, lora_config: Any = None, signals: SignalsFn | None = None,
+          collate_fn: Callable[..., Any] | None = None, decode: Any = None,
+          resume_from: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``train_data`` with GEKO; returns a summary dict.
+
+    ``train_data``: a map-style dataset of dict samples (read through a GEKOSampler), a ``GEKOStream``,
+    or a shard folder (JSON samples, see ``geko_data.train.collate.decode_json``). Batches are dicts; the
+    model is called with the batch's keys minus the ``__``-prefixed ones. ``signals(outputs, batch)``
+    gives per-sample loss / confidence / correctness (default: causal-LM signals on ``labels``, or
+    classification signals for 1-D labels). ``resume_from``: a checkpoint, or an output dir whose newest
+    complete checkpoint is used.
+    """
+    if not isinstance(args, TrainArgs):
+        raise TypeError(f"`args` must be a TrainArgs, got {type(args).__name__}")
+    rank, world = _setup_distributed()
+    main = rank == 0
+    say = log if main else (lambda _msg: None)
+    device = _device(args, rank)
+    if args.fp16:
+        _check_fp16(device)
+    torch.manual_seed(args.seed)
+    if main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not os.access(args.output_dir, os.W_OK):
+            raise PermissionError(f"`output_dir` {args.output_dir!r} is not writable")
+    signals = signals or _default_signals(args.correct_threshold)
+    collate_fn = collate_fn or pad_collate
+    data, dataset = _build_data(train_data, args, config, decode, rank, world)
+
+    if lora_config is not None:
+        model = _apply_lora(model, lora_config, say)
+    if args.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("`gradient_checkpointing` needs a model with gradient_checkpointing_enable() "
+                             "(a transformers PreTrainedModel)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.to(device)
+    model.train()
+    optimizer = _optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type) if args.fp16 else None
+
+    step, epoch0, consumed0, tokens_seen = 0, 0, 0, 0
+    if resume_from is not None:
+        trainer_state, data_state, state = load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        _swap_state(data, state)
+        data.load_state_dict(data_state)
+        step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state["position"]
+        if scaler is not None and trainer_state.get("scaler"):
+            scaler.load_state_dict(trainer_state["scaler"])
+        say(f"[GEKO] resumed from step {step}, epoch {epoch0}, {consumed0} samples into it")
+
+    forward_model: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compiled = False
+    if args.compile_model:
+        try:
+            forward_model = torch.compile(forward_model)
+            compiled = True
+        except Exception as e:  # compile support varies by platform; training goes on uncompiled
+            warnings.warn(f"torch.compile failed ({e}); training continues without it", stacklevel=2)
+
+    workers = args.dataloader_num_workers if args.dataloader_num_workers >= 0 else min(2, os.cpu_count() or 1)
+    loader_kw: dict[str, Any] = {}
+    if workers > 0:
+        loader_kw = {"persistent_workers": args.dataloader_persistent_workers,
+                     "prefetch_factor": args.dataloader_prefetch_factor}
+    loader = DataLoader(dataset, batch_size=args.batch_size,
+                        sampler=data if isinstance(data, GEKOSampler) else None,
+                        num_workers=workers, collate_fn=collate_fn, **loader_kw)
+    logger = _Logger(args.output_dir, main)
+    accum = args.gradient_accumulation_steps
+    start_time = time.time()
+    last_eval: dict[str, float] = {}
+    backward_passes = forward_passes = 0
+    ids_seen: list[int] = []
+
+    def checkpoint(epoch: int, consumed: int) -> None:
+        trainer_state = {"step": step, "epoch": epoch, "consumed": consumed, "args": args.to_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "time": time.time() - start_time}
+        data_state = data.state_dict(consumed=consumed)
+        if main:
+            path = save_checkpoint(args.output_dir, step=step, model=model, optimizer=optimizer,
+                                   trainer_state=trainer_state, data_state=data_state, state=data.state,
+                                   keep=args.save_total_limit)
+            logger({"event": "checkpoint", "step": step, "path": path})
+        if world > 1:
+            torch.distributed.barrier()
+
+    def run_eval() -> None:
+        nonlocal last_eval
+        if eval_data is None:
+            return
+        last_eval = evaluate(model, eval_data, args=args, signals=signals, device=device, collate_fn=collate_fn)
+        logger({"event": "eval", "step": step, **last_eval})
+        say(f"[eval] step {step}: loss {last_eval['eval_loss']:.4f} accuracy {last_eval['eval_accuracy']:.3f}")
+
+    def optimizer_step(progress: float) -> None:
+        nonlocal step
+        lr = args.learning_rate * _lr_factor(args, step, progress, data.config.use_curriculum)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+    epochs_run = epoch0
+    last_epoch, last_consumed = max(epoch0, 0), consumed0
+    for epoch in range(epoch0, args.num_epochs):
+        data.set_epoch(epoch)
+        if epoch > epoch0 and data.should_stop:
+            say(f"[GEKO] FREEZE share {data.state.frozen_share:.1%} >= early_stop_frozen "
+                f"{data.config.early_stop_frozen:.0%}: stopping early")
+            break
+        consumed = consumed0 if epoch == epoch0 else 0
+        epoch_len = consumed + len(data)
+        running, micro = 0.0, 0
+        bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{args.num_epochs}", disable=not (args.progress and main),
+                   total=len(loader), leave=True)
+        for batch in bar:
+            ids = batch.pop("__index__")
+            weight = batch.pop("__weight__").to(device=device, dtype=torch.float32)
+            inputs = {k: v.to(device) for k, v in batch.items()
+                      if not k.startswith("__") and isinstance(v, torch.Tensor)}
+            forward_only = bool((weight == 0).all()) and world == 1
+            with _autocast(args, device), (torch.no_grad() if forward_only else nullcontext()):
+                try:
+                    outputs = forward_model(**inputs)
+                except Exception as e:
+                    if not compiled:
+                        raise
+                    warnings.warn(f"torch.compile failed at the first call ({e}); training continues "
+                                  f"without it", stacklevel=2)
+                    forward_model, compiled = (model if world == 1 else forward_model._orig_mod), False
+                    outputs = forward_model(**inputs)
+                sig = signals(outputs, inputs)
+            per_sample = sig.loss.float()
+            finite = torch.isfinite(per_sample)
+            forward_passes += len(ids)
+            if not forward_only:
+                loss = (torch.where(finite, per_sample, 0.0) * weight).sum() / max(len(ids), 1)
+                backward_passes += int((weight > 0).sum())
+                if scaler is not None:
+                    scaler.scale(loss / accum).backward()
+                else:
+                    (loss / accum).backward()
+            data.report(ids, per_sample.detach(), correct=sig.correct, confidence=sig.confidence, step=step)
+            ids_seen.extend(ids.tolist())
+            consumed += len(ids)
+            micro += 1
+            if finite.any():
+                running += float(per_sample[finite].mean())
+            if micro % accum == 0:
+                progress = (epoch + consumed / max(epoch_len, 1)) / args.num_epochs
+                optimizer_step(progress)
+                if step % args.logging_steps == 0:
+                    logger({"event": "train", "step": step, "epoch": epoch, "loss": running / micro,
+                            "lr": optimizer.param_groups[0]["lr"], "phase": data.phase,
+                            "samples": consumed, "time": time.time() - start_time})
+                if args.eval_steps and step % args.eval_steps == 0:
+                    run_eval()
+                if args.save_steps and step % args.save_steps == 0:
+                    checkpoint(epoch, consumed)
+            bar.set_postfix(loss=f"{running / max(micro, 1):.3f}", phase=data.phase.lower())
+        bar.close()
+        if micro % accum:  # the epoch's last, partial accumulation still counts as a step
+            optimizer_step((epoch + 1) / args.num_epochs)
+        epochs_run = epoch + 1
+        last_epoch, last_consumed = epoch, consumed
+        hist = data.state.history[-1] if data.state.history else {}
+        logger({"event": "epoch", "epoch": epoch, "step": step, "loss": running / max(micro, 1),
+                "micro_batches": micro, **{k: hist.get(k) for k in ("freeze", "light", "focus", "hard", "pruned")}})
+        say(f"[Epoch {epoch + 1}] average loss {running / max(micro, 1):.4f} over {consumed} samples")
+
+    run_eval()
+    if args.save_at_end:
+        checkpoint(last_epoch, last_consumed)
+    report = data.efficiency_report()
+    report.update({"wall_time_s": time.time() - start_time, "optimizer_steps": step,
+                   "forward_passes_rank": forward_passes, "backward_passes_rank": backward_passes,
+                   "world_size": world})
+    state_path = os.path.join(args.output_dir, "state.arrow")
+    if main:
+        data.state.save(state_path)
+        with open(os.path.join(args.output_dir, "efficiency.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        say(data.format_efficiency_report() + f"\n  Wall time          : {report['wall_time_s']:.1f} s")
+    return {"step": step, "epochs": epochs_run, "efficiency": report, "eval": last_eval,
+            "output_dir": args.output_dir, "state_path": state_path, "ids_seen": ids_seen,
+            "model": model}
