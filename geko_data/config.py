@@ -118,8 +118,9 @@ class GEKOConfig:
             bw = self.bucket_weights
         if not isinstance(bw, tuple) or len(bw) != 3:
             raise ValueError(f"`bucket_weights` must be 3 numbers (HARD, FOCUS, LIGHT), got {bw!r}")
-        for i, w in enumerate(bw):
-            _check_range(f"bucket_weights[{i}]", w, 0.0, 1e6)
+        if not all(not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
+                   for w in bw):
+            raise ValueError(f"`bucket_weights` must be 3 finite numbers >= 0 (HARD, FOCUS, LIGHT), got {bw!r}")
         object.__setattr__(self, "bucket_weights", tuple(float(w) for w in bw))
         if not isinstance(self.use_curriculum, bool):
             raise ValueError(f"`use_curriculum` must be a bool, got {self.use_curriculum!r}")

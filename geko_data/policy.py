@@ -121,6 +121,19 @@ def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:
 def expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
                     progress: float, config: GEKOConfig,
                     epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected multiplicity and loss weight of every sample for one epoch (pruned samples: 0 and 0).
+
+    See ``_expected_counts`` for the rules of each mode.
+    """
+    expected, weight = _expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
+                                        progress=progress, config=config, epoch_length=epoch_length)
+    weight[np.asarray(pruned, dtype=bool)] = 0.0
+    return expected, weight
+
+
+def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
+                    progress: float, config: GEKOConfig,
+                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch.
 
     Returns ``(expected, loss_weight)``, both shape (N,): ``expected`` float64 >= 0 (``plan.py`` rounds it

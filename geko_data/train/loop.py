@@ -361,7 +361,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
             consumed += len(ids)
             micro += 1
             if finite.any():
-                running += float(per_sample[finite].mean())
+                running += float(per_sample.detach()[finite].mean())
             if micro % accum == 0:
                 progress = (epoch + consumed / max(epoch_len, 1)) / args.num_epochs
                 optimizer_step(progress)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from geko_data.config import (GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE, GEKOLIB_DEFAULTS, MODES,
+                              GEKOConfig)
+
+
+def test_gekolib_defaults():
+    c = GEKOLIB_DEFAULTS
+    assert (c.freeze_confidence, c.freeze_quality, c.focus_confidence) == (0.85, 0.80, 0.60)
+    assert c.bucket_weights == (3.0, 1.0, 0.0)
+    assert c.use_curriculum and c.log_bucket_stats
+    assert (c.q_value_lr, c.min_q_for_freeze, c.q_value_loss_scale) == (0.1, 0.8, 10.0)
+    assert (c.repartition_every, c.max_times_seen, c.prune_frozen_after) == (1, 50, 0)
+
+
+def test_presets_have_gekolib_values():
+    assert (GEKO_AGGRESSIVE.freeze_confidence, GEKO_AGGRESSIVE.freeze_quality) == (0.90, 0.85)
+    assert GEKO_AGGRESSIVE.bucket_weights == (5.0, 2.0, 0.0)
+    assert (GEKO_BALANCED.freeze_confidence, GEKO_BALANCED.freeze_quality) == (0.85, 0.80)
+    assert GEKO_BALANCED.bucket_weights == (3.0, 2.0, 1.0)
+    assert (GEKO_CONSERVATIVE.freeze_confidence, GEKO_CONSERVATIVE.freeze_quality) == (0.80, 0.75)
+    assert GEKO_CONSERVATIVE.bucket_weights == (2.0, 2.0, 1.0)
+
+
+def test_round_trip_through_json():
+    c = GEKOConfig(mode="unbiased", keep_frozen=0.2, bucket_weights=(5, 2, 1), anneal=0.25)
+    assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_anneal_defaults_per_mode():
+    assert GEKOConfig(mode="geko").anneal_fraction == 0.0
+    assert GEKOConfig(mode="unbiased").anneal_fraction == 0.125
+    assert GEKOConfig(mode="infobatch").anneal_fraction == 0.125
+    assert GEKOConfig(mode="unbiased", anneal=0.0).anneal_fraction == 0.0
+
+
+BAD = [
+    ("freeze_confidence", 1.5), ("freeze_confidence", -0.1), ("freeze_confidence", float("nan")),
+    ("freeze_quality", 2), ("focus_confidence", "high"), ("bucket_weights", (1, 2)),
+    ("bucket_weights", (1, -2, 0)), ("use_curriculum", 1), ("q_value_lr", 0.0), ("q_value_lr", 1.5),
+    ("min_q_for_freeze", 1.1), ("q_value_loss_scale", 0), ("repartition_every", 0),
+    ("repartition_every", 1.5), ("log_bucket_stats", "yes"), ("max_times_seen", -1),
+    ("max_times_seen", 70000), ("prune_frozen_after", -1), ("prune_frozen_after", 300),
+    ("mode", "fast"), ("keep_frozen", 0.0), ("keep_frozen", 1.2), ("recheck_frozen", -0.1),
+    ("early_stop_frozen", 0.0), ("anneal", 1.5), ("loss_ema", 1.0), ("max_repeats", 0),
+    ("subset_fraction", 0.0), ("prune_ratio", 1.0), ("prune_ratio", True),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD)
+def test_bad_values_name_field_and_value(field, value):
+    with pytest.raises(ValueError) as err:
+        GEKOConfig(**{field: value})
+    assert field in str(err.value)
+    assert repr(value)[:6] in str(err.value) or str(value)[:6] in str(err.value)
+
+
+def test_unknown_field_in_from_dict():
+    with pytest.raises(ValueError, match="bogus"):
+        GEKOConfig.from_dict({"bogus": 1})
+
+
+def test_modes_are_all_constructible():
+    for mode in MODES:
+        assert GEKOConfig(mode=mode).mode == mode

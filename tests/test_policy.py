@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from geko_data import policy
+from geko_data.config import GEKOConfig
+from geko_data.policy import FOCUS, FREEZE, HARD, LIGHT
+
+CFG = GEKOConfig()
+
+
+def classify1(correct, confidence, q=0.9, loss_var=0.0, seen=True, config=CFG):
+    return int(policy.classify(seen=np.array([seen]), correct=np.array([correct]),
+                               confidence=np.array([confidence], dtype=np.float32), q=np.array([q], np.float32),
+                               loss_var=np.array([loss_var], np.float32), config=config)[0])
+
+
+def test_bucket_table():
+    assert classify1(True, 0.95) == FREEZE
+    assert classify1(True, 0.85) == LIGHT  # confidence must exceed freeze_confidence strictly
+    assert classify1(True, 0.95, q=0.79) == LIGHT  # q below min_q_for_freeze
+    assert classify1(True, 0.95, q=0.80) == FREEZE  # q >= min_q_for_freeze
+    assert classify1(True, 0.95, loss_var=0.09) == LIGHT  # stability 0.7 <= freeze_quality
+    assert classify1(True, 0.10) == LIGHT
+    assert classify1(False, 0.61) == HARD
+    assert classify1(False, 0.60) == FOCUS  # HARD needs confidence > focus_confidence
+    assert classify1(False, 0.99, q=1.0) == HARD  # confidently wrong is never frozen
+    assert classify1(True, 0.99, seen=False) == FOCUS  # unseen samples are FOCUS
+
+
+def test_stability():
+    np.testing.assert_allclose(policy.stability(np.array([0.0, 0.04, 1.0, 4.0])), [1.0, 0.8, 0.0, 0.0], atol=1e-6)
+
+
+def test_q_update():
+    q = policy.q_update(np.array([0.5, 0.5, 0.5], np.float32), np.array([0.0, 5.0, 50.0]), lr=0.1, loss_scale=10.0)
+    np.testing.assert_allclose(q, [0.55, 0.5, 0.45], atol=1e-6)
+
+
+@pytest.mark.parametrize("progress,phase,weights,lr", [
+    (0.0, "WARMUP", (1, 2, 3), 0.5), (0.149, "WARMUP", (1, 2, 3), None), (0.15, "ASCENT", (2, 3, 1), None),
+    (0.25, "ASCENT", (2, 3, 1), 0.8), (0.35, "PEAK", (5, 2, 0), None), (0.5, "PEAK", (5, 2, 0), 1.0),
+    (0.65, "DESCENT", (2, 3, 1), None), (0.75, "DESCENT", (2, 3, 1), 0.8), (0.85, "CONSOLIDATE", (1, 2, 3), None),
+    (1.0, "CONSOLIDATE", (1, 2, 3), 0.3)])
+def test_mountain_table(progress, phase, weights, lr):
+    assert policy.phase_name(progress) == phase
+    table = policy.bucket_weight_table(progress, CFG)
+    assert table[FREEZE] == 0
+    assert (table[HARD], table[FOCUS], table[LIGHT]) == weights
+    if lr is not None:
+        assert policy.lr_multiplier(progress) == pytest.approx(lr)
+
+
+def test_lr_is_smooth_and_warmup_takes_effect():
+    xs = np.linspace(0, 1, 201)
+    ys = np.array([policy.lr_multiplier(x) for x in xs])
+    assert ys[0] == pytest.approx(0.5)  # gekolib never applies WARMUP's 0.5
+    assert np.abs(np.diff(ys)).max() < 0.05  # no jumps at phase changes
+
+
+def test_epoch_midpoint_reaches_peak_in_three_epochs():
+    phases = [policy.phase_name(policy.epoch_progress(e, 3)) for e in range(3)]
+    assert "PEAK" in phases  # gekolib's epoch-start progress gives WARMUP, ASCENT, DESCENT
+
+
+def test_curriculum_off_uses_bucket_weights():
+    table = policy.bucket_weight_table(0.5, GEKOConfig(use_curriculum=False, bucket_weights=(4, 2, 1)))
+    assert list(table) == [0, 1, 2, 4]
+
+
+def test_prune_rule():
+    fe = np.array([0, 1, 2, 3])
+    assert not policy.prune_mask(fe, CFG).any()
+    assert list(policy.prune_mask(fe, GEKOConfig(prune_frozen_after=2))) == [False, False, True, True]
+    assert not policy.prune_mask(fe, GEKOConfig(prune_frozen_after=2, mode="uniform")).any()
+
+
+def expected(bucket, config, progress=0.5, pruned=None, times_seen=None, loss=None):
+    n = len(bucket)
+    return policy.expected_counts(bucket=np.array(bucket, np.uint8),
+                                  pruned=np.zeros(n, bool) if pruned is None else np.array(pruned),
+                                  times_seen=np.zeros(n, np.uint16) if times_seen is None else np.array(times_seen),
+                                  loss=np.full(n, np.nan, np.float32) if loss is None else np.array(loss, np.float32),
+                                  progress=progress, config=config)
+
+
+def test_geko_epoch_length_is_active_count_and_freeze_is_recheck_only():
+    e, w = expected([FREEZE, FREEZE, LIGHT, FOCUS, HARD, HARD], GEKOConfig(recheck_frozen=0.1), progress=0.25)
+    active = e[2:]
+    assert active.sum() == pytest.approx(4.0)  # epoch length = active samples, not N
+    assert e[4] / e[3] == pytest.approx(2 / 3)  # ASCENT: HARD 2, FOCUS 3
+    assert list(e[:2]) == [0.1, 0.1] and list(w[:2]) == [0.0, 0.0]  # re-checks are forward-only
+    assert (w[2:] == 1).all()
+
+
+def test_max_times_seen_and_pruned_get_nothing():
+    e, _ = expected([FOCUS, FOCUS, FOCUS], GEKOConfig(max_times_seen=3), times_seen=[3, 0, 0], pruned=[False, True, False])
+    assert e[0] == 0 and e[1] == 0 and e[2] > 0
+
+
+def test_all_zero_weight_falls_back_to_uniform_over_active():
+    e, _ = expected([LIGHT, LIGHT], GEKOConfig(), progress=0.5)  # PEAK gives LIGHT weight 0
+    assert list(e) == [1.0, 1.0]
+
+
+def test_max_repeats_caps_multiplicity():
+    e, _ = expected([HARD] + [LIGHT] * 99, GEKOConfig(max_repeats=5), progress=0.5)
+    assert e[0] == 5.0
+
+
+def test_uniform_random_subset_and_anneal():
+    e, w = expected([FREEZE, LIGHT, HARD], GEKOConfig(mode="uniform"), pruned=[False, False, True])
+    assert list(e) == [1, 1, 0] and list(w) == [1, 1, 0]  # pruned: never drawn, weight 0
+    e, _ = expected([FREEZE, LIGHT, HARD], GEKOConfig(mode="random_subset", subset_fraction=0.3))
+    assert list(e) == pytest.approx([0.3, 0.3, 0.3])
+    e, w = expected([FREEZE, LIGHT], GEKOConfig(mode="unbiased"), progress=0.95)  # anneal: all at weight 1
+    assert list(e) == [1, 1] and (w == 1).all()
+
+
+def test_infobatch_rule():
+    cfg = GEKOConfig(mode="infobatch", prune_ratio=0.5)
+    e, w = expected([FOCUS] * 4, cfg, progress=0.3, loss=[0.1, 0.2, 3.0, np.nan])
+    assert list(e) == [0.5, 0.5, 1.0, 1.0]  # below-mean losses kept with prob 1 - r; unseen kept
+    assert list(w) == [2.0, 2.0, 1.0, 1.0]  # and rescaled by 1 / (1 - r)
+
+
+buckets = st.lists(st.sampled_from([FREEZE, LIGHT, FOCUS, HARD]), min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(buckets, st.floats(0, 1), st.sampled_from(["geko", "unbiased", "uniform", "random_subset", "infobatch"]),
+       st.data())
+def test_properties(bucket, progress, mode, data):
+    n = len(bucket)
+    pruned = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    loss = data.draw(st.lists(st.floats(0, 20), min_size=n, max_size=n))
+    cfg = GEKOConfig(mode=mode)
+    e, w = expected(bucket, cfg, progress=progress, pruned=pruned, loss=loss)
+    e2, w2 = expected(bucket, cfg, progress=progress, pruned=pruned, loss=loss)
+    assert np.array_equal(e, e2) and np.array_equal(w, w2)  # same inputs, same outputs
+    assert np.isfinite(e).all() and np.isfinite(w).all() and (e >= 0).all() and (w >= 0).all()
+    assert (e[np.array(pruned)] == 0).all()  # pruned never comes back
+    b = np.array(bucket)
+    if mode == "geko":
+        frozen = b == FREEZE
+        assert (w[frozen] == 0).all()  # FREEZE never trained, only re-checked
+    if mode == "unbiased" and progress < 1 - cfg.anneal_fraction:
+        alive = ~np.array(pruned)
+        prod = e[alive] * w[alive]  # expected weighted count is equal for every alive sample
+        assert np.allclose(prod, prod[0] if prod.size else 0, rtol=1e-5)
