@@ -1,0 +1,167 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from geko_data import policy
+from geko_data.config import GEKOConfig
+from geko_data.sampler import GEKOSampler
+from resume_check import check_resume
+
+QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+
+
+class Squares(Dataset):
+    """Module-level so spawn workers can pickle it."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor([float(i)]), "y": i * i}
+
+
+class Plain(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return (i, "text")
+
+
+def test_validation_names_arguments():
+    with pytest.raises(ValueError, match="total_epochs"):
+        GEKOSampler(10, total_epochs=0)
+    with pytest.raises(ValueError, match="seed"):
+        GEKOSampler(10, total_epochs=1, seed=-1)
+    with pytest.raises(ValueError, match="rank"):
+        GEKOSampler(10, total_epochs=1, num_replicas=2, rank=2)
+    with pytest.raises(TypeError, match="data_source"):
+        GEKOSampler(object(), total_epochs=1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_cover_the_plan_exactly_once_up_to_padding(world):
+    samplers = [GEKOSampler(37, total_epochs=3, config=QUIET, seed=4, num_replicas=world, rank=r)
+                for r in range(world)]
+    for s in samplers:
+        s.state.bucket[:9] = policy.FREEZE
+        s.state.bucket[9:15] = policy.HARD
+        s.state.epoch = 1  # buckets set by hand: skip the repartition of epoch 1
+        s.set_epoch(1)
+    parts = [list(s) for s in samplers]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(samplers[0])
+    counts = samplers[0].plan.counts
+    joined = np.concatenate(parts)
+    pad = len(joined) - counts.sum()
+    assert 0 <= pad < world
+    got = np.bincount(joined, minlength=37)
+    assert (got - counts).sum() == pad and (got >= counts).all()
+    assert got[:9].sum() == 0  # FREEZE never yielded in geko mode
+
+
+def test_hard_yielded_more_than_focus_by_weight_ratio():
+    s = GEKOSampler(2000, total_epochs=3, config=QUIET, seed=1)
+    s.state.bucket[:1000] = policy.HARD
+    s.state.bucket[1000:] = policy.FOCUS
+    s.state.epoch = 1
+    s.set_epoch(1)  # PEAK: HARD 5, FOCUS 2
+    got = np.bincount(list(s), minlength=2000)
+    ratio = got[:1000].sum() / got[1000:].sum()
+    assert ratio == pytest.approx(2.5, rel=0.1)
+
+
+def test_wrap_adds_index_and_weight():
+    s = GEKOSampler(4, total_epochs=1, config=QUIET)
+    wrapped = s.wrap(Plain())
+    s.set_epoch(0)
+    assert wrapped[2] == {"sample": (2, "text"), "__index__": 2, "__weight__": 1.0}
+    d = s.wrap(Squares(4))[3]
+    assert d["y"] == 9 and d["__index__"] == 3
+
+
+@pytest.mark.parametrize("ctx,persistent", [("fork", False), ("fork", True), ("spawn", True), ("spawn", False)])
+def test_workers_see_current_epoch_weights(ctx, persistent):
+    ds = Squares(24)
+    s = GEKOSampler(ds, total_epochs=4, config=GEKOConfig(mode="unbiased", log_bucket_stats=False, anneal=0.0,
+                                                          keep_frozen=0.5), seed=3)
+    loader = DataLoader(s.wrap(ds), batch_size=6, sampler=s, num_workers=2, multiprocessing_context=ctx,
+                        persistent_workers=persistent)
+    s.set_epoch(0)
+    first = [w for b in loader for w in b["__weight__"].tolist()]
+    assert set(first) == {1.0}
+    s.state.bucket[:12] = policy.FREEZE  # as if feedback froze half of them
+    s.state.epoch = 1
+    s.set_epoch(1)
+    seen = {}
+    for b in loader:
+        for i, w in zip(b["__index__"].tolist(), b["__weight__"].tolist()):
+            seen[i] = w
+    expected = s.plan.loss_weight
+    assert seen and all(w == pytest.approx(expected[i]) for i, w in seen.items())
+    # kept FREEZE samples are up-weighted (c / keep_frozen = 0.75 / 0.5), the others down-weighted
+    assert any(w == pytest.approx(1.5) for i, w in seen.items() if i < 12)
+    assert all(w == pytest.approx(0.75) for i, w in seen.items() if i >= 12)
+
+
+def test_report_and_efficiency_report():
+    s = GEKOSampler(10, total_epochs=2, config=QUIET.replace(q_value_lr=1.0, min_q_for_freeze=0.5))
+    s.set_epoch(0)
+    ids = list(s)
+    s.report(torch.tensor(ids), torch.full((len(ids),), 0.01), correct=torch.ones(len(ids), dtype=torch.bool),
+             confidence=torch.full((len(ids),), 0.99))
+    s.set_epoch(1)
+    assert s.state.history[-1]["freeze"] == 10 and len(s) == 0  # everything mastered: nothing to train
+    rep = s.efficiency_report()
+    assert rep["sample_passes"] == 10 and rep["uniform_passes"] == 20 and rep["compute_saved"] == 0.5
+    assert "Compute saved" in s.format_efficiency_report()
+    json.dumps(rep)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_check(num_workers):
+    def make():
+        ds = Squares(29)
+        s = GEKOSampler(ds, total_epochs=3, config=QUIET, seed=11)
+        kw = {"multiprocessing_context": "fork"} if num_workers else {}
+        return s, DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=num_workers, **kw)
+    check_resume(make, epochs=2, batch_size=4)
+
+
+def test_state_dict_validation():
+    s = GEKOSampler(10, total_epochs=2, config=QUIET, seed=1)
+    s.set_epoch(0)
+    sd = json.loads(json.dumps(s.state_dict(consumed=3)))
+    assert sd["version"] == 1 and sd["position"] == 3
+    with pytest.raises(ValueError, match="seed"):
+        GEKOSampler(10, total_epochs=2, config=QUIET, seed=2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="num_samples"):
+        GEKOSampler(11, total_epochs=2, config=QUIET, seed=1).load_state_dict(sd)
+    with pytest.raises(ValueError, match="world_size"):
+        GEKOSampler(10, total_epochs=2, config=QUIET, seed=1, num_replicas=2, rank=0).load_state_dict(sd)
+
+
+def test_resume_through_stateful_dataloader():
+    tdl = pytest.importorskip("torchdata.stateful_dataloader")
+    ds = Squares(30)
+
+    def make():
+        s = GEKOSampler(ds, total_epochs=2, config=QUIET, seed=5)
+        s.set_epoch(0)
+        return s, tdl.StatefulDataLoader(s.wrap(ds), batch_size=4, sampler=s)
+
+    s, loader = make()
+    full = [i for b in loader for i in b["__index__"].tolist()]
+    s, loader = make()
+    it = iter(loader)
+    head = [i for _ in range(3) for i in next(it)["__index__"].tolist()]
+    sd = loader.state_dict()
+    s2, loader2 = make()
+    loader2.load_state_dict(sd)
+    tail = [i for b in loader2 for i in b["__index__"].tolist()]
+    assert head + tail == full
