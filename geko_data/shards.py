@@ -159,7 +159,7 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     key_arr = np.array(keys, dtype=object)
     uniq, first, counts = np.unique(key_arr.astype(str), return_index=True, return_counts=True)
     if (counts > 1).any():
-        dup = uniq[counts > 1][0]
+        dup = str(uniq[counts > 1][0])
         where = sorted({paths[shard_no[j]] for j in np.flatnonzero(key_arr == dup)})
         raise ShardError(f"duplicate key {dup!r} in the index (in {where}); keys must be unique")
     index = ShardIndex(shards=tuple(paths), sizes=tuple(sizes), keys=key_arr,

@@ -1,0 +1,104 @@
+import json
+import os
+import tarfile
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import webdataset as wds
+
+from geko_data.shards import ShardError, fingerprint, index_shards, parse_sample, read_index, write_shards
+from conftest import SHARD_SIZES
+
+
+def test_write_shards_and_index(tmp_path):
+    samples = ({"__key__": f"k{i:03d}", "txt": f"t{i}", "cls": str(i % 3)} for i in range(40))
+    idx = write_shards(samples, str(tmp_path / "out" / "shard-%03d.tar"), maxcount=13)
+    assert len(idx.shards) == 4 and idx.num_samples == 40
+    assert (tmp_path / "out" / "index.arrow").exists()
+    table = pa.ipc.open_file(str(tmp_path / "out" / "index.arrow")).read_all()
+    assert table.column_names == ["id", "key", "shard", "offset", "length"]
+    assert table.column("id").to_pylist() == list(range(40))
+    again = read_index(tmp_path / "out")
+    assert again.fingerprint == idx.fingerprint and list(again.keys) == [f"k{i:03d}" for i in range(40)]
+    # every indexed byte range holds exactly its sample
+    for i in (0, 12, 13, 39):
+        with open(again.shards[again.shard[i]], "rb") as f:
+            f.seek(again.offset[i])
+            s = parse_sample(f.read(again.length[i]), shard="x", key=again.keys[i])
+        assert s == {"__key__": f"k{i:03d}", "txt": f"t{i}".encode(), "cls": str(i % 3).encode()}
+
+
+def test_index_of_tarwriter_shards(shards):
+    idx = read_index(shards)
+    assert idx.num_samples == sum(SHARD_SIZES)
+    assert np.bincount(idx.shard).tolist() == list(SHARD_SIZES)
+    assert idx.keys[5] == "s1_000"
+
+
+def _add(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def test_index_of_plain_tar_with_dirs_and_several_files_per_key(tmp_path):
+    path = tmp_path / "third.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for i in range(3):
+            _add(tf, f"dir/sub/item{i}.json", json.dumps({"i": i}).encode())
+            _add(tf, f"dir/sub/item{i}.txt", b"x" * (100 + 600 * i))
+            _add(tf, f"dir/sub/item{i}.cls", str(i).encode())
+        _add(tf, "dir/" + "long" * 40 + ".txt", b"long name")  # GNU long-name header
+    idx = index_shards([path], output=tmp_path / "index.arrow")
+    assert list(idx.keys) == [f"dir/sub/item{i}" for i in range(3)] + ["dir/" + "long" * 40]
+    with open(path, "rb") as f:
+        f.seek(idx.offset[2])
+        s = parse_sample(f.read(idx.length[2]), shard=str(path), key=idx.keys[2])
+    assert s["json"] == b'{"i": 2}' and s["txt"] == b"x" * 1300 and s["cls"] == b"2"
+    with open(path, "rb") as f:
+        f.seek(idx.offset[3])
+        assert parse_sample(f.read(idx.length[3]), shard=str(path), key=idx.keys[3])["txt"] == b"long name"
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    for n in range(2):
+        with wds.TarWriter(str(tmp_path / f"d{n}.tar")) as w:
+            w.write({"__key__": "same", "txt": "a"})
+    with pytest.raises(ShardError, match="duplicate key 'same'"):
+        index_shards([tmp_path / "d0.tar", tmp_path / "d1.tar"])
+
+
+def test_bad_inputs(tmp_path, shards):
+    with pytest.raises(ShardError, match="missing"):
+        index_shards([tmp_path / "nope.tar"])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ShardError, match="junk.tar"):
+        index_shards([tmp_path / "junk.tar"])
+    with pytest.raises(ValueError, match="__key__"):
+        write_shards([{"txt": "no key"}], str(tmp_path / "w-%03d.tar"))
+    with pytest.raises(FileNotFoundError, match="index"):
+        read_index(tmp_path / "empty")
+    idx = read_index(shards)
+    idx.verify()
+    original = open(idx.shards[1], "rb").read()
+    with open(idx.shards[1], "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(ShardError, match="changed since indexing"):
+        idx.verify()
+    open(idx.shards[1], "wb").write(original)
+    os.remove(idx.shards[2])
+    with pytest.raises(ShardError, match="missing"):
+        read_index(shards).verify()
+
+
+def test_fingerprint_depends_on_names_sizes_and_count():
+    base = fingerprint(["a.tar", "b.tar"], [10, 20], 5)
+    assert base == fingerprint(["/x/a.tar", "/y/b.tar"], [10, 20], 5)  # folders may move
+    assert base != fingerprint(["a.tar", "b.tar"], [10, 21], 5)
+    assert base != fingerprint(["a.tar", "c.tar"], [10, 20], 5)
+    assert base != fingerprint(["a.tar", "b.tar"], [10, 20], 6)

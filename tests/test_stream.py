@@ -1,0 +1,228 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+import geko_data.stream as stream_mod
+from geko_data import policy
+from geko_data.config import GEKOConfig
+from geko_data.shards import ShardError, read_index
+from geko_data.state import SampleState, StateFileError
+from geko_data.stream import GEKOStream
+from geko_data.world import World
+from resume_check import check_resume
+
+QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+N = 43
+
+
+def as_list(batch):
+    return batch
+
+
+def ids_of(stream):
+    return [s["__index__"] for s in stream]
+
+
+def freeze_some(state):
+    """A quarter frozen, a few pruned: set by hand as a repartition would."""
+    state.bucket[::4] = policy.FREEZE
+    state.pruned[1:8:3] = True
+    state.bucket[1:8:3] = policy.FREEZE
+    state.epoch = 1
+    return set(range(0, N, 4)) | set(range(1, 8, 3))
+
+
+def test_yields_webdataset_samples_with_index_and_weight(shards):
+    s = GEKOStream(shards, total_epochs=2, config=QUIET, shuffle=False)
+    out = list(s)
+    assert [x["__index__"] for x in out] == list(range(N))
+    first = out[0]
+    assert first["__key__"] == "s0_000" and first["__url__"].endswith("shard-000.tar")
+    assert json.loads(first["json"]) == {"shard": 0, "i": 0, "x": [0, 0]}
+    assert first["__weight__"] == 1.0 and first["txt"] == b"sample 0/0"
+
+
+def test_decode_callable_and_specs(shards):
+    def decode(sample):
+        sample["obj"] = json.loads(sample.pop("json"))
+        return sample
+
+    s = GEKOStream(shards, total_epochs=1, config=QUIET, decode=decode)
+    assert all("obj" in x for x in s)
+    s2 = GEKOStream(shards, total_epochs=1, config=QUIET, decode=[])  # webdataset's default handlers
+    x = next(iter(s2))
+    assert isinstance(x["json"], dict) and x["txt"].startswith("sample")
+
+
+def test_frozen_and_pruned_are_never_read(shards, monkeypatch):
+    opened = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f, self.ranges = f, []
+
+        def seek(self, pos):
+            self.pos = pos
+            return self.f.seek(pos)
+
+        def read(self, n):
+            data = self.f.read(n)
+            self.ranges.append((self.pos, len(data)))
+            return data
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+
+    def counting_open(path, mode="r", *a, **k):
+        f = Counting(real_open(path, mode, *a, **k))
+        opened.append((path, f))
+        return f
+
+    s = GEKOStream(shards, total_epochs=3, config=QUIET)
+    skipped = freeze_some(s.state)
+    s.set_epoch(1)
+    monkeypatch.setattr(stream_mod, "open", counting_open, raising=False)
+    got = ids_of(s)
+    assert got and not skipped & set(got)
+    idx = read_index(shards)
+    read_bytes = {(os.path.basename(p), off) for p, f in opened for off, _ in f.ranges}
+    for i in skipped:  # no byte range of a skipped sample was ever read
+        assert (os.path.basename(idx.shards[idx.shard[i]]), int(idx.offset[i])) not in read_bytes
+    total = sum(n for _, f in opened for _, n in f.ranges)
+    assert total == s.stats["bytes_read"] == sum(int(idx.length[i]) for i in set(got))
+
+
+def test_repeats_are_read_once_and_yielded_m_times(shards):
+    s = GEKOStream(shards, total_epochs=3, config=QUIET)
+    s.state.bucket[:] = policy.LIGHT
+    s.state.bucket[:3] = policy.HARD
+    s.state.epoch = 1
+    s.set_epoch(1)  # PEAK: LIGHT 0, so everything goes to the three HARD samples, capped at max_repeats
+    got = ids_of(s)
+    assert sorted(set(got)) == [0, 1, 2] and len(got) == 15
+    assert s.stats["samples_read"] == 3
+
+
+def test_pipe_source_gives_the_same_samples(shards):
+    a = GEKOStream(shards, total_epochs=3, config=QUIET, seed=2)
+    b = GEKOStream(shards, total_epochs=3, config=QUIET, seed=2, shard_url="pipe:cat {}")
+    for s in (a, b):
+        freeze_some(s.state)
+        s.set_epoch(1)
+    assert ids_of(a) == ids_of(b)
+    assert b.stats["bytes_read"] == 0  # the pipe path reads through, it does not seek
+
+
+def test_two_ranks_two_workers_cover_exactly(shards):
+    plans, per_rank = [], []
+    for rank in range(2):
+        s = GEKOStream(shards, total_epochs=3, config=QUIET, seed=9, world=World(rank=rank, world_size=2),
+                       batch_size=3)
+        freeze_some(s.state)
+        s.state.bucket[20:26] = policy.HARD
+        s.set_epoch(1)
+        loader = DataLoader(s, batch_size=3, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
+        per_rank.append([x["__index__"] for b in loader for x in b])
+        assert per_rank[-1] == ids_of(s)  # the loop sees the rank order whatever the workers
+        plans.append(s._shared.read().counts)
+    assert np.array_equal(plans[0], plans[1])
+    assert len(per_rank[0]) == len(per_rank[1])
+    got = np.bincount(per_rank[0] + per_rank[1], minlength=N)
+    assert (got >= plans[0]).all() and (got - plans[0]).sum() <= 1  # exact up to padding
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_persistent_workers_see_new_state(shards, ctx):
+    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(q_value_lr=1.0, min_q_for_freeze=0.5), seed=1,
+                   batch_size=4)
+    loader = DataLoader(s, batch_size=4, num_workers=2, collate_fn=as_list, multiprocessing_context=ctx,
+                        persistent_workers=True)
+    s.set_epoch(0)
+    first = [x["__index__"] for b in loader for x in b]
+    assert sorted(first) == list(range(N))
+    mastered = [i for i in first if i % 2 == 0]
+    s.report(mastered, [0.001] * len(mastered), correct=[True] * len(mastered),
+             confidence=[0.999] * len(mastered))
+    s.set_epoch(1)
+    second = [x["__index__"] for b in loader for x in b]
+    assert second and not set(second) & set(mastered)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_check(shards, num_workers):
+    def make():
+        s = GEKOStream(shards, total_epochs=3, config=QUIET, seed=4, batch_size=4, shuffle_buffer=8)
+        kw = {"multiprocessing_context": "fork"} if num_workers else {}
+        return s, DataLoader(s, batch_size=4, num_workers=num_workers, collate_fn=as_list, **kw)
+    check_resume(make, epochs=2, batch_size=4)
+
+
+def test_resume_with_other_num_workers_continues_exactly(shards):
+    s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    s.set_epoch(0)
+    full = ids_of(s)
+    s2 = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    s2.load_state_dict(json.loads(json.dumps(s.state_dict(consumed=12))))
+    loader = DataLoader(s2, batch_size=4, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
+    assert [x["__index__"] for b in loader for x in b] == full[12:]
+
+
+def test_state_dict_mismatch(shards, tmp_path):
+    s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    s.set_epoch(0)
+    sd = s.state_dict(consumed=4)
+    for kw, field in (({"seed": 5}, "seed"), ({"batch_size": 8}, "batch_size"),
+                      ({"world": World(rank=0, world_size=2)}, "world_size")):
+        args = {"total_epochs": 2, "config": QUIET, "seed": 4, "batch_size": 4, **kw}
+        with pytest.raises(ValueError, match=field):
+            GEKOStream(shards, **args).load_state_dict(sd)
+    other = SampleState(N, fingerprint="not-these-shards")
+    with pytest.raises(StateFileError, match="other shards"):
+        GEKOStream(shards, total_epochs=2, state=other)
+
+
+def test_bad_data_raises_naming_the_shard_or_skips_with_handler(shards):
+    idx = read_index(shards)
+    victim = idx.shards[1]
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])  # truncated tar
+    with pytest.raises(ShardError, match="shard-001.tar"):
+        list(GEKOStream(shards, total_epochs=1, config=QUIET))
+    s = GEKOStream(shards, total_epochs=1, config=QUIET, handler=wds.warn_and_continue)
+    with pytest.warns(UserWarning):
+        got = ids_of(s)
+    assert len(got) == N - 17 and s.stats["skipped"] == 17  # counted, not silently lost
+    os.remove(victim)
+    with pytest.raises(ShardError, match="missing"):
+        list(GEKOStream(shards, total_epochs=1, config=QUIET))
+
+
+def test_shard_rewritten_with_other_keys_is_detected(shards):
+    idx = read_index(shards)
+    path = idx.shards[0]
+    size = os.path.getsize(path)
+    with wds.TarWriter(path) as w:  # same sample count and byte size, other keys
+        for i in range(5):
+            w.write({"__key__": f"x0_{i:03d}", "json": json.dumps({"shard": 0, "i": i, "x": [0, i]}).encode(),
+                     "txt": f"sample 0/{i}".encode()})
+    assert os.path.getsize(path) == size
+    with pytest.raises(ShardError, match="changed since indexing|expects key"):
+        list(GEKOStream(shards, total_epochs=1, config=QUIET, shuffle=False))
+
+
+def test_constructor_validation(shards):
+    with pytest.raises(ValueError, match="total_epochs"):
+        GEKOStream(shards, total_epochs=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        GEKOStream(shards, total_epochs=1, batch_size=0)
+    with pytest.raises(FileNotFoundError):
+        GEKOStream(shards / "nope", total_epochs=1)
