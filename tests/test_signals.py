@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from geko_data.signals import causal_lm, classification
+
+
+def test_causal_lm_by_hand():
+    # vocab 2; logits (1, 3, 2); labels shifted: positions 1 and 2 are targets, position 0 ignored
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[-100, 1, 0]])
+    sig = causal_lm(logits, labels, correct_threshold=1.0)
+    # target 1 at step 0: p = 3/4; target 0 at step 1: p = 3/4
+    assert sig.loss[0].item() == pytest.approx(-math.log(0.75), rel=1e-5)
+    assert sig.confidence[0].item() == pytest.approx(0.75, rel=1e-5)
+    assert bool(sig.correct[0])
+
+
+def test_causal_lm_ignores_padding_and_reports_nan_for_no_target():
+    logits = torch.zeros(2, 4, 5)
+    logits[0, 0, 2] = 5.0
+    labels = torch.tensor([[-100, 2, -100, -100], [-100, -100, -100, -100]])
+    sig = causal_lm(logits, labels)
+    p = math.exp(5) / (math.exp(5) + 4)
+    assert sig.loss[0].item() == pytest.approx(-math.log(p), rel=1e-5)
+    assert sig.confidence[0].item() == pytest.approx(p, rel=1e-5)
+    assert math.isnan(sig.loss[1].item()) and not bool(sig.correct[1])
+
+
+def test_causal_lm_threshold_and_grad():
+    logits = torch.zeros(1, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 0, 1] = 2.0  # right
+        logits[0, 1, 0] = 2.0  # wrong (target 2)
+    labels = torch.tensor([[0, 1, 2]])
+    assert bool(causal_lm(logits, labels, correct_threshold=0.5).correct[0])
+    sig = causal_lm(logits, labels, correct_threshold=1.0)
+    assert not bool(sig.correct[0])
+    sig.loss.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_classification_by_hand():
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    sig = classification(logits, torch.tensor([1, 0]))
+    assert sig.loss[0].item() == pytest.approx(-math.log(0.25), rel=1e-5)
+    assert sig.confidence[0].item() == pytest.approx(0.75, rel=1e-5)
+    assert sig.correct.tolist() == [False, True]
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="logits"):
+        causal_lm(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        classification(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
