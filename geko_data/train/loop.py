@@ -229,10 +229,14 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     if lora_config is not None:
         model = _apply_lora(model, lora_config, say)
     if args.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        # transformers 5 renamed gradient_checkpointing_enable; take whichever the model has.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise ValueError("`gradient_checkpointing` needs a model with gradient_checkpointing_enable() "
                              "(a transformers PreTrainedModel)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.to(device)
