@@ -1,0 +1,40 @@
+"""The README's one-liners that open a state file with other tools, run as written."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from geko_data.config import GEKOConfig
+from geko_data.state import SampleState
+
+
+@pytest.fixture
+def state_file(tmp_path):
+    s = SampleState(100, config=GEKOConfig(q_value_lr=0.9, min_q_for_freeze=0.5))
+    s.report(np.arange(100), np.linspace(0.01, 4, 100))
+    s.repartition(0.5)
+    s.save(tmp_path / "state.arrow")
+    return tmp_path / "state.arrow", s
+
+
+def test_pyarrow(state_file):
+    path, s = state_file
+    table = pa.ipc.open_file(str(path)).read_all()
+    assert table.num_rows == 100 and table.column("bucket").to_pylist() == s.bucket.tolist()
+
+
+def test_duckdb(state_file):
+    duckdb = pytest.importorskip("duckdb")
+    path, s = state_file
+    state = pa.ipc.open_file(str(path)).read_all()  # noqa: F841 - DuckDB reads the variable by name
+    rows = duckdb.sql("SELECT bucket, count(*) FROM state GROUP BY bucket ORDER BY bucket").fetchall()
+    assert dict(rows) == {int(k): int(v) for k, v in zip(*np.unique(s.bucket, return_counts=True))}
+
+
+def test_pandas_and_polars(state_file):
+    path, s = state_file
+    pd = pytest.importorskip("pandas")
+    df = pd.read_feather(path)
+    assert len(df) == 100 and df["times_seen"].sum() == 100
+    pl = pytest.importorskip("polars")
+    assert pl.read_ipc(path)["bucket"].to_list() == s.bucket.tolist()
