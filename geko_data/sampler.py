@@ -50,20 +50,35 @@ class WeightedDataset(Dataset):
     def __init__(self, dataset: Any, shared: SharedPlan) -> None:
         self.dataset = dataset
         self.shared = shared
+        self._weights: np.ndarray | None = None  # per-process numpy view of the shared weights
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "shared": self.shared, "_weights": None}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        weight = self.shared.weight_of(index)
-        if isinstance(item, dict):
-            item = dict(item)
-        else:
-            item = {"sample": item}
-        item["__index__"] = int(index)
+    def _view(self) -> np.ndarray:
+        if self._weights is None:
+            self._weights = self.shared.weights()  # zero-copy: later set_epoch writes show through
+        return self._weights
+
+    @staticmethod
+    def _tag(item: Any, index: int, weight: float) -> dict[str, Any]:
+        item = dict(item) if isinstance(item, dict) else {"sample": item}
+        item["__index__"] = index
         item["__weight__"] = weight
         return item
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._tag(self.dataset[index], int(index), float(self._view()[index]))
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Batched fetch (the DataLoader calls it when present): one vectorized weight lookup per batch."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        weights = self._view()[np.asarray(indices, dtype=np.int64)].tolist()
+        return [self._tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
 
 
 class GEKOSampler(Sampler[int]):
