@@ -59,8 +59,10 @@ class GEKOConfig:
         bucket_weights: sampling weights (HARD, FOCUS, LIGHT) when the curriculum is off; FREEZE is 0.
             Defaults to ``(3, 1, 0)``.
         use_curriculum: follow the Mountain curriculum's per-phase weights. Defaults to ``True``.
-        q_value_lr: EMA rate of the Q-value update. Defaults to ``0.1``.
-        min_q_for_freeze: Q-value a sample needs before it may enter FREEZE. Defaults to ``0.8``.
+        q_value_lr: EMA rate of the Q-value update. Defaults to ``0.5`` (gekolib: 0.1, with which a sample
+            needs 9+ passes before it may freeze, so nothing freezes in a 3-5 epoch fine-tune).
+        min_q_for_freeze: Q-value a sample needs before it may enter FREEZE. Defaults to ``0.7``
+            (gekolib: 0.8).
         q_value_loss_scale: loss that maps to a Q target of 0. Defaults to ``10.0``.
         repartition_every: re-bucket every N epochs. Defaults to ``1``.
         log_bucket_stats: print the partition table at each repartition. Defaults to ``True``.
@@ -89,8 +91,8 @@ class GEKOConfig:
     focus_confidence: float = 0.60
     bucket_weights: tuple[float, float, float] = (3.0, 1.0, 0.0)
     use_curriculum: bool = True
-    q_value_lr: float = 0.1
-    min_q_for_freeze: float = 0.8
+    q_value_lr: float = 0.5
+    min_q_for_freeze: float = 0.7
     q_value_loss_scale: float = 10.0
     repartition_every: int = 1
     log_bucket_stats: bool = True
@@ -179,8 +181,8 @@ class GEKOConfig:
         return cls(**d)
 
 
-#: gekolib 0.3.1's defaults, unchanged.
-GEKOLIB_DEFAULTS = GEKOConfig(name="gekolib")
+#: gekolib 0.3.1's defaults, unchanged (geko_data's defaults differ in q_value_lr and min_q_for_freeze).
+GEKOLIB_DEFAULTS = GEKOConfig(q_value_lr=0.1, min_q_for_freeze=0.8, name="gekolib")
 GEKO_AGGRESSIVE = GEKOConfig(freeze_confidence=0.90, freeze_quality=0.85, bucket_weights=(5.0, 2.0, 0.0),
                              name="aggressive")
 GEKO_BALANCED = GEKOConfig(freeze_confidence=0.85, freeze_quality=0.80, bucket_weights=(3.0, 2.0, 1.0),
