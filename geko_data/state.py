@@ -188,6 +188,8 @@ class SampleState:
         all-gathers, so that bad input fails on every rank instead of hanging the others.
         """
         ids_a = to_numpy(ids, "ids")
+        if ids_a.size == 0:  # an empty report (e.g. `[]`, which numpy types as float) is a no-op
+            ids_a = ids_a.astype(np.int64)
         if ids_a.dtype.kind not in "iu":
             raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
         n = ids_a.shape[0]
