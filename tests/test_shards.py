@@ -102,3 +102,20 @@ def test_fingerprint_depends_on_names_sizes_and_count():
     assert base != fingerprint(["a.tar", "b.tar"], [10, 21], 5)
     assert base != fingerprint(["a.tar", "c.tar"], [10, 20], 5)
     assert base != fingerprint(["a.tar", "b.tar"], [10, 20], 6)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_parser_agrees_with_tarfile(tmp_path, fmt):
+    from geko_data.shards import _fast_members, _tarfile_members
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        _add(tf, "a/" * 60 + "k.txt" if fmt != tarfile.USTAR_FORMAT else "d" * 90 + "/k.txt", b"x" * 700)
+        _add(tf, "k.json", "{\"é\": 1}".encode())
+        _add(tf, "empty.cls", b"")
+    data = buf.getvalue()
+    assert _fast_members(data) == _tarfile_members(data)
+    assert _fast_members(data[:-1024 - 512]) is None or len(_fast_members(data[:-1024 - 512])) < 3
+    corrupt = bytearray(data)
+    corrupt[150] ^= 0xFF  # checksum field: the fast path declines, tarfile gets to say what is wrong
+    assert _fast_members(bytes(corrupt)) is None
