@@ -115,7 +115,8 @@ def test_fast_header_parser_agrees_with_tarfile(tmp_path, fmt):
         _add(tf, "empty.cls", b"")
     data = buf.getvalue()
     assert _fast_members(data) == _tarfile_members(data)
-    assert _fast_members(data[:-1024 - 512]) is None or len(_fast_members(data[:-1024 - 512])) < 3
+    cut = data.index(b"x" * 100) + 100  # inside the first member's data: truncated
+    assert _fast_members(data[:cut]) is None
     corrupt = bytearray(data)
     corrupt[150] ^= 0xFF  # checksum field: the fast path declines, tarfile gets to say what is wrong
     assert _fast_members(bytes(corrupt)) is None
