@@ -125,11 +125,10 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
 
         set_peft_model_state_dict(model, weights)
     else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        real_missing = [k for k in missing if k not in weights]
+        # strict=False: tied weights were stored once and stay tied to the loaded copy.
+        _missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
             raise CheckpointError(f"checkpoint {path!r} has weights the model lacks: {unexpected[:5]}")
-        del real_missing  # tied weights were stored once; load_state_dict re-ties them
     if optimizer is not None:
         try:
             opt_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
