@@ -26,18 +26,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from geko_data import policy
 from geko_data.config import GEKOConfig
-from geko_data.efficiency import efficiency_report, format_efficiency_report
+from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
-from geko_data.plan import EpochPlan, epoch_plan, global_order, rank_slice
+from geko_data.plan import EpochPlan, global_order, rank_slice
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState
 from geko_data.world import World
 
 __all__ = ["GEKOSampler", "WeightedDataset"]
-
-STATE_DICT_VERSION = 1
 
 
 class WeightedDataset(Dataset):
@@ -81,7 +78,7 @@ class WeightedDataset(Dataset):
         return [self._tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
 
 
-class GEKOSampler(Sampler[int]):
+class GEKOSampler(EpochDriver, Sampler[int]):
     """Yields this rank's dataset indices of the current epoch's GEKO plan.
 
     Args:
@@ -109,13 +106,9 @@ class GEKOSampler(Sampler[int]):
             raise TypeError(f"`data_source` must be a sized dataset or an int, got {type(data_source).__name__}")
         if num_samples < 1:
             raise ValueError(f"`data_source` must hold at least 1 sample, got {num_samples}")
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(f"`total_epochs` must be an int >= 1, got {total_epochs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}")
-        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, int)
-                                         or epoch_length < 1):
-            raise ValueError(f"`epoch_length` must be None or an int >= 1, got {epoch_length!r}")
+        check_int("total_epochs", total_epochs, 1)
+        check_int("seed", seed, 0)
+        check_int("epoch_length", epoch_length, 1, optional=True)
         if config is not None and not isinstance(config, GEKOConfig):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
         if state is not None:
@@ -148,45 +141,11 @@ class GEKOSampler(Sampler[int]):
         self._yielded = 0  # indices the current iterator handed out
 
     # ------------------------------------------------------------------ epochs
-    @property
-    def config(self) -> GEKOConfig:
-        return self.state.config
-
-    @property
-    def progress(self) -> float:
-        """Curriculum progress of the current epoch (its midpoint)."""
-        return policy.epoch_progress(max(self.epoch, 0), self.total_epochs)
-
-    @property
-    def phase(self) -> str:
-        return policy.phase_name(self.progress)
-
-    @property
-    def lr_multiplier(self) -> float:
-        """The Mountain LR multiplier of the current epoch (1.0 without the curriculum)."""
-        return policy.lr_multiplier(self.progress) if self.config.use_curriculum else 1.0
-
-    @property
-    def should_stop(self) -> bool:
-        """True when the FREEZE share has reached ``config.early_stop_frozen``."""
-        return self.state.should_stop
-
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"`epoch` must be an int >= 0, got {epoch!r}")
-        epoch = int(epoch)
         resuming = self._start > 0 and epoch == self.epoch
-        progress = policy.epoch_progress(epoch, self.total_epochs)
-        # A resumed epoch was already repartitioned before its checkpoint: the state file holds that.
-        if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
-            stats = self.state.repartition(progress, epoch=epoch)
-            if self.config.log_bucket_stats and self.world.is_main:
-                print(stats.format(), flush=True)
-        self.epoch = epoch
-        self._plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
-                                epoch_length=self.epoch_length)
-        order = global_order(self._plan.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        self._plan = self._advance(epoch)
+        order = global_order(self._plan.counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         self._order = rank_slice(order, rank=self.world.rank, world_size=self.world.world_size)
         self._shared.publish(self._plan)
         if not resuming:
@@ -224,11 +183,6 @@ class GEKOSampler(Sampler[int]):
             raise ValueError(f"`dataset` has {len(dataset)} samples, the sampler {self.num_samples}")
         return WeightedDataset(dataset, self._shared)
 
-    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
-        """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
-        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
         """Small JSON-serializable position; the per-sample state is saved apart with ``state.save``.
@@ -237,34 +191,19 @@ class GEKOSampler(Sampler[int]):
         DataLoader prefetches ahead of the loop, so pass it for an exact resume. Without it, what the
         iterator handed out is used.
         """
-        if consumed is not None and (isinstance(consumed, bool) or not isinstance(consumed, int)
-                                     or consumed < 0):
-            raise ValueError(f"`consumed` must be None or an int >= 0, got {consumed!r}")
-        position = self._yielded if consumed is None else consumed
-        return {"version": STATE_DICT_VERSION, "kind": "GEKOSampler", "seed": self.seed,
-                "epoch": self.epoch, "position": int(position), "num_samples": self.num_samples,
-                "world_size": self.world.world_size, "total_epochs": self.total_epochs,
-                "epoch_length": self.epoch_length, "shuffle": self.shuffle, "config": self.config.to_dict()}
+        check_int("consumed", consumed, 0, optional=True)
+        sd = self._base_state_dict("GEKOSampler", self._yielded if consumed is None else consumed)
+        sd["shuffle"] = self.shuffle
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a position from ``state_dict()``; it takes effect at the next ``set_epoch``/``__iter__``.
 
         Load the matching ``SampleState`` file into ``state`` first (the plan is recomputed from it).
         """
-        sd = state_dict
-        if not isinstance(sd, dict):
-            raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
-        version = sd.get("version")
-        if not isinstance(version, int) or version > STATE_DICT_VERSION:
-            raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
-        for key, mine in (("seed", self.seed), ("num_samples", self.num_samples),
-                          ("world_size", self.world.world_size), ("shuffle", self.shuffle)):
-            theirs = sd.get(key, mine)
-            if theirs != mine:
-                raise ValueError(f"state_dict {key} {theirs!r} does not match this sampler's {key} {mine!r}")
-        epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
-        if position < 0:
-            raise ValueError(f"state_dict position must be >= 0, got {position}")
+        epoch, position = self._check_state_dict(state_dict, {
+            "seed": self.seed, "num_samples": self.num_samples, "world_size": self.world.world_size,
+            "shuffle": self.shuffle}, "sampler")
         self.epoch = epoch
         self._start = position
         if epoch >= 0:
@@ -273,11 +212,3 @@ class GEKOSampler(Sampler[int]):
             if position > self._order.shape[0]:
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length "
                                  f"{self._order.shape[0]} (state file from another run?)")
-
-    # ------------------------------------------------------------------ reporting
-    def efficiency_report(self) -> dict[str, Any]:
-        """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history."""
-        return efficiency_report(self.state, epochs_done=self.epoch + 1, total_epochs=self.total_epochs)
-
-    def format_efficiency_report(self) -> str:
-        return format_efficiency_report(self.efficiency_report())

@@ -254,10 +254,12 @@ class SampleState:
         prev_seen = np.isfinite(self.loss[uniq])
         beta = np.float32(cfg.loss_ema)
         ema_old = self.loss_ema[uniq]
-        delta = np.where(prev_seen, loss_u - ema_old, 0.0).astype(np.float32)
+        delta = np.where(prev_seen, loss_u.astype(np.float64) - ema_old, 0.0)
         self.loss_ema[uniq] = np.where(prev_seen, ema_old + (1 - beta) * delta, loss_u)
-        # Exponentially weighted variance (West 1979): var <- beta * (var + (1 - beta) * delta^2).
-        self.loss_var[uniq] = np.where(prev_seen, beta * (self.loss_var[uniq] + (1 - beta) * delta * delta), 0.0)
+        # Exponentially weighted variance (West 1979): var <- beta * (var + (1 - beta) * delta^2), in float64
+        # and capped, so that an absurd but finite loss cannot turn the float32 column into inf.
+        var = beta * (self.loss_var[uniq] + (1 - beta) * delta * delta)
+        self.loss_var[uniq] = np.where(prev_seen, np.minimum(var, 1e30), 0.0)
         self.q[uniq] = policy.q_update(self.q[uniq], loss_u, lr=cfg.q_value_lr, loss_scale=cfg.q_value_loss_scale)
         forgot = prev_seen & self.correct[uniq] & ~correct_u
         self.forgets[uniq[forgot]] = np.minimum(self.forgets[uniq[forgot]].astype(np.int64) + 1, 65535)

@@ -26,19 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from geko_data import policy
 from geko_data.config import GEKOConfig
-from geko_data.efficiency import efficiency_report, format_efficiency_report
+from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
-from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, epoch_plan, rank_slice, rng
+from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, rank_slice, rng
 from geko_data.shards import ShardError, ShardIndex, parse_sample, read_index
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState, StateFileError
 from geko_data.world import World
 
 __all__ = ["GEKOStream", "stream_order"]
-
-STATE_DICT_VERSION = 1
 
 
 def stream_order(index: ShardIndex, plan: EpochPlan, *, seed: int, rank: int, world_size: int,
@@ -160,7 +157,7 @@ class _Reader:
         raise ShardError(f"shard {url!r}: key {key!r} not found (shard changed since indexing?)")
 
 
-class GEKOStream(IterableDataset):
+class GEKOStream(EpochDriver, IterableDataset):
     """Streams the current epoch's GEKO plan from WebDataset shards, filtering at read time.
 
     Args:
@@ -187,18 +184,11 @@ class GEKOStream(IterableDataset):
                  world: World | None = None, handler: Callable[[Exception], bool] | None = None,
                  batch_size: int | None = None, shuffle_buffer: int = 512,
                  shard_url: str | Callable[[str], str] | None = None, epoch_length: int | None = None) -> None:
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(f"`total_epochs` must be an int >= 1, got {total_epochs!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"`seed` must be an int >= 0, got {seed!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"`batch_size` must be None or an int >= 1, got {batch_size!r}")
-        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
-            raise ValueError(f"`shuffle_buffer` must be an int >= 1, got {shuffle_buffer!r}")
-        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, int)
-                                         or epoch_length < 1):
-            raise ValueError(f"`epoch_length` must be None or an int >= 1, got {epoch_length!r}")
+        check_int("total_epochs", total_epochs, 1)
+        check_int("seed", seed, 0)
+        check_int("batch_size", batch_size, 1, optional=True)
+        check_int("shuffle_buffer", shuffle_buffer, 1)
+        check_int("epoch_length", epoch_length, 1, optional=True)
         if config is not None and not isinstance(config, GEKOConfig):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
         if world is not None and not isinstance(world, World):
@@ -258,42 +248,12 @@ class GEKOStream(IterableDataset):
         return autodecode.Decoder(handlers)
 
     # ------------------------------------------------------------------ epochs
-    @property
-    def config(self) -> GEKOConfig:
-        return self.state.config
-
-    @property
-    def progress(self) -> float:
-        return policy.epoch_progress(max(self.epoch, 0), self.total_epochs)
-
-    @property
-    def phase(self) -> str:
-        return policy.phase_name(self.progress)
-
-    @property
-    def lr_multiplier(self) -> float:
-        return policy.lr_multiplier(self.progress) if self.config.use_curriculum else 1.0
-
-    @property
-    def should_stop(self) -> bool:
-        return self.state.should_stop
-
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: repartition (every ``repartition_every`` epochs), fix and publish its plan."""
         if get_worker_info() is not None:
             raise RuntimeError("set_epoch() must be called in the main process, not in a DataLoader worker")
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"`epoch` must be an int >= 0, got {epoch!r}")
-        epoch = int(epoch)
         resuming = int(self._start.item()) > 0 and epoch == self.epoch
-        if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
-            stats = self.state.repartition(policy.epoch_progress(epoch, self.total_epochs), epoch=epoch)
-            if self.config.log_bucket_stats and self.world.is_main:
-                print(stats.format(), flush=True)
-        self.epoch = epoch
-        plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
-                          epoch_length=self.epoch_length)
-        self._shared.publish(plan)
+        self._shared.publish(self._advance(epoch))
         self._order_cache = None
         if not resuming:
             self._start.zero_()
@@ -366,12 +326,7 @@ class GEKOStream(IterableDataset):
             warnings.warn(f"GEKOStream skipped {self.stats['skipped']} unreadable sample(s) this epoch "
                           f"(handler={getattr(self.handler, '__name__', self.handler)})", stacklevel=2)
 
-    # ------------------------------------------------------------------ feedback and checkpoints
-    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
-        """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
-        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
-
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
         """Small JSON-serializable position; save the per-sample state apart with ``state.save``.
 
@@ -380,35 +335,18 @@ class GEKOStream(IterableDataset):
         """
         if get_worker_info() is not None:
             raise RuntimeError("state_dict() must be called in the main process, not in a DataLoader worker")
-        if consumed is not None and (isinstance(consumed, bool) or not isinstance(consumed, int)
-                                     or consumed < 0):
-            raise ValueError(f"`consumed` must be None or an int >= 0, got {consumed!r}")
-        position = self._yielded if consumed is None else consumed
-        return {"version": STATE_DICT_VERSION, "kind": "GEKOStream", "seed": self.seed, "epoch": self.epoch,
-                "position": int(position), "num_samples": self.index.num_samples,
-                "fingerprint": self.index.fingerprint, "world_size": self.world.world_size,
-                "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
-                "total_epochs": self.total_epochs, "epoch_length": self.epoch_length,
-                "config": self.config.to_dict()}
+        check_int("consumed", consumed, 0, optional=True)
+        sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
+        sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                   "shuffle_buffer": self.shuffle_buffer})
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a position from ``state_dict()`` (load the matching state file into ``state`` first)."""
-        sd = state_dict
-        if not isinstance(sd, dict):
-            raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
-        version = sd.get("version")
-        if not isinstance(version, int) or version > STATE_DICT_VERSION:
-            raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
-        for key, mine in (("seed", self.seed), ("num_samples", self.index.num_samples),
-                          ("fingerprint", self.index.fingerprint), ("world_size", self.world.world_size),
-                          ("batch_size", self.batch_size), ("shuffle", self.shuffle),
-                          ("shuffle_buffer", self.shuffle_buffer)):
-            theirs = sd.get(key, mine)
-            if theirs != mine:
-                raise ValueError(f"state_dict {key} {theirs!r} does not match this stream's {key} {mine!r}")
-        epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
-        if position < 0:
-            raise ValueError(f"state_dict position must be >= 0, got {position}")
+        epoch, position = self._check_state_dict(state_dict, {
+            "seed": self.seed, "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
+            "world_size": self.world.world_size, "batch_size": self.batch_size, "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer}, "stream")
         self.epoch = epoch
         self._start.fill_(position)
         if epoch >= 0:
@@ -418,9 +356,6 @@ class GEKOStream(IterableDataset):
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length {total}")
 
     def efficiency_report(self) -> dict[str, Any]:
-        report = efficiency_report(self.state, epochs_done=self.epoch + 1, total_epochs=self.total_epochs)
+        report = super().efficiency_report()
         report["skipped_unreadable"] = self.stats["skipped"]
         return report
-
-    def format_efficiency_report(self) -> str:
-        return format_efficiency_report(self.efficiency_report())

@@ -1,0 +1,117 @@
+"""EpochDriver: what GEKOSampler and GEKOStream share: the state, feedback, and moving from epoch to epoch.
+
+``set_epoch`` is the one entry point that moves an epoch forward: it
+re-buckets the state (every ``repartition_every`` epochs) and fixes the
+epoch's plan; both front-ends then turn that plan into indices or samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from geko_data import policy
+from geko_data.config import GEKOConfig
+from geko_data.efficiency import efficiency_report, format_efficiency_report
+from geko_data.feedback import Feedback
+from geko_data.plan import EpochPlan, epoch_plan
+from geko_data.state import SampleState
+from geko_data.world import World
+
+__all__ = ["EpochDriver", "check_int"]
+
+STATE_DICT_VERSION = 1
+
+
+def check_int(name: str, value: Any, lo: int, *, optional: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an int >= ``lo`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        allowed = f"None or an int >= {lo}" if optional else f"an int >= {lo}"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+
+
+class EpochDriver:
+    """Base of the sampler and the stream. Subclasses set ``state``, ``feedback``, ``world``, ``seed``,
+    ``total_epochs``, ``epoch_length`` and ``epoch`` in their constructors."""
+
+    state: SampleState
+    feedback: Feedback
+    world: World
+    seed: int
+    total_epochs: int
+    epoch_length: int | None
+    epoch: int
+
+    @property
+    def config(self) -> GEKOConfig:
+        return self.state.config
+
+    @property
+    def progress(self) -> float:
+        """Curriculum progress of the current epoch (its midpoint)."""
+        return policy.epoch_progress(max(self.epoch, 0), self.total_epochs)
+
+    @property
+    def phase(self) -> str:
+        return policy.phase_name(self.progress)
+
+    @property
+    def lr_multiplier(self) -> float:
+        """The Mountain LR multiplier of the current epoch (1.0 without the curriculum)."""
+        return policy.lr_multiplier(self.progress) if self.config.use_curriculum else 1.0
+
+    @property
+    def should_stop(self) -> bool:
+        """True when the FREEZE share has reached ``config.early_stop_frozen``."""
+        return self.state.should_stop
+
+    def _advance(self, epoch: Any) -> EpochPlan:
+        """Validate ``epoch``, repartition when due, and return the epoch's plan."""
+        check_int("epoch", epoch, 0)
+        epoch = int(epoch)
+        # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
+        if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
+            stats = self.state.repartition(policy.epoch_progress(epoch, self.total_epochs), epoch=epoch)
+            if self.config.log_bucket_stats and self.world.is_main:
+                print(stats.format(), flush=True)
+        self.epoch = epoch
+        return epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
+                          epoch_length=self.epoch_length)
+
+    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
+               step: int | None = None) -> int:
+        """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
+        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
+
+    def _base_state_dict(self, kind: str, position: int) -> dict[str, Any]:
+        return {"version": STATE_DICT_VERSION, "kind": kind, "seed": self.seed, "epoch": self.epoch,
+                "position": int(position), "num_samples": self.state.num_samples,
+                "world_size": self.world.world_size, "total_epochs": self.total_epochs,
+                "epoch_length": self.epoch_length, "config": self.config.to_dict()}
+
+    @staticmethod
+    def _check_state_dict(sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
+        """Validate a state_dict against this object's values; return its (epoch, position)."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
+        version = sd.get("version")
+        if not isinstance(version, int) or version > STATE_DICT_VERSION:
+            raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
+        for key, value in mine.items():
+            theirs = sd.get(key, value)  # fields added later default to ours
+            if theirs != value:
+                raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}")
+        epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
+        if position < 0:
+            raise ValueError(f"state_dict position must be >= 0, got {position}")
+        return epoch, position
+
+    def efficiency_report(self) -> dict[str, Any]:
+        """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history."""
+        return efficiency_report(self.state, epochs_done=self.epoch + 1, total_epochs=self.total_epochs)
+
+    def format_efficiency_report(self) -> str:
+        return format_efficiency_report(self.efficiency_report())
