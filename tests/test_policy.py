@@ -3,10 +3,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from geko_data import policy
-from geko_data.config import GEKOConfig
+from geko_data.config import GEKOLIB_DEFAULTS, GEKOConfig
 from geko_data.policy import FOCUS, FREEZE, HARD, LIGHT
 
-CFG = GEKOConfig()
+CFG = GEKOLIB_DEFAULTS  # gekolib's bucket table, with its thresholds
 
 
 def classify1(correct, confidence, q=0.9, loss_var=0.0, seen=True, config=CFG):
