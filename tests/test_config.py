@@ -30,7 +30,8 @@ def test_round_trip_through_json():
 
 
 def test_anneal_defaults_per_mode():
-    assert GEKOConfig(mode="geko").anneal_fraction == 0.0
+    assert GEKOConfig(mode="geko").anneal_fraction == 0.125
+    assert GEKOConfig(mode="uniform").anneal_fraction == 0.0
     assert GEKOConfig(mode="unbiased").anneal_fraction == 0.125
     assert GEKOConfig(mode="infobatch").anneal_fraction == 0.125
     assert GEKOConfig(mode="unbiased", anneal=0.0).anneal_fraction == 0.0
