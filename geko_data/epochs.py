@@ -68,10 +68,22 @@ class EpochDriver:
         """True when the FREEZE share has reached ``config.early_stop_frozen``."""
         return self.state.should_stop
 
+    _pinned: EpochPlan | None = None  # the plan a mid-epoch checkpoint was running, until that epoch ends
+
+    @property
+    def plan(self) -> EpochPlan:
+        """The current epoch's plan (counts and loss weights per sample); save it with ``plan.save_plan``."""
+        raise NotImplementedError
+
     def _advance(self, epoch: Any) -> EpochPlan:
         """Validate ``epoch``, repartition when due, and return the epoch's plan."""
         check_int("epoch", epoch, 0)
         epoch = int(epoch)
+        if self._pinned is not None:
+            if self._pinned.epoch == epoch:
+                self.epoch = epoch
+                return self._pinned
+            self._pinned = None
         # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
             stats = self.state.repartition(policy.epoch_progress(epoch, self.total_epochs), epoch=epoch)
@@ -91,6 +103,15 @@ class EpochDriver:
                 "position": int(position), "num_samples": self.state.num_samples,
                 "world_size": self.world.world_size, "total_epochs": self.total_epochs,
                 "epoch_length": self.epoch_length, "config": self.config.to_dict()}
+
+    def _pin(self, plan: EpochPlan | None, num_samples: int) -> None:
+        if plan is None:
+            return
+        if not isinstance(plan, EpochPlan):
+            raise TypeError(f"`plan` must be an EpochPlan (see plan.load_plan), got {type(plan).__name__}")
+        if plan.counts.shape[0] != num_samples:
+            raise ValueError(f"`plan` covers {plan.counts.shape[0]} samples, this data has {num_samples}")
+        self._pinned = plan
 
     @staticmethod
     def _check_state_dict(sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:

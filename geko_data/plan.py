@@ -13,9 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import json
+import os
+
 import numpy as np
+import pyarrow as pa
 
 from geko_data import policy
+from geko_data.atomic import atomic_path
 from geko_data.config import GEKOConfig
 
 __all__ = [
@@ -26,9 +31,11 @@ __all__ = [
     "PURPOSE_WORKER",
     "epoch_plan",
     "global_order",
+    "load_plan",
     "pad_to_multiple",
     "rank_slice",
     "rng",
+    "save_plan",
     "stochastic_round",
 ]
 
@@ -119,3 +126,34 @@ def rank_slice(order: np.ndarray, *, rank: int, world_size: int, contiguous: boo
         per_rank = padded.shape[0] // world_size
         return padded[rank * per_rank:(rank + 1) * per_rank]
     return padded[rank::world_size]
+
+
+_PLAN_KEY = b"geko_data_plan"
+
+
+def save_plan(plan: EpochPlan, path: str | os.PathLike) -> None:
+    """Write ``plan`` as an Arrow file (atomically), for an exact mid-epoch resume.
+
+    Recomputing the plan from the state is exact only at an epoch boundary: reports made during the epoch
+    change the inputs (a frozen sample that turns wrong, ``times_seen`` against ``max_times_seen``, the
+    losses InfoBatch compares). A mid-epoch checkpoint therefore keeps the plan it was running.
+    """
+    table = pa.table({"counts": pa.array(plan.counts), "loss_weight": pa.array(plan.loss_weight)})
+    table = table.replace_schema_metadata({_PLAN_KEY: json.dumps({"epoch": plan.epoch,
+                                                                  "progress": plan.progress}).encode()})
+    with atomic_path(path) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def load_plan(path: str | os.PathLike) -> EpochPlan:
+    """Read a plan written by ``save_plan``; a foreign or broken file raises ValueError naming the path."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(os.fspath(path), "r"))
+        meta = json.loads((reader.schema.metadata or {})[_PLAN_KEY])
+        table = reader.read_all()
+        counts = table.column("counts").to_numpy().astype(np.int32)
+        weight = table.column("loss_weight").to_numpy().astype(np.float32)
+    except (pa.ArrowException, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)}: not a readable epoch plan ({e})") from None
+    return EpochPlan(epoch=int(meta["epoch"]), progress=float(meta["progress"]), counts=counts, loss_weight=weight)

@@ -341,12 +341,22 @@ class GEKOStream(EpochDriver, IterableDataset):
                    "shuffle_buffer": self.shuffle_buffer})
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a position from ``state_dict()`` (load the matching state file into ``state`` first)."""
+    @property
+    def plan(self) -> EpochPlan:
+        if self._shared.epoch < 0:
+            self.set_epoch(max(self.epoch, 0))
+        return self._shared.read()
+
+    def load_state_dict(self, state_dict: dict[str, Any], *, plan: EpochPlan | None = None) -> None:
+        """Restore a position from ``state_dict()`` (load the matching state file into ``state`` first).
+
+        ``plan``: the epoch's plan saved with a mid-epoch checkpoint (see ``GEKOSampler.load_state_dict``).
+        """
         epoch, position = self._check_state_dict(state_dict, {
             "seed": self.seed, "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
             "world_size": self.world.world_size, "batch_size": self.batch_size, "shuffle": self.shuffle,
             "shuffle_buffer": self.shuffle_buffer}, "stream")
+        self._pin(plan, self.index.num_samples)
         self.epoch = epoch
         self._start.fill_(position)
         if epoch >= 0:

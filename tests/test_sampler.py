@@ -165,3 +165,27 @@ def test_resume_through_stateful_dataloader():
     loader2.load_state_dict(sd)
     tail = [i for b in loader2 for i in b["__index__"].tolist()]
     assert head + tail == full
+
+
+def test_mid_epoch_resume_after_the_state_moved_uses_the_saved_plan(tmp_path):
+    from geko_data.plan import load_plan, save_plan
+    from geko_data.state import SampleState
+
+    cfg = QUIET.replace(recheck_frozen=1.0)
+    s = GEKOSampler(40, total_epochs=3, config=cfg, seed=2)
+    s.state.bucket[:10] = policy.FREEZE
+    s.state.epoch = 1
+    s.set_epoch(1)
+    order = list(s)
+    # mid-epoch, the re-checked frozen samples turn out forgotten: they leave FREEZE at once
+    s.report(list(range(10)), [5.0] * 10, correct=[False] * 10, confidence=[0.9] * 10)
+    assert (s.state.bucket[:10] != policy.FREEZE).all()
+    sd = json.loads(json.dumps(s.state_dict(consumed=12)))
+    save_plan(s.plan, tmp_path / "plan.arrow")
+    s.state.save(tmp_path / "state.arrow")
+    s2 = GEKOSampler(40, total_epochs=3, config=cfg, seed=2, state=SampleState.load(tmp_path / "state.arrow"))
+    s2.load_state_dict(sd, plan=load_plan(tmp_path / "plan.arrow"))
+    s2.set_epoch(1)
+    assert list(s2) == order[12:]  # the plan the epoch started with, not one recomputed from moved state
+    s2.set_epoch(2)
+    assert s2.plan.epoch == 2  # the saved plan only holds for its own epoch

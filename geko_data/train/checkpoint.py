@@ -8,6 +8,7 @@ Layout of ``checkpoint-<step>/``::
     trainer_state.json                        step, epoch, consumed samples, scaler, args
     data_state.json                           the sampler's / stream's state_dict()
     state.arrow                               the SampleState
+    plan.arrow                                the epoch's plan (counts, loss weights) being run
 
 The directory is built under a temporary name and renamed into place, so a
 crash leaves either the complete checkpoint or nothing under that name.
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geko_data.atomic import atomic_dir
+from geko_data.plan import EpochPlan, load_plan, save_plan
 from geko_data.state import SampleState
 
 __all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
@@ -61,7 +63,7 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
 
 def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], data_state: dict[str, Any], state: SampleState,
-                    keep: int = 2) -> str:
+                    plan: EpochPlan | None = None, keep: int = 2) -> str:
     """Write ``output_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints."""
     os.makedirs(output_dir, exist_ok=True)
     if not os.access(output_dir, os.W_OK):
@@ -79,6 +81,8 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
         with open(os.path.join(tmp, "data_state.json"), "w") as f:
             json.dump(data_state, f, indent=1)
         state.save(os.path.join(tmp, "state.arrow"))
+        if plan is not None:
+            save_plan(plan, os.path.join(tmp, "plan.arrow"))
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -111,8 +115,9 @@ def find_latest(path: str) -> str:
 
 
 def load_checkpoint(path: str, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, Any], dict[str, Any], SampleState]:
-    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, SampleState)."""
+                    optimizer: torch.optim.Optimizer | None
+                    ) -> tuple[dict[str, Any], dict[str, Any], SampleState, EpochPlan | None]:
+    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state, plan)."""
     path = find_latest(path)
     name = "adapter.safetensors" if _is_peft(model) else "model.safetensors"
     weights_path = os.path.join(path, name)
@@ -141,4 +146,6 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
     with open(os.path.join(path, "data_state.json")) as f:
         data_state = json.load(f)
     state = SampleState.load(os.path.join(path, "state.arrow"), memory_map=False)
-    return trainer_state, data_state, state
+    plan_path = os.path.join(path, "plan.arrow")
+    plan = load_plan(plan_path) if os.path.exists(plan_path) else None
+    return trainer_state, data_state, state, plan

@@ -246,9 +246,9 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
 
     step, epoch0, consumed0, tokens_seen = 0, 0, 0, 0
     if resume_from is not None:
-        trainer_state, data_state, state = load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        trainer_state, data_state, state, plan = load_checkpoint(resume_from, model=model, optimizer=optimizer)
         _swap_state(data, state)
-        data.load_state_dict(data_state)
+        data.load_state_dict(data_state, plan=plan)
         step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state["position"]
         if scaler is not None and trainer_state.get("scaler"):
             scaler.load_state_dict(trainer_state["scaler"])
@@ -290,7 +290,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         if main:
             path = save_checkpoint(args.output_dir, step=step, model=model, optimizer=optimizer,
                                    trainer_state=trainer_state, data_state=data_state, state=data.state,
-                                   keep=args.save_total_limit)
+                                   plan=data.plan, keep=args.save_total_limit)
             logger({"event": "checkpoint", "step": step, "path": path})
         if world > 1:
             torch.distributed.barrier()
