@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from crash_job import rows
 from geko_data.config import GEKOConfig
 from geko_data.shards import write_shards
 from geko_data.state import COLUMNS, SampleState
@@ -29,13 +30,8 @@ def tiny_lm(seed=0):
 
 
 def lm_data(n=48, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        prompt = rng.integers(1, 64, int(rng.integers(4, 9))).tolist()
-        answer = rng.integers(1, 8, 2).tolist()
-        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
+    """Prompt -> 2-token answer rows, loss on the answer (the crash tests' job uses the same data)."""
+    return rows(n, seed)
 
 
 def args(tmp_path, name="out", **kw):

@@ -48,7 +48,7 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
         from peft import get_peft_model_state_dict
 
         return "adapter.safetensors", {k: v.detach().cpu().contiguous() for k, v in
-                                       get_peft_model_state_dict(model).items()}
+                                       get_peft_model_state_dict(model, save_embedding_layers=False).items()}
     # Tied weights share storage, which safetensors refuses: store each name once per storage.
     seen: dict[tuple[int, int], str] = {}
     out: dict[str, torch.Tensor] = {}
