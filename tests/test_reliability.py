@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from geko_data import plan, policy
 from geko_data.config import GEKOConfig
-from geko_data.shards import index_shards, read_index
+from geko_data.shards import index_shards
 from geko_data.state import SampleState
 from geko_data.stream import GEKOStream, stream_order
 

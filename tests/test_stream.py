@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 

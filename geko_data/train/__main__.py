@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 

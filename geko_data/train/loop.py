@@ -28,7 +28,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -244,7 +243,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     optimizer = _optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type) if args.fp16 else None
 
-    step, epoch0, consumed0, tokens_seen = 0, 0, 0, 0
+    step, epoch0, consumed0 = 0, 0, 0
     if resume_from is not None:
         trainer_state, data_state, state, plan = load_checkpoint(resume_from, model=model, optimizer=optimizer)
         _swap_state(data, state)
