@@ -30,14 +30,15 @@ MODES = ("geko", "unbiased", "uniform", "random_subset", "infobatch")
 
 def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
                  hi_open: bool = False) -> None:
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    allowed = f"a number in {left}{lo}, {hi}{right}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
     ok_lo = value > lo if lo_open else value >= lo
     ok_hi = value < hi if hi_open else value <= hi
     if not (ok_lo and ok_hi):
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}, got {value!r}")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
@@ -77,9 +78,11 @@ class GEKOConfig:
         early_stop_frozen: FREEZE (plus pruned) share at which training may stop (1.0 disables).
             Defaults to ``0.95``.
         anneal: final fraction of training run on all unpruned data at weight 1 (InfoBatch's
-            ``1 - delta``). ``None`` means 0.125 for ``geko``, ``unbiased`` and ``infobatch`` (an epoch
-            whose midpoint falls in the last 12.5%), 0 otherwise; the value benchmark measured that this
-            final pass buys back the accuracy GEKO's emphasis costs. Defaults to ``None``.
+            ``1 - delta``): epoch ``e`` anneals when ``e >= (1 - anneal) * total_epochs``, so FREEZE samples
+            are trained in it. ``None`` means 0.125 for ``geko``, ``unbiased`` and ``infobatch`` (the last
+            epoch of an 8-epoch run; none of a run under 8 epochs), 0 otherwise; the value benchmark
+            measured that this final pass buys back the accuracy GEKO's emphasis costs. ``anneal=0`` keeps
+            GEKO's rule that a FREEZE sample is never trained. Defaults to ``None``.
         loss_ema: decay of the loss EMA and of the squared-deviation EMA behind stability. Defaults to ``0.7``.
         max_repeats: cap on one sample's multiplicity in an epoch. Defaults to ``5``.
         subset_fraction: ``random_subset`` mode: fraction of the data drawn each epoch. Defaults to ``0.5``.

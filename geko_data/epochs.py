@@ -68,30 +68,51 @@ class EpochDriver:
         """True when the FREEZE share has reached ``config.early_stop_frozen``."""
         return self.state.should_stop
 
-    _pinned: EpochPlan | None = None  # the plan a mid-epoch checkpoint was running, until that epoch ends
-
     @property
     def plan(self) -> EpochPlan:
-        """The current epoch's plan (counts and loss weights per sample); save it with ``plan.save_plan``."""
+        """The current epoch's plan (counts and loss weights per sample); the state keeps and saves it."""
         raise NotImplementedError
 
     def _advance(self, epoch: Any) -> EpochPlan:
-        """Validate ``epoch``, repartition when due, and return the epoch's plan."""
+        """Validate ``epoch``, repartition when due, and return the epoch's plan.
+
+        An epoch's plan is fixed the first time the epoch starts and kept in the state (and its file): a
+        resumed epoch takes that plan, since reports made during the epoch have changed its inputs.
+        """
         check_int("epoch", epoch, 0)
         epoch = int(epoch)
-        if self._pinned is not None:
-            if self._pinned.epoch == epoch:
-                self.epoch = epoch
-                return self._pinned
-            self._pinned = None
+        progress = policy.epoch_progress(epoch, self.total_epochs)
+        kept = self.state.plan
+        if kept is not None and kept.matches(epoch=epoch, progress=progress, seed=self.seed,
+                                             epoch_length=self.epoch_length, num_samples=self.state.num_samples):
+            self.epoch = epoch
+            return kept
         # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
-            stats = self.state.repartition(policy.epoch_progress(epoch, self.total_epochs), epoch=epoch)
+            stats = self.state.repartition(progress, epoch=epoch)
             if self.config.log_bucket_stats and self.world.is_main:
                 print(stats.format(), flush=True)
         self.epoch = epoch
-        return epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
+        plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
                           epoch_length=self.epoch_length)
+        self.state.plan = plan
+        return plan
+
+    def use_state(self, state: SampleState) -> None:
+        """Continue from ``state`` (e.g. ``SampleState.load`` of a checkpoint's file); call before
+        ``load_state_dict``. This object's policy and shard fingerprint are kept."""
+        if not isinstance(state, SampleState):
+            raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
+        if len(state) != len(self.state):
+            raise ValueError(f"`state` holds {len(state)} samples, this data has {len(self.state)}")
+        mine, theirs = self.state.fingerprint, state.fingerprint
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"`state` was written for other shards (fingerprint {theirs!r}, these shards "
+                             f"have {mine!r})")
+        state.config = self.state.config
+        state.fingerprint = mine or theirs
+        self.state = state
+        self.feedback = Feedback(state)
 
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
                step: int | None = None) -> int:
@@ -103,15 +124,6 @@ class EpochDriver:
                 "position": int(position), "num_samples": self.state.num_samples,
                 "world_size": self.world.world_size, "total_epochs": self.total_epochs,
                 "epoch_length": self.epoch_length, "config": self.config.to_dict()}
-
-    def _pin(self, plan: EpochPlan | None, num_samples: int) -> None:
-        if plan is None:
-            return
-        if not isinstance(plan, EpochPlan):
-            raise TypeError(f"`plan` must be an EpochPlan (see plan.load_plan), got {type(plan).__name__}")
-        if plan.counts.shape[0] != num_samples:
-            raise ValueError(f"`plan` covers {plan.counts.shape[0]} samples, this data has {num_samples}")
-        self._pinned = plan
 
     @staticmethod
     def _check_state_dict(sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
@@ -125,14 +137,28 @@ class EpochDriver:
             theirs = sd.get(key, value)  # fields added later default to ours
             if theirs != value:
                 raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}")
+        theirs_mode = (sd.get("config") or {}).get("mode", mine.get("mode"))
+        if "mode" in mine and theirs_mode != mine["mode"]:
+            raise ValueError(f"state_dict config mode {theirs_mode!r} does not match this {what}'s mode "
+                             f"{mine['mode']!r}")
         epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
         if position < 0:
             raise ValueError(f"state_dict position must be >= 0, got {position}")
         return epoch, position
 
-    def efficiency_report(self) -> dict[str, Any]:
-        """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history."""
-        return efficiency_report(self.state, epochs_done=self.epoch + 1, total_epochs=self.total_epochs)
+    def _plan_fields(self) -> dict[str, Any]:
+        """What a state_dict must agree on for the plan to be the same (checked by ``load_state_dict``)."""
+        return {"seed": self.seed, "total_epochs": self.total_epochs, "epoch_length": self.epoch_length,
+                "world_size": self.world.world_size, "mode": self.config.mode}
 
-    def format_efficiency_report(self) -> str:
-        return format_efficiency_report(self.efficiency_report())
+    def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
+        """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history.
+
+        ``epochs_done``: epochs the loop finished (default: up to and including the current one, so call it
+        after an epoch ends, or pass what the loop knows).
+        """
+        done = self.epoch + 1 if epochs_done is None else epochs_done
+        return efficiency_report(self.state, epochs_done=done, total_epochs=self.total_epochs)
+
+    def format_efficiency_report(self, *, epochs_done: int | None = None) -> str:
+        return format_efficiency_report(self.efficiency_report(epochs_done=epochs_done))

@@ -2,7 +2,8 @@
 
 An epoch's plan is a function of (state snapshot, config, seed, epoch) only, so
 every rank and DataLoader worker computes the same plan and nothing needs to be
-broadcast. Mid-epoch resume recomputes the plan and skips the first k entries.
+broadcast. Mid-epoch resume takes the plan the state file kept (see ``EpochPlan``)
+and skips the first k entries.
 
 Randomness: every generator comes from ``rng(seed, epoch, purpose, ...)``, a
 numpy SeedSequence over those integers, never from time or pid.
@@ -13,14 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import json
-import os
-
 import numpy as np
-import pyarrow as pa
 
 from geko_data import policy
-from geko_data.atomic import atomic_path
 from geko_data.config import GEKOConfig
 
 __all__ = [
@@ -31,11 +27,9 @@ __all__ = [
     "PURPOSE_WORKER",
     "epoch_plan",
     "global_order",
-    "load_plan",
     "pad_to_multiple",
     "rank_slice",
     "rng",
-    "save_plan",
     "stochastic_round",
 ]
 
@@ -58,12 +52,27 @@ class EpochPlan:
         progress: curriculum progress of the epoch (its midpoint).
         counts: (N,) int32, how many times each sample is drawn this epoch.
         loss_weight: (N,) float32, the loss weight each sample carries this epoch.
+        seed: the seed it was drawn with. Defaults to ``0``.
+        epoch_length: the requested draws per epoch (``None``: the active count). Defaults to ``None``.
+
+    A ``SampleState`` keeps the plan of its current epoch and saves it with its columns: reports made
+    during an epoch change the plan's inputs (a frozen sample that turns wrong, ``times_seen`` against
+    ``max_times_seen``, the losses InfoBatch compares), so a mid-epoch resume reuses the saved plan instead
+    of recomputing it.
     """
 
     epoch: int
     progress: float
     counts: np.ndarray
     loss_weight: np.ndarray
+    seed: int = 0
+    epoch_length: int | None = None
+
+    def matches(self, *, epoch: int, progress: float, seed: int, epoch_length: int | None,
+                num_samples: int) -> bool:
+        """True when this is the plan those arguments would draw (so it can be reused on resume)."""
+        return (self.epoch == epoch and abs(self.progress - progress) < 1e-12 and self.seed == seed
+                and self.epoch_length == epoch_length and self.counts.shape[0] == num_samples)
 
     @property
     def total(self) -> int:
@@ -93,9 +102,11 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     progress = policy.epoch_progress(epoch, total_epochs)
     expected, weight = policy.expected_counts(
         bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
-        progress=progress, config=config, epoch_length=epoch_length)
+        progress=progress, config=config, epoch_length=epoch_length,
+        anneal=policy.annealing(epoch, total_epochs, config))
     counts = stochastic_round(expected, rng(seed, epoch, PURPOSE_ROUND))
-    return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight)
+    return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
+                     epoch_length=epoch_length)
 
 
 def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -126,34 +137,3 @@ def rank_slice(order: np.ndarray, *, rank: int, world_size: int, contiguous: boo
         per_rank = padded.shape[0] // world_size
         return padded[rank * per_rank:(rank + 1) * per_rank]
     return padded[rank::world_size]
-
-
-_PLAN_KEY = b"geko_data_plan"
-
-
-def save_plan(plan: EpochPlan, path: str | os.PathLike) -> None:
-    """Write ``plan`` as an Arrow file (atomically), for an exact mid-epoch resume.
-
-    Recomputing the plan from the state is exact only at an epoch boundary: reports made during the epoch
-    change the inputs (a frozen sample that turns wrong, ``times_seen`` against ``max_times_seen``, the
-    losses InfoBatch compares). A mid-epoch checkpoint therefore keeps the plan it was running.
-    """
-    table = pa.table({"counts": pa.array(plan.counts), "loss_weight": pa.array(plan.loss_weight)})
-    table = table.replace_schema_metadata({_PLAN_KEY: json.dumps({"epoch": plan.epoch,
-                                                                  "progress": plan.progress}).encode()})
-    with atomic_path(path) as tmp:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-
-
-def load_plan(path: str | os.PathLike) -> EpochPlan:
-    """Read a plan written by ``save_plan``; a foreign or broken file raises ValueError naming the path."""
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(os.fspath(path), "r"))
-        meta = json.loads((reader.schema.metadata or {})[_PLAN_KEY])
-        table = reader.read_all()
-        counts = table.column("counts").to_numpy().astype(np.int32)
-        weight = table.column("loss_weight").to_numpy().astype(np.float32)
-    except (pa.ArrowException, OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{os.fspath(path)}: not a readable epoch plan ({e})") from None
-    return EpochPlan(epoch=int(meta["epoch"]), progress=float(meta["progress"]), counts=counts, loss_weight=weight)

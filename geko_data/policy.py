@@ -32,6 +32,7 @@ __all__ = [
     "PHASE_WEIGHTS",
     "bucket_weight_table",
     "classify",
+    "annealing",
     "epoch_progress",
     "expected_counts",
     "lr_multiplier",
@@ -118,22 +119,36 @@ def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:
     return np.asarray(frozen_epochs) >= config.prune_frozen_after
 
 
+def annealing(epoch: int, total_epochs: int, config: GEKOConfig) -> bool:
+    """Whether ``epoch`` is in the final ``anneal`` fraction of training: it *starts* at or after
+    ``(1 - anneal) * total_epochs``, InfoBatch's rule (so with anneal 0.125 an 8-epoch run anneals its last
+    epoch and a run of fewer than 8 epochs anneals none)."""
+    frac = config.anneal_fraction
+    return frac > 0 and epoch >= (1.0 - frac) * total_epochs - 1e-9
+
+
 def expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
-                    progress: float, config: GEKOConfig,
-                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    progress: float, config: GEKOConfig, epoch_length: int | None = None,
+                    anneal: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch (pruned samples: 0 and 0).
 
+    ``anneal``: whether this epoch is an annealing one (``annealing(epoch, total_epochs, config)``, as the
+    epoch plan passes it); ``None`` decides from ``progress`` alone (``progress >= 1 - anneal``).
     See ``_expected_counts`` for the rules of each mode.
     """
+    if anneal is None:
+        frac = config.anneal_fraction
+        anneal = frac > 0 and progress >= 1.0 - frac
     expected, weight = _expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
-                                        progress=progress, config=config, epoch_length=epoch_length)
+                                        progress=progress, config=config, epoch_length=epoch_length,
+                                        anneal=bool(anneal))
     weight[np.asarray(pruned, dtype=bool)] = 0.0
     return expected, weight
 
 
 def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
-                    progress: float, config: GEKOConfig,
-                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     progress: float, config: GEKOConfig, epoch_length: int | None,
+                     anneal: bool) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch.
 
     Returns ``(expected, loss_weight)``, both shape (N,): ``expected`` float64 >= 0 (``plan.py`` rounds it
@@ -143,8 +158,9 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     Modes:
 
     * ``geko``: active samples (not FREEZE, not pruned, under ``max_times_seen``) share an epoch of
-      ``epoch_length`` (default: their count) in proportion to their bucket weight, capped at ``max_repeats``;
-      FREEZE samples get ``recheck_frozen`` at weight 0. Biased on purpose, as GEKO is.
+      ``epoch_length`` (default: their count) in proportion to their bucket weight, capped at ``max_repeats``
+      (what a capped sample cannot take goes to the others); FREEZE samples get ``recheck_frozen`` at
+      weight 0. Biased on purpose, as GEKO is.
     * ``unbiased``: as ``geko``, but every unpruned sample keeps an expected count of at least
       ``keep_frozen`` and carries loss weight ``c / expected`` with ``c`` the mean expected count, so the
       weighted gradient is an unbiased estimate of the full-data one (InfoBatch's rescaling).
@@ -153,7 +169,9 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
       at weight ``1 / (1 - prune_ratio)`` (Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased
       Dynamic Data Pruning", ICLR 2024).
 
-    In the final ``anneal`` fraction of training every unpruned sample is drawn once at weight 1.
+    In the final ``anneal`` fraction of training every unpruned sample (under ``max_times_seen`` for GEKO's
+    modes) is drawn once at weight 1, FREEZE ones included: set ``anneal=0`` for GEKO's rule that a FREEZE
+    sample is never trained.
     """
     bucket = np.asarray(bucket)
     n = bucket.shape[0]
@@ -161,9 +179,15 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     expected = np.zeros(n, dtype=np.float64)
     weight = np.ones(n, dtype=np.float32)
     mode = config.mode
-    anneal = config.anneal_fraction
-    if mode == "uniform" or (anneal > 0 and progress >= 1.0 - anneal):
+    # max_times_seen retires a sample from GEKO's epochs for good (annealing included); baselines ignore it.
+    eligible = alive.copy()
+    if mode in ("geko", "unbiased") and config.max_times_seen > 0:
+        eligible &= np.asarray(times_seen) < config.max_times_seen
+    if mode == "uniform":
         expected[alive] = 1.0
+        return expected, weight
+    if anneal:
+        expected[eligible] = 1.0
         return expected, weight
     if mode == "random_subset":
         expected[alive] = config.subset_fraction
@@ -180,20 +204,15 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
 
     table = bucket_weight_table(progress, config)
     w = table[bucket]  # (N,) weight per sample, 0 for FREEZE
-    w[~alive] = 0.0
-    if config.max_times_seen > 0:
-        w[np.asarray(times_seen) >= config.max_times_seen] = 0.0
+    w[~eligible] = 0.0
     active = alive & (bucket != FREEZE)
-    n_active = int(active.sum())
+    n_active = int((active & eligible).sum())
     length = n_active if epoch_length is None else int(epoch_length)
-    total = w.sum()
-    if total == 0.0 and n_active > 0:
-        # Every active sample sits in a zero-weight bucket (e.g. all LIGHT at PEAK): an empty epoch would
-        # train nothing, so fall back to uniform over the active samples.
-        w = active.astype(np.float64)
-        total = w.sum()
-    if total > 0.0:
-        expected = np.minimum(w * (length / total), float(config.max_repeats))
+    if w.sum() == 0.0:
+        # Every trainable sample sits in a zero-weight bucket (e.g. all LIGHT at PEAK): an empty epoch would
+        # train nothing, so fall back to uniform over the active samples still under max_times_seen.
+        w = (active & eligible).astype(np.float64)
+    expected = _fill(w, float(length), float(config.max_repeats))
     frozen = alive & (bucket == FREEZE)
     if mode == "geko":
         expected[frozen] = config.recheck_frozen
@@ -204,3 +223,27 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     c = expected[alive].mean() if alive.any() else 1.0
     weight[alive] = (c / expected[alive]).astype(np.float32)
     return expected, weight
+
+
+def _fill(w: np.ndarray, length: float, cap: float) -> np.ndarray:
+    """Expected counts proportional to ``w`` summing to ``length``, none above ``cap``.
+
+    Water-filling: what a capped sample cannot take goes to the uncapped ones in proportion to their
+    weights, so one HARD sample among many LIGHT ones at PEAK does not shrink the epoch to ``cap`` draws.
+    The sum falls short of ``length`` only when every weighted sample is at the cap.
+    """
+    expected = np.zeros(w.shape[0], dtype=np.float64)
+    free = w > 0
+    left = length
+    # Each pass caps at least one more distinct weight, so this ends within (distinct weights) passes.
+    while left > 0 and free.any():
+        share = w[free] * (left / w[free].sum())
+        over = share > cap
+        if not over.any():
+            expected[free] = share
+            break
+        idx = np.flatnonzero(free)[over]
+        expected[idx] = cap
+        free[idx] = False
+        left = length - expected.sum()
+    return expected

@@ -196,17 +196,14 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         sd["shuffle"] = self.shuffle
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, plan: EpochPlan | None = None) -> None:
-        """Restore a position from ``state_dict()``; it takes effect at the next ``set_epoch``/``__iter__``.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a position from ``state_dict()``.
 
-        Load the matching ``SampleState`` file into ``state`` first. ``plan``: the epoch's plan saved with
-        the checkpoint (``plan.save_plan(sampler.plan, ...)`` / ``plan.load_plan``); without it the plan is
-        recomputed from the state, which is exact at an epoch boundary.
+        Load the matching ``SampleState`` file into ``state`` first: it keeps the epoch's plan, so a resume
+        mid-epoch continues the very plan that was running even after reports changed the state.
         """
         epoch, position = self._check_state_dict(state_dict, {
-            "seed": self.seed, "num_samples": self.num_samples, "world_size": self.world.world_size,
-            "shuffle": self.shuffle}, "sampler")
-        self._pin(plan, self.num_samples)
+            **self._plan_fields(), "num_samples": self.num_samples, "shuffle": self.shuffle}, "sampler")
         self.epoch = epoch
         self._start = position
         if epoch >= 0:

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
 from geko_data.config import GEKOConfig
+from geko_data.plan import EpochPlan
 
-__all__ = ["COLUMNS", "FORMAT_VERSION", "PartitionStats", "SampleState", "StateFileError", "read_table", "to_numpy"]
+__all__ = ["COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "PartitionStats", "SampleState", "StateFileError", "read_table", "to_numpy"]
 
 FORMAT_VERSION = 1
 _META_KEY = b"geko_data"
@@ -45,6 +47,8 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("last_step", "int32", -1),
 )
 _NAMES = tuple(c[0] for c in COLUMNS)
+#: Optional columns: the current epoch's plan (draws and loss weight per sample), when the state has one.
+PLAN_COLUMNS = (("plan_count", "uint16"), ("plan_weight", "float32"))
 
 
 class StateFileError(ValueError):
@@ -128,6 +132,8 @@ class SampleState:
         self.step = 0  # optimizer step of the last report (or set by the loop)
         self.num_nonfinite = 0
         self.history: list[dict[str, Any]] = []
+        #: The plan of the current epoch (set by the sampler / stream at ``set_epoch``), saved with the state.
+        self.plan: EpochPlan | None = None
         for name, dtype, init in COLUMNS:
             setattr(self, name, np.full(self.num_samples, init, dtype=dtype))
 
@@ -187,25 +193,24 @@ class SampleState:
         Raises ValueError naming the argument at fault. ``Feedback`` calls this on every rank before it
         all-gathers, so that bad input fails on every rank instead of hanging the others.
         """
-        ids_a = to_numpy(ids, "ids")
-        if ids_a.size == 0:  # an empty report (e.g. `[]`, which numpy types as float) is a no-op
-            ids_a = ids_a.astype(np.int64)
-        if ids_a.dtype.kind not in "iu":
-            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+        ids_a = self._check_ids(ids)
         n = ids_a.shape[0]
+        if n == 0:  # an empty report is a no-op whatever the (numpy-typed-as-float) empty lists hold
+            if any(to_numpy(x, name).shape[0] for x, name in ((losses, "losses"), (correct, "correct"),
+                                                               (confidence, "confidence")) if x is not None):
+                raise ValueError("`losses`, `correct` and `confidence` must have the length of `ids` (0)")
+            return ids_a, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
         loss_a = to_numpy(losses, "losses")
         if loss_a.shape[0] != n:
             raise ValueError(f"`losses` must have the length of `ids` ({n}), got {loss_a.shape[0]}")
         if loss_a.dtype.kind not in "fiu":
             raise ValueError(f"`losses` must be numbers, got dtype {loss_a.dtype}")
-        if n and (ids_a.min() < 0 or ids_a.max() >= self.num_samples):
-            bad = ids_a[(ids_a < 0) | (ids_a >= self.num_samples)][0]
-            raise ValueError(f"`ids` must be in [0, {self.num_samples}), got {int(bad)}")
         loss_a = loss_a.astype(np.float32, copy=False)
         finite = np.isfinite(loss_a)
         if confidence is None:
             with np.errstate(over="ignore", invalid="ignore"):
-                conf_a = np.exp(-loss_a)
+                # A negative loss (some objectives have them) would give a "probability" above 1.
+                conf_a = np.minimum(np.exp(-loss_a), np.float32(1.0))
         else:
             conf_a = to_numpy(confidence, "confidence")
             if conf_a.shape[0] != n:
@@ -227,6 +232,18 @@ class SampleState:
                 raise ValueError(f"`correct` must be booleans, got dtype {correct_a.dtype}")
             correct_a = correct_a.astype(bool, copy=False)
         return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        """``ids`` as int64, or ValueError naming the argument: 1-D integers in [0, num_samples)."""
+        ids_a = to_numpy(ids, "ids")
+        if ids_a.size == 0:  # an empty report (e.g. `[]`, which numpy types as float) is a no-op
+            ids_a = ids_a.astype(np.int64)
+        if ids_a.dtype.kind not in "iu":
+            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+        if ids_a.size and (ids_a.min() < 0 or ids_a.max() >= self.num_samples):
+            bad = ids_a[(ids_a < 0) | (ids_a >= self.num_samples)][0]
+            raise ValueError(f"`ids` must be in [0, {self.num_samples}), got {int(bad)}")
+        return ids_a.astype(np.int64, copy=False)
 
     def apply(self, ids: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: np.ndarray, *,
               step: int | None = None) -> int:
@@ -307,11 +324,18 @@ class SampleState:
         """Expected draws of every sample in an epoch at ``progress`` (float64, (N,)); 0 = never drawn."""
         return self._expected(progress, epoch_length)[0]
 
-    def loss_weights(self, ids: Any, progress: float, *, epoch_length: int | None = None) -> np.ndarray:
-        """Loss weight of ``ids`` in an epoch at ``progress`` (float32)."""
-        ids_a = to_numpy(ids, "ids")
-        if ids_a.dtype.kind not in "iu":
-            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+    def loss_weights(self, ids: Any, progress: float | None = None, *,
+                     epoch_length: int | None = None) -> np.ndarray:
+        """Loss weight of ``ids`` (float32): in the current epoch's plan, or in an epoch at ``progress``.
+
+        Without ``progress``: the current plan's weights when the state has a plan, else those at the
+        progress of the last repartition.
+        """
+        ids_a = self._check_ids(ids)
+        if progress is None:
+            if self.plan is not None:
+                return self.plan.loss_weight[ids_a]
+            progress = float(self.history[-1]["progress"]) if self.history else 0.0
         return self._expected(progress, epoch_length)[1][ids_a]
 
     def _expected(self, progress: float, epoch_length: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -334,14 +358,26 @@ class SampleState:
         """The JSON stored in the file's schema metadata."""
         from geko_data import __version__
 
+        plan = self.plan
         return {"format_version": FORMAT_VERSION, "writer": f"geko_data {__version__}",
                 "num_samples": self.num_samples, "config": self.config.to_dict(), "epoch": self.epoch,
                 "step": self.step, "num_nonfinite": self.num_nonfinite, "fingerprint": self.fingerprint,
-                "history": self.history}
+                "history": self.history,
+                "plan": None if plan is None else {"epoch": plan.epoch, "progress": plan.progress,
+                                                   "seed": plan.seed, "epoch_length": plan.epoch_length}}
 
     def to_arrow(self) -> pa.Table:
-        """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached."""
-        table = pa.table({name: pa.array(getattr(self, name)) for name in _NAMES})
+        """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached.
+
+        With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
+        ``plan_weight`` (loss weight this epoch).
+        """
+        columns = {name: pa.array(getattr(self, name)) for name in _NAMES}
+        if self.plan is not None:
+            # max_repeats <= 1000 keeps a count within uint16.
+            columns["plan_count"] = pa.array(self.plan.counts.astype(np.uint16))
+            columns["plan_weight"] = pa.array(self.plan.loss_weight.astype(np.float32, copy=False))
+        table = pa.table(columns)
         return table.replace_schema_metadata({_META_KEY: json.dumps(self.metadata()).encode()})
 
     def save(self, path: str | os.PathLike) -> None:
@@ -386,11 +422,18 @@ class SampleState:
         self.num_nonfinite = int(meta.get("num_nonfinite", 0))
         self.history = list(meta.get("history", []))
         for name, dtype, _ in COLUMNS:
-            col = table.column(name).combine_chunks()
-            arr = col.to_numpy(zero_copy_only=False)
-            if arr.dtype != np.dtype(dtype):
-                raise StateFileError(f"{path}: column {name!r} has type {arr.dtype}, expected {dtype}")
-            setattr(self, name, arr)
+            setattr(self, name, table.column(name).combine_chunks().to_numpy(zero_copy_only=False))
+        self.plan = None
+        plan_meta = meta.get("plan")
+        if isinstance(plan_meta, dict) and all(n in table.column_names for n, _ in PLAN_COLUMNS):
+            try:
+                self.plan = EpochPlan(
+                    epoch=int(plan_meta["epoch"]), progress=float(plan_meta["progress"]),
+                    counts=table.column("plan_count").combine_chunks().to_numpy().astype(np.int32),
+                    loss_weight=table.column("plan_weight").combine_chunks().to_numpy(zero_copy_only=False),
+                    seed=int(plan_meta["seed"]), epoch_length=plan_meta.get("epoch_length"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise StateFileError(f"{path}: bad plan in metadata ({e})") from None
         return self
 
 
@@ -405,6 +448,9 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
         if raw is None:
             raise StateFileError(f"{path}: not a geko_data state file (no {_META_KEY.decode()!r} metadata)")
         meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise StateFileError(f"{path}: not a geko_data state file (metadata is a JSON "
+                                 f"{type(meta).__name__}, not an object)")
         version = meta.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
@@ -412,6 +458,12 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
         missing = [n for n in _NAMES if n not in reader.schema.names]
         if missing:
             raise StateFileError(f"{path}: not a geko_data state file (missing columns {missing})")
+        for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS):
+            if name in reader.schema.names:
+                found = reader.schema.field(name).type
+                if found != pa.from_numpy_dtype(np.dtype(dtype)):
+                    raise StateFileError(f"{path}: column {name!r} has type {found}, expected {dtype}")
+        _check_meta(path, meta)
         table = reader.read_all()
         if columns is not None:
             table = table.select(columns)
@@ -420,7 +472,28 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
     except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: not a readable geko_data state file "
                              f"(truncated or foreign: {e})") from None
+    if "bucket" in table.column_names and table.num_rows:
+        top = pa.compute.max(table.column("bucket")).as_py()
+        if top is not None and top > policy.HARD:
+            raise StateFileError(f"{path}: column 'bucket' holds code {top}; codes are 0-3 "
+                                 f"(FREEZE, LIGHT, FOCUS, HARD)")
     if table.num_rows != meta.get("num_samples"):
         raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
                              f"{meta.get('num_samples')} samples (truncated?)")
     return table, meta
+
+
+_HISTORY_KEYS = {f for f in PartitionStats.__dataclass_fields__}
+
+
+def _check_meta(path: str, meta: dict[str, Any]) -> None:
+    """Types of the metadata fields readers rely on; a foreign or hand-edited file fails here, named."""
+    for key, kind in (("num_samples", int), ("epoch", int), ("step", int), ("num_nonfinite", int),
+                      ("history", list), ("config", dict)):
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise StateFileError(f"{path}: metadata field {key!r} must be a {kind.__name__}, "
+                                 f"got {type(meta[key]).__name__}")
+    for i, h in enumerate(meta.get("history", [])):
+        if not isinstance(h, dict) or not _HISTORY_KEYS <= set(h):
+            raise StateFileError(f"{path}: history entry {i} is not a partition record "
+                                 f"(needs {sorted(_HISTORY_KEYS)})")

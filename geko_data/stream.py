@@ -347,16 +347,13 @@ class GEKOStream(EpochDriver, IterableDataset):
             self.set_epoch(max(self.epoch, 0))
         return self._shared.read()
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, plan: EpochPlan | None = None) -> None:
-        """Restore a position from ``state_dict()`` (load the matching state file into ``state`` first).
-
-        ``plan``: the epoch's plan saved with a mid-epoch checkpoint (see ``GEKOSampler.load_state_dict``).
-        """
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a position from ``state_dict()``; load the matching state file into ``state`` first (it
+        keeps the epoch's plan, so a mid-epoch resume continues the very plan that was running)."""
         epoch, position = self._check_state_dict(state_dict, {
-            "seed": self.seed, "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
-            "world_size": self.world.world_size, "batch_size": self.batch_size, "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer}, "stream")
-        self._pin(plan, self.index.num_samples)
+            **self._plan_fields(), "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
+            "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer},
+            "stream")
         self.epoch = epoch
         self._start.fill_(position)
         if epoch >= 0:
@@ -365,7 +362,7 @@ class GEKOStream(EpochDriver, IterableDataset):
             if position > total:
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length {total}")
 
-    def efficiency_report(self) -> dict[str, Any]:
-        report = super().efficiency_report()
+    def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
+        report = super().efficiency_report(epochs_done=epochs_done)
         report["skipped_unreadable"] = self.stats["skipped"]
         return report

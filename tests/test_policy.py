@@ -75,13 +75,13 @@ def test_prune_rule():
     assert not policy.prune_mask(fe, GEKOConfig(prune_frozen_after=2, mode="uniform")).any()
 
 
-def expected(bucket, config, progress=0.5, pruned=None, times_seen=None, loss=None):
+def expected(bucket, config, progress=0.5, pruned=None, times_seen=None, loss=None, anneal=None):
     n = len(bucket)
     return policy.expected_counts(bucket=np.array(bucket, np.uint8),
                                   pruned=np.zeros(n, bool) if pruned is None else np.array(pruned),
                                   times_seen=np.zeros(n, np.uint16) if times_seen is None else np.array(times_seen),
                                   loss=np.full(n, np.nan, np.float32) if loss is None else np.array(loss, np.float32),
-                                  progress=progress, config=config)
+                                  progress=progress, config=config, anneal=anneal)
 
 
 def test_geko_epoch_length_is_active_count_and_freeze_is_recheck_only():
@@ -98,6 +98,16 @@ def test_max_times_seen_and_pruned_get_nothing():
     assert e[0] == 0 and e[1] == 0 and e[2] > 0
 
 
+def test_max_times_seen_holds_in_the_fallback_and_when_annealing():
+    cfg = GEKOConfig(max_times_seen=3)
+    # PEAK: LIGHT weighs 0, the FOCUS sample is capped: the fallback must not bring it back
+    e, _ = expected([FOCUS, LIGHT], cfg, progress=0.5, times_seen=[3, 0])
+    assert list(e) == [0.0, 1.0]
+    e, w = expected([FOCUS, LIGHT, FREEZE], cfg, anneal=True, times_seen=[3, 0, 0])
+    assert list(e) == [0.0, 1.0, 1.0] and (w == 1).all()
+    e, _ = expected([FOCUS, LIGHT], GEKOConfig(max_times_seen=3, mode="uniform"), times_seen=[3, 0])
+    assert list(e) == [1.0, 1.0]  # the baselines ignore GEKO's cap
+
 def test_all_zero_weight_falls_back_to_uniform_over_active():
     e, _ = expected([LIGHT, LIGHT], GEKOConfig(), progress=0.5)  # PEAK gives LIGHT weight 0
     assert list(e) == [1.0, 1.0]
@@ -107,6 +117,25 @@ def test_max_repeats_caps_multiplicity():
     e, _ = expected([HARD] + [LIGHT] * 99, GEKOConfig(max_repeats=5), progress=0.5)
     assert e[0] == 5.0
 
+
+def test_what_a_capped_sample_cannot_take_goes_to_the_others():
+    # PEAK: HARD 5, FOCUS 2. 2 HARD + 18 FOCUS over 20 draws: HARD would get 50/46 each, under the cap
+    cfg = GEKOConfig(max_repeats=2, anneal=0.0)
+    e, _ = expected([HARD] * 2 + [FOCUS] * 18, cfg, progress=0.5)
+    assert e.sum() == pytest.approx(20.0)  # the epoch keeps its length
+    assert (e[:2] <= 2.0).all() and np.allclose(e[2:], e[2])
+    e, _ = expected([HARD] + [FOCUS] * 11, cfg, progress=0.5)  # HARD would get 12 * 5 / 27 = 2.22
+    assert e[0] == 2.0 and e.sum() == pytest.approx(12.0)
+    assert np.allclose(e[1:], 10 / 11)  # the rest of the epoch spread over the others
+
+
+def test_annealing_follows_infobatch_epoch_rule():
+    cfg = GEKOConfig()  # anneal None -> 0.125 in geko mode
+    assert [policy.annealing(e, 8, cfg) for e in range(8)] == [False] * 7 + [True]
+    assert not any(policy.annealing(e, 4, cfg) for e in range(4))  # under 8 epochs: none
+    assert [policy.annealing(e, 4, GEKOConfig(anneal=0.25)) for e in range(4)] == [False] * 3 + [True]
+    assert not any(policy.annealing(e, 8, GEKOConfig(anneal=0.0)) for e in range(8))
+    assert not any(policy.annealing(e, 8, GEKOConfig(mode="random_subset")) for e in range(8))
 
 def test_uniform_random_subset_and_anneal():
     e, w = expected([FREEZE, LIGHT, HARD], GEKOConfig(mode="uniform"), pruned=[False, False, True])
@@ -124,10 +153,19 @@ def test_infobatch_rule():
     assert list(w) == [2.0, 2.0, 1.0, 1.0]  # and rescaled by 1 / (1 - r)
 
 
+def test_infobatch_defaults_and_annealing():
+    cfg = GEKOConfig(mode="infobatch")
+    assert cfg.prune_ratio == 0.5 and cfg.anneal_fraction == 0.125  # the paper's r and 1 - delta
+    e, w = expected([FOCUS] * 3, cfg, loss=[0.1, 0.2, 3.0], anneal=True)
+    assert list(e) == [1.0, 1.0, 1.0] and (w == 1).all()  # the final epochs train on everything
+    e, w = expected([FOCUS] * 3, cfg.replace(prune_ratio=0.8), loss=[0.1, 0.2, 3.0])
+    assert list(e) == pytest.approx([0.2, 0.2, 1.0]) and list(w) == pytest.approx([5.0, 5.0, 1.0])
+
+
 buckets = st.lists(st.sampled_from([FREEZE, LIGHT, FOCUS, HARD]), min_size=1, max_size=60)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(buckets, st.floats(0, 1), st.sampled_from(["geko", "unbiased", "uniform", "random_subset", "infobatch"]),
        st.data())
 def test_properties(bucket, progress, mode, data):
@@ -141,9 +179,12 @@ def test_properties(bucket, progress, mode, data):
     assert np.isfinite(e).all() and np.isfinite(w).all() and (e >= 0).all() and (w >= 0).all()
     assert (e[np.array(pruned)] == 0).all()  # pruned never comes back
     b = np.array(bucket)
-    if mode == "geko":
+    if mode == "geko" and progress < 1 - cfg.anneal_fraction:
         frozen = b == FREEZE
-        assert (w[frozen] == 0).all()  # FREEZE never trained, only re-checked
+        assert (w[frozen] == 0).all()  # FREEZE never trained, only re-checked (annealing trains all)
+        no_anneal = GEKOConfig(mode=mode, anneal=0.0)
+        e0, w0 = expected(bucket, no_anneal, progress=progress, pruned=pruned, loss=loss)
+        assert (w0[frozen] == 0).all()  # with anneal=0, at any progress
     if mode == "unbiased" and progress < 1 - cfg.anneal_fraction:
         alive = ~np.array(pruned)
         prod = e[alive] * w[alive]  # expected weighted count is equal for every alive sample

@@ -123,14 +123,27 @@ def test_report_and_efficiency_report():
     json.dumps(rep)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_check(num_workers):
+@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, False), (2, True)])
+def test_resume_check(num_workers, persistent):
     def make():
         ds = Squares(29)
         s = GEKOSampler(ds, total_epochs=3, config=QUIET, seed=11)
-        kw = {"multiprocessing_context": "fork"} if num_workers else {}
+        kw = {"multiprocessing_context": "fork", "persistent_workers": persistent} if num_workers else {}
         return s, DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=num_workers, **kw)
     check_resume(make, epochs=2, batch_size=4)
+
+
+@pytest.mark.parametrize("mode", ["geko", "infobatch", "unbiased"])
+def test_resume_check_with_feedback_mid_epoch(tmp_path, mode):
+    # Stops in epoch 1, after frozen samples were re-checked and forgotten: the state moved mid-epoch.
+    cfg = QUIET.replace(mode=mode, recheck_frozen=0.5, max_times_seen=3)
+
+    def make():
+        ds = Squares(31)
+        s = GEKOSampler(ds, total_epochs=3, config=cfg, seed=3)
+        return s, DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=2,
+                             multiprocessing_context="fork", persistent_workers=True)
+    check_resume(make, epochs=3, batch_size=4, state_dir=tmp_path, stop_epoch=1)
 
 
 def test_state_dict_validation():
@@ -146,14 +159,16 @@ def test_state_dict_validation():
         GEKOSampler(10, total_epochs=2, config=QUIET, seed=1, num_replicas=2, rank=0).load_state_dict(sd)
 
 
-def test_resume_through_stateful_dataloader():
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_through_stateful_dataloader(num_workers):
     tdl = pytest.importorskip("torchdata.stateful_dataloader")
     ds = Squares(30)
 
     def make():
         s = GEKOSampler(ds, total_epochs=2, config=QUIET, seed=5)
         s.set_epoch(0)
-        return s, tdl.StatefulDataLoader(s.wrap(ds), batch_size=4, sampler=s)
+        kw = {"multiprocessing_context": "fork"} if num_workers else {}
+        return s, tdl.StatefulDataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=num_workers, **kw)
 
     s, loader = make()
     full = [i for b in loader for i in b["__index__"].tolist()]
@@ -168,7 +183,6 @@ def test_resume_through_stateful_dataloader():
 
 
 def test_mid_epoch_resume_after_the_state_moved_uses_the_saved_plan(tmp_path):
-    from geko_data.plan import load_plan, save_plan
     from geko_data.state import SampleState
 
     cfg = QUIET.replace(recheck_frozen=1.0)
@@ -181,11 +195,36 @@ def test_mid_epoch_resume_after_the_state_moved_uses_the_saved_plan(tmp_path):
     s.report(list(range(10)), [5.0] * 10, correct=[False] * 10, confidence=[0.9] * 10)
     assert (s.state.bucket[:10] != policy.FREEZE).all()
     sd = json.loads(json.dumps(s.state_dict(consumed=12)))
-    save_plan(s.plan, tmp_path / "plan.arrow")
-    s.state.save(tmp_path / "state.arrow")
-    s2 = GEKOSampler(40, total_epochs=3, config=cfg, seed=2, state=SampleState.load(tmp_path / "state.arrow"))
-    s2.load_state_dict(sd, plan=load_plan(tmp_path / "plan.arrow"))
+    s.state.save(tmp_path / "state.arrow")  # the state file keeps the epoch's plan: nothing else to save
+    s2 = GEKOSampler(40, total_epochs=3, config=cfg, seed=2)
+    s2.use_state(SampleState.load(tmp_path / "state.arrow"))
+    s2.load_state_dict(sd)
     s2.set_epoch(1)
     assert list(s2) == order[12:]  # the plan the epoch started with, not one recomputed from moved state
+    recomputed = GEKOSampler(40, total_epochs=3, config=cfg, seed=2, state=SampleState.load(tmp_path / "state.arrow"))
+    recomputed.state.plan = None
+    recomputed.set_epoch(1)
+    assert list(recomputed) != order  # (the check above could fail: a recomputed plan differs)
     s2.set_epoch(2)
     assert s2.plan.epoch == 2  # the saved plan only holds for its own epoch
+
+
+def test_load_state_dict_rejects_another_plan_setting():
+    s = GEKOSampler(20, total_epochs=3, config=QUIET, seed=1)
+    s.set_epoch(0)
+    sd = s.state_dict(consumed=4)
+    for kw, field in (({"total_epochs": 4}, "total_epochs"), ({"epoch_length": 10}, "epoch_length"),
+                      ({"config": QUIET.replace(mode="uniform")}, "mode"), ({"seed": 2}, "seed")):
+        args = {"total_epochs": 3, "config": QUIET, "seed": 1, **kw}
+        with pytest.raises(ValueError, match=field):
+            GEKOSampler(20, **args).load_state_dict(sd)
+
+
+def test_use_state_checks_size():
+    from geko_data.state import SampleState
+
+    s = GEKOSampler(20, total_epochs=2, config=QUIET)
+    with pytest.raises(ValueError, match="21 samples"):
+        s.use_state(SampleState(21))
+    with pytest.raises(TypeError, match="SampleState"):
+        s.use_state("state.arrow")

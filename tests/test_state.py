@@ -188,3 +188,77 @@ def test_should_stop_at_early_stop_frozen():
     s.repartition(0.1)
     s.bucket[:5] = policy.FREEZE
     assert s.frozen_share == 0.5 and s.should_stop
+
+
+def _write_with(tmp_path, name, table):
+    path = tmp_path / name
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def _with_meta(table, **changes):
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    meta.update(changes)
+    return table.replace_schema_metadata({b"geko_data": json.dumps(meta).encode()})
+
+
+def test_hostile_metadata_and_columns_are_named_errors(tmp_path):
+    table = _filled(50).to_arrow()
+    cases = {
+        "list_meta.arrow": table.replace_schema_metadata({b"geko_data": b"[1, 2]"}),
+        "bad_history.arrow": _with_meta(table, history=[{"epoch": 0}]),
+        "history_not_list.arrow": _with_meta(table, history="x"),
+        "bad_step.arrow": _with_meta(table, step="three"),
+        "bucket9.arrow": table.set_column(table.column_names.index("bucket"), "bucket",
+                                          pa.array(np.full(50, 9, np.uint8))),
+        "int64_bucket.arrow": table.set_column(table.column_names.index("bucket"), "bucket",
+                                               pa.array(np.zeros(50, np.int64))),
+        "string_loss.arrow": table.set_column(0, "loss", pa.array(["x"] * 50)),
+    }
+    for name, bad in cases.items():
+        path = _write_with(tmp_path, name, bad)
+        with pytest.raises(StateFileError, match=name):
+            SampleState.load(path)
+        with pytest.raises(StateFileError, match=name):
+            read_table(path)
+
+
+def test_the_state_file_keeps_the_current_plan(tmp_path):
+    from geko_data.plan import epoch_plan
+
+    s = _filled(60)
+    s.plan = epoch_plan(s, seed=3, epoch=2, total_epochs=4)
+    s.save(tmp_path / "state.arrow")
+    table = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()
+    assert table.column_names == [c[0] for c in COLUMNS] + ["plan_count", "plan_weight"]
+    t = SampleState.load(tmp_path / "state.arrow")
+    assert t.plan is not None and t.plan.epoch == 2 and t.plan.seed == 3
+    np.testing.assert_array_equal(t.plan.counts, s.plan.counts)
+    np.testing.assert_array_equal(t.plan.loss_weight, s.plan.loss_weight)
+    assert t.nbytes == 32 * 60  # the plan is not per-sample learning state
+    np.testing.assert_array_equal(t.loss_weights([0, 5]), s.plan.loss_weight[[0, 5]])
+
+
+def test_loss_weights_validate_ids_and_default_to_the_last_progress():
+    s = _filled(30)
+    assert s.loss_weights([0, 1]).shape == (2,)
+    for bad, match in (([-1], r"\[0, 30\)"), ([30], r"\[0, 30\)"), ([0.5], "integers")):
+        with pytest.raises(ValueError, match=match):
+            s.loss_weights(bad)
+
+
+def test_negative_loss_gives_a_confidence_of_at_most_one():
+    s = SampleState(2)
+    s.report([0, 1], [-0.5, 0.2])
+    assert s.confidence[0] == 1.0 and s.correct[0]
+
+
+def test_duckdb_describes_the_documented_columns(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    _filled(20).save(tmp_path / "state.arrow")
+    state = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()  # noqa: F841 - DuckDB reads it by name
+    described = duckdb.sql("DESCRIBE SELECT * FROM state").fetchall()
+    assert [row[0] for row in described] == [c[0] for c in COLUMNS]
+    types = {row[0]: row[1] for row in described}
+    assert types["bucket"] == "UTINYINT" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"

@@ -7,11 +7,12 @@ Layout of ``checkpoint-<step>/``::
     rng.safetensors                           torch CPU RNG state
     trainer_state.json                        step, epoch, consumed samples, scaler, args
     data_state.json                           the sampler's / stream's state_dict()
-    state.arrow                               the SampleState
-    plan.arrow                                the epoch's plan (counts, loss weights) being run
+    state.arrow                               the SampleState, with the plan of the epoch being run
 
 The directory is built under a temporary name and renamed into place, so a
-crash leaves either the complete checkpoint or nothing under that name.
+crash leaves either the complete checkpoint or nothing under that name; old
+checkpoints are renamed away before they are deleted, so a crash while
+pruning never leaves a half-deleted one under a checkpoint name.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from geko_data.atomic import atomic_dir
-from geko_data.plan import EpochPlan, load_plan, save_plan
+from geko_data.atomic import atomic_dir, fsync_dir
 from geko_data.state import SampleState
 
 __all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-_REQUIRED = ("trainer_state.json", "data_state.json", "state.arrow", "optimizer.pt")
+_REQUIRED = ("trainer_state.json", "data_state.json", "state.arrow", "optimizer.pt", "rng.safetensors")
+_WEIGHTS = ("model.safetensors", "adapter.safetensors")
+
+
+def _missing(path: str) -> list[str]:
+    missing = [f for f in _REQUIRED if not os.path.exists(os.path.join(path, f))]
+    if not any(os.path.exists(os.path.join(path, f)) for f in _WEIGHTS):
+        missing.append(" or ".join(_WEIGHTS))
+    return missing
 
 
 class CheckpointError(ValueError):
@@ -63,14 +71,22 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
 
 def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], data_state: dict[str, Any], state: SampleState,
-                    plan: EpochPlan | None = None, keep: int = 2) -> str:
-    """Write ``output_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints."""
+                    keep: int = 2) -> str:
+    """Write ``output_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints.
+
+    A complete checkpoint of the same step is kept as it is (the final save often falls on a step a
+    periodic save already wrote: same weights, same optimizer): deleting it first would leave a window with
+    no checkpoint at all.
+    """
     os.makedirs(output_dir, exist_ok=True)
     if not os.access(output_dir, os.W_OK):
         raise PermissionError(f"`output_dir` {output_dir!r} is not writable")
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    if os.path.exists(final):  # the same step saved twice (e.g. at the end): the old one is complete
-        shutil.rmtree(final)
+    if os.path.exists(final) and not _missing(final):
+        _prune(output_dir, keep)
+        return final
+    if os.path.exists(final):  # an incomplete leftover under a checkpoint name: move it out of the way
+        _remove(final)
     with atomic_dir(final) as tmp:
         name, weights = _weights(model)
         save_file(weights, os.path.join(tmp, name))
@@ -81,11 +97,24 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
         with open(os.path.join(tmp, "data_state.json"), "w") as f:
             json.dump(data_state, f, indent=1)
         state.save(os.path.join(tmp, "state.arrow"))
-        if plan is not None:
-            save_plan(plan, os.path.join(tmp, "plan.arrow"))
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(output_dir, keep)
     return final
+
+
+def _remove(path: str) -> None:
+    """Rename ``path`` to a hidden temporary name, then delete it: never half-deleted under its name."""
+    parent, name = os.path.split(path)
+    doomed = os.path.join(parent, f".{name}.deleting.tmp")
+    if os.path.exists(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    fsync_dir(parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _prune(output_dir: str, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep]:
+        _remove(old)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -96,7 +125,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
     for name in os.listdir(output_dir):
         m = _NAME.match(name)
         path = os.path.join(output_dir, name)
-        if m and all(os.path.exists(os.path.join(path, f)) for f in _REQUIRED):
+        if m and not _missing(path):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -104,7 +133,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def find_latest(path: str) -> str:
     """``path`` itself if it is a checkpoint, else the newest complete checkpoint inside it."""
     if os.path.exists(os.path.join(path, "trainer_state.json")):
-        missing = [f for f in _REQUIRED if not os.path.exists(os.path.join(path, f))]
+        missing = _missing(path)
         if missing:
             raise CheckpointError(f"checkpoint {path!r} is incomplete (missing {missing})")
         return path
@@ -116,8 +145,8 @@ def find_latest(path: str) -> str:
 
 def load_checkpoint(path: str, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None
-                    ) -> tuple[dict[str, Any], dict[str, Any], SampleState, EpochPlan | None]:
-    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state, plan)."""
+                    ) -> tuple[dict[str, Any], dict[str, Any], SampleState]:
+    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state)."""
     path = find_latest(path)
     name = "adapter.safetensors" if _is_peft(model) else "model.safetensors"
     weights_path = os.path.join(path, name)
@@ -146,6 +175,4 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
     with open(os.path.join(path, "data_state.json")) as f:
         data_state = json.load(f)
     state = SampleState.load(os.path.join(path, "state.arrow"), memory_map=False)
-    plan_path = os.path.join(path, "plan.arrow")
-    plan = load_plan(plan_path) if os.path.exists(plan_path) else None
-    return trainer_state, data_state, state, plan
+    return trainer_state, data_state, state

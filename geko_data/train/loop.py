@@ -34,9 +34,7 @@ from tqdm.auto import tqdm
 
 from geko_data import policy, signals as signals_mod
 from geko_data.config import GEKOConfig
-from geko_data.feedback import Feedback
 from geko_data.sampler import GEKOSampler
-from geko_data.state import SampleState
 from geko_data.stream import GEKOStream
 from geko_data.train.args import TrainArgs
 from geko_data.train.checkpoint import load_checkpoint, save_checkpoint
@@ -129,15 +127,6 @@ def _lr_factor(args: TrainArgs, step: int, progress: float, use_curriculum: bool
     else:
         shape = 1.0
     return warm * shape
-
-
-def _swap_state(data: GEKOSampler | GEKOStream, state: SampleState) -> None:
-    if len(state) != len(data.state):
-        raise ValueError(f"checkpoint state holds {len(state)} samples, the data {len(data.state)}")
-    state.config = data.state.config
-    state.fingerprint = data.state.fingerprint or state.fingerprint
-    data.state = state
-    data.feedback = Feedback(state)
 
 
 def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, decode: Any,
@@ -245,9 +234,9 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
 
     step, epoch0, consumed0 = 0, 0, 0
     if resume_from is not None:
-        trainer_state, data_state, state, plan = load_checkpoint(resume_from, model=model, optimizer=optimizer)
-        _swap_state(data, state)
-        data.load_state_dict(data_state, plan=plan)
+        trainer_state, data_state, state = load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        data.use_state(state)
+        data.load_state_dict(data_state)
         step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state["position"]
         if scaler is not None and trainer_state.get("scaler"):
             scaler.load_state_dict(trainer_state["scaler"])
@@ -289,7 +278,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         if main:
             path = save_checkpoint(args.output_dir, step=step, model=model, optimizer=optimizer,
                                    trainer_state=trainer_state, data_state=data_state, state=data.state,
-                                   plan=data.plan, keep=args.save_total_limit)
+                                   keep=args.save_total_limit)
             logger({"event": "checkpoint", "step": step, "path": path})
         if world > 1:
             torch.distributed.barrier()
