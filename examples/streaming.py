@@ -23,8 +23,12 @@ def decode(sample):
 
 
 def main(epochs: int = 5) -> None:
+    with tempfile.TemporaryDirectory(prefix="geko-shards-") as folder:
+        train(folder, epochs)
+
+
+def train(folder: str, epochs: int) -> None:
     rng = np.random.default_rng(0)
-    folder = tempfile.mkdtemp(prefix="geko-shards-")
     samples = []
     for i in range(3000):
         y = int(rng.integers(0, 3))
@@ -41,7 +45,7 @@ def main(epochs: int = 5) -> None:
     loader = DataLoader(stream, batch_size=50, num_workers=2, persistent_workers=True)
     for epoch in range(epochs):
         stream.set_epoch(epoch)
-        n = 0
+        n, loss_sum = 0, 0.0
         for batch in loader:
             logits = model(batch["x"])
             losses = torch.nn.functional.cross_entropy(logits, batch["y"], reduction="none")
@@ -52,7 +56,8 @@ def main(epochs: int = 5) -> None:
             stream.report(batch["__index__"], losses.detach(), correct=probs.argmax(-1) == batch["y"],
                           confidence=probs.max(-1).values)
             n += len(batch["__index__"])
-        print(f"epoch {epoch}: trained on {n} samples")
+            loss_sum += float(losses.detach().sum())
+        print(f"epoch {epoch}: trained on {n} samples, mean loss {loss_sum / max(n, 1):.4f}")
     print(stream.format_efficiency_report())
 
 

@@ -8,7 +8,11 @@ members, so a reader can seek straight to a sample and over everything it
 skips. Its fingerprint (shard names, sizes, sample count) is stored in every
 state file, so state is never applied to other shards.
 
-Tar member names are only parsed into keys; they are never used as
+Both readers hold a sample to exactly its indexed bytes: members must cover
+the sample's byte range with nothing missing (a corrupt header inside it is
+an error, never the end of the sample), extensions are lowercased as
+webdataset does, and two members with one extension in one sample are an
+error. Tar member names are only parsed into keys; they are never used as
 file-system paths.
 """
 
@@ -18,8 +22,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +34,18 @@ from tqdm.auto import tqdm
 
 from geko_data.atomic import atomic_path
 
-__all__ = ["INDEX_NAME", "ShardError", "ShardIndex", "fingerprint", "index_shards", "parse_sample",
-           "read_index", "write_shards"]
+__all__ = ["INDEX_NAME", "ShardError", "ShardIndex", "fingerprint", "index_shards", "iter_tar_samples",
+           "parse_sample", "read_index", "write_shards"]
 
 INDEX_NAME = "index.arrow"
 INDEX_VERSION = 1
 _META_KEY = b"geko_data_index"
 _BLOCK = 512
-# WebDataset's conventions: the key is everything before the first dot of the base name; members named
-# like __meta__ are skipped (webdataset.tariterators.tar_file_iterator does the same).
-_SKIP_META = ("__",)
+# WebDataset's conventions (webdataset.tariterators): the key is everything before the first dot of the
+# base name, the extension is lowercased; `__meta__` members and `__x__/` folders are skipped.
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+# Progress bars update at most once per this many bytes: tqdm costs ~1 us a call, members can be tiny.
+_PROGRESS_STEP = 8 << 20
 
 
 class ShardError(ValueError):
@@ -46,12 +53,21 @@ class ShardError(ValueError):
 
 
 def _split_key(name: str) -> tuple[str | None, str | None]:
+    """(key, lowercased extension) of a member name, or (None, None) for members that are not sample data."""
     from webdataset.tariterators import base_plus_ext
 
-    base = name.rsplit("/", 1)[-1]
-    if base.startswith(_SKIP_META) and base.endswith("__"):
+    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
         return None, None
-    return base_plus_ext(name)
+    key, ext = base_plus_ext(name)
+    return (key, ext.lower()) if key is not None else (None, None)
+
+
+def _put(sample: dict[str, Any], ext: str, data: bytes, *, shard: str, name: str) -> None:
+    # webdataset's group_by_keys raises on this too; keeping the last copy would hide a broken writer.
+    if ext in sample:
+        raise ShardError(f"shard {shard!r}: sample {sample['__key__']!r} has two members with extension "
+                         f"{ext!r} (second: {name!r}); extensions are compared lowercased")
+    sample[ext] = data
 
 
 def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int) -> str:
@@ -101,14 +117,23 @@ class ShardIndex:
                 raise ShardError(f"shard {path!r} changed since indexing: {actual} bytes, index says {size}")
 
 
-def _scan_tar(path: str) -> list[tuple[str, int, int]]:
-    """(key, offset, length) of every sample in one tar, members grouped by consecutive key."""
+def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[tuple[str, int, int]]:
+    """(key, offset, length) of every sample in one tar, members grouped by consecutive key.
+
+    ``advance(n)`` is called as the scan moves through the file (progress in bytes). Past the last member
+    only zero padding may follow: ``tarfile`` takes a corrupt header for the end of the archive, and
+    trusting it would drop every sample after it without a word.
+    """
     out: list[tuple[str, int, int]] = []
     current: str | None = None
-    start = end = 0
+    start = end = reported = 0
     try:
         with tarfile.open(path, mode="r:") as tf:
-            for member in tf:
+            while (member := tf.next()) is not None:
+                tf.members.clear()  # random-access mode keeps every TarInfo; an index holds millions
+                if advance is not None and member.offset - reported >= _PROGRESS_STEP:
+                    advance(member.offset - reported)
+                    reported = member.offset
                 if not member.isreg():
                     continue
                 key, _ext = _split_key(member.name)
@@ -121,11 +146,31 @@ def _scan_tar(path: str) -> list[tuple[str, int, int]]:
                 if current is not None:
                     out.append((current, start, end - start))
                 current, start, end = key, member.offset, member_end
+            stop = tf.offset
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"shard {path!r}: not a readable tar ({e})") from None
+    bad = _first_nonzero(path, stop)
+    if bad is not None:
+        raise ShardError(f"shard {path!r}: unreadable tar header at byte {stop} (non-zero data at byte {bad} "
+                         f"after what tarfile took for the end of the archive: a corrupt header, or "
+                         f"concatenated tars)")
+    if advance is not None:
+        advance(os.path.getsize(path) - reported)
     if current is not None:
         out.append((current, start, end - start))
     return out
+
+
+def _first_nonzero(path: str, pos: int) -> int | None:
+    """Offset of the first non-zero byte at or after ``pos``, or None (a well-formed tar's tail is zeros)."""
+    with open(path, "rb") as f:
+        f.seek(pos)
+        while chunk := f.read(1 << 20):
+            stripped = chunk.lstrip(b"\0")
+            if stripped:
+                return pos + len(chunk) - len(stripped)
+            pos += len(chunk)
+    return None
 
 
 def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLike | None = None,
@@ -134,7 +179,8 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
 
     Samples get ids in the order of ``paths`` and, within a shard, of the file. Several files per key
     (``k.json`` + ``k.txt``), keys with directories, and tars from any writer are fine. Duplicate keys
-    raise ShardError naming the key and the shards.
+    raise ShardError naming the key and the shards; so does a corrupt header (naming its byte offset).
+    ``progress`` shows a byte-count bar; defaults to on for inputs over 256 MiB.
     """
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if not paths:
@@ -148,16 +194,19 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     lengths: list[int] = []
     sizes = [os.path.getsize(p) for p in paths]
     show = progress if progress is not None else sum(sizes) > (256 << 20)
-    for i, path in enumerate(tqdm(paths, desc="indexing shards", unit="shard", disable=not show)):
-        for key, off, length in _scan_tar(path):
-            keys.append(key)
-            shard_no.append(i)
-            offsets.append(off)
-            lengths.append(length)
+    # Progress in bytes, not shards: one big tar would otherwise sit at 0/1 until it is done.
+    with tqdm(total=sum(sizes), desc=f"indexing {len(paths)} shard(s)", unit="B", unit_scale=True,
+              unit_divisor=1024, disable=not show) as bar:
+        for i, path in enumerate(paths):
+            for key, off, length in _scan_tar(path, bar.update if show else None):
+                keys.append(key)
+                shard_no.append(i)
+                offsets.append(off)
+                lengths.append(length)
     if not keys:
         raise ShardError(f"no samples found in {len(paths)} shard(s) (first: {paths[0]!r})")
     key_arr = np.array(keys, dtype=object)
-    uniq, first, counts = np.unique(key_arr.astype(str), return_index=True, return_counts=True)
+    uniq, counts = np.unique(key_arr.astype(str), return_counts=True)
     if (counts > 1).any():
         dup = str(uniq[counts > 1][0])
         where = sorted({paths[shard_no[j]] for j in np.flatnonzero(key_arr == dup)})
@@ -220,8 +269,9 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
                       fingerprint=str(meta["fingerprint"]))
 
 
-def _fast_members(buf: bytes) -> list[tuple[str, bytes]] | None:
-    """(name, data) of the regular members in ``buf``, parsing ustar / pax / GNU headers directly.
+def _fast_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int] | None:
+    """(name, data) of the regular members in ``buf`` and the byte where parsing stopped (``len(buf)``
+    unless an all-zero block came first), parsing ustar / pax / GNU headers directly.
 
     ``tarfile`` costs ~100 us per sample in header objects; this is the common case in a few us. Returns
     None for anything unusual (bad checksum, base-256 sizes, sparse files), and the caller falls back
@@ -273,10 +323,11 @@ def _fast_members(buf: bytes) -> list[tuple[str, bytes]] | None:
         else:  # directories, links: not sample members
             long_name = None
         pos = start + -(-size // _BLOCK) * _BLOCK
-    return out
+    return out, min(pos, end)
 
 
-def _tarfile_members(buf: bytes) -> list[tuple[str, bytes]]:
+def _tarfile_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    """As ``_fast_members``, with ``tarfile``; raises ``tarfile.TarError`` where it cannot read."""
     out = []
     with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
         for member in tf:
@@ -288,34 +339,81 @@ def _tarfile_members(buf: bytes) -> list[tuple[str, bytes]]:
             if len(data) != member.size:
                 raise tarfile.ReadError(f"member {member.name!r} is truncated")
             out.append((member.name, data))
-    return out
+        # tarfile stops silently at a bad header past byte 0; where it stopped tells the caller.
+        return out, tf.offset
 
 
-def parse_sample(buf: bytes, *, shard: str, key: str) -> dict[str, Any]:
+def parse_sample(buf: bytes, *, shard: str, key: str, offset: int = 0) -> dict[str, Any]:
     """The members of one sample's tar bytes as ``{"__key__": key, ext: bytes, ...}``.
 
-    Raises ShardError naming the shard and key when the bytes are not that sample's members (truncated
-    tar, or a shard changed since indexing).
+    ``offset`` is where ``buf`` starts in the shard (for error messages). Raises ShardError naming the
+    shard, key and byte offset when the bytes are not exactly that sample's members: a truncated tar, a
+    corrupt or zeroed header inside the range, another key, a duplicate extension, or a shard changed
+    since indexing.
     """
-    sample: dict[str, Any] = {"__key__": key}
-    members = _fast_members(buf)
-    if members is None:
+    parsed = _fast_members(buf)
+    if parsed is None:
         try:
-            members = _tarfile_members(buf)
+            parsed = _tarfile_members(buf)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardError(f"shard {shard!r}: sample {key!r} is unreadable ({e})") from None
+            raise ShardError(f"shard {shard!r}: sample {key!r} at byte {offset} is unreadable ({e})") from None
+    members, covered = parsed
+    if covered != len(buf):
+        raise ShardError(f"shard {shard!r}: sample {key!r}: bad or empty tar header at byte {offset + covered}, "
+                         f"inside the sample's indexed bytes {offset}..{offset + len(buf)} (corrupt, or changed "
+                         f"since indexing)")
+    sample: dict[str, Any] = {"__key__": key}
     for name, data in members:
         mkey, ext = _split_key(name)
         if mkey is None:
             continue
         if mkey != key:
             raise ShardError(f"shard {shard!r}: member {name!r} where the index expects key {key!r} "
-                             f"(shard changed since indexing?)")
-        sample[ext] = data
+                             f"at byte {offset} (shard changed since indexing?)")
+        assert ext is not None
+        _put(sample, ext, data, shard=shard, name=name)
     if len(sample) == 1:
-        raise ShardError(f"shard {shard!r}: no members for key {key!r} at the indexed offset "
+        raise ShardError(f"shard {shard!r}: no members for key {key!r} at the indexed byte {offset} "
                          f"(shard changed since indexing?)")
     return sample
+
+
+def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """``(sample, start, end)`` for each sample of a tar *stream* (pipes, URLs), in file order.
+
+    Members are grouped by consecutive key as webdataset's ``group_by_keys`` does, with the rules of
+    ``parse_sample``; ``start..end`` are the sample's bytes in the tar, so the caller can hold them to the
+    index (a header ``tarfile`` silently takes for the end of the archive shows up as a short sample).
+    Tar errors raise ShardError naming the shard and the last key read.
+    """
+    current: dict[str, Any] | None = None
+    start = end = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+            for member in tf:
+                if not member.isreg():
+                    continue
+                key, ext = _split_key(member.name)
+                if key is None:
+                    continue
+                f = tf.extractfile(member)
+                assert f is not None
+                data = f.read()
+                tf.members = []  # stream mode keeps every TarInfo otherwise (webdataset does the same)
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name!r} is truncated")
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current, start, end
+                    current, start = {"__key__": key}, member.offset
+                assert ext is not None
+                _put(current, ext, data, shard=shard, name=member.name)
+                end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+    except (tarfile.TarError, EOFError, OSError) as e:
+        where = f"after sample {current['__key__']!r}" if current is not None else "at its start"
+        raise ShardError(f"shard {shard!r}: unreadable tar {where} ({type(e).__name__}: {e})") from None
+    if current is not None:
+        yield current, start, end
 
 
 def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: int = 10_000,

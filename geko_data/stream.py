@@ -13,14 +13,23 @@ which is exactly how the DataLoader's round-robin collects batches, so with
 ``batch_size`` set to the DataLoader's the loop sees the rank order itself,
 whatever the number of workers, and a resume after ``consumed`` samples
 re-splits what is left the same way.
+
+Bad data is never silent: every sample read is held to its indexed bytes
+(and, on a stream, to its indexed key and place), failures raise ShardError
+naming the shard and key, or, with ``handler=``, are skipped and counted in
+counters that live in shared memory so the main process sees what the
+workers skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shlex
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -30,12 +39,24 @@ from geko_data.config import GEKOConfig
 from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
 from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, rank_slice, rng
-from geko_data.shards import ShardError, ShardIndex, parse_sample, read_index
+from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, read_index
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState, StateFileError
 from geko_data.world import World
 
-__all__ = ["GEKOStream", "stream_order"]
+__all__ = ["GEKOStream", "UNSAFE_EXTENSIONS", "stream_order"]
+
+#: Extensions webdataset's default decoders would run ``pickle.loads`` or ``torch.load(weights_only=False)``
+#: on: code execution from a tar. A ``decode=`` spec refuses them (decode them yourself with a callable).
+UNSAFE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
+
+#: Per-epoch counters, summed over the main process and DataLoader workers (``stats``). ``skipped_draws``
+#: counts the draws of the plan lost to bad data (a repeated sample loses all of its draws); ``stats`` adds
+#: ``skipped``, the distinct samples lost, from a per-sample flag array.
+COUNTERS = ("samples_read", "bytes_read", "samples_yielded", "skipped_draws")
+# Row 0 counts the main process, row 1 + w DataLoader worker w: one writer per row, so no locks.
+# Workers beyond this share rows modulo (increments may then race; 256 workers per rank is not a use).
+_COUNTER_ROWS = 1 + 256
 
 
 def stream_order(index: ShardIndex, plan: EpochPlan, *, seed: int, rank: int, world_size: int,
@@ -66,95 +87,208 @@ def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
 
 
-class _Reader:
-    """Reads planned samples of one worker; seeks in local files, reads through pipes and URLs."""
+class _UnsafeMember(Exception):
+    def __init__(self, ext: str) -> None:
+        super().__init__(ext)
+        self.ext = ext
 
-    def __init__(self, index: ShardIndex, urls: list[str], handler: Callable[[Exception], bool] | None,
-                 stats: dict[str, int]) -> None:
+
+def _refuse_unsafe(key: str, data: bytes) -> None:
+    """First webdataset decoder handler: refuse members the default handlers would unpickle.
+
+    Every dot-part of the extension is checked, so ``x.pyd.gz`` (gunzipped, then unpickled) is refused
+    before the gzip handler runs.
+    """
+    for part in key.lower().split("."):
+        if part in UNSAFE_EXTENSIONS:
+            raise _UnsafeMember(part)
+    # Falling through returns None: not ours, the next handler decides.
+
+
+def _make_decoder(decode: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """``decode`` as a sample -> sample callable; webdataset specs get the unsafe-member guard first."""
+    if decode is None:
+        return None
+    if callable(decode) and not isinstance(decode, (str, list, tuple)):
+        return decode  # the user's own function decides what it trusts
+    from webdataset import autodecode
+
+    specs = [decode] if isinstance(decode, str) else decode
+    if not isinstance(specs, (list, tuple)):
+        raise TypeError(f"`decode` must be None, a callable, a webdataset spec string or a list of specs and "
+                        f"handlers, got {type(decode).__name__}")
+    handlers = []
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in autodecode.imagespecs:
+                raise ValueError(f"`decode` spec {spec!r} is not a webdataset image spec; allowed: "
+                                 f"{sorted(autodecode.imagespecs)}")
+            handlers.append(autodecode.imagehandler(spec))
+        elif callable(spec):
+            handlers.append(spec)
+        else:
+            raise TypeError(f"`decode` entries must be spec strings or handler callables, got {spec!r}")
+    return autodecode.Decoder(handlers, pre=[_refuse_unsafe, *autodecode.default_pre_handlers])
+
+
+class _Reader:
+    """Reads planned samples of one worker; seeks in local files, reads through pipes and URLs.
+
+    Raises (or hands the handler) only ShardError. ``tally`` counts what it did since the owner last
+    flushed it; a lost sample is flagged in ``lost`` (shared, so the main process sees what every worker
+    lost, each sample once) and kept in ``lost_here``; shards the handler said to stop on are in ``stopped``.
+    """
+
+    def __init__(self, index: ShardIndex, urls: list[str], local: list[bool], shard_start: np.ndarray,
+                 handler: Callable[[Exception], bool] | None, lost: np.ndarray) -> None:
         self.index = index
         self.urls = urls
+        self.local = local
+        self.shard_start = shard_start  # (n_shards + 1,) first id of each shard; ids are grouped by shard
         self.handler = handler
-        self.stats = stats
+        self.tally = dict.fromkeys(COUNTERS, 0)
+        self.lost = lost  # (N,) uint8 view of shared memory; only ever set to 1, so workers never race
+        self.lost_here: set[int] = set()
+        self.stopped: set[int] = set()
         self._file: Any = None
         self._file_shard = -1
-        self._stream: Iterator[dict[str, Any]] | None = None
+        self._pipe: Any = None
+        self._stream: Iterator[tuple[dict[str, Any], int, int]] | None = None
         self._stream_shard = -1
         self._stream_last = -1  # id of the last sample taken from the open stream
+        self._broken: dict[int, tuple[int, str]] = {}  # stream shard -> (first id it failed at, why)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._stream = None
+        if self._stream is not None:
+            self._stream.close()  # type: ignore[attr-defined]
+            self._stream = None
+        if self._pipe is not None:
+            # A reader that stops early gets its command killed by SIGPIPE (a non-zero exit); what it read
+            # was already checked, so the exit status says nothing about it.
+            with contextlib.suppress(Exception):
+                self._pipe.close()
+            self._pipe = None
         self._file_shard = self._stream_shard = -1
 
-    def _fail(self, exn: Exception) -> None:
-        if self.handler is None or not self.handler(exn):
+    def mark_lost(self, i: int) -> None:
+        self.lost[i] = 1
+        self.lost_here.add(i)
+
+    def fail(self, exn: Exception, i: int) -> None:
+        """Raise ``exn``, or count sample ``i`` lost when the handler says to go on; False from the handler
+        stops ``i``'s shard too (webdataset's ``*_and_stop``): its other samples are skipped and counted."""
+        if self.handler is None:
             raise exn
-        self.stats["skipped"] += 1
+        self.mark_lost(i)
+        if not self.handler(exn):
+            self.stopped.add(int(self.index.shard[i]))
 
     def read(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
         """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
         for i in ids.tolist():
             shard = int(self.index.shard[i])
-            try:
-                if _is_local(self.urls[shard]):
-                    sample = self._read_local(i, shard)
-                else:
-                    sample = self._read_stream(i, shard)
-            except (ShardError, OSError) as exn:
-                self.close()
-                self._fail(exn)
+            if shard in self.stopped:
+                self.mark_lost(i)
                 continue
-            self.stats["samples_read"] += 1
+            try:
+                sample = self._read_local(i, shard) if self.local[shard] else self._read_stream(i, shard)
+            except ShardError as exn:
+                self.close()
+                self.fail(exn, i)
+                continue
+            self.tally["samples_read"] += 1
             yield i, sample
 
-    def _open_local(self, shard: int) -> Any:
+    def _open_local(self, shard: int, key: str) -> Any:
         if self._file_shard != shard:
             self.close()
             path = self.urls[shard].removeprefix("file://")
             if not os.path.exists(path):
-                raise ShardError(f"shard {path!r} is missing")
+                raise ShardError(f"shard {path!r} is missing (reading sample {key!r})")
             f = open(path, "rb")  # noqa: SIM115 - kept open across samples of the shard
             size = os.fstat(f.fileno()).st_size
             if size != self.index.sizes[shard]:
                 f.close()
                 raise ShardError(f"shard {path!r} changed since indexing: {size} bytes, index says "
-                                 f"{self.index.sizes[shard]}")
+                                 f"{self.index.sizes[shard]} (reading sample {key!r})")
             self._file, self._file_shard = f, shard
         return self._file
 
     def _read_local(self, i: int, shard: int) -> dict[str, Any]:
-        f = self._open_local(shard)
-        offset, length = int(self.index.offset[i]), int(self.index.length[i])
-        f.seek(offset)  # skipped samples are seeked over, never read
-        buf = f.read(length)
-        self.stats["bytes_read"] += len(buf)
         key = str(self.index.keys[i])
+        offset, length = int(self.index.offset[i]), int(self.index.length[i])
+        try:
+            f = self._open_local(shard, key)
+            f.seek(offset)  # skipped samples are seeked over, never read
+            buf = f.read(length)
+        except OSError as e:
+            raise ShardError(f"shard {self.urls[shard]!r}: sample {key!r} at byte {offset}: {e}") from None
+        self.tally["bytes_read"] += len(buf)
         if len(buf) != length:
-            raise ShardError(f"shard {self.urls[shard]!r}: sample {key!r} is truncated "
+            raise ShardError(f"shard {self.urls[shard]!r}: sample {key!r} at byte {offset} is truncated "
                              f"({len(buf)} of {length} bytes)")
-        return parse_sample(buf, shard=self.urls[shard], key=key)
+        return parse_sample(buf, shard=self.urls[shard], key=key, offset=offset)
 
     def _read_stream(self, i: int, shard: int) -> dict[str, Any]:
-        from webdataset.gopen import gopen
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
+        """Read through the shard to sample ``i``, holding every sample passed to the index.
 
+        A stream cannot seek, so what comes before ``i`` is read and discarded, and each of those samples
+        must be the indexed one in the indexed place: an extra key, a missing one or a corrupt header
+        (a short sample) raises here rather than shifting or dropping samples.
+        """
         url = self.urls[shard]
+        keys = self.index.keys
+        broken = self._broken.get(shard)
+        if broken is not None and i >= broken[0]:
+            raise ShardError(f"{broken[1]}; sample {str(keys[i])!r} comes after that point")
         if self._stream_shard != shard or i <= self._stream_last:
+            from webdataset.gopen import gopen
+
             self.close()
-            members = ({**m, "__url__": url} for m in tar_file_iterator(gopen(url, "rb")))
-            self._stream = iter(group_by_keys(members))
-            self._stream_shard, self._stream_last = shard, -1
-        key = str(self.index.keys[i])
+            self._stream_shard, self._stream_last = shard, int(self.shard_start[shard]) - 1
+            try:
+                self._pipe = gopen(url, "rb")
+            except Exception as e:  # noqa: BLE001 - gopen raises what its scheme's opener raises
+                why = f"shard {url!r}: cannot open ({type(e).__name__}: {e})"
+                self._break(shard, self._stream_last + 1, i, why)
+            self._stream = iter_tar_samples(self._pipe, shard=url)
         assert self._stream is not None
-        for sample in self._stream:  # samples before the wanted one are read and discarded
-            if sample["__key__"] == key:
-                self._stream_last = i
-                sample.pop("__url__", None)
-                sample.pop("__local_path__", None)
+        while True:
+            expect = self._stream_last + 1
+            try:
+                got = next(self._stream, None)
+            except ShardError as e:
+                self._break(shard, expect, i, f"{e} (at sample {str(keys[expect])!r})")
+            if got is None:
+                n = int(self.shard_start[shard + 1] - self.shard_start[shard])
+                self._break(shard, expect, i, f"shard {url!r} ended before sample {str(keys[expect])!r}, "
+                                           f"#{expect - int(self.shard_start[shard])} of {n} indexed "
+                                           f"(truncated, or changed since indexing)")
+            sample, start, end = got
+            want, off, length = str(keys[expect]), int(self.index.offset[expect]), int(self.index.length[expect])
+            if sample["__key__"] != want:
+                where = "is not in the index" if not (keys == sample["__key__"]).any() else "is out of place"
+                self._break(shard, expect, i, f"shard {url!r}: key {sample['__key__']!r} {where} (the index has "
+                                           f"{want!r} here; shard changed since indexing?)")
+            if start != off or end - start != length:
+                self._break(shard, expect, i, f"shard {url!r}: sample {want!r} spans bytes {start}..{end}, the "
+                                           f"index says {off}..{off + length} (corrupt tar header, or changed "
+                                           f"since indexing)")
+            self._stream_last = expect
+            if expect == i:
                 return sample
-        raise ShardError(f"shard {url!r}: key {key!r} not found (shard changed since indexing?)")
+
+    def _break(self, shard: int, at: int, i: int, why: str) -> NoReturn:
+        # A stream that went wrong at sample `at` cannot be trusted past it: later ids of the shard fail
+        # at once instead of re-reading the shard from its start for each of them.
+        self._broken[shard] = (at, why)
+        self.close()
+        if at != i:
+            why = f"{why}; so sample {str(self.index.keys[i])!r} was not read"
+        raise ShardError(why)
 
 
 class GEKOStream(EpochDriver, IterableDataset):
@@ -166,16 +300,23 @@ class GEKOStream(EpochDriver, IterableDataset):
         config: the policy. Defaults to ``GEKOConfig()`` (or ``state.config`` when ``state`` is given).
         seed: seed of every random choice (with epoch, rank and worker). Defaults to ``0``.
         decode: ``None`` (raw bytes), a callable ``sample -> sample``, or webdataset decoder specs
-            (e.g. ``"pil"`` or a list of handlers). Defaults to ``None``.
+            (e.g. ``"pil"`` or a list of specs and handlers). With specs, members whose extension is in
+            ``UNSAFE_EXTENSIONS`` (pickle, torch.load) raise ShardError instead of being unpickled; decode
+            those yourself with a callable if you trust the data. Defaults to ``None``.
         shuffle: shuffle shard order and, within ``shuffle_buffer`` blocks, samples. Defaults to ``True``.
         state: an existing ``SampleState`` for these shards. Defaults to a fresh one.
         world: ranks (``World(rank=, world_size=)``). Defaults to ``World.detect()``.
-        handler: webdataset-style exception handler (``webdataset.warn_and_continue``) to skip and count
-            unreadable samples. Defaults to ``None`` (raise).
+        handler: webdataset-style exception handler to skip and count unreadable samples: returning True
+            (``warn_and_continue``) skips the sample, False (``warn_and_stop``) also ends its shard for
+            this worker and epoch. Skips are counted in ``stats`` / ``efficiency_report()`` (workers
+            included). They make ranks yield unequal counts, so under DDP a skip can leave one rank
+            waiting in a collective: prefer the default (raise) there. Defaults to ``None`` (raise).
         batch_size: the DataLoader's batch size; with it the order is independent of the number of
-            workers and mid-epoch resume is exact with workers. Defaults to ``None`` (1).
+            workers and mid-epoch resume is exact with workers (required for a mid-epoch resume with
+            more than one worker). Defaults to ``None`` (1).
         shuffle_buffer: block size of the sample shuffle (samples held per worker). Defaults to ``512``.
-        shard_url: maps a local shard path to the URL to read, e.g. ``"pipe:cat {}"``. Defaults to ``None``.
+        shard_url: maps a local shard path to the URL to read: a format string (``"pipe:cat {}"``; for
+            ``pipe:`` the path is shell-quoted) or a callable. Defaults to ``None``.
         epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
     """
 
@@ -195,6 +336,7 @@ class GEKOStream(EpochDriver, IterableDataset):
             raise TypeError(f"`world` must be a World, got {type(world).__name__}")
         if handler is not None and not callable(handler):
             raise TypeError(f"`handler` must be callable, got {handler!r}")
+        self._decoder = _make_decoder(decode)
         self.index = read_index(source)
         n = self.index.num_samples
         if state is not None:
@@ -218,34 +360,38 @@ class GEKOStream(EpochDriver, IterableDataset):
         self.batch_size = batch_size
         self.epoch_length = epoch_length
         self.handler = handler
-        self._decoder = self._make_decoder(decode)
         detected = world or World.detect()
         self.world = World(rank=detected.rank, world_size=detected.world_size)
         if shard_url is None:
             self.urls = list(self.index.shards)
         elif isinstance(shard_url, str):
-            self.urls = [shard_url.format(p) for p in self.index.shards]
+            # A path is data, not shell syntax: spaces or `$(...)` in a folder name must not run anything.
+            quote = shlex.quote if shard_url.startswith("pipe:") else str
+            self.urls = [shard_url.format(quote(p)) for p in self.index.shards]
         elif callable(shard_url):
             self.urls = [shard_url(p) for p in self.index.shards]
         else:
             raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
+        self._local = [_is_local(u) for u in self.urls]
+        if (np.diff(self.index.shard) < 0).any():
+            raise ShardError("the shard index must list samples grouped by shard, in shard order")
+        self._shard_start = np.searchsorted(self.index.shard, np.arange(len(self.index.shards) + 1))
         self._shared = SharedPlan(n)
         self._start = torch.zeros(1, dtype=torch.int64).share_memory_()  # resume position of the next epoch
+        # Allocated here, before any worker starts, so fork and spawn workers write where the main reads.
+        self._counters = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
+        self._lost = torch.zeros(n, dtype=torch.uint8).share_memory_()  # samples lost to bad data this epoch
         self.epoch = -1
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._order_cache: tuple[tuple[int, bytes], np.ndarray] | None = None
         self._yielded = 0
-        # Counters of the process that iterates (the main process when num_workers=0).
-        self.stats = {"bytes_read": 0, "samples_read": 0, "samples_yielded": 0, "skipped": 0}
 
-    @staticmethod
-    def _make_decoder(decode: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-        if decode is None or callable(decode) and not isinstance(decode, (str, list, tuple)):
-            return decode
-        from webdataset import autodecode
-
-        specs = [decode] if isinstance(decode, str) else list(decode)
-        handlers = [autodecode.imagehandler(s) if isinstance(s, str) else s for s in specs]
-        return autodecode.Decoder(handlers)
+    @property
+    def stats(self) -> dict[str, int]:
+        """This epoch's counters (see ``COUNTERS``) over the main process and every DataLoader worker, and
+        ``skipped``: the distinct samples lost to bad data (unreadable, undecodable, or in a stopped shard)."""
+        stats = dict(zip(COUNTERS, self._counters.numpy().sum(axis=0).tolist()))
+        stats["skipped"] = int(self._lost.numpy().sum(dtype=np.int64))
+        return stats
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
@@ -255,20 +401,27 @@ class GEKOStream(EpochDriver, IterableDataset):
         resuming = int(self._start.item()) > 0 and epoch == self.epoch
         self._shared.publish(self._advance(epoch))
         self._order_cache = None
+        self._counters.zero_()
+        self._lost.zero_()
         if not resuming:
             self._start.zero_()
         self._yielded = int(self._start.item())
 
     def _order(self, plan: EpochPlan) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != plan.epoch:
+        # Keyed by the plan's counts, not just its epoch: a persistent worker keeps this cache across
+        # epochs, and the main process may publish another plan for the same epoch (set_epoch again after
+        # feedback, a rollback, a resumed plan). Hashing the counts costs ~1 ms per million samples.
+        version = (plan.epoch, hashlib.blake2b(plan.counts.tobytes(), digest_size=16).digest())
+        if self._order_cache is None or self._order_cache[0] != version:
             order = stream_order(self.index, plan, seed=self.seed, rank=self.world.rank,
                                  world_size=self.world.world_size, shuffle=self.shuffle,
                                  shuffle_buffer=self.shuffle_buffer)
-            self._order_cache = (plan.epoch, order)
+            self._order_cache = (version, order)
         return self._order_cache[1]
 
     def __len__(self) -> int:
-        """This rank's samples in the current epoch (after a resume: what is left of it)."""
+        """This rank's planned samples in the current epoch (after a resume: what is left of it); samples lost
+        to bad data under a ``handler`` are not subtracted (see ``stats``)."""
         if self._shared.epoch < 0:
             self.set_epoch(max(self.epoch, 0))
         return int(self._order(self._shared.read()).shape[0] - self._start.item())
@@ -282,49 +435,100 @@ class GEKOStream(EpochDriver, IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self._shared.read()
         start = int(self._start.item())
+        if num_workers > 1 and start > 0 and self.batch_size is None:
+            # Without the DataLoader's batch size the workers' split is not the order the loop consumed,
+            # so `consumed` would point at the wrong samples: some lost, some repeated, silently.
+            raise RuntimeError(f"resuming mid-epoch (position {start}) with {num_workers} DataLoader workers "
+                               f"needs GEKOStream(..., batch_size=B) with B the DataLoader's batch_size; "
+                               f"got batch_size=None")
         remaining = self._order(plan)[start:]
         batch = self.batch_size or 1
         # Batch j of what is left goes to worker j % num_workers: the DataLoader's round-robin order.
         mine = remaining[(np.arange(remaining.shape[0]) // batch) % num_workers == worker]
         if info is None:
             self._yielded = start
-        yield from self._read_and_yield(mine, plan, info is None)
+        yield from self._read_and_yield(mine, plan, None if info is None else worker)
 
-    def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, main: bool) -> Iterator[dict[str, Any]]:
-        reader = _Reader(self.index, self.urls, self.handler, self.stats)
+    def _decode_error(self, exn: Exception, i: int) -> ShardError:
+        """A decoder's exception as a ShardError naming the shard, the key and the member."""
+        from webdataset.autodecode import DecodingError
+
+        url, key = self.urls[int(self.index.shard[i])], str(self.index.keys[i])
+        cause, field = exn, None
+        if isinstance(exn, DecodingError):
+            cause, field = exn.__cause__ or exn, exn.k
+        if isinstance(cause, _UnsafeMember):
+            return ShardError(f"shard {url!r}: sample {key!r}: member {key}.{field} has extension {cause.ext!r}, "
+                              f"which webdataset's decoders would unpickle (pickle.loads / torch.load); refused. "
+                              f"Decode it with your own callable `decode=` if you trust these shards")
+        what = f"member {key}.{field}" if field is not None else "the sample"
+        err = ShardError(f"shard {url!r}: sample {key!r}: decoding {what} failed ({type(cause).__name__}: {cause})")
+        err.__cause__ = cause  # the decoder's own traceback stays one "direct cause" away
+        return err
+
+    def _flush(self, row: int, tally: dict[str, int], total: dict[str, int]) -> None:
+        """Add ``tally`` to this process's row of the shared counters (per chunk: cheap, and visible soon)."""
+        values = [tally[k] for k in COUNTERS]
+        if any(values):
+            self._counters.numpy()[row] += np.asarray(values, dtype=np.int64)
+            for k in COUNTERS:
+                total[k] += tally[k]
+                tally[k] = 0
+
+    def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, worker: int | None) -> Iterator[dict[str, Any]]:
+        reader = _Reader(self.index, self.urls, self._local, self._shard_start, self.handler, self._lost.numpy())
+        tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)
+        row = 0 if worker is None else 1 + worker % (_COUNTER_ROWS - 1)
+        shard_of = self.index.shard
         n_shards = len(self.index.shards)
         shard_rank = np.arange(n_shards)
         if self.shuffle:
             shard_rank[rng(self.seed, plan.epoch, PURPOSE_SHARDS).permutation(n_shards)] = np.arange(n_shards)
+        finished = False
         try:
             for lo in range(0, mine.shape[0], self.shuffle_buffer):
                 chunk = mine[lo:lo + self.shuffle_buffer]
                 uniq = np.unique(chunk)
-                uniq = uniq[np.argsort(shard_rank[self.index.shard[uniq]], kind="stable")]  # read in file order
-                cache = dict(reader.read(uniq))
+                uniq = uniq[np.argsort(shard_rank[shard_of[uniq]], kind="stable")]  # read in file order
+                cache: dict[int, dict[str, Any] | None] = dict(reader.read(uniq))
                 for i in chunk.tolist():
                     raw = cache.get(i)
-                    if raw is None:  # skipped by the handler, already counted
+                    if raw is None:  # unreadable (counted once as a sample): every draw of it is lost
+                        tally["skipped_draws"] += 1
                         continue
                     sample = dict(raw)
-                    sample["__url__"] = self.urls[int(self.index.shard[i])]
+                    sample["__url__"] = self.urls[int(shard_of[i])]
                     if self._decoder is not None:
                         try:
                             sample = self._decoder(sample)
                         except Exception as exn:  # decoders raise anything; the handler decides
-                            reader._fail(exn)
+                            cache[i] = None  # its later draws are lost too, without decoding it again
+                            tally["skipped_draws"] += 1
+                            shard = int(shard_of[i])
+                            reader.fail(self._decode_error(exn, i), i)
+                            if shard in reader.stopped:  # the handler said stop: drop the shard's cached rest
+                                for j, other in cache.items():
+                                    if other is not None and int(shard_of[j]) == shard:
+                                        cache[j] = None
+                                        reader.mark_lost(j)
                             continue
                     sample["__index__"] = i
                     sample["__weight__"] = float(plan.loss_weight[i])
-                    self.stats["samples_yielded"] += 1
-                    if main:
+                    tally["samples_yielded"] += 1
+                    if worker is None:
                         self._yielded += 1
                     yield sample
+                self._flush(row, tally, total)
+            finished = True
         finally:
             reader.close()
-        if self.stats["skipped"]:
-            warnings.warn(f"GEKOStream skipped {self.stats['skipped']} unreadable sample(s) this epoch "
-                          f"(handler={getattr(self.handler, '__name__', self.handler)})", stacklevel=2)
+            self._flush(row, tally, total)
+        if finished and reader.lost_here:
+            where = "" if worker is None else f" in DataLoader worker {worker}"
+            warnings.warn(f"GEKOStream skipped {len(reader.lost_here)} unreadable or undecodable sample(s) "
+                          f"({total['skipped_draws']} draw(s)) in epoch {plan.epoch}{where} (handler="
+                          f"{getattr(self.handler, '__name__', self.handler)}); see stats / efficiency_report()",
+                          stacklevel=2)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
@@ -363,6 +567,10 @@ class GEKOStream(EpochDriver, IterableDataset):
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length {total}")
 
     def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
+        """The shared report plus this epoch's bad-data counts, gathered from every DataLoader worker:
+        ``skipped_unreadable`` samples and the ``skipped_draws`` of the plan they cost."""
         report = super().efficiency_report(epochs_done=epochs_done)
-        report["skipped_unreadable"] = self.stats["skipped"]
+        stats = self.stats
+        report["skipped_unreadable"] = stats["skipped"]
+        report["skipped_draws"] = stats["skipped_draws"]
         return report

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import tarfile
 import io
 
@@ -8,7 +9,8 @@ import pyarrow as pa
 import pytest
 import webdataset as wds
 
-from geko_data.shards import ShardError, fingerprint, index_shards, parse_sample, read_index, write_shards
+from geko_data.shards import (ShardError, fingerprint, index_shards, iter_tar_samples, parse_sample, read_index,
+                              write_shards)
 from conftest import SHARD_SIZES
 
 
@@ -120,3 +122,103 @@ def test_fast_header_parser_agrees_with_tarfile(tmp_path, fmt):
     corrupt = bytearray(data)
     corrupt[150] ^= 0xFF  # checksum field: the fast path declines, tarfile gets to say what is wrong
     assert _fast_members(bytes(corrupt)) is None
+    end = _fast_members(data)[1]  # where the members stop: the end-of-archive blocks follow
+    assert end == _tarfile_members(data)[1] and data[end:] == bytes(len(data) - end)
+
+
+def _three_key_tar(path, fmt=tarfile.USTAR_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i in range(3):
+            _add(tf, f"k{i}.txt", b"t" * (100 + i))
+            _add(tf, f"k{i}.cls", str(i).encode())
+    with tarfile.open(path) as tf:
+        return {m.name: m.offset for m in tf}
+
+
+@pytest.mark.parametrize("damage", ["bad-checksum", "zeroed"])
+def test_index_rejects_a_bad_header_mid_archive(tmp_path, damage):
+    """tarfile takes a bad header past byte 0 for the end of the archive; the index must not."""
+    path = tmp_path / "c.tar"
+    off = _three_key_tar(path)["k1.txt"]
+    data = bytearray(path.read_bytes())
+    if damage == "zeroed":
+        data[off:off + 512] = bytes(512)
+    else:
+        data[off + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"c\.tar.*byte {off}"):
+        index_shards([path])
+
+
+def test_index_accepts_zero_padding_but_not_concatenated_tars(tmp_path):
+    path = tmp_path / "p.tar"
+    _three_key_tar(path)
+    with open(path, "ab") as f:
+        f.write(bytes(20 * 512))  # blocking-factor padding, as `tar -b` writes
+    assert list(index_shards([path]).keys) == ["k0", "k1", "k2"]
+    second = tmp_path / "q.tar"
+    _three_key_tar(second)
+    with open(path, "ab") as f:
+        f.write(second.read_bytes())  # `cat a.tar b.tar`: tarfile would stop at the first end marker
+    with pytest.raises(ShardError, match=r"p\.tar.*concatenated"):
+        index_shards([path])
+
+
+def test_parse_sample_holds_the_members_to_the_indexed_bytes(tmp_path):
+    path = tmp_path / "z.tar"
+    offsets = _three_key_tar(path)
+    idx = index_shards([path])
+    data = bytearray(path.read_bytes())
+    lo, n = int(idx.offset[1]), int(idx.length[1])
+    assert parse_sample(bytes(data[lo:lo + n]), shard="z", key="k1", offset=lo) == {
+        "__key__": "k1", "txt": b"t" * 101, "cls": b"1"}
+    cls = offsets["k1.cls"]
+    data[cls:cls + 512] = bytes(512)  # the sample's second header zeroed: its .cls would vanish
+    with pytest.raises(ShardError, match=rf"shard 'z'.*sample 'k1'.*byte {cls}"):
+        parse_sample(bytes(data[lo:lo + n]), shard="z", key="k1", offset=lo)
+    data[cls + 1] = 1  # now an invalid header: the fast path declines and tarfile would stop quietly
+    with pytest.raises(ShardError, match=rf"sample 'k1'.*byte {cls}"):
+        parse_sample(bytes(data[lo:lo + n]), shard="z", key="k1", offset=lo)
+    with pytest.raises(ShardError, match="sample 'k1'"):
+        parse_sample(bytes(data[lo:lo + n - 512]), shard="z", key="k1", offset=lo)  # cut short
+
+
+def _members_only(*members):
+    """Tar bytes of ``members`` without the end-of-archive blocks: one sample's indexed range."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            _add(tf, name, data)
+        end = tf.offset
+    return buf.getvalue()[:end]
+
+
+def test_extensions_lowercased_and_duplicates_rejected(tmp_path):
+    data = _members_only(("k.JPG", b"j"), ("k.Seg.Png", b"p"))
+    assert parse_sample(data, shard="s", key="k") == {"__key__": "k", "jpg": b"j", "seg.png": b"p"}
+    data = _members_only(("k.txt", b"a"), ("k.TXT", b"b"))
+    with pytest.raises(ShardError, match=r"shard 's'.*sample 'k'.*extension 'txt'"):
+        parse_sample(data, shard="s", key="k")
+    with pytest.raises(ShardError, match=r"shard 's'.*sample 'k'.*extension 'txt'"):
+        list(iter_tar_samples(io.BytesIO(data), shard="s"))
+
+
+def test_stream_reader_agrees_with_the_index(shards):
+    idx = read_index(shards)
+    for s, path in enumerate(idx.shards):
+        ids = np.flatnonzero(idx.shard == s)
+        with open(path, "rb") as f:
+            got = list(iter_tar_samples(f, shard=path))
+        assert [x["__key__"] for x, _, _ in got] == list(idx.keys[ids])
+        for (sample, start, end), i in zip(got, ids):
+            assert (start, end - start) == (idx.offset[i], idx.length[i])
+            with open(path, "rb") as f:
+                f.seek(start)
+                assert parse_sample(f.read(end - start), shard=path, key=idx.keys[i]) == sample
+
+
+def test_index_progress_counts_bytes(shards, capsys):
+    idx = read_index(shards)
+    index_shards(idx.shards, progress=True)
+    err = capsys.readouterr().err
+    assert "indexing 4 shard(s)" in err and re.search(r"100%\|.*\| [\d.]+k/[\d.]+k .*B/s", err), err
