@@ -58,6 +58,11 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
         f"  Sample passes      : {report['sample_passes']:,} (uniform run: {report['uniform_passes']:,})",
         f"  Compute saved      : {100.0 * report['compute_saved']:.1f}% of sample passes",
     ]
+    if report.get("nonfinite_reports"):
+        lines.append(f"  Non-finite reports : {report['nonfinite_reports']:,} (not applied)")
+    if report.get("skipped_unreadable"):
+        lines.append(f"  Unreadable skipped : {report['skipped_unreadable']:,} samples, "
+                     f"{report.get('skipped_draws', 0):,} draws (handler=)")
     history = report.get("history") or []
     if history:
         lines.append("-" * 64)
