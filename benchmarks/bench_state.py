@@ -69,5 +69,57 @@ def main() -> None:
     print(table(f"bench_state ({os.cpu_count()} CPUs)", rows))
 
 
+def bench_cli(num_samples: int = 10_000_000) -> None:
+    """Seconds of each `geko-data` command on a state file of ``num_samples`` with 3 repartitions.
+
+    The commands run in this process (``cli.main``) on a warm page cache; output goes to a temp folder.
+    """
+    import contextlib
+    import io
+
+    from geko_data import cli
+    from geko_data.config import GEKOConfig
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a.arrow"), os.path.join(d, "b.arrow")
+        st = SampleState(num_samples, config=GEKOConfig(q_value_lr=0.7, min_q_for_freeze=0.5, prune_frozen_after=2))
+        ids = np.arange(num_samples)
+        for e in range(3):  # every sample reported once per epoch, with losses that differ by id class
+            st.report(ids, (rng.exponential(0.4, num_samples) * (ids % 3 + 0.1)).astype(np.float32), step=e)
+            st.repartition((e + 0.5) / 3, epoch=e)
+        st.save(a)
+        st.report(ids[::7], np.full(ids[::7].shape[0], 3.0, np.float32), step=3)  # some forget, move, prune
+        st.repartition(0.95, epoch=3)
+        st.save(b)
+        del st
+
+        def run(*argv: str) -> None:
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = cli.main(list(argv))
+            assert code == 0, argv
+
+        out = os.path.join(d, "out")
+        commands = [
+            ("inspect", ["inspect", b], 3.0, 2),
+            ("inspect --json", ["inspect", b, "--json"], 3.0, 2),
+            ("inspect --top frozen 20", ["inspect", b, "--top", "frozen", "20"], 3.0, 2),  # sorts millions
+            ("diff", ["diff", a, b], 3.0, 2),
+            ("plot", ["plot", b, "-o", out + ".png"], 5.0, 2),
+            ("export parquet", ["export", b, "--to", "parquet", "-o", out + ".parquet"], 5.0, 2),
+            ("export csv", ["export", b, "--to", "csv", "-o", out + ".csv"], 15.0, 1),
+            ("export jsonl", ["export", b, "--to", "jsonl", "-o", out + ".jsonl"], 15.0, 1),
+        ]
+        for name, argv, goal, repeat in commands:
+            t = best_of(lambda argv=argv: run(*argv), repeat=repeat)
+            rows.append((f"geko-data {name}, {num_samples:,} samples", f"{t:.2f} s", f"<= {goal:g} s",
+                         verdict(t <= goal)))
+        jsonl_mb = os.path.getsize(out + ".jsonl") / 1e6
+    rows[-1] = (rows[-1][0], f"{rows[-1][1]} ({jsonl_mb:,.0f} MB)", *rows[-1][2:])
+    print(table(f"bench_cli ({os.cpu_count()} CPUs, warm page cache)", rows))
+
+
 if __name__ == "__main__":
     main()
+    bench_cli(1_000_000 if "--quick" in sys.argv else 10_000_000)

@@ -3,47 +3,172 @@
     geko-data inspect STATE [--index INDEX] [--json] [--top hard|forgetful|frozen N]
     geko-data plot STATE -o FILE.png
     geko-data export STATE --to parquet|csv|jsonl -o FILE
-    geko-data diff A B
+    geko-data diff A B [--index INDEX] [--list N] [--json]
     geko-data index SHARDS... -o index.arrow
 
 Files are memory-mapped and only the columns a command needs are read, so a
-10M-sample state opens in about a second. A bad file gives one line on stderr
-and exit status 2.
+10M-sample state opens in about a second. A bad file (truncated, foreign,
+wrong column types, bucket codes outside 0-3, malformed metadata), an index
+of other data or an output path that cannot be written gives one line on
+stderr and exit status 2. Exports are written atomically: a failed export
+leaves no partial file under the output name.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from geko_data import policy
-from geko_data.state import StateFileError, read_table
+from geko_data.atomic import atomic_path
+from geko_data.state import _META_KEY, COLUMNS, StateFileError, read_table
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+#: Arrow type of every state column, as SampleState writes it.
+_TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype)) for name, dtype, _ in COLUMNS}
+_HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
+_PRUNED = len(policy.BUCKET_NAMES)  # the code diff gives a pruned sample, after the four buckets
 
 
 class _Fail(Exception):
     """A user-facing error: one line, exit status 2."""
 
 
-def _load(path: str, columns: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------- reading and validating
+def _check_meta_is_object(path: str) -> None:
+    # read_table (as of 2609a36) calls meta.get(), so metadata that is valid JSON but not an object (a
+    # list, a number) would escape as an AttributeError. Only the footer is read here: cheap at any size.
+    try:
+        with pa.memory_map(path, "r") as source:
+            raw = (pa.ipc.open_file(source).schema.metadata or {}).get(_META_KEY)
+        meta = None if raw is None else json.loads(raw)
+    except (pa.ArrowException, OSError, ValueError):
+        return  # not readable at all: read_table words that
+    if raw is not None and not isinstance(meta, dict):
+        raise _Fail(f"{path}: not a geko_data state file (its {_META_KEY.decode()!r} metadata is a JSON "
+                    f"{type(meta).__name__}, expected an object)")
+
+
+def _check_meta(path: str, meta: dict[str, Any]) -> None:
+    """Check the metadata fields the commands use, so a hand-edited file fails here and not in a format()."""
+    for key, ok, allowed in (("config", lambda v: isinstance(v, dict), "an object"),
+                             ("fingerprint", lambda v: isinstance(v, str), "a string"),
+                             ("epoch", _is_int, "an integer"), ("step", _is_int, "an integer"),
+                             ("num_nonfinite", _is_int, "an integer")):
+        v = meta.get(key)
+        if v is not None and not ok(v):
+            raise _Fail(f"{path}: metadata field {key!r} is {_short(v)}, expected {allowed} or null")
+    history = meta.get("history", [])
+    if not isinstance(history, list):
+        raise _Fail(f"{path}: metadata field 'history' is {_short(history)}, expected a list of partitions")
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise _Fail(f"{path}: history entry {i} is {_short(h)}, expected an object")
+        for key in _HISTORY_INTS:
+            if not _is_int(h.get(key)):
+                raise _Fail(f"{path}: history entry {i} has {key}={_short(h.get(key))}, expected an integer")
+        if not isinstance(h.get("phase"), str):
+            raise _Fail(f"{path}: history entry {i} has phase={_short(h.get('phase'))}, expected a string")
+        loss = h.get("mean_loss")
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            raise _Fail(f"{path}: history entry {i} has mean_loss={_short(loss)}, expected a number or null")
+
+
+def _check_columns(path: str, table: pa.Table) -> None:
+    if table.num_rows == 0:
+        raise _Fail(f"{path}: holds no samples")
+    for name in table.column_names:
+        want = _TYPES.get(name)
+        if want is None:
+            continue
+        got = table.schema.field(name).type
+        if got != want:
+            raise _Fail(f"{path}: column {name!r} has type {got}, expected {want}")
+        nulls = table.column(name).null_count
+        if nulls:
+            raise _Fail(f"{path}: column {name!r} has {nulls:,} null values, expected none")
+    if "bucket" in table.column_names and pc.max(table.column("bucket")).as_py() >= _PRUNED:
+        bucket = _col(table, "bucket")
+        bad = np.flatnonzero(bucket >= _PRUNED)
+        codes = ", ".join(f"{i} {n}" for i, n in enumerate(policy.BUCKET_NAMES))
+        raise _Fail(f"{path}: column 'bucket' holds code {int(bucket[bad[0]])} at id {int(bad[0])} "
+                    f"({bad.size:,} sample{'s' if bad.size != 1 else ''}), expected 0-3 ({codes})")
+
+
+def _load(path: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """``read_table`` plus the checks it leaves out: metadata fields, column types, nulls, bucket codes."""
     if not os.path.exists(path):
         raise _Fail(f"{path}: no such file")
+    _check_meta_is_object(path)
     try:
-        return read_table(path, columns=columns)
+        # All columns: memory-mapped, so unread columns cost nothing, and every command refuses the same
+        # bad files, also those bad only in a column it does not use.
+        table, meta = read_table(path)
     except StateFileError as e:
         raise _Fail(str(e)) from None
+    _check_meta(path, meta)
+    _check_columns(path, table)
+    return (table if columns is None else table.select(columns)), meta
 
 
-def _col(table: Any, name: str) -> np.ndarray:
+def _col(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
 
 
+def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> Any:
+    """Read the shard index and check it describes the data of every ``(path, samples, fingerprint)``."""
+    from geko_data.shards import read_index
+
+    try:
+        idx = read_index(index_path)
+    except (ValueError, OSError) as e:
+        raise _Fail(str(e)) from None
+    except (KeyError, TypeError, AttributeError) as e:
+        # read_index checks the footer but not each metadata field, so a hand-made index can fail here.
+        raise _Fail(f"{index_path}: not a readable shard index (bad metadata: {type(e).__name__} {e})") from None
+    for path, n, fp in states:
+        if idx.num_samples != n:
+            raise _Fail(f"--index {index_path} has {idx.num_samples:,} samples but {path} has {n:,}: "
+                        f"not the same data")
+        if fp is not None and idx.fingerprint != fp:
+            raise _Fail(f"--index {index_path} has fingerprint {idx.fingerprint} but {path} was written for "
+                        f"{fp}: not the same shards")
+    return idx
+
+
+def _check_output(path: str) -> None:
+    # Checked before any work, so that a typo in -o does not cost a 10M-row export first.
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _Fail(f"-o {path} is a directory, expected a file name")
+    if not os.path.isdir(folder):
+        raise _Fail(f"-o {path}: folder {folder} does not exist")
+
+
+def _write_failed(path: str, e: OSError) -> _Fail:
+    return _Fail(f"-o {path}: cannot write ({e.strerror or e})")
+
+
+# ---------------------------------------------------------------------- inspect
 def _summary(path: str) -> dict[str, Any]:
     table, meta = _load(path, ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned"])
     bucket, pruned = _col(table, "bucket"), _col(table, "pruned")
@@ -76,20 +201,10 @@ def _summary(path: str) -> dict[str, Any]:
     }
 
 
-def _keys(index_path: str | None, ids: np.ndarray) -> list[str | None]:
-    if index_path is None:
-        return [None] * len(ids)
-    from geko_data.shards import read_index
-
-    try:
-        idx = read_index(index_path)
-    except (ValueError, OSError) as e:
-        raise _Fail(str(e)) from None
-    return [str(idx.keys[i]) if i < idx.num_samples else None for i in ids]
-
-
 def _top(path: str, kind: str, n: int, index: str | None) -> list[dict[str, Any]]:
-    table, _ = _load(path, ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned", "frozen_epochs"])
+    table, meta = _load(path, ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned",
+                               "frozen_epochs"])
+    idx = _open_index(index, [(path, table.num_rows, meta.get("fingerprint"))]) if index else None
     bucket, loss, forgets = _col(table, "bucket"), _col(table, "loss"), _col(table, "forgets")
     pruned = _col(table, "pruned")
     if kind == "hard":  # confidently wrong first, then by loss
@@ -103,7 +218,7 @@ def _top(path: str, kind: str, n: int, index: str | None) -> list[dict[str, Any]
         cand = np.flatnonzero((bucket == policy.FREEZE) | pruned)
         order = cand[np.argsort(-frozen_epochs[cand].astype(np.int64), kind="stable")]
     order = order[:n]
-    keys = _keys(index, order)
+    keys = [str(k) for k in idx.keys[order]] if idx is not None else [None] * len(order)
     conf, q, times = _col(table, "confidence"), _col(table, "q"), _col(table, "times_seen")
     return [{"id": int(i), "key": k, "bucket": policy.BUCKET_NAMES[int(bucket[i])], "pruned": bool(pruned[i]),
              "loss": None if np.isnan(loss[i]) else float(loss[i]),
@@ -119,6 +234,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     cfg = s["config"] or {}
     print(f"state file   {s['path']}")
     print(f"written at   epoch {s['epoch']}, step {s['step']}  (mode {cfg.get('mode')}, preset {cfg.get('name')})")
+    if "index" in s:
+        print(f"index        {s['index']['path']}  ({s['index']['samples']:,} samples, fingerprint "
+              f"{s['index']['fingerprint']}: matches)")
     print(f"samples      {s['samples']:,}  seen {s['seen']:,}  active {s['active']:,}  pruned {s['pruned']:,}")
     print(f"passes       {s['sample_passes']:,}  forgetting events {s['forgetting_events']:,}  "
           f"non-finite reports {s['num_nonfinite']}")
@@ -147,26 +265,94 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     if ns.top:
         kind, n = ns.top
         if kind not in ("hard", "forgetful", "frozen"):
-            raise _Fail(f"--top kind must be hard, forgetful or frozen, got {kind!r}")
+            raise _Fail(f"--top KIND must be hard, forgetful or frozen, got {kind!r}")
         try:
             count = int(n)
         except ValueError:
-            raise _Fail(f"--top N must be an integer, got {n!r}") from None
+            raise _Fail(f"--top N must be an integer >= 0, got {n!r}") from None
+        if count < 0:
+            raise _Fail(f"--top N must be an integer >= 0, got {count}")
         rows = _top(ns.state, kind, count, ns.index)
         if ns.json:
             print(json.dumps(rows, indent=1))
             return 0
         print(f"{'id':>9} {'key':<24} {'bucket':<7} {'loss':>8} {'conf':>6} {'Q':>6} {'seen':>5} {'forgets':>7}")
         for r in rows:
-            print(f"{r['id']:>9} {str(r['key'] or '-'):<24} {r['bucket']:<7} {_fmt(r['loss']):>8} "
+            print(f"{r['id']:>9} {r['key'] or '-'!s:<24} {r['bucket']:<7} {_fmt(r['loss']):>8} "
                   f"{_fmt(r['confidence'], '.2f'):>6} {r['q']:>6.2f} {r['times_seen']:>5} {r['forgets']:>7}")
         return 0
     summary = _summary(ns.state)
+    if ns.index:
+        idx = _open_index(ns.index, [(ns.state, summary["samples"], summary["fingerprint"])])
+        summary["index"] = {"path": ns.index, "samples": idx.num_samples, "fingerprint": idx.fingerprint}
     if ns.json:
         print(json.dumps(summary, indent=1))
     else:
         _print_summary(summary)
     return 0
+
+
+# ---------------------------------------------------------------------- plot
+_COLORS = {"FREEZE": "#4C72B0", "LIGHT": "#55A868", "FOCUS": "#DD8452", "HARD": "#C44E52", "PRUNED": "#8C8C8C"}
+_SCATTER_MAX = 20_000  # a scatter of millions of points says nothing more and takes minutes
+
+
+def _figure(path: str) -> Any:
+    """The three-panel figure of a state file (matplotlib must be importable)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    table, meta = _load(path, ["loss", "confidence", "q", "bucket", "pruned"])
+    bucket, pruned = _col(table, "bucket"), _col(table, "pruned")
+    loss, conf, q = _col(table, "loss"), _col(table, "confidence"), _col(table, "q")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    hist = meta.get("history", [])
+    ax = axes[0]
+    if hist:
+        epochs = [h["epoch"] for h in hist]
+        names = ("PRUNED", "FREEZE", "LIGHT", "FOCUS", "HARD")
+        total = np.array([sum(h[k.lower()] for k in names) for h in hist], float)
+        layers = [np.array([h[k.lower()] for h in hist], float) / np.maximum(total, 1) for k in names]
+        ax.stackplot(epochs, *layers, labels=names, colors=[_COLORS[k] for k in names], alpha=0.9)
+        ax.set_xlim(min(epochs), max(max(epochs), min(epochs) + 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="upper left", fontsize=8, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no repartition yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title="Bucket shares per epoch", xlabel="epoch", ylabel="share of samples", ylim=(0, 1))
+
+    # A pruned sample keeps bucket code FREEZE in the file; both panels below draw it as its own grey
+    # PRUNED group, never as FREEZE. PRUNED comes first, so the live buckets are drawn over it and the
+    # legends read in the order of the first panel.
+    groups = [("PRUNED", pruned)]
+    groups += [(name, ~pruned & (bucket == code)) for code, name in enumerate(policy.BUCKET_NAMES)]
+    ax = axes[1]
+    seen = np.isfinite(loss)
+    hi = float(np.percentile(loss[seen], 99)) if seen.any() else 1.0
+    bins = np.linspace(0, max(hi, 1e-3), 40)
+    for name, mask in groups:
+        m = seen & mask
+        if m.any():
+            ax.hist(np.clip(loss[m], 0, hi), bins=bins, alpha=0.6, color=_COLORS[name], label=f"{name} ({m.sum():,})")
+    ax.set(title="Last loss per bucket", xlabel="loss", ylabel="samples")
+    if seen.any():
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    idx = np.flatnonzero(seen)
+    if idx.size > _SCATTER_MAX:
+        idx = np.sort(np.random.default_rng(0).choice(idx, _SCATTER_MAX, replace=False))
+    for name, mask in groups:
+        m = idx[mask[idx]]
+        if m.size:
+            ax.scatter(conf[m], q[m], s=6, alpha=0.5, color=_COLORS[name], label=name)
+    ax.set(title=f"Q vs confidence ({idx.size:,} samples)", xlabel="confidence", ylabel="Q", xlim=(0, 1),
+           ylim=(0, 1))
+    if idx.size:
+        ax.legend(fontsize=8, markerscale=2)
+    fig.suptitle(f"{os.path.basename(path)}: {bucket.shape[0]:,} samples, epoch {meta.get('epoch')}, "
+                 f"step {meta.get('step')}", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -175,110 +361,179 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise _Fail("plotting needs matplotlib: pip install 'geko-data[plot]'") from None
-    table, meta = _load(ns.state, ["loss", "confidence", "q", "bucket", "pruned"])
-    bucket, pruned = _col(table, "bucket"), _col(table, "pruned")
-    loss, conf, q = _col(table, "loss"), _col(table, "confidence"), _col(table, "q")
-    colors = {"FREEZE": "#4C72B0", "LIGHT": "#55A868", "FOCUS": "#DD8452", "HARD": "#C44E52", "PRUNED": "#8C8C8C"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    hist = meta.get("history", [])
-    ax = axes[0]
-    if hist:
-        epochs = [h["epoch"] for h in hist]
-        total = np.array([h["freeze"] + h["light"] + h["focus"] + h["hard"] + h["pruned"] for h in hist], float)
-        layers = [np.array([h[k] for h in hist], float) / np.maximum(total, 1)
-                  for k in ("pruned", "freeze", "light", "focus", "hard")]
-        ax.stackplot(epochs, *layers, labels=["PRUNED", "FREEZE", "LIGHT", "FOCUS", "HARD"],
-                     colors=[colors[k] for k in ("PRUNED", "FREEZE", "LIGHT", "FOCUS", "HARD")], alpha=0.9)
-        ax.set_xlim(min(epochs), max(max(epochs), min(epochs) + 1))
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
-    else:
-        ax.text(0.5, 0.5, "no repartition yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set(title="Bucket shares per epoch", xlabel="epoch", ylabel="share of samples", ylim=(0, 1))
-    ax = axes[1]
-    seen = np.isfinite(loss)
-    hi = float(np.nanpercentile(loss[seen], 99)) if seen.any() else 1.0
-    bins = np.linspace(0, max(hi, 1e-3), 40)
-    for code, name in enumerate(policy.BUCKET_NAMES):
-        m = seen & (bucket == code) & ~pruned
-        if m.any():
-            ax.hist(np.clip(loss[m], 0, hi), bins=bins, alpha=0.6, color=colors[name], label=f"{name} ({m.sum():,})")
-    ax.set(title="Last loss per bucket", xlabel="loss", ylabel="samples")
-    if seen.any():
-        ax.legend(fontsize=8)
-    ax = axes[2]
-    idx = np.flatnonzero(seen)
-    if idx.size > 20_000:  # a scatter of millions of points says nothing more and takes minutes
-        idx = np.sort(np.random.default_rng(0).choice(idx, 20_000, replace=False))
-    for code, name in enumerate(policy.BUCKET_NAMES):
-        m = idx[bucket[idx] == code]
-        if m.size:
-            ax.scatter(conf[m], q[m], s=6, alpha=0.5, color=colors[name], label=name)
-    ax.set(title=f"Q vs confidence ({idx.size:,} samples)", xlabel="confidence", ylabel="Q", xlim=(0, 1),
-           ylim=(0, 1))
-    if idx.size:
-        ax.legend(fontsize=8, markerscale=2)
-    fig.suptitle(f"{os.path.basename(ns.state)}: {bucket.shape[0]:,} samples, epoch {meta.get('epoch')}, "
-                 f"step {meta.get('step')}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(ns.output, dpi=110)
-    plt.close(fig)
+    # The figure is saved under a temporary name first, so the format comes from -o, not from that name.
+    fmt = os.path.splitext(ns.output)[1][1:].lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise _Fail(f"-o {ns.output}: cannot draw .{fmt}, expected one of {', '.join(sorted(formats))}")
+    _check_output(ns.output)
+    fig = _figure(ns.state)
+    try:
+        with atomic_path(ns.output) as tmp:
+            fig.savefig(tmp, dpi=110, format=fmt)
+    except OSError as e:
+        raise _write_failed(ns.output, e) from None
+    finally:
+        plt.close(fig)
     print(f"wrote {ns.output}")
     return 0
 
 
+# ---------------------------------------------------------------------- export
+def _json_values(col: pa.Array) -> list[pa.Array]:
+    """Arrays whose concatenation spells each value of ``col`` as JSON; a null element stands for ``null``.
+
+    Arrow writes booleans as true/false, integers as digits, and a float as the shortest string that
+    reads back as the same float32 ("0.1", "1e-7", "3.4e+38"), all JSON. But NaN and inf are not JSON
+    (they become null), and an integral float comes out as "2" or "-0", which JSON readers take for an
+    integer (and -0 loses its sign), so it gets a ".0" suffix.
+    """
+    if not pa.types.is_floating(col.type):
+        return [pc.cast(col, pa.string())]
+    finite = pc.is_finite(col)
+    if not pc.all(finite).as_py():
+        col = pc.if_else(finite, col, pa.scalar(None, col.type))  # on floats: far cheaper than on strings
+    text = pc.cast(col, pa.string())
+    integral = pc.fill_null(pc.equal(col, pc.floor(col)), False)
+    if not pc.any(integral).as_py():
+        return [text]
+    if pc.any(pc.and_(integral, pc.greater_equal(pc.abs(col), 1e7))).as_py():
+        # Large integral floats may be written "1e+15", which needs no suffix; smaller ones never use e.
+        integral = pc.and_(integral, pc.invert(pc.fill_null(pc.match_substring(text, "e"), True)))
+    return [text, pc.if_else(integral, pa.scalar(".0"), pa.scalar(""))]
+
+
+def _repeat(text: str, n: int) -> pa.Array:
+    """A string array of ``n`` copies of ``text``, built from buffers (``pa.array([text] * n)`` is slow)."""
+    data = text.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data * n))
+
+
+_JSONL_BATCH = 1 << 18  # rows formatted at a time: ~50 MB of text
+
+
+def _jsonl_chunk(batch: pa.RecordBatch, consts: list[pa.Array]) -> memoryview:
+    """One JSON object per row of ``batch``, newline-terminated, as one contiguous buffer.
+
+    ``consts`` are the key prefixes (``{"loss":``, ``,"loss_ema":``, ...) and the closing ``}\n`` as
+    arrays of the batch's length: the join kernel is about twice as fast with arrays as with scalars.
+    """
+    parts: list[pa.Array] = []
+    for head, col in zip(consts, batch.columns):
+        parts += [head, *_json_values(col)]
+    parts.append(consts[-1])
+    lines = pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="null")
+    # A string array keeps its values back to back: write them whole instead of line by line.
+    _, offsets_buf, data = lines.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int32, len(lines) + 1, 4 * lines.offset)
+    return memoryview(data)[offsets[0]:offsets[-1]]
+
+
+def _write_jsonl(table: pa.Table, path: str) -> None:
+    texts = [("{" if i == 0 else ",") + json.dumps(name) + ":" for i, name in enumerate(table.column_names)]
+    texts.append("}\n")
+    consts: dict[int, list[pa.Array]] = {}  # by batch length: all batches but the last have the same
+    workers = min(2, os.cpu_count() or 1)
+    # Arrow's kernels release the GIL: the next batches are formatted on other threads while one is
+    # written. At most workers + 1 batches are in memory at a time.
+    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in table.to_batches(max_chunksize=_JSONL_BATCH):
+            n = batch.num_rows
+            if n not in consts:
+                consts[n] = [_repeat(t, n) for t in texts]
+            pending.append(pool.submit(_jsonl_chunk, batch, consts[n]))
+            if len(pending) > workers:
+                f.write(pending.popleft().result())
+        while pending:
+            f.write(pending.popleft().result())
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
+    _check_output(ns.output)
+    # Every column, also those a newer writer adds (e.g. the current epoch's plan).
     table, _ = _load(ns.state)
     table = table.replace_schema_metadata(None)
-    if ns.to == "parquet":
-        import pyarrow.parquet as pq
+    if ns.to == "jsonl":
+        for field in table.schema:
+            t = field.type
+            if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+                raise _Fail(f"{ns.state}: column {field.name!r} has type {t}; jsonl export writes boolean, "
+                            f"integer and float columns")
+    try:
+        with atomic_path(ns.output) as tmp:
+            if ns.to == "parquet":
+                import pyarrow.parquet as pq
 
-        pq.write_table(table, ns.output)
-    elif ns.to == "csv":
-        import pyarrow.csv as pcsv
+                pq.write_table(table, tmp)
+            elif ns.to == "csv":
+                import pyarrow.csv as pcsv
 
-        pcsv.write_csv(table, ns.output)
-    else:
-        with open(ns.output, "w") as f:
-            for batch in table.to_batches(max_chunksize=65536):
-                for row in batch.to_pylist():
-                    f.write(json.dumps({k: (None if isinstance(v, float) and v != v else v)
-                                        for k, v in row.items()}) + "\n")
+                # Larger batches than the default 1024 rows: 15-20% faster at 10M rows.
+                pcsv.write_csv(table, tmp, pcsv.WriteOptions(batch_size=1 << 16))
+            else:
+                _write_jsonl(table, tmp)
+    except OSError as e:
+        raise _write_failed(ns.output, e) from None
     print(f"wrote {table.num_rows:,} rows to {ns.output}")
     return 0
 
 
+# ---------------------------------------------------------------------- diff
 def cmd_diff(ns: argparse.Namespace) -> int:
     ta, ma = _load(ns.a, ["bucket", "pruned"])
     tb, mb = _load(ns.b, ["bucket", "pruned"])
-    if ta.num_rows != tb.num_rows:
-        raise _Fail(f"{ns.a} has {ta.num_rows} samples, {ns.b} has {tb.num_rows}: not the same data")
+    n = ta.num_rows
+    if n != tb.num_rows:
+        raise _Fail(f"{ns.a} has {n:,} samples, {ns.b} has {tb.num_rows:,}: not the same data")
     if ma.get("fingerprint") != mb.get("fingerprint"):
         print(f"warning: the files have different shard fingerprints ({ma.get('fingerprint')} vs "
               f"{mb.get('fingerprint')})", file=sys.stderr)
+    idx = None
+    if ns.index:
+        idx = _open_index(ns.index, [(ns.a, n, ma.get("fingerprint")), (ns.b, n, mb.get("fingerprint"))])
     names = list(policy.BUCKET_NAMES) + ["PRUNED"]
-    a = np.where(_col(ta, "pruned"), 4, _col(ta, "bucket"))
-    b = np.where(_col(tb, "pruned"), 4, _col(tb, "bucket"))
-    matrix = np.bincount(a.astype(np.int64) * 5 + b, minlength=25).reshape(5, 5)
-    newly_pruned = int(((a != 4) & (b == 4)).sum())
+    # Bucket codes are 0-3 (checked in _load) and pruned is 4, so a * 5 + b indexes the 5 x 5 matrix.
+    a = np.where(_col(ta, "pruned"), _PRUNED, _col(ta, "bucket")).astype(np.int64)
+    b = np.where(_col(tb, "pruned"), _PRUNED, _col(tb, "bucket")).astype(np.int64)
+    matrix = np.bincount(a * 5 + b, minlength=25).reshape(5, 5)
+    newly = np.flatnonzero((a != _PRUNED) & (b == _PRUNED))
+    listed = newly[:ns.list]
+    keys = [str(k) for k in idx.keys[listed]] if idx is not None else None
     moved = int((a != b).sum())
     if ns.json:
-        print(json.dumps({"samples": int(a.shape[0]), "moved": moved, "newly_pruned": newly_pruned,
-                          "transitions": {f"{names[i]}->{names[j]}": int(matrix[i, j])
-                                          for i in range(5) for j in range(5) if matrix[i, j]}}, indent=1))
+        out: dict[str, Any] = {
+            "samples": n, "moved": moved, "newly_pruned": int(newly.size),
+            "transitions": {f"{names[i]}->{names[j]}": int(matrix[i, j])
+                            for i in range(5) for j in range(5) if matrix[i, j]},
+            "newly_pruned_ids": listed.tolist()}
+        if keys is not None:
+            out["newly_pruned_keys"] = keys
+        print(json.dumps(out, indent=1))
         return 0
     print(f"{ns.a} (epoch {ma.get('epoch')}) -> {ns.b} (epoch {mb.get('epoch')})")
-    print(f"{moved:,} of {a.shape[0]:,} samples changed bucket; {newly_pruned:,} newly pruned\n")
-    print("from \\ to " + "".join(f"{n:>9}" for n in names))
-    for i, n in enumerate(names):
-        print(f"{n:<10}" + "".join(f"{matrix[i, j]:>9,}" for j in range(5)))
+    print(f"{moved:,} of {n:,} samples changed bucket; {newly.size:,} newly pruned\n")
+    print("from \\ to " + "".join(f"{name:>9}" for name in names))
+    for i, name in enumerate(names):
+        print(f"{name:<10}" + "".join(f"{matrix[i, j]:>9,}" for j in range(5)))
+    if listed.size:
+        more = f", first {listed.size:,}" if listed.size < newly.size else ""
+        print(f"\nnewly pruned ({newly.size:,}{more}):")
+        print(f"{'id':>9}" + (" key" if keys is not None else ""))
+        for j, i in enumerate(listed):
+            print(f"{int(i):>9}" + (f" {keys[j]}" if keys is not None else ""))
     return 0
 
 
+# ---------------------------------------------------------------------- index
 def cmd_index(ns: argparse.Namespace) -> int:
     from geko_data.shards import ShardError, index_shards
 
+    _check_output(ns.output)
     try:
         idx = index_shards(ns.shards, output=ns.output, progress=True)
     except (ShardError, ValueError) as e:
@@ -288,27 +543,40 @@ def cmd_index(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geko-data", description="Inspect GEKO state files and index shards.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="summary of a state file")
     s.add_argument("state")
-    s.add_argument("--index", help="shard index (index.arrow or its folder) to show sample keys")
+    s.add_argument("--index", help="shard index (index.arrow or its folder) of the same data, to show keys")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--top", nargs=2, metavar=("KIND", "N"), help="list N samples: hard, forgetful or frozen")
     s.set_defaults(func=cmd_inspect)
     s = sub.add_parser("plot", help="bucket shares, loss per bucket, Q vs confidence as a PNG")
     s.add_argument("state")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-o", "--output", required=True, help="image file; the format follows its extension")
     s.set_defaults(func=cmd_plot)
     s = sub.add_parser("export", help="write the per-sample table as parquet, csv or jsonl")
     s.add_argument("state")
     s.add_argument("--to", choices=("parquet", "csv", "jsonl"), required=True)
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_export)
-    s = sub.add_parser("diff", help="bucket transitions between two state files of the same data")
+    s = sub.add_parser("diff", help="bucket transitions and newly pruned samples between two state files")
     s.add_argument("a")
     s.add_argument("b")
+    s.add_argument("--index", help="shard index of the same data, to show the keys of newly pruned samples")
+    s.add_argument("--list", type=_count, default=20, metavar="N",
+                   help="list at most N newly pruned samples. Defaults to 20")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_diff)
     s = sub.add_parser("index", help="index WebDataset tars written by anyone")
@@ -327,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `geko-data inspect ... | head`
         return 0
+    except OSError as e:  # an I/O error the commands do not word themselves (a disk failing mid-read)
+        print(f"geko-data: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -38,3 +38,31 @@ def test_pandas_and_polars(state_file):
     assert len(df) == 100 and df["times_seen"].sum() == 100
     pl = pytest.importorskip("polars")
     assert pl.read_ipc(path)["bucket"].to_list() == s.bucket.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_exports_open_in_duckdb_by_file_name(state_file, tmp_path, fmt):
+    # DuckDB cannot read Arrow IPC files by name without an extension from the network; the exports it can.
+    duckdb = pytest.importorskip("duckdb")
+    from geko_data.cli import main
+
+    path, s = state_file
+    out = tmp_path / f"state.{fmt}"
+    assert main(["export", str(path), "--to", fmt, "-o", str(out)]) == 0
+    rows = duckdb.sql(f"SELECT bucket, count(*) FROM '{out}' GROUP BY bucket ORDER BY bucket").fetchall()
+    assert dict(rows) == {int(k): int(v) for k, v in zip(*np.unique(s.bucket, return_counts=True))}
+    types = dict(duckdb.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM '{out}')").fetchall())
+    assert types["loss"] in ("FLOAT", "DOUBLE") and types["correct"] == "BOOLEAN"
+    if fmt != "csv":  # all 0.0 here: the jsonl export writes "0.0", not "0", so it stays a float column
+        assert types["loss_var"] in ("FLOAT", "DOUBLE")
+
+
+def test_jsonl_export_opens_in_pandas(state_file, tmp_path):
+    pd = pytest.importorskip("pandas")
+    from geko_data.cli import main
+
+    path, s = state_file
+    assert main(["export", str(path), "--to", "jsonl", "-o", str(tmp_path / "state.jsonl")]) == 0
+    df = pd.read_json(tmp_path / "state.jsonl", lines=True)
+    assert len(df) == 100 and df["bucket"].tolist() == s.bucket.tolist()
+    assert np.allclose(df["loss"].to_numpy(), s.loss)
