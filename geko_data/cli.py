@@ -30,13 +30,10 @@ import pyarrow.compute as pc
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
-from geko_data.state import _META_KEY, COLUMNS, StateFileError, read_table
+from geko_data.state import StateFileError, read_table
 
 __all__ = ["build_parser", "main"]
 
-#: Arrow type of every state column, as SampleState writes it.
-_TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype)) for name, dtype, _ in COLUMNS}
-_HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
 _PRUNED = len(policy.BUCKET_NAMES)  # the code diff gives a pruned sample, after the four buckets
 
 
@@ -44,90 +41,15 @@ class _Fail(Exception):
     """A user-facing error: one line, exit status 2."""
 
 
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# ---------------------------------------------------------------------- reading and validating
-def _check_meta_is_object(path: str) -> None:
-    # read_table (as of 2609a36) calls meta.get(), so metadata that is valid JSON but not an object (a
-    # list, a number) would escape as an AttributeError. Only the footer is read here: cheap at any size.
-    try:
-        with pa.memory_map(path, "r") as source:
-            raw = (pa.ipc.open_file(source).schema.metadata or {}).get(_META_KEY)
-        meta = None if raw is None else json.loads(raw)
-    except (pa.ArrowException, OSError, ValueError):
-        return  # not readable at all: read_table words that
-    if raw is not None and not isinstance(meta, dict):
-        raise _Fail(f"{path}: not a geko_data state file (its {_META_KEY.decode()!r} metadata is a JSON "
-                    f"{type(meta).__name__}, expected an object)")
-
-
-def _check_meta(path: str, meta: dict[str, Any]) -> None:
-    """Check the metadata fields the commands use, so a hand-edited file fails here and not in a format()."""
-    for key, ok, allowed in (("config", lambda v: isinstance(v, dict), "an object"),
-                             ("fingerprint", lambda v: isinstance(v, str), "a string"),
-                             ("epoch", _is_int, "an integer"), ("step", _is_int, "an integer"),
-                             ("num_nonfinite", _is_int, "an integer")):
-        v = meta.get(key)
-        if v is not None and not ok(v):
-            raise _Fail(f"{path}: metadata field {key!r} is {_short(v)}, expected {allowed} or null")
-    history = meta.get("history", [])
-    if not isinstance(history, list):
-        raise _Fail(f"{path}: metadata field 'history' is {_short(history)}, expected a list of partitions")
-    for i, h in enumerate(history):
-        if not isinstance(h, dict):
-            raise _Fail(f"{path}: history entry {i} is {_short(h)}, expected an object")
-        for key in _HISTORY_INTS:
-            if not _is_int(h.get(key)):
-                raise _Fail(f"{path}: history entry {i} has {key}={_short(h.get(key))}, expected an integer")
-        if not isinstance(h.get("phase"), str):
-            raise _Fail(f"{path}: history entry {i} has phase={_short(h.get('phase'))}, expected a string")
-        loss = h.get("mean_loss")
-        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
-            raise _Fail(f"{path}: history entry {i} has mean_loss={_short(loss)}, expected a number or null")
-
-
-def _check_columns(path: str, table: pa.Table) -> None:
-    if table.num_rows == 0:
-        raise _Fail(f"{path}: holds no samples")
-    for name in table.column_names:
-        want = _TYPES.get(name)
-        if want is None:
-            continue
-        got = table.schema.field(name).type
-        if got != want:
-            raise _Fail(f"{path}: column {name!r} has type {got}, expected {want}")
-        nulls = table.column(name).null_count
-        if nulls:
-            raise _Fail(f"{path}: column {name!r} has {nulls:,} null values, expected none")
-    if "bucket" in table.column_names and pc.max(table.column("bucket")).as_py() >= _PRUNED:
-        bucket = _col(table, "bucket")
-        bad = np.flatnonzero(bucket >= _PRUNED)
-        codes = ", ".join(f"{i} {n}" for i, n in enumerate(policy.BUCKET_NAMES))
-        raise _Fail(f"{path}: column 'bucket' holds code {int(bucket[bad[0]])} at id {int(bad[0])} "
-                    f"({bad.size:,} sample{'s' if bad.size != 1 else ''}), expected 0-3 ({codes})")
-
-
+# ---------------------------------------------------------------------- reading
 def _load(path: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """``read_table`` plus the checks it leaves out: metadata fields, column types, nulls, bucket codes."""
+    """``read_table`` (which validates the whole file) with its errors as one-line failures."""
     if not os.path.exists(path):
         raise _Fail(f"{path}: no such file")
-    _check_meta_is_object(path)
     try:
-        # All columns: memory-mapped, so unread columns cost nothing, and every command refuses the same
-        # bad files, also those bad only in a column it does not use.
-        table, meta = read_table(path)
+        return read_table(path, columns=columns)
     except StateFileError as e:
         raise _Fail(str(e)) from None
-    _check_meta(path, meta)
-    _check_columns(path, table)
-    return (table if columns is None else table.select(columns)), meta
 
 
 def _col(table: pa.Table, name: str) -> np.ndarray:

@@ -439,7 +439,13 @@ class SampleState:
 
 def read_table(path: str | os.PathLike, *, memory_map: bool = True,
                columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-    """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those."""
+    """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those.
+
+    Everything a reader relies on is checked here, so every reader (``SampleState.load``, ``geko-data``)
+    refuses the same files: metadata that is not a JSON object or has fields of the wrong type, history
+    entries that are not partition records, columns missing, of other types or with nulls, bucket codes
+    outside 0-3, no rows, a row count other than the metadata's.
+    """
     path = os.fspath(path)
     try:
         source = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
@@ -449,8 +455,8 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
             raise StateFileError(f"{path}: not a geko_data state file (no {_META_KEY.decode()!r} metadata)")
         meta = json.loads(raw)
         if not isinstance(meta, dict):
-            raise StateFileError(f"{path}: not a geko_data state file (metadata is a JSON "
-                                 f"{type(meta).__name__}, not an object)")
+            raise StateFileError(f"{path}: not a geko_data state file (its {_META_KEY.decode()!r} metadata is a "
+                                 f"JSON {type(meta).__name__}, expected an object)")
         version = meta.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
@@ -458,42 +464,89 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
         missing = [n for n in _NAMES if n not in reader.schema.names]
         if missing:
             raise StateFileError(f"{path}: not a geko_data state file (missing columns {missing})")
-        for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS):
-            if name in reader.schema.names:
-                found = reader.schema.field(name).type
-                if found != pa.from_numpy_dtype(np.dtype(dtype)):
-                    raise StateFileError(f"{path}: column {name!r} has type {found}, expected {dtype}")
         _check_meta(path, meta)
+        # All columns are checked (memory-mapped, so unread ones cost nothing): a file bad only in a column
+        # one reader does not use is refused by every reader.
         table = reader.read_all()
-        if columns is not None:
-            table = table.select(columns)
+        _check_columns(path, table)
     except StateFileError:
         raise
     except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: not a readable geko_data state file "
                              f"(truncated or foreign: {e})") from None
-    if "bucket" in table.column_names and table.num_rows:
-        top = pa.compute.max(table.column("bucket")).as_py()
-        if top is not None and top > policy.HARD:
-            raise StateFileError(f"{path}: column 'bucket' holds code {top}; codes are 0-3 "
-                                 f"(FREEZE, LIGHT, FOCUS, HARD)")
     if table.num_rows != meta.get("num_samples"):
         raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
                              f"{meta.get('num_samples')} samples (truncated?)")
-    return table, meta
+    return (table if columns is None else table.select(columns)), meta
 
 
-_HISTORY_KEYS = {f for f in PartitionStats.__dataclass_fields__}
+#: Arrow type of every column a state file may hold.
+_TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype))
+                                  for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS)}
+_HISTORY_KEYS = frozenset(PartitionStats.__dataclass_fields__)
+_HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_meta(path: str, meta: dict[str, Any]) -> None:
-    """Types of the metadata fields readers rely on; a foreign or hand-edited file fails here, named."""
-    for key, kind in (("num_samples", int), ("epoch", int), ("step", int), ("num_nonfinite", int),
-                      ("history", list), ("config", dict)):
-        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
-            raise StateFileError(f"{path}: metadata field {key!r} must be a {kind.__name__}, "
-                                 f"got {type(meta[key]).__name__}")
-    for i, h in enumerate(meta.get("history", [])):
-        if not isinstance(h, dict) or not _HISTORY_KEYS <= set(h):
-            raise StateFileError(f"{path}: history entry {i} is not a partition record "
-                                 f"(needs {sorted(_HISTORY_KEYS)})")
+    """The metadata fields readers use, so a hand-edited file fails here, named, and not in a format()."""
+    for key, ok, allowed in (("config", lambda v: isinstance(v, dict), "an object"),
+                             ("fingerprint", lambda v: isinstance(v, str), "a string"),
+                             ("num_samples", _is_int, "an integer"),
+                             ("epoch", _is_int, "an integer"), ("step", _is_int, "an integer"),
+                             ("num_nonfinite", _is_int, "an integer")):
+        v = meta.get(key)
+        if v is not None and not ok(v):
+            raise StateFileError(f"{path}: metadata field {key!r} is {_short(v)}, expected {allowed} or null")
+    history = meta.get("history", [])
+    if not isinstance(history, list):
+        raise StateFileError(f"{path}: metadata field 'history' is {_short(history)}, expected a list of "
+                             f"partitions")
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise StateFileError(f"{path}: history entry {i} is {_short(h)}, expected an object")
+        if not _HISTORY_KEYS <= set(h):
+            raise StateFileError(f"{path}: history entry {i} is not a partition record (lacks "
+                                 f"{sorted(_HISTORY_KEYS - set(h))})")
+        for key in _HISTORY_INTS:
+            if not _is_int(h.get(key)):
+                raise StateFileError(f"{path}: history entry {i} has {key}={_short(h.get(key))}, "
+                                     f"expected an integer")
+        if not isinstance(h.get("phase"), str):
+            raise StateFileError(f"{path}: history entry {i} has phase={_short(h.get('phase'))}, "
+                                 f"expected a string")
+        loss = h.get("mean_loss")
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            raise StateFileError(f"{path}: history entry {i} has mean_loss={_short(loss)}, "
+                                 f"expected a number or null")
+
+
+def _check_columns(path: str, table: pa.Table) -> None:
+    """Types, nulls and bucket codes of every known column; at least one row."""
+    if table.num_rows == 0:
+        raise StateFileError(f"{path}: holds no samples")
+    for name in table.column_names:
+        want = _TYPES.get(name)
+        if want is None:
+            continue
+        got = table.schema.field(name).type
+        if got != want:
+            raise StateFileError(f"{path}: column {name!r} has type {got}, expected {want}")
+        nulls = table.column(name).null_count
+        if nulls:
+            raise StateFileError(f"{path}: column {name!r} has {nulls:,} null values, expected none")
+    top = pa.compute.max(table.column("bucket")).as_py()
+    if top is not None and top > policy.HARD:
+        bucket = table.column("bucket").combine_chunks().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(bucket > policy.HARD)
+        codes = ", ".join(f"{i} {n}" for i, n in enumerate(policy.BUCKET_NAMES))
+        raise StateFileError(f"{path}: column 'bucket' holds code {int(bucket[bad[0]])} at id {int(bad[0])} "
+                             f"({bad.size:,} sample{'s' if bad.size != 1 else ''}), expected 0-3 ({codes})")
