@@ -256,17 +256,31 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
         raise
     except (pa.ArrowException, OSError, json.JSONDecodeError) as e:
         raise ShardError(f"{path}: not a readable shard index ({e})") from None
-    if meta.get("format_version", 0) > INDEX_VERSION:
-        raise ShardError(f"{path}: index format {meta.get('format_version')} is newer than this geko_data reads")
-    root = os.path.dirname(os.path.abspath(path))
-    shards = tuple(s if ("://" in s or s.startswith("pipe:")) else os.path.normpath(os.path.join(root, s))
-                   for s in meta["shards"])
-    return ShardIndex(shards=shards, sizes=tuple(int(s) for s in meta["sizes"]),
-                      keys=np.array(table.column("key").to_pylist(), dtype=object),
-                      shard=table.column("shard").to_numpy().astype(np.int32),
-                      offset=table.column("offset").to_numpy().astype(np.int64),
-                      length=table.column("length").to_numpy().astype(np.int64),
-                      fingerprint=str(meta["fingerprint"]))
+    try:
+        if not isinstance(meta, dict):
+            raise TypeError(f"metadata is a JSON {type(meta).__name__}, expected an object")
+        if meta.get("format_version", 0) > INDEX_VERSION:
+            raise ShardError(f"{path}: index format {meta.get('format_version')} is newer than this geko_data "
+                             f"reads")
+        names, sizes = list(meta["shards"]), [int(x) for x in meta["sizes"]]
+        if len(names) != len(sizes) or not all(isinstance(x, str) for x in names):
+            raise ValueError("'shards' and 'sizes' must be lists of the same length (paths and byte sizes)")
+        root = os.path.dirname(os.path.abspath(path))
+        shards = tuple(x if ("://" in x or x.startswith("pipe:")) else os.path.normpath(os.path.join(root, x))
+                       for x in names)
+        index = ShardIndex(shards=shards, sizes=tuple(sizes),
+                           keys=table.column("key").to_numpy(zero_copy_only=False).astype(object),
+                           shard=table.column("shard").to_numpy().astype(np.int32),
+                           offset=table.column("offset").to_numpy().astype(np.int64),
+                           length=table.column("length").to_numpy().astype(np.int64),
+                           fingerprint=str(meta["fingerprint"]))
+    except ShardError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, pa.ArrowException) as e:
+        raise ShardError(f"{path}: not a usable shard index ({type(e).__name__}: {e})") from None
+    if index.num_samples and (index.shard.min() < 0 or index.shard.max() >= len(shards)):
+        raise ShardError(f"{path}: not a usable shard index (shard numbers outside 0..{len(shards) - 1})")
+    return index
 
 
 def _fast_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int] | None:

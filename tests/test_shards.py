@@ -222,3 +222,18 @@ def test_index_progress_counts_bytes(shards, capsys):
     index_shards(idx.shards, progress=True)
     err = capsys.readouterr().err
     assert "indexing 4 shard(s)" in err and re.search(r"100%\|.*\| [\d.]+k/[\d.]+k .*B/s", err), err
+
+
+def test_hand_made_index_with_bad_metadata_is_a_named_shard_error(shards, tmp_path):
+    table = pa.ipc.open_file(str(shards / "index.arrow")).read_all()
+    key = next(k for k in table.schema.metadata if b"geko" in k)
+    meta = json.loads(table.schema.metadata[key])
+    cases = {"list.arrow": [1, 2], "no_shards.arrow": {k: v for k, v in meta.items() if k != "shards"},
+             "uneven.arrow": {**meta, "sizes": meta["sizes"][:1]}, "sizes_text.arrow": {**meta, "sizes": "x"}}
+    for name, bad in cases.items():
+        path = tmp_path / name
+        t = table.replace_schema_metadata({key: json.dumps(bad).encode()})
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, t.schema) as w:
+            w.write_table(t)
+        with pytest.raises(ShardError, match=name):
+            read_index(path)
