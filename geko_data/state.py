@@ -350,8 +350,10 @@ class SampleState:
 
     @property
     def should_stop(self) -> bool:
-        """True once ``frozen_share`` reaches ``config.early_stop_frozen`` after at least one repartition."""
-        return self.epoch >= 0 and self.frozen_share >= self.config.early_stop_frozen
+        """True once ``frozen_share`` reaches ``config.early_stop_frozen`` after at least one repartition
+        (never when it is 1.0: the config's way to say "do not stop early")."""
+        limit = self.config.early_stop_frozen
+        return limit < 1.0 and self.epoch >= 0 and self.frozen_share >= limit
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:

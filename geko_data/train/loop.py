@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from geko_data import policy, signals as signals_mod
+from geko_data.atomic import atomic_write_bytes
 from geko_data.config import GEKOConfig
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
@@ -153,9 +154,28 @@ def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, dec
 
 
 class _Logger:
+    """``metrics.jsonl``, one JSON record a line, written by rank 0 only."""
+
     def __init__(self, output_dir: str, enabled: bool) -> None:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
+
+    def start(self, *, resumed_step: int | None) -> None:
+        """A fresh run starts an empty file; a resumed one drops the records after its checkpoint's step
+        (the interrupted run logged them, the resumed run logs them again)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = b""
+        if resumed_step is not None:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    try:
+                        rec_step = json.loads(line).get("step", 0)
+                    except (json.JSONDecodeError, AttributeError):
+                        continue  # a line cut by a crash
+                    if isinstance(rec_step, int) and rec_step <= resumed_step:
+                        kept += line if line.endswith(b"\n") else line + b"\n"
+        atomic_write_bytes(self.path, kept)
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -196,6 +216,11 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     gives per-sample loss / confidence / correctness (default: causal-LM signals on ``labels``, or
     classification signals for 1-D labels). ``resume_from``: a checkpoint, or an output dir whose newest
     complete checkpoint is used.
+
+    Returns ``step`` (optimizer steps), ``epochs`` (epochs run: fewer after an early stop), ``efficiency``,
+    ``eval`` (the last evaluation), ``output_dir``, ``state_path``, ``ids_seen`` (the sample ids this rank
+    trained on, in order), and the trained ``model``, its ``optimizer`` and ``data`` (the GEKOSampler or
+    GEKOStream, whose ``state`` this rank holds).
     """
     if not isinstance(args, TrainArgs):
         raise TypeError(f"`args` must be a TrainArgs, got {type(args).__name__}")
@@ -247,11 +272,15 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         forward_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled = False
+    uncompiled = forward_model
+    # torch.compile is lazy: most failures come at the first call (tracing, the compiler, the backward
+    # graph). The fallback stays armed until one micro-batch has run forward and backward, then a later
+    # error is a real error and propagates.
+    compile_armed = False
     if args.compile_model:
         try:
             forward_model = torch.compile(forward_model)
-            compiled = True
+            compile_armed = True
         except Exception as e:  # compile support varies by platform; training goes on uncompiled
             warnings.warn(f"torch.compile failed ({e}); training continues without it", stacklevel=2)
 
@@ -264,10 +293,12 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
                         sampler=data if isinstance(data, GEKOSampler) else None,
                         num_workers=workers, collate_fn=collate_fn, **loader_kw)
     logger = _Logger(args.output_dir, main)
+    logger.start(resumed_step=step if resume_from is not None else None)
     accum = args.gradient_accumulation_steps
     start_time = time.time()
     last_eval: dict[str, float] = {}
     backward_passes = forward_passes = 0
+    backward_in_window = False  # did any micro-batch of the current accumulation window run backward?
     ids_seen: list[int] = []
 
     def checkpoint(epoch: int, consumed: int) -> None:
@@ -292,31 +323,68 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         say(f"[eval] step {step}: loss {last_eval['eval_loss']:.4f} accuracy {last_eval['eval_accuracy']:.3f}")
 
     def optimizer_step(progress: float) -> None:
-        nonlocal step
+        """One optimizer step over the accumulated window.
+
+        A window whose micro-batches were all forward-only re-checks has no gradient: the optimizer, the
+        clipping and the fp16 scaler are left alone (the scaler cannot unscale what was never scaled), but
+        the step still counts, so logging / eval / save intervals and the LR schedule stay tied to the
+        data's position and a resumed run counts the same steps.
+        """
+        nonlocal step, backward_in_window
         lr = args.learning_rate * _lr_factor(args, step, progress, data.config.use_curriculum)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        if backward_in_window:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               args.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        backward_in_window = False
         step += 1
+
+    def after_step(epoch: int, consumed: int, running: float, micro: int) -> None:
+        """The interval checks of every optimizer step, the epoch's last partial one included."""
+        if step % args.logging_steps == 0:
+            logger({"event": "train", "step": step, "epoch": epoch, "loss": running / max(micro, 1),
+                    "lr": optimizer.param_groups[0]["lr"], "phase": data.phase,
+                    "samples": consumed, "time": time.time() - start_time})
+        if args.eval_steps and step % args.eval_steps == 0:
+            run_eval()
+        if args.save_steps and step % args.save_steps == 0:
+            checkpoint(epoch, consumed)
+
+    def forward_backward(fwd: torch.nn.Module, inputs: dict[str, torch.Tensor], weight: torch.Tensor,
+                         forward_only: bool) -> signals_mod.Signals:
+        with _autocast(args, device), (torch.no_grad() if forward_only else nullcontext()):
+            sig = signals(fwd(**inputs), inputs)
+        if not forward_only:
+            per_sample = sig.loss.float()
+            loss = (torch.where(torch.isfinite(per_sample), per_sample, 0.0) * weight).sum() / max(len(weight), 1)
+            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        return sig
 
     epochs_run = epoch0
     last_epoch, last_consumed = max(epoch0, 0), consumed0
     for epoch in range(epoch0, args.num_epochs):
         data.set_epoch(epoch)
-        if epoch > epoch0 and data.should_stop:
+        consumed = consumed0 if epoch == epoch0 else 0
+        # Early stop is decided at an epoch's start, after its repartition. A fresh run always trains its
+        # first epoch (a state handed in may be all FREEZE: those epochs are re-checks). A run resumed at
+        # an epoch's position 0 decides again: that is the end checkpoint of a run that stopped here.
+        stop = data.should_stop
+        if consumed == 0 and (epoch > epoch0 or resume_from is not None) and stop:
             say(f"[GEKO] FREEZE share {data.state.frozen_share:.1%} >= early_stop_frozen "
                 f"{data.config.early_stop_frozen:.0%}: stopping early")
+            # The end checkpoint describes this position: the next epoch, repartitioned, at sample 0.
+            last_epoch, last_consumed = epoch, 0
             break
-        consumed = consumed0 if epoch == epoch0 else 0
         epoch_len = consumed + len(data)
         running, micro = 0.0, 0
         bar = tqdm(loader, desc=f"Epoch {epoch + 1}/{args.num_epochs}", disable=not (args.progress and main),
@@ -327,48 +395,37 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
             inputs = {k: v.to(device) for k, v in batch.items()
                       if not k.startswith("__") and isinstance(v, torch.Tensor)}
             forward_only = bool((weight == 0).all()) and world == 1
-            with _autocast(args, device), (torch.no_grad() if forward_only else nullcontext()):
-                try:
-                    outputs = forward_model(**inputs)
-                except Exception as e:
-                    if not compiled:
-                        raise
-                    warnings.warn(f"torch.compile failed at the first call ({e}); training continues "
-                                  f"without it", stacklevel=2)
-                    forward_model, compiled = (model if world == 1 else forward_model._orig_mod), False
-                    outputs = forward_model(**inputs)
-                sig = signals(outputs, inputs)
-            per_sample = sig.loss.float()
+            try:
+                sig = forward_backward(forward_model, inputs, weight, forward_only)
+            except Exception as e:
+                if not compile_armed:
+                    raise
+                warnings.warn(f"torch.compile failed at the first call ({e}); training continues "
+                              f"without it", stacklevel=2)
+                forward_model, compile_armed = uncompiled, False
+                optimizer.zero_grad(set_to_none=True)  # whatever the failed backward left behind
+                sig = forward_backward(forward_model, inputs, weight, forward_only)
+            if not forward_only:
+                compile_armed = False  # forward and backward both ran compiled: no more fallback
+                backward_in_window = True
+                backward_passes += int((weight > 0).sum())
+            per_sample = sig.loss.detach().float()
             finite = torch.isfinite(per_sample)
             forward_passes += len(ids)
-            if not forward_only:
-                loss = (torch.where(finite, per_sample, 0.0) * weight).sum() / max(len(ids), 1)
-                backward_passes += int((weight > 0).sum())
-                if scaler is not None:
-                    scaler.scale(loss / accum).backward()
-                else:
-                    (loss / accum).backward()
-            data.report(ids, per_sample.detach(), correct=sig.correct, confidence=sig.confidence, step=step)
+            data.report(ids, per_sample, correct=sig.correct, confidence=sig.confidence, step=step)
             ids_seen.extend(ids.tolist())
             consumed += len(ids)
             micro += 1
             if finite.any():
-                running += float(per_sample.detach()[finite].mean())
+                running += float(per_sample[finite].mean())
             if micro % accum == 0:
-                progress = (epoch + consumed / max(epoch_len, 1)) / args.num_epochs
-                optimizer_step(progress)
-                if step % args.logging_steps == 0:
-                    logger({"event": "train", "step": step, "epoch": epoch, "loss": running / micro,
-                            "lr": optimizer.param_groups[0]["lr"], "phase": data.phase,
-                            "samples": consumed, "time": time.time() - start_time})
-                if args.eval_steps and step % args.eval_steps == 0:
-                    run_eval()
-                if args.save_steps and step % args.save_steps == 0:
-                    checkpoint(epoch, consumed)
+                optimizer_step((epoch + consumed / max(epoch_len, 1)) / args.num_epochs)
+                after_step(epoch, consumed, running, micro)
             bar.set_postfix(loss=f"{running / max(micro, 1):.3f}", phase=data.phase.lower())
         bar.close()
         if micro % accum:  # the epoch's last, partial accumulation still counts as a step
             optimizer_step((epoch + 1) / args.num_epochs)
+            after_step(epoch, consumed, running, micro)
         epochs_run = epoch + 1
         last_epoch, last_consumed = epoch, consumed
         hist = data.state.history[-1] if data.state.history else {}
@@ -379,16 +436,17 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     run_eval()
     if args.save_at_end:
         checkpoint(last_epoch, last_consumed)
-    report = data.efficiency_report()
+    report = data.efficiency_report(epochs_done=epochs_run)
     report.update({"wall_time_s": time.time() - start_time, "optimizer_steps": step,
                    "forward_passes_rank": forward_passes, "backward_passes_rank": backward_passes,
                    "world_size": world})
     state_path = os.path.join(args.output_dir, "state.arrow")
     if main:
         data.state.save(state_path)
-        with open(os.path.join(args.output_dir, "efficiency.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        say(data.format_efficiency_report() + f"\n  Wall time          : {report['wall_time_s']:.1f} s")
+        atomic_write_bytes(os.path.join(args.output_dir, "efficiency.json"),
+                           json.dumps(report, indent=1).encode())
+        say(data.format_efficiency_report(epochs_done=epochs_run)
+            + f"\n  Wall time          : {report['wall_time_s']:.1f} s")
     return {"step": step, "epochs": epochs_run, "efficiency": report, "eval": last_eval,
             "output_dir": args.output_dir, "state_path": state_path, "ids_seen": ids_seen,
-            "model": model}
+            "model": model, "optimizer": optimizer, "data": data}
