@@ -253,6 +253,10 @@ def test_exact_resume_after_epoch_one_from_shards(tmp_path):
         assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
     wa, wb = weights(full["model"]), weights(resumed["model"])
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    for field, value in (("batch_size", 4), ("gradient_accumulation_steps", 3), ("num_epochs", 4)):
+        with pytest.raises(ValueError, match=f"`{field}` is {value}"):
+            train(tiny_lm(), str(tmp_path / "shards"), args=args(tmp_path, "bad", **{**kw, field: value}),
+                  config=CFG, resume_from=ckpt, log=QUIET)
 
 
 def test_lora_bf16_gradient_checkpointing(tmp_path, capsys):

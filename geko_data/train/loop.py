@@ -153,6 +153,20 @@ def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, dec
     return sampler, sampler.wrap(train_data)
 
 
+#: TrainArgs a resume must keep: they decide which samples make up each optimizer step and the LR there.
+_RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
+                 "warmup_steps", "lr_schedule")
+
+
+def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
+    """A resume with other step-defining arguments would not continue the interrupted run: refuse it."""
+    for name in _RESUME_FIXED:
+        if name in saved and saved[name] != getattr(args, name):
+            raise ValueError(f"resume: `{name}` is {getattr(args, name)!r} but the checkpoint was written with "
+                             f"{saved[name]!r}; resume with the same value (other fields, such as the number "
+                             f"of DataLoader workers or the output dir, may change)")
+
+
 class _Logger:
     """``metrics.jsonl``, one JSON record a line, written by rank 0 only."""
 
@@ -260,6 +274,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     step, epoch0, consumed0 = 0, 0, 0
     if resume_from is not None:
         trainer_state, data_state, state = load_checkpoint(resume_from, model=model, optimizer=optimizer)
+        _check_resume_args(trainer_state.get("args") or {}, args)
         data.use_state(state)
         data.load_state_dict(data_state)
         step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state["position"]
