@@ -163,7 +163,9 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         if self._order is None:
             self.set_epoch(max(self.epoch, 0))
         assert self._order is not None
-        start, self._start = self._start, 0
+        # The resume position holds until the next set_epoch, not just for one iterator: a DataLoader (or a
+        # progress bar wrapping it) may create an iterator, prefetch from it and drop it.
+        start = self._start
         self._yielded = start
         for index in self._order[start:].tolist():
             self._yielded += 1

@@ -12,7 +12,11 @@ Layout of ``checkpoint-<step>/``::
 The directory is built under a temporary name and renamed into place, so a
 crash leaves either the complete checkpoint or nothing under that name; old
 checkpoints are renamed away before they are deleted, so a crash while
-pruning never leaves a half-deleted one under a checkpoint name.
+pruning never leaves a half-deleted one under a checkpoint name. The next
+save deletes the hidden ``.checkpoint-*.tmp`` directories a killed save left.
+Loading reads every file before it changes anything, and refuses a file it
+cannot read safely (corrupt, truncated, a pickle payload) with an error
+naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from geko_data.state import SampleState
 __all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^\.checkpoint-\d+\..+\.tmp$")  # a killed save's temp dir (atomic_dir's or _remove's)
 _REQUIRED = ("trainer_state.json", "data_state.json", "state.arrow", "optimizer.pt", "rng.safetensors")
 _WEIGHTS = ("model.safetensors", "adapter.safetensors")
 
@@ -78,9 +83,13 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
     periodic save already wrote: same weights, same optimizer): deleting it first would leave a window with
     no checkpoint at all.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:  # a read-only parent, a regular file on the way: same type, naming the argument
+        raise type(e)(e.errno, f"`output_dir` {output_dir!r} cannot be created: {e.strerror}") from None
     if not os.access(output_dir, os.W_OK):
         raise PermissionError(f"`output_dir` {output_dir!r} is not writable")
+    _clear_leftovers(output_dir)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if os.path.exists(final) and not _missing(final):
         _prune(output_dir, keep)
@@ -99,6 +108,14 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
         state.save(os.path.join(tmp, "state.arrow"))
     _prune(output_dir, keep)
     return final
+
+
+def _clear_leftovers(output_dir: str) -> None:
+    """Delete the temp dirs of saves that were killed: each may be as large as a checkpoint, and a run
+    that crashes now and then would fill the disk. Only rank 0 writes here, so none is still in use."""
+    for name in os.listdir(output_dir):
+        if _LEFTOVER.match(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def _remove(path: str) -> None:
@@ -143,17 +160,43 @@ def find_latest(path: str) -> str:
     return found[-1]
 
 
+def _read(path: str, name: str, reader: Any) -> Any:
+    """``reader(file)``; any failure (corrupt, truncated, foreign, a pickle payload) names the file."""
+    try:
+        return reader(os.path.join(path, name))
+    except Exception as e:  # noqa: BLE001 (safetensors, json and torch raise many types: name the file)
+        raise CheckpointError(f"checkpoint {path!r}: {name} refused, it cannot be read safely "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _read_json(file: str) -> dict[str, Any]:
+    with open(file, encoding="utf-8") as f:
+        value = json.load(f)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_checkpoint(path: str, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None
                     ) -> tuple[dict[str, Any], dict[str, Any], SampleState]:
-    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state)."""
+    """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state).
+
+    Every file is read (and a bad one refused, naming it) before the model, optimizer or RNG change.
+    """
     path = find_latest(path)
     name = "adapter.safetensors" if _is_peft(model) else "model.safetensors"
-    weights_path = os.path.join(path, name)
-    if not os.path.exists(weights_path):
+    if not os.path.exists(os.path.join(path, name)):
         raise CheckpointError(f"checkpoint {path!r} has no {name} (saved from a {'non-' if _is_peft(model) else ''}"
                               f"peft model?)")
-    weights = load_file(weights_path)
+    weights = _read(path, name, load_file)
+    # weights_only refuses pickled code objects: that is the point
+    opt_state = (_read(path, "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+                 if optimizer is not None else None)
+    rng = _read(path, "rng.safetensors", lambda f: load_file(f)["cpu"])
+    trainer_state = _read(path, "trainer_state.json", _read_json)
+    data_state = _read(path, "data_state.json", _read_json)
+    state = _read(path, "state.arrow", lambda f: SampleState.load(f, memory_map=False))
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -164,15 +207,6 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
         if unexpected:
             raise CheckpointError(f"checkpoint {path!r} has weights the model lacks: {unexpected[:5]}")
     if optimizer is not None:
-        try:
-            opt_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code objects: that is the point
-            raise CheckpointError(f"checkpoint {path!r}: optimizer.pt refused by the safe loader ({e})") from None
         optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["cpu"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        trainer_state = json.load(f)
-    with open(os.path.join(path, "data_state.json")) as f:
-        data_state = json.load(f)
-    state = SampleState.load(os.path.join(path, "state.arrow"), memory_map=False)
+    torch.set_rng_state(rng)
     return trainer_state, data_state, state

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+# tqdm.auto's asyncio flavour calls iter() on the DataLoader when the bar is made, then again to loop:
+# two iterators per epoch (two sets of workers, and a sampler's resume position used up by the first).
+from tqdm import tqdm
 
 from geko_data import policy, signals as signals_mod
 from geko_data.atomic import atomic_write_bytes
@@ -201,7 +203,7 @@ def evaluate(model: torch.nn.Module, eval_data: Any, *, args: TrainArgs, signals
              device: torch.device, collate_fn: Callable[..., Any]) -> dict[str, float]:
     """Mean loss and accuracy (share of correct samples) of ``eval_data``."""
     loader = DataLoader(eval_data, batch_size=args.eval_batch_size or args.batch_size, shuffle=False,
-                        collate_fn=collate_fn)
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))  # leaves the global RNG be
     was_training = model.training
     model.eval()
     losses, correct = [], []
@@ -246,7 +248,10 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         _check_fp16(device)
     torch.manual_seed(args.seed)
     if main:
-        os.makedirs(args.output_dir, exist_ok=True)
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"`output_dir` {args.output_dir!r} cannot be created ({e.strerror or e})") from None
         if not os.access(args.output_dir, os.W_OK):
             raise PermissionError(f"`output_dir` {args.output_dir!r} is not writable")
     signals = signals or _default_signals(args.correct_threshold)
@@ -304,9 +309,12 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     if workers > 0:
         loader_kw = {"persistent_workers": args.dataloader_persistent_workers,
                      "prefetch_factor": args.dataloader_prefetch_factor}
+    # Each DataLoader iterator draws its workers' base seed from `generator`, or else from the global torch
+    # RNG, which would shift dropout's random stream between a run and its resume. Seeded per epoch below.
+    loader_rng = torch.Generator()
     loader = DataLoader(dataset, batch_size=args.batch_size,
                         sampler=data if isinstance(data, GEKOSampler) else None,
-                        num_workers=workers, collate_fn=collate_fn, **loader_kw)
+                        num_workers=workers, collate_fn=collate_fn, generator=loader_rng, **loader_kw)
     logger = _Logger(args.output_dir, main)
     logger.start(resumed_step=step if resume_from is not None else None)
     accum = args.gradient_accumulation_steps
@@ -389,6 +397,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     last_epoch, last_consumed = max(epoch0, 0), consumed0
     for epoch in range(epoch0, args.num_epochs):
         data.set_epoch(epoch)
+        loader_rng.manual_seed(args.seed * 100_003 + epoch)
         consumed = consumed0 if epoch == epoch0 else 0
         # Early stop is decided at an epoch's start, after its repartition. A fresh run always trains its
         # first epoch (a state handed in may be all FREEZE: those epochs are re-checks). A run resumed at
