@@ -532,3 +532,27 @@ def test_embedded_smollm2_takes_one_lora_step():
     opt.step()
     changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert changed > 0
+
+
+def test_checkpoint_missing_a_weight_is_refused_but_tied_weights_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def tied(seed):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+
+    out = train(tied(0), lm_data(8), args=args(tmp_path, num_epochs=1), config=CFG, log=QUIET)
+    ckpt = find_latest(str(tmp_path / "out"))
+    fresh = tied(7)
+    load_checkpoint(ckpt, model=fresh, optimizer=None)  # tied weights (stored once) load fine
+    assert fresh.get_output_embeddings().weight.data_ptr() == fresh.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(fresh.get_input_embeddings().weight, out["model"].get_input_embeddings().weight)
+    path = os.path.join(ckpt, "model.safetensors")
+    weights = load_file(path)
+    dropped = next(k for k in weights if "layers.0" in k)
+    del weights[dropped]
+    save_file(weights, path)
+    with pytest.raises(CheckpointError, match="lacks weights"):
+        load_checkpoint(ckpt, model=tied(1), optimizer=None)

@@ -202,7 +202,15 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
 
         set_peft_model_state_dict(model, weights)
     else:
-        # strict=False: tied weights were stored once and stay tied to the loaded copy.
+        # strict=False: tied weights were stored once and stay tied to the loaded copy. Any other missing
+        # weight is an error: the model would silently keep its initial values.
+        current = model.state_dict()
+        stored = {(current[k].untyped_storage().data_ptr(), current[k].storage_offset())
+                  for k in weights if k in current}
+        untied = [k for k in current if k not in weights and current[k].numel() > 0
+                  and (current[k].untyped_storage().data_ptr(), current[k].storage_offset()) not in stored]
+        if untied:
+            raise CheckpointError(f"checkpoint {path!r} lacks weights of the model: {untied[:5]}")
         _missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
             raise CheckpointError(f"checkpoint {path!r} has weights the model lacks: {unexpected[:5]}")
