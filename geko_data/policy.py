@@ -104,9 +104,12 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
     """
     correct = np.asarray(correct, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
-    freeze = (correct & (conf > config.freeze_confidence) & (stability(loss_var) > config.freeze_quality)
-              & (np.asarray(q) >= config.min_q_for_freeze))
-    out = np.where(correct, LIGHT, np.where(conf > config.focus_confidence, HARD, FOCUS)).astype(np.uint8)
+    # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
+    # the same rule without a square root over every sample.
+    stable = np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
+    freeze = correct & (conf > config.freeze_confidence) & stable & (np.asarray(q) >= config.min_q_for_freeze)
+    u8 = np.uint8
+    out = np.where(correct, u8(LIGHT), np.where(conf > config.focus_confidence, u8(HARD), u8(FOCUS)))
     out[freeze] = FREEZE
     out[~np.asarray(seen, dtype=bool)] = FOCUS
     return out
@@ -232,6 +235,12 @@ def _fill(w: np.ndarray, length: float, cap: float) -> np.ndarray:
     weights, so one HARD sample among many LIGHT ones at PEAK does not shrink the epoch to ``cap`` draws.
     The sum falls short of ``length`` only when every weighted sample is at the cap.
     """
+    total = float(w.sum())
+    if total <= 0.0 or length <= 0:
+        return np.zeros(w.shape[0], dtype=np.float64)
+    expected = w * (length / total)
+    if expected.max() <= cap:  # the common case, without the boolean-indexed copies below
+        return expected
     expected = np.zeros(w.shape[0], dtype=np.float64)
     free = w > 0
     left = length

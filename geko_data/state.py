@@ -301,7 +301,7 @@ class SampleState:
         seen = self.seen
         bucket = policy.classify(seen=seen, correct=self.correct, confidence=self.confidence, q=self.q,
                                  loss_var=self.loss_var, config=cfg)
-        self.bucket[alive] = bucket[alive]
+        np.copyto(self.bucket, bucket, where=alive)
         is_frozen = alive & (self.bucket == policy.FREEZE)
         self.frozen_epochs[:] = np.where(is_frozen, np.minimum(self.frozen_epochs.astype(np.int16) + 1, 255), 0)
         new_pruned = policy.prune_mask(self.frozen_epochs, cfg) & alive
@@ -309,14 +309,14 @@ class SampleState:
         self.bucket[new_pruned] = policy.FREEZE
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
         alive = ~self.pruned
-        counts = np.bincount(self.bucket[alive], minlength=4)
+        counts = np.bincount(np.where(alive, self.bucket, np.uint8(4)), minlength=5)  # 4: pruned
         stats = PartitionStats(
             epoch=self.epoch, progress=float(progress), phase=policy.phase_name(progress), step=self.step,
             freeze=int(counts[policy.FREEZE]), light=int(counts[policy.LIGHT]), focus=int(counts[policy.FOCUS]),
             hard=int(counts[policy.HARD]), pruned=int(self.pruned.sum()), newly_pruned=int(new_pruned.sum()),
             active=int(alive.sum() - counts[policy.FREEZE]), seen=int(seen.sum()),
             forgets=int(self.forgets.sum(dtype=np.int64)),
-            mean_loss=float(np.nanmean(self.loss[seen])) if seen.any() else math.nan)
+            mean_loss=float(np.nanmean(self.loss)) if seen.any() else math.nan)  # unseen losses are NaN
         self.history.append(stats.to_dict())
         return stats
 
