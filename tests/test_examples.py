@@ -53,3 +53,13 @@ def test_lora_hf_example(tmp_path):
     assert "accuracy before:" in out and "accuracy after:" in out and "Trainable params" in out
     assert "GEKO efficiency report" in out
     assert os.path.exists(tmp_path / "out" / "state.arrow") and os.path.exists(tmp_path / "out" / "efficiency.json")
+
+
+@pytest.mark.timeout(120)
+def test_inspect_state_example_and_its_commands(tmp_path):
+    out = run(sys.executable, "examples/inspect_state.py", str(tmp_path))
+    assert out.count("Partition:") == 5 and "PRUNED" in out
+    cli = os.path.join(os.path.dirname(sys.executable), "geko-data")
+    diff = subprocess.run([cli, "diff", "state-epoch2.arrow", "state.arrow", "--index", "data", "--list", "3"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert diff.returncode == 0 and "newly pruned" in diff.stdout and "tweet0" in diff.stdout
