@@ -262,7 +262,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds per policy (default 3; 1 with --quick)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of the policies")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+                   help="add a policy: GEKOConfig fields changed from the defaults, e.g. "
+                        "'fc70:freeze_confidence=0.7' (repeatable; runs after the --policies)")
     ns = p.parse_args(argv)
+    for spec in ns.variant:
+        try:
+            name, fields = spec.split(":", 1)
+            changes = {}
+            for item in fields.split(","):
+                key, value = item.split("=", 1)
+                try:
+                    changes[key.strip()] = json.loads(value)
+                except json.JSONDecodeError:
+                    changes[key.strip()] = value
+            POLICIES[name] = GEKOConfig(**changes, name=name)
+        except (ValueError, TypeError) as e:
+            print(f"bench_value: bad --variant {spec!r}: {e}", file=sys.stderr)
+            return 2
+    ns.policies = ",".join([ns.policies, *(v.split(":", 1)[0] for v in ns.variant)])
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     policies = [x for x in ns.policies.split(",") if x]
     unknown = sorted(set(policies) - set(POLICIES))
