@@ -61,20 +61,21 @@ class WeightedDataset(Dataset):
         return self._weights
 
     @staticmethod
-    def _tag(item: Any, index: int, weight: float) -> dict[str, Any]:
+    def _tag(item: Any, index: int, weight: np.float32) -> dict[str, Any]:
         item = dict(item) if isinstance(item, dict) else {"sample": item}
         item["__index__"] = index
         item["__weight__"] = weight
         return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._tag(self.dataset[index], int(index), float(self._view()[index]))
+        # A numpy float32 collates to a float32 tensor: `losses * batch["__weight__"]` keeps the losses' dtype.
+        return self._tag(self.dataset[index], int(index), np.float32(self._view()[index]))
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """Batched fetch (the DataLoader calls it when present): one vectorized weight lookup per batch."""
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
-        weights = self._view()[np.asarray(indices, dtype=np.int64)].tolist()
+        weights = self._view()[np.asarray(indices, dtype=np.int64)].astype(np.float32, copy=False)
         return [self._tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
 
 

@@ -513,7 +513,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                                         reader.mark_lost(j)
                             continue
                     sample["__index__"] = i
-                    sample["__weight__"] = float(plan.loss_weight[i])
+                    sample["__weight__"] = np.float32(plan.loss_weight[i])  # collates to float32
                     tally["samples_yielded"] += 1
                     if worker is None:
                         self._yielded += 1

@@ -228,3 +228,12 @@ def test_use_state_checks_size():
         s.use_state(SampleState(21))
     with pytest.raises(TypeError, match="SampleState"):
         s.use_state("state.arrow")
+
+
+def test_batched_weights_are_float32_so_losses_keep_their_dtype():
+    ds = Squares(12)
+    s = GEKOSampler(ds, total_epochs=1, config=QUIET)
+    s.set_epoch(0)
+    batch = next(iter(DataLoader(s.wrap(ds), batch_size=4, sampler=s)))
+    assert batch["__weight__"].dtype == torch.float32 and batch["__index__"].dtype == torch.int64
+    assert (torch.ones(4) * batch["__weight__"]).dtype == torch.float32

@@ -250,3 +250,13 @@ def test_constructor_validation(shards):
         GEKOStream(shards, total_epochs=1, batch_size=0)
     with pytest.raises(FileNotFoundError):
         GEKOStream(shards / "nope", total_epochs=1)
+
+
+def test_batched_weights_are_float32_so_losses_keep_their_dtype(shards):
+    import torch
+
+    s = GEKOStream(shards, total_epochs=1, config=QUIET, seed=0, decode=lambda x: {"k": x["__key__"]})
+    batch = next(iter(DataLoader(s, batch_size=4, collate_fn=lambda b: {
+        "__weight__": torch.utils.data.default_collate([x["__weight__"] for x in b])})))
+    assert batch["__weight__"].dtype == torch.float32
+    assert (torch.ones(4) * batch["__weight__"]).dtype == torch.float32
