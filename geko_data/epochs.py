@@ -45,6 +45,11 @@ class EpochDriver:
     epoch_length: int | None
     epoch: int
 
+    @staticmethod
+    def log(message: str) -> None:
+        """Where the partition table goes (rank 0 only); set ``obj.log = my_logger`` to redirect it."""
+        print(message, flush=True)
+
     @property
     def config(self) -> GEKOConfig:
         return self.state.config
@@ -91,7 +96,7 @@ class EpochDriver:
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
             stats = self.state.repartition(progress, epoch=epoch)
             if self.config.log_bucket_stats and self.world.is_main:
-                print(stats.format(), flush=True)
+                self.log(stats.format())
         self.epoch = epoch
         plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
                           epoch_length=self.epoch_length)

@@ -556,3 +556,11 @@ def test_checkpoint_missing_a_weight_is_refused_but_tied_weights_load(tmp_path):
     save_file(weights, path)
     with pytest.raises(CheckpointError, match="lacks weights"):
         load_checkpoint(ckpt, model=tied(1), optimizer=None)
+
+
+def test_partition_table_goes_through_log(tmp_path, capsys):
+    said = []
+    train(tiny_lm(), lm_data(16), args=args(tmp_path, num_epochs=2), config=CFG.replace(log_bucket_stats=True),
+          log=said.append)
+    assert sum("Partition:" in m for m in said) == 2
+    assert "Partition:" not in capsys.readouterr().out  # nothing bypasses log=

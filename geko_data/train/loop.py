@@ -257,6 +257,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     signals = signals or _default_signals(args.correct_threshold)
     collate_fn = collate_fn or pad_collate
     data, dataset = _build_data(train_data, args, config, decode, rank, world)
+    data.log = say  # the partition table each epoch goes where the loop's own messages go
 
     if lora_config is not None:
         model = _apply_lora(model, lora_config, say)
