@@ -130,31 +130,31 @@ class EpochDriver:
                 "world_size": self.world.world_size, "total_epochs": self.total_epochs,
                 "epoch_length": self.epoch_length, "config": self.config.to_dict()}
 
-    @staticmethod
-    def _check_state_dict(sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
-        """Validate a state_dict against this object's values; return its (epoch, position)."""
+    def _check_state_dict(self, sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
+        """Validate a state_dict against this object's values; return its (epoch, position).
+
+        Besides ``mine`` (the front-end's own fields), everything the epoch plan depends on must agree:
+        seed, total_epochs, epoch_length, world size and the config's mode.
+        """
         if not isinstance(sd, dict):
             raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
         version = sd.get("version")
         if not isinstance(version, int) or version > STATE_DICT_VERSION:
             raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
+        mine = {"seed": self.seed, "total_epochs": self.total_epochs, "epoch_length": self.epoch_length,
+                "world_size": self.world.world_size, **mine}
         for key, value in mine.items():
             theirs = sd.get(key, value)  # fields added later default to ours
             if theirs != value:
                 raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}")
-        theirs_mode = (sd.get("config") or {}).get("mode", mine.get("mode"))
-        if "mode" in mine and theirs_mode != mine["mode"]:
+        theirs_mode = (sd.get("config") or {}).get("mode", self.config.mode)
+        if theirs_mode != self.config.mode:
             raise ValueError(f"state_dict config mode {theirs_mode!r} does not match this {what}'s mode "
-                             f"{mine['mode']!r}")
+                             f"{self.config.mode!r}")
         epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
         if position < 0:
             raise ValueError(f"state_dict position must be >= 0, got {position}")
         return epoch, position
-
-    def _plan_fields(self) -> dict[str, Any]:
-        """What a state_dict must agree on for the plan to be the same (checked by ``load_state_dict``)."""
-        return {"seed": self.seed, "total_epochs": self.total_epochs, "epoch_length": self.epoch_length,
-                "world_size": self.world.world_size, "mode": self.config.mode}
 
     def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
         """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history.

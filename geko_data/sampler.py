@@ -206,7 +206,7 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         mid-epoch continues the very plan that was running even after reports changed the state.
         """
         epoch, position = self._check_state_dict(state_dict, {
-            **self._plan_fields(), "num_samples": self.num_samples, "shuffle": self.shuffle}, "sampler")
+            "num_samples": self.num_samples, "shuffle": self.shuffle}, "sampler")
         self.epoch = epoch
         self._start = position
         if epoch >= 0:

@@ -31,8 +31,8 @@ class SharedPlan:
         self.num_samples = int(num_samples)
         self._counts = torch.zeros(self.num_samples, dtype=torch.int32).share_memory_()
         self._weight = torch.ones(self.num_samples, dtype=torch.float32).share_memory_()
-        # meta: [epoch, progress]; epoch -1 = nothing published yet.
-        self._meta = torch.tensor([-1.0, 0.0], dtype=torch.float64).share_memory_()
+        # meta: [epoch, progress, version]; epoch -1 = nothing published yet; version counts publishes.
+        self._meta = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64).share_memory_()
 
     def publish(self, plan: EpochPlan) -> None:
         """Make ``plan`` the current one (main process only, between epochs)."""
@@ -40,23 +40,26 @@ class SharedPlan:
             raise ValueError(f"plan has {plan.counts.shape[0]} samples, expected {self.num_samples}")
         self._counts.numpy()[:] = plan.counts
         self._weight.numpy()[:] = plan.loss_weight
-        self._meta.numpy()[:] = (plan.epoch, plan.progress)
+        meta = self._meta.numpy()
+        meta[:] = (plan.epoch, plan.progress, meta[2] + 1)
 
     @property
     def epoch(self) -> int:
         return int(self._meta[0].item())
 
+    @property
+    def version(self) -> int:
+        """How many plans were published: a worker's cache keyed by it follows every new plan, also one
+        published again for the same epoch."""
+        return int(self._meta[2].item())
+
     def read(self) -> EpochPlan:
         """The published plan; its arrays are copies, so a later ``publish`` cannot change them mid-epoch."""
         if self.epoch < 0:
             raise RuntimeError("no epoch plan published yet: call set_epoch() first")
-        epoch, progress = self._meta.numpy().tolist()
+        epoch, progress, _ = self._meta.numpy().tolist()
         return EpochPlan(epoch=int(epoch), progress=float(progress), counts=self._counts.numpy().copy(),
                          loss_weight=self._weight.numpy().copy())
-
-    def weight_of(self, index: int) -> float:
-        """Loss weight of one sample in the current epoch (for map-style ``__getitem__``)."""
-        return float(self._weight[index].item())
 
     def weights(self) -> np.ndarray:
         """A read-only view of the current loss weights (no copy)."""

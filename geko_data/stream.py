@@ -24,7 +24,6 @@ workers skipped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shlex
 import warnings
@@ -46,8 +45,8 @@ from geko_data.world import World
 
 __all__ = ["GEKOStream", "UNSAFE_EXTENSIONS", "stream_order"]
 
-#: Extensions webdataset's default decoders would run ``pickle.loads`` or ``torch.load(weights_only=False)``
-#: on: code execution from a tar. A ``decode=`` spec refuses them (decode them yourself with a callable).
+#: Extensions webdataset's default decoders would unpickle (plain pickle, or torch's unsafe loader): code
+#: execution from a tar. A ``decode=`` spec refuses them (decode them yourself with a callable).
 UNSAFE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
 
 #: Per-epoch counters, summed over the main process and DataLoader workers (``stats``). ``skipped_draws``
@@ -382,7 +381,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._counters = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
         self._lost = torch.zeros(n, dtype=torch.uint8).share_memory_()  # samples lost to bad data this epoch
         self.epoch = -1
-        self._order_cache: tuple[tuple[int, bytes], np.ndarray] | None = None
+        self._order_cache: tuple[tuple[int, int], np.ndarray] | None = None
         self._yielded = 0
 
     @property
@@ -408,10 +407,10 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._yielded = int(self._start.item())
 
     def _order(self, plan: EpochPlan) -> np.ndarray:
-        # Keyed by the plan's counts, not just its epoch: a persistent worker keeps this cache across
+        # Keyed by the shared plan's version, not just its epoch: a persistent worker keeps this cache across
         # epochs, and the main process may publish another plan for the same epoch (set_epoch again after
-        # feedback, a rollback, a resumed plan). Hashing the counts costs ~1 ms per million samples.
-        version = (plan.epoch, hashlib.blake2b(plan.counts.tobytes(), digest_size=16).digest())
+        # feedback, a resumed plan).
+        version = (plan.epoch, self._shared.version)
         if self._order_cache is None or self._order_cache[0] != version:
             order = stream_order(self.index, plan, seed=self.seed, rank=self.world.rank,
                                  world_size=self.world.world_size, shuffle=self.shuffle,
@@ -459,7 +458,7 @@ class GEKOStream(EpochDriver, IterableDataset):
             cause, field = exn.__cause__ or exn, exn.k
         if isinstance(cause, _UnsafeMember):
             return ShardError(f"shard {url!r}: sample {key!r}: member {key}.{field} has extension {cause.ext!r}, "
-                              f"which webdataset's decoders would unpickle (pickle.loads / torch.load); refused. "
+                              f"which webdataset's decoders would unpickle; refused. "
                               f"Decode it with your own callable `decode=` if you trust these shards")
         what = f"member {key}.{field}" if field is not None else "the sample"
         err = ShardError(f"shard {url!r}: sample {key!r}: decoding {what} failed ({type(cause).__name__}: {cause})")
@@ -555,7 +554,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         """Restore a position from ``state_dict()``; load the matching state file into ``state`` first (it
         keeps the epoch's plan, so a mid-epoch resume continues the very plan that was running)."""
         epoch, position = self._check_state_dict(state_dict, {
-            **self._plan_fields(), "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
+            "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
             "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer},
             "stream")
         self.epoch = epoch

@@ -56,6 +56,11 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's data lives: tied weights (one tensor under two names) share it."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+
+
 def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     if _is_peft(model):
         from peft import get_peft_model_state_dict
@@ -66,7 +71,7 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     seen: dict[tuple[int, int], str] = {}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        key = _storage_key(tensor)
         if key in seen and tensor.numel() > 0:
             continue
         seen[key] = name
@@ -205,10 +210,9 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
         # strict=False: tied weights were stored once and stay tied to the loaded copy. Any other missing
         # weight is an error: the model would silently keep its initial values.
         current = model.state_dict()
-        stored = {(current[k].untyped_storage().data_ptr(), current[k].storage_offset())
-                  for k in weights if k in current}
-        untied = [k for k in current if k not in weights and current[k].numel() > 0
-                  and (current[k].untyped_storage().data_ptr(), current[k].storage_offset()) not in stored]
+        stored = {_storage_key(current[k]) for k in weights if k in current}
+        untied = [k for k in current
+                  if k not in weights and current[k].numel() > 0 and _storage_key(current[k]) not in stored]
         if untied:
             raise CheckpointError(f"checkpoint {path!r} lacks weights of the model: {untied[:5]}")
         _missing, unexpected = model.load_state_dict(weights, strict=False)
