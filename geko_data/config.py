@@ -88,6 +88,8 @@ class GEKOConfig:
         subset_fraction: ``random_subset`` mode: fraction of the data drawn each epoch. Defaults to ``0.5``.
         prune_ratio: ``infobatch`` mode: fraction r of below-mean-loss samples dropped each epoch.
             Defaults to ``0.5``.
+        name: a label carried into state files and reports (presets set it); not a policy knob and not
+            compared by ``==``. Defaults to ``"custom"``.
     """
 
     freeze_confidence: float = 0.85
