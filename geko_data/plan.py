@@ -100,10 +100,9 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     ``loss`` arrays and a ``config``, e.g. ``SampleState``)."""
     config = config if config is not None else state.config
     progress = policy.epoch_progress(epoch, total_epochs)
-    expected, weight = policy.expected_counts(
+    expected, weight = policy.epoch_expected(
         bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
-        progress=progress, config=config, epoch_length=epoch_length,
-        anneal=policy.annealing(epoch, total_epochs, config))
+        epoch=epoch, total_epochs=total_epochs, config=config, epoch_length=epoch_length)
     counts = stochastic_round(expected, rng(seed, epoch, PURPOSE_ROUND))
     return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
                      epoch_length=epoch_length)

@@ -33,6 +33,7 @@ __all__ = [
     "bucket_weight_table",
     "classify",
     "annealing",
+    "epoch_expected",
     "epoch_progress",
     "expected_counts",
     "lr_multiplier",
@@ -130,18 +131,31 @@ def annealing(epoch: int, total_epochs: int, config: GEKOConfig) -> bool:
     return frac > 0 and epoch >= (1.0 - frac) * total_epochs - 1e-9
 
 
+def epoch_expected(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
+                   epoch: int, total_epochs: int, config: GEKOConfig,
+                   epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Expected multiplicity and loss weight of every sample in ``epoch`` of ``total_epochs``.
+
+    The one place that turns an epoch number into its curriculum progress and its annealing decision
+    (``annealing``): the epoch plan, ``SampleState.sampling_weights`` / ``loss_weights`` and therefore the
+    efficiency report all ask it, so they cannot disagree about an epoch.
+    """
+    return expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
+                           progress=epoch_progress(epoch, total_epochs), config=config,
+                           epoch_length=epoch_length, anneal=annealing(epoch, total_epochs, config))
+
+
 def expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
-                    progress: float, config: GEKOConfig, epoch_length: int | None = None,
-                    anneal: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    progress: float, config: GEKOConfig, anneal: bool,
+                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch (pruned samples: 0 and 0).
 
-    ``anneal``: whether this epoch is an annealing one (``annealing(epoch, total_epochs, config)``, as the
-    epoch plan passes it); ``None`` decides from ``progress`` alone (``progress >= 1 - anneal``).
-    See ``_expected_counts`` for the rules of each mode.
+    ``anneal``: whether this epoch is an annealing one. Progress alone cannot say (InfoBatch's rule needs
+    the epoch and the run's length), so the caller passes ``annealing(epoch, total_epochs, config)``;
+    ``epoch_expected`` does both. See ``_expected_counts`` for the rules of each mode.
     """
-    if anneal is None:
-        frac = config.anneal_fraction
-        anneal = frac > 0 and progress >= 1.0 - frac
+    if not isinstance(anneal, (bool, np.bool_)):
+        raise ValueError(f"`anneal` must be a bool (see policy.annealing), got {anneal!r}")
     expected, weight = _expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
                                         progress=progress, config=config, epoch_length=epoch_length,
                                         anneal=bool(anneal))

@@ -320,28 +320,32 @@ class SampleState:
         self.history.append(stats.to_dict())
         return stats
 
-    def sampling_weights(self, progress: float, *, epoch_length: int | None = None) -> np.ndarray:
-        """Expected draws of every sample in an epoch at ``progress`` (float64, (N,)); 0 = never drawn."""
-        return self._expected(progress, epoch_length)[0]
+    def sampling_weights(self, *, epoch: int, total_epochs: int, epoch_length: int | None = None) -> np.ndarray:
+        """Expected draws of every sample in ``epoch`` of ``total_epochs`` (float64, (N,)); 0 = never drawn.
 
-    def loss_weights(self, ids: Any, progress: float | None = None, *,
+        The same numbers the epoch plan draws from (``policy.epoch_expected``), annealing included.
+        """
+        return self._expected(epoch, total_epochs, epoch_length)[0]
+
+    def loss_weights(self, ids: Any, *, epoch: int | None = None, total_epochs: int | None = None,
                      epoch_length: int | None = None) -> np.ndarray:
-        """Loss weight of ``ids`` (float32): in the current epoch's plan, or in an epoch at ``progress``.
+        """Loss weight of ``ids`` (float32): in the current epoch's plan, or in ``epoch`` of ``total_epochs``.
 
-        Without ``progress``: the current plan's weights when the state has a plan, else those at the
-        progress of the last repartition.
+        Without ``epoch``: the current plan's weights (ValueError when the state has no plan yet).
         """
         ids_a = self._check_ids(ids)
-        if progress is None:
-            if self.plan is not None:
-                return self.plan.loss_weight[ids_a]
-            progress = float(self.history[-1]["progress"]) if self.history else 0.0
-        return self._expected(progress, epoch_length)[1][ids_a]
+        if epoch is None:
+            if self.plan is None:
+                raise ValueError("`epoch` and `total_epochs` are needed: this state has no epoch plan yet")
+            return self.plan.loss_weight[ids_a]
+        if total_epochs is None:
+            raise ValueError(f"`total_epochs` is needed with `epoch` ({epoch!r})")
+        return self._expected(epoch, total_epochs, epoch_length)[1][ids_a]
 
-    def _expected(self, progress: float, epoch_length: int | None) -> tuple[np.ndarray, np.ndarray]:
-        return policy.expected_counts(bucket=self.bucket, pruned=self.pruned, times_seen=self.times_seen,
-                                      loss=self.loss, progress=progress, config=self.config,
-                                      epoch_length=epoch_length)
+    def _expected(self, epoch: int, total_epochs: int, epoch_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+        return policy.epoch_expected(bucket=self.bucket, pruned=self.pruned, times_seen=self.times_seen,
+                                     loss=self.loss, epoch=epoch, total_epochs=total_epochs, config=self.config,
+                                     epoch_length=epoch_length)
 
     @property
     def frozen_share(self) -> float:

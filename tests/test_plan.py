@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from geko_data import plan
+from geko_data import plan, policy
 from geko_data.config import GEKOConfig
 from geko_data.policy import FREEZE, HARD, FOCUS
 from geko_data.state import SampleState
@@ -53,3 +53,65 @@ def test_epoch_plan_from_state_is_deterministic_and_skips_freeze():
 def test_pad_to_multiple_handles_short_orders():
     assert plan.pad_to_multiple(np.array([7]), 3).tolist() == [7, 7, 7]
     assert plan.pad_to_multiple(np.array([], dtype=np.int64), 3).shape == (0,)
+
+
+def _state_in_every_bucket(n=40, config=None):
+    """A state whose samples sit in all four buckets (a quarter each), all seen once."""
+    s = SampleState(n, config=config or GEKOConfig())
+    s.report(np.arange(n), np.linspace(0.01, 3.0, n))
+    s.bucket[:] = np.arange(n) % 4
+    return s
+
+
+@pytest.mark.parametrize("config", [GEKOConfig(), GEKOConfig(anneal=0.25), GEKOConfig(anneal=0.34),
+                                    GEKOConfig(mode="infobatch"), GEKOConfig(mode="unbiased")],
+                         ids=["default", "anneal0.25", "anneal0.34", "infobatch", "unbiased"])
+@pytest.mark.parametrize("total_epochs", [3, 4, 5, 8])
+def test_every_view_of_an_epoch_gives_the_same_numbers(config, total_epochs):
+    """sampling_weights, loss_weights and the plan agree on every epoch, annealing ones included (the
+    views once decided annealing by two rules: the last epoch of a 5-epoch run gave a FREEZE sample 1.0
+    expected draws in sampling_weights and 0.05 in the plan)."""
+    s = _state_in_every_bucket(config=config)
+    ids = np.arange(s.num_samples)
+    for epoch in range(total_epochs):
+        p = plan.epoch_plan(s, seed=7, epoch=epoch, total_epochs=total_epochs)
+        sw = s.sampling_weights(epoch=epoch, total_epochs=total_epochs)
+        lw = s.loss_weights(ids, epoch=epoch, total_epochs=total_epochs)
+        np.testing.assert_array_equal(plan.stochastic_round(sw, plan.rng(7, epoch, plan.PURPOSE_ROUND)), p.counts)
+        np.testing.assert_array_equal(lw, p.loss_weight)
+        s.plan = p
+        np.testing.assert_array_equal(s.loss_weights(ids), p.loss_weight)
+        frozen = s.bucket == FREEZE
+        if policy.annealing(epoch, total_epochs, config):
+            assert (sw[frozen] == 1.0).all() and (p.counts[frozen] == 1).all() and (lw[frozen] == 1.0).all()
+        elif config.mode == "geko":
+            assert (lw[frozen] == 0.0).all() and (sw[frozen] == config.recheck_frozen).all()
+
+
+@pytest.mark.parametrize("total_epochs", [4, 5])
+def test_the_efficiency_report_counts_what_the_plans_drew(total_epochs):
+    """A real sampler run: every drawn sample is reported once, so the report's passes are the sum of the
+    plans, and each plan is what sampling_weights promised at the start of its epoch."""
+    from geko_data.sampler import GEKOSampler
+
+    n = 64
+    sampler = GEKOSampler(n, total_epochs=total_epochs, config=GEKOConfig(log_bucket_stats=False,
+                                                                          q_value_lr=0.9, min_q_for_freeze=0.5),
+                          seed=3)
+    rng = np.random.default_rng(0)
+    drawn = 0
+    for epoch in range(total_epochs):
+        sampler.set_epoch(epoch)
+        sw = sampler.state.sampling_weights(epoch=epoch, total_epochs=total_epochs)
+        expected = plan.stochastic_round(sw, plan.rng(3, epoch, plan.PURPOSE_ROUND))
+        np.testing.assert_array_equal(expected, sampler.plan.counts)
+        order = np.array(list(sampler))
+        assert len(order) == sampler.plan.total
+        drawn += len(order)
+        # most samples learn fast: confident, correct, low loss, so some freeze after the first epochs
+        easy = order % 4 != 0
+        sampler.report(order, np.where(easy, 0.01, 2.0) + 0.01 * rng.random(len(order)), correct=easy,
+                       confidence=np.where(easy, 0.99, 0.3))
+    report = sampler.efficiency_report()
+    assert report["sample_passes"] == drawn
+    assert report["buckets"]["FREEZE"] > 0

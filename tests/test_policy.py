@@ -75,7 +75,7 @@ def test_prune_rule():
     assert not policy.prune_mask(fe, GEKOConfig(prune_frozen_after=2, mode="uniform")).any()
 
 
-def expected(bucket, config, progress=0.5, pruned=None, times_seen=None, loss=None, anneal=None):
+def expected(bucket, config, progress=0.5, pruned=None, times_seen=None, loss=None, anneal=False):
     n = len(bucket)
     return policy.expected_counts(bucket=np.array(bucket, np.uint8),
                                   pruned=np.zeros(n, bool) if pruned is None else np.array(pruned),
@@ -142,7 +142,7 @@ def test_uniform_random_subset_and_anneal():
     assert list(e) == [1, 1, 0] and list(w) == [1, 1, 0]  # pruned: never drawn, weight 0
     e, _ = expected([FREEZE, LIGHT, HARD], GEKOConfig(mode="random_subset", subset_fraction=0.3))
     assert list(e) == pytest.approx([0.3, 0.3, 0.3])
-    e, w = expected([FREEZE, LIGHT], GEKOConfig(mode="unbiased"), progress=0.95)  # anneal: all at weight 1
+    e, w = expected([FREEZE, LIGHT], GEKOConfig(mode="unbiased"), progress=0.95, anneal=True)  # all at weight 1
     assert list(e) == [1, 1] and (w == 1).all()
 
 

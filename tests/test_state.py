@@ -246,7 +246,9 @@ def test_the_state_file_keeps_the_current_plan(tmp_path):
 
 def test_loss_weights_validate_ids_and_default_to_the_last_progress():
     s = _filled(30)
-    assert s.loss_weights([0, 1]).shape == (2,)
+    with pytest.raises(ValueError, match="epoch"):
+        s.loss_weights([0, 1])  # no plan yet: which epoch's weights is not for the state to guess
+    assert s.loss_weights([0, 1], epoch=2, total_epochs=3).shape == (2,)
     for bad, match in (([-1], r"\[0, 30\)"), ([30], r"\[0, 30\)"), ([0.5], "integers")):
         with pytest.raises(ValueError, match=match):
             s.loss_weights(bad)
