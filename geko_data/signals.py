@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Signals", "causal_lm", "classification"]
+__all__ = ["CONFIDENCES", "Signals", "causal_lm", "classification"]
 
 
 class Signals(NamedTuple):
@@ -27,12 +27,23 @@ class Signals(NamedTuple):
     correct: torch.Tensor
 
 
+#: How ``causal_lm`` condenses the target tokens' probabilities into one confidence.
+CONFIDENCES = ("min", "geometric", "mean")
+
+
 def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-              correct_threshold: float = 0.5) -> Signals:
+              correct_threshold: float = 1.0, confidence: str = "min") -> Signals:
     """Signals of a causal LM: logits (B, T, V) predict labels (B, T) shifted by one position.
 
-    loss = mean token cross-entropy over non-ignored targets; confidence = mean probability of the target
-    token; correct = token accuracy >= ``correct_threshold``.
+    * loss: mean token cross-entropy over non-ignored targets.
+    * correct: token accuracy under teacher forcing >= ``correct_threshold``. The default 1.0 is sequence
+      exact match (every target token is the argmax), what a greedy exact-match metric asks of an answer;
+      with 0.5 (the earlier default) a wrong answer whose trivial tokens (a leading space, end of sequence)
+      are right counts as correct.
+    * confidence: ``"min"`` (default) the smallest target-token probability, the model's doubt on its
+      weakest token, which easy tokens cannot inflate; ``"geometric"`` the geometric mean ``exp(-loss)``;
+      ``"mean"`` the arithmetic mean (the earlier default: an answer whose one content token has
+      probability 0.1 among four near-certain tokens scores 0.82).
     """
     if logits.dim() != 3:
         raise ValueError(f"`logits` must be (batch, seq, vocab), got shape {tuple(logits.shape)}")
@@ -40,6 +51,8 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
         raise ValueError(f"`labels` must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     if not 0.0 <= correct_threshold <= 1.0:
         raise ValueError(f"`correct_threshold` must be in [0, 1], got {correct_threshold}")
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"`confidence` must be one of {', '.join(CONFIDENCES)}, got {confidence!r}")
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     mask = target != ignore_index
@@ -51,12 +64,18 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     nan = torch.tensor(float("nan"), dtype=token_loss.dtype, device=token_loss.device)
     loss = torch.where(count > 0, token_loss.sum(dim=1) / denom, nan)
     with torch.no_grad():
-        prob = torch.exp(-token_loss.detach()) * mask
-        confidence = torch.where(count > 0, prob.sum(dim=1) / denom, nan)
+        prob = torch.exp(-token_loss.detach())  # 1.0 at ignored positions (their loss is 0)
+        if confidence == "min":
+            conf = prob.masked_fill(~mask, 1.0).amin(dim=1)
+        elif confidence == "geometric":
+            conf = torch.exp(-loss.detach())
+        else:
+            conf = (prob * mask).sum(dim=1) / denom
+        conf = torch.where(count > 0, conf, nan)
         hits = (shift_logits.argmax(dim=-1) == target) & mask
-        accuracy = hits.sum(dim=1).to(denom.dtype) / denom
-        correct = (count > 0) & (accuracy >= correct_threshold)
-    return Signals(loss=loss, confidence=confidence, correct=correct)
+        # token accuracy k / count >= threshold, compared as k >= threshold * count so 1.0 is exactly "all"
+        correct = (count > 0) & (hits.sum(dim=1).to(denom.dtype) >= correct_threshold * denom - 1e-6)
+    return Signals(loss=loss, confidence=conf, correct=correct)
 
 
 def classification(logits: torch.Tensor, labels: torch.Tensor) -> Signals:

@@ -55,3 +55,47 @@ def test_shape_errors_name_the_argument():
         causal_lm(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         classification(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def _answer_logits(probs_right):
+    """Logits (1, T+1, 4) whose target tokens (labels 1, 2, 3, ...) get probabilities ``probs_right``;
+    a probability under 1/2 leaves the argmax on token 0, so that token is wrong."""
+    t = len(probs_right)
+    logits = torch.zeros(1, t + 1, 4)
+    for i, p in enumerate(probs_right):
+        target = 1 + i % 3
+        rest = (1 - p) / 3
+        logits[0, i] = torch.log(torch.full((4,), rest))
+        logits[0, i, target] = math.log(p)
+        if p < 0.5:
+            logits[0, i, 0] = math.log(1 - p - 2 * rest)  # the wrong token takes the argmax
+    labels = torch.tensor([[-100] + [1 + i % 3 for i in range(t)]])
+    return logits, labels
+
+
+def test_causal_lm_default_is_sequence_exact_match_with_min_confidence():
+    # four trivial tokens near-certain, the one content token wrong at p = 0.1
+    logits, labels = _answer_logits([0.99, 0.99, 0.1, 0.99, 0.99])
+    sig = causal_lm(logits, labels)
+    assert not bool(sig.correct[0])  # 4/5 tokens right is not an answer
+    assert sig.confidence[0].item() == pytest.approx(0.1, rel=1e-4)  # trivial tokens cannot lift it
+    old = causal_lm(logits, labels, correct_threshold=0.5, confidence="mean")  # the earlier behaviour
+    assert bool(old.correct[0]) and old.confidence[0].item() == pytest.approx((4 * 0.99 + 0.1) / 5, rel=1e-4)
+    geo = causal_lm(logits, labels, confidence="geometric")
+    assert geo.confidence[0].item() == pytest.approx((0.99 ** 4 * 0.1) ** 0.2, rel=1e-4)
+    assert geo.confidence[0].item() == pytest.approx(math.exp(-sig.loss[0].item()), rel=1e-5)
+
+
+def test_causal_lm_every_token_right_is_correct_and_padding_does_not_lower_min():
+    logits, labels = _answer_logits([0.9, 0.7, 0.95])
+    labels = torch.cat([labels, torch.tensor([[-100]])], dim=1)  # a padded position after the answer
+    logits = torch.cat([logits, torch.zeros(1, 1, 4)], dim=1)
+    sig = causal_lm(logits, labels)
+    assert bool(sig.correct[0]) and sig.confidence[0].item() == pytest.approx(0.7, rel=1e-4)
+    empty = causal_lm(torch.zeros(1, 3, 4), torch.full((1, 3), -100))
+    assert math.isnan(empty.confidence[0].item()) and not bool(empty.correct[0])
+
+
+def test_causal_lm_confidence_choice_is_validated():
+    with pytest.raises(ValueError, match="`confidence` must be one of min, geometric, mean, got 'max'"):
+        causal_lm(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), confidence="max")
