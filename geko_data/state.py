@@ -14,21 +14,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import xxhash
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
 from geko_data.config import GEKOConfig
 from geko_data.plan import EpochPlan
 
-__all__ = ["COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "PartitionStats", "SampleState", "StateFileError", "read_table", "to_numpy"]
+__all__ = ["COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats", "SampleState",
+           "StateFileError", "check_fingerprint", "fingerprint_of", "read_table", "to_numpy"]
 
-FORMAT_VERSION = 1
+#: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
+FORMAT_VERSION = 2
 _META_KEY = b"geko_data"
 
 #: (column, numpy dtype, initial value), in file order.
@@ -52,7 +56,37 @@ PLAN_COLUMNS = (("plan_count", "uint16"), ("plan_weight", "float32"))
 
 
 class StateFileError(ValueError):
-    """A state file that cannot be used: truncated, foreign, too new, or for other shards."""
+    """A state file that cannot be used: truncated, corrupted, foreign, too new, or for other data."""
+
+
+class FingerprintError(StateFileError):
+    """A state written for other data (its fingerprint differs from the data's), wherever it is checked."""
+
+
+def check_fingerprint(stored: str | None, expected: str | None, *, where: str) -> None:
+    """Raise FingerprintError naming ``where`` and both fingerprints unless they agree (None agrees with all)."""
+    if stored is not None and expected is not None and stored != expected:
+        raise FingerprintError(f"{where}: state was written for other data (fingerprint {stored!r}; the shards or "
+                               f"samples here have {expected!r})")
+
+
+def fingerprint_of(keys: Any) -> str:
+    """A fingerprint of a map-style dataset from its sample keys in index order (ids, paths, hashes...).
+
+    Pass it as ``GEKOSampler(..., fingerprint=)``: a state saved for other data of the same length is then
+    refused on resume. Each key is hashed as its ``str``; order matters, as ids index the state.
+    """
+    h = xxhash.xxh3_128()
+    n = 0
+    for key in keys:
+        text = str(key).encode("utf-8", "surrogatepass")
+        # Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        h.update(len(text).to_bytes(8, "little"))
+        h.update(text)
+        n += 1
+    if n == 0:
+        raise ValueError("`keys` must hold at least one key, got none")
+    return f"keys-{n}-{h.hexdigest()[:32]}"
 
 
 @dataclass(frozen=True)
@@ -376,18 +410,24 @@ class SampleState:
         """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached.
 
         With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
-        ``plan_weight`` (loss weight this epoch).
+        ``plan_weight`` (loss weight this epoch). The metadata's ``checksum`` covers the columns and the
+        rest of the metadata, so a file changed after writing is refused on load.
         """
-        columns = {name: pa.array(getattr(self, name)) for name in _NAMES}
+        arrays = {name: getattr(self, name) for name in _NAMES}
         if self.plan is not None:
             # max_repeats <= 1000 keeps a count within uint16.
-            columns["plan_count"] = pa.array(self.plan.counts.astype(np.uint16))
-            columns["plan_weight"] = pa.array(self.plan.loss_weight.astype(np.float32, copy=False))
-        table = pa.table(columns)
-        return table.replace_schema_metadata({_META_KEY: json.dumps(self.metadata()).encode()})
+            arrays["plan_count"] = self.plan.counts.astype(np.uint16)
+            arrays["plan_weight"] = self.plan.loss_weight.astype(np.float32, copy=False)
+        table = pa.table({name: pa.array(a) for name, a in arrays.items()})
+        meta = self.metadata()
+        meta["checksum"] = _checksum(list(arrays.items()), meta)
+        return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole."""
+        """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole.
+
+        A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
+        """
         table = self.to_arrow()
         with atomic_path(path) as tmp:
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -395,21 +435,20 @@ class SampleState:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,
-             config: GEKOConfig | None = None) -> "SampleState":
+             config: GEKOConfig | None = None, verify: bool = True) -> "SampleState":
         """Read a file written by ``save``.
 
         With ``memory_map`` the numeric columns are zero-copy views of the file (copied on the first
-        mutation). ``expect_fingerprint`` guards against state written for other shards; ``config``
-        replaces the stored policy (default: the stored one).
+        mutation). ``expect_fingerprint`` guards against state written for other data (FingerprintError);
+        ``config`` replaces the stored policy (default: the stored one). ``verify`` (default True) checks the
+        stored checksum, which reads every byte of the file once; pass False only for a quick look at a file
+        you trust (the structure and value ranges are checked either way).
         """
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"state file {path!r} does not exist")
-        table, meta = read_table(path, memory_map=memory_map)
-        stored = meta.get("fingerprint")
-        if expect_fingerprint is not None and stored != expect_fingerprint:
-            raise StateFileError(f"{path}: state was written for other shards (fingerprint {stored!r}, "
-                                 f"the shards here have {expect_fingerprint!r})")
+        table, meta = read_table(path, memory_map=memory_map, verify=verify)
+        check_fingerprint(meta.get("fingerprint"), expect_fingerprint, where=path)
         return cls._from_table(table, meta, config=config, path=path)
 
     @classmethod
@@ -443,16 +482,26 @@ class SampleState:
         return self
 
 
-def read_table(path: str | os.PathLike, *, memory_map: bool = True,
-               columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: list[str] | None = None,
+               verify: bool = True) -> tuple[pa.Table, dict[str, Any]]:
     """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those.
 
     Everything a reader relies on is checked here, so every reader (``SampleState.load``, ``geko-data``)
-    refuses the same files: metadata that is not a JSON object or has fields of the wrong type, history
-    entries that are not partition records, columns missing, of other types or with nulls, bucket codes
-    outside 0-3, no rows, a row count other than the metadata's.
+    refuses the same files: a path that is not a regular file (a FIFO would block the open forever),
+    metadata that is not a JSON object (or nested too deep to parse) or has fields of the wrong type, history
+    entries that are not partition records, columns missing, of other types or with nulls, Arrow buffers
+    inconsistent with their lengths, values out of range (bucket codes outside 0-3, NaN Q, confidence
+    outside [0, 1], negative loss variance, ...), no rows, a row count other than the metadata's, and, with
+    ``verify`` (the default), a checksum other than the stored one. Format 1 files, written before checksums,
+    carry none and load unverified.
     """
     path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise StateFileError(f"{path}: not a regular file ({_file_kind(mode)}); a state file is a regular file")
     try:
         source = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
         reader = pa.ipc.open_file(source)
@@ -464,7 +513,7 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
             raise StateFileError(f"{path}: not a geko_data state file (its {_META_KEY.decode()!r} metadata is a "
                                  f"JSON {type(meta).__name__}, expected an object)")
         version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_int(version) or version > FORMAT_VERSION:
             raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
                                  f"reads ({FORMAT_VERSION}); upgrade geko_data")
         missing = [n for n in _NAMES if n not in reader.schema.names]
@@ -474,16 +523,71 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True,
         # All columns are checked (memory-mapped, so unread ones cost nothing): a file bad only in a column
         # one reader does not use is refused by every reader.
         table = reader.read_all()
+        # Full validation: buffers consistent with lengths and null counts, before any value is used.
+        table.validate(full=True)
         _check_columns(path, table)
     except StateFileError:
         raise
+    except RecursionError:  # json.loads of metadata nested thousands of levels deep
+        raise StateFileError(f"{path}: not a geko_data state file (its metadata is nested too deep)") from None
     except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: not a readable geko_data state file "
                              f"(truncated or foreign: {e})") from None
     if table.num_rows != meta.get("num_samples"):
         raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
                              f"{meta.get('num_samples')} samples (truncated?)")
+    if verify:
+        _verify_checksum(path, table, meta)
+    _check_ranges(path, table)
     return (table if columns is None else table.select(columns)), meta
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+_CHECKSUM_ALGORITHM = "xxh3_64"
+
+
+def _checksum(columns: list[tuple[str, np.ndarray]], meta: dict[str, Any]) -> str:
+    """``xxh3_64:<hex>`` over each column's name and values (as numpy bytes) and the metadata (sans checksum).
+
+    The metadata goes in as canonical JSON (sorted keys) of its parsed form, so the writer and the reader
+    hash the same text whatever the key order or spacing of the stored JSON.
+    """
+    h = xxhash.xxh3_64()
+    for name, values in columns:
+        h.update(name.encode() + b"\0")
+        h.update(np.ascontiguousarray(values).view(np.uint8))
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    h.update(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode())
+    return f"{_CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def _verify_checksum(path: str, table: pa.Table, meta: dict[str, Any]) -> None:
+    stored = meta.get("checksum")
+    if stored is None:
+        if meta["format_version"] >= 2:
+            raise StateFileError(f"{path}: metadata lacks its checksum (format {meta['format_version']} files "
+                                 f"carry one): the file was changed after writing")
+        return  # format 1: written before checksums
+    if not isinstance(stored, str) or not stored.startswith(_CHECKSUM_ALGORITHM + ":"):
+        raise StateFileError(f"{path}: metadata field 'checksum' is {_short(stored)}, expected "
+                             f"'{_CHECKSUM_ALGORITHM}:<hex>'")
+    columns = [(name, _values(table, name)) for name in table.column_names if name in _TYPES]
+    got = _checksum(columns, meta)
+    if got != stored:
+        raise StateFileError(f"{path}: checksum mismatch (stored {stored}, computed {got}): the file is "
+                             f"corrupted or was changed after writing")
+
+
+def _values(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy: zero-copy for numbers, one byte per value for booleans."""
+    return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
 
 
 #: Arrow type of every column a state file may hold.
@@ -491,6 +595,48 @@ _TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype))
                                   for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS)}
 _HISTORY_KEYS = frozenset(PartitionStats.__dataclass_fields__)
 _HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+#: (column, lowest, highest, NaN allowed, what is allowed) for every value a reader or the policy relies on.
+#: NaN marks an unseen sample's loss, EMA and confidence; nothing else may be NaN, and nothing may be inf.
+_RANGES: tuple[tuple[str, float, float, bool, str], ...] = (
+    ("loss", -_F32_MAX, _F32_MAX, True, "a finite number or NaN (unseen)"),
+    ("loss_ema", -_F32_MAX, _F32_MAX, True, "a finite number or NaN (unseen)"),
+    ("loss_var", 0.0, _F32_MAX, False, "a finite number >= 0"),
+    ("confidence", 0.0, 1.0, True, "a number in [0, 1] or NaN (unseen)"),
+    ("q", 0.0, 1.0, False, "a number in [0, 1]"),
+    ("last_step", -1, 2**31 - 1, False, "an integer >= -1"),
+    ("plan_count", 0, 1000, False, "an integer in [0, 1000] (max_repeats <= 1000)"),
+    ("plan_weight", 0.0, _F32_MAX, False, "a finite number >= 0"),
+)
+
+
+def _check_ranges(path: str, table: pa.Table) -> None:
+    """Every column's values within what the writer produces; the first bad row named.
+
+    numpy's min and max reductions (NaN-propagating, or NaN-skipping where NaN is allowed) keep this at a
+    few milliseconds per column at 10M rows; the row is searched only once a column is known to be bad.
+    """
+    for name, lo, hi, nan_ok, allowed in _RANGES:
+        if name not in table.column_names:
+            continue
+        v = _values(table, name)
+        floats = v.dtype.kind == "f"
+        if floats and nan_ok:
+            low, high = np.fmin.reduce(v), np.fmax.reduce(v)  # NaN only when all are NaN
+            ok = np.isnan(low) or (low >= lo and high <= hi)
+        else:
+            low, high = v.min(), v.max()
+            ok = bool(low >= lo and high <= hi)  # False on NaN
+        if ok:
+            continue
+        bad = (v < lo) | (v > hi)
+        if floats and not nan_ok:
+            bad |= np.isnan(v)
+        rows = np.flatnonzero(bad)
+        raise StateFileError(f"{path}: column {name!r} holds {v[rows[0]].item()!r} at row {int(rows[0])} "
+                             f"({rows.size:,} bad row{'s' if rows.size != 1 else ''}), expected {allowed}")
 
 
 def _short(v: Any) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
-from geko_data.state import COLUMNS, SampleState, StateFileError, read_table
+from geko_data.state import COLUMNS, FingerprintError, SampleState, StateFileError, fingerprint_of, read_table
 
 
 def test_memory_is_32_bytes_per_sample():
@@ -122,7 +122,7 @@ def test_file_opens_with_pyarrow_and_duckdb(tmp_path):
     table = pa.ipc.open_file(str(path)).read_all()
     assert table.column_names == [c[0] for c in COLUMNS]
     meta = json.loads(table.schema.metadata[b"geko_data"])
-    assert meta["format_version"] == 1 and len(meta["history"]) == 3
+    assert meta["format_version"] == 2 and len(meta["history"]) == 3
     state_table = table  # noqa: F841 - DuckDB finds the pyarrow table by its variable name
     rows = duckdb.sql("SELECT bucket, count(*) AS n FROM state_table GROUP BY bucket ORDER BY bucket").fetchall()
     assert sum(n for _, n in rows) == 300
@@ -150,7 +150,7 @@ def test_bad_files(tmp_path):
         w.write_table(newer)
     with pytest.raises(StateFileError, match="newer"):
         SampleState.load(tmp_path / "newer.arrow")
-    with pytest.raises(StateFileError, match="other shards"):
+    with pytest.raises(FingerprintError, match="other data"):
         SampleState.load(good, expect_fingerprint="xyz")
     with pytest.raises(FileNotFoundError):
         SampleState.load(tmp_path / "missing.arrow")
@@ -268,3 +268,166 @@ def test_duckdb_describes_the_documented_columns(tmp_path):
     assert [row[0] for row in described] == [c[0] for c in COLUMNS]
     types = {row[0]: row[1] for row in described}
     assert types["bucket"] == "UTINYINT" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
+
+
+# ---------------------------------------------------------------------- trust of the file's contents
+def _arrays(s):
+    out = {name: getattr(s, name).copy() for name, _, _ in COLUMNS}
+    if s.plan is not None:
+        out["plan_count"], out["plan_weight"] = s.plan.counts.copy(), s.plan.loss_weight.copy()
+    return out
+
+
+def _same(a, b):
+    assert (a.epoch, a.step, a.num_nonfinite, a.fingerprint, a.history) == (b.epoch, b.step, b.num_nonfinite,
+                                                                             b.fingerprint, b.history)
+    assert a.config == b.config
+    x, y = _arrays(a), _arrays(b)
+    assert x.keys() == y.keys()
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name,value,row", [("q", np.nan, 3), ("confidence", 7.0, 0), ("loss_var", -1.0, 5),
+                                            ("loss", np.inf, 2), ("q", 1.5, 9), ("last_step", -7, 4)])
+def test_values_out_of_range_are_refused_naming_column_and_row(tmp_path, name, value, row):
+    s = _filled(20)
+    getattr(s, name)[row] = value  # saved with a valid checksum: only the range check can refuse it
+    s.save(tmp_path / "s.arrow")
+    with pytest.raises(StateFileError, match=rf"s\.arrow: column '{name}' holds .* at row {row} "):
+        SampleState.load(tmp_path / "s.arrow")
+
+
+def test_plan_count_65535_and_nan_plan_weight_are_refused(tmp_path):
+    from geko_data.plan import epoch_plan
+
+    s = _filled(20)
+    s.plan = epoch_plan(s, seed=0, epoch=0, total_epochs=2)
+    s.plan.counts[4] = 65535
+    s.save(tmp_path / "count.arrow")
+    with pytest.raises(StateFileError, match=r"column 'plan_count' holds 65535 at row 4"):
+        SampleState.load(tmp_path / "count.arrow")
+    s.plan.counts[4] = 1
+    s.plan.loss_weight[6] = np.nan
+    s.save(tmp_path / "weight.arrow")
+    with pytest.raises(StateFileError, match=r"column 'plan_weight' holds nan at row 6"):
+        SampleState.load(tmp_path / "weight.arrow")
+
+
+def test_unseen_nan_columns_are_fine(tmp_path):
+    s = SampleState(5)  # loss, loss_ema and confidence are NaN until reported
+    s.save(tmp_path / "s.arrow")
+    assert np.isnan(SampleState.load(tmp_path / "s.arrow").confidence).all()
+
+
+def test_a_flipped_byte_in_the_columns_is_refused_by_the_checksum(tmp_path):
+    s = _filled(50)
+    s.save(tmp_path / "s.arrow")
+    data = bytearray((tmp_path / "s.arrow").read_bytes())
+    # The first float32 of `loss_ema`: a changed value that is still in range, so only the checksum sees it.
+    target = np.float32(s.loss_ema[0]).tobytes()
+    at = bytes(data).index(target)
+    data[at] ^= 0x01
+    (tmp_path / "s.arrow").write_bytes(bytes(data))
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        SampleState.load(tmp_path / "s.arrow")
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        read_table(tmp_path / "s.arrow", memory_map=False)
+    # verify=False (documented: a quick look at a trusted file) skips only the checksum.
+    assert SampleState.load(tmp_path / "s.arrow", verify=False).loss_ema[0] != s.loss_ema[0]
+
+
+def test_edited_metadata_is_refused_by_the_checksum(tmp_path):
+    table = _filled(30).to_arrow()
+    path = _write_with(tmp_path, "edited.arrow", _with_meta(table, step=12345))
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        SampleState.load(path)
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    del meta["checksum"]
+    path = _write_with(tmp_path, "stripped.arrow", table.replace_schema_metadata(
+        {b"geko_data": json.dumps(meta).encode()}))
+    with pytest.raises(StateFileError, match="lacks its checksum"):
+        SampleState.load(path)
+
+
+def test_format_1_files_without_checksum_still_load(tmp_path):
+    # Files written before checksums (format 1) load unverified, with every other check; the next save
+    # writes format 2 with a checksum.
+    s = _filled(30)
+    table = s.to_arrow()
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    del meta["checksum"]
+    meta["format_version"] = 1
+    path = _write_with(tmp_path, "v1.arrow", table.replace_schema_metadata({b"geko_data": json.dumps(meta).encode()}))
+    t = SampleState.load(path)
+    _same(s, t)
+    t.save(tmp_path / "v2.arrow")
+    assert read_table(tmp_path / "v2.arrow")[1]["checksum"].startswith("xxh3_64:")
+    # A format 1 file that does carry a checksum has it checked.
+    meta["checksum"] = "xxh3_64:0000000000000000"
+    path = _write_with(tmp_path, "v1sum.arrow", table.replace_schema_metadata(
+        {b"geko_data": json.dumps(meta).encode()}))
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        SampleState.load(path)
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_every_small_corruption_is_refused_or_harmless(tmp_path):
+    # Seeded: 400 corruptions (1-3 random bytes set to random values, or one bit flipped) of a small state
+    # file with a plan. Each must raise StateFileError or load exactly the saved values and metadata.
+    from geko_data.plan import epoch_plan
+
+    s = _filled(40)
+    s.plan = epoch_plan(s, seed=1, epoch=3, total_epochs=5)
+    s.fingerprint = "fp-1"
+    s.save(tmp_path / "good.arrow")
+    good = (tmp_path / "good.arrow").read_bytes()
+    rng = np.random.default_rng(1234)
+    path = tmp_path / "bad.arrow"
+    outcomes = {"refused": 0, "identical": 0}
+    for trial in range(400):
+        data = bytearray(good)
+        if trial % 2:
+            at = int(rng.integers(len(data)))
+            data[at] ^= 1 << int(rng.integers(8))
+        else:
+            for at in rng.integers(len(data), size=int(rng.integers(1, 4))):
+                data[int(at)] = int(rng.integers(256))
+        path.write_bytes(bytes(data))
+        for memory_map in (True, False):
+            try:
+                t = SampleState.load(path, memory_map=memory_map)
+            except StateFileError:
+                outcomes["refused"] += 1
+                continue
+            _same(s, t)
+            outcomes["identical"] += 1
+    assert outcomes["refused"] > 500  # most bytes matter; the rest (padding, unused flags) change nothing
+
+
+def test_deeply_nested_metadata_is_a_state_file_error(tmp_path):
+    table = _filled(10).to_arrow()
+    deep = b'{"format_version": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = _write_with(tmp_path, "deep.arrow", table.replace_schema_metadata({b"geko_data": deep}))
+    with pytest.raises(StateFileError, match="deep.arrow.*nested too deep"):
+        SampleState.load(path)
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "state.arrow"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer appears
+    with pytest.raises(StateFileError, match="state.arrow: not a regular file \\(a FIFO\\)"):
+        SampleState.load(fifo)
+    with pytest.raises(StateFileError, match="a directory"):
+        read_table(tmp_path)
+
+
+def test_fingerprint_of_keys():
+    a = fingerprint_of(["x", "y", "z"])
+    assert a == fingerprint_of(iter(["x", "y", "z"])) and a.startswith("keys-3-")
+    assert a != fingerprint_of(["x", "z", "y"])  # order matters: ids index the state
+    assert fingerprint_of(["ab", "c"]) != fingerprint_of(["a", "bc"])
+    assert fingerprint_of(range(3)) == fingerprint_of(["0", "1", "2"])
+    with pytest.raises(ValueError, match="keys"):
+        fingerprint_of([])
