@@ -77,13 +77,28 @@ def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> A
     return idx
 
 
-def _check_output(path: str) -> None:
-    # Checked before any work, so that a typo in -o does not cost a 10M-row export first.
+def _check_output(path: str, inputs: list[str]) -> None:
+    """Refuse an -o that cannot be written or that is one of the command's ``inputs``.
+
+    Checked before any work, so that a typo in -o does not cost a 10M-row export first. The same file is
+    found by inode (``os.path.samefile``), so a symlink or hard link to an input is refused too: the
+    atomic write would replace the input (through the link) with the output.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise _Fail(f"-o {path} is a directory, expected a file name")
     if not os.path.isdir(folder):
         raise _Fail(f"-o {path}: folder {folder} does not exist")
+    if not os.path.exists(path):
+        return
+    for source in inputs:
+        try:
+            same = os.path.samefile(path, source)
+        except OSError:  # a missing input is reported by the command itself
+            continue
+        if same:
+            raise _Fail(f"-o {path} is the same file as the input {source}: it would be overwritten; "
+                        f"choose another output")
 
 
 def _write_failed(path: str, e: OSError) -> _Fail:
@@ -120,6 +135,7 @@ def _summary(path: str) -> dict[str, Any]:
         "forgetting_events": int(_col(table, "forgets").sum(dtype=np.int64)),
         "epoch": meta.get("epoch"), "step": meta.get("step"), "num_nonfinite": meta.get("num_nonfinite"),
         "fingerprint": meta.get("fingerprint"), "config": meta.get("config"), "history": meta.get("history", []),
+        "format_version": meta.get("format_version"), "checksum": meta.get("checksum"),
     }
 
 
@@ -156,6 +172,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     cfg = s["config"] or {}
     print(f"state file   {s['path']}")
     print(f"written at   epoch {s['epoch']}, step {s['step']}  (mode {cfg.get('mode')}, preset {cfg.get('name')})")
+    # read_table verified the checksum before anything was printed; a format 1 file has none.
+    print(f"checksum     {s['checksum'] + ' (verified)' if s['checksum'] else 'none (format 1 file, written before checksums)'}")
     if "index" in s:
         print(f"index        {s['index']['path']}  ({s['index']['samples']:,} samples, fingerprint "
               f"{s['index']['fingerprint']}: matches)")
@@ -286,12 +304,12 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise _Fail("plotting needs matplotlib: pip install 'geko-data[plot]'") from None
+    _check_output(ns.output, [ns.state])
     # The figure is saved under a temporary name first, so the format comes from -o, not from that name.
     fmt = os.path.splitext(ns.output)[1][1:].lower() or "png"
     formats = FigureCanvasBase.get_supported_filetypes()
     if fmt not in formats:
         raise _Fail(f"-o {ns.output}: cannot draw .{fmt}, expected one of {', '.join(sorted(formats))}")
-    _check_output(ns.output)
     fig = _figure(ns.state)
     try:
         with atomic_path(ns.output) as tmp:
@@ -376,7 +394,7 @@ def _write_jsonl(table: pa.Table, path: str) -> None:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    _check_output(ns.output)
+    _check_output(ns.output, [ns.state])
     # Every column, also those a newer writer adds (e.g. the current epoch's plan).
     table, _ = _load(ns.state)
     table = table.replace_schema_metadata(None)
@@ -455,7 +473,7 @@ def cmd_diff(ns: argparse.Namespace) -> int:
 def cmd_index(ns: argparse.Namespace) -> int:
     from geko_data.shards import ShardError, index_shards
 
-    _check_output(ns.output)
+    _check_output(ns.output, ns.shards)
     try:
         idx = index_shards(ns.shards, output=ns.output, progress=True)
     except (ShardError, ValueError) as e:

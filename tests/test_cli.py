@@ -488,3 +488,71 @@ def test_console_script(tmp_path):
     (tmp_path / "junk.arrow").write_bytes(b"junk" * 100)
     proc = call("diff", tmp_path / "s.arrow", tmp_path / "junk.arrow")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- -o naming an input
+def _commands_with_output():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sorted(name for name, p in sub.choices.items() if any("-o" in a.option_strings for a in p._actions))
+
+
+def test_every_command_with_output_is_covered():
+    assert _commands_with_output() == ["export", "index", "plot"]  # a new -o command needs a case below
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "relative"])
+@pytest.mark.parametrize("command", [["export", "--to", "csv"], ["export", "--to", "parquet"],
+                                     ["export", "--to", "jsonl"], ["plot"], ["index"]])
+def test_output_that_is_an_input_is_refused(tmp_path, capsys, monkeypatch, shards, command, how):
+    if command == ["plot"]:
+        pytest.importorskip("matplotlib")
+    if command == ["index"]:
+        tars = sorted(str(p) for p in shards.glob("*.tar"))
+        victim, inputs = tars[-1], tars
+    else:
+        make_state(tmp_path / "s.arrow", n=20, epochs=1)
+        victim, inputs = str(tmp_path / "s.arrow"), [str(tmp_path / "s.arrow")]
+    before = open(victim, "rb").read()
+    output = {"same": victim, "symlink": tmp_path / "link", "hardlink": tmp_path / "hard",
+              "relative": os.path.relpath(victim, tmp_path)}[how]
+    if how == "symlink":
+        os.symlink(victim, output)
+    elif how == "hardlink":
+        os.link(victim, output)
+    monkeypatch.chdir(tmp_path)
+    if command == ["index"]:
+        code, out, err = run(capsys, "index", *inputs, "-o", output)
+    else:
+        code, out, err = run(capsys, command[0], victim, *command[1:], "-o", output)
+    assert_one_line_error(code, out, err, f"-o {output}", "same file as the input", victim)
+    assert open(victim, "rb").read() == before  # the input is untouched
+
+
+def test_output_beside_an_input_is_fine(tmp_path, capsys, shards):
+    make_state(tmp_path / "s.arrow", n=20, epochs=1)
+    (tmp_path / "copy.arrow").write_bytes((tmp_path / "s.arrow").read_bytes())  # equal bytes, another file
+    code, out, _ = run(capsys, "export", tmp_path / "s.arrow", "--to", "csv", "-o", tmp_path / "copy.arrow")
+    assert code == 0 and (tmp_path / "copy.arrow").read_text().startswith("\"loss\"")
+
+
+def test_inspect_shows_the_verified_checksum_and_refuses_a_changed_file(tmp_path, capsys):
+    make_state(tmp_path / "s.arrow", n=30, epochs=1)
+    code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow")
+    assert code == 0 and "checksum     xxh3_64:" in out and "(verified)" in out
+    data = bytearray((tmp_path / "s.arrow").read_bytes())
+    s = SampleState.load(tmp_path / "s.arrow")
+    at = bytes(data).index(np.float32(s.q[0]).tobytes())  # a changed Q still in [0, 1]
+    data[at] ^= 0x01
+    (tmp_path / "s.arrow").write_bytes(bytes(data))
+    for command in (["inspect"], ["export", "--to", "csv", "-o", tmp_path / "out.csv"]):
+        code, out, err = run(capsys, command[0], tmp_path / "s.arrow", *command[1:])
+        assert_one_line_error(code, out, err, "s.arrow", "checksum mismatch")
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_as_state_is_one_line_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "state.arrow")
+    code, out, err = run(capsys, "inspect", tmp_path / "state.arrow")
+    assert_one_line_error(code, out, err, "state.arrow", "not a regular file (a FIFO)")
