@@ -119,9 +119,11 @@ class GEKOSampler(EpochDriver, Sampler[int]):
                 raise ValueError(f"`state` holds {len(state)} samples but `data_source` has {num_samples}")
             if config is not None:
                 state.config = config
-        detected = World.detect()
-        world_size = detected.world_size if num_replicas is None else num_replicas
-        rank = detected.rank if rank is None else rank
+        world_size = num_replicas
+        if num_replicas is None or rank is None:  # explicit ranks need no process group
+            detected = World.detect()
+            world_size = detected.world_size if num_replicas is None else num_replicas
+            rank = detected.rank if rank is None else rank
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"`num_replicas` must be an int >= 1, got {num_replicas!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:

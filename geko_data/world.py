@@ -1,8 +1,9 @@
 """World: the (rank, world_size, worker, num_workers) topology as a value object.
 
 Pure planning code takes a World argument, so tests can build any topology by
-hand; ``World.detect()`` reads it from torch.distributed, the RANK /
-WORLD_SIZE environment variables and ``torch.utils.data.get_worker_info()``.
+hand; ``World.detect()`` reads it from torch.distributed and
+``torch.utils.data.get_worker_info()``, and refuses RANK / WORLD_SIZE in the
+environment without an initialised process group.
 """
 
 from __future__ import annotations
@@ -63,19 +64,26 @@ class World:
 
     @classmethod
     def detect(cls) -> "World":
-        """The running topology: torch.distributed if initialised, else RANK/WORLD_SIZE, plus the worker."""
-        rank, world_size = 0, 1
-        try:
-            import torch.distributed as dist
+        """The running topology: torch.distributed's ranks if initialised, plus the DataLoader worker.
 
-            if dist.is_available() and dist.is_initialized():
-                rank, world_size = dist.get_rank(), dist.get_world_size()
-            else:
-                rank = int(os.environ.get("RANK", 0))
-                world_size = int(os.environ.get("WORLD_SIZE", 1))
-        except ImportError:  # pragma: no cover - torch is a dependency
-            rank = int(os.environ.get("RANK", 0))
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
+        RANK / WORLD_SIZE in the environment (set by torchrun and most launchers) without an initialised
+        process group is an error, not a topology: the sampler would yield this rank's share of the data
+        while feedback could not be all-gathered, so each process would silently train on a fraction of
+        the data with a state of its own. Initialise the process group first, or pass the ranks explicitly.
+        """
+        rank, world_size = 0, 1
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+            if env_world not in (None, "", "1") or env_rank not in (None, "", "0"):
+                raise RuntimeError(
+                    f"RANK={env_rank} and WORLD_SIZE={env_world} are set in the environment but "
+                    f"torch.distributed is not initialised: call torch.distributed.init_process_group() before "
+                    f"building the sampler or stream, or pass the ranks explicitly (GEKOSampler(num_replicas=, "
+                    f"rank=), GEKOStream(world=World(rank=, world_size=)))")
         worker, num_workers = 0, 1
         from torch.utils.data import get_worker_info
 
