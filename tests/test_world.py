@@ -17,17 +17,21 @@ def test_invalid(kw, name):
         World(**kw)
 
 
+def _set_env(monkeypatch, rank, world_size):
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("rank,world_size", [("0", "2"), ("1", "2"), ("2", None), (None, "4")])
 def test_environment_ranks_without_a_process_group_are_an_error(monkeypatch, rank, world_size):
     # torchrun sets RANK / WORLD_SIZE; without init_process_group the sampler used to yield a 1/world_size
     # share of the data per process while nothing was all-gathered: half the data, silently.
     from geko_data.sampler import GEKOSampler
 
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    _set_env(monkeypatch, rank, world_size)
     message = rf"RANK={rank} and WORLD_SIZE={world_size} .*init_process_group\(\).* pass the ranks"
     with pytest.raises(RuntimeError, match=message):
         World.detect()
@@ -41,11 +45,7 @@ def test_environment_ranks_without_a_process_group_are_an_error(monkeypatch, ran
 def test_single_process_environment_is_fine(monkeypatch, rank, world_size):
     from geko_data.sampler import GEKOSampler
 
-    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    _set_env(monkeypatch, rank, world_size)
     w = World.detect()
     assert (w.rank, w.world_size, w.worker, w.num_workers) == (0, 1, 0, 1)
     assert len(list(GEKOSampler(100, total_epochs=2))) == 100
