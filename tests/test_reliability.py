@@ -157,7 +157,8 @@ def _fake_index(n):
 BAD_TRAIN_ARGS = {
     "output_dir": ["", 3], "num_epochs": [0, 2.5, True], "batch_size": [0, "8"],
     "learning_rate": [0.0, float("nan"), 11],
-    "weight_decay": [-0.1, float("inf")], "warmup_steps": [-1, 1.5], "logging_steps": [0], "save_steps": [-1],
+    "weight_decay": [-0.1, float("inf")], "warmup_steps": [-1, 1.5], "warmup_ratio": [-0.1, 1.5],
+    "logging_steps": [0], "save_steps": [-1],
     "eval_steps": [-1, None], "max_grad_norm": [-1.0, "1"], "gradient_accumulation_steps": [0, False],
     "seed": [-1, 1.0], "save_at_end": ["yes", 1], "bf16": [1], "fp16": ["no"], "gradient_checkpointing": [None],
     "compile_model": [0], "use_8bit_optimizer": ["true"], "dataloader_num_workers": [-2, True, 2.0],

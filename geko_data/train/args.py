@@ -1,4 +1,9 @@
-"""TrainArgs: the reference loop's knobs, gekolib's ``GEKOTrainingArgs`` names and defaults plus a few more."""
+"""TrainArgs: the reference loop's knobs, gekolib's ``GEKOTrainingArgs`` names plus a few more.
+
+Defaults suit a small fine-tune (hundreds to thousands of samples, a few epochs): warmup is a share of
+the run, evaluation happens before training and after every epoch, and a generative sample counts as
+correct only when its whole answer is right.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LR_SCHEDULES", "TrainArgs"]
+from geko_data import policy
+from geko_data.config import GEKOConfig
+
+__all__ = ["LR_SCHEDULES", "RESUME_FIXED", "TrainArgs", "anneal_warning"]
 
 LR_SCHEDULES = ("mountain", "cosine", "constant")
+
+#: TrainArgs a resume must keep: they decide which samples make up each optimizer step, the LR there and
+#: what counts as correct. The others (output dir, workers, intervals, precision, progress) may change.
+RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
+                "warmup_steps", "warmup_ratio", "lr_schedule", "weight_decay", "max_grad_norm",
+                "use_8bit_optimizer", "correct_threshold")
 
 
 @dataclass(frozen=True)
@@ -20,13 +34,18 @@ class TrainArgs:
         output_dir: where checkpoints, ``metrics.jsonl``, ``efficiency.json`` and the state file go.
             Defaults to ``"./geko_output"``.
         num_epochs: training epochs. Defaults to ``3``.
-        batch_size: per-device micro-batch size. Defaults to ``32``.
-        learning_rate: peak AdamW learning rate. Defaults to ``5e-5``.
+        batch_size: per-device micro-batch size. Defaults to ``16``.
+        learning_rate: peak AdamW learning rate (full fine-tune; ``geko-train --lora`` uses 2e-4 unless
+            given). Defaults to ``5e-5``.
         weight_decay: AdamW weight decay. Defaults to ``0.01``.
-        warmup_steps: linear warmup in optimizer steps. Defaults to ``100``.
-        logging_steps: log a metrics line every N optimizer steps. Defaults to ``100``.
+        warmup_steps: linear warmup in optimizer steps; when set it wins over ``warmup_ratio``.
+            Defaults to ``None``.
+        warmup_ratio: linear warmup as a share of the run's optimizer steps (counted as if every epoch read
+            every sample once), used when ``warmup_steps`` is None. Defaults to ``0.1``.
+        logging_steps: log a metrics line every N optimizer steps. Defaults to ``10``.
         save_steps: checkpoint every N optimizer steps (0 = only at the end). Defaults to ``1000``.
-        eval_steps: evaluate every N optimizer steps (0 = only at the end). Defaults to ``500``.
+        eval_steps: with eval data, evaluate every N optimizer steps as well; evaluation always runs
+            before training and after every epoch (0 = only then). Defaults to ``0``.
         max_grad_norm: gradient clipping norm (0 disables). Defaults to ``1.0``.
         gradient_accumulation_steps: micro-batches per optimizer step. Defaults to ``1``.
         seed: seed of the model's RNG and of the data plan. Defaults to ``42``.
@@ -43,20 +62,23 @@ class TrainArgs:
             Defaults to ``"mountain"``.
         save_total_limit: checkpoints kept (oldest removed first). Defaults to ``2``.
         eval_batch_size: batch size of evaluation. Defaults to ``batch_size``.
-        correct_threshold: token accuracy a causal-LM sample needs to count as correct. Defaults to ``0.5``.
+        correct_threshold: token accuracy under teacher forcing a causal-LM sample needs to count as correct,
+            in training signals and in eval accuracy; 1.0 is sequence exact match (every answer token is the
+            model's top choice). Defaults to ``1.0``.
         progress: show tqdm bars. Defaults to ``True``.
         device: ``auto``, ``cpu`` or ``cuda``. Defaults to ``"auto"``.
     """
 
     output_dir: str = "./geko_output"
     num_epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 100
-    logging_steps: int = 100
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.1
+    logging_steps: int = 10
     save_steps: int = 1000
-    eval_steps: int = 500
+    eval_steps: int = 0
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     seed: int = 42
@@ -72,7 +94,7 @@ class TrainArgs:
     lr_schedule: str = "mountain"
     save_total_limit: int = 2
     eval_batch_size: int | None = None
-    correct_threshold: float = 0.5
+    correct_threshold: float = 1.0
     progress: bool = True
     device: str = "auto"
 
@@ -94,8 +116,11 @@ class TrainArgs:
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps",
                      "dataloader_prefetch_factor", "save_total_limit"):
             need_int(name, 1)
-        for name in ("warmup_steps", "save_steps", "eval_steps", "seed"):
+        for name in ("save_steps", "eval_steps", "seed"):
             need_int(name, 0)
+        if self.warmup_steps is not None:
+            need_int("warmup_steps", 0)
+        need_float("warmup_ratio", 0.0, 1.0)
         if isinstance(self.dataloader_num_workers, bool) or not isinstance(self.dataloader_num_workers, int) \
                 or self.dataloader_num_workers < -1:
             raise ValueError(f"`dataloader_num_workers` must be an int >= -1, got {self.dataloader_num_workers!r}")
@@ -116,6 +141,19 @@ class TrainArgs:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"`device` must be auto, cpu or cuda, got {self.device!r}")
 
+    def planned_steps(self, num_samples: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run if every epoch read every sample once (GEKO's epochs shrink as
+        samples freeze, so a GEKO run takes fewer); each epoch's partial last step counts."""
+        per_rank = math.ceil(num_samples / max(world_size, 1))
+        micro = math.ceil(per_rank / self.batch_size)
+        return self.num_epochs * math.ceil(micro / self.gradient_accumulation_steps)
+
+    def warmup_for(self, planned_steps: int) -> int:
+        """Warmup steps of a run of ``planned_steps``: ``warmup_steps`` when set, else ``warmup_ratio`` of it."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * planned_steps)
+
     def replace(self, **changes: Any) -> "TrainArgs":
         return dataclasses.replace(self, **changes)
 
@@ -129,3 +167,20 @@ class TrainArgs:
         if unknown:
             raise ValueError(f"unknown TrainArgs field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**d)
+
+
+def anneal_warning(config: GEKOConfig, num_epochs: int) -> str | None:
+    """A message when ``config.anneal`` was given a value that anneals no epoch of a ``num_epochs`` run.
+
+    Epoch ``e`` anneals when ``e >= (1 - anneal) * num_epochs`` (``policy.annealing``), so the last epoch
+    needs ``anneal >= 1 / num_epochs``: 0.33 anneals nothing in a 3-epoch run. ``anneal=0`` and ``None``
+    (the mode's default) are deliberate and get no message.
+    """
+    if config.anneal is None or config.anneal <= 0 or num_epochs < 1:
+        return None
+    if policy.annealing(num_epochs - 1, num_epochs, config):
+        return None
+    smallest = math.ceil(1000.0 / num_epochs) / 1000.0  # rounded up, so the printed value works as given
+    return (f"`anneal` {config.anneal!r} anneals no epoch of this {num_epochs}-epoch run (epoch e anneals "
+            f"when e >= (1 - anneal) * {num_epochs}); the smallest value that anneals the last epoch is "
+            f"{smallest:g} (1/{num_epochs})")

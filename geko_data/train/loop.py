@@ -121,8 +121,11 @@ def _apply_lora(model: torch.nn.Module, lora_config: Any, log: Callable[[str], N
     return model
 
 
-def _lr_factor(args: TrainArgs, step: int, progress: float, use_curriculum: bool) -> float:
-    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+def _lr_factor(args: TrainArgs, step: int, progress: float, use_curriculum: bool,
+               warmup: int | None = None) -> float:
+    """LR multiplier at ``step``; ``warmup``: the run's warmup steps (default ``args.warmup_steps`` or 0)."""
+    warmup = (args.warmup_steps or 0) if warmup is None else warmup
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if args.lr_schedule == "mountain":
         shape = policy.lr_multiplier(progress) if use_curriculum else 1.0
     elif args.lr_schedule == "cosine":
@@ -157,7 +160,7 @@ def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, dec
 
 #: TrainArgs a resume must keep: they decide which samples make up each optimizer step and the LR there.
 _RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
-                 "warmup_steps", "lr_schedule")
+                 "warmup_steps", "warmup_ratio", "lr_schedule")
 
 
 def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
@@ -258,6 +261,12 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     collate_fn = collate_fn or pad_collate
     data, dataset = _build_data(train_data, args, config, decode, rank, world)
     data.log = say  # the partition table each epoch goes where the loop's own messages go
+    planned = args.planned_steps(data.state.num_samples, world)
+    warmup = args.warmup_for(planned)
+    if warmup and warmup >= planned:
+        say(f"[GEKO] warning: warmup is {warmup} optimizer steps and the whole run at most {planned}: the "
+            f"learning rate does not reach `learning_rate` {args.learning_rate:g} before the end; lower "
+            f"`warmup_steps`, or leave it unset and use `warmup_ratio`")
 
     if lora_config is not None:
         model = _apply_lora(model, lora_config, say)
@@ -321,14 +330,20 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     accum = args.gradient_accumulation_steps
     start_time = time.time()
     last_eval: dict[str, float] = {}
+    last_eval_step: int | None = None
     backward_passes = forward_passes = 0
+    if resume_from is not None:  # counters of the whole run: the interrupted part is in the checkpoint
+        start_time -= float(trainer_state.get("time") or 0.0)
+        forward_passes = int(trainer_state.get("forward_passes_rank") or 0)
+        backward_passes = int(trainer_state.get("backward_passes_rank") or 0)
     backward_in_window = False  # did any micro-batch of the current accumulation window run backward?
     ids_seen: list[int] = []
 
     def checkpoint(epoch: int, consumed: int) -> None:
         trainer_state = {"step": step, "epoch": epoch, "consumed": consumed, "args": args.to_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else None,
-                         "time": time.time() - start_time}
+                         "time": time.time() - start_time, "forward_passes_rank": forward_passes,
+                         "backward_passes_rank": backward_passes}
         data_state = data.state_dict(consumed=consumed)
         if main:
             path = save_checkpoint(args.output_dir, step=step, model=model, optimizer=optimizer,
@@ -339,9 +354,10 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
             torch.distributed.barrier()
 
     def run_eval() -> None:
-        nonlocal last_eval
-        if eval_data is None:
+        nonlocal last_eval, last_eval_step
+        if eval_data is None or step == last_eval_step:  # once per step: epoch end and run end often coincide
             return
+        last_eval_step = step
         last_eval = evaluate(model, eval_data, args=args, signals=signals, device=device, collate_fn=collate_fn)
         logger({"event": "eval", "step": step, **last_eval})
         say(f"[eval] step {step}: loss {last_eval['eval_loss']:.4f} accuracy {last_eval['eval_accuracy']:.3f}")
@@ -355,7 +371,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         data's position and a resumed run counts the same steps.
         """
         nonlocal step, backward_in_window
-        lr = args.learning_rate * _lr_factor(args, step, progress, data.config.use_curriculum)
+        lr = args.learning_rate * _lr_factor(args, step, progress, data.config.use_curriculum, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if backward_in_window:
@@ -395,6 +411,8 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         return sig
 
     epochs_run = epoch0
+    if resume_from is None:
+        run_eval()  # the held-out baseline before any training
     last_epoch, last_consumed = max(epoch0, 0), consumed0
     for epoch in range(epoch0, args.num_epochs):
         data.set_epoch(epoch)
@@ -457,6 +475,7 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         logger({"event": "epoch", "epoch": epoch, "step": step, "loss": running / max(micro, 1),
                 "micro_batches": micro, **{k: hist.get(k) for k in ("freeze", "light", "focus", "hard", "pruned")}})
         say(f"[Epoch {epoch + 1}] average loss {running / max(micro, 1):.4f} over {consumed} samples")
+        run_eval()
 
     run_eval()
     if args.save_at_end:
