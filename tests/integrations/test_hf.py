@@ -1,0 +1,211 @@
+"""GEKOTrainer / GEKOSFTTrainer: real transformers and TRL trainers on a tiny Llama built from a config."""
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+
+import tiny  # noqa: E402
+from geko_data import GEKOConfig  # noqa: E402
+from geko_data.integrations.hf import GEKOTrainer  # noqa: E402
+from geko_data.train.collate import pad_collate  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Thresholds a tiny model reaches in a few epochs: samples freeze and the epochs really shrink.
+EASY = GEKOConfig(freeze_confidence=0.6, freeze_quality=0.5, log_bucket_stats=False)
+
+
+def make_args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
+                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=1)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+@pytest.fixture(scope="module")
+def shrinking_run(tmp_path_factory):
+    """5 epochs of 96 rows, accumulation 2, warmup, the default remove_unused_columns=True and a column the
+    model does not take: epochs shrink as samples freeze."""
+    out = tmp_path_factory.mktemp("shrink")
+    trainer = tiny.recording_trainer(GEKOTrainer)(
+        model=tiny.tiny_llama(), args=make_args(out, num_train_epochs=5, gradient_accumulation_steps=2,
+                                                warmup_steps=3),
+        train_dataset=tiny.hf_dataset(96, extra_column=True), data_collator=pad_collate, geko_config=EASY)
+    assert trainer.args.remove_unused_columns  # the default, which dropped __index__ before
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.timeout(120)
+def test_every_epoch_trains_exactly_its_plan(shrinking_run):
+    t = shrinking_run
+    assert sorted(t.ids_by_epoch) == [0, 1, 2, 3, 4]
+    lengths = []
+    for epoch, ids in t.ids_by_epoch.items():
+        counts = collections.Counter(ids)
+        plan = t.plans[epoch]
+        assert all(counts[i] == c for i, c in enumerate(plan)) and len(ids) == sum(plan), epoch
+        lengths.append(len(ids))
+    assert min(lengths) < 96, lengths  # samples froze: later epochs are shorter than the first
+
+
+@pytest.mark.timeout(120)
+def test_steps_and_lr_schedule_end_where_training_ends(shrinking_run):
+    t = shrinking_run
+    # Each epoch's optimizer steps from its own length (the Trainer sized every epoch like the first).
+    expected = sum(math.ceil(math.ceil(len(ids) / 8) / 2) for ids in t.ids_by_epoch.values())
+    assert t.state.global_step == expected == len(t.lrs)
+    assert t.lrs[-1] == 0.0  # linear decay reaches its final value at the last step, not before or after
+    assert t.lrs[-2] > 0.0
+    after_warmup = t.lrs[3:]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
+    assert t.lrs[0] < t.lrs[1] < t.lrs[2]  # warmup in steps
+
+
+@pytest.mark.timeout(120)
+def test_log_history_carries_geko_metrics_per_epoch(shrinking_run):
+    logs = [h for h in shrinking_run.state.log_history if "geko/freeze_share" in h]
+    assert [h["epoch"] for h in logs] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    last = logs[-1]
+    for key in ("geko/light_share", "geko/focus_share", "geko/hard_share", "geko/pruned_share",
+                "geko/passes_saved", "geko/forgetting_events", "geko/sample_passes", "geko/uniform_passes"):
+        assert key in last
+    assert last["geko/uniform_passes"] == 5 * 96
+    assert last["geko/sample_passes"] == sum(len(v) for v in shrinking_run.ids_by_epoch.values())
+    assert last["geko/passes_saved"] == pytest.approx(1 - last["geko/sample_passes"] / (5 * 96))
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def _run(out, *, stop=None, resume=None):
+    args = make_args(out, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     warmup_steps=2, save_strategy="no")
+    trainer = tiny.recording_trainer(GEKOTrainer)(
+        model=tiny.tiny_llama(), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
+        geko_config=EASY, callbacks=[StopAt(stop)] if stop else None)
+    trainer.train(resume_from_checkpoint=resume)
+    ids = [i for e in sorted(trainer.ids_by_epoch) for i in trainer.ids_by_epoch[e]]
+    return trainer, ids
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("stop", [7, 5])  # 7: mid epoch 1; 5: the end of epoch 0 (5 steps of 8 samples)
+def test_stop_and_resume_from_checkpoint_continues_exactly(tmp_path, stop):
+    full, full_ids = _run(tmp_path / "full")
+    first, first_ids = _run(tmp_path / "cut", stop=stop)
+    assert first.state.global_step == stop
+    ckpt = tmp_path / "cut" / f"checkpoint-{stop}"
+    assert (ckpt / "geko_state.arrow").exists() and (ckpt / "geko_sampler.json").exists()
+    resumed, rest_ids = _run(tmp_path / "cut", resume=str(ckpt))
+    assert first_ids + rest_ids == full_ids  # the same sample ids in the same order
+    assert tiny.state_digest(resumed.geko_state) == tiny.state_digest(full.geko_state)
+    assert resumed.state.global_step == full.state.global_step
+    assert resumed.lrs[-1] == full.lrs[-1] == 0.0
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(60)
+def test_resume_from_a_checkpoint_without_geko_state_is_refused(tmp_path):
+    _, _ = _run(tmp_path / "cut", stop=2)
+    ckpt = tmp_path / "cut" / "checkpoint-2"
+    os.remove(ckpt / "geko_state.arrow")
+    with pytest.raises(FileNotFoundError, match="geko_state.arrow"):
+        _run(tmp_path / "cut", resume=str(ckpt))
+
+
+@pytest.mark.timeout(60)
+def test_max_steps_is_refused_with_the_fix(tmp_path):
+    trainer = GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, max_steps=10),
+                          train_dataset=tiny.hf_dataset(8), data_collator=pad_collate)
+    with pytest.raises(ValueError, match="`max_steps` must be -1.*num_train_epochs"):
+        trainer.train()
+
+
+@pytest.mark.timeout(60)
+def test_forward_only_rechecks_skip_backward(tmp_path):
+    """A state where every sample is frozen: the epoch is re-checks at weight 0, run without a backward."""
+    trainer = GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, num_train_epochs=1),
+                          train_dataset=tiny.hf_dataset(16), data_collator=pad_collate,
+                          geko_config=GEKOConfig(recheck_frozen=1.0, anneal=0.0, log_bucket_stats=False))
+    calls = []
+    original = trainer.accelerator.backward
+    trainer.accelerator.backward = lambda loss, **kw: (calls.append(1), original(loss, **kw))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    loader = trainer.get_train_dataloader()
+    sampler = trainer.geko_sampler
+    import numpy as np
+
+    from geko_data import policy
+    sampler.set_epoch(0)
+    sampler.state.bucket[:] = policy.FREEZE  # as if every sample had been mastered
+    sampler.state.plan = None
+    sampler.set_epoch(0)  # re-plan epoch 0 from those buckets: re-checks only
+    for batch in loader:
+        trainer.training_step(trainer.model, batch)
+    assert sampler.plan.loss_weight.max() == 0.0 and int(sampler.plan.counts.sum()) > 0
+    assert calls == []  # no backward pass
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert int(np.sum(sampler.state.times_seen)) == int(sampler.plan.counts.sum())  # all reported
+
+
+@pytest.mark.timeout(120)
+def test_sft_trainer_builds_the_sampler_after_trl_drops_rows(tmp_path):
+    pytest.importorskip("trl")
+    import datasets
+    from trl import SFTConfig
+
+    from geko_data.integrations.hf import GEKOSFTTrainer
+
+    tok = tiny.tiny_tokenizer()
+    words = ["cat", "dog", "rain", "sun", "tax", "cake", "mud", "gold"] * 3
+    raw = [{"prompt": f"is {w} good?", "completion": " yes" if i % 3 else " no"} for i, w in enumerate(words)]
+    raw += [{"prompt": "x" * 60, "completion": " yes"}] * 3  # longer than max_length: TRL drops these rows
+    args = SFTConfig(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8,
+                     learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                     disable_tqdm=True, max_length=40)
+    trainer = tiny.recording_trainer(GEKOSFTTrainer)(
+        model=tiny.tiny_llama(vocab=len(tok)), args=args, train_dataset=datasets.Dataset.from_list(raw),
+        processing_class=tok, geko_config=EASY)
+    trainer.train()
+    assert len(trainer.train_dataset) == 24 and trainer.geko_sampler.num_samples == 24
+    assert sorted(trainer.ids_by_epoch[0]) == list(range(24))  # TRL's collator kept __index__
+    assert sum(1 for h in trainer.state.log_history if "geko/passes_saved" in h) == 2
+    assert trainer.lrs[-1] == 0.0
+
+
+@pytest.mark.timeout(150)
+def test_torchrun_ddp_each_rank_trains_its_full_share(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "hf_ddp_job.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=140,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["world"] == 2 and r0["state"] == r1["state"] and r0["steps"] == r1["steps"]
+    assert r0["lrs"] == r1["lrs"] and r0["lrs"][-1] == 0.0
+    assert sorted(r0["ids"]) == ["0", "1", "2"]
+    for epoch, plan in r0["plans"].items():
+        assert r1["plans"][epoch] == plan
+        a, b = r0["ids"][epoch], r1["ids"][epoch]
+        assert len(a) == len(b) == sum(plan) // 2  # each rank its equal half (accelerate took half of it)
+        counts = collections.Counter(a + b)
+        assert all(counts[i] == c for i, c in enumerate(plan))  # every draw of the plan, exactly once
