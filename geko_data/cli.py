@@ -473,10 +473,35 @@ def cmd_diff(ns: argparse.Namespace) -> int:
 def cmd_index(ns: argparse.Namespace) -> int:
     from geko_data.shards import ShardError, index_shards
 
+    from geko_data.remote import is_url
+
+    if any(is_url(x) for x in [*ns.shards, ns.output]):  # object stores and HTTP: read by byte ranges
+        return _index_remote(ns)
     _check_output(ns.output, ns.shards)
     try:
         idx = index_shards(ns.shards, output=ns.output, progress=True)
     except (ShardError, ValueError) as e:
+        raise _Fail(str(e)) from None
+    print(f"indexed {idx.num_samples:,} samples in {len(idx.shards)} shard(s) -> {ns.output} "
+          f"(fingerprint {idx.fingerprint})")
+    return 0
+
+
+def _index_remote(ns: argparse.Namespace) -> int:
+    """``geko-data index s3://bucket/shards/ -o s3://bucket/shards/index.arrow``: credentials come from the
+    filesystem library's usual places (environment, config files), never from the command line."""
+    from geko_data.remote import RemoteError, index_remote
+    from geko_data.shards import ShardError
+
+    try:
+        options = json.loads(ns.storage_options) if ns.storage_options else None
+    except json.JSONDecodeError as e:
+        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r} ({e})") from None
+    if options is not None and not isinstance(options, dict):
+        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r}")
+    try:
+        idx = index_remote(ns.shards, output=ns.output, storage_options=options, progress=True)
+    except (ShardError, RemoteError, ValueError) as e:
         raise _Fail(str(e)) from None
     print(f"indexed {idx.num_samples:,} samples in {len(idx.shards)} shard(s) -> {ns.output} "
           f"(fingerprint {idx.fingerprint})")
@@ -520,8 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_diff)
     s = sub.add_parser("index", help="index WebDataset tars written by anyone")
-    s.add_argument("shards", nargs="+")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("shards", nargs="+", help="tar files; or URLs (s3://, gs://, az://, http(s)://...) of tars, "
+                                             "of folders (ending in /) or globs")
+    s.add_argument("-o", "--output", required=True, help="the index; for remote shards a URL in their folder")
+    s.add_argument("--storage-options", metavar="JSON",
+                   help='remote shards: filesystem options as JSON, e.g. \'{"anon": true}\' or '
+                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\' (credentials: use the environment)')
     s.set_defaults(func=cmd_index)
     return p
 
