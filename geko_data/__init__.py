@@ -21,11 +21,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "EpochPlan": "geko_data.plan",
     "Feedback": "geko_data.feedback",
+    "FingerprintError": "geko_data.state",
     "GEKOSampler": "geko_data.sampler",
     "GEKOStream": "geko_data.stream",
     "PartitionStats": "geko_data.state",
     "SampleState": "geko_data.state",
     "StateFileError": "geko_data.state",
+    "fingerprint_of": "geko_data.state",
     "index_shards": "geko_data.shards",
     "read_index": "geko_data.shards",
     "write_shards": "geko_data.shards",

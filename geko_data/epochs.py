@@ -16,7 +16,7 @@ from geko_data.config import GEKOConfig
 from geko_data.efficiency import efficiency_report, format_efficiency_report
 from geko_data.feedback import Feedback
 from geko_data.plan import EpochPlan, epoch_plan
-from geko_data.state import SampleState
+from geko_data.state import SampleState, check_fingerprint
 from geko_data.world import World
 
 __all__ = ["EpochDriver", "check_int"]
@@ -105,15 +105,14 @@ class EpochDriver:
 
     def use_state(self, state: SampleState) -> None:
         """Continue from ``state`` (e.g. ``SampleState.load`` of a checkpoint's file); call before
-        ``load_state_dict``. This object's policy and shard fingerprint are kept."""
+        ``load_state_dict``. This object's policy and fingerprint are kept; a state of other data (another
+        fingerprint) raises FingerprintError."""
         if not isinstance(state, SampleState):
             raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
         if len(state) != len(self.state):
             raise ValueError(f"`state` holds {len(state)} samples, this data has {len(self.state)}")
         mine, theirs = self.state.fingerprint, state.fingerprint
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ValueError(f"`state` was written for other shards (fingerprint {theirs!r}, these shards "
-                             f"have {mine!r})")
+        check_fingerprint(theirs, mine, where="`state`")
         state.config = self.state.config
         state.fingerprint = mine or theirs
         self.state = state
@@ -128,7 +127,8 @@ class EpochDriver:
         return {"version": STATE_DICT_VERSION, "kind": kind, "seed": self.seed, "epoch": self.epoch,
                 "position": int(position), "num_samples": self.state.num_samples,
                 "world_size": self.world.world_size, "total_epochs": self.total_epochs,
-                "epoch_length": self.epoch_length, "config": self.config.to_dict()}
+                "epoch_length": self.epoch_length, "config": self.config.to_dict(),
+                "fingerprint": self.state.fingerprint}
 
     def _check_state_dict(self, sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
         """Validate a state_dict against this object's values; return its (epoch, position).
@@ -142,7 +142,9 @@ class EpochDriver:
         if not isinstance(version, int) or version > STATE_DICT_VERSION:
             raise ValueError(f"state_dict version {version!r} is not supported (this reads <= {STATE_DICT_VERSION})")
         mine = {"seed": self.seed, "total_epochs": self.total_epochs, "epoch_length": self.epoch_length,
-                "world_size": self.world.world_size, **mine}
+                "world_size": self.world.world_size, "fingerprint": self.state.fingerprint, **mine}
+        # Other data is one error type wherever it is found (the state file, use_state, the state_dict).
+        check_fingerprint(sd.get("fingerprint"), mine.pop("fingerprint"), where="state_dict")
         for key, value in mine.items():
             theirs = sd.get(key, value)  # fields added later default to ours
             if theirs != value:

@@ -31,7 +31,7 @@ from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
 from geko_data.plan import EpochPlan, global_order, rank_slice
 from geko_data.shared import SharedPlan
-from geko_data.state import SampleState
+from geko_data.state import SampleState, check_fingerprint
 from geko_data.world import World
 
 __all__ = ["GEKOSampler", "WeightedDataset"]
@@ -92,11 +92,16 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         state: an existing ``SampleState`` (e.g. loaded from a checkpoint). Defaults to a fresh one.
         epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
         shuffle: shuffle the epoch's order. Defaults to ``True``.
+        fingerprint: a name of the data (e.g. ``geko_data.fingerprint_of(keys)`` of its sample keys in index
+            order), kept in the state and its files: a state of other data with the same length is refused
+            on ``use_state`` / ``state=`` / ``load_state_dict`` with FingerprintError. Defaults to ``None``
+            (the state's, if any; only the length is checked).
     """
 
     def __init__(self, data_source: Sized | int, *, total_epochs: int, config: GEKOConfig | None = None,
                  seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
-                 state: SampleState | None = None, epoch_length: int | None = None, shuffle: bool = True) -> None:
+                 state: SampleState | None = None, epoch_length: int | None = None, shuffle: bool = True,
+                 fingerprint: str | None = None) -> None:
         if isinstance(data_source, bool):
             raise TypeError(f"`data_source` must be a sized dataset or an int, got {data_source!r}")
         if isinstance(data_source, (int, np.integer)):
@@ -112,11 +117,15 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         check_int("epoch_length", epoch_length, 1, optional=True)
         if config is not None and not isinstance(config, GEKOConfig):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+            raise ValueError(f"`fingerprint` must be a non-empty str or None, got {fingerprint!r}")
         if state is not None:
             if not isinstance(state, SampleState):
                 raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
             if len(state) != num_samples:
                 raise ValueError(f"`state` holds {len(state)} samples but `data_source` has {num_samples}")
+            check_fingerprint(state.fingerprint, fingerprint, where="`state`")
+            state.fingerprint = fingerprint or state.fingerprint
             if config is not None:
                 state.config = config
         world_size = num_replicas
@@ -134,7 +143,8 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         self.world = World(rank=rank, world_size=world_size)
         self.epoch_length = epoch_length
         self.shuffle = bool(shuffle)
-        self.state = state if state is not None else SampleState(num_samples, config=config)
+        self.state = state if state is not None else SampleState(num_samples, config=config,
+                                                                 fingerprint=fingerprint)
         self.feedback = Feedback(self.state)
         self._shared = SharedPlan(num_samples)
         self._plan: EpochPlan | None = None

@@ -66,8 +66,8 @@ class FingerprintError(StateFileError):
 def check_fingerprint(stored: str | None, expected: str | None, *, where: str) -> None:
     """Raise FingerprintError naming ``where`` and both fingerprints unless they agree (None agrees with all)."""
     if stored is not None and expected is not None and stored != expected:
-        raise FingerprintError(f"{where}: state was written for other data (fingerprint {stored!r}; the shards or "
-                               f"samples here have {expected!r})")
+        raise FingerprintError(f"{where}: state was written for other data (other shards or samples: its "
+                               f"fingerprint is {stored!r}, the data here has {expected!r})")
 
 
 def fingerprint_of(keys: Any) -> str:

@@ -40,7 +40,7 @@ from geko_data.feedback import Feedback
 from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, rank_slice, rng
 from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, read_index
 from geko_data.shared import SharedPlan
-from geko_data.state import SampleState, StateFileError
+from geko_data.state import SampleState, check_fingerprint
 from geko_data.world import World
 
 __all__ = ["GEKOStream", "UNSAFE_EXTENSIONS", "stream_order"]
@@ -343,9 +343,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                 raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
             if len(state) != n:
                 raise ValueError(f"`state` holds {len(state)} samples but the shards hold {n}")
-            if state.fingerprint is not None and state.fingerprint != self.index.fingerprint:
-                raise StateFileError(f"`state` was written for other shards (fingerprint {state.fingerprint!r}, "
-                                     f"these shards have {self.index.fingerprint!r})")
+            check_fingerprint(state.fingerprint, self.index.fingerprint, where="`state`")
             state.fingerprint = self.index.fingerprint
             if config is not None:
                 state.config = config

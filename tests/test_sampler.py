@@ -237,3 +237,43 @@ def test_batched_weights_are_float32_so_losses_keep_their_dtype():
     batch = next(iter(DataLoader(s.wrap(ds), batch_size=4, sampler=s)))
     assert batch["__weight__"].dtype == torch.float32 and batch["__index__"].dtype == torch.int64
     assert (torch.ones(4) * batch["__weight__"]).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- fingerprints of map-style data
+def test_a_state_of_other_data_of_the_same_length_is_refused_everywhere(tmp_path, shards):
+    # Every place a fingerprint is compared raises the one FingerprintError (a StateFileError).
+    from geko_data import FingerprintError, StateFileError, fingerprint_of
+    from geko_data.state import SampleState
+    from geko_data.stream import GEKOStream
+
+    mine, theirs = fingerprint_of(f"img{i}.jpg" for i in range(30)), fingerprint_of(f"doc{i}" for i in range(30))
+    a = GEKOSampler(30, total_epochs=2, config=QUIET, fingerprint=theirs)
+    a.set_epoch(0)
+    a.report(list(range(10)), [0.5] * 10)
+    a.state.save(tmp_path / "state.arrow")
+    sd = json.loads(json.dumps(a.state_dict(consumed=5)))
+    assert sd["fingerprint"] == theirs and SampleState.load(tmp_path / "state.arrow").fingerprint == theirs
+
+    b = GEKOSampler(30, total_epochs=2, config=QUIET, fingerprint=mine)
+    assert issubclass(FingerprintError, StateFileError)
+    with pytest.raises(FingerprintError, match=f"{theirs}.*{mine}"):
+        b.use_state(SampleState.load(tmp_path / "state.arrow"))
+    with pytest.raises(FingerprintError, match="state.arrow"):
+        SampleState.load(tmp_path / "state.arrow", expect_fingerprint=mine)
+    with pytest.raises(FingerprintError, match="`state`"):
+        GEKOSampler(30, total_epochs=2, config=QUIET, fingerprint=mine,
+                    state=SampleState.load(tmp_path / "state.arrow"))
+    with pytest.raises(FingerprintError, match="state_dict"):
+        b.load_state_dict(sd)
+    with pytest.raises(FingerprintError, match="other shards"):
+        GEKOStream(shards, total_epochs=2, config=QUIET, state=SampleState(43, fingerprint=theirs))
+    # The same data resumes, and a sampler without a fingerprint adopts the state's.
+    same = GEKOSampler(30, total_epochs=2, config=QUIET, fingerprint=theirs)
+    same.use_state(SampleState.load(tmp_path / "state.arrow"))
+    same.load_state_dict(sd)
+    assert len(same) == len(a) - 5
+    plain = GEKOSampler(30, total_epochs=2, config=QUIET)
+    plain.use_state(SampleState.load(tmp_path / "state.arrow"))
+    assert plain.state.fingerprint == theirs
+    with pytest.raises(ValueError, match="`fingerprint` must be a non-empty str"):
+        GEKOSampler(30, total_epochs=2, fingerprint=b"bytes")
