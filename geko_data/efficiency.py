@@ -15,7 +15,10 @@ import numpy as np
 from geko_data import policy
 from geko_data.state import SampleState
 
-__all__ = ["efficiency_report", "format_efficiency_report"]
+__all__ = ["BASELINE_MODES", "efficiency_report", "format_efficiency_report"]
+
+#: Modes that do not steer sampling: their buckets are measured, never used.
+BASELINE_MODES = ("uniform", "random_subset", "infobatch")
 
 
 def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int) -> dict[str, Any]:
@@ -25,15 +28,22 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     passes = int(state.times_seen.sum(dtype=np.int64))
     uniform = n * max(epochs_done, 0)
     counts = np.bincount(state.bucket[alive], minlength=4)
+    # The partition after the last epoch: the state's buckets are those of the last repartition (an epoch's
+    # start), so the epoch's own reports would otherwise show only at a next epoch that never comes.
+    final = policy.classify(seen=state.seen, correct=state.correct, confidence=state.confidence, q=state.q,
+                            loss_var=state.loss_var, config=state.config)
+    after = np.bincount(final[alive], minlength=4)
     return {
         "samples": n,
         "mode": state.config.mode,
         "epochs_done": epochs_done,
         "total_epochs": total_epochs,
         "seen": int(state.seen.sum()),
-        "mastered_freeze": int(counts[policy.FREEZE]),
+        "mastered_freeze": int(after[policy.FREEZE]),
         "pruned": int(state.pruned.sum()),
         "buckets": {name: int(counts[i]) for i, name in enumerate(policy.BUCKET_NAMES)},
+        "after_last_epoch": {name.lower(): int(after[i]) for i, name in enumerate(policy.BUCKET_NAMES)}
+        | {"pruned": int(state.pruned.sum())},
         "forgetting_events": int(state.forgets.sum(dtype=np.int64)),
         "sample_passes": passes,
         "uniform_passes": uniform,
@@ -44,15 +54,21 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
 
 
 def format_efficiency_report(report: dict[str, Any]) -> str:
-    """The report as a printable table, with the per-epoch partition history."""
+    """The report as a printable table, with the partition at each epoch's start and after the last epoch.
+
+    A baseline mode's buckets steered nothing: its report says so, and has no curriculum phases.
+    """
+    baseline = report["mode"] in BASELINE_MODES
     lines = [
         "=" * 64,
         "  GEKO efficiency report",
         "=" * 64,
         f"  Samples            : {report['samples']:,}",
-        f"  Mode               : {report['mode']}",
+        f"  Mode               : {report['mode']}"
+        + (" (a baseline: buckets are measured, they do not steer sampling)" if baseline else ""),
         f"  Epochs             : {report['epochs_done']} of {report['total_epochs']}",
-        f"  Mastered (FREEZE)  : {report['mastered_freeze']:,}",
+        (f"  Would be FREEZE    : {report['mastered_freeze']:,} (trained all the same)" if baseline else
+         f"  Mastered (FREEZE)  : {report['mastered_freeze']:,}"),
         f"  Pruned             : {report['pruned']:,}",
         f"  Forgetting events  : {report['forgetting_events']:,}",
         f"  Sample passes      : {report['sample_passes']:,} (uniform run: {report['uniform_passes']:,})",
@@ -63,12 +79,17 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
     if report.get("skipped_unreadable"):
         lines.append(f"  Unreadable skipped : {report['skipped_unreadable']:,} samples, "
                      f"{report.get('skipped_draws', 0):,} draws (handler=)")
-    history = report.get("history") or []
+    history = list(report.get("history") or [])
     if history:
+        after = report.get("after_last_epoch")
+        if after is not None:
+            history.append({"epoch": "end", "phase": "", **after})
+        phase = "" if baseline else f" {'phase':<12}"
         lines.append("-" * 64)
-        lines.append(f"  {'epoch':>5} {'phase':<12} {'FREEZE':>7} {'LIGHT':>7} {'FOCUS':>7} {'HARD':>7} {'PRUNED':>7}")
+        lines.append(f"  {'epoch':>5}{phase} {'FREEZE':>7} {'LIGHT':>7} {'FOCUS':>7} {'HARD':>7} {'PRUNED':>7}")
         for h in history:
-            lines.append(f"  {h['epoch']:>5} {h['phase']:<12} {h['freeze']:>7} {h['light']:>7} {h['focus']:>7} "
+            phase = "" if baseline else f" {h['phase']:<12}"
+            lines.append(f"  {h['epoch']:>5}{phase} {h['freeze']:>7} {h['light']:>7} {h['focus']:>7} "
                          f"{h['hard']:>7} {h['pruned']:>7}")
     lines.append("=" * 64)
     return "\n".join(lines)

