@@ -5,15 +5,25 @@
 anyone else wrote (``tar``, ``webdataset.TarWriter``, ...). The index maps
 every sample's dense id to (shard, key, byte offset, byte length) of its tar
 members, so a reader can seek straight to a sample and over everything it
-skips. Its fingerprint (shard names, sizes, sample count) is stored in every
-state file, so state is never applied to other shards.
+skips, and an xxh3 hash of each sample's bytes. Its fingerprint (shard
+names, sizes, sample count and a hash over the per-sample hashes) is stored
+in every state file, so state is never applied to other shards or to shards
+whose content changed.
+
+An index is data, never instructions: its shard names must be relative paths
+under its own folder (no absolute paths, ``..``, URL schemes, ``pipe:``
+commands, NUL bytes, or symlinks that leave the folder). A command or URL
+template for reading shards comes only from the caller's code
+(``GEKOStream(shard_url=...)``).
 
 Both readers hold a sample to exactly its indexed bytes: members must cover
 the sample's byte range with nothing missing (a corrupt header inside it is
 an error, never the end of the sample), extensions are lowercased as
 webdataset does, and two members with one extension in one sample are an
 error. Tar member names are only parsed into keys; they are never used as
-file-system paths.
+file-system paths. The fast header parser reads what ``tarfile`` reads or
+hands the sample to ``tarfile``; the indexer takes byte ranges from
+``tarfile`` itself.
 """
 
 from __future__ import annotations
@@ -30,15 +40,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
 from tqdm.auto import tqdm
 
 from geko_data.atomic import atomic_path
 
 __all__ = ["INDEX_NAME", "ShardError", "ShardIndex", "fingerprint", "index_shards", "iter_tar_samples",
-           "parse_sample", "read_index", "write_shards"]
+           "parse_sample", "read_index", "sample_hash", "write_shards"]
 
 INDEX_NAME = "index.arrow"
-INDEX_VERSION = 1
+# 2: per-sample `hash` column (xxh3_64 of the sample's bytes), covered by the fingerprint.
+INDEX_VERSION = 2
 _META_KEY = b"geko_data_index"
 _BLOCK = 512
 # WebDataset's conventions (webdataset.tariterators): the key is everything before the first dot of the
@@ -70,9 +83,12 @@ def _put(sample: dict[str, Any], ext: str, data: bytes, *, shard: str, name: str
     sample[ext] = data
 
 
-def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int) -> str:
-    """Identity of a shard set: sha256 over shard base names, byte sizes and the sample count."""
-    payload = json.dumps([[os.path.basename(n) for n in names], [int(s) for s in sizes], int(num_samples)])
+def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *, hashes: np.ndarray) -> str:
+    """Identity of a shard set: sha256 over shard base names, byte sizes, the sample count and an xxh3 over
+    the per-sample content hashes (so rewriting a shard with other bytes of the same size changes it)."""
+    content = xxhash.xxh3_128_hexdigest(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
+    payload = json.dumps([[os.path.basename(n) for n in names], [int(s) for s in sizes], int(num_samples),
+                          content])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -81,13 +97,15 @@ class ShardIndex:
     """The shard index as arrays. Build with ``read_index`` or ``index_shards``.
 
     Args:
-        shards: shard paths (absolute, or as given for URLs), in id order.
+        shards: shard paths (absolute), in id order.
         sizes: byte size of each shard when indexed.
         keys: (N,) object array of sample keys.
         shard: (N,) int32 shard number of each sample.
         offset: (N,) int64 byte offset of each sample's first tar header.
         length: (N,) int64 byte length of each sample's members (headers and padding included).
-        fingerprint: identity of the shard set.
+        fingerprint: identity of the shard set (``fingerprint``).
+        hashes: (N,) uint64 xxh3_64 of each sample's ``length`` bytes at ``offset``; None only for an index
+            built by hand (``GEKOStream(verify=True)`` needs it).
     """
 
     shards: tuple[str, ...]
@@ -97,6 +115,7 @@ class ShardIndex:
     offset: np.ndarray
     length: np.ndarray
     fingerprint: str
+    hashes: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -106,10 +125,8 @@ class ShardIndex:
         return self.num_samples
 
     def verify(self) -> None:
-        """Check that every local shard exists with its indexed size; raise ShardError naming the shard."""
+        """Check that every shard exists with its indexed size; raise ShardError naming the shard."""
         for path, size in zip(self.shards, self.sizes):
-            if "://" in path or path.startswith("pipe:"):
-                continue
             if not os.path.exists(path):
                 raise ShardError(f"shard {path!r} is missing")
             actual = os.path.getsize(path)
@@ -117,20 +134,30 @@ class ShardIndex:
                 raise ShardError(f"shard {path!r} changed since indexing: {actual} bytes, index says {size}")
 
 
+# tarfile reads these and then stops at anything it cannot parse; every other exception it raises on a
+# hostile header (a pax size of 10**20 overflows a seek, ...) is as much a bad shard as a TarError.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError)
+
+
 def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[tuple[str, int, int]]:
     """(key, offset, length) of every sample in one tar, members grouped by consecutive key.
 
-    ``advance(n)`` is called as the scan moves through the file (progress in bytes). Past the last member
-    only zero padding may follow: ``tarfile`` takes a corrupt header for the end of the archive, and
-    trusting it would drop every sample after it without a word.
+    The byte ranges are tarfile's own: a member starts at its first header (pax or GNU long-name headers
+    included) and ends where tarfile reads the next header, so the readers, which hand anything their fast
+    parser is unsure of to tarfile, cover exactly these bytes. ``advance(n)`` is called as the scan moves
+    through the file (progress in bytes). Past the last member only zero padding may follow: ``tarfile``
+    takes a corrupt header for the end of the archive, and trusting it would drop every sample after it
+    without a word.
     """
     out: list[tuple[str, int, int]] = []
     current: str | None = None
     start = end = reported = 0
+    at = 0  # header of the last member read, for error messages
     try:
         with tarfile.open(path, mode="r:") as tf:
             while (member := tf.next()) is not None:
                 tf.members.clear()  # random-access mode keeps every TarInfo; an index holds millions
+                at = member.offset
                 if advance is not None and member.offset - reported >= _PROGRESS_STEP:
                     advance(member.offset - reported)
                     reported = member.offset
@@ -139,7 +166,14 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
                 key, _ext = _split_key(member.name)
                 if key is None:
                     continue
-                member_end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+                try:
+                    member.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ShardError(f"shard {path!r}: member name {member.name!r} at byte {member.offset} is not "
+                                     f"UTF-8 (keys are stored as UTF-8 text)") from None
+                # tf.offset is where tarfile reads the next header: right for sparse members too, whose
+                # `size` is the expanded size, not the bytes stored.
+                member_end = tf.offset
                 if key == current:
                     end = member_end
                     continue
@@ -147,8 +181,11 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
                     out.append((current, start, end - start))
                 current, start, end = key, member.offset, member_end
             stop = tf.offset
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"shard {path!r}: not a readable tar ({e})") from None
+    except ShardError:
+        raise
+    except _TAR_ERRORS as e:
+        raise ShardError(f"shard {path!r}: not a readable tar at or after the member at byte {at} "
+                         f"({type(e).__name__}: {e})") from None
     bad = _first_nonzero(path, stop)
     if bad is not None:
         raise ShardError(f"shard {path!r}: unreadable tar header at byte {stop} (non-zero data at byte {bad} "
@@ -159,6 +196,33 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
     if current is not None:
         out.append((current, start, end - start))
     return out
+
+
+def _hash_samples(path: str, ranges: Sequence[tuple[str, int, int]]) -> list[int]:
+    """xxh3_64 of each ``(key, offset, length)`` byte range of ``path`` (read in file order)."""
+    out = []
+    with open(path, "rb") as f:
+        for _key, offset, length in ranges:
+            f.seek(offset)
+            out.append(_hash_range(f, length))
+    return out
+
+
+def _hash_range(f: Any, length: int) -> int:
+    h = xxhash.xxh3_64()
+    left = length
+    while left > 0:  # in pieces: one sample may be larger than memory allows twice
+        chunk = f.read(min(left, 16 << 20))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.intdigest()
+
+
+def sample_hash(buf: bytes) -> int:
+    """The content hash the index keeps for a sample: xxh3_64 of its tar bytes, as an unsigned int."""
+    return xxhash.xxh3_64_intdigest(buf)
 
 
 def _first_nonzero(path: str, pos: int) -> int | None:
@@ -177,10 +241,11 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
                  progress: bool | None = None) -> ShardIndex:
     """Index tars that follow WebDataset's conventions; write ``output`` (an Arrow file) when given.
 
-    Samples get ids in the order of ``paths`` and, within a shard, of the file. Several files per key
-    (``k.json`` + ``k.txt``), keys with directories, and tars from any writer are fine. Duplicate keys
-    raise ShardError naming the key and the shards; so does a corrupt header (naming its byte offset).
-    ``progress`` shows a byte-count bar; defaults to on for inputs over 256 MiB.
+    Samples get ids in the order of ``paths`` and, within a shard, of the file; each gets the xxh3_64 of its
+    bytes. Several files per key (``k.json`` + ``k.txt``), keys with directories, and tars from any writer
+    are fine. Duplicate keys raise ShardError naming the key and the shards; so does a corrupt header
+    (naming its byte offset). With ``output``, every shard must lie under the output's folder: the index
+    stores names relative to it. ``progress`` shows a byte-count bar; defaults to on for inputs over 256 MiB.
     """
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if not paths:
@@ -188,17 +253,26 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     for p in paths:
         if not os.path.isfile(p):
             raise ShardError(f"shard {p!r} is missing")
+    if output is not None:
+        root = os.path.dirname(os.path.abspath(os.fspath(output)))
+        for p in paths:  # fail before the scan, not after minutes of it
+            _check_shard_name(os.path.relpath(p, root), root=root, where=f"`output` {os.fspath(output)!r}",
+                              hint="an index stores shard names relative to its folder: write it in a folder "
+                                   "that holds the shards")
     keys: list[str] = []
     shard_no: list[int] = []
     offsets: list[int] = []
     lengths: list[int] = []
+    hashes: list[int] = []
     sizes = [os.path.getsize(p) for p in paths]
     show = progress if progress is not None else sum(sizes) > (256 << 20)
     # Progress in bytes, not shards: one big tar would otherwise sit at 0/1 until it is done.
     with tqdm(total=sum(sizes), desc=f"indexing {len(paths)} shard(s)", unit="B", unit_scale=True,
               unit_divisor=1024, disable=not show) as bar:
         for i, path in enumerate(paths):
-            for key, off, length in _scan_tar(path, bar.update if show else None):
+            ranges = _scan_tar(path, bar.update if show else None)
+            hashes += _hash_samples(path, ranges)
+            for key, off, length in ranges:
                 keys.append(key)
                 shard_no.append(i)
                 offsets.append(off)
@@ -211,18 +285,24 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
         dup = str(uniq[counts > 1][0])
         where = sorted({paths[shard_no[j]] for j in np.flatnonzero(key_arr == dup)})
         raise ShardError(f"duplicate key {dup!r} in the index (in {where}); keys must be unique")
+    hash_arr = np.array(hashes, dtype=np.uint64)
     index = ShardIndex(shards=tuple(paths), sizes=tuple(sizes), keys=key_arr,
                        shard=np.array(shard_no, dtype=np.int32), offset=np.array(offsets, dtype=np.int64),
                        length=np.array(lengths, dtype=np.int64),
-                       fingerprint=fingerprint(paths, sizes, len(keys)))
+                       fingerprint=fingerprint(paths, sizes, len(keys), hashes=hash_arr), hashes=hash_arr)
     if output is not None:
         _write_index(index, os.fspath(output))
     return index
 
 
 def _write_index(index: ShardIndex, output: str) -> None:
+    if index.hashes is None:
+        raise ValueError("an index without per-sample hashes cannot be written (build it with index_shards)")
     root = os.path.dirname(os.path.abspath(output))
     names = [os.path.relpath(p, root) for p in index.shards]
+    for name in names:
+        _check_shard_name(name, root=root, where=f"`output` {output!r}",
+                          hint="an index stores shard names relative to its folder")
     meta = {"format_version": INDEX_VERSION, "shards": names, "sizes": list(index.sizes),
             "num_samples": index.num_samples, "fingerprint": index.fingerprint}
     table = pa.table({
@@ -231,14 +311,60 @@ def _write_index(index: ShardIndex, output: str) -> None:
         "shard": pa.array(index.shard),
         "offset": pa.array(index.offset),
         "length": pa.array(index.length),
+        "hash": pa.array(index.hashes, type=pa.uint64()),
     }).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     with atomic_path(output) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
 
 
+# "pipe:", "http:", "file:", "s3:", "C:" ...: anything webdataset's gopen or Windows would not take as a
+# plain relative path.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _check_shard_name(name: Any, *, root: str, where: str, hint: str) -> str:
+    """The path of shard ``name`` under ``root``; ShardError naming ``where`` and the name unless it is a
+    relative path that stays inside ``root`` (symlinks resolved)."""
+    why = None
+    if not isinstance(name, str) or not name:
+        why = "is not a non-empty string"
+    elif "\0" in name:
+        why = "contains a NUL byte"
+    elif _SCHEME.match(name):
+        why = "has a URL scheme or command prefix (a `pipe:` or URL comes only from GEKOStream(shard_url=...))"
+    elif os.path.isabs(name) or name.startswith(("/", "\\")):
+        why = "is an absolute path"
+    elif ".." in re.split(r"[\\/]", name):
+        why = "has a '..' component"
+    else:
+        path = os.path.normpath(os.path.join(root, name))
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            why = f"resolves to {real!r}, outside the folder (a symlink)"
+        else:
+            return path
+    raise ShardError(f"{where}: shard name {name!r} {why}; shard names must be relative paths under "
+                     f"{root!r} ({hint})")
+
+
+def _column(table: pa.Table, name: str, kind: str) -> np.ndarray:
+    """A column as numpy, refusing nulls and other types (a hand-edited index must not half-work)."""
+    col = table.column(name)
+    ok = {"int": pa.types.is_integer, "str": pa.types.is_string, "uint64": lambda t: t == pa.uint64()}[kind]
+    if not ok(col.type) or col.null_count:
+        raise TypeError(f"column {name!r} must be {kind} without nulls, got {col.type} ({col.null_count} null)")
+    return col.to_numpy(zero_copy_only=False)
+
+
 def read_index(path: str | os.PathLike) -> ShardIndex:
-    """Read ``index.arrow`` (or a folder holding one); shard paths resolve relative to its folder."""
+    """Read ``index.arrow`` (or a folder holding one); shard paths resolve relative to its folder.
+
+    Everything in the file is checked before use: shard names (relative paths inside the index's folder,
+    see the module docstring), byte ranges (inside their shard, in file order, not overlapping), unique
+    keys, and the fingerprint against the content hashes. An index written before content hashes existed
+    (format 1) is refused: re-run ``geko-data index``.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, INDEX_NAME)
@@ -256,92 +382,200 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
         raise
     except (pa.ArrowException, OSError, json.JSONDecodeError) as e:
         raise ShardError(f"{path}: not a readable shard index ({e})") from None
+    root = os.path.dirname(os.path.abspath(path))
     try:
         if not isinstance(meta, dict):
             raise TypeError(f"metadata is a JSON {type(meta).__name__}, expected an object")
-        if meta.get("format_version", 0) > INDEX_VERSION:
-            raise ShardError(f"{path}: index format {meta.get('format_version')} is newer than this geko_data "
-                             f"reads")
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or version > INDEX_VERSION:
+            raise ShardError(f"{path}: index format {version!r} is newer than this geko_data reads")
+        if version < INDEX_VERSION or "hash" not in table.column_names:
+            raise ShardError(f"{path}: index format {version} has no per-sample content hashes, so changed "
+                             f"shards could go unnoticed; re-run `geko-data index <shards> -o {path}`")
         names, sizes = list(meta["shards"]), [int(x) for x in meta["sizes"]]
-        if len(names) != len(sizes) or not all(isinstance(x, str) for x in names):
-            raise ValueError("'shards' and 'sizes' must be lists of the same length (paths and byte sizes)")
-        root = os.path.dirname(os.path.abspath(path))
-        shards = tuple(x if ("://" in x or x.startswith("pipe:")) else os.path.normpath(os.path.join(root, x))
-                       for x in names)
-        index = ShardIndex(shards=shards, sizes=tuple(sizes),
-                           keys=table.column("key").to_numpy(zero_copy_only=False).astype(object),
-                           shard=table.column("shard").to_numpy().astype(np.int32),
-                           offset=table.column("offset").to_numpy().astype(np.int64),
-                           length=table.column("length").to_numpy().astype(np.int64),
-                           fingerprint=str(meta["fingerprint"]))
+        if len(names) != len(sizes) or min(sizes, default=0) < 0:
+            raise ValueError("'shards' and 'sizes' must be lists of the same length (paths and byte sizes >= 0)")
+        shards = tuple(_check_shard_name(x, root=root, where=path, hint="`pipe:` commands and URLs come only "
+                                         "from GEKOStream(shard_url=...)") for x in names)
+        index = ShardIndex(shards=shards, sizes=tuple(sizes), keys=_column(table, "key", "str").astype(object),
+                           shard=_column(table, "shard", "int").astype(np.int32),
+                           offset=_column(table, "offset", "int").astype(np.int64),
+                           length=_column(table, "length", "int").astype(np.int64),
+                           fingerprint=str(meta["fingerprint"]),
+                           hashes=_column(table, "hash", "uint64").astype(np.uint64))
     except ShardError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, pa.ArrowException) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, pa.ArrowException) as e:
         raise ShardError(f"{path}: not a usable shard index ({type(e).__name__}: {e})") from None
-    if index.num_samples and (index.shard.min() < 0 or index.shard.max() >= len(shards)):
-        raise ShardError(f"{path}: not a usable shard index (shard numbers outside 0..{len(shards) - 1})")
+    _check_rows(index, path, table)
     return index
+
+
+def _check_rows(index: ShardIndex, path: str, table: pa.Table) -> None:
+    """Refuse byte ranges a reader must not follow and rows that contradict each other or the fingerprint."""
+    n, shard, offset, length = index.num_samples, index.shard, index.offset, index.length
+    if not n:
+        return
+    if shard.min() < 0 or shard.max() >= len(index.shards):
+        raise ShardError(f"{path}: not a usable shard index (shard numbers outside 0..{len(index.shards) - 1})")
+    ends = offset + length  # int64: the sizes below are real file sizes, far from overflow
+    bad = np.flatnonzero((offset < 0) | (length < _BLOCK) | (offset % _BLOCK != 0)
+                         | (ends > np.asarray(index.sizes, dtype=np.int64)[shard]))
+    if bad.size:
+        j = int(bad[0])
+        raise ShardError(f"{path}: row {j} (key {str(index.keys[j])!r}) has byte range offset={int(offset[j])} "
+                         f"length={int(length[j])}, outside shard {index.shards[int(shard[j])]!r} of "
+                         f"{index.sizes[int(shard[j])]} bytes (offsets are >= 0 and 512-aligned, lengths >= 512)")
+    same = shard[1:] == shard[:-1]
+    if (shard[1:] < shard[:-1]).any():
+        raise ShardError(f"{path}: rows must be grouped by shard, in shard order")
+    clash = np.flatnonzero(same & (offset[1:] < ends[:-1]))
+    if clash.size:
+        j = int(clash[0])
+        raise ShardError(f"{path}: rows {j} and {j + 1} (keys {str(index.keys[j])!r}, {str(index.keys[j + 1])!r}) "
+                         f"overlap or are out of file order in shard {index.shards[int(shard[j])]!r} "
+                         f"(bytes {int(offset[j])}..{int(ends[j])} and {int(offset[j + 1])}..)")
+    if pc.count_distinct(table.column("key")).as_py() != n:
+        uniq, counts = np.unique(index.keys.astype(str), return_counts=True)
+        raise ShardError(f"{path}: duplicate key {str(uniq[counts > 1][0])!r}; keys must be unique")
+    assert index.hashes is not None
+    expect = fingerprint(index.shards, index.sizes, n, hashes=index.hashes)
+    if expect != index.fingerprint:
+        raise ShardError(f"{path}: fingerprint {index.fingerprint!r} does not match the index's own rows "
+                         f"({expect!r}): edited by hand? re-run `geko-data index`")
+
+
+# tarfile.REGULAR_TYPES without GNU sparse; the other built-in types whose data tarfile does not skip.
+_REGULAR = (b"0", b"\0", b"7")
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+# Global pax, Solaris pax, GNU long link, GNU sparse: rare, and tarfile's rules for them are its own.
+_TARFILE_ONLY = (b"g", b"X", b"K", b"S")
+# Numeric header fields other than size and checksum (mode, uid, gid, mtime, devmajor, devminor): tarfile
+# refuses a header where any of them is not octal, so the fast parser must too.
+_NUMERIC = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+
+
+def _nts(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]
+
+
+def _nti(field: bytes) -> int:
+    """tarfile's ``nti`` for an octal field (ValueError where tarfile finds the header invalid)."""
+    return int(_nts(field).decode("ascii").strip() or "0", 8)
+
+
+def _pax_records(block: bytes) -> dict[str, str] | None:
+    """The records of a pax extended header (its data blocks, padding included), split by their length
+    prefixes; None where tarfile might read them otherwise (then tarfile decides)."""
+    if b"hdrcharset=" in block:  # tarfile searches the whole block for it, even inside other values
+        return None
+    out: dict[str, str] = {}
+    pos, end = 0, len(block)
+    while pos < end and block[pos] != 0:
+        space = block.find(b" ", pos, pos + 21)
+        digits = block[pos:space] if space > pos else b""
+        if not digits.isdigit():  # ASCII digits only
+            return None
+        stop = pos + int(digits)
+        if stop <= space + 2 or stop > end or block[stop - 1] != 0x0A:
+            return None
+        key, eq, value = block[space + 1:stop - 1].partition(b"=")
+        if not eq or not key:
+            return None
+        name = key.decode("utf-8", "surrogateescape")
+        if name.startswith("GNU.sparse"):
+            return None
+        out[name] = value.decode("utf-8", "surrogateescape")
+        pos = stop
+    if block.count(0, pos) != end - pos:  # tarfile would go on parsing whatever is not zero padding
+        return None
+    return out
 
 
 def _fast_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int] | None:
     """(name, data) of the regular members in ``buf`` and the byte where parsing stopped (``len(buf)``
-    unless an all-zero block came first), parsing ustar / pax / GNU headers directly.
+    unless an all-zero block came first), parsing ustar / pax / GNU / v7 headers directly.
 
-    ``tarfile`` costs ~100 us per sample in header objects; this is the common case in a few us. Returns
-    None for anything unusual (bad checksum, base-256 sizes, sparse files), and the caller falls back
-    to ``tarfile``.
+    ``tarfile`` costs ~100 us per sample in header objects; this is the common case in a few us. It reads
+    exactly what ``tarfile`` reads (names, prefixes, pax ``path`` and ``size``, what counts as a regular
+    member and how much data follows each header) and returns None for anything it is not sure of (bad or
+    signed checksums, base-256 sizes, sparse files, chained or global extended headers, malformed pax
+    records, a truncated end): the caller then asks ``tarfile``.
     """
     out: list[tuple[str, bytes]] = []
     pos, end = 0, len(buf)
-    long_name: str | None = None
-    view = memoryview(buf)
+    ext_name: str | None = None  # from a pax or GNU long-name header, for the member that follows
+    ext_size: int | None = None
+    extended = False
     while pos + _BLOCK <= end:
         header = buf[pos:pos + _BLOCK]
         if header.count(0) == _BLOCK:
             break
-        chk = header[148:156].split(b"\0", 1)[0].strip()
-        size_field = header[124:136]
-        if not chk or size_field[:1] in (b"\x80", b"\xff"):
+        if header[124] in (0x80, 0xFF):
             return None
         try:
-            if int(chk, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+            if _nti(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
                 return None
-            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+            size = _nti(header[124:136])
+            for lo, hi in _NUMERIC:
+                if header[lo] not in (0x80, 0xFF):
+                    _nti(header[lo:hi])
         except ValueError:
             return None
         kind = header[156:157]
         start = pos + _BLOCK
-        data = view[start:start + size]
-        if len(data) != size:
-            return None  # truncated: tarfile's error message names it
-        if kind == b"x":  # pax extended header: only `path` matters here
-            for record in bytes(data).split(b"\n"):
-                _, _, kv = record.partition(b" ")
-                k, _, v = kv.partition(b"=")
-                if k == b"path":
-                    long_name = v.decode("utf-8", "surrogateescape")
-        elif kind == b"L":  # GNU long name
-            long_name = bytes(data).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind in (b"0", b"\0", b"7"):
-            name = long_name
-            if name is None:
-                name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if header[257:262] == b"ustar":
-                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    if prefix:
-                        name = f"{prefix}/{name}"
-            out.append((name, bytes(data)))
-            long_name = None
-        elif kind in (b"g", b"K", b"S"):
+        if kind in (b"x", b"L"):
+            stop = start + -(-size // _BLOCK) * _BLOCK
+            if extended or size < 0 or stop > end:
+                return None
+            block = buf[start:stop]
+            if kind == b"x":
+                records = _pax_records(block)
+                if records is None:
+                    return None
+                if "path" in records:
+                    ext_name = records["path"].rstrip("/")
+                if "size" in records:
+                    try:
+                        ext_size = int(records["size"])
+                    except ValueError:
+                        ext_size = 0  # as tarfile does
+            else:
+                ext_name = _nts(block).decode("utf-8", "surrogateescape")
+            extended, pos = True, stop
+            continue
+        if kind in _TARFILE_ONLY:
             return None
-        else:  # directories, links: not sample members
-            long_name = None
-        pos = start + -(-size // _BLOCK) * _BLOCK
-    return out, min(pos, end)
+        name = _nts(header[0:100]).decode("utf-8", "surrogateescape")
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"  # v7 directory
+        if ext_size is not None:
+            size = ext_size
+        if kind in _NO_DATA:
+            if size != 0:
+                return None
+            pos = start
+        else:
+            stop = start + -(-size // _BLOCK) * _BLOCK
+            if size < 0 or stop > end:
+                return None
+            if kind in _REGULAR:
+                if ext_name is not None:
+                    name = ext_name
+                else:
+                    prefix = _nts(header[345:500])
+                    if prefix:  # tarfile joins it whatever the magic says (v7 headers included)
+                        name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
+                out.append((name, buf[start:start + size]))
+            pos = stop  # unknown types: tarfile skips their data and does not list them
+        ext_name, ext_size, extended = None, None, False
+    if extended:
+        return None
+    return out, pos
 
 
 def _tarfile_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int]:
-    """As ``_fast_members``, with ``tarfile``; raises ``tarfile.TarError`` where it cannot read."""
+    """As ``_fast_members``, with ``tarfile``; raises one of ``_TAR_ERRORS`` where it cannot read."""
     out = []
     with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
         for member in tf:
@@ -369,8 +603,9 @@ def parse_sample(buf: bytes, *, shard: str, key: str, offset: int = 0) -> dict[s
     if parsed is None:
         try:
             parsed = _tarfile_members(buf)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardError(f"shard {shard!r}: sample {key!r} at byte {offset} is unreadable ({e})") from None
+        except _TAR_ERRORS as e:
+            raise ShardError(f"shard {shard!r}: sample {key!r} at byte {offset} is unreadable "
+                             f"({type(e).__name__}: {e})") from None
     members, covered = parsed
     if covered != len(buf):
         raise ShardError(f"shard {shard!r}: sample {key!r}: bad or empty tar header at byte {offset + covered}, "
@@ -398,13 +633,14 @@ def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, An
     Members are grouped by consecutive key as webdataset's ``group_by_keys`` does, with the rules of
     ``parse_sample``; ``start..end`` are the sample's bytes in the tar, so the caller can hold them to the
     index (a header ``tarfile`` silently takes for the end of the archive shows up as a short sample).
-    Tar errors raise ShardError naming the shard and the last key read.
+    Tar errors raise ShardError naming the shard, the last key read and the byte offset.
     """
     current: dict[str, Any] | None = None
-    start = end = 0
+    start = end = at = 0  # `at`: header of the last member read, for error messages
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
             for member in tf:
+                at = member.offset
                 if not member.isreg():
                     continue
                 key, ext = _split_key(member.name)
@@ -422,10 +658,13 @@ def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, An
                     current, start = {"__key__": key}, member.offset
                 assert ext is not None
                 _put(current, ext, data, shard=shard, name=member.name)
-                end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
-    except (tarfile.TarError, EOFError, OSError) as e:
-        where = f"after sample {current['__key__']!r}" if current is not None else "at its start"
-        raise ShardError(f"shard {shard!r}: unreadable tar {where} ({type(e).__name__}: {e})") from None
+                end = tf.offset  # where tarfile reads the next header (as the index's ranges)
+    except _TAR_ERRORS as e:
+        if isinstance(e, ShardError):
+            raise
+        where = f" after sample {current['__key__']!r}" if current is not None else ""
+        raise ShardError(f"shard {shard!r}: unreadable tar at or after the member at byte {at}{where} "
+                         f"({type(e).__name__}: {e})") from None
     if current is not None:
         yield current, start, end
 

@@ -20,7 +20,7 @@ def test_write_shards_and_index(tmp_path):
     assert len(idx.shards) == 4 and idx.num_samples == 40
     assert (tmp_path / "out" / "index.arrow").exists()
     table = pa.ipc.open_file(str(tmp_path / "out" / "index.arrow")).read_all()
-    assert table.column_names == ["id", "key", "shard", "offset", "length"]
+    assert table.column_names == ["id", "key", "shard", "offset", "length", "hash"]
     assert table.column("id").to_pylist() == list(range(40))
     again = read_index(tmp_path / "out")
     assert again.fingerprint == idx.fingerprint and list(again.keys) == [f"k{i:03d}" for i in range(40)]
@@ -98,12 +98,14 @@ def test_bad_inputs(tmp_path, shards):
         read_index(shards).verify()
 
 
-def test_fingerprint_depends_on_names_sizes_and_count():
-    base = fingerprint(["a.tar", "b.tar"], [10, 20], 5)
-    assert base == fingerprint(["/x/a.tar", "/y/b.tar"], [10, 20], 5)  # folders may move
-    assert base != fingerprint(["a.tar", "b.tar"], [10, 21], 5)
-    assert base != fingerprint(["a.tar", "c.tar"], [10, 20], 5)
-    assert base != fingerprint(["a.tar", "b.tar"], [10, 20], 6)
+def test_fingerprint_depends_on_names_sizes_count_and_content():
+    h = np.array([1, 2, 3, 4, 5], dtype=np.uint64)
+    base = fingerprint(["a.tar", "b.tar"], [10, 20], 5, hashes=h)
+    assert base == fingerprint(["/x/a.tar", "/y/b.tar"], [10, 20], 5, hashes=h)  # folders may move
+    assert base != fingerprint(["a.tar", "b.tar"], [10, 21], 5, hashes=h)
+    assert base != fingerprint(["a.tar", "c.tar"], [10, 20], 5, hashes=h)
+    assert base != fingerprint(["a.tar", "b.tar"], [10, 20], 6, hashes=h)
+    assert base != fingerprint(["a.tar", "b.tar"], [10, 20], 5, hashes=h[::-1].copy())
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -237,3 +239,156 @@ def test_hand_made_index_with_bad_metadata_is_a_named_shard_error(shards, tmp_pa
             w.write_table(t)
         with pytest.raises(ShardError, match=name):
             read_index(path)
+
+
+# ---------------------------------------------------------------- an index is data: names, ranges, hashes
+META = b"geko_data_index"
+
+
+def _edit_index(src, dst, *, names=None, refingerprint=False, columns=None, drop=(), meta=None):
+    """Write ``dst``: the index ``src`` with edits, as a hand-edited or hostile file would be."""
+    table = pa.ipc.open_file(str(src)).read_all()
+    m = json.loads(table.schema.metadata[META])
+    if names is not None:
+        m["shards"] = names
+    for name, values in (columns or {}).items():
+        table = table.set_column(table.column_names.index(name), name,
+                                 pa.array(values, type=table.schema.field(name).type))
+    if drop:
+        table = table.drop_columns(list(drop))
+    m.update(meta or {})
+    if refingerprint:
+        m["fingerprint"] = fingerprint(m["shards"], m["sizes"], table.num_rows,
+                                       hashes=table.column("hash").to_numpy())
+    table = table.replace_schema_metadata({META: json.dumps(m).encode()})
+    with pa.OSFile(str(dst), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    return dst
+
+
+def _hostile_names(tmp_path, shards):
+    marker = tmp_path / "pwned"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shard-000.tar").write_bytes((shards / "shard-000.tar").read_bytes())
+    os.symlink(outside / "shard-000.tar", shards / "link.tar")
+    return marker, {
+        "pipe": f"pipe:touch {marker}; cat shard-000.tar",
+        "absolute": str(outside / "shard-000.tar"),
+        "system-file": "/etc/passwd",
+        "dotdot": "../outside/shard-000.tar",
+        "dotdot-inside": "sub/../../outside/shard-000.tar",
+        "url": "http://127.0.0.1:9/shard-000.tar",
+        "file-url": "file:///etc/passwd",
+        "nul": "shard-000.tar\0.x",
+        "symlink-out": "link.tar",
+    }
+
+
+def test_shard_names_in_an_index_must_stay_in_its_folder(tmp_path, shards):
+    from geko_data.stream import GEKOStream
+
+    marker, cases = _hostile_names(tmp_path, shards)
+    names = json.loads(pa.ipc.open_file(str(shards / "index.arrow")).schema.metadata[META])["shards"]
+    for case, bad in cases.items():
+        path = _edit_index(shards / "index.arrow", shards / f"{case}.arrow", names=[bad, *names[1:]],
+                           refingerprint=True)
+        pattern = re.escape(str(path)) + ".*" + re.escape(repr(bad))
+        with pytest.raises(ShardError, match=pattern):
+            read_index(path)
+        with pytest.raises(ShardError, match=pattern):
+            for _ in GEKOStream(path, total_epochs=1):
+                pass
+    assert not marker.exists()
+    # a symlink that stays inside the folder, and a subfolder, are fine
+    os.makedirs(shards / "sub")
+    os.symlink(shards / "shard-000.tar", shards / "sub" / "alias.tar")
+    ok = _edit_index(shards / "index.arrow", shards / "ok.arrow", names=["sub/alias.tar", *names[1:]],
+                     refingerprint=True)
+    assert read_index(ok).shards[0] == str(shards / "sub" / "alias.tar")
+
+
+def test_index_shards_writes_only_names_inside_the_index_folder(tmp_path, shards):
+    tars = sorted(shards.glob("*.tar"))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ShardError, match=r"elsewhere.*'\.\.' component"):
+        index_shards(tars, output=tmp_path / "elsewhere" / "index.arrow")
+    assert not (tmp_path / "elsewhere" / "index.arrow").exists()
+    idx = index_shards(tars, output=tmp_path / "index.arrow")  # a parent folder of the shards is fine
+    meta = json.loads(pa.ipc.open_file(str(tmp_path / "index.arrow")).schema.metadata[META])
+    assert meta["shards"] == [f"shards/{t.name}" for t in tars]
+    assert read_index(tmp_path / "index.arrow").fingerprint == idx.fingerprint
+
+
+def test_index_rows_are_checked(shards):
+    table = pa.ipc.open_file(str(shards / "index.arrow")).read_all()
+    length, offset, keys = (table.column(c).to_pylist() for c in ("length", "offset", "key"))
+    size = os.path.getsize(shards / "shard-000.tar")
+    cases = {
+        "negative-length": ({"length": [-512] + length[1:]}, "length=-512"),
+        "past-the-end": ({"offset": [size] + offset[1:]}, "outside shard"),
+        "unaligned": ({"offset": [offset[0] + 7] + offset[1:]}, "512-aligned"),
+        "overlap": ({"length": [length[0] + 512] + length[1:]}, "overlap"),
+        "duplicate-key": ({"key": [keys[1]] + keys[1:]}, "duplicate key 's0_001'"),
+    }
+    for case, (columns, why) in cases.items():
+        path = _edit_index(shards / "index.arrow", shards / f"{case}.arrow", columns=columns)
+        with pytest.raises(ShardError, match=re.escape(str(path)) + ".*" + re.escape(why)):
+            read_index(path)
+    # a duplicated row (same key, same range)
+    dup = pa.concat_tables([table.slice(0, 1), table])
+    path = shards / "duplicate-row.arrow"
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, dup.schema) as w:
+        w.write_table(dup)
+    with pytest.raises(ShardError, match=re.escape(str(path)) + ".*overlap"):
+        read_index(path)
+
+
+def test_index_without_content_hashes_is_refused_with_the_fix(shards):
+    old = _edit_index(shards / "index.arrow", shards / "old.arrow", drop=["hash"], meta={"format_version": 1})
+    with pytest.raises(ShardError, match=re.escape(str(old)) + ".*no per-sample content hashes.*geko-data index"):
+        read_index(old)
+    edited = _edit_index(shards / "index.arrow", shards / "edited.arrow",
+                         columns={"hash": [0] * sum(SHARD_SIZES)})
+    with pytest.raises(ShardError, match=re.escape(str(edited)) + ".*fingerprint.*does not match"):
+        read_index(edited)
+
+
+def test_index_hashes_each_sample_byte_range(shards):
+    import xxhash
+
+    idx = read_index(shards)
+    for i in (0, 5, 42):
+        with open(idx.shards[idx.shard[i]], "rb") as f:
+            f.seek(idx.offset[i])
+            assert xxhash.xxh3_64_intdigest(f.read(idx.length[i])) == int(idx.hashes[i])
+
+
+# ---------------------------------------------------------------- hostile tar headers: ShardError, never raw
+def _pax_then(records: bytes, then: bytes) -> bytes:
+    ti = tarfile.TarInfo("././@PaxHeader")
+    ti.type, ti.size = tarfile.XHDTYPE, len(records)
+    return ti.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512) + then
+
+
+def _one_member(name: str, data: bytes) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
+
+
+@pytest.mark.parametrize("case", ["pax-record-length-1e20", "pax-size-1e20", "non-utf8-name"])
+def test_hostile_tar_headers_are_shard_errors(tmp_path, case):
+    member = _one_member("k.txt", b"abc")
+    buf = {"pax-record-length-1e20": _pax_then(b"100000000000000000000 path=k.txt\n", member),
+           "pax-size-1e20": _pax_then(b"30 size=100000000000000000000\n", member),
+           "non-utf8-name": member + _one_member("\udcffk.txt", b"abc")}[case] + b"\0" * 1024
+    path = tmp_path / "a.tar"
+    path.write_bytes(buf)
+    with pytest.raises(ShardError, match=re.escape(repr(str(path))) + r".* byte \d+"):
+        index_shards([path])
+    if case != "non-utf8-name":
+        with pytest.raises(ShardError, match=r"'a\.tar'.*sample 'k' at byte 7"):
+            parse_sample(buf[:-1024], shard="a.tar", key="k", offset=7)
+        with pytest.raises(ShardError, match=r"'a\.tar'.* byte \d+"):
+            list(iter_tar_samples(io.BytesIO(buf), shard="a.tar"))
