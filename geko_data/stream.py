@@ -35,24 +35,22 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from geko_data.config import GEKOConfig
+from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, decoding_error, make_decoder
 from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
 from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, rank_slice, rng
-from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, read_index
+from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, is_url, read_index_url
+from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, read_index, sample_hash
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState, check_fingerprint
 from geko_data.world import World
 
-__all__ = ["GEKOStream", "UNSAFE_EXTENSIONS", "stream_order"]
-
-#: Extensions webdataset's default decoders would unpickle (plain pickle, or torch's unsafe loader): code
-#: execution from a tar. A ``decode=`` spec refuses them (decode them yourself with a callable).
-UNSAFE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
+__all__ = ["DEFAULT_MAX_DECODED_BYTES", "GEKOStream", "UNSAFE_EXTENSIONS", "stream_order"]
 
 #: Per-epoch counters, summed over the main process and DataLoader workers (``stats``). ``skipped_draws``
 #: counts the draws of the plan lost to bad data (a repeated sample loses all of its draws); ``stats`` adds
 #: ``skipped``, the distinct samples lost, from a per-sample flag array.
-COUNTERS = ("samples_read", "bytes_read", "samples_yielded", "skipped_draws")
+COUNTERS = ("samples_read", "bytes_read", "samples_yielded", "skipped_draws", "requests", "retries")
 # Row 0 counts the main process, row 1 + w DataLoader worker w: one writer per row, so no locks.
 # Workers beyond this share rows modulo (increments may then race; 256 workers per rank is not a use).
 _COUNTER_ROWS = 1 + 256
@@ -86,48 +84,33 @@ def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
 
 
-class _UnsafeMember(Exception):
-    def __init__(self, ext: str) -> None:
-        super().__init__(ext)
-        self.ext = ext
+# Magic bytes of the compressions tarfile's "r|*" undoes: verify=True hashes the bytes as they arrive, which
+# are the index's tar bytes only when the stream is not compressed.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 
 
-def _refuse_unsafe(key: str, data: bytes) -> None:
-    """First webdataset decoder handler: refuse members the default handlers would unpickle.
+class _Tee:
+    """A read-only file over a stream that keeps what was read until ``take`` (``verify`` on streams)."""
 
-    Every dot-part of the extension is checked, so ``x.pyd.gz`` (gunzipped, then unpickled) is refused
-    before the gzip handler runs.
-    """
-    for part in key.lower().split("."):
-        if part in UNSAFE_EXTENSIONS:
-            raise _UnsafeMember(part)
-    # Falling through returns None: not ours, the next handler decides.
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.kept = bytearray()
+        self.base = 0  # stream position of kept[0]
+        self.head = b""  # the stream's first bytes (compressed?)
 
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if not self.head:
+            self.head = data[:8]
+        self.kept += data
+        return data
 
-def _make_decoder(decode: Any) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """``decode`` as a sample -> sample callable; webdataset specs get the unsafe-member guard first."""
-    if decode is None:
-        return None
-    if callable(decode) and not isinstance(decode, (str, list, tuple)):
-        return decode  # the user's own function decides what it trusts
-    from webdataset import autodecode
-
-    specs = [decode] if isinstance(decode, str) else decode
-    if not isinstance(specs, (list, tuple)):
-        raise TypeError(f"`decode` must be None, a callable, a webdataset spec string or a list of specs and "
-                        f"handlers, got {type(decode).__name__}")
-    handlers = []
-    for spec in specs:
-        if isinstance(spec, str):
-            if spec not in autodecode.imagespecs:
-                raise ValueError(f"`decode` spec {spec!r} is not a webdataset image spec; allowed: "
-                                 f"{sorted(autodecode.imagespecs)}")
-            handlers.append(autodecode.imagehandler(spec))
-        elif callable(spec):
-            handlers.append(spec)
-        else:
-            raise TypeError(f"`decode` entries must be spec strings or handler callables, got {spec!r}")
-    return autodecode.Decoder(handlers, pre=[_refuse_unsafe, *autodecode.default_pre_handlers])
+    def take(self, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` of the stream; what comes before ``end`` is forgotten."""
+        data = bytes(self.kept[start - self.base:end - self.base])
+        del self.kept[:end - self.base]
+        self.base = end
+        return data
 
 
 class _Reader:
@@ -139,8 +122,11 @@ class _Reader:
     """
 
     def __init__(self, index: ShardIndex, urls: list[str], local: list[bool], shard_start: np.ndarray,
-                 handler: Callable[[Exception], bool] | None, lost: np.ndarray) -> None:
+                 handler: Callable[[Exception], bool] | None, lost: np.ndarray, verify: bool,
+                 ranges: RangeReader | None = None) -> None:
         self.index = index
+        self.ranges = ranges  # byte-range reads of remote shards (URLs other than pipe: and file://)
+        self.verify = verify
         self.urls = urls
         self.local = local
         self.shard_start = shard_start  # (n_shards + 1,) first id of each shard; ids are grouped by shard
@@ -155,9 +141,12 @@ class _Reader:
         self._stream: Iterator[tuple[dict[str, Any], int, int]] | None = None
         self._stream_shard = -1
         self._stream_last = -1  # id of the last sample taken from the open stream
+        self._tee: _Tee | None = None  # with verify: the open stream's bytes, to hash each sample
         self._broken: dict[int, tuple[int, str]] = {}  # stream shard -> (first id it failed at, why)
 
     def close(self) -> None:
+        if self.ranges is not None:
+            self.ranges.close()  # its thread pool; made again on the next read
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -170,6 +159,7 @@ class _Reader:
             with contextlib.suppress(Exception):
                 self._pipe.close()
             self._pipe = None
+        self._tee = None
         self._file_shard = self._stream_shard = -1
 
     def mark_lost(self, i: int) -> None:
@@ -187,19 +177,39 @@ class _Reader:
 
     def read(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
         """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
+        fetched = self._fetch_remote(ids)
         for i in ids.tolist():
             shard = int(self.index.shard[i])
             if shard in self.stopped:
                 self.mark_lost(i)
                 continue
             try:
-                sample = self._read_local(i, shard) if self.local[shard] else self._read_stream(i, shard)
+                if i in fetched:
+                    got = fetched.pop(i)
+                    if isinstance(got, ShardError):
+                        raise got
+                    sample = got
+                else:
+                    sample = self._read_local(i, shard) if self.local[shard] else self._read_stream(i, shard)
             except ShardError as exn:
                 self.close()
                 self.fail(exn, i)
                 continue
             self.tally["samples_read"] += 1
             yield i, sample
+
+    def _fetch_remote(self, ids: np.ndarray) -> dict[int, Any]:
+        """Samples (or their ShardError) of the remote shards among ``ids``, fetched together so their byte
+        ranges coalesce and several requests are in flight."""
+        if self.ranges is None:
+            return {}
+        remote = [i for i in ids.tolist() if self.ranges.handles(int(self.index.shard[i]))
+                  and int(self.index.shard[i]) not in self.stopped]
+        out = dict(self.ranges.read(remote, check=self._check_hash if self.verify else None)) if remote else {}
+        for k, v in self.ranges.tally.items():
+            self.tally[k] += v
+            self.ranges.tally[k] = 0
+        return out
 
     def _open_local(self, shard: int, key: str) -> Any:
         if self._file_shard != shard:
@@ -229,7 +239,17 @@ class _Reader:
         if len(buf) != length:
             raise ShardError(f"shard {self.urls[shard]!r}: sample {key!r} at byte {offset} is truncated "
                              f"({len(buf)} of {length} bytes)")
+        if self.verify:
+            self._check_hash(i, buf)
         return parse_sample(buf, shard=self.urls[shard], key=key, offset=offset)
+
+    def _check_hash(self, i: int, buf: bytes) -> None:
+        assert self.index.hashes is not None
+        got, want = sample_hash(buf), int(self.index.hashes[i])
+        if got != want:
+            raise ShardError(f"shard {self.urls[int(self.index.shard[i])]!r}: sample {str(self.index.keys[i])!r} "
+                             f"at byte {int(self.index.offset[i])}: content hash {got:016x} differs from the "
+                             f"index's {want:016x} (changed since indexing)")
 
     def _read_stream(self, i: int, shard: int) -> dict[str, Any]:
         """Read through the shard to sample ``i``, holding every sample passed to the index.
@@ -253,7 +273,9 @@ class _Reader:
             except Exception as e:  # noqa: BLE001 - gopen raises what its scheme's opener raises
                 why = f"shard {url!r}: cannot open ({type(e).__name__}: {e})"
                 self._break(shard, self._stream_last + 1, i, why)
-            self._stream = iter_tar_samples(self._pipe, shard=url)
+            if self.verify:
+                self._tee = _Tee(self._pipe)
+            self._stream = iter_tar_samples(self._tee or self._pipe, shard=url)
         assert self._stream is not None
         while True:
             expect = self._stream_last + 1
@@ -277,6 +299,13 @@ class _Reader:
                                            f"index says {off}..{off + length} (corrupt tar header, or changed "
                                            f"since indexing)")
             self._stream_last = expect
+            if self._tee is not None:
+                raw = self._tee.take(start, end)
+                if self._tee.head.startswith(_COMPRESSED):
+                    self._break(shard, expect, i, f"shard {url!r}: verify=True needs an uncompressed tar stream "
+                                               f"(the index hashes the tar's own bytes)")
+                if expect == i:
+                    self._check_hash(i, raw)
             if expect == i:
                 return sample
 
@@ -302,6 +331,12 @@ class GEKOStream(EpochDriver, IterableDataset):
             (e.g. ``"pil"`` or a list of specs and handlers). With specs, members whose extension is in
             ``UNSAFE_EXTENSIONS`` (pickle, torch.load) raise ShardError instead of being unpickled; decode
             those yourself with a callable if you trust the data. Defaults to ``None``.
+        max_decoded_bytes: with decoder specs, a ``.gz`` member that inflates past this many bytes raises
+            ShardError naming it (a decompression bomb; it is inflated in steps, never whole). Defaults to
+            ``DEFAULT_MAX_DECODED_BYTES`` (256 MiB).
+        verify: check every sample read against the xxh3 content hash the index recorded; a changed byte
+            raises ShardError naming the shard, key and offset (costs one hash of the bytes read; see the
+            README's benchmark). Defaults to ``False`` (sizes, keys and byte ranges are still checked).
         shuffle: shuffle shard order and, within ``shuffle_buffer`` blocks, samples. Defaults to ``True``.
         state: an existing ``SampleState`` for these shards. Defaults to a fresh one.
         world: ranks (``World(rank=, world_size=)``). Defaults to ``World.detect()``.
@@ -317,14 +352,26 @@ class GEKOStream(EpochDriver, IterableDataset):
         shard_url: maps a local shard path to the URL to read: a format string (``"pipe:cat {}"``; for
             ``pipe:`` the path is shell-quoted) or a callable. Defaults to ``None``.
         epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
+        storage_options: options of the filesystem library for remote shards and a remote ``source``
+            (``s3://``, ``gs://``, ``az://``, ``http(s)://``, ...): credentials, ``{"anon": True}``,
+            ``{"client_kwargs": {"endpoint_url": ...}}`` for S3-compatible stores. Kept in memory only:
+            never in ``state_dict()``, the state file or a message. Defaults to ``None`` (the library's
+            usual credentials: environment, config files, instance roles).
+        remote: how remote shards are fetched (requests in flight, gap read through, retries); see
+            ``RemoteConfig``. Defaults to ``RemoteConfig()``.
     """
 
     def __init__(self, source: str | os.PathLike, *, total_epochs: int, config: GEKOConfig | None = None,
                  seed: int = 0, decode: Any = None, shuffle: bool = True, state: SampleState | None = None,
                  world: World | None = None, handler: Callable[[Exception], bool] | None = None,
                  batch_size: int | None = None, shuffle_buffer: int = 512,
-                 shard_url: str | Callable[[str], str] | None = None, epoch_length: int | None = None) -> None:
+                 shard_url: str | Callable[[str], str] | None = None, epoch_length: int | None = None,
+                 verify: bool = False, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+                 storage_options: dict[str, Any] | None = None, remote: RemoteConfig | None = None) -> None:
         check_int("total_epochs", total_epochs, 1)
+        check_int("max_decoded_bytes", max_decoded_bytes, 1)
+        if not isinstance(verify, bool):
+            raise TypeError(f"`verify` must be a bool, got {verify!r}")
         check_int("seed", seed, 0)
         check_int("batch_size", batch_size, 1, optional=True)
         check_int("shuffle_buffer", shuffle_buffer, 1)
@@ -335,8 +382,17 @@ class GEKOStream(EpochDriver, IterableDataset):
             raise TypeError(f"`world` must be a World, got {type(world).__name__}")
         if handler is not None and not callable(handler):
             raise TypeError(f"`handler` must be callable, got {handler!r}")
-        self._decoder = _make_decoder(decode)
-        self.index = read_index(source)
+        self._decoder = make_decoder(decode, max_decoded_bytes=max_decoded_bytes)
+        self.verify = verify
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
+        if remote is not None and not isinstance(remote, RemoteConfig):
+            raise TypeError(f"`remote` must be a RemoteConfig, got {type(remote).__name__}")
+        remote = remote or RemoteConfig()
+        if is_url(os.fspath(source)):
+            self.index = read_index_url(os.fspath(source), storage_options=storage_options, config=remote)
+        else:
+            self.index = read_index(source)
         n = self.index.num_samples
         if state is not None:
             if not isinstance(state, SampleState):
@@ -370,6 +426,9 @@ class GEKOStream(EpochDriver, IterableDataset):
         else:
             raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
         self._local = [_is_local(u) for u in self.urls]
+        # Remote shards are read by byte ranges: only the samples drawn, each by the worker that yields it.
+        ranged = [is_url(u) for u in self.urls]
+        self._fetcher = RangeFetcher(storage_options=storage_options, config=remote) if any(ranged) else None
         if (np.diff(self.index.shard) < 0).any():
             raise ShardError("the shard index must list samples grouped by shard, in shard order")
         self._shard_start = np.searchsorted(self.index.shard, np.arange(len(self.index.shards) + 1))
@@ -446,23 +505,6 @@ class GEKOStream(EpochDriver, IterableDataset):
             self._yielded = start
         yield from self._read_and_yield(mine, plan, None if info is None else worker)
 
-    def _decode_error(self, exn: Exception, i: int) -> ShardError:
-        """A decoder's exception as a ShardError naming the shard, the key and the member."""
-        from webdataset.autodecode import DecodingError
-
-        url, key = self.urls[int(self.index.shard[i])], str(self.index.keys[i])
-        cause, field = exn, None
-        if isinstance(exn, DecodingError):
-            cause, field = exn.__cause__ or exn, exn.k
-        if isinstance(cause, _UnsafeMember):
-            return ShardError(f"shard {url!r}: sample {key!r}: member {key}.{field} has extension {cause.ext!r}, "
-                              f"which webdataset's decoders would unpickle; refused. "
-                              f"Decode it with your own callable `decode=` if you trust these shards")
-        what = f"member {key}.{field}" if field is not None else "the sample"
-        err = ShardError(f"shard {url!r}: sample {key!r}: decoding {what} failed ({type(cause).__name__}: {cause})")
-        err.__cause__ = cause  # the decoder's own traceback stays one "direct cause" away
-        return err
-
     def _flush(self, row: int, tally: dict[str, int], total: dict[str, int]) -> None:
         """Add ``tally`` to this process's row of the shared counters (per chunk: cheap, and visible soon)."""
         values = [tally[k] for k in COUNTERS]
@@ -473,7 +515,9 @@ class GEKOStream(EpochDriver, IterableDataset):
                 tally[k] = 0
 
     def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, worker: int | None) -> Iterator[dict[str, Any]]:
-        reader = _Reader(self.index, self.urls, self._local, self._shard_start, self.handler, self._lost.numpy())
+        ranges = None if self._fetcher is None else RangeReader(self.index, self.urls, self._fetcher)
+        reader = _Reader(self.index, self.urls, self._local, self._shard_start, self.handler, self._lost.numpy(),
+                         self.verify, ranges)
         tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)
         row = 0 if worker is None else 1 + worker % (_COUNTER_ROWS - 1)
         shard_of = self.index.shard
@@ -502,7 +546,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                             cache[i] = None  # its later draws are lost too, without decoding it again
                             tally["skipped_draws"] += 1
                             shard = int(shard_of[i])
-                            reader.fail(self._decode_error(exn, i), i)
+                            reader.fail(decoding_error(exn, url=self.urls[shard], key=str(self.index.keys[i])), i)
                             if shard in reader.stopped:  # the handler said stop: drop the shard's cached rest
                                 for j, other in cache.items():
                                     if other is not None and int(shard_of[j]) == shard:
@@ -565,9 +609,12 @@ class GEKOStream(EpochDriver, IterableDataset):
 
     def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
         """The shared report plus this epoch's bad-data counts, gathered from every DataLoader worker:
-        ``skipped_unreadable`` samples and the ``skipped_draws`` of the plan they cost."""
+        ``skipped_unreadable`` samples and the ``skipped_draws`` of the plan they cost; and what was read:
+        ``bytes_read`` (for remote shards: bytes fetched), ``requests`` and ``retries`` (remote shards)."""
         report = super().efficiency_report(epochs_done=epochs_done)
         stats = self.stats
         report["skipped_unreadable"] = stats["skipped"]
         report["skipped_draws"] = stats["skipped_draws"]
+        for k in ("bytes_read", "requests", "retries"):
+            report[k] = stats[k]
         return report

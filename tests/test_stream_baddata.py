@@ -307,3 +307,108 @@ def test_resume_with_workers_needs_the_batch_size(shards):
     loader = DataLoader(s2, batch_size=4, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
     with pytest.raises(RuntimeError, match=r"batch_size=B"):
         list(loader)
+
+
+# ------------------------------------------------------------------ same size, other content
+
+
+def _flip_label(path, key, ext, new):
+    """Overwrite the data of member ``key.ext`` in place with ``new`` (same length): sizes stay equal."""
+    with tarfile.open(path) as tf:
+        m = tf.getmember(f"{key}.{ext}")
+    with open(path, "r+b") as f:
+        f.seek(m.offset_data)
+        old = f.read(m.size)
+        assert len(new) == len(old) and new != old
+        f.seek(m.offset_data)
+        f.write(new)
+    return m.offset
+
+
+@PATHS
+def test_changed_content_of_the_same_size_is_detected(shards, tmp_path, shard_url):
+    from geko_data.state import FingerprintError, SampleState, StateFileError
+
+    before = GEKOStream(shards, total_epochs=1, config=QUIET)
+    before.state.save(tmp_path / "state.arrow")
+    old_index = shards / "old.arrow"
+    old_index.write_bytes((shards / "index.arrow").read_bytes())
+    path = read_index(shards).shards[1]
+    _flip_label(path, "s1_003", "txt", b"sample 1/9")  # was "sample 1/3"
+    offset = int(read_index(shards).offset[5 + 3])
+
+    # the old index cannot see it by sizes or keys; verify=True sees it, naming shard, key and offset
+    got = [x for x in GEKOStream(old_index, total_epochs=1, config=QUIET, shuffle=False, shard_url=shard_url)]
+    assert got[8]["txt"] == b"sample 1/9"
+    with pytest.raises(ShardError, match=rf"shard-001\.tar.*sample 's1_003' at byte {offset}: content hash"):
+        run(old_index, verify=True, shard_url=shard_url)
+    ids, stats = run(old_index, verify=True, shard_url=shard_url, handler=wds.ignore_and_continue)
+    assert 8 not in ids and stats["skipped"] == 1
+
+    # re-indexed: another fingerprint, so the old state is refused everywhere it is checked
+    new = index_shards(read_index(shards).shards, output=shards / "index.arrow")
+    assert new.fingerprint != before.index.fingerprint
+    with pytest.raises(FingerprintError, match=new.fingerprint):
+        SampleState.load(tmp_path / "state.arrow", expect_fingerprint=new.fingerprint)
+    with pytest.raises(StateFileError, match="other shards"):
+        GEKOStream(shards, total_epochs=1, state=SampleState.load(tmp_path / "state.arrow"))
+    assert len(run(shards, verify=True, shard_url=shard_url)[0]) == N
+
+
+def test_verify_refuses_a_compressed_stream(shards):
+    with pytest.raises(ShardError, match="verify=True needs an uncompressed tar stream"):
+        run(shards, verify=True, shard_url="pipe:gzip -c {}")
+    assert len(run(shards, shard_url="pipe:gzip -c {}")[0]) == N  # without verify tarfile undoes it
+
+
+# ------------------------------------------------------------------ decompression bombs
+
+
+def _bomb_shard(tmp_path, inflated):
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    with tarfile.open(folder / "a.tar", "w") as tf:  # webdataset's TarWriter would gzip `.gz` members again
+        for name, data in (("ok.txt.gz", gzip.compress(b"fine" * 1000)),
+                           ("bomb.txt.gz", gzip.compress(bytes(inflated), compresslevel=9))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    index_shards([folder / "a.tar"], output=folder / "index.arrow")
+    return folder
+
+
+@PATHS
+def test_gzip_bomb_is_refused_naming_the_member(tmp_path, shard_url):
+    from geko_data.stream import DEFAULT_MAX_DECODED_BYTES
+
+    assert DEFAULT_MAX_DECODED_BYTES == 256 << 20
+    folder = _bomb_shard(tmp_path, 8 << 20)  # 8 MiB of zeros in ~8 KB
+    with pytest.raises(ShardError, match=r"a\.tar.*sample 'bomb'.*member bomb\.txt\.gz decodes to more than "
+                                         r"1,048,576 bytes \(max_decoded_bytes=1048576\)"):
+        run(folder, decode=[], shard_url=shard_url, max_decoded_bytes=1 << 20)
+    got, stats = run(folder, decode=[], shard_url=shard_url, max_decoded_bytes=1 << 20,
+                     handler=wds.ignore_and_continue)
+    assert got == [0] and stats["skipped"] == 1
+    s = GEKOStream(folder, total_epochs=1, config=QUIET, shuffle=False, decode=[], shard_url=shard_url)
+    assert [len(x["txt.gz"]) for x in s] == [4000, 8 << 20]  # under the default cap both decode
+    with pytest.raises(ValueError, match="`max_decoded_bytes` must be an int >= 1, got 0"):
+        GEKOStream(folder, total_epochs=1, max_decoded_bytes=0)
+
+
+def test_gunzip_never_inflates_past_the_cap():
+    import tracemalloc
+
+    from geko_data.decode import DecodedTooLarge, gunzip
+
+    bomb = gzip.compress(bytes(64 << 20), compresslevel=9)
+    tracemalloc.start()
+    with pytest.raises(DecodedTooLarge):
+        gunzip(bomb, 1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20, peak  # the whole 64 MiB was never held
+    # what the gzip module reads: several members, zero padding between them
+    data = gzip.compress(b"one") + b"\0" * 7 + gzip.compress(b"two")
+    assert gunzip(data, 100) == gzip.decompress(data.replace(b"\0" * 7, b"")) == b"onetwo"
+    with pytest.raises(EOFError):
+        gunzip(gzip.compress(b"x" * 1000)[:-12], 10_000)
