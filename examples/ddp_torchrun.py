@@ -4,7 +4,9 @@
 
 A tiny Llama built from a config learns a synthetic copy task; each rank
 reads its equal share of the epoch plan, reports are all-gathered, rank 0
-logs and writes checkpoints. Runs in seconds.
+logs and writes checkpoints (into ``$GEKO_OUT``, else a folder in the temp dir; the
+first line says which). The per-epoch line is rank 0's share of the epoch. Runs in
+seconds.
 """
 
 import os
@@ -32,12 +34,17 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
     out = os.environ.get("GEKO_OUT") or os.path.join(tempfile.gettempdir(), "geko-ddp-example")
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        chosen = "GEKO_OUT" if os.environ.get("GEKO_OUT") else "default; set GEKO_OUT to choose"
+        print(f"[ddp example] checkpoints, metrics and state go to {out} ({chosen})", flush=True)
     args = TrainArgs(output_dir=out, num_epochs=4, batch_size=16, learning_rate=3e-3, warmup_steps=5,
                      logging_steps=5, save_steps=20, eval_steps=0, dataloader_num_workers=0, progress=False)
     result = train(model, copy_task(512), args=args, config=GEKOConfig(q_value_lr=0.5, min_q_for_freeze=0.7))
-    rank = int(os.environ.get("RANK", 0))
-    print(f"[rank {rank}] optimizer steps {result['step']}, sample passes in the shared state "
-          f"{result['efficiency']['sample_passes']}")
+    # Both figures are the same on every rank: the job's steps (each one on every rank) and the passes of all
+    # ranks, counted in the shared state.
+    print(f"[rank {rank}] optimizer steps {result['step']} (the job's), sample passes of all ranks "
+          f"{result['efficiency']['sample_passes']} (shared state)")
 
 
 if __name__ == "__main__":

@@ -474,7 +474,8 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
         hist = data.state.history[-1] if data.state.history else {}
         logger({"event": "epoch", "epoch": epoch, "step": step, "loss": running / max(micro, 1),
                 "micro_batches": micro, **{k: hist.get(k) for k in ("freeze", "light", "focus", "hard", "pruned")}})
-        say(f"[Epoch {epoch + 1}] average loss {running / max(micro, 1):.4f} over {consumed} samples")
+        say(f"[Epoch {epoch + 1}] average loss {running / max(micro, 1):.4f} over {consumed} samples"
+            + (f" on rank 0 ({world} ranks share the epoch)" if world > 1 else ""))  # only rank 0 prints
         run_eval()
 
     run_eval()
