@@ -115,7 +115,7 @@ def _parse_value(text: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geko-train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="geko-train", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF model folder, or 'default' (embedded SmolLM2-135M) [default: default]")
     p.add_argument("--data", help="shard folder, JSONL file, or 'default' (embedded tweets) [default: default]")
