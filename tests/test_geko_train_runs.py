@@ -10,7 +10,7 @@ import pytest
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
-from geko_data.train.__main__ import main
+from geko_data.train.__main__ import LORA_LEARNING_RATE, main
 from geko_data.train.args import TrainArgs, anneal_warning
 from test_train_cli import records, task_rows, tiny_model_dir, write_jsonl
 
@@ -61,10 +61,12 @@ def test_small_run_defaults_eval_before_and_after_every_epoch(job, capsys):
     # before training, after each of the 3 epochs, and the end of the run is not evaluated twice
     assert len(epochs) == 3 and evals == [0, *epochs]
     assert captured.out.count("[eval] step") == 4
-    # a run too short for its warmup says so
+    # a run too short for its warmup says so; LoRA without a learning rate gets LoRA's default
     assert main(["--model", job["model"], "--data", job["data"], "--output_dir", str(job["tmp"] / "short"),
-                 "--num_epochs", "1", "--warmup_steps", "100", *QUIET]) == 0
-    assert "warning: warmup is 100 optimizer steps and the whole run at most 2" in capsys.readouterr().out
+                 "--num_epochs", "1", "--warmup_steps", "100", "--lora", *QUIET]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: warmup is 100 optimizer steps and the whole run at most 2" in printed
+    assert "LoRA applied" in printed and f"lr {LORA_LEARNING_RATE:g}," in printed
 
 
 @pytest.mark.timeout(170)

@@ -35,7 +35,7 @@ class TrainArgs:
             Defaults to ``"./geko_output"``.
         num_epochs: training epochs. Defaults to ``3``.
         batch_size: per-device micro-batch size. Defaults to ``16``.
-        learning_rate: peak AdamW learning rate (full fine-tune; ``geko-train --lora`` uses 2e-4 unless
+        learning_rate: peak AdamW learning rate (full fine-tune; ``geko-train --lora`` uses 1e-3 unless
             given). Defaults to ``5e-5``.
         weight_decay: AdamW weight decay. Defaults to ``0.01``.
         warmup_steps: linear warmup in optimizer steps; when set it wins over ``warmup_ratio``.
