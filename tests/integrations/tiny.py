@@ -96,3 +96,15 @@ def recording_trainer(base):
             return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     return Recording
+
+
+def assert_trains_plan(plan: list[int], ids: list[int], world: int = 1) -> None:
+    """``ids`` (all ranks' trained ids of one epoch) hold every draw of ``plan`` exactly once, plus at most
+    ``world - 1`` draws repeated to give the ranks equal shares."""
+    import collections
+
+    counts = collections.Counter(ids)
+    missing = {i: (c, counts[i]) for i, c in enumerate(plan) if counts[i] < c}
+    assert not missing, f"draws of the plan not trained (planned, trained): {missing}"
+    assert set(counts) <= {i for i, c in enumerate(plan) if c > 0}, "trained a sample the plan did not draw"
+    assert 0 <= len(ids) - sum(plan) < world, (len(ids), sum(plan))

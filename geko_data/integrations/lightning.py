@@ -1,0 +1,200 @@
+"""GEKO in Lightning: a callback that owns the ``GEKOSampler``, reports per-sample losses, logs what GEKO did
+and keeps its state in Lightning checkpoints.
+
+Lines a Lightning script changes::
+
+    geko = GEKOCallback(train_set)                                    # GEKO
+    trainer = L.Trainer(max_epochs=E, callbacks=[geko])               # GEKO: the callback
+
+    class Module(L.LightningModule):
+        def train_dataloader(self):
+            return geko.dataloader(batch_size=32, num_workers=2)      # GEKO: instead of DataLoader(...)
+
+        def training_step(self, batch, batch_idx):
+            losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            return {"loss": (losses * batch["__weight__"]).mean(),    # GEKO: weight, and hand back
+                    "per_sample_loss": losses.detach()}               #       the per-sample losses
+
+Under DDP Lightning's default ``use_distributed_sampler=True`` wraps a DataLoader's sampler in a
+``DistributedSamplerWrapper`` that keeps every world-th index: a GEKO sampler, which already yields this
+rank's share, would silently lose half of it. The callback's sampler is a ``DistributedSampler`` to Lightning,
+so Lightning leaves it alone; a plain ``GEKOSampler`` that Lightning wrapped anyway is refused at the epoch's
+start with the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, DistributedSampler
+
+from geko_data.config import GEKOConfig
+from geko_data.epochs import check_int
+from geko_data.integrations.metrics import epoch_metrics
+from geko_data.sampler import GEKOSampler
+from geko_data.state import SampleState
+
+__all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
+
+
+class RankAwareGEKOSampler(GEKOSampler, DistributedSampler):
+    """A ``GEKOSampler`` that frameworks checking ``isinstance(sampler, DistributedSampler)`` (Lightning)
+    recognise as already sharded by rank, so they do not shard it again. Everything else is GEKOSampler's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        GEKOSampler.__init__(self, *args, **kwargs)  # not DistributedSampler's: it would read the process group
+        self.num_replicas, self.rank, self.drop_last = self.world.world_size, self.world.rank, False
+
+
+def _wrapped_geko(sampler: Any) -> GEKOSampler | None:
+    """The GEKOSampler inside a Lightning ``DistributedSamplerWrapper``, if that is what ``sampler`` is."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if isinstance(inner, GEKOSampler) and not isinstance(sampler, GEKOSampler) else None
+
+
+class GEKOCallback(pl.Callback):
+    """Owns a ``GEKOSampler`` over ``dataset`` for ``trainer.fit``.
+
+    Args:
+        dataset: the map-style train dataset.
+        total_epochs: planned epochs. Defaults to the trainer's ``max_epochs``.
+        config: the GEKO policy. Defaults to ``GEKOConfig()``.
+        seed: seed of GEKO's plans. Defaults to ``0``.
+        epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
+        log_prefix: prefix of the metrics logged at each epoch's end. Defaults to ``"geko/"``.
+
+    ``training_step`` returns ``{"loss": ..., "per_sample_loss": (B,) losses}`` and may add ``"correct"``
+    and ``"confidence"`` (both (B,)); the callback reports them with the batch's ``__index__``.
+    """
+
+    def __init__(self, dataset: Any, *, total_epochs: int | None = None, config: GEKOConfig | None = None,
+                 seed: int = 0, epoch_length: int | None = None, log_prefix: str = "geko/") -> None:
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
+                            f"{type(dataset).__name__}")
+        check_int("total_epochs", total_epochs, 1, optional=True)
+        check_int("seed", seed, 0)
+        check_int("epoch_length", epoch_length, 1, optional=True)
+        if config is not None and not isinstance(config, GEKOConfig):
+            raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+        self.dataset = dataset
+        self.total_epochs = total_epochs
+        self.config = config
+        self.seed = seed
+        self.epoch_length = epoch_length
+        self.log_prefix = log_prefix
+        self.sampler: RankAwareGEKOSampler | None = None
+        self._consumed = 0  # this rank's indices of the current epoch reported so far
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
+
+    # ------------------------------------------------------------------ setup and data
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        epochs = self.total_epochs or trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError(f"GEKOCallback needs the planned epochs: pass `total_epochs=` or set the trainer's "
+                             f"`max_epochs` (got {trainer.max_epochs!r})")
+        self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
+                                            seed=self.seed, num_replicas=trainer.world_size,
+                                            rank=trainer.global_rank, epoch_length=self.epoch_length)
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    def dataloader(self, **kwargs: Any) -> DataLoader:
+        """``DataLoader(wrapped dataset, sampler=GEKO's sampler, **kwargs)``; call it in ``train_dataloader()``."""
+        if self.sampler is None:
+            raise RuntimeError("GEKOCallback.dataloader() was called before the trainer set the callback up: "
+                               "call it inside `train_dataloader()` (Lightning runs that after setup, when the "
+                               "ranks are known), and pass the callback to the Trainer")
+        for name in ("sampler", "batch_sampler", "shuffle"):
+            if name in kwargs:
+                raise ValueError(f"GEKOCallback.dataloader() sets the sampler itself; remove `{name}=` "
+                                 f"(got {kwargs[name]!r})")
+        if kwargs.get("drop_last"):
+            raise ValueError("`drop_last` must be False with GEKO: every draw of the plan is trained")
+        return DataLoader(self.sampler.wrap(self.dataset), sampler=self.sampler, **kwargs)
+
+    # ------------------------------------------------------------------ epochs and feedback
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        loaders = loader if isinstance(loader, (list, tuple)) else (
+            list(loader.values()) if isinstance(loader, dict) else [loader])
+        for dl in loaders:
+            for sampler in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
+                if _wrapped_geko(sampler) is not None:
+                    raise RuntimeError(
+                        "Lightning wrapped a GEKOSampler in a DistributedSamplerWrapper (use_distributed_sampler="
+                        "True): each rank would train only half of its GEKO share, silently. Build the loader with "
+                        "`GEKOCallback.dataloader(...)` inside `train_dataloader()`, or pass "
+                        "`use_distributed_sampler=False` to the Trainer")
+        if self.sampler is not None:
+            self.sampler.set_epoch(trainer.current_epoch)  # Lightning calls it too; the second call is a no-op
+            start = self._consumed if self._resumed_epoch == trainer.current_epoch else 0
+            self._consumed, self._resumed_epoch = start, None
+
+    _resumed_epoch: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.sampler is None:
+            return
+        if not isinstance(outputs, dict) or "per_sample_loss" not in outputs:
+            raise ValueError("with GEKOCallback, `training_step` must return a dict with the per-sample losses: "
+                             "`return {'loss': (losses * batch['__weight__']).mean(), 'per_sample_loss': "
+                             f"losses.detach()}}` (got {type(outputs).__name__})")
+        if not isinstance(batch, dict) or "__index__" not in batch:
+            raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
+        ids = batch["__index__"]
+        self.sampler.report(ids, outputs["per_sample_loss"], correct=outputs.get("correct"),
+                            confidence=outputs.get("confidence"), step=trainer.global_step)
+        self._consumed += len(ids)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sampler is not None:
+            metrics = epoch_metrics(self.sampler, epochs_done=trainer.current_epoch + 1, prefix=self.log_prefix)
+            with warnings.catch_warnings():
+                # Every rank holds the same state: Lightning's advice to reduce epoch metrics across ranks
+                # does not apply.
+                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+                pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "state.arrow")
+            self.sampler.state.save(path)
+            with open(path, "rb") as f:
+                blob = f.read()
+        # The Arrow file travels inside the checkpoint as bytes: no pickled objects.
+        return {"sampler": self.sampler.state_dict(consumed=self._consumed), "state_arrow": blob}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if "state_arrow" not in state_dict or "sampler" not in state_dict:
+            raise ValueError("GEKOCallback checkpoint state lacks the SampleState or the sampler position: "
+                             f"keys {sorted(state_dict)}")
+        if self.sampler is None:
+            self._pending = state_dict  # Lightning may restore callbacks before setup()
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state_dict: dict[str, Any]) -> None:
+        assert self.sampler is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "state.arrow")
+            with open(path, "wb") as f:
+                f.write(state_dict["state_arrow"])
+            state = SampleState.load(path, memory_map=False)
+        self.sampler.use_state(state)
+        self.sampler.load_state_dict(state_dict["sampler"])
+        self._consumed = int(state_dict["sampler"]["position"])
+        self._resumed_epoch = int(state_dict["sampler"]["epoch"])
