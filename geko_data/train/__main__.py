@@ -228,6 +228,10 @@ def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOCo
 
     if ns.resume:
         run_dir, saved_args, saved_config, saved_run = _saved_run(ns.resume)
+        if not saved_run and not ("model" in cli and "data" in cli):
+            raise ValueError(f"--resume {ns.resume}: {run_dir} has no {RUN_FILE} (the run was not started by "
+                             f"geko-train, or by an older version): pass --model and --data as the run had them "
+                             f"('default' for the embedded ones)")
         fixed = set(RESUME_FIXED) | {k for k in _fields(GEKOConfig) if k != "log_bucket_stats"}
         problems = _conflicts(given, {**saved_args, **saved_config}, fixed) + _conflicts(cli, saved_run, _RUN_FIXED)
         if problems:
