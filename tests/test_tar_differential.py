@@ -17,8 +17,8 @@ import webdataset as wds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geko_data.shards import (ShardError, _fast_members, _tarfile_members, index_shards, iter_tar_samples,
-                              parse_sample)
+from geko_data.shards import (ShardError, _checksum_ok, _fast_members, _tarfile_members, index_shards,
+                              iter_tar_samples, parse_sample)
 from geko_data.stream import GEKOStream
 from geko_data.config import GEKOConfig
 
@@ -95,7 +95,11 @@ def member(draw) -> bytes:
                                           st.sampled_from([name, name + b"/", b"z" * 200 + b".txt"]).map(gnu_long)),
                                 max_size=2))
     body = data if kind not in (b"5", b"2", b"1") or size else b""
-    return b"".join(ext_headers) + header(name, size, kind, magic=magic, prefix=prefix, size_field=field) + padded(body)
+    head = bytearray(header(name, size, kind, magic=magic, prefix=prefix, size_field=field))
+    flip = draw(st.sampled_from([None, None, None, None, 150, 10, 110, 330, 140]))  # checksum, name, fields
+    if flip is not None:
+        head[flip] ^= draw(st.sampled_from([0x01, 0x40, 0xFF]))
+    return b"".join(ext_headers) + bytes(head) + padded(body)
 
 
 def tar_of(members: list[bytes], tail: bytes) -> bytes:
@@ -270,3 +274,11 @@ def test_sparse_members_from_gnu_tar(tmp_path, fmt, shard_url):
     expected = webdataset_samples(str(folder / "a.tar"))
     assert [s["__key__"] for s in expected] == ["k", "m"] and len(expected[0]["bin"]) == 700_000
     assert _stream_samples(folder, shard_url) == expected
+
+
+@SETTINGS
+@given(head=st.one_of(st.binary(min_size=512, max_size=512), st.sampled_from([b"\xff" * 512, bytes(512)])),
+       delta=st.sampled_from([0, 0, 1, -1, 2, 65521, -65521, 131042, -131042, 10 ** 9]))
+def test_header_checksum_shortcut_is_the_byte_sum(head, delta):
+    true = sum(head[:148]) + 256 + sum(head[156:])
+    assert _checksum_ok(head, true + delta) == (delta == 0)
