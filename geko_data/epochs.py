@@ -7,6 +7,7 @@ epoch's plan; both front-ends then turn that plan into indices or samples.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,9 @@ from geko_data.world import World
 __all__ = ["EpochDriver", "check_int"]
 
 STATE_DICT_VERSION = 1
+
+# An epoch whose reports cover less than this share of its planned draws is almost certainly a misuse.
+COVERAGE_WARN_BELOW = 0.75
 
 
 def check_int(name: str, value: Any, lo: int, *, optional: bool = False) -> None:
@@ -44,6 +48,10 @@ class EpochDriver:
     total_epochs: int
     epoch_length: int | None
     epoch: int
+    # (epoch, feedback rows before it, its planned draws) of the epoch being watched; None: not watched.
+    _coverage: tuple[int, int, int] | None = None
+    _coverage_resumed = False
+    _coverage_warned = False
 
     @staticmethod
     def log(message: str) -> None:
@@ -86,11 +94,13 @@ class EpochDriver:
         """
         check_int("epoch", epoch, 0)
         epoch = int(epoch)
+        self._check_coverage(epoch)
         progress = policy.epoch_progress(epoch, self.total_epochs)
         kept = self.state.plan
         if kept is not None and kept.matches(epoch=epoch, progress=progress, seed=self.seed,
                                              epoch_length=self.epoch_length, num_samples=self.state.num_samples):
             self.epoch = epoch
+            self._watch(kept)
             return kept
         # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
@@ -101,7 +111,32 @@ class EpochDriver:
         plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
                           epoch_length=self.epoch_length)
         self.state.plan = plan
+        self._watch(plan)
         return plan
+
+    def _watch(self, plan: EpochPlan) -> None:
+        if self._coverage is None or self._coverage[0] != plan.epoch:
+            # A resumed epoch's reports before the checkpoint are not in this process's feedback counter.
+            resumed, self._coverage_resumed = self._coverage_resumed, False
+            self._coverage = None if resumed else (plan.epoch, self.feedback.num_rows, int(plan.counts.sum()))
+
+    def _check_coverage(self, epoch: int) -> None:
+        """Warn once when the epoch that is ending was reported well under its plan: GEKO learns only from
+        reports, so a framework that re-sharded the sampler or a loop that never reports goes unnoticed."""
+        if self._coverage is None or self._coverage[0] == epoch or self._coverage_warned:
+            return
+        ended, rows_before, draws = self._coverage
+        reported = self.feedback.num_rows - rows_before
+        if draws > 0 and reported < COVERAGE_WARN_BELOW * draws:
+            self._coverage_warned = True
+            warnings.warn(
+                f"GEKO epoch {ended} planned {draws} draws (over all ranks) but the loop reported {reported} "
+                f"per-sample results ({reported / draws:.0%}). Likely causes: a framework re-sharded the sampler, "
+                f"which already yields this rank's share (accelerate's prepare(), Lightning's "
+                f"use_distributed_sampler=True, a DistributedSampler around it), so each rank trains a fraction "
+                f"of its share; or `report(batch['__index__'], losses)` is not called for every batch. Fix: use "
+                f"geko_data.integrations (GEKOTrainer, GEKOSFTTrainer, GEKOCallback) or hand the sampler to the "
+                f"DataLoader unwrapped, and report every batch", RuntimeWarning, stacklevel=4)
 
     def use_state(self, state: SampleState) -> None:
         """Continue from ``state`` (e.g. ``SampleState.load`` of a checkpoint's file); call before
@@ -117,6 +152,7 @@ class EpochDriver:
         state.fingerprint = mine or theirs
         self.state = state
         self.feedback = Feedback(state)
+        self._coverage, self._coverage_resumed = None, True
 
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
                step: int | None = None) -> int:
@@ -128,7 +164,11 @@ class EpochDriver:
                 "position": int(position), "num_samples": self.state.num_samples,
                 "world_size": self.world.world_size, "total_epochs": self.total_epochs,
                 "epoch_length": self.epoch_length, "config": self.config.to_dict(),
-                "fingerprint": self.state.fingerprint}
+                "fingerprint": self.state.fingerprint, "state_passes": self._state_passes()}
+
+    def _state_passes(self) -> int:
+        """Sample passes the state has counted: ties a position to the state it was saved with."""
+        return int(self.state.times_seen.sum(dtype=np.int64))
 
     def _check_state_dict(self, sd: Any, mine: dict[str, Any], what: str) -> tuple[int, int]:
         """Validate a state_dict against this object's values; return its (epoch, position).
@@ -153,6 +193,13 @@ class EpochDriver:
         if theirs_mode != self.config.mode:
             raise ValueError(f"state_dict config mode {theirs_mode!r} does not match this {what}'s mode "
                              f"{self.config.mode!r}")
+        passes = sd.get("state_passes")
+        if passes is not None and passes != self._state_passes():
+            # A position alone (e.g. only StatefulDataLoader's state_dict) would replay another epoch's plan.
+            raise ValueError(
+                f"state_dict was saved with a SampleState of {passes} sample passes, but this {what}'s state "
+                f"has {self._state_passes()}: restore the state saved with it first, "
+                f"`{what}.use_state(SampleState.load(path))`, then `load_state_dict`")
         epoch, position = int(sd["epoch"]), int(sd.get("position", 0))
         if position < 0:
             raise ValueError(f"state_dict position must be >= 0, got {position}")
