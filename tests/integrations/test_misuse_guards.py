@@ -1,5 +1,6 @@
 """Silent misuse made loud: an epoch reported well under its plan, a position restored without its state."""
 
+import itertools
 import warnings
 
 import pytest
@@ -16,8 +17,9 @@ def rows(n):
     return [{"x": torch.tensor([float(i)])} for i in range(n)]
 
 
-def train_epoch(sampler, loader):
-    for batch in loader:
+def train_epoch(sampler, loader, batches=None):
+    """Report every batch of the epoch (or its first ``batches``) as a loop would."""
+    for batch in itertools.islice(loader, batches):
         sampler.report(batch["__index__"], torch.rand(len(batch["__index__"])))
 
 
@@ -62,13 +64,9 @@ def test_full_reports_and_a_mid_epoch_resume_do_not_warn(tmp_path):
     loader = DataLoader(sampler.wrap(data), batch_size=4, sampler=sampler)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        sampler.set_epoch(0)
-        train_epoch(sampler, loader)
-        sampler.set_epoch(1)
-        it = iter(loader)
-        for _ in range(3):
-            batch = next(it)
-            sampler.report(batch["__index__"], torch.rand(len(batch["__index__"])))
+        for epoch, batches in ((0, None), (1, 3)):
+            sampler.set_epoch(epoch)
+            train_epoch(sampler, loader, batches)
         sd = sampler.state_dict(consumed=12)
         sampler.state.save(tmp_path / "state.arrow")
         resumed = GEKOSampler(data, total_epochs=3, config=QUIET, seed=4)
@@ -93,13 +91,9 @@ def test_a_stateful_dataloader_position_without_its_state_is_refused(tmp_path):
         return s, tdl.StatefulDataLoader(s.wrap(data), batch_size=4, sampler=s)
 
     sampler, loader = make()
-    sampler.set_epoch(0)
-    train_epoch(sampler, loader)
-    sampler.set_epoch(1)
-    it = iter(loader)
-    for _ in range(2):
-        batch = next(it)
-        sampler.report(batch["__index__"], torch.rand(4))
+    for epoch, batches in ((0, None), (1, 2)):
+        sampler.set_epoch(epoch)
+        train_epoch(sampler, loader, batches)
     sd = loader.state_dict()  # holds the sampler's position, not its 32-sample learning state
     sampler.state.save(tmp_path / "state.arrow")
 
