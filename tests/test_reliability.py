@@ -373,7 +373,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, field, value):
     from crash_job import CFG, model, rows
 
     from geko_data.train import train
-    from geko_data.train.checkpoint import find_latest
+    from geko_data.train.checkpoint import find_latest, write_manifest
 
     args = _trained_checkpoint(tmp_path / "out", rows(12))
     ds_path = os.path.join(find_latest(args.output_dir), "data_state.json")
@@ -382,6 +382,10 @@ def test_resume_with_another_world_size_is_refused(tmp_path, field, value):
     data_state[field] = value
     with open(ds_path, "w") as f:
         json.dump(data_state, f)
+    # re-seal the manifest (it refuses any edited file, test_checkpoint.py): the data-level check is tested here
+    with open(os.path.join(os.path.dirname(ds_path), "manifest.json")) as f:
+        manifest = json.load(f)
+    write_manifest(os.path.dirname(ds_path), **{k: manifest[k] for k in ("step", "seed", "fingerprint")})
     with pytest.raises(ValueError, match=field) as err:
         train(model(), rows(12), args=args, config=CFG, resume_from=args.output_dir, log=lambda _m: None)
     assert str(value) in str(err.value)

@@ -14,9 +14,10 @@ from geko_data.config import GEKOConfig
 from geko_data.shards import write_shards
 from geko_data.state import COLUMNS, SampleState
 from geko_data.train import TrainArgs, train
-from geko_data.train.checkpoint import CheckpointError, find_latest, list_checkpoints, load_checkpoint
+from geko_data.train.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_checkpoint,
+                                        write_manifest)
 from geko_data.train.collate import pad_collate
-from geko_data.train.loop import _lr_factor
+from geko_data.train.loop import _Logger, _lr_factor
 
 transformers = pytest.importorskip("transformers")
 CFG = GEKOConfig(q_value_lr=0.6, min_q_for_freeze=0.5, freeze_confidence=0.05, freeze_quality=0.0,
@@ -70,6 +71,13 @@ def metrics(out_dir):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def reseal(ckpt):
+    """Re-write a checkpoint's manifest over its files as they are now (a test that changed one on purpose
+    reaches the checks behind the manifest)."""
+    m = read_json(os.path.join(ckpt, "manifest.json"))
+    write_manifest(ckpt, step=m["step"], seed=m["seed"], fingerprint=m["fingerprint"])
 
 
 def test_train_args_validation():
@@ -554,6 +562,9 @@ def test_checkpoint_missing_a_weight_is_refused_but_tied_weights_load(tmp_path):
     dropped = next(k for k in weights if "layers.0" in k)
     del weights[dropped]
     save_file(weights, path)
+    with pytest.raises(CheckpointError, match="model.safetensors refused: it does not match manifest.json"):
+        load_checkpoint(ckpt, model=tied(1), optimizer=None)
+    reseal(ckpt)
     with pytest.raises(CheckpointError, match="lacks weights"):
         load_checkpoint(ckpt, model=tied(1), optimizer=None)
 
@@ -564,3 +575,25 @@ def test_partition_table_goes_through_log(tmp_path, capsys):
           log=said.append)
     assert sum("Partition:" in m for m in said) == 2
     assert "Partition:" not in capsys.readouterr().out  # nothing bypasses log=
+
+
+def test_resume_trims_a_long_metrics_file_in_linear_time(tmp_path):
+    # 50k records (a long run logging every step): trimming used to append to one bytes object, quadratic
+    # (20 s on this machine for this file). A complexity check, not a benchmark: the bound is generous.
+    import time
+
+    lines = []
+    for step in range(1, 50_001):
+        lines.append(json.dumps({"event": "train", "step": step, "epoch": step // 1000, "loss": 1.0 / step,
+                                 "lr": 1e-4, "phase": "ASCENT", "samples": 8 * step, "time": 0.01 * step}))
+        if step % 1000 == 0:
+            lines.append(json.dumps({"event": "checkpoint", "step": step, "path": f"checkpoint-{step}"}))
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + '\n{"event": "train", "st')  # the last line cut by a crash
+    started = time.perf_counter()
+    _Logger(str(tmp_path), True).start(resumed_step=48_000)  # late: most lines are kept
+    took = time.perf_counter() - started
+    assert took < 5.0, f"trimming 50k lines took {took:.1f} s"
+    kept = path.read_text().splitlines()
+    assert kept == [line for line in lines if json.loads(line)["step"] <= 48_000]
+    assert json.loads(kept[-1]) == {"event": "checkpoint", "step": 48_000, "path": "checkpoint-48000"}

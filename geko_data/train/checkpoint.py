@@ -1,4 +1,5 @@
-"""Checkpoint directories: everything of one optimizer step, written atomically, loaded without pickle.
+"""Checkpoint directories: everything of one optimizer step, written atomically, tied together by a
+manifest, loaded without pickle.
 
 Layout of ``checkpoint-<step>/``::
 
@@ -8,48 +9,75 @@ Layout of ``checkpoint-<step>/``::
     trainer_state.json                        step, epoch, consumed samples, scaler, args
     data_state.json                           the sampler's / stream's state_dict()
     state.arrow                               the SampleState, with the plan of the epoch being run
+    manifest.json                             step, plan seed, data fingerprint, and the size and xxh3_64
+                                              hash of every other file; written last
 
 The directory is built under a temporary name and renamed into place, so a
 crash leaves either the complete checkpoint or nothing under that name; old
 checkpoints are renamed away before they are deleted, so a crash while
 pruning never leaves a half-deleted one under a checkpoint name. The next
 save deletes the hidden ``.checkpoint-*.tmp`` directories a killed save left.
-Loading reads every file before it changes anything, and refuses a file it
-cannot read safely (corrupt, truncated, a pickle payload) with an error
-naming it.
+
+Loading checks the manifest first: a file changed, added, missing or copied
+in from another checkpoint (another step, another seed) is refused, naming
+it. Then it reads every file and checks it against the model, the optimizer
+and the manifest's step, seed and fingerprint, and only then changes the
+model, the optimizer and the RNG: a refused checkpoint leaves them as they
+were.
+
+One training run at a time may write to an output dir: ``lock_output_dir``
+holds a lock file there (the reference loop takes it for the whole run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import filelock
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
-from geko_data.atomic import atomic_dir, fsync_dir
+from geko_data.atomic import atomic_dir, atomic_write_bytes, fsync_dir
 from geko_data.state import SampleState
 
-__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
+__all__ = ["MANIFEST", "CheckpointError", "OutputDirBusyError", "file_hash", "find_latest", "list_checkpoints",
+           "load_checkpoint", "lock_output_dir", "save_checkpoint", "write_manifest"]
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_HASH = "xxh3_64"
+_CHUNK = 4 << 20  # hashing reads this much at a time: memory stays flat for any file size
+LOCK_NAME = ".geko-train.lock"
+PID_NAME = ".geko-train.lock.pid"  # who holds the lock, for the error another run gets
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-\d+\..+\.tmp$")  # a killed save's temp dir (atomic_dir's or _remove's)
-_REQUIRED = ("trainer_state.json", "data_state.json", "state.arrow", "optimizer.pt", "rng.safetensors")
+_REQUIRED = ("trainer_state.json", "data_state.json", "state.arrow", "optimizer.pt", "rng.safetensors", MANIFEST)
 _WEIGHTS = ("model.safetensors", "adapter.safetensors")
 
 
-def _missing(path: str) -> list[str]:
-    missing = [f for f in _REQUIRED if not os.path.exists(os.path.join(path, f))]
+def _missing(path: str, *, manifest: bool = True) -> list[str]:
+    missing = [f for f in _REQUIRED if (manifest or f != MANIFEST) and not os.path.exists(os.path.join(path, f))]
     if not any(os.path.exists(os.path.join(path, f)) for f in _WEIGHTS):
         missing.append(" or ".join(_WEIGHTS))
     return missing
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, incomplete, or unsafe to load)."""
+    """A checkpoint that cannot be used (missing, incomplete, inconsistent, or unsafe to load)."""
+
+
+class OutputDirBusyError(RuntimeError):
+    """Another process holds the output dir's lock: two runs writing one output dir delete each other's files."""
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -61,12 +89,15 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
     return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
+def _peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
 def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     if _is_peft(model):
-        from peft import get_peft_model_state_dict
-
-        return "adapter.safetensors", {k: v.detach().cpu().contiguous() for k, v in
-                                       get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        return "adapter.safetensors", {k: v.detach().cpu().contiguous() for k, v in _peft_state(model).items()}
     # Tied weights share storage, which safetensors refuses: store each name once per storage.
     seen: dict[tuple[int, int], str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -79,15 +110,97 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     return "model.safetensors", out
 
 
+# ---------------------------------------------------------------- manifest
+def file_hash(path: str | os.PathLike) -> str:
+    """xxh3_64 of a file's bytes as 16 hex digits, read in chunks (a multi-GB file costs no memory)."""
+    h = xxhash.xxh3_64()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def write_manifest(path: str, *, step: int, seed: int | None, fingerprint: str | None) -> dict[str, Any]:
+    """Write ``path/manifest.json`` over every other file of the checkpoint dir ``path``; return it.
+
+    ``save_checkpoint`` calls it last, inside the temporary directory. Call it yourself only to re-seal a
+    checkpoint you changed on purpose: it vouches for whatever the files are now.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == MANIFEST:
+            continue
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint {path!r}: {name} is not a regular file")
+        files[name] = {"bytes": os.path.getsize(full), _HASH: file_hash(full)}
+    manifest = {"format_version": MANIFEST_VERSION, "step": step, "seed": seed, "fingerprint": fingerprint,
+                "hash": _HASH, "files": files}
+    atomic_write_bytes(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _refuse(path: str, name: str, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r}: {name} refused: {why}")
+
+
+def _check_manifest(path: str) -> dict[str, Any]:
+    """Read ``manifest.json`` and check every file against it; return it. Nothing else is read before."""
+    if not os.path.exists(os.path.join(path, MANIFEST)):
+        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST}, so nothing shows that its files belong "
+                              f"together (a checkpoint of an older geko_data, or assembled by hand); refused")
+    manifest = _read(path, MANIFEST, _read_json)
+    files = manifest.get("files")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise _refuse(path, MANIFEST, f"format_version {version!r} is not one this geko_data reads "
+                                      f"(<= {MANIFEST_VERSION})")
+    if manifest.get("hash") != _HASH or not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get(_HASH), str)
+            for v in files.values()):
+        raise _refuse(path, MANIFEST, f"expected 'hash': {_HASH!r} and 'files': {{name: {{'bytes': int, "
+                                      f"{_HASH!r}: str}}}}")
+    step, seed, fp = manifest.get("step"), manifest.get("seed"), manifest.get("fingerprint")
+    if not _is_int(step) or not (seed is None or _is_int(seed)) or not (fp is None or isinstance(fp, str)):
+        raise _refuse(path, MANIFEST, f"'step' must be an int, 'seed' an int or null, 'fingerprint' a string or "
+                                      f"null (got {step!r}, {seed!r}, {fp!r})")
+    present = set(os.listdir(path)) - {MANIFEST}
+    extra, gone = sorted(present - set(files)), sorted(set(files) - present)
+    if extra:
+        raise _refuse(path, extra[0], f"it is not listed in {MANIFEST} (a file added after the checkpoint was "
+                                      f"written)")
+    if gone:
+        raise CheckpointError(f"checkpoint {path!r}: {gone[0]} is listed in {MANIFEST} but missing")
+    for name in sorted(files):
+        full, want = os.path.join(path, name), files[name]
+        size = os.path.getsize(full) if os.path.isfile(full) else None
+        got = file_hash(full) if size == want["bytes"] else None
+        if got != want[_HASH]:
+            what = (f"{size} bytes, {MANIFEST} says {want['bytes']}" if got is None
+                    else f"{_HASH} {got}, {MANIFEST} says {want[_HASH]}")
+            raise _refuse(path, name, f"it does not match {MANIFEST} ({what}): it changed, or was copied from "
+                                      f"another checkpoint, after this one was written")
+    return manifest
+
+
+# ---------------------------------------------------------------- save
 def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], data_state: dict[str, Any], state: SampleState,
                     keep: int = 2) -> str:
     """Write ``output_dir/checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints.
 
-    A complete checkpoint of the same step is kept as it is (the final save often falls on a step a
-    periodic save already wrote: same weights, same optimizer): deleting it first would leave a window with
-    no checkpoint at all.
+    The manifest records ``step``, the plan seed (``data_state["seed"]``) and the data fingerprint
+    (``state.fingerprint``). A complete checkpoint of the same step is kept as it is (the final save often
+    falls on a step a periodic save already wrote: same weights, same optimizer): deleting it first would
+    leave a window with no checkpoint at all. Only one process may write to ``output_dir`` at a time (see
+    ``lock_output_dir``).
     """
+    if not _is_int(step) or step < 0:
+        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+    if "step" in trainer_state and trainer_state["step"] != step:
+        raise ValueError(f"`trainer_state` step {trainer_state['step']!r} differs from `step` {step}")
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:  # a read-only parent, a regular file on the way: same type, naming the argument
@@ -107,17 +220,20 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(trainer_state, f, indent=1)
+            json.dump({**trainer_state, "step": step}, f, indent=1)
         with open(os.path.join(tmp, "data_state.json"), "w") as f:
             json.dump(data_state, f, indent=1)
         state.save(os.path.join(tmp, "state.arrow"))
+        seed = data_state.get("seed")
+        write_manifest(tmp, step=step, seed=seed if _is_int(seed) else None, fingerprint=state.fingerprint)
     _prune(output_dir, keep)
     return final
 
 
 def _clear_leftovers(output_dir: str) -> None:
     """Delete the temp dirs of saves that were killed: each may be as large as a checkpoint, and a run
-    that crashes now and then would fill the disk. Only rank 0 writes here, so none is still in use."""
+    that crashes now and then would fill the disk. One process writes here (the output dir's lock), so
+    none is still in use."""
     for name in os.listdir(output_dir):
         if _LEFTOVER.match(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -155,14 +271,20 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def find_latest(path: str) -> str:
     """``path`` itself if it is a checkpoint, else the newest complete checkpoint inside it."""
     if os.path.exists(os.path.join(path, "trainer_state.json")):
-        missing = _missing(path)
+        missing = _missing(path, manifest=False)  # a missing manifest gets load_checkpoint's own message
         if missing:
             raise CheckpointError(f"checkpoint {path!r} is incomplete (missing {missing})")
         return path
     found = list_checkpoints(path)
     if not found:
-        raise CheckpointError(f"no complete checkpoint in {path!r} (looked for checkpoint-<step> directories)")
+        raise CheckpointError(f"no complete checkpoint in {path!r} (looked for checkpoint-<step> directories "
+                              f"holding {', '.join(_REQUIRED)} and the weights)")
     return found[-1]
+
+
+# ---------------------------------------------------------------- load
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read(path: str, name: str, reader: Any) -> Any:
@@ -182,14 +304,93 @@ def _read_json(file: str) -> dict[str, Any]:
     return value
 
 
-def load_checkpoint(path: str, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None
+def _check_against_manifest(path: str, manifest: dict[str, Any], trainer_state: dict[str, Any],
+                            data_state: dict[str, Any], state: SampleState) -> None:
+    """The files' own step, seed and fingerprint agree with the manifest's (each file names itself)."""
+    step = trainer_state.get("step")
+    if not _is_int(step) or step < 0:
+        raise _refuse(path, "trainer_state.json", f"'step' must be an int >= 0, got {step!r}"
+                      if "step" in trainer_state else "it has no 'step'")
+    checks = [("trainer_state.json", "step", step, manifest["step"]),
+              ("state.arrow", "fingerprint", state.fingerprint, manifest["fingerprint"])]
+    if "seed" in data_state:
+        checks.append(("data_state.json", "seed", data_state["seed"], manifest["seed"]))
+    if "fingerprint" in data_state:
+        checks.append(("data_state.json", "fingerprint", data_state["fingerprint"], manifest["fingerprint"]))
+    for name, field, theirs, ours in checks:
+        if theirs != ours:
+            raise _refuse(path, name, f"its {field} is {theirs!r} but {MANIFEST} says {ours!r}")
+
+
+def _check_weights(path: str, name: str, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Every stored weight fits the model (name and shape), and none of the model's is missing."""
+    current = _peft_state(model) if _is_peft(model) else model.state_dict()
+    unexpected = [k for k in weights if k not in current]
+    if unexpected:
+        raise _refuse(path, name, f"it has weights the model lacks: {unexpected[:5]}")
+    shapes = [f"{k} {tuple(weights[k].shape)} (the model's: {tuple(current[k].shape)})" for k in weights
+              if weights[k].shape != current[k].shape]
+    if shapes:
+        raise _refuse(path, name, f"weights of another shape: {shapes[:3]}")
+    # Tied weights were stored once and stay tied to the loaded copy. Any other missing weight is an error:
+    # the model would silently keep its initial values.
+    stored = {_storage_key(current[k]) for k in weights}
+    untied = [k for k in current
+              if k not in weights and current[k].numel() > 0 and _storage_key(current[k]) not in stored]
+    if untied:
+        raise CheckpointError(f"checkpoint {path!r} lacks weights of the model: {untied[:5]}")
+
+
+#: Optimizer state entries that have their parameter's shape (torch's Adam / AdamW / SGD).
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _check_optimizer(path: str, optimizer: torch.optim.Optimizer, opt_state: Any) -> None:
+    """What ``optimizer.load_state_dict`` would accept (the same group checks), plus moment shapes."""
+    name = "optimizer.pt"
+    groups = opt_state.get("param_groups") if isinstance(opt_state, dict) else None
+    saved = opt_state.get("state") if isinstance(opt_state, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise _refuse(path, name, "not an optimizer state_dict ('state' and 'param_groups' with 'params')")
+    if len(groups) != len(optimizer.param_groups):
+        raise _refuse(path, name, f"{len(groups)} parameter group(s), the optimizer has "
+                                  f"{len(optimizer.param_groups)}")
+    params: dict[Any, torch.Tensor] = {}
+    for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        if len(g["params"]) != len(mine["params"]):
+            raise _refuse(path, name, f"parameter group {i} holds {len(g['params'])} parameters, the "
+                                      f"optimizer's {len(mine['params'])}")
+        params.update(zip(g["params"], mine["params"]))
+    for pid, entry in saved.items():
+        if pid not in params or not isinstance(entry, dict):
+            raise _refuse(path, name, f"state for parameter {pid!r}, which no parameter group lists")
+        for key in _PARAM_SHAPED:
+            value = entry.get(key)
+            if isinstance(value, torch.Tensor) and value.shape != params[pid].shape:
+                raise _refuse(path, name, f"{key} of parameter {pid} has shape {tuple(value.shape)}, the "
+                                          f"parameter {tuple(params[pid].shape)}")
+
+
+def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    expect_fingerprint: str | None = None,
+                    check: Callable[[dict[str, Any], dict[str, Any], SampleState], None] | None = None,
                     ) -> tuple[dict[str, Any], dict[str, Any], SampleState]:
     """Restore weights, optimizer and RNG from ``path``; return (trainer_state, data_state, state).
 
-    Every file is read (and a bad one refused, naming it) before the model, optimizer or RNG change.
+    ``path``: a checkpoint, or a folder whose newest complete checkpoint is used. The manifest is checked
+    first, then every file is read and checked (against the manifest, the model, the optimizer, and
+    ``expect_fingerprint`` when given: the fingerprint of the data the run will read), then
+    ``check(trainer_state, data_state, state)`` runs if given (raise there to refuse). Only then do the
+    model, the optimizer and the RNG change: any refusal, a ``CheckpointError`` naming the file, leaves
+    them as they were.
     """
     path = find_latest(path)
+    manifest = _check_manifest(path)
+    if expect_fingerprint is not None and manifest["fingerprint"] != expect_fingerprint:
+        raise _refuse(path, MANIFEST, f"the checkpoint was written for data with fingerprint "
+                                      f"{manifest['fingerprint']!r}, the data here has fingerprint "
+                                      f"{expect_fingerprint!r} (the shards changed since)")
     name = "adapter.safetensors" if _is_peft(model) else "model.safetensors"
     if not os.path.exists(os.path.join(path, name)):
         raise CheckpointError(f"checkpoint {path!r} has no {name} (saved from a {'non-' if _is_peft(model) else ''}"
@@ -202,23 +403,73 @@ def load_checkpoint(path: str, *, model: torch.nn.Module,
     trainer_state = _read(path, "trainer_state.json", _read_json)
     data_state = _read(path, "data_state.json", _read_json)
     state = _read(path, "state.arrow", lambda f: SampleState.load(f, memory_map=False))
-    if _is_peft(model):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, weights)
-    else:
-        # strict=False: tied weights were stored once and stay tied to the loaded copy. Any other missing
-        # weight is an error: the model would silently keep its initial values.
-        current = model.state_dict()
-        stored = {_storage_key(current[k]) for k in weights if k in current}
-        untied = [k for k in current
-                  if k not in weights and current[k].numel() > 0 and _storage_key(current[k]) not in stored]
-        if untied:
-            raise CheckpointError(f"checkpoint {path!r} lacks weights of the model: {untied[:5]}")
-        _missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise CheckpointError(f"checkpoint {path!r} has weights the model lacks: {unexpected[:5]}")
+    _check_against_manifest(path, manifest, trainer_state, data_state, state)
+    _check_weights(path, name, model, weights)
+    now = torch.get_rng_state()
+    if rng.dtype != now.dtype or rng.shape != now.shape:
+        raise _refuse(path, "rng.safetensors", f"'cpu' is a {rng.dtype} tensor of shape {tuple(rng.shape)}, "
+                                               f"torch's CPU RNG state is {now.dtype} {tuple(now.shape)}")
     if optimizer is not None:
-        optimizer.load_state_dict(opt_state)
+        _check_optimizer(path, optimizer, opt_state)
+    if check is not None:
+        check(trainer_state, data_state, state)
+    # Apply: the optimizer first, since it can be put back (its old tensors are not modified by a load);
+    # the weights' names and shapes were checked above; the RNG last.
+    before = optimizer.state_dict() if optimizer is not None else None
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(opt_state)
+        if _is_peft(model):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, weights)
+        else:
+            model.load_state_dict(weights, strict=False)
+    except Exception as e:  # noqa: BLE001 (what is left after the checks above: name the checkpoint)
+        if optimizer is not None:
+            optimizer.load_state_dict(before)
+        raise CheckpointError(f"checkpoint {path!r} could not be applied ({type(e).__name__}: "
+                              f"{str(e)[:300]})") from None
     torch.set_rng_state(rng)
     return trainer_state, data_state, state
+
+
+# ---------------------------------------------------------------- one writer per output dir
+def _holder(output_dir: str) -> str:
+    """Who holds the lock, from the pid file next to it (its holder writes it right after locking)."""
+    pid_file = os.path.join(output_dir, PID_NAME)
+    for _ in range(20):  # the holder may have the lock but not yet its pid file written
+        try:
+            with open(pid_file, encoding="utf-8") as f:
+                pid, _, host = f.read().strip().partition(" ")
+            return f"pid {pid} on host {host}" if host else f"pid {pid}"
+        except OSError:
+            time.sleep(0.05)
+    return "its pid is not recorded"
+
+
+@contextlib.contextmanager
+def lock_output_dir(output_dir: str) -> Iterator[str]:
+    """Hold ``output_dir``'s lock for the body; yield the lock file's path.
+
+    Two runs on one output dir would prune, clear and overwrite each other's checkpoints: the second
+    raises ``OutputDirBusyError`` at once, naming the dir and the holder's pid. The lock is an OS file lock
+    (``filelock``): a run that is killed releases it with its process, so no stale lock is left behind.
+    ``output_dir`` must exist.
+    """
+    lock_path = os.path.join(output_dir, LOCK_NAME)
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise OutputDirBusyError(f"`output_dir` {output_dir!r} is in use by another training run "
+                                 f"({_holder(output_dir)}; lock file {lock_path}); wait for it to finish or "
+                                 f"use another output_dir") from None
+    pid_file = os.path.join(output_dir, PID_NAME)
+    try:
+        atomic_write_bytes(pid_file, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield lock_path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(pid_file)
+        lock.release()

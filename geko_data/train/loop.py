@@ -24,8 +24,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from geko_data.config import GEKOConfig
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
 from geko_data.train.args import TrainArgs
-from geko_data.train.checkpoint import load_checkpoint, save_checkpoint
+from geko_data.train.checkpoint import load_checkpoint, lock_output_dir, save_checkpoint
 from geko_data.train.collate import decode_json, pad_collate
 
 __all__ = ["train"]
@@ -184,7 +184,7 @@ class _Logger:
         (the interrupted run logged them, the resumed run logs them again)."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = b""
+        kept: list[bytes] = []  # joined once at the end: appending to one bytes object is quadratic
         if resumed_step is not None:
             with open(self.path, "rb") as f:
                 for line in f:
@@ -193,8 +193,8 @@ class _Logger:
                     except (json.JSONDecodeError, AttributeError):
                         continue  # a line cut by a crash
                     if isinstance(rec_step, int) and rec_step <= resumed_step:
-                        kept += line if line.endswith(b"\n") else line + b"\n"
-        atomic_write_bytes(self.path, kept)
+                        kept.append(line if line.endswith(b"\n") else line + b"\n")
+        atomic_write_bytes(self.path, b"".join(kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -223,6 +223,37 @@ def evaluate(model: torch.nn.Module, eval_data: Any, *, args: TrainArgs, signals
             "eval_accuracy": float(torch.cat(correct).float().mean())}
 
 
+@contextmanager
+def _claim_output_dir(output_dir: str, rank: int, world: int, device: torch.device) -> Iterator[None]:
+    """Rank 0 makes ``output_dir`` and holds its lock for the body; the other ranks never touch it.
+
+    Every rank learns whether rank 0 succeeded: a rank 0 that raised alone would leave the others waiting
+    in their first collective call.
+    """
+    error: Exception | None = None
+    with ExitStack() as stack:
+        if rank == 0:
+            try:
+                try:
+                    os.makedirs(output_dir, exist_ok=True)
+                except OSError as e:
+                    raise PermissionError(f"`output_dir` {output_dir!r} cannot be created "
+                                          f"({e.strerror or e})") from None
+                if not os.access(output_dir, os.W_OK):
+                    raise PermissionError(f"`output_dir` {output_dir!r} is not writable")
+                stack.enter_context(lock_output_dir(output_dir))
+            except Exception as e:  # noqa: BLE001 (OutputDirBusyError and anything else: the others must hear)
+                error = e
+        if world > 1:
+            failed = torch.tensor([int(error is not None)], device=device)
+            torch.distributed.broadcast(failed, src=0)
+            if failed.item() and rank > 0:
+                raise RuntimeError(f"rank 0 could not claim `output_dir` {output_dir!r}; its error says why")
+        if error is not None:
+            raise error
+        yield
+
+
 def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: GEKOConfig | None = None,
           eval_data: Any = None, lora_config: Any = None, signals: SignalsFn | None = None,
           collate_fn: Callable[..., Any] | None = None, decode: Any = None,
@@ -234,7 +265,9 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     model is called with the batch's keys minus the ``__``-prefixed ones. ``signals(outputs, batch)``
     gives per-sample loss / confidence / correctness (default: causal-LM signals on ``labels``, or
     classification signals for 1-D labels). ``resume_from``: a checkpoint, or an output dir whose newest
-    complete checkpoint is used.
+    complete checkpoint is used; a checkpoint that does not fit (other arguments, other data, a file
+    changed since it was written) is refused before the model changes. One run at a time may use
+    ``args.output_dir``: rank 0 locks it for the whole run, and another run raises ``OutputDirBusyError``.
 
     Returns ``step`` (optimizer steps), ``epochs`` (epochs run: fewer after an early stop), ``efficiency``,
     ``eval`` (the last evaluation), ``output_dir``, ``state_path``, ``ids_seen`` (the sample ids this rank
@@ -244,19 +277,25 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
     if not isinstance(args, TrainArgs):
         raise TypeError(f"`args` must be a TrainArgs, got {type(args).__name__}")
     rank, world = _setup_distributed()
-    main = rank == 0
-    say = log if main else (lambda _msg: None)
     device = _device(args, rank)
     if args.fp16:
         _check_fp16(device)
+    # One run per output dir, held to the end: a second run's pruning and temp-dir cleanup would delete
+    # this one's files.
+    with _claim_output_dir(args.output_dir, rank, world, device):
+        return _train(model, train_data, args=args, config=config, eval_data=eval_data, lora_config=lora_config,
+                      signals=signals, collate_fn=collate_fn, decode=decode, resume_from=resume_from, log=log,
+                      rank=rank, world=world, device=device)
+
+
+def _train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: GEKOConfig | None,
+           eval_data: Any, lora_config: Any, signals: SignalsFn | None, collate_fn: Callable[..., Any] | None,
+           decode: Any, resume_from: str | None, log: Callable[[str], None], rank: int, world: int,
+           device: torch.device) -> dict[str, Any]:
+    """``train`` once the output dir is claimed."""
+    main = rank == 0
+    say = log if main else (lambda _msg: None)
     torch.manual_seed(args.seed)
-    if main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-        except OSError as e:
-            raise PermissionError(f"`output_dir` {args.output_dir!r} cannot be created ({e.strerror or e})") from None
-        if not os.access(args.output_dir, os.W_OK):
-            raise PermissionError(f"`output_dir` {args.output_dir!r} is not writable")
     signals = signals or _default_signals(args.correct_threshold)
     collate_fn = collate_fn or pad_collate
     data, dataset = _build_data(train_data, args, config, decode, rank, world)
@@ -288,11 +327,15 @@ def train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: G
 
     step, epoch0, consumed0 = 0, 0, 0
     if resume_from is not None:
-        trainer_state, data_state, state = load_checkpoint(resume_from, model=model, optimizer=optimizer)
-        _check_resume_args(trainer_state.get("args") or {}, args)
-        data.use_state(state)
-        data.load_state_dict(data_state)
-        step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state["position"]
+        def accept(trainer_state: dict[str, Any], data_state: dict[str, Any], state: Any) -> None:
+            # Inside load_checkpoint, before it changes the model: a refused resume leaves it untouched.
+            _check_resume_args(trainer_state.get("args") or {}, args)
+            data.use_state(state)
+            data.load_state_dict(data_state)
+
+        trainer_state, data_state, _state = load_checkpoint(resume_from, model=model, optimizer=optimizer,
+                                                            expect_fingerprint=data.state.fingerprint, check=accept)
+        step, epoch0, consumed0 = trainer_state["step"], data_state["epoch"], data_state.get("position", 0)
         if scaler is not None and trainer_state.get("scaler"):
             scaler.load_state_dict(trainer_state["scaler"])
         say(f"[GEKO] resumed from step {step}, epoch {epoch0}, {consumed0} samples into it")
