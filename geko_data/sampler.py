@@ -40,8 +40,9 @@ __all__ = ["GEKOSampler", "WeightedDataset"]
 class WeightedDataset(Dataset):
     """A map-style dataset whose items carry ``__index__`` and the current epoch's ``__weight__``.
 
-    Dict items get the two keys added; any other item becomes ``{"sample": item, "__index__": i,
-    "__weight__": w}``. Built by ``GEKOSampler.wrap``.
+    Dict items get the two keys added; tuple items (``TensorDataset``, torchvision's ``(x, y)``) get the
+    two values appended, so a tuple loop changes one line: ``for x, y, index, weight in loader``; any other
+    item becomes ``{"sample": item, "__index__": i, "__weight__": w}``. Built by ``GEKOSampler.wrap``.
     """
 
     def __init__(self, dataset: Any, shared: SharedPlan) -> None:
@@ -61,17 +62,19 @@ class WeightedDataset(Dataset):
         return self._weights
 
     @staticmethod
-    def _tag(item: Any, index: int, weight: np.float32) -> dict[str, Any]:
+    def _tag(item: Any, index: int, weight: np.float32) -> Any:
+        if isinstance(item, tuple):
+            return (*item, index, weight)
         item = dict(item) if isinstance(item, dict) else {"sample": item}
         item["__index__"] = index
         item["__weight__"] = weight
         return item
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Any:
         # A numpy float32 collates to a float32 tensor: `losses * batch["__weight__"]` keeps the losses' dtype.
         return self._tag(self.dataset[index], int(index), np.float32(self._view()[index]))
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+    def __getitems__(self, indices: list[int]) -> list[Any]:
         """Batched fetch (the DataLoader calls it when present): one vectorized weight lookup per batch."""
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]

@@ -80,7 +80,7 @@ def test_wrap_adds_index_and_weight():
     s = GEKOSampler(4, total_epochs=1, config=QUIET)
     wrapped = s.wrap(Plain())
     s.set_epoch(0)
-    assert wrapped[2] == {"sample": (2, "text"), "__index__": 2, "__weight__": 1.0}
+    assert wrapped[2] == (2, "text", 2, 1.0)  # tuple items get index and weight appended
     d = s.wrap(Squares(4))[3]
     assert d["y"] == 9 and d["__index__"] == 3
 
