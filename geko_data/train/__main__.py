@@ -210,6 +210,41 @@ def _conflicts(given: dict[str, Any], saved: dict[str, Any], fixed: tuple[str, .
             for k in sorted(fixed) if k in given and k in saved and not _same(given[k], saved[k])]
 
 
+def _resume_values(ns: argparse.Namespace, given: dict[str, Any],
+                   cli: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings, field values) of ``--resume``: the run's own, then what this command line may change."""
+    run_dir, saved_args, saved_config, saved_run = _saved_run(ns.resume)
+    if not saved_run and not ("model" in cli and "data" in cli):
+        raise ValueError(f"--resume {ns.resume}: {run_dir} has no {RUN_FILE} (the run was not started by "
+                         f"geko-train, or by an older version): pass --model and --data as the run had them "
+                         f"('default' for the embedded ones)")
+    fixed = set(RESUME_FIXED) | {k for k in _fields(GEKOConfig) if k != "log_bucket_stats"}
+    problems = _conflicts(given, {**saved_args, **saved_config}, fixed) + _conflicts(cli, saved_run, _RUN_FIXED)
+    if problems:
+        raise ValueError(f"--resume {ns.resume}: " + "; ".join(problems)
+                         + ". A resume continues the run as it was started: drop these flags, or start a "
+                           "new run in another --output_dir")
+    run = {**{k: saved_run.get(k) for k in _RUN_KEYS}, **cli}
+    # The checkpoints' dir, not the saved (maybe relative) path: a resume from elsewhere writes there too.
+    values = {**{k: v for k, v in {**saved_args, **saved_config}.items() if k != "name"},
+              "output_dir": run_dir, **given}
+    return run, values
+
+
+def _fresh_values(given: dict[str, Any], cli: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings, field values) of a new run: the defaults that fit the job, then the command line."""
+    run = {k: cli.get(k) for k in _RUN_KEYS}
+    values: dict[str, Any] = {}
+    if (run["model"] or "default") == "default" and (run["data"] or "default") == "default":
+        values.update(DEFAULT_JOB)
+        values.update(DEFAULT_GEKO)
+    if run["lora"] or (run["model"] or "default") == "default":
+        values.setdefault("learning_rate", LORA_LEARNING_RATE)
+    if given.get("mode") in BASELINES:  # a baseline's buckets steer nothing: no partition lines unless asked
+        values["log_bucket_stats"] = False
+    return run, {**values, **given}
+
+
 def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOConfig]:
     """(model / data settings, TrainArgs, GEKOConfig) of this invocation; ValueError on bad or conflicting input."""
     given: dict[str, Any] = {}  # what this command line asks for explicitly (file, then flags)
@@ -225,34 +260,7 @@ def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOCo
     cli = {"model": _path_setting(ns.model), "data": _path_setting(ns.data), "eval_data": _path_setting(ns.eval_data),
            "lora": ns.lora, "n_train": ns.n_train, "n_eval": ns.n_eval}
     cli = {k: v for k, v in cli.items() if v is not None}
-
-    if ns.resume:
-        run_dir, saved_args, saved_config, saved_run = _saved_run(ns.resume)
-        if not saved_run and not ("model" in cli and "data" in cli):
-            raise ValueError(f"--resume {ns.resume}: {run_dir} has no {RUN_FILE} (the run was not started by "
-                             f"geko-train, or by an older version): pass --model and --data as the run had them "
-                             f"('default' for the embedded ones)")
-        fixed = set(RESUME_FIXED) | {k for k in _fields(GEKOConfig) if k != "log_bucket_stats"}
-        problems = _conflicts(given, {**saved_args, **saved_config}, fixed) + _conflicts(cli, saved_run, _RUN_FIXED)
-        if problems:
-            raise ValueError(f"--resume {ns.resume}: " + "; ".join(problems)
-                             + ". A resume continues the run as it was started: drop these flags, or start a "
-                               "new run in another --output_dir")
-        run = {**{k: saved_run.get(k) for k in _RUN_KEYS}, **cli}
-        # The checkpoints' dir, not the saved (maybe relative) path: a resume from elsewhere writes there too.
-        values = {**{k: v for k, v in {**saved_args, **saved_config}.items() if k != "name"},
-                  "output_dir": run_dir, **given}
-    else:
-        run = {k: cli.get(k) for k in _RUN_KEYS}
-        values = {}
-        if (run["model"] or "default") == "default" and (run["data"] or "default") == "default":
-            values.update(DEFAULT_JOB)
-            values.update(DEFAULT_GEKO)
-        if run["lora"] or (run["model"] or "default") == "default":
-            values.setdefault("learning_rate", LORA_LEARNING_RATE)
-        if given.get("mode") in BASELINES:  # a baseline's buckets steer nothing: no partition lines unless asked
-            values["log_bucket_stats"] = False
-        values.update(given)
+    run, values = _resume_values(ns, given, cli) if ns.resume else _fresh_values(given, cli)
     run["model"] = run["model"] or "default"
     run["data"] = run["data"] or "default"
     run["lora"] = bool(run["lora"])
