@@ -37,6 +37,7 @@ from tqdm import tqdm
 from geko_data import policy, signals as signals_mod
 from geko_data.atomic import atomic_write_bytes
 from geko_data.config import GEKOConfig
+from geko_data.efficiency import BASELINE_MODES
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
 from geko_data.train.args import TrainArgs
@@ -507,7 +508,9 @@ def _train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: 
             if micro % accum == 0:
                 optimizer_step((epoch + consumed / max(epoch_len, 1)) / args.num_epochs)
                 after_step(epoch, consumed, running, micro)
-            bar.set_postfix(loss=f"{running / max(micro, 1):.3f}", phase=data.phase.lower())
+            # a baseline follows no curriculum: its bar shows no phase
+            bar.set_postfix(loss=f"{running / max(micro, 1):.3f}",
+                            **({} if data.config.mode in BASELINE_MODES else {"phase": data.phase.lower()}))
         bar.close()
         if micro % accum:  # the epoch's last, partial accumulation still counts as a step
             optimizer_step((epoch + 1) / args.num_epochs)
