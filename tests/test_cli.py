@@ -551,8 +551,14 @@ def test_inspect_shows_the_verified_checksum_and_refuses_a_changed_file(tmp_path
     assert not (tmp_path / "out.csv").exists()
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(30)
 def test_a_fifo_as_state_is_one_line_at_once(tmp_path, capsys):
+    from test_state import unblock_fifo_later
+
     os.mkfifo(tmp_path / "state.arrow")
-    code, out, err = run(capsys, "inspect", tmp_path / "state.arrow")
+    timer = unblock_fifo_later(tmp_path / "state.arrow")
+    try:
+        code, out, err = run(capsys, "inspect", tmp_path / "state.arrow")
+    finally:
+        timer.cancel()
     assert_one_line_error(code, out, err, "state.arrow", "not a regular file (a FIFO)")

@@ -413,12 +413,36 @@ def test_deeply_nested_metadata_is_a_state_file_error(tmp_path):
         SampleState.load(path)
 
 
-@pytest.mark.timeout(20)
+def unblock_fifo_later(fifo, seconds=10.0):
+    """A timer that opens ``fifo`` for writing, so that a reader blocked in open() (which no signal
+    interrupts, so the test timeout cannot either) returns and the test fails instead of hanging."""
+    import threading
+
+    def release():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing is blocked
+            pass
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
+
+
+@pytest.mark.timeout(30)
 def test_a_fifo_is_refused_at_once(tmp_path):
+    import time
+
     fifo = tmp_path / "state.arrow"
     os.mkfifo(fifo)  # opening it for reading would block until a writer appears
-    with pytest.raises(StateFileError, match="state.arrow: not a regular file \\(a FIFO\\)"):
-        SampleState.load(fifo)
+    timer = unblock_fifo_later(fifo)
+    start = time.monotonic()
+    try:
+        with pytest.raises(StateFileError, match="state.arrow: not a regular file \\(a FIFO\\)"):
+            SampleState.load(fifo)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 5
     with pytest.raises(StateFileError, match="a directory"):
         read_table(tmp_path)
 
