@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Any
 
-from geko_data.config import MODES, PRESETS, GEKOConfig
+from geko_data.config import PRESETS, GEKOConfig
+from geko_data.efficiency import BASELINE_MODES
 from geko_data.train.args import RESUME_FIXED, TrainArgs, anneal_warning
 
 __all__ = ["RUN_FILE", "build_parser", "field_docs", "main"]
@@ -45,8 +46,6 @@ RUN_FILE = "geko-train.json"
 _RUN_KEYS = ("model", "data", "eval_data", "lora", "n_train", "n_eval")
 #: Command-line settings a resume must keep (``model`` may move; the weights come from the checkpoint).
 _RUN_FIXED = ("data", "lora", "n_train", "n_eval")
-#: Modes that do not steer the data (the baselines): their output must not read as GEKO's doing.
-BASELINES = tuple(m for m in MODES if m not in ("geko", "unbiased"))
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -240,7 +239,7 @@ def _fresh_values(given: dict[str, Any], cli: dict[str, Any]) -> tuple[dict[str,
         values.update(DEFAULT_GEKO)
     if run["lora"] or (run["model"] or "default") == "default":
         values.setdefault("learning_rate", LORA_LEARNING_RATE)
-    if given.get("mode") in BASELINES:  # a baseline's buckets steer nothing: no partition lines unless asked
+    if given.get("mode") in BASELINE_MODES:  # a baseline's buckets steer nothing: no partition lines unless asked
         values["log_bucket_stats"] = False
     return run, {**values, **given}
 
@@ -304,7 +303,7 @@ def _describe(args: TrainArgs, config: GEKOConfig) -> str:
         f"warmup {args.warmup_ratio:g} of the steps"
     line = (f"  epochs {args.num_epochs}, batch {args.batch_size}, lr {args.learning_rate:g}, {warm}, "
             f"mode {config.mode}")
-    if config.mode in BASELINES:
+    if config.mode in BASELINE_MODES:
         return line + " (a baseline: GEKO does not steer the data; buckets are measured, not used)"
     return line + f", q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}"
 
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     lora = dj.default_lora_config() if (run["lora"] or run["model"] == "default") else None
     eval_rows = None
     if run["data"] == "default":
-        sizes = {"n_train": run["n_train"] or DEFAULT_SIZES["n_train"], "n_eval": run["n_eval"] or DEFAULT_SIZES["n_eval"]}
+        sizes = {k: run[k] or DEFAULT_SIZES[k] for k in ("n_train", "n_eval")}
         train_rows, eval_rows = dj.load_tweets(seed=args.seed, **sizes)
         folder = os.path.join(args.output_dir, "data")
         if rank == 0:  # one writer; the other ranks wait for the shards
