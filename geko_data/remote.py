@@ -53,7 +53,10 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # fsspec's filesystems, or as an HTTP status below 500 from aiohttp.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError,
               AttributeError, NotImplementedError, KeyError)
-_DOWNLOAD_BLOCK = 8 << 20  # bytes per request when a whole shard is read (indexing)
+# Filesystems a forked child inherited: kept referenced and never closed in the child. Closing one there
+# would unregister the parent's sockets from the event loop's epoll set, which parent and child share
+# after a fork, and the parent's next request on a kept-alive connection would wait forever.
+_INHERITED: list[Any] = []
 
 
 class RemoteError(ValueError):
@@ -209,8 +212,11 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
         known = ", ".join(sorted(PROTOCOL_PACKAGES))
         raise RemoteError(f"unknown protocol {protocol!r} in {redact(url, storage_options)!r}: use one of "
                           f"{known} or another protocol of an installed fsspec filesystem") from None
+    # A filesystem of our own, not fsspec's shared instance: the fetcher closes it (sessions, sockets) in the
+    # process that made it, before a DataLoader forks workers from that process.
+    options = {"skip_instance_cache": True, **(storage_options or {})}
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # a package the filesystem needs only when made (aiohttp for http)
         raise RemoteError(f"protocol {protocol!r} needs a package that is not installed: pip install "
                           f"'geko-data[{extra or protocol}]' ({e})") from None
@@ -288,6 +294,7 @@ class RangeFetcher:
     def _forked(self) -> None:
         # Threads and the filesystems' event loops do not survive a fork: a DataLoader worker starts afresh.
         if self._pid != os.getpid():
+            _INHERITED.append(self._fs)
             self._fs, self._pool, self._lock, self._pid = {}, None, threading.Lock(), os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -354,9 +361,12 @@ class RangeFetcher:
                 f.cancel()
 
     def close(self) -> None:
+        """Stop the pool and drop the filesystems (their sessions close here); both are made again on use."""
+        self._forked()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        self._fs = {}
 
 
 class RangeReader:
@@ -456,8 +466,11 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
     resolve against the index's folder, as for local indexes."""
     fetcher = RangeFetcher(storage_options=storage_options, config=config or RemoteConfig())
     url = _index_url(url)
-    size = fetcher.size(url)
-    got = size if size.error is not None else fetcher.fetch(url, 0, size.value)
+    try:
+        size = fetcher.size(url)
+        got = size if size.error is not None else fetcher.fetch(url, 0, size.value)
+    finally:
+        fetcher.close()
     if got.error is not None:
         raise FileNotFoundError(f"shard index {redact(url, storage_options)!r} cannot be read ({got.error})") \
             if "(404)" in str(got.error) else got.error
@@ -585,3 +598,6 @@ def write_index_url(index: ShardIndex, output: str, *, storage_options: dict[str
             fs.put_file(local, path)
         except Exception as e:  # noqa: BLE001
             raise ShardError(redact(f"cannot write the index to {output!r}: {_describe(e)}", storage_options)) from None
+        finally:
+            del fs
+            fetcher.close()

@@ -78,7 +78,7 @@ class _Process:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -95,6 +95,7 @@ class HttpServer(_Process):
         code = ("import sys, http.server\n"
                 "from RangeHTTPServer import RangeRequestHandler as H\n"
                 "H.protocol_version = 'HTTP/1.1'\n"
+                "H.disable_nagle_algorithm = True\n"  # else headers and body wait out a 40 ms delayed ACK
                 "H.log_message = lambda *a: None\n"
                 "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
         return [sys.executable, "-c", code, str(self.port)]
@@ -177,6 +178,12 @@ class Proxy(_Process):
             pass
 
 
+def _nodelay(conn):
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
 def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_status: int) -> None:
     import http.client
     import http.server
@@ -192,6 +199,7 @@ def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_sta
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # as real servers do: no 40 ms stall between headers and body
 
         def log_message(self, *args):  # noqa: ANN002 - quiet
             pass
@@ -224,7 +232,8 @@ def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_sta
             headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "host", "authorization")
                        or k.lower().startswith("x-amz")}
             for attempt in range(2):  # a kept-alive upstream connection may have been closed meanwhile
-                conn = getattr(local, "conn", None) or http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn = getattr(local, "conn", None) or _nodelay(http.client.HTTPConnection(up.hostname, up.port,
+                                                                                          timeout=30))
                 local.conn = conn
                 try:
                     conn.request(self.command, self.path, headers=headers)

@@ -324,3 +324,21 @@ def test_s3_access_denied_is_not_retried_and_never_shows_the_secret(s3_server, t
     fresh = {**s3_server.storage_options, "skip_instance_cache": True}  # no kept-alive connection to lose
     missing = RangeFetcher(storage_options=fresh, config=FAST).fetch(url + "nope.tar", 0, 10)
     assert missing.attempts == 1 and "not found (404)" in str(missing.error)
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_do_not_break_the_main_processes_connections(http_server):
+    # A child that closed an inherited HTTP session would unregister the parent's kept-alive socket from the
+    # epoll set they share, and the parent's next request (here: the next stream's index) would never return.
+    from geko_data.shards import write_shards
+
+    name = uuid.uuid4().hex[:8]
+    payload = bytes(range(256)) * 80
+    write_shards(({"__key__": f"k{i:04d}", "bin": payload} for i in range(400)),
+                 str(http_server.root / name / "shard-%03d.tar"), maxcount=200)
+    for _ in range(2):
+        s = GEKOStream(f"{http_server.url}{name}/", total_epochs=1, config=QUIET, seed=1, batch_size=32,
+                       shuffle_buffer=256)
+        s.set_epoch(0)
+        loader = DataLoader(s, batch_size=32, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
+        assert sum(len(b) for b in loader) == 400
