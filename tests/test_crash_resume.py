@@ -259,6 +259,7 @@ def test_kill_inside_save_checkpoint_resumes_from_newest_complete(tmp_path, refe
         assert not (out / f"checkpoint-{k}").exists()
         (tmp,) = [d for d in leftovers(out) if d.startswith(f".checkpoint-{k}.")]
         assert (out / tmp / "model.safetensors").exists() and not (out / tmp / "state.arrow").exists()
+        assert not (out / tmp / "manifest.json").exists()  # written last, over the files as they ended up
         # the same files under a checkpoint name (a writer without temp + rename) are skipped as well
         shutil.copytree(out / tmp, out / "checkpoint-99")
     elif where == "prune":
