@@ -25,12 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from _common import table, verdict  # noqa: E402
+from bench_stream import frozen_stream  # noqa: E402 - the same frozen shares as the local benchmark
 from servers import HttpServer, Proxy  # noqa: E402
 
-from geko_data import policy  # noqa: E402
-from geko_data.config import GEKOConfig  # noqa: E402
 from geko_data.shards import write_shards  # noqa: E402
-from geko_data.stream import GEKOStream  # noqa: E402
 
 BATCH = 32
 
@@ -63,14 +61,7 @@ def measure(proxy: Proxy, make_loader, repeat: int = 2) -> dict[str, float]:
 
 def geko_loader(url: str, share: float, workers: int):
     def make():
-        s = GEKOStream(url, total_epochs=1, batch_size=BATCH, shuffle_buffer=256,
-                       config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0))
-        n = len(s.state)
-        frozen = np.random.default_rng(0).permutation(n)[: int(share * n)]
-        s.state.bucket[frozen] = policy.FREEZE  # as a repartition leaves it
-        s.state.epoch = 0
-        s.set_epoch(0)
-        return DataLoader(s, batch_size=BATCH, num_workers=workers, collate_fn=as_list)
+        return DataLoader(frozen_stream(url, share, BATCH), batch_size=BATCH, num_workers=workers, collate_fn=as_list)
     return make
 
 

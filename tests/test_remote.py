@@ -342,3 +342,17 @@ def test_forked_workers_do_not_break_the_main_processes_connections(http_server)
         s.set_epoch(0)
         loader = DataLoader(s, batch_size=32, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
         assert sum(len(b) for b in loader) == 400
+
+
+def test_cli_index_of_http_shards_needs_an_output_next_to_them(http_server, tmp_path, capsys):
+    from geko_data.cli import main
+
+    _, url = served_shards(http_server)
+    # A local -o would have to name the shards by URL, which an index never does (names are relative).
+    assert main(["index", url, "-o", str(tmp_path / "index.arrow")]) == 2
+    err = capsys.readouterr().err
+    assert "written next to them" in err and url in err and not (tmp_path / "index.arrow").exists()
+    assert main(["index", url, "-o", url + "index.arrow", "--storage-options", "[1]"]) == 2
+    assert "--storage-options must be a JSON object" in capsys.readouterr().err
+    assert main(["index", "nope://b/x.tar", "-o", "nope://b/index.arrow"]) == 2
+    assert "unknown protocol 'nope'" in capsys.readouterr().err
