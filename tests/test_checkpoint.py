@@ -338,3 +338,46 @@ def test_refused_resume_leaves_the_callers_model_untouched(tmp_path):
         train(fresh, rows(12), args=_args(tmp_path / "out", num_epochs=1, batch_size=2), config=CFG,
               resume_from=args.output_dir, log=QUIET)
     assert canon(fresh.state_dict()) == before
+
+
+@pytest.mark.parametrize("step,trainer_state,message", [
+    (-1, {}, "`step` must be an int >= 0, got -1"), ("2", {}, "`step` must be an int >= 0, got '2'"),
+    (2, {"step": 3}, "`trainer_state` step 3 differs from `step` 2")])
+def test_save_checkpoint_refuses_a_bad_step(tmp_path, step, trainer_state, message):
+    model = small_model()
+    with pytest.raises(ValueError, match=message):
+        save_checkpoint(str(tmp_path / "out"), step=step, model=model, optimizer=stepped_optimizer(model),
+                        trainer_state=trainer_state, data_state={}, state=SampleState(4))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_adapter_round_trips_and_one_of_another_rank_is_refused_unchanged(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    def lora(r, seed):
+        torch.manual_seed(seed)
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32))
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p)  # lora_B starts at zero: make every adapter weight tell runs apart
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+    model, opt = lora(4, seed=0)
+    ckpt = save_checkpoint(str(tmp_path / "out"), step=1, model=model, optimizer=opt, trainer_state={},
+                           data_state={}, state=SampleState(4))
+    assert "adapter.safetensors" in os.listdir(ckpt)
+    fresh, fresh_opt = lora(4, seed=1)
+    load_checkpoint(ckpt, model=fresh, optimizer=fresh_opt)
+    def adapter(m):
+        return canon({n: p for n, p in m.named_parameters() if p.requires_grad})
+
+    assert adapter(fresh) == adapter(model) != adapter(lora(4, seed=1)[0])  # the base weights are not saved
+    other, other_opt = lora(8, seed=2)
+    before = snapshot(other, other_opt)
+    with pytest.raises(CheckpointError, match="adapter.safetensors refused: weights of another shape"):
+        load_checkpoint(ckpt, model=other, optimizer=other_opt)
+    assert snapshot(other, other_opt) == before
