@@ -104,6 +104,15 @@ def test_manifest_records_step_seed_fingerprint_and_every_file(tmp_path):
     assert trainer_state["step"] == 3 and data_state["seed"] == 2 and state.fingerprint == "fp-x"
 
 
+@pytest.mark.parametrize("field,value", [("step", -1), ("step", "3"), ("seed", 1.5), ("fingerprint", 7)])
+def test_write_manifest_refuses_bad_values(tmp_path, field, value):
+    ckpt = write(tmp_path / "out", 2)
+    kw = {"step": 2, "seed": 0, "fingerprint": "fp-a", field: value}
+    with pytest.raises(ValueError, match=f"`{field}` must be"):
+        write_manifest(ckpt, **kw)
+    load_checkpoint(ckpt, model=small_model(), optimizer=None)  # the manifest is as it was
+
+
 def test_file_hash_streams_in_chunks(tmp_path):
     # larger than one read: the hash covers every chunk, not the first
     import xxhash

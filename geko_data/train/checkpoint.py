@@ -128,6 +128,12 @@ def write_manifest(path: str, *, step: int, seed: int | None, fingerprint: str |
     ``save_checkpoint`` calls it last, inside the temporary directory. Call it yourself only to re-seal a
     checkpoint you changed on purpose: it vouches for whatever the files are now.
     """
+    if not _is_int(step) or step < 0:
+        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"`seed` must be an int or None, got {seed!r}")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ValueError(f"`fingerprint` must be a str or None, got {fingerprint!r}")
     files: dict[str, dict[str, Any]] = {}
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
