@@ -123,3 +123,18 @@ def test_uniform_baseline_output_and_the_final_partition(job, capsys):
     end = next(line.split() for line in table if line.split()[:1] == ["end"])  # after the last epoch
     assert int(end[1]) == report["mastered_freeze"] == report["after_last_epoch"]["freeze"]
     assert f"Would be FREEZE    : {report['mastered_freeze']}" in printed
+
+
+@pytest.mark.timeout(60)
+def test_an_output_dir_in_use_is_refused_before_the_model_loads(job, capsys):
+    from geko_data.train.checkpoint import lock_output_dir
+
+    out = job["tmp"] / "busy"
+    out.mkdir()
+    (out / "geko-train.json").write_text('{"model": "theirs"}')
+    with lock_output_dir(str(out)):  # another run holds the dir
+        # a model path that does not exist: the busy dir is named first, nothing is loaded
+        assert main(["--model", str(job["tmp"] / "no-model"), "--data", job["data"], "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another training run" in err and f"pid {os.getpid()}" in err
+    assert json.load(open(out / "geko-train.json")) == {"model": "theirs"}  # its settings are untouched

@@ -290,6 +290,21 @@ def _jsonl_dataset(path: str, tokenizer: Any) -> list[dict[str, list[int]]]:
     return rows
 
 
+def _claim(output_dir: str, run: dict[str, Any] | None = None) -> None:
+    """Refuse an ``output_dir`` another run is using (``OutputDirBusyError`` naming its pid), and with
+    ``run`` write ``RUN_FILE`` while holding the dir's lock, so a running job's settings are never replaced.
+    ``train()`` takes the lock for the whole run; this is the early check, before the model loads."""
+    from geko_data.atomic import atomic_write_bytes
+    from geko_data.train.checkpoint import lock_output_dir
+
+    if run is None and not os.path.isdir(output_dir):
+        return  # nothing there to be busy
+    os.makedirs(output_dir, exist_ok=True)
+    with lock_output_dir(output_dir):
+        if run is not None:
+            atomic_write_bytes(os.path.join(output_dir, RUN_FILE), json.dumps(run, indent=1).encode())
+
+
 def _metric_name(args: TrainArgs) -> str:
     if args.correct_threshold >= 1.0:
         return ("accuracy = sequence exact match: every answer token is the model's top choice under teacher "
@@ -317,12 +332,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warning = anneal_warning(config, args.num_epochs)
 
-    from geko_data.atomic import atomic_write_bytes
     from geko_data.train import default as dj
+    from geko_data.train.checkpoint import OutputDirBusyError
     from geko_data.train.loop import _setup_distributed, train
 
     rank, world = _setup_distributed()  # under torchrun: one process group for the whole job
     say = print if rank == 0 else (lambda *_a, **_k: None)
+    try:
+        if rank == 0:
+            _claim(args.output_dir)
+    except (OutputDirBusyError, OSError) as e:
+        print(f"geko-train: {e}", file=sys.stderr)
+        return 2
     if warning:
         say(f"geko-train: warning: {warning}", file=sys.stderr)
     t0 = time.time()
@@ -362,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if eval_data is not None:
         say(f"[geko-train] held-out metric on {len(eval_data)} --eval_data samples: {_metric_name(args)}")
     if rank == 0:  # what --resume needs besides the checkpoint
-        os.makedirs(args.output_dir, exist_ok=True)
-        atomic_write_bytes(os.path.join(args.output_dir, RUN_FILE), json.dumps(run, indent=1).encode())
+        _claim(args.output_dir, run)
     if eval_rows is not None and rank == 0:
         before = dj.choice_accuracy(model, tokenizer, eval_rows)
         say(f"[geko-train] held-out accuracy before fine-tuning: {before:.1%}", flush=True)
