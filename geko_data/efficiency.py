@@ -22,7 +22,12 @@ BASELINE_MODES = ("uniform", "random_subset", "infobatch")
 
 
 def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int) -> dict[str, Any]:
-    """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs."""
+    """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs.
+
+    ``buckets``: the buckets in use (the last repartition's, less samples thawed since). ``after_last_epoch``
+    and ``mastered_freeze``: the partition by every sample's latest report, as the next repartition would
+    classify them (before its pruning): what the printed table's ``end`` row shows.
+    """
     n = state.num_samples
     alive = ~state.pruned
     passes = int(state.times_seen.sum(dtype=np.int64))
