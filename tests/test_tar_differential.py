@@ -29,7 +29,7 @@ MAGIC = {"ustar": b"ustar\x0000", "gnu": b"ustar  \x00", "v7": b""}
 
 # ---------------------------------------------------------------- building tars byte by byte
 def header(name: bytes, size: int, kind: bytes, *, magic: str = "ustar", prefix: bytes = b"",
-           size_field: bytes | None = None, linkname: bytes = b"") -> bytes:
+           size_field: bytes | None = None, linkname: bytes = b"", fields: dict[int, bytes] | None = None) -> bytes:
     h = bytearray(512)
     h[0:100] = name[:100].ljust(100, b"\0")
     h[100:108] = b"0000644\0"
@@ -40,6 +40,8 @@ def header(name: bytes, size: int, kind: bytes, *, magic: str = "ustar", prefix:
     h[157:257] = linkname[:100].ljust(100, b"\0")
     h[257:265] = MAGIC[magic].ljust(8, b"\0")
     h[345:500] = prefix[:155].ljust(155, b"\0")
+    for at, value in (fields or {}).items():  # other number fields, as written (the checksum stays right)
+        h[at:at + len(value)] = value
     h[148:156] = b" " * 8
     h[148:156] = b"%06o\0 " % sum(h)
     return bytes(h)
@@ -95,7 +97,12 @@ def member(draw) -> bytes:
                                           st.sampled_from([name, name + b"/", b"z" * 200 + b".txt"]).map(gnu_long)),
                                 max_size=2))
     body = data if kind not in (b"5", b"2", b"1") or size else b""
-    head = bytearray(header(name, size, kind, magic=magic, prefix=prefix, size_field=field))
+    # mode / uid / gid / mtime / devmajor / devminor in other spellings: valid ones tarfile reads, and
+    # invalid ones it takes for a bad header
+    fields = draw(st.sampled_from([None, None, None, {100: b"644 \0"}, {108: b"  17\0\0\0\0"}, {136: b"1_0\0"},
+                                   {329: b"0000007\0"}, {337: b"9\0"}, {329: b"9\0"}, {116: b"x\0"}, {329: b"+1\0"},
+                                   {100: b"\x80" + bytes(7)}, {136: b"7" * 12}]))
+    head = bytearray(header(name, size, kind, magic=magic, prefix=prefix, size_field=field, fields=fields))
     flip = draw(st.sampled_from([None, None, None, None, 150, 10, 110, 330, 140]))  # checksum, name, fields
     if flip is not None:
         head[flip] ^= draw(st.sampled_from([0x01, 0x40, 0xFF]))
@@ -282,3 +289,16 @@ def test_sparse_members_from_gnu_tar(tmp_path, fmt, shard_url):
 def test_header_checksum_shortcut_is_the_byte_sum(head, delta):
     true = sum(head[:148]) + 256 + sum(head[156:])
     assert _checksum_ok(head, true + delta) == (delta == 0)
+
+
+@pytest.mark.parametrize("at", [100, 108, 116, 136, 329, 337])
+@pytest.mark.parametrize("value,valid", [(b"9\0", False), (b"0 7\0", False), (b"+7\0", True), (b" 17 \0", True),
+                                         (b"\xff" + bytes(7), True)])
+def test_every_number_field_is_checked_as_tarfile_checks_it(at, value, valid):
+    buf = header(b"k.txt", 2, b"0", fields={at: value}) + padded(b"ok") + b"\0" * 1024
+    if valid:
+        assert _fast_members(buf) == _tarfile_members(buf) == ([("k.txt", b"ok")], 1024)
+    else:
+        assert _fast_members(buf) is None
+        with pytest.raises(tarfile.ReadError):
+            _tarfile_members(buf)
