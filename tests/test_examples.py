@@ -1,5 +1,6 @@
 """The examples run as a user runs them (subprocesses, real workers)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,3 +64,32 @@ def test_inspect_state_example_and_its_commands(tmp_path):
     diff = subprocess.run([cli, "diff", "state-epoch2.arrow", "state.arrow", "--index", "data", "--list", "3"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert diff.returncode == 0 and "newly pruned" in diff.stdout and "tweet0" in diff.stdout
+
+
+@pytest.mark.timeout(170)
+def test_hf_trainer_example_logs_geko_metrics_to_tensorboard(tmp_path):
+    pytest.importorskip("transformers")
+    out = run(sys.executable, "examples/hf_trainer.py", env={"GEKO_OUT": str(tmp_path / "out"), "GEKO_EPOCHS": "3",
+                                                               "OMP_NUM_THREADS": "1"})
+    assert "GEKO efficiency report" in out and "final learning rate 0;" in out
+    checkpoints = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints and all((tmp_path / "out" / c / "geko_state.arrow").exists() for c in checkpoints)
+    if importlib.util.find_spec("tensorboard") is not None:  # report_to=tensorboard got GEKO's scalars
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out" / "runs") for f in fs
+                  if f.startswith("events.")]
+        acc = EventAccumulator(events[0])
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert "train/geko/passes_saved" in tags and "train/geko/freeze_share" in tags, tags
+        assert len(acc.Scalars("train/geko/sample_passes")) == 3  # one per epoch
+
+
+@pytest.mark.timeout(170)
+def test_trl_sft_example(tmp_path):
+    pytest.importorskip("trl")
+    out = run(sys.executable, "examples/trl_sft.py", env={"GEKO_OUT": str(tmp_path / "out"), "GEKO_EPOCHS": "2",
+                                                           "OMP_NUM_THREADS": "1"})
+    assert "rows given 91, kept by TRL 88, GEKO sampler over 88" in out
+    assert "GEKO efficiency report" in out and "final learning rate 0" in out

@@ -90,6 +90,7 @@ class GEKOCallback(pl.Callback):
         self.sampler: RankAwareGEKOSampler | None = None
         self._consumed = 0  # this rank's indices of the current epoch reported so far
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
+        self._resumed_epoch: int | None = None  # the epoch a restored position belongs to
 
     # ------------------------------------------------------------------ setup and data
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -137,8 +138,6 @@ class GEKOCallback(pl.Callback):
             self.sampler.set_epoch(trainer.current_epoch)  # Lightning calls it too; the second call is a no-op
             start = self._consumed if self._resumed_epoch == trainer.current_epoch else 0
             self._consumed, self._resumed_epoch = start, None
-
-    _resumed_epoch: int | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -195,6 +194,13 @@ class GEKOCallback(pl.Callback):
                 f.write(state_dict["state_arrow"])
             state = SampleState.load(path, memory_map=False)
         self.sampler.use_state(state)
-        self.sampler.load_state_dict(state_dict["sampler"])
-        self._consumed = int(state_dict["sampler"]["position"])
-        self._resumed_epoch = int(state_dict["sampler"]["epoch"])
+        sd = dict(state_dict["sampler"])
+        self.sampler.load_state_dict(sd)
+        if len(self.sampler) == 0:
+            # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler),
+            # but sizes the loader first, and an empty one would end the fit.
+            sd["position"] = 0
+            self.sampler.use_state(state)  # a fresh restore: the report-coverage check starts anew
+            self.sampler.load_state_dict(sd)
+        self._consumed = int(sd["position"])
+        self._resumed_epoch = int(sd["epoch"])

@@ -48,9 +48,10 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def run(out, mode, devices=1, epochs=3):
+def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None):
+    torch.manual_seed(0)  # the same initial weights in every run
     data = dataset()
-    geko = GEKOCallback(data, config=EASY, seed=2)
+    geko = GEKOCallback(data, config=EASY, seed=2, total_epochs=total_epochs)
     if mode == "callback":
         loader_fn = lambda: geko.dataloader(batch_size=8)  # noqa: E731
     else:
@@ -60,9 +61,9 @@ def run(out, mode, devices=1, epochs=3):
     module = Module(loader_fn)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices,
                          strategy="ddp" if devices > 1 else "auto", callbacks=[geko], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=checkpoint, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=out)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer, module, geko
 
 

@@ -47,6 +47,17 @@ def test_callback_state_round_trips_through_a_checkpoint_dict(fitted):
         again.load_state_dict({"sampler": sd["sampler"]})
 
 
+@pytest.mark.timeout(120)
+def test_fit_resumed_from_a_lightning_checkpoint_continues_exactly(tmp_path, fitted):
+    _, full_module, full_geko = fitted  # 3 epochs uninterrupted
+    lightning_job.run(str(tmp_path), "callback", epochs=2, checkpoint=True, total_epochs=3)  # stops early
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()  # saved at the end of epoch 1
+    # Same planned epochs (3) as the full run, continued from the checkpoint.
+    trainer, module, geko = lightning_job.run(str(tmp_path), "callback", epochs=3, ckpt_path=str(ckpt))
+    assert sorted(module.ids) == [2] and module.ids[2] == full_module.ids[2]
+    assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(full_geko.sampler.state)
+
+
 @pytest.mark.timeout(60)
 def test_dataloader_before_setup_says_where_to_call_it():
     geko = GEKOCallback(lightning_job.dataset())
