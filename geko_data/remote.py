@@ -15,6 +15,7 @@ this module raises has them and any ``user:password@`` of a URL replaced by ``**
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import posixpath
@@ -307,11 +308,40 @@ class RangeFetcher:
         self._lock, self._pid = threading.Lock(), os.getpid()
 
     def filesystem(self, url: str) -> tuple[Any, str]:
+        """(filesystem, path) for ``url``: one filesystem (one connection pool) per protocol."""
         self._forked()
+        key = url if "::" in url else url.split("://", 1)[0]  # chained URLs ("simplecache::s3://") apart
         with self._lock:
-            if url not in self._fs:
-                self._fs[url] = open_url(url, self.storage_options)
-            return self._fs[url]
+            if key not in self._fs:
+                self._fs[key] = open_url(url, self.storage_options)[0]
+            fs = self._fs[key]
+        return fs, (open_url(url, self.storage_options)[1] if "::" in url else fs._strip_protocol(url))
+
+    def _failed(self, url: str, what: str, exn: Exception, attempt: int) -> Fetched:
+        tries = f" after {attempt + 1} tries" if attempt else ""
+        why = redact(f"{url}: {what}: failed{tries}: {_describe(exn)}", self.storage_options)
+        return Fetched(None, ShardError(why), attempt + 1)
+
+    def _checked(self, url: str, start: int, end: int, got: Fetched) -> Fetched:
+        if got.error is None and len(got.value) != end - start:
+            # A server that ignores Range sends the whole object; a shorter answer means a smaller one.
+            why = (f"{url}: bytes {start}..{end}: got {len(got.value)} bytes for a {end - start}-byte range "
+                   f"(object changed since indexing, or a server that ignores Range requests)")
+            return Fetched(None, ShardError(redact(why, self.storage_options)), got.attempts)
+        return got
+
+    async def _afetch(self, fs: Any, path: str, url: str, start: int, end: int) -> Fetched:
+        """``fetch`` as a coroutine on an async filesystem's own event loop: no thread per request."""
+        for attempt in range(self.config.retries + 1):
+            try:
+                data = await asyncio.wait_for(fs._cat_file(path, start=start, end=end), self.config.timeout)
+            except Exception as e:  # noqa: BLE001 - each filesystem raises its own kinds
+                if not is_transient(e) or attempt == self.config.retries:
+                    return self._failed(url, f"bytes {start}..{end}", e, attempt)
+                await asyncio.sleep(self.config.delay(attempt))
+                continue
+            return self._checked(url, start, end, Fetched(bytes(data), None, attempt + 1))
+        raise AssertionError("unreachable")
 
     def _retry(self, url: str, what: str, call: Callable[[Any, str, dict[str, Any]], Any]) -> Fetched:
         """``call(fs, path, kwargs)`` until it succeeds, fails for good, or the retries are used up."""
@@ -322,9 +352,7 @@ class RangeFetcher:
                 return Fetched(call(fs, path, kwargs), None, attempt + 1)
             except Exception as e:  # noqa: BLE001 - each filesystem raises its own kinds
                 if not is_transient(e) or attempt == self.config.retries:
-                    tries = f" after {attempt + 1} tries" if attempt else ""
-                    why = redact(f"{url}: {what}: failed{tries}: {_describe(e)}", self.storage_options)
-                    return Fetched(None, ShardError(why), attempt + 1)
+                    return self._failed(url, what, e, attempt)
                 self.sleep(self.config.delay(attempt))
         raise AssertionError("unreachable")
 
@@ -332,26 +360,29 @@ class RangeFetcher:
         """Bytes ``start..end`` (end exclusive) of ``url``, retried per ``config``; never raises."""
         got = self._retry(url, f"bytes {start}..{end}",
                           lambda fs, path, kw: fs.cat_file(path, start=start, end=end, **kw))
-        if got.error is None and len(got.value) != end - start:
-            # A server that ignores Range sends the whole object; a shorter answer means a smaller one.
-            why = (f"{url}: bytes {start}..{end}: got {len(got.value)} bytes for a {end - start}-byte range "
-                   f"(object changed since indexing, or a server that ignores Range requests)")
-            return Fetched(None, ShardError(redact(why, self.storage_options)), got.attempts)
-        return got
+        return self._checked(url, start, end, got)
 
     def size(self, url: str) -> Fetched:
         """The byte size of ``url``, retried per ``config``; never raises."""
         return self._retry(url, "reading its size", lambda fs, path, kw: int(fs.size(path)))
 
     def map(self, jobs: Iterable[tuple[str, int, int]]) -> Iterator[Fetched]:
-        """``fetch`` each ``(url, start, end)``, in order, with up to ``concurrency`` requests in flight."""
+        """``fetch`` each ``(url, start, end)``, in order, with up to ``concurrency`` requests in flight: as
+        coroutines on the filesystem's event loop when it is async (s3fs, gcsfs, adlfs, HTTP), else in a
+        small thread pool."""
         self._forked()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="geko-fetch")
         pending: deque[Future[Fetched]] = deque()
         try:
-            for job in jobs:
-                pending.append(self._pool.submit(self.fetch, *job))
+            for url, start, end in jobs:
+                fs, path = self.filesystem(url)
+                if getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+                    future = asyncio.run_coroutine_threadsafe(self._afetch(fs, path, url, start, end), fs.loop)
+                else:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency,
+                                                        thread_name_prefix="geko-fetch")
+                    future = self._pool.submit(self.fetch, url, start, end)
+                pending.append(future)
                 if len(pending) >= self.config.concurrency:
                     yield pending.popleft().result()
             while pending:
