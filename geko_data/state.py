@@ -3,10 +3,12 @@
 It is the only stateful piece of GEKO: the feedback API scatters reported
 losses into it, ``repartition`` re-buckets it, and ``save``/``load`` keep it
 in one Arrow IPC file that pyarrow, pandas, polars or DuckDB open offline.
+A file is trusted only after ``read_table`` has checked it whole: structure,
+value ranges and a checksum of its columns and metadata.
 
 Memory: 32 bytes per sample (gekolib keeps a Python object per sample, about
 1.1 KB). ``frozen_epochs`` is a saturating uint8 and ``last_step`` an int32 to
-stay at that budget (DESIGN.md said uint16 / int64).
+stay at that budget.
 """
 
 from __future__ import annotations
