@@ -528,19 +528,19 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         # Full validation: buffers consistent with lengths and null counts, before any value is used.
         table.validate(full=True)
         _check_columns(path, table)
+        if table.num_rows != meta.get("num_samples"):
+            raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
+                                 f"{meta.get('num_samples')} samples (truncated?)")
+        if verify:
+            _verify_checksum(path, table, meta)  # re-encodes the metadata: inside the RecursionError guard
+        _check_ranges(path, table)
     except StateFileError:
         raise
-    except RecursionError:  # json.loads of metadata nested thousands of levels deep
+    except RecursionError:  # metadata nested thousands of levels deep (json.loads / json.dumps)
         raise StateFileError(f"{path}: not a geko_data state file (its metadata is nested too deep)") from None
     except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: not a readable geko_data state file "
                              f"(truncated or foreign: {e})") from None
-    if table.num_rows != meta.get("num_samples"):
-        raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
-                             f"{meta.get('num_samples')} samples (truncated?)")
-    if verify:
-        _verify_checksum(path, table, meta)
-    _check_ranges(path, table)
     return (table if columns is None else table.select(columns)), meta
 
 
