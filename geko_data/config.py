@@ -53,7 +53,14 @@ class GEKOConfig:
     """The GEKO policy. All fields are keyword-only and validated at construction.
 
     Args:
-        freeze_confidence: confidence a correct sample must exceed to enter FREEZE. Defaults to ``0.85``.
+        freeze_confidence: confidence a correct sample must exceed to enter FREEZE; ``None`` sets it from the
+            task at every repartition (``policy.freeze_threshold``): the ``freeze_quantile`` quantile of the
+            confidences of the samples the model currently gets wrong, so a sample freezes when it is more
+            confident than nearly every mistake (an absolute 0.85 means little to a 3-class head that is
+            rarely over 0.85, and everything to an MNIST CNN that is over 0.99 on most digits). Defaults to
+            ``0.85``.
+        freeze_quantile: with ``freeze_confidence=None``: the share of wrong samples' confidences a sample
+            must exceed to freeze. Defaults to ``0.9``.
         freeze_quality: stability (``1 - min(sqrt(loss_var), 1)``) a sample must exceed to enter FREEZE.
             Defaults to ``0.80``.
         focus_confidence: confidence above which a wrong sample is HARD rather than FOCUS. Defaults to ``0.60``.
@@ -92,7 +99,8 @@ class GEKOConfig:
             compared by ``==``. Defaults to ``"custom"``.
     """
 
-    freeze_confidence: float = 0.85
+    freeze_confidence: float | None = 0.85
+    freeze_quantile: float = 0.9
     freeze_quality: float = 0.80
     focus_confidence: float = 0.60
     bucket_weights: tuple[float, float, float] = (3.0, 1.0, 0.0)
@@ -117,7 +125,9 @@ class GEKOConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        _check_range("freeze_confidence", self.freeze_confidence, 0.0, 1.0)
+        if self.freeze_confidence is not None:
+            _check_range("freeze_confidence", self.freeze_confidence, 0.0, 1.0)
+        _check_range("freeze_quantile", self.freeze_quantile, 0.0, 1.0)
         _check_range("freeze_quality", self.freeze_quality, 0.0, 1.0)
         _check_range("focus_confidence", self.focus_confidence, 0.0, 1.0)
         bw = self.bucket_weights

@@ -35,6 +35,7 @@ __all__ = [
     "annealing",
     "epoch_expected",
     "epoch_progress",
+    "freeze_threshold",
     "expected_counts",
     "lr_multiplier",
     "phase_index",
@@ -100,20 +101,50 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
              loss_var: np.ndarray, config: GEKOConfig) -> np.ndarray:
     """Bucket code per sample (uint8), gekolib's rules; never-seen samples are FOCUS.
 
-    FREEZE: correct, confidence > freeze_confidence, stability > freeze_quality, q >= min_q_for_freeze.
+    FREEZE: correct, confidence > ``freeze_threshold``, stability > freeze_quality, q >= min_q_for_freeze.
     LIGHT: correct otherwise. HARD: wrong and confidence > focus_confidence. FOCUS: wrong otherwise.
     """
     correct = np.asarray(correct, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
+    threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
     # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
     # the same rule without a square root over every sample.
     stable = np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
-    freeze = correct & (conf > config.freeze_confidence) & stable & (np.asarray(q) >= config.min_q_for_freeze)
+    freeze = correct & (conf > np.float32(threshold)) & stable & (np.asarray(q) >= config.min_q_for_freeze)
     u8 = np.uint8
     out = np.where(correct, u8(LIGHT), np.where(conf > config.focus_confidence, u8(HARD), u8(FOCUS)))
     out[freeze] = FREEZE
     out[~np.asarray(seen, dtype=bool)] = FOCUS
     return out
+
+
+#: Fewer wrong samples than this and their confidences say little: ``freeze_threshold`` falls back.
+MIN_WRONG_FOR_QUANTILE = 10
+
+
+def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray,
+                     config: GEKOConfig) -> float:
+    """The confidence a correct sample must exceed to freeze.
+
+    ``config.freeze_confidence`` when set. Otherwise it is read from the task: the ``freeze_quantile``
+    quantile of the confidences of the seen samples the model gets wrong, i.e. a sample freezes when the
+    model is surer of it than of (by default) 90% of its mistakes, whatever the scale of the confidence (a
+    3-class head, a 10-class CNN, an LLM's weakest answer token). With fewer than
+    ``MIN_WRONG_FOR_QUANTILE`` mistakes that quantile is noise, so the median confidence of the correct
+    samples is used (the surer half may freeze).
+    """
+    if config.freeze_confidence is not None:
+        return float(config.freeze_confidence)
+    seen = np.asarray(seen, dtype=bool)
+    conf = np.asarray(confidence, dtype=np.float32)
+    ok = seen & np.isfinite(conf)
+    wrong = conf[ok & ~np.asarray(correct, dtype=bool)]
+    if wrong.shape[0] >= MIN_WRONG_FOR_QUANTILE:
+        # "higher": an observed confidence, so the rule depends on ranks only (any increasing rescaling of
+        # the confidences freezes the same samples)
+        return float(np.quantile(wrong, config.freeze_quantile, method="higher"))
+    right = conf[ok & np.asarray(correct, dtype=bool)]
+    return float(np.quantile(right, 0.5, method="higher")) if right.shape[0] else 1.0
 
 
 def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:

@@ -66,3 +66,11 @@ def test_unknown_field_in_from_dict():
 def test_modes_are_all_constructible():
     for mode in MODES:
         assert GEKOConfig(mode=mode).mode == mode
+
+
+def test_freeze_confidence_none_is_relative_and_quantile_is_checked():
+    assert GEKOConfig(freeze_confidence=None).freeze_confidence is None
+    with pytest.raises(ValueError, match=r"`freeze_quantile` must be a number in \[0.0, 1.0\], got 1.5"):
+        GEKOConfig(freeze_quantile=1.5)
+    c = GEKOConfig(freeze_confidence=None, freeze_quantile=0.8)
+    assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -189,3 +189,51 @@ def test_properties(bucket, progress, mode, data):
         alive = ~np.array(pruned)
         prod = e[alive] * w[alive]  # expected weighted count is equal for every alive sample
         assert np.allclose(prod, prod[0] if prod.size else 0, rtol=1e-5)
+
+
+def _three_class_head(n_wrong=40, n_right=60, seed=0):
+    """Confidences as a 3-class head gives them: mistakes around 0.4-0.6, right answers 0.5-0.8."""
+    rng = np.random.default_rng(seed)
+    conf = np.concatenate([rng.uniform(0.38, 0.6, n_wrong), rng.uniform(0.5, 0.8, n_right)]).astype(np.float32)
+    correct = np.arange(n_wrong + n_right) >= n_wrong
+    return conf, correct
+
+
+def _classify_all(conf, correct, config):
+    n = conf.shape[0]
+    return policy.classify(seen=np.ones(n, bool), correct=correct, confidence=conf, q=np.ones(n, np.float32),
+                           loss_var=np.zeros(n, np.float32), config=config)
+
+
+def test_relative_freeze_threshold_reads_the_task_scale():
+    conf, correct = _three_class_head()
+    rel = GEKOConfig(freeze_confidence=None)
+    thr = policy.freeze_threshold(seen=np.ones(100, bool), correct=correct, confidence=conf, config=rel)
+    wrong = conf[~correct]
+    assert thr in wrong and (wrong <= thr).mean() >= 0.9 and (wrong < thr).mean() <= 0.9  # the 90% quantile
+    frozen = _classify_all(conf, correct, rel) == FREEZE
+    assert frozen.any() and (conf[frozen] > thr).all() and correct[frozen].all()
+    # the absolute 0.85 of gekolib freezes nothing on this task
+    assert not (_classify_all(conf, correct, GEKOConfig(freeze_confidence=0.85)) == FREEZE).any()
+    # an explicit value is used as it is
+    assert policy.freeze_threshold(seen=np.ones(100, bool), correct=correct, confidence=conf,
+                                   config=GEKOConfig(freeze_confidence=0.3)) == 0.3
+
+
+def test_relative_freeze_depends_on_ranks_only():
+    conf, correct = _three_class_head(seed=1)
+    rel = GEKOConfig(freeze_confidence=None)
+    base = _classify_all(conf, correct, rel) == FREEZE
+    assert 0 < base.sum() < correct.sum()
+    for rescale in (np.sqrt, lambda c: c ** 3, lambda c: 0.2 + 0.5 * c):  # (HARD vs FOCUS stays absolute)
+        np.testing.assert_array_equal(_classify_all(rescale(conf).astype(np.float32), correct, rel) == FREEZE, base)
+
+
+def test_relative_freeze_with_few_mistakes_uses_the_median_of_right_answers():
+    conf = np.array([0.2, 0.5, 0.6, 0.7, 0.8, 0.9], np.float32)
+    correct = np.array([False, True, True, True, True, True])
+    rel = GEKOConfig(freeze_confidence=None)
+    assert policy.freeze_threshold(seen=np.ones(6, bool), correct=correct, confidence=conf, config=rel) == np.float32(0.7)
+    assert list(_classify_all(conf, correct, rel) == FREEZE) == [False, False, False, False, True, True]
+    # unseen samples do not count; nothing seen right: nothing may freeze
+    assert policy.freeze_threshold(seen=np.zeros(6, bool), correct=correct, confidence=conf, config=rel) == 1.0
