@@ -103,10 +103,15 @@ def _run(out, *, stop=None, resume=None):
     return trainer, ids
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("full"))
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("stop", [7, 5])  # 7: mid epoch 1; 5: the end of epoch 0 (5 steps of 8 samples)
-def test_stop_and_resume_from_checkpoint_continues_exactly(tmp_path, stop):
-    full, full_ids = _run(tmp_path / "full")
+def test_stop_and_resume_from_checkpoint_continues_exactly(tmp_path, full_run, stop):
+    full, full_ids = full_run
     first, first_ids = _run(tmp_path / "cut", stop=stop)
     assert first.state.global_step == stop
     ckpt = tmp_path / "cut" / f"checkpoint-{stop}"
