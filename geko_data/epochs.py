@@ -48,8 +48,9 @@ class EpochDriver:
     total_epochs: int
     epoch_length: int | None
     epoch: int
-    # (epoch, feedback rows before it, its planned draws) of the epoch being watched; None: not watched.
-    _coverage: tuple[int, int, int] | None = None
+    # (epoch, feedback rows before it, its planned draws) of the current epoch; rows None: a resumed epoch,
+    # whose reports before the checkpoint this process never saw, is not watched.
+    _coverage: tuple[int, int | None, int] | None = None
     _coverage_resumed = False
     _coverage_warned = False
 
@@ -116,9 +117,9 @@ class EpochDriver:
 
     def _watch(self, plan: EpochPlan) -> None:
         if self._coverage is None or self._coverage[0] != plan.epoch:
-            # A resumed epoch's reports before the checkpoint are not in this process's feedback counter.
             resumed, self._coverage_resumed = self._coverage_resumed, False
-            self._coverage = None if resumed else (plan.epoch, self.feedback.num_rows, int(plan.counts.sum()))
+            rows = None if resumed else self.feedback.num_rows
+            self._coverage = (plan.epoch, rows, int(plan.counts.sum()))
 
     def _check_coverage(self, epoch: int) -> None:
         """Warn once when the epoch that is ending was reported well under its plan: GEKO learns only from
@@ -126,6 +127,8 @@ class EpochDriver:
         if self._coverage is None or self._coverage[0] == epoch or self._coverage_warned:
             return
         ended, rows_before, draws = self._coverage
+        if rows_before is None:
+            return
         reported = self.feedback.num_rows - rows_before
         if draws > 0 and reported < COVERAGE_WARN_BELOW * draws:
             self._coverage_warned = True

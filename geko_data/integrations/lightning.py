@@ -200,7 +200,6 @@ class GEKOCallback(pl.Callback):
             # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler),
             # but sizes the loader first, and an empty one would end the fit.
             sd["position"] = 0
-            self.sampler.use_state(state)  # a fresh restore: the report-coverage check starts anew
             self.sampler.load_state_dict(sd)
         self._consumed = int(sd["position"])
         self._resumed_epoch = int(sd["epoch"])

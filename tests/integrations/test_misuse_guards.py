@@ -107,3 +107,24 @@ def test_a_stateful_dataloader_position_without_its_state_is_refused(tmp_path):
     restored_loader.load_state_dict(sd)
     rest = [i for b in restored_loader for i in b["__index__"].tolist()]
     assert len(rest) == len(sampler._order) - 8 and restored.epoch == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_resumed_epoch_set_again_by_the_loop_does_not_warn(tmp_path):
+    """A framework restores the position (set_epoch inside load_state_dict), then sets the epoch again."""
+    data = rows(24)
+    sampler = GEKOSampler(data, total_epochs=3, config=QUIET, seed=4)
+    loader = DataLoader(sampler.wrap(data), batch_size=4, sampler=sampler)
+    sampler.set_epoch(0)
+    train_epoch(sampler, loader, 4)
+    sd = sampler.state_dict(consumed=16)
+    sampler.state.save(tmp_path / "state.arrow")
+    resumed = GEKOSampler(data, total_epochs=3, config=QUIET, seed=4)
+    resumed.use_state(SampleState.load(tmp_path / "state.arrow"))
+    resumed.load_state_dict(sd)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        resumed.set_epoch(0)
+        train_epoch(resumed, DataLoader(resumed.wrap(data), batch_size=4, sampler=resumed))  # 8 of 24 left
+        resumed.set_epoch(1)
+    assert coverage_warnings(record) == []
