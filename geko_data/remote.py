@@ -4,9 +4,10 @@ A shard URL (``s3://``, ``gs://``, ``az://``, ``http(s)://`` or any protocol of 
 filesystem) is read with byte-range requests: the index gives every sample's offset and length, the
 planner (``plan_requests``, pure) coalesces the drawn samples of one worker into requests, and the
 fetcher (``RangeFetcher``) keeps a bounded number of them in flight, retrying transient failures with
-exponential backoff and jitter. Frozen samples are never fetched, and each DataLoader worker fetches only
-the samples of its own batches, so the bytes fetched shrink with the frozen share and do not grow with
-the number of workers. Fetched bytes go through ``shards.parse_sample``, the parser of local seek reads.
+exponential backoff and jitter. Frozen samples are never fetched, and with several DataLoader workers each
+range is fetched once, by the first worker that needs it, and handed to the others (``SharedRanges``), so
+the bytes fetched shrink with the frozen share and do not grow with the number of workers. Fetched bytes
+go through ``shards.parse_sample``, the parser of local seek reads.
 
 Credentials stay in ``storage_options`` (or the filesystem library's usual sources: environment,
 config files, instance roles); they are never written to an index or a state file, and every message
@@ -16,6 +17,7 @@ this module raises has them and any ``user:password@`` of a URL replaced by ``**
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import posixpath
@@ -400,6 +402,110 @@ class RangeFetcher:
         self._fs = {}
 
 
+class SharedRanges:
+    """One rank's epoch fetched once, whatever the number of DataLoader workers: the byte ranges are planned
+    over the rank's whole order (``block`` positions at a time, every worker's samples together), and the
+    first worker that needs a range fetches it for all.
+
+    The batches of the workers interleave sample by sample in file order (batch ``j`` goes to worker
+    ``j % num_workers``), so ranges planned per worker would carry about one sample per worker each. Here
+    a range covers a whole block; the worker that claims it (an ``O_EXCL`` file in ``folder``) fetches it,
+    writes it once and hard-links it for every worker that has samples in it; each worker drops its link
+    after the last chunk that needs the range, so the bytes leave the disk when the last reader is done. A
+    claimant never waits on anyone (it fetches all its claims before it reads), so no worker waits forever;
+    a waiter gives up after ``wait`` seconds with a ShardError.
+
+    Every worker builds the same table from ``order`` (what is left of the rank's epoch), ``batch``,
+    ``num_workers`` and ``tag`` (unique per epoch plan), so nothing but the files is shared.
+    """
+
+    def __init__(self, *, index: ShardIndex, remote: Sequence[bool], order: np.ndarray, batch: int,
+                 num_workers: int, worker: int, chunk: int, folder: str, tag: str, config: RemoteConfig) -> None:
+        self.folder, self.tag, self.worker = folder, tag, worker
+        self.wait = config.worst_case_wait + 30.0
+        n_pos = order.shape[0]
+        pos = np.arange(n_pos)
+        owner = (pos // batch) % num_workers
+        block = pos // (chunk * num_workers)  # about one chunk of every worker
+        keep = np.asarray(remote, dtype=bool)[index.shard[order]]
+        pairs = np.unique(block[keep].astype(np.int64) * (index.num_samples + 1) + order[keep])
+        pair_block, pair_id = np.divmod(pairs, index.num_samples + 1)
+        # Ranges per (block, shard): pairs are sorted by block, then id (= shard, then file order).
+        self.ranges: list[tuple[int, int, int]] = []  # (shard, start, end)
+        pair_range = np.empty(pairs.shape[0], dtype=np.int64)
+        cut = np.flatnonzero(np.diff(pair_block) | np.diff(index.shard[pair_id])) + 1
+        for lo, hi in zip(np.r_[0, cut], np.r_[cut, pairs.shape[0]]):
+            ids = pair_id[lo:hi]
+            for req in plan_requests(index.offset[ids], index.length[ids], gap=config.gap,
+                                     max_request=config.max_request):
+                pair_range[lo + req.lo:lo + req.hi] = len(self.ranges)
+                self.ranges.append((int(index.shard[ids[0]]), req.start, req.end))
+        # The range of every kept position, its readers, and the last chunk of this worker that reads it.
+        kept_pos = pos[keep]
+        where = np.searchsorted(pairs, block[kept_pos].astype(np.int64) * (index.num_samples + 1) + order[kept_pos])
+        pos_range = pair_range[where]
+        self.readers = [set() for _ in self.ranges]
+        for r, w in set(zip(pos_range.tolist(), owner[kept_pos].tolist())):
+            self.readers[r].add(w)
+        mine = owner[kept_pos] == worker
+        my_chunk = (np.cumsum(owner == worker) - 1)[kept_pos][mine] // chunk
+        self.chunk_ranges: dict[int, dict[int, int]] = {}  # chunk -> {sample id: range}
+        for c, i, r in zip(my_chunk.tolist(), order[kept_pos][mine].tolist(), pos_range[mine].tolist()):
+            self.chunk_ranges.setdefault(c, {}).setdefault(i, r)
+        self.last_chunk: dict[int, int] = {}
+        for c, r in zip(my_chunk.tolist(), pos_range[mine].tolist()):
+            self.last_chunk[r] = max(self.last_chunk.get(r, -1), c)
+
+    def _name(self, r: int, what: str) -> str:
+        return os.path.join(self.folder, f"{self.tag}-{r}.{what}")
+
+    def claim(self, r: int) -> bool:
+        """True for the one worker that fetches range ``r``."""
+        try:
+            os.close(os.open(self._name(r, "claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            return False
+
+    def deliver(self, r: int, got: Fetched) -> None:
+        """Hand range ``r``'s bytes (or its error) to every worker that reads it."""
+        tmp = self._name(r, f"tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(got.value if got.error is None else str(got.error).encode())
+        if got.error is not None:
+            os.replace(tmp, self._name(r, "err"))
+            return
+        for w in sorted(self.readers[r]):
+            os.link(tmp, self._name(r, f"w{w}"))
+        os.unlink(tmp)
+
+    def take(self, r: int) -> bytes | ShardError:
+        """Range ``r``'s bytes, waiting (bounded) for the worker that claimed it."""
+        mine, err = self._name(r, f"w{self.worker}"), self._name(r, "err")
+        deadline, pause = time.monotonic() + self.wait, 0.001
+        while True:
+            try:
+                with open(mine, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                pass
+            if os.path.exists(err):
+                with open(err, "rb") as f:
+                    return ShardError(f.read().decode("utf-8", "replace"))
+            if time.monotonic() > deadline:
+                return ShardError(f"bytes {self.ranges[r][1]}..{self.ranges[r][2]} of shard #{self.ranges[r][0]}: "
+                                  f"the DataLoader worker fetching them did not deliver within {self.wait:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def release(self, chunk: int) -> None:
+        """Drop this worker's links to the ranges it reads for the last time in ``chunk``."""
+        for r in [r for r, c in self.last_chunk.items() if c == chunk]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name(r, f"w{self.worker}"))
+            del self.last_chunk[r]
+
+
 class RangeReader:
     """Reads samples of remote shards for one worker: plans the requests, fetches, parses.
 
@@ -407,10 +513,13 @@ class RangeReader:
     ``retries`` since its owner last reset it. Each shard's size is checked once against the index.
     """
 
-    def __init__(self, index: ShardIndex, urls: Sequence[str], fetcher: RangeFetcher) -> None:
+    def __init__(self, index: ShardIndex, urls: Sequence[str], fetcher: RangeFetcher,
+                 share: SharedRanges | None = None) -> None:
         self.index = index
         self.urls = list(urls)
         self.fetcher = fetcher
+        self.share = share  # with several DataLoader workers: ranges planned per rank, fetched once
+        self._chunk = 0
         self.tally = {"bytes_read": 0, "requests": 0, "retries": 0}
         self._size_error: dict[int, ShardError | None] = {}
         self._remote = [is_url(u) for u in self.urls]
@@ -441,7 +550,11 @@ class RangeReader:
         """``(id, sample or ShardError)`` for every id; samples of one shard come in file order.
 
         ``check(id, raw bytes)`` runs before parsing and may raise ShardError (the content hash check).
+        With a ``share``, ``ids`` must be the remote ids of the owner's next chunk (one call per chunk).
         """
+        if self.share is not None:
+            yield from self._read_shared(ids, check)
+            return
         by_shard: dict[int, list[int]] = {}
         for i in ids:
             by_shard.setdefault(int(self.index.shard[i]), []).append(int(i))
@@ -473,6 +586,50 @@ class RangeReader:
                     yield i, parse_sample(buf, shard=url, key=str(self.index.keys[i]), offset=off)
                 except ShardError as e:
                     yield i, e
+
+    def _parse(self, i: int, buf: bytes, check: Callable[[int, bytes], None] | None) -> dict[str, Any] | ShardError:
+        off = int(self.index.offset[i])
+        try:
+            if check is not None:
+                check(i, buf)
+            return parse_sample(buf, shard=self.urls[int(self.index.shard[i])], key=str(self.index.keys[i]),
+                                offset=off)
+        except ShardError as e:
+            return e
+
+    def _read_shared(self, ids: Iterable[int], check: Callable[[int, bytes], None] | None
+                     ) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
+        share = self.share
+        assert share is not None
+        chunk, self._chunk = self._chunk, self._chunk + 1
+        need = share.chunk_ranges.get(chunk, {})
+        wanted = [int(i) for i in ids]
+        for shard in sorted({int(self.index.shard[i]) for i in wanted}):
+            err = self._check_size(shard)
+            if err is not None:
+                yield from ((i, err) for i in wanted if int(self.index.shard[i]) == shard)
+                wanted = [i for i in wanted if int(self.index.shard[i]) != shard]
+        ranges = sorted({need[i] for i in wanted})
+        claimed = [r for r in ranges if share.claim(r)]
+        jobs = [(self.urls[share.ranges[r][0]], share.ranges[r][1], share.ranges[r][2]) for r in claimed]
+        fetched: dict[int, bytes | ShardError] = {}  # what this worker fetched needs no reading back
+        for r, got in zip(claimed, self.fetcher.map(jobs)):
+            self._count(got)
+            share.deliver(r, got)
+            fetched[r] = got.value if got.error is None else got.error
+        by_range: dict[int, list[int]] = {}
+        for i in wanted:
+            by_range.setdefault(need[i], []).append(i)
+        for r, members in by_range.items():
+            data = fetched.pop(r) if r in fetched else share.take(r)
+            start = share.ranges[r][1]
+            for i in members:
+                if isinstance(data, ShardError):
+                    yield i, data
+                    continue
+                off, length = int(self.index.offset[i]), int(self.index.length[i])
+                yield i, self._parse(i, data[off - start:off - start + length], check)
+        share.release(chunk)
 
     def close(self) -> None:
         self.fetcher.close()

@@ -26,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -39,7 +42,7 @@ from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, decod
 from geko_data.epochs import EpochDriver, check_int
 from geko_data.feedback import Feedback
 from geko_data.plan import PURPOSE_ORDER, PURPOSE_SHARDS, EpochPlan, rank_slice, rng
-from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, is_url, read_index_url
+from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, SharedRanges, is_url, read_index_url
 from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, read_index, sample_hash
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState, check_fingerprint
@@ -205,7 +208,8 @@ class _Reader:
             return {}
         remote = [i for i in ids.tolist() if self.ranges.handles(int(self.index.shard[i]))
                   and int(self.index.shard[i]) not in self.stopped]
-        out = dict(self.ranges.read(remote, check=self._check_hash if self.verify else None)) if remote else {}
+        # Called once per chunk even when empty: a reader that shares ranges with other workers counts chunks.
+        out = dict(self.ranges.read(remote, check=self._check_hash if self.verify else None))
         for k, v in self.ranges.tally.items():
             self.tally[k] += v
             self.ranges.tally[k] = 0
@@ -427,8 +431,13 @@ class GEKOStream(EpochDriver, IterableDataset):
             raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
         self._local = [_is_local(u) for u in self.urls]
         # Remote shards are read by byte ranges: only the samples drawn, each by the worker that yields it.
-        ranged = [is_url(u) for u in self.urls]
-        self._fetcher = RangeFetcher(storage_options=storage_options, config=remote) if any(ranged) else None
+        self._ranged = [is_url(u) for u in self.urls]
+        self._fetcher = RangeFetcher(storage_options=storage_options, config=remote) if any(self._ranged) else None
+        # DataLoader workers of this stream hand each other fetched ranges through files here (SharedRanges).
+        self._range_dir = tempfile.mkdtemp(prefix="geko-ranges-") if self._fetcher is not None else None
+        if self._range_dir is not None:
+            weakref.finalize(self, shutil.rmtree, self._range_dir, True)
+        self._split: tuple[np.ndarray, int, int, int] | None = None
         if (np.diff(self.index.shard) < 0).any():
             raise ShardError("the shard index must list samples grouped by shard, in shard order")
         self._shard_start = np.searchsorted(self.index.shard, np.arange(len(self.index.shards) + 1))
@@ -462,6 +471,10 @@ class GEKOStream(EpochDriver, IterableDataset):
         if not resuming:
             self._start.zero_()
         self._yielded = int(self._start.item())
+        if self._range_dir is not None:  # ranges the last epoch's workers left (an epoch cut short)
+            for name in os.listdir(self._range_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self._range_dir, name))
 
     def _order(self, plan: EpochPlan) -> np.ndarray:
         # Keyed by the shared plan's version, not just its epoch: a persistent worker keeps this cache across
@@ -503,6 +516,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         mine = remaining[(np.arange(remaining.shape[0]) // batch) % num_workers == worker]
         if info is None:
             self._yielded = start
+        self._split = (remaining, batch, num_workers, start)
         yield from self._read_and_yield(mine, plan, None if info is None else worker)
 
     def _flush(self, row: int, tally: dict[str, int], total: dict[str, int]) -> None:
@@ -514,8 +528,20 @@ class GEKOStream(EpochDriver, IterableDataset):
                 total[k] += tally[k]
                 tally[k] = 0
 
+    def _range_share(self, plan: EpochPlan, worker: int | None) -> SharedRanges | None:
+        """With several DataLoader workers, the rank's ranges are fetched once and shared (SharedRanges)."""
+        if worker is None or self._split is None or self._split[2] < 2 or self._range_dir is None:
+            return None
+        assert self._fetcher is not None
+        remaining, batch, num_workers, start = self._split
+        return SharedRanges(index=self.index, remote=self._ranged, order=remaining, batch=batch,
+                            num_workers=num_workers, worker=worker, chunk=self.shuffle_buffer,
+                            folder=self._range_dir, config=self._fetcher.config,
+                            tag=f"e{plan.epoch}v{self._shared.version}s{start}r{self.world.rank}")
+
     def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, worker: int | None) -> Iterator[dict[str, Any]]:
-        ranges = None if self._fetcher is None else RangeReader(self.index, self.urls, self._fetcher)
+        ranges = None if self._fetcher is None else RangeReader(self.index, self.urls, self._fetcher,
+                                                                self._range_share(plan, worker))
         reader = _Reader(self.index, self.urls, self._local, self._shard_start, self.handler, self._lost.numpy(),
                          self.verify, ranges)
         tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)

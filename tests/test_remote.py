@@ -170,9 +170,14 @@ def test_http_bytes_shrink_with_the_frozen_share_and_not_grow_with_workers(http_
     assert full["bytes_read"] == sample_bytes  # every sample once, nothing else (no gaps in these tars)
     half, drawn = epoch(0, 0.5)
     assert half["bytes_read"] == drawn < 0.7 * sample_bytes
-    for workers in (1, 2):
+    range_requests = {}
+    for workers in (1, 2, 3):
         st, _ = epoch(workers, 0.0)
         assert st["bytes_read"] == sample_bytes, workers  # each range fetched by one worker only
+        range_requests[workers] = st["requests"] - workers * len(SHARD_SIZES)  # less one size check per shard
+    # The workers' batches interleave sample by sample; ranges planned per rank still take one request per
+    # shard, whatever the number of workers (planned per worker: about one per batch).
+    assert range_requests == {1: len(SHARD_SIZES), 2: len(SHARD_SIZES), 3: len(SHARD_SIZES)}
 
 
 def test_http_resume_mid_epoch_continues_exactly(http_server):
@@ -342,6 +347,8 @@ def test_forked_workers_do_not_break_the_main_processes_connections(http_server)
         s.set_epoch(0)
         loader = DataLoader(s, batch_size=32, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
         assert sum(len(b) for b in loader) == 400
+        # every worker dropped its link to every shared range: no fetched bytes are left on disk
+        assert not [f for f in os.listdir(s._range_dir) if not f.endswith(".claim")]
 
 
 def test_cli_index_of_http_shards_needs_an_output_next_to_them(http_server, tmp_path, capsys):
