@@ -8,10 +8,11 @@
 
 Files are memory-mapped and only the columns a command needs are read, so a
 10M-sample state opens in about a second. A bad file (truncated, foreign,
-wrong column types, bucket codes outside 0-3, malformed metadata), an index
-of other data or an output path that cannot be written gives one line on
-stderr and exit status 2. Exports are written atomically: a failed export
-leaves no partial file under the output name.
+corrupted, wrong column types, values out of range, malformed metadata), an
+index of other data, or an output path that cannot be written or is the same
+file as an input gives one line on stderr and exit status 2. Exports are
+written atomically: a failed export leaves no partial file under the output
+name; an output that is a symlink is written through to its target.
 """
 
 from __future__ import annotations
