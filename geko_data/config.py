@@ -58,7 +58,7 @@ class GEKOConfig:
             confidences of the samples the model currently gets wrong, so a sample freezes when it is more
             confident than nearly every mistake (an absolute 0.85 means little to a 3-class head that is
             rarely over 0.85, and everything to an MNIST CNN that is over 0.99 on most digits). Defaults to
-            ``0.85``.
+            ``None`` (gekolib: 0.85, the ``gekolib`` preset).
         freeze_quantile: with ``freeze_confidence=None``: the share of wrong samples' confidences a sample
             must exceed to freeze. Defaults to ``0.9``.
         freeze_quality: stability (``1 - min(sqrt(loss_var), 1)``) a sample must exceed to enter FREEZE.
@@ -99,7 +99,7 @@ class GEKOConfig:
             compared by ``==``. Defaults to ``"custom"``.
     """
 
-    freeze_confidence: float | None = 0.85
+    freeze_confidence: float | None = None
     freeze_quantile: float = 0.9
     freeze_quality: float = 0.80
     focus_confidence: float = 0.60
@@ -197,8 +197,10 @@ class GEKOConfig:
         return cls(**d)
 
 
-#: gekolib 0.3.1's defaults, unchanged (geko_data's defaults differ in q_value_lr and min_q_for_freeze).
-GEKOLIB_DEFAULTS = GEKOConfig(q_value_lr=0.1, min_q_for_freeze=0.8, anneal=0.0, name="gekolib")
+#: gekolib 0.3.1's defaults, unchanged (geko_data's defaults differ in freeze_confidence, q_value_lr and
+#: min_q_for_freeze).
+GEKOLIB_DEFAULTS = GEKOConfig(freeze_confidence=0.85, q_value_lr=0.1, min_q_for_freeze=0.8, anneal=0.0,
+                              name="gekolib")
 GEKO_AGGRESSIVE = GEKOConfig(freeze_confidence=0.90, freeze_quality=0.85, bucket_weights=(5.0, 2.0, 0.0),
                              name="aggressive")
 GEKO_BALANCED = GEKOConfig(freeze_confidence=0.85, freeze_quality=0.80, bucket_weights=(3.0, 2.0, 1.0),

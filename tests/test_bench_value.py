@@ -10,15 +10,28 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_bench_value_quick_tiny(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--quick", "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=230, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--tiny", "--tasks", "mnist,minilm",
+                           "--policies", "uniform,random_subset,infobatch,geko", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=290, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "value.json").read_text())
-    rows = {(r["task"], r["policy"]): r for r in result["rows"]}
-    assert {t for t, _ in rows} == {"mnist", "minilm"}
-    assert rows[("mnist", "uniform")]["backward_vs_uniform"] == 1.0
-    assert rows[("mnist", "random_subset")]["backward"] < rows[("mnist", "uniform")]["backward"]
-    assert (tmp_path / "value.md").read_text().count("\n") >= 12
+    rows = {(r["task"], r["split"], r["policy"]): r for r in result["rows"]}
+    assert {t for t, _, _ in rows} == {"mnist", "minilm"} and {s for _, s, _ in rows} == {"dev", "test"}
+    uniform = rows[("mnist", "test", "uniform")]
+    assert uniform["backward_vs_uniform"] == 1.0 and uniform["diff_mean"] == 0.0
+    assert rows[("mnist", "test", "random_subset")]["backward"] < uniform["backward"]
+    for run in result["runs"]["mnist"]:  # both splits measured after every epoch
+        assert len(run["curve"]) == 3 and all(0 <= c["dev"] <= 1 and 0 <= c["test"] <= 1 for c in run["curve"])
+    md = (tmp_path / "value.md").read_text()
+    assert md.count("| geko |") == 4 and "mnist: geko" in md and "vs infobatch" in md
     assert (tmp_path / "value.png").stat().st_size > 10_000
+
+
+def test_bench_value_rejects_unknown_names(tmp_path):
+    for args, word in ((["--tasks", "cifar"], "cifar"), (["--policies", "magic"], "magic"),
+                       (["--variant", "v:no_such_field=1"], "no_such_field")):
+        proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--tiny", "--out", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and word in proc.stderr

@@ -74,3 +74,8 @@ def test_freeze_confidence_none_is_relative_and_quantile_is_checked():
         GEKOConfig(freeze_quantile=1.5)
     c = GEKOConfig(freeze_confidence=None, freeze_quantile=0.8)
     assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_default_freeze_threshold_is_read_from_the_task():
+    assert GEKOConfig().freeze_confidence is None and GEKOConfig().freeze_quantile == 0.9
+    assert GEKOLIB_DEFAULTS.freeze_confidence == 0.85  # gekolib's absolute value stays reachable
