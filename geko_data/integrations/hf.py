@@ -129,6 +129,7 @@ class GEKOTrainerMixin:
         if geko_signals is not None and not callable(geko_signals):
             raise TypeError(f"`geko_signals` must be callable, got {type(geko_signals).__name__}")
         super().__init__(*args, **kwargs)
+        self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config
         self.geko_seed = geko_seed
         self.geko_epoch_length = geko_epoch_length

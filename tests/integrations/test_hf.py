@@ -140,10 +140,15 @@ def test_resume_from_a_checkpoint_without_geko_state_is_refused(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_max_steps_is_refused_with_the_fix(tmp_path):
-    trainer = GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, max_steps=10),
-                          train_dataset=tiny.hf_dataset(8), data_collator=pad_collate)
     with pytest.raises(ValueError, match="`max_steps` must be -1.*num_train_epochs"):
-        trainer.train()
+        GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, max_steps=10),
+                    train_dataset=tiny.hf_dataset(8), data_collator=pad_collate)
+    with pytest.raises(ValueError, match="`num_train_epochs` must be a whole number"):
+        GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, num_train_epochs=2.5),
+                    train_dataset=tiny.hf_dataset(8), data_collator=pad_collate)
+    with pytest.raises(ValueError, match="`geko_epoch_length` must be None or an int >= 1, got 0"):
+        GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path), train_dataset=tiny.hf_dataset(8),
+                    data_collator=pad_collate, geko_epoch_length=0)
 
 
 @pytest.mark.timeout(60)
