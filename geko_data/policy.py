@@ -130,8 +130,8 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
     quantile of the confidences of the seen samples the model gets wrong, i.e. a sample freezes when the
     model is surer of it than of (by default) 90% of its mistakes, whatever the scale of the confidence (a
     3-class head, a 10-class CNN, an LLM's weakest answer token). With fewer than
-    ``MIN_WRONG_FOR_QUANTILE`` mistakes that quantile is noise, so the median confidence of the correct
-    samples is used (the surer half may freeze).
+    ``MIN_WRONG_FOR_QUANTILE`` mistakes that quantile is noise, so the surer half of the right answers may
+    freeze (confidence at or above their median).
     """
     if config.freeze_confidence is not None:
         return float(config.freeze_confidence)
@@ -144,7 +144,10 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
         # the confidences freezes the same samples)
         return float(np.quantile(wrong, config.freeze_quantile, method="higher"))
     right = conf[ok & np.asarray(correct, dtype=bool)]
-    return float(np.quantile(right, 0.5, method="higher")) if right.shape[0] else 1.0
+    if not right.shape[0]:
+        return 1.0
+    # just under the median, so ties freeze: right answers all equally sure must not freeze none of them
+    return float(np.nextafter(np.quantile(right, 0.5, method="higher"), np.float32(0.0)))
 
 
 def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:
