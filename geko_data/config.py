@@ -48,7 +48,7 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
         raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GEKOConfig:
     """The GEKO policy. All fields are keyword-only and validated at construction.
 

@@ -79,3 +79,14 @@ def test_freeze_confidence_none_is_relative_and_quantile_is_checked():
 def test_default_freeze_threshold_is_read_from_the_task():
     assert GEKOConfig().freeze_confidence is None and GEKOConfig().freeze_quantile == 0.9
     assert GEKOLIB_DEFAULTS.freeze_confidence == 0.85  # gekolib's absolute value stays reachable
+
+
+def test_config_and_train_args_are_keyword_only():
+    # A positional call would bind values to fields by declaration order, which silently changes meaning
+    # whenever a field is added.
+    from geko_data.train.args import TrainArgs
+
+    with pytest.raises(TypeError):
+        GEKOConfig(0.9)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        TrainArgs("./out")  # type: ignore[misc]

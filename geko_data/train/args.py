@@ -26,7 +26,7 @@ RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed
                 "use_8bit_optimizer", "correct_threshold")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainArgs:
     """Arguments of ``geko_data.train.train``; validated at construction.
 
