@@ -26,6 +26,7 @@ _LAZY = {
     "GEKOStream": "geko_data.stream",
     "PartitionStats": "geko_data.state",
     "SampleState": "geko_data.state",
+    "ShardError": "geko_data.shards",
     "StateFileError": "geko_data.state",
     "fingerprint_of": "geko_data.state",
     "index_shards": "geko_data.shards",

@@ -6,7 +6,7 @@ per-bucket weights, LR multiplier) and each epoch's expected multiplicity
 and loss weight per sample for every mode. ``state.py`` keeps the arrays,
 ``plan.py`` turns expected multiplicities into an order.
 
-gekolib 0.3.1 flaws fixed here (see DESIGN.md, Policy):
+gekolib 0.3.1 flaws fixed here (docs/architecture.md says how the rules fit together):
 
 * curriculum progress is the epoch *midpoint*, so a 3-epoch run reaches PEAK;
 * the Mountain LR multiplier is applied smoothly, so WARMUP's 0.5 takes effect;

@@ -55,3 +55,10 @@ def test_every_field_documented(cls):
     documented = set(re.findall(r"^\s{8}(\w+):", doc, re.M))
     fields = {f.name for f in dataclasses.fields(cls)}
     assert fields - documented == set(), f"{cls.__name__} fields without a doc entry: {sorted(fields - documented)}"
+
+
+def test_errors_a_user_catches_are_exported():
+    # The README's examples catch these by name from the package itself.
+    for name in ("ShardError", "StateFileError", "FingerprintError"):
+        assert name in geko_data.__all__
+        assert isinstance(getattr(geko_data, name), type)
