@@ -3,8 +3,9 @@
 Each epoch's plan (``plan.py``) says how often every sample is drawn. The
 stream reads only the samples drawn: in local files it seeks straight to
 them with the shard index and over everything else (frozen and pruned
-samples are never read, let alone decoded); from pipes and URLs it reads
-through and discards. A sample drawn m times is read once and yielded m
+samples are never read, let alone decoded); from object stores and HTTP it
+fetches the byte ranges of the drawn samples (``remote.py``); from pipes it
+reads through and discards. A sample drawn m times is read once and yielded m
 times, spread by a seeded, bounded block shuffle.
 
 Order and resume: a rank's order for an epoch is a pure function of (plan,
