@@ -3,7 +3,8 @@
     python examples/inspect_state.py [FOLDER]
 
 It writes 300 samples as shards, reports five epochs of simulated losses (a fifth of the samples hard,
-losses falling with the epochs) with ``prune_frozen_after=2``, saves the state after epochs 2 and 4,
+losses falling with the epochs) with ``prune_frozen_after=2`` and a fixed freeze threshold (the simulated
+confidences have no task to calibrate on), saves the state after epochs 2 and 4,
 and prints the ``geko-data`` commands to run on them (the README's plot and diff come from here).
 """
 
@@ -26,7 +27,8 @@ def main(folder: str) -> None:
     index = write_shards(({"__key__": f"tweet{i:06d}", "json": json.dumps({"i": i}).encode()} for i in range(n)),
                          os.path.join(folder, "data", "shard-%03d.tar"), maxcount=100)
     rng = np.random.default_rng(0)
-    state = SampleState(n, config=GEKOConfig(q_value_lr=0.7, min_q_for_freeze=0.5, prune_frozen_after=2),
+    state = SampleState(n, config=GEKOConfig(q_value_lr=0.7, min_q_for_freeze=0.5, prune_frozen_after=2,
+                                                         freeze_confidence=0.85),
                         fingerprint=index.fingerprint)
     hard = rng.random(n) < 0.2
     step = 0
