@@ -280,7 +280,7 @@ def sft_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, 
         lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         return TopLayersLM(get_peft_model(model, lora))
 
-    return Task("sft", xs, ys, _memo(make_model), _sft_signals, lr=2e-3, epochs=epochs, batch_size=16,
+    return Task("sft", xs, ys, _memo(make_model), _sft_signals, lr=5e-3, epochs=epochs, batch_size=16,
                 eval_batch=64)
 
 
@@ -535,25 +535,40 @@ def main(argv: list[str] | None = None) -> int:
                 c = r["curve"][-1]
                 print(f"  {name:<7} seed {seed} {policy:<14} backward {c['backward']:>7,} "
                       f"dev {100 * c['dev']:.2f}% test {100 * c['test']:.2f}%  ({r['wall']:.1f} s)", flush=True)
-        all_runs[name] = runs
-        for split in SPLITS:
-            all_rows += summarize(name, runs, policies, split)
-    table = markdown(all_rows)
-    lines = summary_lines(all_rows)
+            all_runs[name] = runs
+            # written after every seed, so a run cut short still leaves its finished seeds
+            _write(out, sizes, seeds, policies, all_rows + _rows(name, runs, policies), all_runs)
+        all_rows += _rows(name, runs, policies)
+    table, lines = _write(out, sizes, seeds, policies, all_rows, all_runs)
     print()
     print(table)
     print("\n".join(lines))
     print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
-    with open(os.path.join(out, "value.md"), "w") as f:
+    return 0
+
+
+def _rows(name: str, runs: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:
+    return [row for split in SPLITS for row in summarize(name, runs, policies, split)]
+
+
+def _write(out: str, sizes: dict[str, Any], seeds: int, policies: list[str], all_rows: list[dict[str, Any]],
+           all_runs: dict[str, list[dict[str, Any]]]) -> tuple[str, list[str]]:
+    """value.md (tables and summary lines), value.json (rows, runs, sizes, configs) and value.png."""
+    table = markdown(all_rows)
+    lines = summary_lines(all_rows)
+    # written whole and renamed, so a run stopped mid-write leaves the previous seed's files
+    with open(os.path.join(out, "value.md.tmp"), "w") as f:
         f.write(table + "\n" + "\n".join(f"    {line}" for line in lines) + "\n")
-    with open(os.path.join(out, "value.json"), "w") as f:
+    os.replace(os.path.join(out, "value.md.tmp"), os.path.join(out, "value.md"))
+    with open(os.path.join(out, "value.json.tmp"), "w") as f:
         json.dump({"sizes": sizes, "seeds": seeds, "policies": {k: POLICIES[k].to_dict() for k in policies},
                    "rows": all_rows, "summary": lines, "runs": all_runs}, f)
+    os.replace(os.path.join(out, "value.json.tmp"), os.path.join(out, "value.json"))
     try:
         plot(all_runs, policies, os.path.join(out, "value.png"))
     except ImportError:
         pass
-    return 0
+    return table, lines
 
 
 if __name__ == "__main__":
