@@ -26,7 +26,7 @@ from geko_data.shards import write_shards
 from geko_data.state import COLUMNS, SampleState
 from geko_data.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where crash_job.py lives
 SEED = 8  # of every kill point below
 KINDS = ("stream", "map")
 
