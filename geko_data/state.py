@@ -30,11 +30,13 @@ from geko_data.atomic import atomic_path
 from geko_data.config import GEKOConfig
 from geko_data.plan import EpochPlan
 
-__all__ = ["COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats", "SampleState",
+__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats", "SampleState",
            "StateFileError", "check_fingerprint", "fingerprint_of", "read_table", "to_numpy"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
-FORMAT_VERSION = 2
+#: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``
+#: column holds the sample id. Format 1 and 2 files (``bucket`` as uint8 codes, no ``id``) still load.
+FORMAT_VERSION = 3
 _META_KEY = b"geko_data"
 
 #: (column, numpy dtype, initial value), in file order.
@@ -53,6 +55,9 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("last_step", "int32", -1),
 )
 _NAMES = tuple(c[0] for c in COLUMNS)
+#: The file's ``bucket`` type: int8 codes 0-3 (the same bytes as the uint8 column in memory) into the names.
+BUCKET_TYPE = pa.dictionary(pa.int8(), pa.string())
+_BUCKET_DICT = pa.array(policy.BUCKET_NAMES, pa.string())
 #: Optional columns: the current epoch's plan (draws and loss weight per sample), when the state has one.
 PLAN_COLUMNS = (("plan_count", "uint16"), ("plan_weight", "float32"))
 
@@ -216,7 +221,8 @@ class SampleState:
         """Scatter one batch of per-sample results into the state; returns how many were applied.
 
         ``confidence`` defaults to ``exp(-loss)`` (the target's probability under cross-entropy) and
-        ``correct`` to ``confidence >= 0.5``. Ids may repeat: the last occurrence wins for loss,
+        ``correct`` to ``confidence >= 0.5``. ``step`` is the loop's optimizer step; without it each report
+        counts as one step after the last (``step`` and ``last_step`` then count reports). Ids may repeat: the last occurrence wins for loss,
         confidence and correctness, and every occurrence counts in ``times_seen``. Non-finite losses are
         not applied and are counted in ``num_nonfinite``.
         """
@@ -288,6 +294,8 @@ class SampleState:
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
                 raise ValueError(f"`step` must be a non-negative int, got {step!r}")
             self.step = int(step)
+        else:  # a loop that passes no step: each report counts as one (so last_step orders the reports)
+            self.step += 1
         finite = np.isfinite(loss)
         n = loss.shape[0]
         self.num_nonfinite += int(n - finite.sum())
@@ -411,11 +419,15 @@ class SampleState:
     def to_arrow(self) -> pa.Table:
         """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached.
 
-        With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
+        ``id`` is the sample id (the row number) and ``bucket`` a dictionary column whose values read as
+        FREEZE/LIGHT/FOCUS/HARD. With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
         ``plan_weight`` (loss weight this epoch). The metadata's ``checksum`` covers the columns and the
         rest of the metadata, so a file changed after writing is refused on load.
         """
-        columns = {name: pa.array(getattr(self, name)) for name in _NAMES}
+        # The sample id first, so a user can join the table with their data (or with the shard index's rows).
+        columns = {"id": pa.array(np.arange(self.num_samples, dtype=np.int64))}
+        columns.update((name, pa.array(getattr(self, name))) for name in _NAMES)
+        columns["bucket"] = pa.DictionaryArray.from_arrays(pa.array(self.bucket.view(np.int8)), _BUCKET_DICT)
         if self.plan is not None:
             # max_repeats <= 1000 keeps a count within uint16.
             columns["plan_count"] = pa.array(self.plan.counts.astype(np.uint16))
@@ -576,6 +588,8 @@ def _checksum(table: pa.Table, meta: dict[str, Any]) -> str:
 def _data_bytes(column: pa.ChunkedArray) -> list[Any]:
     """The bytes holding a fixed-width column's values, as zero-copy views (no nulls: checked before)."""
     arr = _chunk(column)
+    if pa.types.is_dictionary(arr.type):  # the codes: the dictionary itself is checked to be the bucket names
+        arr = arr.indices
     n, data = len(arr), arr.buffers()[1]
     if n == 0 or data is None:
         return []
@@ -612,13 +626,20 @@ def _chunk(column: pa.ChunkedArray) -> pa.Array:
 
 
 def _values(table: pa.Table, name: str) -> np.ndarray:
-    """A column as numpy: zero-copy for numbers (a view of the memory map), one byte per value for booleans."""
-    return _chunk(table.column(name)).to_numpy(zero_copy_only=False)
+    """A column as numpy: zero-copy for numbers (a view of the memory map), one byte per value for booleans.
+
+    A dictionary ``bucket`` gives its int8 codes viewed as uint8 (an older file's column is uint8 already).
+    """
+    arr = _chunk(table.column(name))
+    if pa.types.is_dictionary(arr.type):
+        return arr.indices.to_numpy(zero_copy_only=False).view(np.uint8)
+    return arr.to_numpy(zero_copy_only=False)
 
 
 #: Arrow type of every column a state file may hold.
 _TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype))
                                   for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS)}
+_TYPES["id"] = pa.int64()
 _HISTORY_KEYS = frozenset(PartitionStats.__dataclass_fields__)
 _HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
 
@@ -716,14 +737,19 @@ def _check_columns(path: str, table: pa.Table) -> None:
         if want is None:
             continue
         got = table.schema.field(name).type
-        if got != want:
-            raise StateFileError(f"{path}: column {name!r} has type {got}, expected {want}")
+        if name == "bucket" and got == BUCKET_TYPE:  # format 3; older files hold uint8 codes
+            names = _chunk(table.column(name)).dictionary
+            if not names.equals(_BUCKET_DICT):
+                raise StateFileError(f"{path}: column 'bucket' has the values {names.to_pylist()}, expected "
+                                     f"{list(policy.BUCKET_NAMES)}")
+        elif got != want:
+            allowed = f"{want} or {BUCKET_TYPE}" if name == "bucket" else str(want)
+            raise StateFileError(f"{path}: column {name!r} has type {got}, expected {allowed}")
         nulls = table.column(name).null_count
         if nulls:
             raise StateFileError(f"{path}: column {name!r} has {nulls:,} null values, expected none")
-    top = pa.compute.max(table.column("bucket")).as_py()
-    if top is not None and top > policy.HARD:
-        bucket = table.column("bucket").combine_chunks().to_numpy(zero_copy_only=False)
+    bucket = _values(table, "bucket")  # a code below 0 in a dictionary column is above 127 here
+    if bucket.max() > policy.HARD:
         bad = np.flatnonzero(bucket > policy.HARD)
         codes = ", ".join(f"{i} {n}" for i, n in enumerate(policy.BUCKET_NAMES))
         raise StateFileError(f"{path}: column 'bucket' holds code {int(bucket[bad[0]])} at id {int(bad[0])} "

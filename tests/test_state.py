@@ -120,13 +120,13 @@ def test_file_opens_with_pyarrow_and_duckdb(tmp_path):
     path = tmp_path / "state.arrow"
     s.save(path)
     table = pa.ipc.open_file(str(path)).read_all()
-    assert table.column_names == [c[0] for c in COLUMNS]
+    assert table.column_names == ["id"] + [c[0] for c in COLUMNS]
     meta = json.loads(table.schema.metadata[b"geko_data"])
-    assert meta["format_version"] == 2 and len(meta["history"]) == 3
+    assert meta["format_version"] == 3 and len(meta["history"]) == 3
     state_table = table  # noqa: F841 - DuckDB finds the pyarrow table by its variable name
     rows = duckdb.sql("SELECT bucket, count(*) AS n FROM state_table GROUP BY bucket ORDER BY bucket").fetchall()
     assert sum(n for _, n in rows) == 300
-    assert dict(rows) == {int(b): int(n) for b, n in zip(*np.unique(s.bucket, return_counts=True))}
+    assert dict(rows) == {policy.BUCKET_NAMES[b]: int(n) for b, n in zip(*np.unique(s.bucket, return_counts=True))}
 
 
 def test_bad_files(tmp_path):
@@ -218,7 +218,7 @@ def test_hostile_metadata_and_columns_are_named_errors(tmp_path):
                                           pa.array(np.full(50, 9, np.uint8))),
         "int64_bucket.arrow": table.set_column(table.column_names.index("bucket"), "bucket",
                                                pa.array(np.zeros(50, np.int64))),
-        "string_loss.arrow": table.set_column(0, "loss", pa.array(["x"] * 50)),
+        "string_loss.arrow": table.set_column(table.column_names.index("loss"), "loss", pa.array(["x"] * 50)),
     }
     for name, bad in cases.items():
         path = _write_with(tmp_path, name, bad)
@@ -235,7 +235,7 @@ def test_the_state_file_keeps_the_current_plan(tmp_path):
     s.plan = epoch_plan(s, seed=3, epoch=2, total_epochs=4)
     s.save(tmp_path / "state.arrow")
     table = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()
-    assert table.column_names == [c[0] for c in COLUMNS] + ["plan_count", "plan_weight"]
+    assert table.column_names == ["id"] + [c[0] for c in COLUMNS] + ["plan_count", "plan_weight"]
     t = SampleState.load(tmp_path / "state.arrow")
     assert t.plan is not None and t.plan.epoch == 2 and t.plan.seed == 3
     np.testing.assert_array_equal(t.plan.counts, s.plan.counts)
@@ -265,9 +265,9 @@ def test_duckdb_describes_the_documented_columns(tmp_path):
     _filled(20).save(tmp_path / "state.arrow")
     state = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()  # noqa: F841 - DuckDB reads it by name
     described = duckdb.sql("DESCRIBE SELECT * FROM state").fetchall()
-    assert [row[0] for row in described] == [c[0] for c in COLUMNS]
+    assert [row[0] for row in described] == ["id"] + [c[0] for c in COLUMNS]
     types = {row[0]: row[1] for row in described}
-    assert types["bucket"] == "UTINYINT" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
+    assert types["bucket"] == "VARCHAR" and types["id"] == "BIGINT" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
 
 
 # ---------------------------------------------------------------------- trust of the file's contents
@@ -455,3 +455,53 @@ def test_fingerprint_of_keys():
     assert fingerprint_of(range(3)) == fingerprint_of(["0", "1", "2"])
     with pytest.raises(ValueError, match="keys"):
         fingerprint_of([])
+
+
+# ---------------------------------------------------------------------- the file speaks for itself
+def test_sampler_counts_reports_as_steps_when_the_loop_passes_none(tmp_path):
+    """A loop that never passes step= still gets a step and last_step that order the reports."""
+    from geko_data.sampler import GEKOSampler
+
+    sampler = GEKOSampler(12, total_epochs=2, seed=0)
+    sampler.set_epoch(0)
+    ids = list(sampler)
+    for i in range(0, len(ids), 4):
+        sampler.report(ids[i:i + 4], np.full(len(ids[i:i + 4]), 0.5, np.float32))
+    state = sampler.state
+    assert state.step == 3  # three reports
+    assert sorted(set(state.last_step[ids].tolist())) == [1, 2, 3]
+    state.report([0], [1.0], step=100)  # a loop's own step wins, and counting goes on from it
+    state.report([1], [1.0])
+    assert state.step == 101 and state.last_step[1] == 101
+    state.save(tmp_path / "s.arrow")
+    assert SampleState.load(tmp_path / "s.arrow").step == 101
+
+
+def test_bucket_is_a_dictionary_of_names_and_older_uint8_files_still_load(tmp_path):
+    s = _filled(60)
+    s.save(tmp_path / "new.arrow")
+    table = pa.ipc.open_file(str(tmp_path / "new.arrow")).read_all()
+    assert pa.types.is_dictionary(table.schema.field("bucket").type)
+    assert table.column("bucket").to_pylist() == [policy.BUCKET_NAMES[b] for b in s.bucket]
+    assert table.column("id").to_pylist() == list(range(60))
+    # A format 2 file: bucket as uint8 codes, no id column, its checksum over the same code bytes.
+    old = table.drop_columns(["id"]).set_column(
+        table.column_names.index("bucket") - 1, "bucket", pa.array(s.bucket.copy()))
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    meta["format_version"] = 2
+    from geko_data.state import _checksum
+    meta["checksum"] = _checksum(old, meta)
+    path = _write_with(tmp_path, "old.arrow", old.replace_schema_metadata({b"geko_data": json.dumps(meta).encode()}))
+    t = SampleState.load(path)
+    assert np.array_equal(t.bucket, s.bucket) and t.bucket.dtype == np.uint8
+    # The new file's checksum covers the codes: one flipped code is refused.
+    codes = table.column("bucket").combine_chunks().indices.to_numpy().copy()
+    codes[3] = (codes[3] + 1) % 4
+    forged = table.set_column(table.column_names.index("bucket"), "bucket",
+                              pa.DictionaryArray.from_arrays(pa.array(codes), table.column("bucket").chunk(0).dictionary))
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        SampleState.load(_write_with(tmp_path, "forged.arrow", forged))
+    renamed = table.set_column(table.column_names.index("bucket"), "bucket", pa.DictionaryArray.from_arrays(
+        pa.array(codes), pa.array(["A", "B", "C", "D"])))
+    with pytest.raises(StateFileError, match="column 'bucket' has the values"):
+        SampleState.load(_write_with(tmp_path, "renamed.arrow", renamed))
