@@ -1,9 +1,10 @@
 """``geko-data``: look at state files and shards offline.
 
-    geko-data inspect STATE [--index INDEX] [--json] [--top hard|forgetful|frozen N]
+    geko-data inspect STATE [--index INDEX|DATA.jsonl] [--json] [--top hard|forgetful|frozen N]
     geko-data plot STATE -o FILE.png
+    geko-data sql STATE "SELECT ..." [--index INDEX|DATA.jsonl] [--format table|csv|json]
     geko-data export STATE --to parquet|csv|jsonl -o FILE
-    geko-data diff A B [--index INDEX] [--list N] [--json]
+    geko-data diff A B [--index INDEX|DATA.jsonl] [--list N] [--json]
     geko-data index SHARDS... -o index.arrow
 
 Files are memory-mapped and only the columns a command needs are read, so a
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
-from geko_data.state import StateFileError, read_table
+from geko_data.state import StateFileError, _values, read_table
 
 __all__ = ["build_parser", "main"]
 
@@ -54,13 +55,69 @@ def _load(path: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[s
 
 
 def _col(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+    """A column as numpy; ``bucket`` as its codes 0-3 whether the file stores names (format 3) or codes."""
+    return _values(table, name)
+
+
+class _JsonlIndex:
+    """The JSONL a state was trained from, as an index: sample id = the id-th non-blank line.
+
+    The reference loop (``geko-train --data x.jsonl``) skips blank lines and numbers the others from 0, so
+    this does too. ``keys`` show each sample's prompt (or text); ``table`` is every line's fields for ``sql``.
+    """
+
+    fingerprint = None
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        lines, keys, fields = [], [], []
+        try:
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise _Fail(f"--index {path}:{n}: not a JSON line ({e})") from None
+                    if not isinstance(rec, dict):
+                        raise _Fail(f"--index {path}:{n}: a line must be a JSON object, got {type(rec).__name__}")
+                    lines.append(n)
+                    key = rec.get("prompt", rec.get("text"))
+                    keys.append(key if isinstance(key, str) else json.dumps(rec)[:200])
+                    fields.append({k: v if isinstance(v, str) else json.dumps(v) for k, v in rec.items()})
+        except OSError as e:
+            raise _Fail(f"--index {path}: cannot read ({e.strerror or e})") from None
+        self.num_samples = len(keys)
+        self.keys = np.array(keys, dtype=object)
+        self._lines, self._fields = lines, fields
+
+    def table(self) -> pa.Table:
+        names = list(dict.fromkeys(k for rec in self._fields for k in rec))
+        columns = {"id": pa.array(np.arange(self.num_samples, dtype=np.int64)), "line": pa.array(self._lines)}
+        columns.update((k, pa.array([rec.get(k) for rec in self._fields], pa.string()))
+                       for k in names if k not in columns)
+        return pa.table(columns)
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".json", ".ndjson"))
 
 
 def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> Any:
-    """Read the shard index and check it describes the data of every ``(path, samples, fingerprint)``."""
+    """Read the shard index (or the JSONL of the data) and check it describes every ``(path, samples,
+    fingerprint)``."""
     from geko_data.shards import read_index
 
+    if _is_jsonl(index_path):
+        if not os.path.isfile(index_path):
+            raise _Fail(f"--index {index_path}: no such file")
+        jl = _JsonlIndex(index_path)
+        for path, n, _ in states:
+            if jl.num_samples != n:
+                raise _Fail(f"--index {index_path} has {jl.num_samples:,} samples (non-blank lines) but {path} "
+                            f"has {n:,}: not the data the state was trained on")
+        return jl
     try:
         idx = read_index(index_path)
     except (ValueError, OSError) as e:
@@ -176,8 +233,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     # read_table verified the checksum before anything was printed; a format 1 file has none.
     print(f"checksum     {s['checksum'] + ' (verified)' if s['checksum'] else 'none (format 1 file, written before checksums)'}")
     if "index" in s:
-        print(f"index        {s['index']['path']}  ({s['index']['samples']:,} samples, fingerprint "
-              f"{s['index']['fingerprint']}: matches)")
+        what = (f"fingerprint {s['index']['fingerprint']}: matches" if s["index"]["fingerprint"]
+                else "one sample a line: counts match")
+        print(f"index        {s['index']['path']}  ({s['index']['samples']:,} samples, {what})")
     print(f"samples      {s['samples']:,}  seen {s['seen']:,}  active {s['active']:,}  pruned {s['pruned']:,}")
     print(f"passes       {s['sample_passes']:,}  forgetting events {s['forgetting_events']:,}  "
           f"non-finite reports {s['num_nonfinite']}")
@@ -217,9 +275,12 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         if ns.json:
             print(json.dumps(rows, indent=1))
             return 0
-        print(f"{'id':>9} {'key':<24} {'bucket':<7} {'loss':>8} {'conf':>6} {'Q':>6} {'seen':>5} {'forgets':>7}")
+        width = max([24] + [min(len(r["key"] or ""), 60) for r in rows])
+        print(f"{'id':>9} {'key':<{width}} {'bucket':<7} {'loss':>8} {'conf':>6} {'Q':>6} {'seen':>5} {'forgets':>7}")
         for r in rows:
-            print(f"{r['id']:>9} {r['key'] or '-'!s:<24} {r['bucket']:<7} {_fmt(r['loss']):>8} "
+            key = " ".join((r["key"] or "-").split())  # a prompt's newlines would break the table
+            key = key if len(key) <= 60 else key[:57] + "..."
+            print(f"{r['id']:>9} {key:<{width}} {r['bucket']:<7} {_fmt(r['loss']):>8} "
                   f"{_fmt(r['confidence'], '.2f'):>6} {r['q']:>6.2f} {r['times_seen']:>5} {r['forgets']:>7}")
         return 0
     summary = _summary(ns.state)
@@ -332,6 +393,8 @@ def _json_values(col: pa.Array) -> list[pa.Array]:
     (they become null), and an integral float comes out as "2" or "-0", which JSON readers take for an
     integer (and -0 loses its sign), so it gets a ".0" suffix.
     """
+    if pa.types.is_dictionary(col.type):  # bucket names: plain ASCII words, quoted as JSON strings
+        return [pa.scalar('"'), pc.cast(col, pa.string()), pa.scalar('"')]
     if not pa.types.is_floating(col.type):
         return [pc.cast(col, pa.string())]
     finite = pc.is_finite(col)
@@ -402,7 +465,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if ns.to == "jsonl":
         for field in table.schema:
             t = field.type
-            if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+            if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
+                    or field.name == "bucket"):
                 raise _Fail(f"{ns.state}: column {field.name!r} has type {t}; jsonl export writes boolean, "
                             f"integer and float columns")
     try:
@@ -421,6 +485,63 @@ def cmd_export(ns: argparse.Namespace) -> int:
     except OSError as e:
         raise _write_failed(ns.output, e) from None
     print(f"wrote {table.num_rows:,} rows to {ns.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------- sql
+def _index_table(idx: Any) -> pa.Table:
+    """The ``index`` view of ``sql``: one row per sample id, its key (and shard position, or the JSONL's fields)."""
+    if isinstance(idx, _JsonlIndex):
+        return idx.table()
+    return pa.table({"id": pa.array(np.arange(idx.num_samples, dtype=np.int64)),
+                     "key": pa.array(idx.keys.tolist(), pa.string()),
+                     "shard": pa.array([os.path.basename(idx.shards[i]) for i in idx.shard.tolist()], pa.string()),
+                     "offset": pa.array(idx.offset), "length": pa.array(idx.length)})
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, ".6g")
+    return " ".join(str(v).split())  # a prompt's newlines would break the table
+
+
+def cmd_sql(ns: argparse.Namespace) -> int:
+    try:
+        import duckdb
+    except ImportError:
+        raise _Fail("sql needs duckdb: pip install 'geko-data[sql]'") from None
+    table, meta = _load(ns.state)  # validated and checksummed like every other reader
+    con = duckdb.connect()
+    con.register("state", table.replace_schema_metadata(None))
+    if ns.index:
+        idx = _open_index(ns.index, [(ns.state, table.num_rows, meta.get("fingerprint"))])
+        con.register("index", _index_table(idx))
+    try:
+        rel = con.sql(ns.query)
+        result = rel.arrow() if rel is not None else None
+    except duckdb.Error as e:
+        raise _Fail(f"query failed: {' '.join(str(e).split())}") from None
+    if result is None:  # a statement without a result (CREATE, SET...)
+        return 0
+    if hasattr(result, "read_all"):  # duckdb >= 1.4 returns a RecordBatchReader
+        result = result.read_all()
+    if ns.format == "csv":
+        import pyarrow.csv as pcsv
+
+        sink = pa.BufferOutputStream()
+        pcsv.write_csv(result, sink)
+        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+    elif ns.format == "json":
+        print(json.dumps(result.to_pylist(), indent=1, default=str))
+    else:
+        rows = [[_cell(v) for v in row.values()] for row in result.to_pylist()]
+        widths = [max([len(name)] + [min(len(r[j]), 60) for r in rows]) for j, name in enumerate(result.column_names)]
+        print("  ".join(f"{name:<{w}}" for name, w in zip(result.column_names, widths)).rstrip())
+        for r in rows:
+            print("  ".join(f"{(c if len(c) <= 60 else c[:57] + '...'):<{w}}" for c, w in zip(r, widths)).rstrip())
+        print(f"({result.num_rows:,} row{'s' if result.num_rows != 1 else ''})")
     return 0
 
 
@@ -524,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="summary of a state file")
     s.add_argument("state")
-    s.add_argument("--index", help="shard index (index.arrow or its folder) of the same data, to show keys")
+    s.add_argument("--index", help="shard index (index.arrow or its folder) of the same data, or the JSONL the "
+                                   "state was trained from (sample id = non-blank line), to show keys or prompts")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--top", nargs=2, metavar=("KIND", "N"), help="list N samples: hard, forgetful or frozen")
     s.set_defaults(func=cmd_inspect)
@@ -532,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("state")
     s.add_argument("-o", "--output", required=True, help="image file; the format follows its extension")
     s.set_defaults(func=cmd_plot)
+    s = sub.add_parser("sql", help="answer a SQL query on the state (DuckDB; the view is named state)")
+    s.add_argument("state")
+    s.add_argument("query", help="e.g. \"SELECT bucket, count(*) FROM state GROUP BY bucket\"")
+    s.add_argument("--index", help="shard index or training JSONL of the same data, as the view index (join on id)")
+    s.add_argument("--format", choices=("table", "csv", "json"), default="table", help="Defaults to table")
+    s.set_defaults(func=cmd_sql)
     s = sub.add_parser("export", help="write the per-sample table as parquet, csv or jsonl")
     s.add_argument("state")
     s.add_argument("--to", choices=("parquet", "csv", "jsonl"), required=True)

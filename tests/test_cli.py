@@ -222,6 +222,8 @@ def assert_rows_match(rows, table):
             assert np.array_equal(np.signbit(back), np.signbit(col[finite])), name
         elif col.dtype.kind == "b":
             assert got == col.tolist() and all(isinstance(v, bool) for v in got), name
+        elif col.dtype.kind == "O":  # the bucket names
+            assert got == col.tolist() and set(got) <= {"FREEZE", "LIGHT", "FOCUS", "HARD"}, name
         else:
             assert got == col.tolist() and all(type(v) is int for v in got), name
 
@@ -417,11 +419,11 @@ def _bad_state(kind, path, good):
     elif kind == "fingerprint_number":
         _write_ipc(path, _with_meta(table, fingerprint=12))
     elif kind == "bucket_code_9":
-        bucket = table.column("bucket").to_numpy().copy()
+        bucket = table.column("bucket").combine_chunks().indices.to_numpy().astype(np.uint8)  # a format 2 column
         bucket[5] = 9
         _write_ipc(path, _set_column(table, "bucket", pa.array(bucket)))
     elif kind == "bucket_int64":
-        _write_ipc(path, _set_column(table, "bucket", pa.array(table.column("bucket").to_numpy().astype(np.int64))))
+        _write_ipc(path, _set_column(table, "bucket", pa.array(table.column("bucket").combine_chunks().indices.to_numpy().astype(np.int64))))
     elif kind == "loss_string":
         _write_ipc(path, _set_column(table, "loss", pa.array([str(v) for v in table.column("loss").to_pylist()])))
     elif kind == "missing_column":
@@ -533,7 +535,7 @@ def test_output_beside_an_input_is_fine(tmp_path, capsys, shards):
     make_state(tmp_path / "s.arrow", n=20, epochs=1)
     (tmp_path / "copy.arrow").write_bytes((tmp_path / "s.arrow").read_bytes())  # equal bytes, another file
     code, out, _ = run(capsys, "export", tmp_path / "s.arrow", "--to", "csv", "-o", tmp_path / "copy.arrow")
-    assert code == 0 and (tmp_path / "copy.arrow").read_text().startswith("\"loss\"")
+    assert code == 0 and (tmp_path / "copy.arrow").read_text().startswith("\"id\",\"loss\"")
 
 
 def test_inspect_shows_the_verified_checksum_and_refuses_a_changed_file(tmp_path, capsys):
@@ -562,3 +564,38 @@ def test_a_fifo_as_state_is_one_line_at_once(tmp_path, capsys):
     finally:
         timer.cancel()
     assert_one_line_error(code, out, err, "state.arrow", "not a regular file (a FIFO)")
+
+
+# ---------------------------------------------------------------------- --index DATA.jsonl
+def _jsonl(path, n, blank_at=()):
+    with open(path, "w") as f:
+        for i in range(n):
+            if i in blank_at:
+                f.write("\n")  # the reference loop skips blank lines: they number no sample
+            f.write(json.dumps({"prompt": f"Question {i}?\nAnswer:", "completion": f" {i}"}) + "\n")
+
+
+def test_index_jsonl_shows_the_prompts(tmp_path, capsys):
+    make_state(tmp_path / "s.arrow", n=50)
+    _jsonl(tmp_path / "train.jsonl", 50, blank_at=(10,))
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "frozen", "3", "--index",
+                         tmp_path / "train.jsonl", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert rows and all(r["key"] == f"Question {r['id']}?\nAnswer:" for r in rows)
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "frozen", "3", "--index",
+                         tmp_path / "train.jsonl")
+    assert code == 0 and f"Question {rows[0]['id']}? Answer:" in out  # newlines flattened in the table
+    code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow", "--index", tmp_path / "train.jsonl")
+    assert code == 0 and "train.jsonl  (50 samples" in out
+
+
+def test_index_jsonl_of_another_length_is_refused_naming_both_counts(tmp_path, capsys):
+    make_state(tmp_path / "s.arrow", n=50)
+    _jsonl(tmp_path / "train.jsonl", 49)
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "hard", "3", "--index",
+                         tmp_path / "train.jsonl")
+    assert_one_line_error(code, out, err, "train.jsonl", "49", "50")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--index", tmp_path / "bad.jsonl")
+    assert_one_line_error(code, out, err, "bad.jsonl:2")
