@@ -753,7 +753,12 @@ def index_remote(urls: Sequence[str], *, output: str | None = None, storage_opti
 
 
 def _check_output(output: str, shard_urls: Sequence[str], storage_options: dict[str, Any] | None) -> None:
-    """An index names its shards relative to its own folder: it must be a URL in a folder holding them."""
+    """An index names its shards relative to its own folder: it must be a URL in a folder holding them, on a
+    store that takes uploads (checked before any shard is read)."""
+    if urlsplit(output).scheme in ("http", "https"):
+        raise ShardError(redact(f"`output` {output!r}: an HTTP server takes no uploads; index a local copy of the "
+                                f"shards (`geko-data index DIR/*.tar -o DIR/{INDEX_NAME}`) and serve its "
+                                f"{INDEX_NAME} beside the shards", storage_options))
     out = _index_url(output) if is_url(output) else None
     folder = out.rsplit("/", 1)[0] + "/" if out else None
     outside = [u for u in shard_urls if folder is None or not u.startswith(folder)]

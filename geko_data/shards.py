@@ -361,8 +361,11 @@ def _column(table: pa.Table, name: str, kind: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def read_index(path: str | os.PathLike) -> ShardIndex:
+def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> ShardIndex:
     """Read ``index.arrow`` (or a folder holding one); shard paths resolve relative to its folder.
+
+    ``path`` may be a URL of a remote store (``s3://``, ``https://``, ...; ``storage_options`` go to its
+    filesystem): the index is fetched and its shard names resolve to URLs in the index's folder.
 
     Everything in the file is checked before use: shard names (relative paths inside the index's folder,
     see the module docstring), byte ranges (inside their shard, in file order, not overlapping), unique
@@ -370,6 +373,10 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
     (format 1) is refused: re-run ``geko-data index``.
     """
     path = os.fspath(path)
+    from geko_data.remote import is_url, read_index_url  # remote.py builds on this module
+
+    if is_url(path):
+        return read_index_url(path, storage_options=storage_options)
     if os.path.isdir(path):
         path = os.path.join(path, INDEX_NAME)
     if not os.path.exists(path):

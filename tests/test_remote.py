@@ -3,6 +3,8 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 import os
 import threading
 import time
@@ -18,6 +20,7 @@ from geko_data.config import GEKOConfig
 from geko_data.remote import (RangeFetcher, RemoteConfig, RemoteError, Request, is_transient, open_url,
                               plan_requests, read_index_url, redact)
 from geko_data.shards import ShardError, read_index
+from geko_data.state import SampleState
 from geko_data.stream import GEKOStream
 from servers import HttpServer, Proxy, http_server, s3_server  # noqa: F401 - fixtures
 
@@ -363,3 +366,36 @@ def test_cli_index_of_http_shards_needs_an_output_next_to_them(http_server, tmp_
     assert "--storage-options must be a JSON object" in capsys.readouterr().err
     assert main(["index", "nope://b/x.tar", "-o", "nope://b/index.arrow"]) == 2
     assert "unknown protocol 'nope'" in capsys.readouterr().err
+
+
+def test_cli_index_to_an_http_url_is_refused_before_any_download(http_server, capsys):
+    from geko_data.cli import main
+
+    _, url = served_shards(http_server)
+    proxy = Proxy(http_server.url)
+    proxy.start()
+    try:
+        shards_via_proxy = url.replace(http_server.url, proxy.url)
+        assert main(["index", shards_via_proxy + "shard-000.tar", "-o", shards_via_proxy + "index.arrow"]) == 2
+        err = capsys.readouterr().err
+        assert "takes no uploads" in err and "geko-data index" in err
+        assert proxy.stats()["bytes"] == 0  # refused before reading a shard
+    finally:
+        proxy.stop()
+
+
+def test_read_index_and_cli_index_option_take_an_index_url(http_server, tmp_path):
+    from geko_data.shards import read_index
+
+    folder, url = served_shards(http_server)
+    local = read_index(folder)
+    remote = read_index(url)
+    assert remote.num_samples == local.num_samples and remote.fingerprint == local.fingerprint
+    assert remote.shards[0].startswith(url)
+    state = SampleState(local.num_samples, config=QUIET, fingerprint=local.fingerprint)
+    state.save(tmp_path / "state.arrow")
+    cli = os.path.join(os.path.dirname(sys.executable), "geko-data")
+    for index in (url, url + "index.arrow"):
+        run = subprocess.run([cli, "inspect", str(tmp_path / "state.arrow"), "--index", index, "--top", "hard", "2"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
