@@ -74,7 +74,8 @@ def check_fingerprint(stored: str | None, expected: str | None, *, where: str) -
     """Raise FingerprintError naming ``where`` and both fingerprints unless they agree (None agrees with all)."""
     if stored is not None and expected is not None and stored != expected:
         raise FingerprintError(f"{where}: state was written for other data (other shards or samples: its "
-                               f"fingerprint is {stored!r}, the data here has {expected!r})")
+                               f"fingerprint is {stored!r}, the data here has {expected!r}); point at the data it was "
+                               f"written for, or start a new state for this data")
 
 
 def fingerprint_of(keys: Any) -> str:

@@ -254,7 +254,8 @@ class _Reader:
         if got != want:
             raise ShardError(f"shard {self.urls[int(self.index.shard[i])]!r}: sample {str(self.index.keys[i])!r} "
                              f"at byte {int(self.index.offset[i])}: content hash {got:016x} differs from the "
-                             f"index's {want:016x} (changed since indexing)")
+                             f"index's {want:016x} (changed since indexing: restore the shard, or re-run "
+                             f"`geko-data index` and start a new state, since the data changed)")
 
     def _read_stream(self, i: int, shard: int) -> dict[str, Any]:
         """Read through the shard to sample ``i``, holding every sample passed to the index.
