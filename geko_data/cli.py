@@ -295,68 +295,6 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- plot
-_COLORS = {"FREEZE": "#4C72B0", "LIGHT": "#55A868", "FOCUS": "#DD8452", "HARD": "#C44E52", "PRUNED": "#8C8C8C"}
-_SCATTER_MAX = 20_000  # a scatter of millions of points says nothing more and takes minutes
-
-
-def _figure(path: str) -> Any:
-    """The three-panel figure of a state file (matplotlib must be importable)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    table, meta = _load(path, ["loss", "confidence", "q", "bucket", "pruned"])
-    bucket, pruned = _col(table, "bucket"), _col(table, "pruned")
-    loss, conf, q = _col(table, "loss"), _col(table, "confidence"), _col(table, "q")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    hist = meta.get("history", [])
-    ax = axes[0]
-    if hist:
-        epochs = [h["epoch"] for h in hist]
-        names = ("PRUNED", "FREEZE", "LIGHT", "FOCUS", "HARD")
-        total = np.array([sum(h[k.lower()] for k in names) for h in hist], float)
-        layers = [np.array([h[k.lower()] for h in hist], float) / np.maximum(total, 1) for k in names]
-        ax.stackplot(epochs, *layers, labels=names, colors=[_COLORS[k] for k in names], alpha=0.9)
-        ax.set_xlim(min(epochs), max(max(epochs), min(epochs) + 1))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
-    else:
-        ax.text(0.5, 0.5, "no repartition yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set(title="Bucket shares per epoch", xlabel="epoch", ylabel="share of samples", ylim=(0, 1))
-
-    # A pruned sample keeps bucket code FREEZE in the file; both panels below draw it as its own grey
-    # PRUNED group, never as FREEZE. PRUNED comes first, so the live buckets are drawn over it and the
-    # legends read in the order of the first panel.
-    groups = [("PRUNED", pruned)]
-    groups += [(name, ~pruned & (bucket == code)) for code, name in enumerate(policy.BUCKET_NAMES)]
-    ax = axes[1]
-    seen = np.isfinite(loss)
-    hi = float(np.percentile(loss[seen], 99)) if seen.any() else 1.0
-    bins = np.linspace(0, max(hi, 1e-3), 40)
-    for name, mask in groups:
-        m = seen & mask
-        if m.any():
-            ax.hist(np.clip(loss[m], 0, hi), bins=bins, alpha=0.6, color=_COLORS[name], label=f"{name} ({m.sum():,})")
-    ax.set(title="Last loss per bucket", xlabel="loss", ylabel="samples")
-    if seen.any():
-        ax.legend(fontsize=8)
-    ax = axes[2]
-    idx = np.flatnonzero(seen)
-    if idx.size > _SCATTER_MAX:
-        idx = np.sort(np.random.default_rng(0).choice(idx, _SCATTER_MAX, replace=False))
-    for name, mask in groups:
-        m = idx[mask[idx]]
-        if m.size:
-            ax.scatter(conf[m], q[m], s=6, alpha=0.5, color=_COLORS[name], label=name)
-    ax.set(title=f"Q vs confidence ({idx.size:,} samples)", xlabel="confidence", ylabel="Q", xlim=(0, 1),
-           ylim=(0, 1))
-    if idx.size:
-        ax.legend(fontsize=8, markerscale=2)
-    fig.suptitle(f"{os.path.basename(path)}: {bucket.shape[0]:,} samples, epoch {meta.get('epoch')}, "
-                 f"step {meta.get('step')}", fontsize=11)
-    fig.tight_layout()
-    return fig
-
-
 def cmd_plot(ns: argparse.Namespace) -> int:
     try:
         import matplotlib
@@ -372,7 +310,10 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     formats = FigureCanvasBase.get_supported_filetypes()
     if fmt not in formats:
         raise _Fail(f"-o {ns.output}: cannot draw .{fmt}, expected one of {', '.join(sorted(formats))}")
-    fig = _figure(ns.state)
+    from geko_data import plot
+
+    table, meta = _load(ns.state, plot.COLUMNS)
+    fig = plot.draw(table, meta, name=os.path.basename(ns.state))
     try:
         with atomic_path(ns.output) as tmp:
             fig.savefig(tmp, dpi=110, format=fmt)

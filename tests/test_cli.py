@@ -164,24 +164,6 @@ def test_plot_format_follows_the_extension(tmp_path, capsys):
     assert_one_line_error(code, out, err, ".xyz", "png")
 
 
-def test_plot_draws_pruned_samples_as_pruned_not_freeze(tmp_path):
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
-    s = make_state(tmp_path / "s.arrow")
-    seen = np.isfinite(s.loss)
-    assert (s.pruned & seen).any() and (~s.pruned & (s.bucket == 0) & seen).any()  # the case is exercised
-    assert (s.bucket[s.pruned] == 0).all()  # why it matters: pruned samples keep the FREEZE code
-    fig = cli._figure(str(tmp_path / "s.arrow"))
-    try:
-        points = {c.get_label(): len(c.get_offsets()) for c in fig.axes[2].collections}
-    finally:
-        plt.close(fig)
-    assert points["PRUNED"] == int((s.pruned & seen).sum())
-    assert points["FREEZE"] == int((~s.pruned & (s.bucket == 0) & seen).sum())
-    assert sum(points.values()) == int(seen.sum())
-
-
 def test_plot_without_matplotlib_names_the_extra(tmp_path):
     make_state(tmp_path / "s.arrow", n=20, epochs=1)
     # A None entry in sys.modules makes `import matplotlib` raise ImportError, as if it were not installed.
