@@ -143,6 +143,24 @@ class ShardIndex:
 _TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError)
 
 
+#: Leading bytes of compressed files, with the command that decompresses each.
+#: (A tar begins with a member name, so each signature is long enough not to be mistaken for one.)
+_COMPRESSED = ((b"\x1f\x8b\x08", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"),
+               (b"\xfd7zXZ\x00", "xz", "unxz"), (b"\x28\xb5\x2f\xfd", "zstd", "unzstd"))
+
+
+def _refuse_compressed(path: str) -> None:
+    """A compressed tar cannot be read by seeking to a sample's bytes, which an index is for: say what to do."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    for magic, kind, command in _COMPRESSED:
+        # bzip2: "BZh", the block size digit, then the first block's signature (0x314159265359).
+        if head.startswith(magic) and (kind != "bzip2" or head[3:4].isdigit() and head[4:10] == b"1AY&SY"):
+            raise ShardError(f"shard {path!r} is a {kind}-compressed tar; shards are read by seeking to each "
+                             f"sample's bytes, which a compressed file cannot do: decompress it first "
+                             f"(`{command} {os.path.basename(path)}`) and index the .tar")
+
+
 def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[tuple[str, int, int]]:
     """(key, offset, length) of every sample in one tar, members grouped by consecutive key.
 
@@ -157,6 +175,7 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
     current: str | None = None
     start = end = reported = 0
     at = 0  # header of the last member read, for error messages
+    _refuse_compressed(path)
     try:
         with tarfile.open(path, mode="r:") as tf:
             while (member := tf.next()) is not None:
@@ -288,7 +307,11 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     if (counts > 1).any():
         dup = str(uniq[counts > 1][0])
         where = sorted({paths[shard_no[j]] for j in np.flatnonzero(key_arr == dup)})
-        raise ShardError(f"duplicate key {dup!r} in the index (in {where}); keys must be unique")
+        hint = ""
+        if len(where) == 1:  # twice in one tar: most often a sample's members are not next to each other
+            hint = (f"; the members of a sample must be adjacent in the tar (`tar -cf x.tar dir/` adds files in "
+                    f"directory order, which can split them): write it with `tar --sort=name -cf x.tar dir/`")
+        raise ShardError(f"duplicate key {dup!r} in the index (in {where}); keys must be unique{hint}")
     hash_arr = np.array(hashes, dtype=np.uint64)
     index = ShardIndex(shards=tuple(paths), sizes=tuple(sizes), keys=key_arr,
                        shard=np.array(shard_no, dtype=np.int32), offset=np.array(offsets, dtype=np.int64),

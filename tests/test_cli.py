@@ -581,3 +581,45 @@ def test_index_jsonl_of_another_length_is_refused_naming_both_counts(tmp_path, c
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--index", tmp_path / "bad.jsonl")
     assert_one_line_error(code, out, err, "bad.jsonl:2")
+
+
+# ---------------------------------------------------------------------- third-party tars
+def _index_error(capsys, tar, *needles):
+    """`geko-data index TAR` fails with exit 2 and one error line (after the progress bar) holding ``needles``."""
+    code, out, err = run(capsys, "index", tar, "-o", tar.parent / "index.arrow")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("geko-data: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+def _sample_files(folder, n=3):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"s{i}.json").write_text(json.dumps({"i": i}))
+        (folder / f"s{i}.txt").write_text(f"text {i}")
+
+
+def test_tar_with_split_samples_says_how_to_write_it(tmp_path, capsys):
+    _sample_files(tmp_path / "dir")
+    # A sample's members apart, as `tar -cf x.tar dir/` does when the directory lists them in that order.
+    members = [f"dir/s{i}.json" for i in range(3)] + [f"dir/s{i}.txt" for i in range(3)]
+    subprocess.run(["tar", "-cf", "x.tar", *members], cwd=tmp_path, check=True, timeout=60)
+    _index_error(capsys, tmp_path / "x.tar", "duplicate key", "must be adjacent", "tar --sort=name -cf x.tar dir/")
+    subprocess.run(["tar", "--sort=name", "-cf", "y.tar", "dir/"], cwd=tmp_path, check=True, timeout=60)
+    code, out, err = run(capsys, "index", tmp_path / "y.tar", "-o", tmp_path / "index.arrow")
+    assert code == 0 and "indexed 3 samples" in out, err
+
+
+@pytest.mark.parametrize("flag,command", [("-z", "gunzip"), ("-j", "bunzip2")])
+def test_compressed_tar_is_refused_saying_what_to_do(tmp_path, capsys, flag, command):
+    if flag == "-j" and shutil.which("bzip2") is None:
+        pytest.skip("bzip2 is not installed")
+    _sample_files(tmp_path / "dir")
+    subprocess.run(["tar", "--sort=name", flag, "-cf", "x.tar.gz", "dir/"], cwd=tmp_path, check=True, timeout=60)
+    _index_error(capsys, tmp_path / "x.tar.gz", "x.tar.gz", "compressed", f"{command} x.tar.gz")
+    # A tar whose first member is named like a bzip2 signature is still a tar.
+    (tmp_path / "BZh9.json").write_text("{}")
+    subprocess.run(["tar", "-cf", "b.tar", "BZh9.json"], cwd=tmp_path, check=True, timeout=60)
+    code, out, err = run(capsys, "index", tmp_path / "b.tar", "-o", tmp_path / "b.arrow")
+    assert code == 0, err
