@@ -196,6 +196,14 @@ class GEKOCallback(pl.Callback):
         self.sampler.use_state(state)
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)
+        if len(self.sampler) > 0 and int(sd["position"]) > 0:
+            # Lightning sizes the resumed epoch's loader from what is left of it and keeps that size for every
+            # later epoch, so a mid-epoch resume would cut the later epochs short, silently.
+            raise RuntimeError(
+                f"GEKOCallback: this checkpoint was saved in the middle of epoch {sd['epoch']} (after "
+                f"{sd['position']} draws); Lightning would cut every later epoch to the resumed one's remaining "
+                f"length. Resume from a checkpoint saved at an epoch's end (ModelCheckpoint's default, or "
+                f"`ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)`)")
         if len(self.sampler) == 0:
             # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler),
             # but sizes the loader first, and an empty one would end the fit.

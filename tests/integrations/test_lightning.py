@@ -90,3 +90,16 @@ def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp
     proc = _torchrun(tmp_path, "plain")
     assert proc.returncode != 0
     assert "DistributedSamplerWrapper" in proc.stderr and "use_distributed_sampler=False" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_mid_epoch_checkpoint_is_refused_with_the_fix(fitted):
+    # Lightning keeps the resumed epoch's shorter loader length for every later epoch, which would cut
+    # them short silently: a checkpoint saved mid-epoch is refused instead.
+    trainer, _, geko = fitted
+    sd = geko.state_dict()
+    sd["sampler"] = geko.sampler.state_dict(consumed=8)  # one batch into the epoch
+    again = GEKOCallback(lightning_job.dataset(), config=lightning_job.EASY, seed=2)
+    again.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="middle of epoch .* epoch's end"):
+        again.setup(trainer, None, "fit")
