@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 VOCAB = 64
@@ -65,7 +66,10 @@ def state_digest(state) -> str:
     h = hashlib.sha256()
     for name in table.column_names:
         h.update(name.encode())
-        h.update(np.ascontiguousarray(table.column(name).to_numpy()).tobytes())
+        column = table.column(name).combine_chunks()
+        if pa.types.is_dictionary(column.type):
+            column = column.indices  # the codes: the values would be Python strings, compared by address
+        h.update(np.ascontiguousarray(column.to_numpy(zero_copy_only=False)).tobytes())
     return h.hexdigest()
 
 
