@@ -38,6 +38,7 @@ from geko_data import policy, signals as signals_mod
 from geko_data.atomic import atomic_write_bytes
 from geko_data.config import GEKOConfig
 from geko_data.efficiency import BASELINE_MODES
+from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
 from geko_data.train.args import TrainArgs
@@ -174,11 +175,15 @@ def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
 
 
 class _Logger:
-    """``metrics.jsonl``, one JSON record a line, written by rank 0 only."""
+    """``metrics.jsonl``, one JSON record a line, written by rank 0 only; with the ``tensorboard`` package
+    installed, the same numbers as TensorBoard scalars (``EVENT/FIELD`` at the record's step) in
+    ``tensorboard/`` beside it."""
 
     def __init__(self, output_dir: str, enabled: bool) -> None:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(output_dir, "tensorboard")
+        self._tb: Any = None
 
     def start(self, *, resumed_step: int | None) -> None:
         """A fresh run starts an empty file; a resumed one drops the records after its checkpoint's step
@@ -198,9 +203,31 @@ class _Logger:
         atomic_write_bytes(self.path, b"".join(kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._writer()
+        if writer is not None:
+            event, step = record.get("event", "log"), int(record.get("step") or 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "event"):
+                    writer.add_scalar(f"{event}/{key}", value, step)
+            writer.flush()
+
+    def _writer(self) -> Any:
+        if self._tb is None:
+            try:  # TensorBoard is optional (the `tensorboard` extra); metrics.jsonl always has everything
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb = False
+            else:
+                self._tb = SummaryWriter(self.tb_dir)
+        return self._tb or None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
 
 
 def evaluate(model: torch.nn.Module, eval_data: Any, *, args: TrainArgs, signals: SignalsFn,
@@ -519,7 +546,8 @@ def _train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: 
         last_epoch, last_consumed = epoch, consumed
         hist = data.state.history[-1] if data.state.history else {}
         logger({"event": "epoch", "epoch": epoch, "step": step, "loss": running / max(micro, 1),
-                "micro_batches": micro, **{k: hist.get(k) for k in ("freeze", "light", "focus", "hard", "pruned")}})
+                "micro_batches": micro, **{k: hist.get(k) for k in ("freeze", "light", "focus", "hard", "pruned")},
+                **epoch_metrics(data, epochs_done=epoch + 1, prefix="")})
         say(f"[Epoch {epoch + 1}] average loss {running / max(micro, 1):.4f} over {consumed} samples"
             + (f" on rank 0 ({world} ranks share the epoch)" if world > 1 else ""))  # only rank 0 prints
         run_eval()
@@ -527,6 +555,7 @@ def _train(model: torch.nn.Module, train_data: Any, *, args: TrainArgs, config: 
     run_eval()
     if args.save_at_end:
         checkpoint(last_epoch, last_consumed)
+    logger.close()
     report = data.efficiency_report(epochs_done=epochs_run)
     report.update({"wall_time_s": time.time() - start_time, "optimizer_steps": step,
                    "forward_passes_rank": forward_passes, "backward_passes_rank": backward_passes,

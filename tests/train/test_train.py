@@ -597,3 +597,21 @@ def test_resume_trims_a_long_metrics_file_in_linear_time(tmp_path):
     kept = path.read_text().splitlines()
     assert kept == [line for line in lines if json.loads(line)["step"] <= 48_000]
     assert json.loads(kept[-1]) == {"event": "checkpoint", "step": 48_000, "path": "checkpoint-48000"}
+
+
+@pytest.mark.timeout(120)
+def test_tensorboard_events_beside_metrics_jsonl(tmp_path):
+    # What GEKO did each epoch shows up where people already look: TensorBoard scalars next to metrics.jsonl.
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train(tiny_lm(), lm_data(40), args=TrainArgs(output_dir=str(tmp_path), num_epochs=2, batch_size=4,
+                                                       learning_rate=5e-3, logging_steps=1, save_steps=0,
+                                                       progress=False, dataloader_num_workers=0),
+                config=CFG, log=QUIET)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "epoch/loss", "epoch/freeze_share", "epoch/sample_passes", "epoch/forgetting_events"} <= tags
+    passes = [e.value for e in events.Scalars("epoch/sample_passes")]
+    assert len(passes) == 2 and passes[-1] == out["efficiency"]["sample_passes"]
