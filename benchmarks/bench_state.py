@@ -110,6 +110,7 @@ def bench_cli(num_samples: int = 10_000_000) -> None:
             ("inspect --json", ["inspect", b, "--json"], 3.0, 2),
             ("inspect --top frozen 20", ["inspect", b, "--top", "frozen", "20"], 3.0, 2),  # sorts millions
             ("diff", ["diff", a, b], 3.0, 2),
+            ("sql (count per bucket)", ["sql", b, "SELECT bucket, count(*) FROM state GROUP BY bucket"], 3.0, 2),
             ("plot", ["plot", b, "-o", out + ".png"], 5.0, 2),
             ("export parquet", ["export", b, "--to", "parquet", "-o", out + ".parquet"], 5.0, 2),
             ("export csv", ["export", b, "--to", "csv", "-o", out + ".csv"], 15.0, 1),

@@ -2,7 +2,7 @@
 
     python examples/inspect_state.py [FOLDER]
 
-It writes 300 samples as shards, reports five epochs of simulated losses (a fifth of the samples hard,
+It writes 300 samples as shards (and as ``data.jsonl``, one sample a line), reports five epochs of simulated losses (a fifth of the samples hard,
 losses falling with the epochs) with ``prune_frozen_after=2`` and a fixed freeze threshold (the simulated
 confidences have no task to calibrate on), saves the state after epochs 2 and 4,
 and prints the ``geko-data`` commands to run on them (the README's plot and diff come from here).
@@ -26,6 +26,10 @@ def main(folder: str) -> None:
     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
     index = write_shards(({"__key__": f"tweet{i:06d}", "json": json.dumps({"i": i}).encode()} for i in range(n)),
                          os.path.join(folder, "data", "shard-%03d.tar"), maxcount=100)
+    # The same samples as the JSONL a training run would read (`geko-train --data data.jsonl`): line i is id i.
+    with open(os.path.join(folder, "data.jsonl"), "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Tweet: tweet number {i}\nSentiment:", "completion": " positive"}) + "\n")
     rng = np.random.default_rng(0)
     state = SampleState(n, config=GEKOConfig(q_value_lr=0.7, min_q_for_freeze=0.5, prune_frozen_after=2,
                                                          freeze_confidence=0.85),
@@ -46,6 +50,8 @@ def main(folder: str) -> None:
             state.save(os.path.join(folder, "state-epoch2.arrow"))
     state.save(os.path.join(folder, "state.arrow"))
     print(f"\nnow try, in {folder}:\n  geko-data inspect state.arrow --index data --top hard 5\n"
+          "  geko-data inspect state.arrow --index data.jsonl --top hard 5\n"
+          "  geko-data sql state.arrow \"SELECT bucket, count(*) FROM state GROUP BY bucket\"\n"
           "  geko-data plot state.arrow -o state.png\n"
           "  geko-data diff state-epoch2.arrow state.arrow --index data --list 5\n"
           "  geko-data export state.arrow --to jsonl -o state.jsonl")

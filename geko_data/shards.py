@@ -175,8 +175,8 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
     current: str | None = None
     start = end = reported = 0
     at = 0  # header of the last member read, for error messages
-    _refuse_compressed(path)
     try:
+        _refuse_compressed(path)  # inside the try: an unreadable file is worded like any other bad tar
         with tarfile.open(path, mode="r:") as tf:
             while (member := tf.next()) is not None:
                 tf.members.clear()  # random-access mode keeps every TarInfo; an index holds millions

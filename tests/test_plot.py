@@ -1,5 +1,6 @@
 """The picture `geko-data plot` draws (geko_data.plot), judged on the rendered figure."""
 
+import contextlib
 import numpy as np
 import pytest
 
@@ -10,13 +11,18 @@ from test_cli import make_state
 plt = pytest.importorskip("matplotlib.pyplot")
 
 
-def _draw(path):
+@contextlib.contextmanager
+def _drawn(path):
+    """The figure of the state file at ``path``, laid out (extents final), closed afterwards."""
     from geko_data import plot
 
     table, meta = read_table(path, columns=plot.COLUMNS)
     fig = plot.draw(table, meta, name=path.name)
-    fig.canvas.draw()  # lay it out, so that extents are final
-    return fig
+    try:
+        fig.canvas.draw()
+        yield fig
+    finally:
+        plt.close(fig)
 
 
 def _realistic(path, n=4000):
@@ -44,11 +50,8 @@ def test_pruned_samples_are_drawn_as_pruned_not_freeze(tmp_path):
     seen = np.isfinite(s.loss)
     assert (s.pruned & seen).any() and (~s.pruned & (s.bucket == 0) & seen).any()  # the case is exercised
     assert (s.bucket[s.pruned] == 0).all()  # why it matters: pruned samples keep the FREEZE code
-    fig = _draw(tmp_path / "s.arrow")
-    try:
+    with _drawn(tmp_path / "s.arrow") as fig:
         points = {c.get_label(): len(c.get_offsets()) for c in fig.axes[2].collections}
-    finally:
-        plt.close(fig)
     assert points["PRUNED"] == int((s.pruned & seen).sum())
     assert points["FREEZE"] == int((~s.pruned & (s.bucket == 0) & seen).sum())
     assert sum(points.values()) == int(seen.sum())
@@ -56,8 +59,7 @@ def test_pruned_samples_are_drawn_as_pruned_not_freeze(tmp_path):
 
 def test_no_legend_covers_data(tmp_path):
     _realistic(tmp_path / "s.arrow")
-    fig = _draw(tmp_path / "s.arrow")
-    try:
+    with _drawn(tmp_path / "s.arrow") as fig:
         renderer = fig.canvas.get_renderer()
         legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
         assert legends, "the figure names its colours"
@@ -65,14 +67,11 @@ def test_no_legend_covers_data(tmp_path):
             box = legend.get_window_extent(renderer)
             for ax in fig.axes:
                 assert not box.overlaps(ax.get_window_extent(renderer)), "a legend sits on a panel"
-    finally:
-        plt.close(fig)
 
 
 def test_loss_histogram_shows_small_buckets_and_every_loss(tmp_path):
     s = _realistic(tmp_path / "s.arrow")
-    fig = _draw(tmp_path / "s.arrow")
-    try:
+    with _drawn(tmp_path / "s.arrow") as fig:
         ax = fig.axes[1]
         assert ax.get_yscale() == "log"  # FOCUS and HARD (a few percent) stay visible beside LIGHT
         drawn = {p.get_label() for p in ax.patches}
@@ -83,23 +82,15 @@ def test_loss_histogram_shows_small_buckets_and_every_loss(tmp_path):
         notes = [t.get_text() for t in ax.texts]
         over = int((s.loss > np.percentile(s.loss, 99.5)).sum())
         assert any(f"{over:,} losses >" in t and "60" in t for t in notes), notes
-    finally:
-        plt.close(fig)
 
 
 def test_q_axis_spans_the_q_values_and_the_title_has_no_step_0(tmp_path):
     s = _realistic(tmp_path / "s.arrow")
-    fig = _draw(tmp_path / "s.arrow")
-    try:
+    with _drawn(tmp_path / "s.arrow") as fig:
         low, high = fig.axes[2].get_ylim()
         q_min = float(s.q[np.isfinite(s.loss)].min())
         assert 0 < low <= q_min and q_min - low <= 0.05 and high >= 1.0  # the axis starts at the lowest Q, not 0
         assert f"step {s.step:,}" in fig._suptitle.get_text() and s.step == 4 * 16
-    finally:
-        plt.close(fig)
     SampleState(10).save(tmp_path / "new.arrow")
-    fig = _draw(tmp_path / "new.arrow")
-    try:
+    with _drawn(tmp_path / "new.arrow") as fig:
         assert "step" not in fig._suptitle.get_text()  # nothing reported yet: no "step 0"
-    finally:
-        plt.close(fig)

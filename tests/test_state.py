@@ -505,3 +505,14 @@ def test_bucket_is_a_dictionary_of_names_and_older_uint8_files_still_load(tmp_pa
         pa.array(codes), pa.array(["A", "B", "C", "D"])))
     with pytest.raises(StateFileError, match="column 'bucket' has the values"):
         SampleState.load(_write_with(tmp_path, "renamed.arrow", renamed))
+
+
+@pytest.mark.parametrize("code", [7, -1])
+def test_dictionary_bucket_code_outside_the_names_is_refused(tmp_path, code):
+    table = _filled(40).to_arrow()
+    codes = table.column("bucket").combine_chunks().indices.to_numpy().copy()
+    codes[9] = code
+    bad = table.set_column(table.column_names.index("bucket"), "bucket", pa.DictionaryArray.from_arrays(
+        pa.array(codes), table.column("bucket").chunk(0).dictionary, safe=False))
+    with pytest.raises(StateFileError, match=r"column 'bucket' holds code \d+ at id 9"):
+        SampleState.load(_write_with(tmp_path, "bad.arrow", bad), verify=False)
