@@ -542,7 +542,12 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         for column in table.columns:
             # A dictionary's full check (every code within the dictionary) costs 15 ms at 10M rows; the
             # structural one suffices, as _check_columns then requires every code in 0-3 itself.
-            column.validate(full=not pa.types.is_dictionary(column.type))
+            if pa.types.is_dictionary(column.type):
+                column.validate()
+                for chunk in column.chunks:  # the names themselves (4 strings) fully: they are printed
+                    chunk.dictionary.validate(full=True)
+            else:
+                column.validate(full=True)
         _check_columns(path, table)
         if table.num_rows != meta.get("num_samples"):
             raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
