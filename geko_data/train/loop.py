@@ -41,7 +41,7 @@ from geko_data.efficiency import BASELINE_MODES
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
-from geko_data.train.args import TrainArgs
+from geko_data.train.args import RESUME_FIXED, TrainArgs
 from geko_data.train.checkpoint import load_checkpoint, lock_output_dir, save_checkpoint
 from geko_data.train.collate import decode_json, pad_collate
 
@@ -161,13 +161,9 @@ def _build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, dec
 
 
 #: TrainArgs a resume must keep: they decide which samples make up each optimizer step and the LR there.
-_RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
-                 "warmup_steps", "warmup_ratio", "lr_schedule")
-
-
 def _check_resume_args(saved: dict[str, Any], args: TrainArgs) -> None:
     """A resume with other step-defining arguments would not continue the interrupted run: refuse it."""
-    for name in _RESUME_FIXED:
+    for name in RESUME_FIXED:
         if name in saved and saved[name] != getattr(args, name):
             raise ValueError(f"resume: `{name}` is {getattr(args, name)!r} but the checkpoint was written with "
                              f"{saved[name]!r}; resume with the same value (other fields, such as the number "
@@ -213,7 +209,8 @@ class _Logger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "event"):
                     writer.add_scalar(f"{event}/{key}", value, step)
-            writer.flush()
+            if event == "epoch":  # the writer flushes on its own timer too; an epoch's end is worth one now
+                writer.flush()
 
     def _writer(self) -> Any:
         if self._tb is None:
