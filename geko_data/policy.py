@@ -37,12 +37,15 @@ __all__ = [
     "epoch_progress",
     "freeze_threshold",
     "expected_counts",
+    "loss_ema_update",
     "lr_multiplier",
     "phase_index",
     "phase_name",
     "prune_mask",
     "q_update",
     "stability",
+    "thaw",
+    "wrong_bucket",
 ]
 
 FREEZE, LIGHT, FOCUS, HARD = 0, 1, 2, 3
@@ -304,3 +307,42 @@ def _fill(w: np.ndarray, length: float, cap: float) -> np.ndarray:
         free[idx] = False
         left = length - expected.sum()
     return expected
+
+
+# ---------------------------------------------------------------------- report's update rules
+# What one report does to a sample: ``SampleState.apply`` gathers the reported samples' rows, asks these
+# rules (and ``q_update``) for their new values and scatters them back.
+
+
+def loss_ema_update(ema: np.ndarray, var: np.ndarray, loss: np.ndarray, *, prev_seen: np.ndarray,
+                    beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """New loss EMA and exponentially weighted variance (West 1979) of samples given one new loss each.
+
+    ``ema <- ema + (1 - beta) * delta`` and ``var <- beta * (var + (1 - beta) * delta^2)`` with
+    ``delta = loss - ema``, in float64 and capped at 1e30 so that an absurd but finite loss cannot turn the
+    float32 column into inf. A sample seen for the first time (``prev_seen`` False) starts at its loss with
+    variance 0. Returns ``(ema, var)`` as float32, shaped like ``loss``.
+    """
+    beta = np.float32(beta)
+    delta = np.where(prev_seen, loss.astype(np.float64) - ema, 0.0)
+    new_ema = np.where(prev_seen, ema + (1 - beta) * delta, loss)
+    new_var = np.where(prev_seen, np.minimum(beta * (var + (1 - beta) * delta * delta), 1e30), 0.0)
+    return new_ema.astype(np.float32), new_var.astype(np.float32)
+
+
+def wrong_bucket(confidence: np.ndarray, config: GEKOConfig) -> np.ndarray:
+    """The bucket of a wrong answer (uint8): HARD when its confidence exceeds ``focus_confidence``, else FOCUS."""
+    return np.where(np.asarray(confidence) > config.focus_confidence, np.uint8(HARD), np.uint8(FOCUS))
+
+
+def thaw(bucket: np.ndarray, *, correct: np.ndarray, confidence: np.ndarray, pruned: np.ndarray,
+         config: GEKOConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """FREEZE samples reported wrong leave FREEZE at once, not at the next repartition.
+
+    Returns ``(which, codes)``: a mask over the reported samples and the new bucket of those it selects
+    (``wrong_bucket``, the split ``classify`` makes); ``None`` when no sample thaws. Pruned samples stay.
+    """
+    which = (np.asarray(bucket) == FREEZE) & ~np.asarray(correct, dtype=bool) & ~np.asarray(pruned, dtype=bool)
+    if not which.any():
+        return None
+    return which, wrong_bucket(np.asarray(confidence)[which], config)

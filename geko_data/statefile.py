@@ -1,0 +1,435 @@
+"""The state file: one Arrow IPC file per ``SampleState``, its columns, metadata, checksum and validation.
+
+``write_table`` writes a table atomically; ``read_table`` is the one reader every consumer uses
+(``SampleState.load``, ``geko-data``), so every reader refuses the same files. A file is trusted only after
+``read_table`` has checked it whole: structure, value ranges and a checksum of its columns and metadata.
+``column_values`` gives a column as numpy without copying it (a view of the memory-mapped file), which is
+what lets a loaded state cost no memory until a column is written.
+
+The layout is described in docs/architecture.md ("State file").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from geko_data import policy
+from geko_data.atomic import atomic_path
+
+__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "PLAN_COLUMNS", "FingerprintError",
+           "PartitionStats", "StateFileError", "check_fingerprint", "checksum", "column_values", "fingerprint_of",
+           "read_table", "state_table", "write_table"]
+
+#: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
+#: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``
+#: column holds the sample id. Format 1 and 2 files (``bucket`` as uint8 codes, no ``id``) still load.
+FORMAT_VERSION = 3
+META_KEY = b"geko_data"
+
+#: (column, numpy dtype, initial value), in file order.
+COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("loss", "float32", math.nan),
+    ("loss_ema", "float32", math.nan),
+    ("loss_var", "float32", 0.0),
+    ("confidence", "float32", math.nan),
+    ("correct", "bool", False),
+    ("q", "float32", 0.5),
+    ("bucket", "uint8", policy.FOCUS),
+    ("times_seen", "uint16", 0),
+    ("frozen_epochs", "uint8", 0),
+    ("forgets", "uint16", 0),
+    ("pruned", "bool", False),
+    ("last_step", "int32", -1),
+)
+_NAMES = tuple(c[0] for c in COLUMNS)
+#: The file's ``bucket`` type: int8 codes 0-3 (the same bytes as the uint8 column in memory) into the names.
+BUCKET_TYPE = pa.dictionary(pa.int8(), pa.string())
+_BUCKET_DICT = pa.array(policy.BUCKET_NAMES, pa.string())
+#: Optional columns: the current epoch's plan (draws and loss weight per sample), when the state has one.
+PLAN_COLUMNS = (("plan_count", "uint16"), ("plan_weight", "float32"))
+
+
+class StateFileError(ValueError):
+    """A state file that cannot be used: truncated, corrupted, foreign, too new, or for other data."""
+
+
+class FingerprintError(StateFileError):
+    """A state written for other data (its fingerprint differs from the data's), wherever it is checked."""
+
+
+def check_fingerprint(stored: str | None, expected: str | None, *, where: str) -> None:
+    """Raise FingerprintError naming ``where`` and both fingerprints unless they agree (None agrees with all)."""
+    if stored is not None and expected is not None and stored != expected:
+        raise FingerprintError(f"{where}: state was written for other data (other shards or samples: its "
+                               f"fingerprint is {stored!r}, the data here has {expected!r}); point at the data it was "
+                               f"written for, or start a new state for this data")
+
+
+def fingerprint_of(keys: Any) -> str:
+    """A fingerprint of a map-style dataset from its sample keys in index order (ids, paths, hashes...).
+
+    Pass it as ``GEKOSampler(..., fingerprint=)``: a state saved for other data of the same length is then
+    refused on resume. Each key is hashed as its ``str``; order matters, as ids index the state.
+    """
+    h = xxhash.xxh3_128()
+    n = 0
+    for key in keys:
+        text = str(key).encode("utf-8", "surrogatepass")
+        # Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        h.update(len(text).to_bytes(8, "little"))
+        h.update(text)
+        n += 1
+    if n == 0:
+        raise ValueError("`keys` must hold at least one key, got none")
+    return f"keys-{n}-{h.hexdigest()[:32]}"
+
+
+@dataclass(frozen=True)
+class PartitionStats:
+    """Counts of one repartition. ``active`` = unpruned and not FREEZE; bucket counts exclude pruned."""
+
+    epoch: int
+    progress: float
+    phase: str
+    step: int
+    freeze: int
+    light: int
+    focus: int
+    hard: int
+    pruned: int
+    newly_pruned: int
+    active: int
+    seen: int
+    forgets: int
+    mean_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_loss"] = None if math.isnan(self.mean_loss) else self.mean_loss
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PartitionStats":
+        d = dict(d)
+        d["mean_loss"] = math.nan if d.get("mean_loss") is None else d["mean_loss"]
+        return cls(**d)
+
+    def format(self) -> str:
+        """One line as gekolib prints it, with pruned and active counts added."""
+        total = self.freeze + self.light + self.focus + self.hard + self.pruned
+        parts = []
+        for name, n in (("FREEZE", self.freeze), ("LIGHT", self.light), ("FOCUS", self.focus),
+                        ("HARD", self.hard), ("PRUNED", self.pruned)):
+            parts.append(f"{name}: {n:>6} ({100.0 * n / max(total, 1):5.1f}%)")
+        return f"[GEKO] Epoch {self.epoch} ({self.phase}) Partition: " + " | ".join(parts)
+
+
+def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Table:
+    """The file's table from numpy columns (``COLUMNS``' names, optionally ``PLAN_COLUMNS``') and metadata.
+
+    Numeric columns are wrapped without copying; ``id`` (the row number) comes first so a user can join the
+    table with their data, and ``bucket`` (uint8 codes) becomes a dictionary column whose values read as
+    FREEZE/LIGHT/FOCUS/HARD. The metadata gets ``format_version`` and a ``checksum`` covering the columns and
+    the rest of the metadata, so a file changed after writing is refused by ``read_table``.
+    """
+    n = columns[COLUMNS[0][0]].shape[0]
+    arrays = {"id": pa.array(np.arange(n, dtype=np.int64))}
+    for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS):
+        if name not in columns:
+            continue
+        values = columns[name]
+        if values.dtype != np.dtype(dtype):
+            raise ValueError(f"column {name!r} must be {dtype}, got {values.dtype}")
+        arrays[name] = pa.array(values)
+    arrays["bucket"] = pa.DictionaryArray.from_arrays(pa.array(columns["bucket"].view(np.int8)), _BUCKET_DICT)
+    table = pa.table(arrays)
+    meta = {"format_version": FORMAT_VERSION, **meta}
+    meta["checksum"] = checksum(table, meta)
+    return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+
+
+def write_table(path: str | os.PathLike, table: pa.Table) -> None:
+    """Write ``table`` as one Arrow IPC file atomically: a failed or killed write leaves the previous file whole.
+
+    A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
+    """
+    with atomic_path(path) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: list[str] | None = None,
+               verify: bool = True) -> tuple[pa.Table, dict[str, Any]]:
+    """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those.
+
+    Everything a reader relies on is checked here, so every reader (``SampleState.load``, ``geko-data``)
+    refuses the same files: a path that is not a regular file (a FIFO would block the open forever),
+    metadata that is not a JSON object (or nested too deep to parse) or has fields of the wrong type, history
+    entries that are not partition records, columns missing, of other types or with nulls, Arrow buffers
+    inconsistent with their lengths, values out of range (bucket codes outside 0-3, NaN Q, confidence
+    outside [0, 1], negative loss variance, ...), no rows, a row count other than the metadata's, and, with
+    ``verify`` (the default), a checksum other than the stored one. Format 1 files, written before checksums,
+    carry none and load unverified.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise StateFileError(f"{path}: not a regular file ({_file_kind(mode)}); a state file is a regular file")
+    try:
+        source = pa.memory_map(path, "r") if memory_map else pa.OSFile(path, "rb")
+        reader = pa.ipc.open_file(source)
+        raw = (reader.schema.metadata or {}).get(META_KEY)
+        if raw is None:
+            raise StateFileError(f"{path}: not a geko_data state file (no {META_KEY.decode()!r} metadata)")
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise StateFileError(f"{path}: not a geko_data state file (its {META_KEY.decode()!r} metadata is a "
+                                 f"JSON {type(meta).__name__}, expected an object)")
+        version = meta.get("format_version")
+        if not _is_int(version) or version > FORMAT_VERSION:
+            raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
+                                 f"reads ({FORMAT_VERSION}); upgrade geko_data")
+        missing = [n for n in _NAMES if n not in reader.schema.names]
+        if missing:
+            raise StateFileError(f"{path}: not a geko_data state file (missing columns {missing})")
+        _check_meta(path, meta)
+        # All columns are checked (memory-mapped, so unread ones cost nothing): a file bad only in a column
+        # one reader does not use is refused by every reader.
+        table = reader.read_all()
+        # Full validation: buffers consistent with lengths and null counts, before any value is used.
+        for column in table.columns:
+            # A dictionary's full check (every code within the dictionary) costs 15 ms at 10M rows; the
+            # structural one suffices, as _check_columns then requires every code in 0-3 itself.
+            if pa.types.is_dictionary(column.type):
+                column.validate()
+                for chunk in column.chunks:  # the names themselves (4 strings) fully: they are printed
+                    chunk.dictionary.validate(full=True)
+            else:
+                column.validate(full=True)
+        _check_columns(path, table)
+        if table.num_rows != meta.get("num_samples"):
+            raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
+                                 f"{meta.get('num_samples')} samples (truncated?)")
+        if verify:
+            _verify_checksum(path, table, meta)  # re-encodes the metadata: inside the RecursionError guard
+        _check_ranges(path, table)
+    except StateFileError:
+        raise
+    except RecursionError:  # metadata nested thousands of levels deep (json.loads / json.dumps)
+        raise StateFileError(f"{path}: not a geko_data state file (its metadata is nested too deep)") from None
+    except (pa.ArrowException, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateFileError(f"{path}: not a readable geko_data state file "
+                             f"(truncated or foreign: {e})") from None
+    return (table if columns is None else table.select(columns)), meta
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+_CHECKSUM_ALGORITHM = "xxh3_64"
+
+
+def checksum(table: pa.Table, meta: dict[str, Any]) -> str:
+    """``xxh3_64:<hex>`` over each known column's name and Arrow data buffer, then the metadata (sans checksum).
+
+    The writer and the reader hash the same Arrow buffers (booleans as their bitmap, unused trailing bits
+    masked), so nothing is converted; the metadata goes in as canonical JSON (sorted keys) of its parsed
+    form, so both hash the same text whatever the key order or spacing of the stored JSON.
+    """
+    h = xxhash.xxh3_64()
+    for name in table.column_names:
+        if name in _TYPES:
+            h.update(name.encode() + b"\0")
+            for part in _data_bytes(table.column(name)):
+                h.update(part)
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    h.update(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode())
+    return f"{_CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def _data_bytes(column: pa.ChunkedArray) -> list[Any]:
+    """The bytes holding a fixed-width column's values, as zero-copy views (no nulls: checked before)."""
+    arr = _chunk(column)
+    if pa.types.is_dictionary(arr.type):  # the codes: the dictionary itself is checked to be the bucket names
+        arr = arr.indices
+    n, data = len(arr), arr.buffers()[1]
+    if n == 0 or data is None:
+        return []
+    if not pa.types.is_boolean(arr.type):
+        width = arr.type.bit_width // 8
+        return [memoryview(data)[arr.offset * width:(arr.offset + n) * width]]
+    if arr.offset % 8:  # not byte-aligned (never in files this writes): repack
+        return [np.packbits(arr.to_numpy(zero_copy_only=False), bitorder="little")]
+    bits = np.frombuffer(data, np.uint8, (n + 7) // 8, arr.offset // 8)
+    if n % 8 == 0:
+        return [bits]
+    return [bits[:-1], bytes([int(bits[-1]) & ((1 << (n % 8)) - 1)])]
+
+
+def _verify_checksum(path: str, table: pa.Table, meta: dict[str, Any]) -> None:
+    stored = meta.get("checksum")
+    if stored is None:
+        if meta["format_version"] >= 2:
+            raise StateFileError(f"{path}: metadata lacks its checksum (format {meta['format_version']} files "
+                                 f"carry one): the file was changed after writing")
+        return  # format 1: written before checksums
+    if not isinstance(stored, str) or not stored.startswith(_CHECKSUM_ALGORITHM + ":"):
+        raise StateFileError(f"{path}: metadata field 'checksum' is {_short(stored)}, expected "
+                             f"'{_CHECKSUM_ALGORITHM}:<hex>'")
+    got = checksum(table, meta)
+    if got != stored:
+        raise StateFileError(f"{path}: checksum mismatch (stored {stored}, computed {got}): the file is "
+                             f"corrupted or was changed after writing")
+
+
+def _chunk(column: pa.ChunkedArray) -> pa.Array:
+    # combine_chunks copies even a single chunk (10 ms per 40 MB column): a file this writes has one.
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def column_values(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy: zero-copy for numbers (a view of the memory map), one byte per value for booleans.
+
+    A dictionary ``bucket`` gives its int8 codes viewed as uint8 (an older file's column is uint8 already).
+    """
+    arr = _chunk(table.column(name))
+    if pa.types.is_dictionary(arr.type):
+        return arr.indices.to_numpy(zero_copy_only=False).view(np.uint8)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+#: Arrow type of every column a state file may hold.
+_TYPES: dict[str, pa.DataType] = {name: pa.from_numpy_dtype(np.dtype(dtype))
+                                  for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS)}
+_TYPES["id"] = pa.int64()
+_HISTORY_KEYS = frozenset(PartitionStats.__dataclass_fields__)
+_HISTORY_INTS = ("epoch", "step", "freeze", "light", "focus", "hard", "pruned")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+#: (column, lowest, highest, NaN allowed, what is allowed) for every value a reader or the policy relies on.
+#: NaN marks an unseen sample's loss, EMA and confidence; nothing else may be NaN, and nothing may be inf.
+_RANGES: tuple[tuple[str, float, float, bool, str], ...] = (
+    ("loss", -_F32_MAX, _F32_MAX, True, "a finite number or NaN (unseen)"),
+    ("loss_ema", -_F32_MAX, _F32_MAX, True, "a finite number or NaN (unseen)"),
+    ("loss_var", 0.0, _F32_MAX, False, "a finite number >= 0"),
+    ("confidence", 0.0, 1.0, True, "a number in [0, 1] or NaN (unseen)"),
+    ("q", 0.0, 1.0, False, "a number in [0, 1]"),
+    ("last_step", -1, 2**31 - 1, False, "an integer >= -1"),
+    ("plan_count", 0, 1000, False, "an integer in [0, 1000] (max_repeats <= 1000)"),
+    ("plan_weight", 0.0, _F32_MAX, False, "a finite number >= 0"),
+)
+
+
+def _check_ranges(path: str, table: pa.Table) -> None:
+    """Every column's values within what the writer produces; the first bad row named.
+
+    numpy's min and max reductions (NaN-propagating, or NaN-skipping where NaN is allowed) keep this at a
+    few milliseconds per column at 10M rows; the row is searched only once a column is known to be bad.
+    """
+    for name, lo, hi, nan_ok, allowed in _RANGES:
+        if name not in table.column_names:
+            continue
+        v = column_values(table, name)
+        floats = v.dtype.kind == "f"
+        low, high = v.min(), v.max()  # NaN if any is NaN
+        if floats and nan_ok and (np.isnan(low) or np.isnan(high)):
+            low, high = np.fmin.reduce(v), np.fmax.reduce(v)  # slower; NaN only when all are NaN
+            ok = bool(np.isnan(low) or (low >= lo and high <= hi))
+        else:
+            ok = bool(low >= lo and high <= hi)  # False on NaN
+        if ok:
+            continue
+        bad = (v < lo) | (v > hi)
+        if floats and not nan_ok:
+            bad |= np.isnan(v)
+        rows = np.flatnonzero(bad)
+        raise StateFileError(f"{path}: column {name!r} holds {v[rows[0]].item()!r} at row {int(rows[0])} "
+                             f"({rows.size:,} bad row{'s' if rows.size != 1 else ''}), expected {allowed}")
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_meta(path: str, meta: dict[str, Any]) -> None:
+    """The metadata fields readers use, so a hand-edited file fails here, named, and not in a format()."""
+    for key, ok, allowed in (("config", lambda v: isinstance(v, dict), "an object"),
+                             ("fingerprint", lambda v: isinstance(v, str), "a string"),
+                             ("num_samples", _is_int, "an integer"),
+                             ("epoch", _is_int, "an integer"), ("step", _is_int, "an integer"),
+                             ("num_nonfinite", _is_int, "an integer")):
+        v = meta.get(key)
+        if v is not None and not ok(v):
+            raise StateFileError(f"{path}: metadata field {key!r} is {_short(v)}, expected {allowed} or null")
+    history = meta.get("history", [])
+    if not isinstance(history, list):
+        raise StateFileError(f"{path}: metadata field 'history' is {_short(history)}, expected a list of "
+                             f"partitions")
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            raise StateFileError(f"{path}: history entry {i} is {_short(h)}, expected an object")
+        if not _HISTORY_KEYS <= set(h):
+            raise StateFileError(f"{path}: history entry {i} is not a partition record (lacks "
+                                 f"{sorted(_HISTORY_KEYS - set(h))})")
+        for key in _HISTORY_INTS:
+            if not _is_int(h.get(key)):
+                raise StateFileError(f"{path}: history entry {i} has {key}={_short(h.get(key))}, "
+                                     f"expected an integer")
+        if not isinstance(h.get("phase"), str):
+            raise StateFileError(f"{path}: history entry {i} has phase={_short(h.get('phase'))}, "
+                                 f"expected a string")
+        loss = h.get("mean_loss")
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+            raise StateFileError(f"{path}: history entry {i} has mean_loss={_short(loss)}, "
+                                 f"expected a number or null")
+
+
+def _check_columns(path: str, table: pa.Table) -> None:
+    """Types, nulls and bucket codes of every known column; at least one row."""
+    if table.num_rows == 0:
+        raise StateFileError(f"{path}: holds no samples")
+    for name in table.column_names:
+        want = _TYPES.get(name)
+        if want is None:
+            continue
+        got = table.schema.field(name).type
+        if name == "bucket" and got == BUCKET_TYPE:  # format 3; older files hold uint8 codes
+            names = _chunk(table.column(name)).dictionary
+            if not names.equals(_BUCKET_DICT):
+                raise StateFileError(f"{path}: column 'bucket' has the values {names.to_pylist()}, expected "
+                                     f"{list(policy.BUCKET_NAMES)}")
+        elif got != want:
+            allowed = f"{want} or {BUCKET_TYPE}" if name == "bucket" else str(want)
+            raise StateFileError(f"{path}: column {name!r} has type {got}, expected {allowed}")
+        nulls = table.column(name).null_count
+        if nulls:
+            raise StateFileError(f"{path}: column {name!r} has {nulls:,} null values, expected none")
+    bucket = column_values(table, "bucket")  # a code below 0 in a dictionary column is above 127 here
+    if bucket.max() > policy.HARD:
+        bad = np.flatnonzero(bucket > policy.HARD)
+        codes = ", ".join(f"{i} {n}" for i, n in enumerate(policy.BUCKET_NAMES))
+        raise StateFileError(f"{path}: column 'bucket' holds code {int(bucket[bad[0]])} at id {int(bad[0])} "
+                             f"({bad.size:,} sample{'s' if bad.size != 1 else ''}), expected 0-3 ({codes})")
