@@ -61,6 +61,9 @@ class GEKOConfig:
             ``None`` (gekolib: 0.85, the ``gekolib`` preset).
         freeze_quantile: with ``freeze_confidence=None``: the share of wrong samples' confidences a sample
             must exceed to freeze. Defaults to ``0.9``.
+        freeze_share: with ``freeze_confidence=None``: the share of the right answers that may freeze at a
+            repartition, the surest ones (``policy.freeze_threshold``); ``None`` reads the threshold from
+            the wrong answers instead (``freeze_quantile``). Defaults to ``None``.
         freeze_quality: stability (``1 - min(sqrt(loss_var), 1)``) a sample must exceed to enter FREEZE.
             Defaults to ``0.80``.
         focus_confidence: confidence above which a wrong sample is HARD rather than FOCUS. Defaults to ``0.60``.
@@ -101,6 +104,7 @@ class GEKOConfig:
 
     freeze_confidence: float | None = None
     freeze_quantile: float = 0.9
+    freeze_share: float | None = None
     freeze_quality: float = 0.80
     focus_confidence: float = 0.60
     bucket_weights: tuple[float, float, float] = (3.0, 1.0, 0.0)
@@ -128,6 +132,8 @@ class GEKOConfig:
         if self.freeze_confidence is not None:
             _check_range("freeze_confidence", self.freeze_confidence, 0.0, 1.0)
         _check_range("freeze_quantile", self.freeze_quantile, 0.0, 1.0)
+        if self.freeze_share is not None:
+            _check_range("freeze_share", self.freeze_share, 0.0, 1.0, lo_open=True)
         _check_range("freeze_quality", self.freeze_quality, 0.0, 1.0)
         _check_range("focus_confidence", self.focus_confidence, 0.0, 1.0)
         bw = self.bucket_weights

@@ -105,15 +105,21 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
     """Bucket code per sample (uint8), gekolib's rules; never-seen samples are FOCUS.
 
     FREEZE: correct, confidence > ``freeze_threshold``, stability > freeze_quality, q >= min_q_for_freeze.
+    With ``freeze_share`` (and no absolute ``freeze_confidence``) the rank alone decides: the stability
+    and Q conditions are not applied. A loss that falls fast is a sample being learnt, not an unreliable
+    one, and Q needs several passes: both kept samples the model already gets right in training when a
+    run of 3 epochs has only two chances to skip anything.
     LIGHT: correct otherwise. HARD: wrong and confidence > focus_confidence. FOCUS: wrong otherwise.
     """
     correct = np.asarray(correct, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
     threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
-    # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
-    # the same rule without a square root over every sample.
-    stable = np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
-    freeze = correct & (conf > np.float32(threshold)) & stable & (np.asarray(q) >= config.min_q_for_freeze)
+    freeze = correct & (conf > np.float32(threshold))
+    if config.freeze_confidence is not None or config.freeze_share is None:
+        # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
+        # the same rule without a square root over every sample.
+        freeze &= np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
+        freeze &= np.asarray(q) >= config.min_q_for_freeze
     u8 = np.uint8
     out = np.where(correct, u8(LIGHT), np.where(conf > config.focus_confidence, u8(HARD), u8(FOCUS)))
     out[freeze] = FREEZE
@@ -129,7 +135,9 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
                      config: GEKOConfig) -> float:
     """The confidence a correct sample must exceed to freeze.
 
-    ``config.freeze_confidence`` when set. Otherwise it is read from the task: the ``freeze_quantile``
+    ``config.freeze_confidence`` when set. Otherwise, with ``config.freeze_share`` (the default), the surest
+    ``freeze_share`` of the seen right answers may freeze: the threshold sits just under the confidence at
+    rank ``1 - freeze_share`` among them (``_surest_share_threshold``). Otherwise it is the ``freeze_quantile``
     quantile of the confidences of the seen samples the model gets wrong, i.e. a sample freezes when the
     model is surer of it than of (by default) 90% of its mistakes, whatever the scale of the confidence (a
     3-class head, a 10-class CNN, an LLM's weakest answer token). With fewer than
@@ -141,16 +149,28 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
     seen = np.asarray(seen, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
     ok = seen & np.isfinite(conf)
+    if config.freeze_share is not None:
+        return _surest_share_threshold(conf[ok & np.asarray(correct, dtype=bool)], config.freeze_share)
     wrong = conf[ok & ~np.asarray(correct, dtype=bool)]
     if wrong.shape[0] >= MIN_WRONG_FOR_QUANTILE:
         # "higher": an observed confidence, so the rule depends on ranks only (any increasing rescaling of
         # the confidences freezes the same samples)
         return float(np.quantile(wrong, config.freeze_quantile, method="higher"))
-    right = conf[ok & np.asarray(correct, dtype=bool)]
+    return _surest_share_threshold(conf[ok & np.asarray(correct, dtype=bool)], 0.5)
+
+
+def _surest_share_threshold(right: np.ndarray, share: float) -> float:
+    """A confidence that the surest ``share`` of ``right`` (confidences of right answers) exceed; 1.0 (none
+    freezes) when there are none.
+
+    Ranks only, so it does not depend on the task's confidence scale: among right answers of a classifier
+    the max-softmax confidence is the target's probability ``exp(-loss)``, so these are the right answers
+    with the smallest loss, the ones whose gradient is already smallest and that cost least to skip.
+    """
     if not right.shape[0]:
         return 1.0
-    # just under the median, so ties freeze: right answers all equally sure must not freeze none of them
-    return float(np.nextafter(np.quantile(right, 0.5, method="higher"), np.float32(0.0)))
+    # just under an observed value, so ties freeze: right answers all equally sure must not freeze none of them
+    return float(np.nextafter(np.quantile(right, 1.0 - share, method="higher"), np.float32(0.0)))
 
 
 def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:

@@ -207,7 +207,7 @@ def _classify_all(conf, correct, config):
 
 def test_relative_freeze_threshold_reads_the_task_scale():
     conf, correct = _three_class_head()
-    rel = GEKOConfig(freeze_confidence=None)
+    rel = GEKOConfig(freeze_confidence=None, freeze_share=None)
     thr = policy.freeze_threshold(seen=np.ones(100, bool), correct=correct, confidence=conf, config=rel)
     wrong = conf[~correct]
     assert thr in wrong and (wrong <= thr).mean() >= 0.9 and (wrong < thr).mean() <= 0.9  # the 90% quantile
@@ -222,7 +222,7 @@ def test_relative_freeze_threshold_reads_the_task_scale():
 
 def test_relative_freeze_depends_on_ranks_only():
     conf, correct = _three_class_head(seed=1)
-    rel = GEKOConfig(freeze_confidence=None)
+    rel = GEKOConfig(freeze_confidence=None, freeze_share=None)
     base = _classify_all(conf, correct, rel) == FREEZE
     assert 0 < base.sum() < correct.sum()
     for rescale in (np.sqrt, lambda c: c ** 3, lambda c: 0.2 + 0.5 * c):  # (HARD vs FOCUS stays absolute)
@@ -232,7 +232,7 @@ def test_relative_freeze_depends_on_ranks_only():
 def test_relative_freeze_with_few_mistakes_uses_the_median_of_right_answers():
     conf = np.array([0.2, 0.5, 0.6, 0.7, 0.8, 0.9], np.float32)
     correct = np.array([False, True, True, True, True, True])
-    rel = GEKOConfig(freeze_confidence=None)
+    rel = GEKOConfig(freeze_confidence=None, freeze_share=None)
     assert 0.6 < policy.freeze_threshold(seen=np.ones(6, bool), correct=correct, confidence=conf, config=rel) < 0.7
     assert list(_classify_all(conf, correct, rel) == FREEZE) == [False, False, False, True, True, True]  # >= median
     # every answer right and equally sure: all may freeze (the median itself is not excluded)
@@ -240,3 +240,37 @@ def test_relative_freeze_with_few_mistakes_uses_the_median_of_right_answers():
     assert (_classify_all(same, np.ones(6, bool), rel) == FREEZE).all()
     # unseen samples do not count; nothing seen right: nothing may freeze
     assert policy.freeze_threshold(seen=np.zeros(6, bool), correct=correct, confidence=conf, config=rel) == 1.0
+
+
+def test_freeze_share_freezes_the_surest_share_of_right_answers():
+    conf, correct = _three_class_head(n_wrong=20, n_right=80, seed=2)
+    # loss_var and q as one pass leaves them for a sample still being learnt: the rank alone decides
+    n = conf.shape[0]
+    kw = dict(seen=np.ones(n, bool), correct=correct, confidence=conf, q=np.full(n, 0.5, np.float32),
+              loss_var=np.full(n, 0.5, np.float32))
+    for share in (0.3, 0.5, 0.75):
+        frozen = policy.classify(**kw, config=GEKOConfig(freeze_share=share)) == FREEZE
+        assert frozen.sum() == round(share * 80) and correct[frozen].all()
+        assert conf[frozen].min() > conf[correct & ~frozen].max()  # the surest ones
+        # ranks only: any increasing rescaling freezes the same samples
+        again = policy.classify(**{**kw, "confidence": (conf ** 3).astype(np.float32)},
+                                config=GEKOConfig(freeze_share=share)) == FREEZE
+        np.testing.assert_array_equal(again, frozen)
+    # the absolute threshold keeps gekolib's stability and Q conditions: nothing freezes after such a pass
+    assert not (policy.classify(**kw, config=GEKOConfig(freeze_share=0.5, freeze_confidence=0.1)) == FREEZE).any()
+    assert not (policy.classify(**kw, config=GEKOConfig(freeze_share=None)) == FREEZE).any()
+
+
+def test_freeze_share_ignores_unseen_and_wrong_answers_and_ties_freeze():
+    conf = np.array([0.99, 0.99, 0.2, 0.3, 0.9, 0.95], np.float32)
+    correct = np.array([False, True, True, True, True, True])
+    seen = np.array([True, False, True, True, True, True])
+    cfg = GEKOConfig(freeze_share=0.5)
+    # seen right answers: 0.2, 0.3, 0.9, 0.95 -> the surest half is 0.9 and 0.95
+    out = policy.classify(seen=seen, correct=correct, confidence=conf, q=np.zeros(6, np.float32),
+                          loss_var=np.zeros(6, np.float32), config=cfg)
+    assert list(out == FREEZE) == [False, False, False, False, True, True]
+    same = np.full(4, 0.7, np.float32)
+    assert (_classify_all(same, np.ones(4, bool), cfg) == FREEZE).all()
+    assert policy.freeze_threshold(seen=np.ones(6, bool), correct=np.zeros(6, bool), confidence=conf,
+                                   config=cfg) == 1.0
