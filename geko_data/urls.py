@@ -1,0 +1,146 @@
+"""Remote URLs: which are remote, which filesystem opens them, and what their errors mean.
+
+A URL (``s3://``, ``gs://``, ``az://``, ``http(s)://`` or any protocol of an installed fsspec filesystem)
+opens through fsspec. A protocol whose package is missing is one ``RemoteError`` naming the package and
+the extra of geko-data that installs it. Failures are sorted into transient (worth another try) and
+permanent (403, 404, other client errors), and every message is passed through ``redact``: credentials
+of ``storage_options`` and any ``user:password@`` of a URL become ``***``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["PROTOCOL_PACKAGES", "RemoteError", "describe", "is_transient", "is_url", "open_url", "redact"]
+
+#: Protocol -> (package that implements it, extra of geko-data that installs it).
+PROTOCOL_PACKAGES = {
+    "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure"),
+    "http": ("aiohttp", "http"), "https": ("aiohttp", "http"),
+}
+# Statuses worth another try: throttling (429, S3's 503 SlowDown), server errors, request timeout.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Errors that another try cannot fix. 403 and 404 arrive as PermissionError / FileNotFoundError from
+# fsspec's filesystems, or as an HTTP status below 500 from aiohttp.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError,
+              AttributeError, NotImplementedError, KeyError)
+
+
+class RemoteError(ValueError):
+    """A remote URL that cannot be used: unknown protocol, filesystem package missing, bad options."""
+
+
+def is_url(path: Any) -> bool:
+    """True for a remote URL (``proto://...`` other than ``file://``); ``pipe:`` commands are not URLs."""
+    return isinstance(path, str) and "://" in path and not path.startswith(("file://", "pipe:"))
+
+
+def _secrets(options: Any) -> list[str]:
+    """Every string value of ``storage_options`` long enough to be a credential, nested ones too."""
+    if isinstance(options, dict):
+        return [s for v in options.values() for s in _secrets(v)]
+    if isinstance(options, (list, tuple)):
+        return [s for v in options for s in _secrets(v)]
+    return [options] if isinstance(options, str) and len(options) >= 4 else []
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def redact(text: str, storage_options: dict[str, Any] | None) -> str:
+    """``text`` with credentials of ``storage_options`` and URL userinfo replaced by ``***``."""
+    for secret in sorted(_secrets(storage_options or {}), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    words = [_strip_userinfo(w) if "://" in w and "@" in w else w for w in text.split(" ")]
+    return " ".join(words)
+
+
+def _filesystem_class(protocol: str, url: str, storage_options: dict[str, Any] | None) -> None:
+    """RemoteError naming what to install when ``protocol`` has no usable fsspec filesystem."""
+    package, extra = PROTOCOL_PACKAGES.get(protocol, (None, None))
+    try:
+        import fsspec
+    except ImportError:
+        raise RemoteError(f"reading {redact(url, storage_options)!r} needs fsspec: pip install "
+                          f"'geko-data[{extra or 's3'}]'") from None
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        hint = f"the package {package}, which is not installed: pip install 'geko-data[{extra}]'" if extra \
+            else f"a package that is not installed ({e})"
+        raise RemoteError(f"protocol {protocol!r} of {redact(url, storage_options)!r} needs {hint}") from None
+    except ValueError:
+        known = ", ".join(sorted(PROTOCOL_PACKAGES))
+        raise RemoteError(f"unknown protocol {protocol!r} in {redact(url, storage_options)!r}: use one of "
+                          f"{known} or another protocol of an installed fsspec filesystem") from None
+
+
+def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for ``url``; RemoteError naming the package to install when
+    its protocol is unknown or its filesystem library is missing."""
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
+    protocol = url.split("://", 1)[0].lower()
+    _filesystem_class(protocol, url, storage_options)
+    import fsspec
+
+    # A filesystem of our own, not fsspec's shared instance: the fetcher closes it (sessions, sockets) in the
+    # process that made it, before a DataLoader forks workers from that process.
+    options = {"skip_instance_cache": True, **(storage_options or {})}
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:  # a package the filesystem needs only when made (aiohttp for http)
+        extra = PROTOCOL_PACKAGES.get(protocol, (None, protocol))[1]
+        raise RemoteError(f"protocol {protocol!r} needs a package that is not installed: pip install "
+                          f"'geko-data[{extra}]' ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise RemoteError(f"`storage_options` rejected by the {protocol!r} filesystem: "
+                          f"{redact(str(e), storage_options)}") from None
+    return fs, path
+
+
+def _status(exn: BaseException) -> int | None:
+    """HTTP status of an error when it carries one (aiohttp, botocore)."""
+    status = getattr(exn, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(exn, "response", None)
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    return None
+
+
+def is_transient(exn: BaseException) -> bool:
+    """Whether another try may succeed: yes for connection errors, timeouts, throttling and 5xx; no for
+    403/404, other client errors and programming errors."""
+    if isinstance(exn, FileNotFoundError) and exn.__cause__ is not None:
+        # fsspec's HTTP info() turns every failure, a refused connection too, into FileNotFoundError.
+        return is_transient(exn.__cause__)
+    status = _status(exn)
+    if status is not None:
+        return status in _TRANSIENT_STATUS
+    if isinstance(exn, _PERMANENT):
+        return False
+    return not (isinstance(exn, ValueError) and not isinstance(exn, OSError))
+
+
+def describe(exn: BaseException) -> str:
+    """One line for a failed request: ``access denied (403)`` / ``not found (404)`` first when it is one."""
+    if isinstance(exn, FileNotFoundError) and exn.__cause__ is not None:
+        exn = exn.__cause__
+    status = _status(exn)
+    what = {403: "access denied (403)", 404: "not found (404)"}.get(status or 0, "")
+    if not what and isinstance(exn, FileNotFoundError):
+        what = "not found (404)"
+    elif not what and isinstance(exn, PermissionError):
+        what = "access denied (403)"
+    text = f"{type(exn).__name__}: {exn}"
+    return f"{what}, {text}" if what else text
