@@ -43,8 +43,8 @@ def main() -> None:
     result = train(model, copy_task(512), args=args, config=GEKOConfig(q_value_lr=0.5, min_q_for_freeze=0.7))
     # Both figures are the same on every rank: the job's steps (each one on every rank) and the passes of all
     # ranks, counted in the shared state.
-    print(f"[rank {rank}] optimizer steps {result['step']} (the job's), sample passes of all ranks "
-          f"{result['efficiency']['sample_passes']} (shared state)")
+    print(f"[rank {rank}] optimizer steps {result.step} (the job's), sample passes of all ranks "
+          f"{result.efficiency['sample_passes']} (shared state)")
 
 
 if __name__ == "__main__":

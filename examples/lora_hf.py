@@ -59,8 +59,8 @@ def main() -> None:
     print(f"accuracy before: {dj.choice_accuracy(model, tokenizer, eval_rows):.1%}")
     result = train(model, data, args=args, config=GEKOConfig(q_value_lr=0.5, min_q_for_freeze=0.7),
                    lora_config=lora)
-    print(f"accuracy after:  {dj.choice_accuracy(result['model'], tokenizer, eval_rows):.1%}")
-    print(f"state file: {result['state_path']}  (geko-data inspect {result['state_path']})")
+    print(f"accuracy after:  {dj.choice_accuracy(result.model, tokenizer, eval_rows):.1%}")
+    print(f"state file: {result.state_path}  (geko-data inspect {result.state_path})")
 
 
 if __name__ == "__main__":

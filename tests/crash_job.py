@@ -153,13 +153,13 @@ def main() -> None:
     messages = []
     train_data = ns.data if ns.kind == "stream" else rows()
     result = train(model(ns.dropout), train_data, args=args, config=CFG, resume_from=ns.out if ns.resume else None,
-                   log=messages.append)
+                   record_ids=True, log=messages.append)
     resumed = [int(m.group(1)) for msg in messages for m in [re.search(r"resumed from step (\d+)", msg)] if m]
-    np.save(os.path.join(ns.out, "result-ids.npy"), np.array(result["ids_seen"], dtype=np.int64))
-    save_file({k: v.detach().contiguous() for k, v in result["model"].state_dict().items()},
+    np.save(os.path.join(ns.out, "result-ids.npy"), np.array(result.ids_seen, dtype=np.int64))
+    save_file({k: v.detach().contiguous() for k, v in result.model.state_dict().items()},
               os.path.join(ns.out, "result-weights.safetensors"))
     with open(os.path.join(ns.out, "result.json"), "w") as f:
-        json.dump({"step": result["step"], "resumed_from": resumed[0] if resumed else None}, f)
+        json.dump({"step": result.step, "resumed_from": resumed[0] if resumed else None}, f)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ def _claim(output_dir: str, run: dict[str, Any] | None = None) -> None:
     ``run`` write ``RUN_FILE`` while holding the dir's lock, so a running job's settings are never replaced.
     ``train()`` takes the lock for the whole run; this is the early check, before the model loads."""
     from geko_data.atomic import atomic_write_bytes
-    from geko_data.train.checkpoint import lock_output_dir
+    from geko_data.train.outdir import lock_output_dir
 
     if run is None and not os.path.isdir(output_dir):
         return  # nothing there to be busy
@@ -333,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     warning = anneal_warning(config, args.num_epochs)
 
     from geko_data.train import default as dj
-    from geko_data.train.checkpoint import OutputDirBusyError
-    from geko_data.train.loop import _setup_distributed, train
+    from geko_data.train.distributed import setup_distributed
+    from geko_data.train.loop import train
+    from geko_data.train.outdir import OutputDirBusyError
 
-    rank, world = _setup_distributed()  # under torchrun: one process group for the whole job
+    topology = setup_distributed()  # under torchrun: one process group for the whole job
+    rank, world = topology.rank, topology.world_size
     say = print if rank == 0 else (lambda *_a, **_k: None)
     try:
         if rank == 0:
@@ -390,11 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     result = train(model, train_data, args=args, config=config, eval_data=eval_data, lora_config=lora,
                    resume_from=ns.resume)
     if eval_rows is not None and rank == 0:
-        after = dj.choice_accuracy(result["model"], tokenizer, eval_rows)
+        after = dj.choice_accuracy(result.model, tokenizer, eval_rows)
         say(f"[geko-train] held-out accuracy after fine-tuning:  {after:.1%} (before: {before:.1%})")
-    whole = f" (the whole run: {result['efficiency']['wall_time_s']:.0f} s)" if ns.resume else ""
-    say(f"[geko-train] done in {time.time() - t0:.0f} s{whole}. Per-sample state: {result['state_path']}\n"
-        f"  inspect it with:  geko-data inspect {result['state_path']}")
+    whole = f" (the whole run: {result.efficiency['wall_time_s']:.0f} s)" if ns.resume else ""
+    say(f"[geko-train] done in {time.time() - t0:.0f} s{whole}. Per-sample state: {result.state_path}\n"
+        f"  inspect it with:  geko-data inspect {result.state_path}")
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from geko_data import policy
 from geko_data.config import GEKOConfig
 
-__all__ = ["LR_SCHEDULES", "RESUME_FIXED", "TrainArgs", "anneal_warning"]
+__all__ = ["LR_SCHEDULES", "RESUME_FIXED", "TrainArgs", "anneal_warning", "lr_factor"]
 
 LR_SCHEDULES = ("mountain", "cosine", "constant")
 
@@ -184,3 +184,17 @@ def anneal_warning(config: GEKOConfig, num_epochs: int) -> str | None:
     return (f"`anneal` {config.anneal!r} anneals no epoch of this {num_epochs}-epoch run (epoch e anneals "
             f"when e >= (1 - anneal) * {num_epochs}); the smallest value that anneals the last epoch is "
             f"{smallest:g} (1/{num_epochs})")
+
+
+def lr_factor(args: TrainArgs, step: int, progress: float, use_curriculum: bool, warmup: int | None = None) -> float:
+    """The LR multiplier at optimizer ``step``, ``progress`` (0-1) through the run: linear warmup times the
+    schedule's shape. ``warmup``: the run's warmup steps (default ``args.warmup_steps`` or 0)."""
+    warmup = (args.warmup_steps or 0) if warmup is None else warmup
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if args.lr_schedule == "mountain":
+        shape = policy.lr_multiplier(progress) if use_curriculum else 1.0
+    elif args.lr_schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    else:
+        shape = 1.0
+    return warm * shape

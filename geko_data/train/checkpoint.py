@@ -25,23 +25,19 @@ and the manifest's step, seed and fingerprint, and only then changes the
 model, the optimizer and the RNG: a refused checkpoint leaves them as they
 were.
 
-One training run at a time may write to an output dir: ``lock_output_dir``
+One training run at a time may write to an output dir: ``outdir.lock_output_dir``
 holds a lock file there (the reference loop takes it for the whole run).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import filelock
 import torch
 import xxhash
 from safetensors.torch import load_file, save_file
@@ -49,15 +45,13 @@ from safetensors.torch import load_file, save_file
 from geko_data.atomic import atomic_dir, atomic_write_bytes, fsync_dir
 from geko_data.state import SampleState
 
-__all__ = ["MANIFEST", "CheckpointError", "OutputDirBusyError", "file_hash", "find_latest", "list_checkpoints",
-           "load_checkpoint", "lock_output_dir", "save_checkpoint", "write_manifest"]
+__all__ = ["MANIFEST", "CheckpointError", "file_hash", "find_latest", "list_checkpoints", "load_checkpoint",
+           "save_checkpoint", "write_manifest"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _HASH = "xxh3_64"
 _CHUNK = 4 << 20  # hashing reads this much at a time: memory stays flat for any file size
-LOCK_NAME = ".geko-train.lock"
-PID_NAME = ".geko-train.lock.pid"  # who holds the lock, for the error another run gets
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-\d+\..+\.tmp$")  # a killed save's temp dir (atomic_dir's or _remove's)
@@ -74,10 +68,6 @@ def _missing(path: str, *, manifest: bool = True) -> list[str]:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, incomplete, inconsistent, or unsafe to load)."""
-
-
-class OutputDirBusyError(RuntimeError):
-    """Another process holds the output dir's lock: two runs writing one output dir delete each other's files."""
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -438,44 +428,3 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim
                               f"{str(e)[:300]})") from None
     torch.set_rng_state(rng)
     return trainer_state, data_state, state
-
-
-# ---------------------------------------------------------------- one writer per output dir
-def _holder(output_dir: str) -> str:
-    """Who holds the lock, from the pid file next to it (its holder writes it right after locking)."""
-    pid_file = os.path.join(output_dir, PID_NAME)
-    for _ in range(20):  # the holder may have the lock but not yet its pid file written
-        try:
-            with open(pid_file, encoding="utf-8") as f:
-                pid, _, host = f.read().strip().partition(" ")
-            return f"pid {pid} on host {host}" if host else f"pid {pid}"
-        except OSError:
-            time.sleep(0.05)
-    return "its pid is not recorded"
-
-
-@contextlib.contextmanager
-def lock_output_dir(output_dir: str) -> Iterator[str]:
-    """Hold ``output_dir``'s lock for the body; yield the lock file's path.
-
-    Two runs on one output dir would prune, clear and overwrite each other's checkpoints: the second
-    raises ``OutputDirBusyError`` at once, naming the dir and the holder's pid. The lock is an OS file lock
-    (``filelock``): a run that is killed releases it with its process, so no stale lock is left behind.
-    ``output_dir`` must exist.
-    """
-    lock_path = os.path.join(output_dir, LOCK_NAME)
-    lock = filelock.FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise OutputDirBusyError(f"`output_dir` {output_dir!r} is in use by another training run "
-                                 f"({_holder(output_dir)}; lock file {lock_path}); wait for it to finish or "
-                                 f"use another output_dir") from None
-    pid_file = os.path.join(output_dir, PID_NAME)
-    try:
-        atomic_write_bytes(pid_file, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        yield lock_path
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(pid_file)
-        lock.release()

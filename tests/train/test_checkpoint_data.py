@@ -35,7 +35,7 @@ def test_resume_against_shards_whose_content_changed_is_refused(tmp_path):
                  str(folder / "s-%03d.tar"), maxcount=5)
     args = _args(tmp_path / "out", num_epochs=1, save_steps=0)  # the end checkpoint only
     first = train(gru_model(), str(folder), args=args, config=CFG, log=QUIET)
-    assert first["step"] > 0
+    assert first.step > 0
     shards = sorted(str(p) for p in folder.glob("s-*.tar"))
     sizes = [os.path.getsize(p) for p in shards]
     _flip_a_label_byte(shards[1])

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from crash_job import CFG, rows
 from crash_job import model as gru_model
 from geko_data.train import TrainArgs, train
-from geko_data.train.checkpoint import LOCK_NAME, PID_NAME, OutputDirBusyError, lock_output_dir
+from geko_data.train.outdir import LOCK_NAME, PID_NAME, OutputDirBusyError, lock_output_dir
 from test_crash_resume import finish, job, kill_group, leftovers
 
 QUIET = lambda _msg: None  # noqa: E731
@@ -41,7 +41,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_survives(tmp
             raise
         assert second.returncode != 0
         last = err.strip().splitlines()[-1]
-        assert last.startswith("geko_data.train.checkpoint.OutputDirBusyError: `output_dir`"), err[-2000:]
+        assert last.startswith("geko_data.train.outdir.OutputDirBusyError: `output_dir`"), err[-2000:]
         assert repr(str(out)) in last and f"pid {first.pid} on host" in last
         assert leftovers(out) == temp and (out / "checkpoint-3").exists()  # nothing of the first's touched
         assert first.poll() is None  # still running

@@ -127,7 +127,7 @@ def test_uniform_baseline_output_and_the_final_partition(job, capsys):
 
 @pytest.mark.timeout(60)
 def test_an_output_dir_in_use_is_refused_before_the_model_loads(job, capsys):
-    from geko_data.train.checkpoint import lock_output_dir
+    from geko_data.train.outdir import lock_output_dir
 
     out = job["tmp"] / "busy"
     out.mkdir()

@@ -17,7 +17,8 @@ from geko_data.train import TrainArgs, train
 from geko_data.train.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_checkpoint,
                                         write_manifest)
 from geko_data.train.collate import pad_collate
-from geko_data.train.loop import _Logger, _lr_factor
+from geko_data.train.args import lr_factor
+from geko_data.train.metrics import MetricsLogger
 
 transformers = pytest.importorskip("transformers")
 CFG = GEKOConfig(q_value_lr=0.6, min_q_for_freeze=0.5, freeze_confidence=0.05, freeze_quality=0.0,
@@ -96,17 +97,17 @@ def test_intervals_count_optimizer_steps_and_keep_last_k(tmp_path):
              save_total_limit=2)
     out = train(tiny_lm(), lm_data(), args=a, config=CFG, eval_data=lm_data(8, seed=1), log=QUIET)
     # 48 samples / 8 = 6 micro-batches per epoch = 3 optimizer steps; under GEKO epoch 2 may be shorter
-    assert out["step"] >= 4
+    assert out.step >= 4
     kept = [os.path.basename(p) for p in list_checkpoints(a.output_dir)]
     assert len(kept) == 2 and "checkpoint-0" not in kept  # gekolib saves checkpoint-0 again and again
-    assert kept[-1] == f"checkpoint-{out['step']}"
+    assert kept[-1] == f"checkpoint-{out.step}"
     records = [json.loads(line) for line in open(os.path.join(a.output_dir, "metrics.jsonl"))]
     train_steps = [r["step"] for r in records if r["event"] == "train"]
     assert train_steps and all(s % 2 == 0 for s in train_steps)
     assert any(r["event"] == "eval" and 0 <= r["eval_accuracy"] <= 1 for r in records)
     eff = json.load(open(os.path.join(a.output_dir, "efficiency.json")))
-    assert eff["samples"] == 48 and eff["optimizer_steps"] == out["step"]
-    assert SampleState.load(out["state_path"]).times_seen.sum() == eff["sample_passes"]
+    assert eff["samples"] == 48 and eff["optimizer_steps"] == out.step
+    assert SampleState.load(out.state_path).times_seen.sum() == eff["sample_passes"]
 
 
 def test_partial_last_step_runs_the_interval_checks(tmp_path):
@@ -115,7 +116,7 @@ def test_partial_last_step_runs_the_interval_checks(tmp_path):
              save_at_end=False, save_total_limit=10)
     out = train(Plain(), plain_data(48), args=a, config=CFG.replace(use_curriculum=False),
                 eval_data=plain_data(8), log=QUIET)
-    assert out["step"] == 2
+    assert out.step == 2
     records = metrics(a.output_dir)
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
     assert 2 in [r["step"] for r in records if r["event"] == "eval"]
@@ -129,21 +130,21 @@ def test_early_stop_reports_epochs_run_and_resumes_consistently(tmp_path):
                      log_bucket_stats=False, early_stop_frozen=0.05)
     kw = dict(num_epochs=5, learning_rate=0.5, warmup_steps=0)
     first = train(Plain(), plain_data(32), args=args(tmp_path, "first", **kw), config=cfg, log=QUIET)
-    eff = first["efficiency"]
-    assert first["epochs"] == 1 and eff["epochs_done"] == 1  # stopped at the start of epoch 2
+    eff = first.efficiency
+    assert first.epochs == 1 and eff["epochs_done"] == 1  # stopped at the start of epoch 2
     assert eff["uniform_passes"] == 32 and eff["sample_passes"] == 32 and eff["compute_saved"] == 0.0
     end = find_latest(str(tmp_path / "first"))
     data_state = read_json(os.path.join(end, "data_state.json"))
     trainer_state = read_json(os.path.join(end, "trainer_state.json"))
     # the position reached: epoch 1, repartitioned (its plan in the state file), not one sample into it
     assert (data_state["epoch"], data_state["position"]) == (1, 0)
-    assert (trainer_state["epoch"], trainer_state["consumed"], trainer_state["step"]) == (1, 0, first["step"])
+    assert (trainer_state["epoch"], trainer_state["consumed"], trainer_state["step"]) == (1, 0, first.step)
     assert SampleState.load(os.path.join(end, "state.arrow")).plan.epoch == 1
     again = train(Plain(seed=9), plain_data(32), args=args(tmp_path, "again", **kw), config=cfg, resume_from=end,
-                  log=QUIET)
-    assert again["ids_seen"] == [] and again["step"] == first["step"]  # nothing re-trained, nothing skipped
-    assert again["efficiency"]["epochs_done"] == 1
-    a, b = SampleState.load(first["state_path"]), SampleState.load(again["state_path"])
+                  record_ids=True, log=QUIET)
+    assert again.ids_seen == [] and again.step == first.step  # nothing re-trained, nothing skipped
+    assert again.efficiency["epochs_done"] == 1
+    a, b = SampleState.load(first.state_path), SampleState.load(again.state_path)
     for name, _, _ in COLUMNS:
         assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
 
@@ -152,7 +153,7 @@ def test_lr_factor_shapes():
     from geko_data import policy
 
     def f(step, progress, curriculum=True, **kw):
-        return _lr_factor(TrainArgs(**kw), step, progress, curriculum)
+        return lr_factor(TrainArgs(**kw), step, progress, curriculum)
 
     # linear warmup over 4 steps, then the shape
     assert [f(s, 0.5, warmup_steps=4, lr_schedule="constant") for s in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
@@ -225,7 +226,7 @@ def test_bf16_autocast_is_active_in_the_forward(tmp_path, bf16):
             return out
 
     out = train(Recorder(), plain_data(16), args=args(tmp_path, num_epochs=1, bf16=bf16), config=CFG, log=QUIET)
-    assert out["step"] == 2 and seen
+    assert out.step == 2 and seen
     if bf16:
         assert seen[0] == (True, torch.bfloat16) and seen[1] == torch.bfloat16
     else:
@@ -249,17 +250,18 @@ def test_exact_resume_after_epoch_one_from_shards(tmp_path):
     write_shards(({"__key__": f"r{i:03d}", "json": json.dumps(r).encode()} for i, r in enumerate(rows)),
                  str(tmp_path / "shards" / "s-%03d.tar"), maxcount=11)
     kw = dict(num_epochs=3, save_steps=5, save_total_limit=10)
-    full = train(tiny_lm(), str(tmp_path / "shards"), args=args(tmp_path, "full", **kw), config=CFG, log=QUIET)
+    full = train(tiny_lm(), str(tmp_path / "shards"), args=args(tmp_path, "full", **kw), config=CFG, record_ids=True,
+                 log=QUIET)
     part_args = args(tmp_path, "part", **kw)
     train(tiny_lm(), str(tmp_path / "shards"), args=part_args, config=CFG, log=QUIET)
     ckpt = os.path.join(part_args.output_dir, "checkpoint-5")  # epoch 0 has 5 steps: the end of epoch 1
     resumed = train(tiny_lm(seed=123), str(tmp_path / "shards"), args=args(tmp_path, "res", **kw), config=CFG,
-                    resume_from=ckpt, log=QUIET)
-    assert full["ids_seen"][-len(resumed["ids_seen"]):] == resumed["ids_seen"]
-    a, b = SampleState.load(full["state_path"]), SampleState.load(resumed["state_path"])
+                    resume_from=ckpt, record_ids=True, log=QUIET)
+    assert full.ids_seen[-len(resumed.ids_seen):] == resumed.ids_seen
+    a, b = SampleState.load(full.state_path), SampleState.load(resumed.state_path)
     for name, _, _ in COLUMNS:
         assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
-    wa, wb = weights(full["model"]), weights(resumed["model"])
+    wa, wb = weights(full.model), weights(resumed.model)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     for field, value in (("batch_size", 4), ("gradient_accumulation_steps", 3), ("num_epochs", 4)):
         with pytest.raises(ValueError, match=f"`{field}` is {value}"):
@@ -278,7 +280,7 @@ def test_lora_bf16_gradient_checkpointing(tmp_path, capsys):
     for name in ("Trainable params", "Total params", "Frozen params"):
         line = next(line for line in printed.splitlines() if line.strip().startswith(name))
         counts[name] = int(line.split(":", 1)[1].split("(")[0].replace(",", ""))
-    m = out["model"]
+    m = out.model
     assert counts["Total params"] == sum(p.numel() for p in m.parameters())
     assert counts["Trainable params"] == sum(p.numel() for p in m.parameters() if p.requires_grad) > 0
     assert counts["Frozen params"] == counts["Total params"] - counts["Trainable params"] > 0
@@ -299,9 +301,9 @@ def test_8bit_adamw_keeps_uint8_state_and_resumes(tmp_path):
 
     kw = dict(use_8bit_optimizer=True, num_epochs=2, save_steps=2, save_total_limit=10, warmup_steps=0)
     full = train(model(), lm_data(24), args=args(tmp_path, "full", **kw), config=CFG, log=QUIET)
-    opt = full["optimizer"]
+    opt = full.optimizer
     assert type(opt).__name__ == "AdamW8bit" and type(opt).__module__.startswith("bitsandbytes")
-    big = [p for p in full["model"].parameters() if p.numel() >= 4096]
+    big = [p for p in full.model.parameters() if p.numel() >= 4096]
     assert big and all(opt.state[p]["state1"].dtype == torch.uint8 for p in big)  # really 8-bit, not fp32
     ckpt = os.path.join(tmp_path, "full", "checkpoint-2")
     def tensors(tree):  # bitsandbytes nests its quantized state in a sub-dict
@@ -315,11 +317,11 @@ def test_8bit_adamw_keeps_uint8_state_and_resumes(tmp_path):
     assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in tensors(saved["state"]))
     resumed = train(model(seed=5), lm_data(24), args=args(tmp_path, "res", **kw), config=CFG, resume_from=ckpt,
                     log=QUIET)
-    assert resumed["step"] == full["step"] > 2
-    assert type(resumed["optimizer"]).__name__ == "AdamW8bit"
-    assert all(resumed["optimizer"].state[p]["state1"].dtype == torch.uint8
-               for p in resumed["model"].parameters() if p.numel() >= 4096)
-    wa, wb = weights(full["model"]), weights(resumed["model"])
+    assert resumed.step == full.step > 2
+    assert type(resumed.optimizer).__name__ == "AdamW8bit"
+    assert all(resumed.optimizer.state[p]["state1"].dtype == torch.uint8
+               for p in resumed.model.parameters() if p.numel() >= 4096)
+    wa, wb = weights(full.model), weights(resumed.model)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
@@ -329,7 +331,7 @@ def test_fp16_runs_or_fails_clearly(tmp_path):
     except ValueError as e:
         assert "fp16" in str(e)
     else:
-        assert out["step"] > 0
+        assert out.step > 0
 
 
 def test_compile_failure_falls_back_with_warning(tmp_path, monkeypatch):
@@ -340,7 +342,7 @@ def test_compile_failure_falls_back_with_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile"):
         out = train(tiny_lm(), lm_data(16), args=args(tmp_path, compile_model=True, num_epochs=1), config=CFG,
                     log=QUIET)
-    assert out["step"] == 2
+    assert out.step == 2
 
 
 def test_compile_failing_at_the_first_call_falls_back_once(tmp_path, monkeypatch):
@@ -356,7 +358,7 @@ def test_compile_failing_at_the_first_call_falls_back_once(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="first call"):
         out = train(tiny_lm(), lm_data(16), args=args(tmp_path, compile_model=True, num_epochs=1), config=CFG,
                     log=QUIET)
-    assert out["step"] == 2 and len(calls) == 1  # trained uncompiled after the one failed call
+    assert out.step == 2 and len(calls) == 1  # trained uncompiled after the one failed call
 
 
 def test_compile_fallback_is_disarmed_after_a_good_step(tmp_path, monkeypatch):
@@ -395,7 +397,7 @@ def test_gradient_checkpointing_needs_an_hf_model(tmp_path):
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         train(Plain(), data, args=args(tmp_path, gradient_checkpointing=True), config=CFG, log=QUIET)
     out = train(Plain(), data, args=args(tmp_path, "plain"), config=CFG, log=QUIET)  # classifier signals
-    assert out["efficiency"]["sample_passes"] > 0
+    assert out.efficiency["sample_passes"] > 0
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -415,11 +417,11 @@ def test_recheck_of_frozen_samples_does_not_move_weights(tmp_path, fp16):
     model = tiny_lm()
     before = weights(model)
     out = train(model, stream, args=args(tmp_path, num_epochs=1, fp16=fp16), config=cfg, log=QUIET)
-    after = weights(out["model"])
+    after = weights(out.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert out["efficiency"]["sample_passes"] == 16  # still measured, so forgetting is caught
-    assert out["efficiency"]["backward_passes_rank"] == 0
-    assert out["step"] == 2  # the windows still count as optimizer steps (intervals follow the data)
+    assert out.efficiency["sample_passes"] == 16  # still measured, so forgetting is caught
+    assert out.efficiency["backward_passes_rank"] == 0
+    assert out.step == 2  # the windows still count as optimizer steps (intervals follow the data)
 
 
 def test_fp16_steps_skip_windows_without_backward(tmp_path):
@@ -438,8 +440,8 @@ def test_fp16_steps_skip_windows_without_backward(tmp_path):
     before = weights(model)
     out = train(model, plain_data(32), args=args(tmp_path, num_epochs=1, fp16=True, batch_size=4), config=CFG,
                 collate_fn=collate, log=QUIET)
-    assert out["step"] == 8 and out["efficiency"]["backward_passes_rank"] == 16
-    after = weights(out["model"])
+    assert out.step == 8 and out.efficiency["backward_passes_rank"] == 16
+    after = weights(out.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -448,8 +450,8 @@ def test_find_latest_ignores_half_written(tmp_path):
                 log=QUIET)
     outdir = tmp_path / "out"
     latest = find_latest(str(outdir))
-    assert latest.endswith(f"checkpoint-{out['step']}")
-    (outdir / f"checkpoint-{out['step'] + 5}").mkdir()  # a half-written one: no files
+    assert latest.endswith(f"checkpoint-{out.step}")
+    (outdir / f"checkpoint-{out.step + 5}").mkdir()  # a half-written one: no files
     (outdir / ".checkpoint-99.abc.tmp").mkdir()
     assert find_latest(str(outdir)) == latest
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
@@ -465,9 +467,9 @@ def test_pickle_payload_is_refused(tmp_path):
             return (os.system, ("echo pwned",))
 
     torch.save({"state": {}, "param_groups": [], "x": Evil()}, os.path.join(ckpt, "optimizer.pt"))
-    opt = torch.optim.AdamW(out["model"].parameters())
+    opt = torch.optim.AdamW(out.model.parameters())
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(ckpt, model=out["model"], optimizer=opt)
+        load_checkpoint(ckpt, model=out.model, optimizer=opt)
 
 
 def test_output_dir_below_a_file_names_output_dir(tmp_path):
@@ -484,13 +486,13 @@ def _ddp_worker(rank, world, port, tmp):
     out = train(tiny_lm(), lm_data(40), args=TrainArgs(output_dir=out_dir, num_epochs=2, batch_size=4,
                                                        learning_rate=5e-3, logging_steps=1, save_steps=3,
                                                        progress=False, dataloader_num_workers=0),
-                config=CFG, log=QUIET)
+                config=CFG, record_ids=True, log=QUIET)
     import torch.distributed as dist
 
-    state = out["data"].state  # this rank's in-memory state, saved here and not by the loop's rank-0 writer
+    state = out.data.state  # this rank's in-memory state, saved here and not by the loop's rank-0 writer
     np.savez(f"{tmp}/state-{rank}.npz", **{name: getattr(state, name) for name, _, _ in COLUMNS})
-    np.save(f"{tmp}/step-{rank}.npy", np.array([out["step"], len(out["ids_seen"])]))
-    w = torch.cat([p.detach().flatten() for p in out["model"].parameters()])
+    np.save(f"{tmp}/step-{rank}.npy", np.array([out.step, len(out.ids_seen)]))
+    w = torch.cat([p.detach().flatten() for p in out.model.parameters()])
     np.save(f"{tmp}/w-{rank}.npy", w.numpy())
     dist.barrier()
     dist.destroy_process_group()
@@ -556,7 +558,7 @@ def test_checkpoint_missing_a_weight_is_refused_but_tied_weights_load(tmp_path):
     fresh = tied(7)
     load_checkpoint(ckpt, model=fresh, optimizer=None)  # tied weights (stored once) load fine
     assert fresh.get_output_embeddings().weight.data_ptr() == fresh.get_input_embeddings().weight.data_ptr()
-    assert torch.equal(fresh.get_input_embeddings().weight, out["model"].get_input_embeddings().weight)
+    assert torch.equal(fresh.get_input_embeddings().weight, out.model.get_input_embeddings().weight)
     path = os.path.join(ckpt, "model.safetensors")
     weights = load_file(path)
     dropped = next(k for k in weights if "layers.0" in k)
@@ -591,7 +593,7 @@ def test_resume_trims_a_long_metrics_file_in_linear_time(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(lines) + '\n{"event": "train", "st')  # the last line cut by a crash
     started = time.perf_counter()
-    _Logger(str(tmp_path), True).start(resumed_step=48_000)  # late: most lines are kept
+    MetricsLogger(str(tmp_path), True).start(resumed_step=48_000)  # late: most lines are kept
     took = time.perf_counter() - started
     assert took < 5.0, f"trimming 50k lines took {took:.1f} s"
     kept = path.read_text().splitlines()
@@ -614,4 +616,17 @@ def test_tensorboard_events_beside_metrics_jsonl(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "epoch/loss", "epoch/freeze_share", "epoch/sample_passes", "epoch/forgetting_events"} <= tags
     passes = [e.value for e in events.Scalars("epoch/sample_passes")]
-    assert len(passes) == 2 and passes[-1] == out["efficiency"]["sample_passes"]
+    assert len(passes) == 2 and passes[-1] == out.efficiency["sample_passes"]
+
+
+def test_train_returns_a_train_result_and_keeps_ids_only_when_asked(tmp_path):
+    from geko_data.train import TrainResult
+
+    out = train(Plain(), plain_data(16), args=args(tmp_path, "plain", num_epochs=1), config=CFG, log=QUIET)
+    assert isinstance(out, TrainResult)
+    assert (out.step, out.epochs, out.output_dir) == (2, 1, str(tmp_path / "plain"))
+    assert out.ids_seen is None  # a list as long as the run: kept only when asked
+    assert out.efficiency["optimizer_steps"] == 2 and out.data.state.times_seen.sum() == 16
+    kept = train(Plain(), plain_data(16), args=args(tmp_path, "kept", num_epochs=1), config=CFG, record_ids=True,
+                 log=QUIET)
+    assert sorted(kept.ids_seen) == list(range(16))
