@@ -26,12 +26,13 @@ import numpy as np
 from geko_data.fetch import Fetched, RangeFetcher, RemoteConfig
 from geko_data.handover import Handover, range_dir
 from geko_data.ranges import RangePlan, Request, plan_requests
-from geko_data.remote_index import expand_urls, index_remote, read_index_url, resolve_shard_name, write_index_url
+from geko_data.remote_index import (ShardsAt, expand_urls, index_remote, read_index_url, resolve_shard_name,
+                                    write_index_url)
 from geko_data.shards import ShardError, ShardIndex, parse_sample
 from geko_data.urls import PROTOCOL_PACKAGES, RemoteError, describe, is_transient, is_url, open_url, redact
 
 __all__ = ["PROTOCOL_PACKAGES", "Fetched", "RangeFetcher", "RangeReader", "RemoteConfig", "RemoteError", "Request",
-           "SharedRanges", "describe", "expand_urls", "index_remote", "is_transient", "is_url", "open_url",
+           "SharedRanges", "ShardsAt", "describe", "expand_urls", "index_remote", "is_transient", "is_url", "open_url",
            "plan_requests", "range_dir", "read_index_url", "redact", "resolve_shard_name", "write_index_url"]
 
 #: Seconds a worker waits for a range another worker fetches before fetching it itself. The plan requests

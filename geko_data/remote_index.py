@@ -25,7 +25,8 @@ from geko_data.fetch import RangeFetcher, RemoteConfig
 from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
 from geko_data.urls import describe, is_url, redact
 
-__all__ = ["expand_urls", "index_remote", "read_index_url", "resolve_shard_name", "write_index_url"]
+__all__ = ["ShardsAt", "expand_urls", "index_remote", "read_index_url", "resolve_shard_name", "shards_folder",
+           "write_index_url"]
 
 
 def _index_url(url: str) -> str:
@@ -92,8 +93,9 @@ def index_remote(urls: Sequence[str], *, output: str | None = None, storage_opti
 
     Each shard is downloaded once, in ``max_request``-sized ranges with the usual retries, to a temporary
     file that is scanned with the local indexer and removed. ``progress`` shows bytes downloaded. An
-    index written next to its shards (same store) names them relative to itself; a local index keeps
-    their URLs.
+    index written next to its shards (same store) names them relative to itself. A local ``output``
+    names them relative to the folder URL that holds them all and keeps no URL: read it with
+    ``GEKOStream(output, shard_url=ShardsAt(that folder URL, output))``.
     """
     config = config or RemoteConfig()
     fetcher = RangeFetcher(storage_options=storage_options, config=config)
@@ -139,44 +141,87 @@ def index_remote(urls: Sequence[str], *, output: str | None = None, storage_opti
                        offset=np.concatenate([p.offset for p in parts]),
                        length=np.concatenate([p.length for p in parts]),
                        fingerprint=fingerprint(shard_urls, sizes, int(keys.shape[0]), hashes=hashes), hashes=hashes)
-    if output is not None:
+    if output is not None and is_url(output):
         write_index_url(index, output, storage_options=storage_options, config=config)
+    elif output is not None:
+        _write_relative(index, shards_folder(index.shards, storage_options), output)
     return index
 
 
+def shards_folder(shard_urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> str:
+    """The deepest folder URL (ending in ``/``) that holds every one of ``shard_urls``."""
+    folders = [u.rsplit("/", 1)[0] + "/" for u in shard_urls]
+    common = os.path.commonprefix(folders)
+    common = common[:common.rfind("/") + 1]
+    if not common or "://" not in common or common.endswith("://"):
+        raise ShardError(redact(f"shards {folders[0]!r} and {folders[-1]!r} share no folder: one index covers "
+                                f"shards of one store", storage_options))
+    return common
+
+
+class ShardsAt:
+    """``GEKOStream(shard_url=...)`` for a local index of remote shards: the shard the index at ``index`` names
+    ``sub/shard-0.tar`` is read from ``base_url + "sub/shard-0.tar"``.
+
+    The index keeps only names relative to a folder (never a URL, as every index); the URL they are under
+    comes from your code, like any ``shard_url``.
+    """
+
+    def __init__(self, base_url: str, index: str | os.PathLike) -> None:
+        if not is_url(base_url):
+            raise ValueError(f"`base_url` must be a URL of the folder holding the shards (s3://..., "
+                             f"https://...), got {base_url!r}")
+        self.base_url = base_url.rstrip("/") + "/"
+        index = os.path.abspath(os.fspath(index))
+        self.folder = index if os.path.isdir(index) else os.path.dirname(index)
+
+    def __call__(self, path: str) -> str:
+        rel = os.path.relpath(path, self.folder)
+        return self.base_url + "/".join(rel.split(os.sep))
+
+    def __repr__(self) -> str:
+        return f"ShardsAt({self.base_url!r}, {self.folder!r})"
+
+
 def _check_output(output: str, shard_urls: Sequence[str], storage_options: dict[str, Any] | None) -> None:
-    """An index names its shards relative to its own folder: it must be a URL in a folder holding them, on a
-    store that takes uploads (checked before any shard is read)."""
+    """An index names its shards relative to a folder: a URL output must be in a folder holding them, on a
+    store that takes uploads; a local output names them relative to their common folder URL (checked
+    before any shard is read)."""
     if urlsplit(output).scheme in ("http", "https"):
-        raise ShardError(redact(f"`output` {output!r}: an HTTP server takes no uploads; index a local copy of the "
-                                f"shards (`geko-data index DIR/*.tar -o DIR/{INDEX_NAME}`) and serve its "
-                                f"{INDEX_NAME} beside the shards", storage_options))
-    out = _index_url(output) if is_url(output) else None
-    folder = out.rsplit("/", 1)[0] + "/" if out else None
-    outside = [u for u in shard_urls if folder is None or not u.startswith(folder)]
+        raise ShardError(redact(f"`output` {output!r}: an HTTP server takes no uploads; write the index to a local "
+                                f"file (`-o {INDEX_NAME}`) and read it with GEKOStream('{INDEX_NAME}', shard_url="
+                                f"ShardsAt({shards_folder(shard_urls)!r}, '{INDEX_NAME}')), or serve a local "
+                                f"copy's {INDEX_NAME} beside the shards", storage_options))
+    if not is_url(output):
+        shards_folder(shard_urls, storage_options)
+        return
+    folder = _index_url(output).rsplit("/", 1)[0] + "/"
+    outside = [u for u in shard_urls if not u.startswith(folder)]
     if outside:
         raise ShardError(redact(f"`output` {output!r}: an index names its shards relative to its own folder, so "
                                 f"an index of remote shards is written next to them (a URL of a folder that holds "
-                                f"them, e.g. {shard_urls[0].rsplit('/', 1)[0]}/{INDEX_NAME}); {outside[0]!r} is "
-                                f"not under it", storage_options))
+                                f"them, e.g. {shard_urls[0].rsplit('/', 1)[0]}/{INDEX_NAME}) or to a local file; "
+                                f"{outside[0]!r} is not under it", storage_options))
+
+
+def _write_relative(index: ShardIndex, folder: str, local: str) -> None:
+    """Write ``index`` to the local file ``local`` with its shard URLs named relative to ``folder``."""
+    from geko_data.shards import _write_index
+
+    root = os.path.dirname(os.path.abspath(local))
+    _write_index(replace(index, shards=tuple(os.path.join(root, u[len(folder):]) for u in index.shards)), local)
 
 
 def write_index_url(index: ShardIndex, output: str, *, storage_options: dict[str, Any] | None = None,
-                         config: RemoteConfig | None = None) -> None:
+                    config: RemoteConfig | None = None) -> None:
     """Write ``index`` of remote shards to ``output``, a URL in a folder that holds them (uploaded whole once
     written, so readers never see half of it)."""
-    from geko_data.shards import _write_index
-
     output = _index_url(output)
     _check_output(output, index.shards, storage_options)
     folder = output.rsplit("/", 1)[0] + "/"
     with tempfile.TemporaryDirectory() as tmp:
-        # _write_index stores names relative to the file's folder: stage the file so that they come out
-        # relative to the index URL's folder.
-        staged = replace(index, shards=tuple(os.path.join(tmp, "d", u[len(folder):]) for u in index.shards))
-        os.makedirs(os.path.join(tmp, "d"))
-        local = os.path.join(tmp, "d", INDEX_NAME)
-        _write_index(staged, local)
+        local = os.path.join(tmp, INDEX_NAME)
+        _write_relative(index, folder, local)  # names relative to the index URL's folder
         fetcher = RangeFetcher(storage_options=storage_options, config=config or RemoteConfig())
         fs, path = fetcher.filesystem(output)
         try:

@@ -357,14 +357,29 @@ def test_forked_workers_do_not_break_the_main_processes_connections(http_server)
         assert not [f for f in os.listdir(s._range_dir) if not f.endswith(".claim")]
 
 
-def test_cli_index_of_http_shards_needs_an_output_next_to_them(http_server, tmp_path, capsys):
+def test_cli_index_of_http_shards_to_a_local_file_is_read_with_shards_at(http_server, tmp_path, capsys):
+    from geko_data.cli import main
+    from geko_data.remote import ShardsAt
+
+    folder, url = served_shards(http_server)
+    out = tmp_path / "idx" / "index.arrow"
+    out.parent.mkdir()
+    # The local index names the shards relative to the folder URL holding them and keeps no URL.
+    assert main(["index", url, "-o", str(out)]) == 0
+    assert "indexed 43 samples in 4 shard(s)" in capsys.readouterr().out
+    assert b"http" not in out.read_bytes() and read_index(out).fingerprint == read_index(folder).fingerprint
+    s = GEKOStream(str(out), total_epochs=1, config=QUIET, seed=3, shard_url=ShardsAt(url, out))
+    assert s.urls == [f"{url}shard-{i:03d}.tar" for i in range(4)]
+    assert rows(s) == rows(GEKOStream(str(folder), total_epochs=1, config=QUIET, seed=3))
+    assert s.stats["bytes_read"] == int(read_index(folder).length.sum())
+    with pytest.raises(ValueError, match="`base_url` must be a URL"):
+        ShardsAt(str(folder), out)
+
+
+def test_cli_index_options_and_protocols_are_checked(http_server, capsys):
     from geko_data.cli import main
 
     _, url = served_shards(http_server)
-    # A local -o would have to name the shards by URL, which an index never does (names are relative).
-    assert main(["index", url, "-o", str(tmp_path / "index.arrow")]) == 2
-    err = capsys.readouterr().err
-    assert "written next to them" in err and url in err and not (tmp_path / "index.arrow").exists()
     assert main(["index", url, "-o", url + "index.arrow", "--storage-options", "[1]"]) == 2
     assert "--storage-options must be a JSON object" in capsys.readouterr().err
     assert main(["index", "nope://b/x.tar", "-o", "nope://b/index.arrow"]) == 2
@@ -381,7 +396,7 @@ def test_cli_index_to_an_http_url_is_refused_before_any_download(http_server, ca
         shards_via_proxy = url.replace(http_server.url, proxy.url)
         assert main(["index", shards_via_proxy + "shard-000.tar", "-o", shards_via_proxy + "index.arrow"]) == 2
         err = capsys.readouterr().err
-        assert "takes no uploads" in err and "geko-data index" in err
+        assert "takes no uploads" in err and "ShardsAt(" in err and "-o index.arrow" in err
         assert proxy.stats()["bytes"] == 0  # refused before reading a shard
     finally:
         proxy.stop()
