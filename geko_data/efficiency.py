@@ -8,14 +8,19 @@ same epochs (num_samples x epochs).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geko_data import policy
-from geko_data.state import SampleState
+from geko_data.summary import GROUPS, groups
 
-__all__ = ["BASELINE_MODES", "efficiency_report", "format_efficiency_report"]
+if TYPE_CHECKING:  # the state file module formats its history rows here: no import back at run time
+    from geko_data.state import SampleState
+
+__all__ = ["BASELINE_MODES", "efficiency_report", "format_efficiency_report", "format_history",
+           "format_partition"]
 
 #: Modes that do not steer sampling: their buckets are measured, never used.
 BASELINE_MODES = ("uniform", "random_subset", "infobatch")
@@ -29,15 +34,15 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     classify them (before its pruning): what the printed table's ``end`` row shows.
     """
     n = state.num_samples
-    alive = ~state.pruned
     passes = int(state.times_seen.sum(dtype=np.int64))
     uniform = n * max(epochs_done, 0)
-    counts = np.bincount(state.bucket[alive], minlength=4)
+    counts = np.bincount(groups(state.bucket, state.pruned), minlength=len(GROUPS))
     # The partition after the last epoch: the state's buckets are those of the last repartition (an epoch's
     # start), so the epoch's own reports would otherwise show only at a next epoch that never comes.
     final = policy.classify(seen=state.seen, correct=state.correct, confidence=state.confidence, q=state.q,
-                            loss_var=state.loss_var, config=state.config)
-    after = np.bincount(final[alive], minlength=4)
+                            loss_var=state.loss_var, loss=state.loss, last_step=state.last_step,
+                            config=state.config)
+    after = np.bincount(groups(final, state.pruned), minlength=len(GROUPS))
     return {
         "samples": n,
         "mode": state.config.mode,
@@ -89,12 +94,35 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
         after = report.get("after_last_epoch")
         if after is not None:
             history.append({"epoch": "end", "phase": "", **after})
-        phase = "" if baseline else f" {'phase':<12}"
         lines.append("-" * 64)
-        lines.append(f"  {'epoch':>5}{phase} {'FREEZE':>7} {'LIGHT':>7} {'FOCUS':>7} {'HARD':>7} {'PRUNED':>7}")
-        for h in history:
-            phase = "" if baseline else f" {h['phase']:<12}"
-            lines.append(f"  {h['epoch']:>5}{phase} {h['freeze']:>7} {h['light']:>7} {h['focus']:>7} "
-                         f"{h['hard']:>7} {h['pruned']:>7}")
+        lines += ["  " + line for line in format_history(history, phase=not baseline)]
     lines.append("=" * 64)
     return "\n".join(lines)
+
+
+def format_history(history: Sequence[Mapping[str, Any]], *, phase: bool = True, detail: bool = False) -> list[str]:
+    """The partition-history table: a header line, then one line per row of ``history``.
+
+    A row is a repartition's record (``PartitionStats.to_dict()``, as the state file's metadata holds it):
+    its epoch, curriculum phase and the count of each group. ``phase=False`` leaves the phase column out (a
+    baseline mode has none); ``detail=True`` adds the step and the mean loss. Every table of partitions
+    (``geko-data inspect``, the efficiency report) is this one.
+    """
+    head = f"{'epoch':>5}" + (f" {'phase':<12}" if phase else "") + (f" {'step':>7}" if detail else "")
+    lines = [head + "".join(f" {g:>8}" for g in GROUPS) + (f" {'loss':>7}" if detail else "")]
+    for h in history:
+        line = f"{h['epoch']:>5}" + (f" {h['phase']:<12}" if phase else "") + (f" {h['step']:>7}" if detail else "")
+        line += "".join(f" {h[g.lower()]:>8,}" for g in GROUPS)
+        if detail:
+            loss = h.get("mean_loss")
+            line += f" {'-' if loss is None else format(loss, '.3f'):>7}"
+        lines.append(line)
+    return lines
+
+
+def format_partition(row: Mapping[str, Any]) -> str:
+    """One repartition's record as one log line, gekolib's with the pruned count added (``PartitionStats.format``)."""
+    counts = [(g, row[g.lower()]) for g in GROUPS]
+    total = max(sum(n for _, n in counts), 1)
+    parts = [f"{g}: {n:>6} ({100.0 * n / total:5.1f}%)" for g, n in counts]
+    return f"[GEKO] Epoch {row['epoch']} ({row['phase']}) Partition: " + " | ".join(parts)

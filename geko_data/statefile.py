@@ -24,6 +24,7 @@ import xxhash
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
+from geko_data.efficiency import format_partition
 
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "PLAN_COLUMNS", "FingerprintError",
            "PartitionStats", "StateFileError", "check_fingerprint", "checksum", "column_values", "fingerprint_of",
@@ -124,13 +125,8 @@ class PartitionStats:
         return cls(**d)
 
     def format(self) -> str:
-        """One line as gekolib prints it, with pruned and active counts added."""
-        total = self.freeze + self.light + self.focus + self.hard + self.pruned
-        parts = []
-        for name, n in (("FREEZE", self.freeze), ("LIGHT", self.light), ("FOCUS", self.focus),
-                        ("HARD", self.hard), ("PRUNED", self.pruned)):
-            parts.append(f"{name}: {n:>6} ({100.0 * n / max(total, 1):5.1f}%)")
-        return f"[GEKO] Epoch {self.epoch} ({self.phase}) Partition: " + " | ".join(parts)
+        """One line as gekolib prints it, with the pruned count added (``efficiency.format_partition``)."""
+        return format_partition(self.to_dict())
 
 
 def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Table:

@@ -1,0 +1,85 @@
+"""The efficiency report (geko_data.efficiency) and the one partition-history table every printout uses."""
+
+import numpy as np
+import pytest
+
+from geko_data import policy
+from geko_data.cli import main
+from geko_data.config import GEKOConfig
+from geko_data.efficiency import efficiency_report, format_efficiency_report, format_history, format_partition
+from geko_data.state import SampleState
+from geko_data.statefile import PartitionStats
+from test_cli import make_state
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    """A saved state of 3,000 samples (so counts reach the thousands) after four epochs, some pruned."""
+    path = tmp_path_factory.mktemp("eff") / "s.arrow"
+    s = make_state(path, n=3000, epochs=4)
+    assert s.pruned.any() and max(h["pruned"] for h in s.history) >= 1000
+    return path, s
+
+
+def test_report_counts_pruned_samples_apart_from_their_bucket(state):
+    _, s = state
+    r = efficiency_report(s, epochs_done=4, total_epochs=4)
+    alive = ~s.pruned
+    assert r["pruned"] == int(s.pruned.sum())
+    assert r["buckets"] == {name: int((alive & (s.bucket == c)).sum()) for c, name in enumerate(policy.BUCKET_NAMES)}
+    assert sum(r["buckets"].values()) + r["pruned"] == r["samples"] == 3000
+    after = r["after_last_epoch"]
+    assert sum(after.values()) == 3000 and after["pruned"] == r["pruned"] and after["freeze"] == r["mastered_freeze"]
+    assert r["sample_passes"] == int(s.times_seen.sum()) and r["uniform_passes"] == 3000 * 4
+    assert r["compute_saved"] == pytest.approx(1 - r["sample_passes"] / r["uniform_passes"])
+
+
+def test_efficiency_report_and_inspect_print_the_same_history_table(state, capsys):
+    path, s = state
+    text = format_efficiency_report(efficiency_report(s, epochs_done=4, total_epochs=4))
+    table = format_history(s.history)
+    for line in table:  # the report indents the table by two spaces
+        assert "  " + line in text.splitlines()
+    assert f"{max(h['pruned'] for h in s.history):,}" in text  # thousands separated, as inspect prints them
+    assert main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    detailed = format_history(s.history, detail=True)
+    start = printed.index(detailed[0])
+    assert printed[start:start + len(detailed)] == detailed
+    # The detailed table has the same counts, with the step and mean loss around them.
+    for plain, full in zip(table[1:], detailed[1:]):
+        assert plain.split()[2:] == full.split()[3:-1]
+
+
+def test_history_table_columns():
+    rows = [{"epoch": 0, "phase": "ASCENT", "step": 7, "freeze": 0, "light": 12, "focus": 123456, "hard": 5,
+             "pruned": 0, "mean_loss": None},
+            {"epoch": "end", "phase": "", "freeze": 3, "light": 4, "focus": 5, "hard": 6, "pruned": 7}]
+    head, first, end = format_history(rows)
+    assert head.split() == ["epoch", "phase", "FREEZE", "LIGHT", "FOCUS", "HARD", "PRUNED"]
+    assert first.split() == ["0", "ASCENT", "0", "12", "123,456", "5", "0"]
+    assert end.split() == ["end", "3", "4", "5", "6", "7"]
+    assert len({len(line) for line in (head, first, end)}) == 1  # aligned
+    head, first = format_history(rows[:1], phase=False, detail=True)
+    assert head.split() == ["epoch", "step", "FREEZE", "LIGHT", "FOCUS", "HARD", "PRUNED", "loss"]
+    assert first.split() == ["0", "7", "0", "12", "123,456", "5", "0", "-"]
+
+
+def test_partition_line_is_gekolibs(state):
+    _, s = state
+    for h in s.history:
+        line = PartitionStats.from_dict(h).format()
+        assert line == format_partition(h)
+        assert line.startswith(f"[GEKO] Epoch {h['epoch']} ({h['phase']}) Partition: FREEZE: ")
+        shares = [float(part.split("(")[1].rstrip("%)")) for part in line.split("Partition: ")[1].split(" | ")]
+        assert len(shares) == 5 and sum(shares) == pytest.approx(100, abs=0.3)
+
+
+def test_baseline_report_has_no_phase_column():
+    s = SampleState(40, config=GEKOConfig(mode="uniform"))
+    s.report(np.arange(40), np.linspace(0.01, 3, 40), correct=np.ones(40, bool), confidence=np.full(40, 0.99))
+    s.repartition(0.5, epoch=0)
+    text = format_efficiency_report(efficiency_report(s, epochs_done=1, total_epochs=1))
+    assert "a baseline" in text and "Would be FREEZE" in text and "Mastered" not in text
+    header = next(line for line in text.splitlines() if line.split()[:1] == ["epoch"])
+    assert "phase" not in header and not any(phase in text for phase in policy.PHASES)
