@@ -19,24 +19,20 @@ name; an output that is a symlink is written through to its target.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from geko_data import policy
+from geko_data import summary
 from geko_data.atomic import atomic_path
-from geko_data.state import StateFileError, _values, read_table
+from geko_data.efficiency import format_history
+from geko_data.statefile import StateFileError, column_values, read_table
 
 __all__ = ["build_parser", "main"]
-
-_PRUNED = len(policy.BUCKET_NAMES)  # the code diff gives a pruned sample, after the four buckets
 
 
 class _Fail(Exception):
@@ -54,9 +50,10 @@ def _load(path: str, columns: list[str] | None = None) -> tuple[pa.Table, dict[s
         raise _Fail(str(e)) from None
 
 
-def _col(table: pa.Table, name: str) -> np.ndarray:
-    """A column as numpy; ``bucket`` as its codes 0-3 whether the file stores names (format 3) or codes."""
-    return _values(table, name)
+def _load_columns(path: str, columns: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``columns`` of the state at ``path`` as numpy (``bucket`` as codes 0-3), and its metadata."""
+    table, meta = _load(path, columns)
+    return {name: column_values(table, name) for name in columns}, meta
 
 
 class _JsonlIndex:
@@ -120,11 +117,8 @@ def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> A
         return jl
     try:
         idx = read_index(index_path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ShardError and RemoteError are ValueErrors
         raise _Fail(str(e)) from None
-    except (KeyError, TypeError, AttributeError) as e:
-        # read_index checks the footer but not each metadata field, so a hand-made index can fail here.
-        raise _Fail(f"{index_path}: not a readable shard index (bad metadata: {type(e).__name__} {e})") from None
     for path, n, fp in states:
         if idx.num_samples != n:
             raise _Fail(f"--index {index_path} has {idx.num_samples:,} samples but {path} has {n:,}: "
@@ -164,66 +158,42 @@ def _write_failed(path: str, e: OSError) -> _Fail:
 
 
 # ---------------------------------------------------------------------- inspect
+_SUMMARY_COLUMNS = ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned"]
+_CONFIG_SHOWN = ("freeze_confidence", "freeze_quality", "focus_confidence", "q_value_lr", "min_q_for_freeze",
+                 "prune_frozen_after", "recheck_frozen", "keep_frozen")
+_CELL_MAX = 60  # characters of a key or value in a table; longer ones end in "..."
+
+
 def _summary(path: str) -> dict[str, Any]:
-    table, meta = _load(path, ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned"])
-    bucket, pruned = _col(table, "bucket"), _col(table, "pruned")
-    loss, conf, q = _col(table, "loss"), _col(table, "confidence"), _col(table, "q")
-    times = _col(table, "times_seen")
-    n = int(bucket.shape[0])
-    alive = ~pruned
-    per_bucket = {}
-    for code, name in enumerate(policy.BUCKET_NAMES):
-        m = alive & (bucket == code)
-        seen = m & np.isfinite(loss)
-        per_bucket[name] = {
-            "count": int(m.sum()), "share": float(m.sum() / n),
-            "mean_loss": float(loss[seen].mean()) if seen.any() else None,
-            "mean_confidence": float(conf[seen].mean()) if seen.any() else None,
-            "mean_q": float(q[m].mean()) if m.any() else None,
-        }
-    edges = [0, 1, 2, 3, 5, 10, 20, 50, 100, 1 << 16]
-    hist = np.histogram(times, bins=edges)[0]
-    return {
-        "path": path, "samples": n, "active": int((alive & (bucket != policy.FREEZE)).sum()),
-        "pruned": int(pruned.sum()), "seen": int(np.isfinite(loss).sum()),
-        "buckets": per_bucket,
-        "times_seen": {f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo): int(c)
-                       for lo, hi, c in zip(edges[:-1], edges[1:], hist)},
-        "sample_passes": int(times.sum(dtype=np.int64)),
-        "forgetting_events": int(_col(table, "forgets").sum(dtype=np.int64)),
-        "epoch": meta.get("epoch"), "step": meta.get("step"), "num_nonfinite": meta.get("num_nonfinite"),
-        "fingerprint": meta.get("fingerprint"), "config": meta.get("config"), "history": meta.get("history", []),
-        "format_version": meta.get("format_version"), "checksum": meta.get("checksum"),
-    }
+    cols, meta = _load_columns(path, _SUMMARY_COLUMNS)
+    return {"path": path, **summary.summarize(cols),
+            **{k: meta.get(k) for k in ("epoch", "step", "num_nonfinite", "fingerprint", "config")},
+            "history": meta.get("history", []), "format_version": meta.get("format_version"),
+            "checksum": meta.get("checksum")}
 
 
 def _top(path: str, kind: str, n: int, index: str | None) -> list[dict[str, Any]]:
-    table, meta = _load(path, ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned",
-                               "frozen_epochs"])
-    idx = _open_index(index, [(path, table.num_rows, meta.get("fingerprint"))]) if index else None
-    bucket, loss, forgets = _col(table, "bucket"), _col(table, "loss"), _col(table, "forgets")
-    pruned = _col(table, "pruned")
-    if kind == "hard":  # confidently wrong first, then by loss
-        cand = np.flatnonzero((bucket == policy.HARD) & ~pruned)
-        order = cand[np.argsort(-np.nan_to_num(loss[cand], nan=-1.0), kind="stable")]
-    elif kind == "forgetful":
-        cand = np.flatnonzero(forgets > 0)
-        order = cand[np.argsort(-forgets[cand].astype(np.int64), kind="stable")]
-    else:
-        frozen_epochs = _col(table, "frozen_epochs")
-        cand = np.flatnonzero((bucket == policy.FREEZE) | pruned)
-        order = cand[np.argsort(-frozen_epochs[cand].astype(np.int64), kind="stable")]
-    order = order[:n]
+    cols, meta = _load_columns(path, _SUMMARY_COLUMNS + ["frozen_epochs"])
+    rows = int(cols["bucket"].shape[0])
+    idx = _open_index(index, [(path, rows, meta.get("fingerprint"))]) if index else None
+    order = summary.top(kind, cols, n)
     keys = [str(k) for k in idx.keys[order]] if idx is not None else [None] * len(order)
-    conf, q, times = _col(table, "confidence"), _col(table, "q"), _col(table, "times_seen")
-    return [{"id": int(i), "key": k, "bucket": policy.BUCKET_NAMES[int(bucket[i])], "pruned": bool(pruned[i]),
-             "loss": None if np.isnan(loss[i]) else float(loss[i]),
-             "confidence": None if np.isnan(conf[i]) else float(conf[i]), "q": float(q[i]),
-             "times_seen": int(times[i]), "forgets": int(forgets[i])} for i, k in zip(order, keys)]
+    loss, conf = cols["loss"], cols["confidence"]
+    return [{"id": int(i), "key": k, "bucket": summary.GROUPS[int(cols["bucket"][i])],
+             "pruned": bool(cols["pruned"][i]), "loss": None if np.isnan(loss[i]) else float(loss[i]),
+             "confidence": None if np.isnan(conf[i]) else float(conf[i]), "q": float(cols["q"][i]),
+             "times_seen": int(cols["times_seen"][i]), "forgets": int(cols["forgets"][i])}
+            for i, k in zip(order, keys)]
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _clip(text: str) -> str:
+    """``text`` on one line (a prompt's newlines would break a table), at most ``_CELL_MAX`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= _CELL_MAX else text[:_CELL_MAX - 3] + "..."
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -231,7 +201,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"state file   {s['path']}")
     print(f"written at   epoch {s['epoch']}, step {s['step']}  (mode {cfg.get('mode')}, preset {cfg.get('name')})")
     # read_table verified the checksum before anything was printed; a format 1 file has none.
-    print(f"checksum     {s['checksum'] + ' (verified)' if s['checksum'] else 'none (format 1 file, written before checksums)'}")
+    checked = s["checksum"] + " (verified)" if s["checksum"] else "none (format 1 file, written before checksums)"
+    print(f"checksum     {checked}")
     if "index" in s:
         what = (f"fingerprint {s['index']['fingerprint']}: matches" if s["index"]["fingerprint"]
                 else "one sample a line: counts match")
@@ -249,167 +220,87 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("times seen   " + "  ".join(f"{k}: {v:,}" for k, v in s["times_seen"].items() if v))
     if s["history"]:
         print()
-        print(f"{'epoch':>5} {'phase':<12} {'step':>7} {'FREEZE':>8} {'LIGHT':>8} {'FOCUS':>8} {'HARD':>8} "
-              f"{'PRUNED':>8} {'loss':>7}")
-        for h in s["history"]:
-            print(f"{h['epoch']:>5} {h['phase']:<12} {h['step']:>7} {h['freeze']:>8,} {h['light']:>8,} "
-                  f"{h['focus']:>8,} {h['hard']:>8,} {h['pruned']:>8,} {_fmt(h.get('mean_loss')):>7}")
+        print("\n".join(format_history(s["history"], detail=True)))
     print()
-    keys = ("freeze_confidence", "freeze_quality", "focus_confidence", "q_value_lr", "min_q_for_freeze",
-            "prune_frozen_after", "recheck_frozen", "keep_frozen")
-    print("config       " + ", ".join(f"{k}={cfg.get(k)}" for k in keys if k in cfg))
+    print("config       " + ", ".join(f"{k}={cfg.get(k)}" for k in _CONFIG_SHOWN if k in cfg))
+
+
+def _print_top(rows: list[dict[str, Any]]) -> None:
+    width = max([24] + [min(len(r["key"] or ""), _CELL_MAX) for r in rows])
+    print(f"{'id':>9} {'key':<{width}} {'bucket':<7} {'loss':>8} {'conf':>6} {'Q':>6} {'seen':>5} {'forgets':>7}")
+    for r in rows:
+        print(f"{r['id']:>9} {_clip(r['key'] or '-'):<{width}} {r['bucket']:<7} {_fmt(r['loss']):>8} "
+              f"{_fmt(r['confidence'], '.2f'):>6} {r['q']:>6.2f} {r['times_seen']:>5} {r['forgets']:>7}")
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
     if ns.top:
-        kind, n = ns.top
-        if kind not in ("hard", "forgetful", "frozen"):
-            raise _Fail(f"--top KIND must be hard, forgetful or frozen, got {kind!r}")
+        kind, text = ns.top
         try:
-            count = int(n)
-        except ValueError:
-            raise _Fail(f"--top N must be an integer >= 0, got {n!r}") from None
-        if count < 0:
-            raise _Fail(f"--top N must be an integer >= 0, got {count}")
-        rows = _top(ns.state, kind, count, ns.index)
+            n = _count(text)
+        except argparse.ArgumentTypeError as e:
+            raise _Fail(f"--top N {e}") from None
+        try:
+            rows = _top(ns.state, kind, n, ns.index)
+        except ValueError as e:  # the kind (the file's errors are _Fail already)
+            raise _Fail(f"--top {e}") from None
         if ns.json:
             print(json.dumps(rows, indent=1))
-            return 0
-        width = max([24] + [min(len(r["key"] or ""), 60) for r in rows])
-        print(f"{'id':>9} {'key':<{width}} {'bucket':<7} {'loss':>8} {'conf':>6} {'Q':>6} {'seen':>5} {'forgets':>7}")
-        for r in rows:
-            key = " ".join((r["key"] or "-").split())  # a prompt's newlines would break the table
-            key = key if len(key) <= 60 else key[:57] + "..."
-            print(f"{r['id']:>9} {key:<{width}} {r['bucket']:<7} {_fmt(r['loss']):>8} "
-                  f"{_fmt(r['confidence'], '.2f'):>6} {r['q']:>6.2f} {r['times_seen']:>5} {r['forgets']:>7}")
+        else:
+            _print_top(rows)
         return 0
-    summary = _summary(ns.state)
+    s = _summary(ns.state)
     if ns.index:
-        idx = _open_index(ns.index, [(ns.state, summary["samples"], summary["fingerprint"])])
-        summary["index"] = {"path": ns.index, "samples": idx.num_samples, "fingerprint": idx.fingerprint}
+        idx = _open_index(ns.index, [(ns.state, s["samples"], s["fingerprint"])])
+        s["index"] = {"path": ns.index, "samples": idx.num_samples, "fingerprint": idx.fingerprint}
     if ns.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(s, indent=1))
     else:
-        _print_summary(summary)
+        _print_summary(s)
     return 0
 
 
 # ---------------------------------------------------------------------- plot
 def cmd_plot(ns: argparse.Namespace) -> int:
-    try:
-        import matplotlib
+    from geko_data import plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.backend_bases import FigureCanvasBase
+    try:
+        formats = plot.file_formats()
     except ImportError:
         raise _Fail("plotting needs matplotlib: pip install 'geko-data[plot]'") from None
     _check_output(ns.output, [ns.state])
-    # The figure is saved under a temporary name first, so the format comes from -o, not from that name.
-    fmt = os.path.splitext(ns.output)[1][1:].lower() or "png"
-    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = plot.file_format(ns.output)
     if fmt not in formats:
         raise _Fail(f"-o {ns.output}: cannot draw .{fmt}, expected one of {', '.join(sorted(formats))}")
-    from geko_data import plot
-
     table, meta = _load(ns.state, plot.COLUMNS)
-    fig = plot.draw(table, meta, name=os.path.basename(ns.state))
     try:
-        with atomic_path(ns.output) as tmp:
-            fig.savefig(tmp, dpi=110, format=fmt)
+        plot.save(table, meta, ns.output, name=os.path.basename(ns.state))
     except OSError as e:
         raise _write_failed(ns.output, e) from None
-    finally:
-        plt.close(fig)
     print(f"wrote {ns.output}")
     return 0
 
 
 # ---------------------------------------------------------------------- export
-def _json_values(col: pa.Array) -> list[pa.Array]:
-    """Arrays whose concatenation spells each value of ``col`` as JSON; a null element stands for ``null``.
-
-    Arrow writes booleans as true/false, integers as digits, and a float as the shortest string that
-    reads back as the same float32 ("0.1", "1e-7", "3.4e+38"), all JSON. But NaN and inf are not JSON
-    (they become null), and an integral float comes out as "2" or "-0", which JSON readers take for an
-    integer (and -0 loses its sign), so it gets a ".0" suffix.
-    """
-    if pa.types.is_dictionary(col.type):  # bucket names: plain ASCII words, quoted as JSON strings
-        return [pa.scalar('"'), pc.cast(col, pa.string()), pa.scalar('"')]
-    if not pa.types.is_floating(col.type):
-        return [pc.cast(col, pa.string())]
-    finite = pc.is_finite(col)
-    if not pc.all(finite).as_py():
-        col = pc.if_else(finite, col, pa.scalar(None, col.type))  # on floats: far cheaper than on strings
-    text = pc.cast(col, pa.string())
-    integral = pc.fill_null(pc.equal(col, pc.floor(col)), False)
-    if not pc.any(integral).as_py():
-        return [text]
-    if pc.any(pc.and_(integral, pc.greater_equal(pc.abs(col), 1e7))).as_py():
-        # Large integral floats may be written "1e+15", which needs no suffix; smaller ones never use e.
-        integral = pc.and_(integral, pc.invert(pc.fill_null(pc.match_substring(text, "e"), True)))
-    return [text, pc.if_else(integral, pa.scalar(".0"), pa.scalar(""))]
-
-
-def _repeat(text: str, n: int) -> pa.Array:
-    """A string array of ``n`` copies of ``text``, built from buffers (``pa.array([text] * n)`` is slow)."""
-    data = text.encode()
-    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data * n))
-
-
-_JSONL_BATCH = 1 << 18  # rows formatted at a time: ~50 MB of text
-
-
-def _jsonl_chunk(batch: pa.RecordBatch, consts: list[pa.Array]) -> memoryview:
-    """One JSON object per row of ``batch``, newline-terminated, as one contiguous buffer.
-
-    ``consts`` are the key prefixes (``{"loss":``, ``,"loss_ema":``, ...) and the closing ``}\n`` as
-    arrays of the batch's length: the join kernel is about twice as fast with arrays as with scalars.
-    """
-    parts: list[pa.Array] = []
-    for head, col in zip(consts, batch.columns):
-        parts += [head, *_json_values(col)]
-    parts.append(consts[-1])
-    lines = pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="null")
-    # A string array keeps its values back to back: write them whole instead of line by line.
-    _, offsets_buf, data = lines.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int32, len(lines) + 1, 4 * lines.offset)
-    return memoryview(data)[offsets[0]:offsets[-1]]
-
-
 def _write_jsonl(table: pa.Table, path: str) -> None:
-    texts = [("{" if i == 0 else ",") + json.dumps(name) + ":" for i, name in enumerate(table.column_names)]
-    texts.append("}\n")
-    consts: dict[int, list[pa.Array]] = {}  # by batch length: all batches but the last have the same
-    workers = min(2, os.cpu_count() or 1)
-    # Arrow's kernels release the GIL: the next batches are formatted on other threads while one is
-    # written. At most workers + 1 batches are in memory at a time.
-    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in table.to_batches(max_chunksize=_JSONL_BATCH):
-            n = batch.num_rows
-            if n not in consts:
-                consts[n] = [_repeat(t, n) for t in texts]
-            pending.append(pool.submit(_jsonl_chunk, batch, consts[n]))
-            if len(pending) > workers:
-                f.write(pending.popleft().result())
-        while pending:
-            f.write(pending.popleft().result())
+    """One JSON object per row, keys in column order. polars writes what the hand-made writer did: a float32 as
+    the shortest text that reads back as the same float32 ("0.1"), NaN and inf (not JSON) as null, an integral
+    float as "2.0" (so readers keep the column a float and -0.0 its sign), bucket names as strings."""
+    import polars as pl
+
+    pl.from_arrow(table).write_ndjson(path)
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    if ns.to == "jsonl":
+        try:
+            import polars  # noqa: F401 - checked before any work, like -o
+        except ImportError:
+            raise _Fail("jsonl export needs polars: pip install 'geko-data[jsonl]'") from None
     _check_output(ns.output, [ns.state])
     # Every column, also those a newer writer adds (e.g. the current epoch's plan).
     table, _ = _load(ns.state)
     table = table.replace_schema_metadata(None)
-    if ns.to == "jsonl":
-        for field in table.schema:
-            t = field.type
-            if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
-                    or field.name == "bucket"):
-                raise _Fail(f"{ns.state}: column {field.name!r} has type {t}; jsonl export writes boolean, "
-                            f"integer and float columns")
     try:
         with atomic_path(ns.output) as tmp:
             if ns.to == "parquet":
@@ -443,9 +334,18 @@ def _index_table(idx: Any) -> pa.Table:
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return format(v, ".6g")
-    return " ".join(str(v).split())  # a prompt's newlines would break the table
+    return format(v, ".6g") if isinstance(v, float) else _clip(str(v))
+
+
+def _print_rows(result: pa.Table) -> None:
+    """A query's result as an aligned text table, then its row count."""
+    rows = [[_cell(v) for v in row.values()] for row in result.to_pylist()]
+    names = result.column_names
+    widths = [max([len(name)] + [len(r[j]) for r in rows]) for j, name in enumerate(names)]
+    print("  ".join(f"{name:<{w}}" for name, w in zip(names, widths)).rstrip())
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip())
+    print(f"({result.num_rows:,} row{'s' if result.num_rows != 1 else ''})")
 
 
 def cmd_sql(ns: argparse.Namespace) -> int:
@@ -477,58 +377,55 @@ def cmd_sql(ns: argparse.Namespace) -> int:
     elif ns.format == "json":
         print(json.dumps(result.to_pylist(), indent=1, default=str))
     else:
-        rows = [[_cell(v) for v in row.values()] for row in result.to_pylist()]
-        widths = [max([len(name)] + [min(len(r[j]), 60) for r in rows]) for j, name in enumerate(result.column_names)]
-        print("  ".join(f"{name:<{w}}" for name, w in zip(result.column_names, widths)).rstrip())
-        for r in rows:
-            print("  ".join(f"{(c if len(c) <= 60 else c[:57] + '...'):<{w}}" for c, w in zip(r, widths)).rstrip())
-        print(f"({result.num_rows:,} row{'s' if result.num_rows != 1 else ''})")
+        _print_rows(result)
     return 0
 
 
 # ---------------------------------------------------------------------- diff
-def cmd_diff(ns: argparse.Namespace) -> int:
-    ta, ma = _load(ns.a, ["bucket", "pruned"])
-    tb, mb = _load(ns.b, ["bucket", "pruned"])
-    n = ta.num_rows
-    if n != tb.num_rows:
-        raise _Fail(f"{ns.a} has {n:,} samples, {ns.b} has {tb.num_rows:,}: not the same data")
-    if ma.get("fingerprint") != mb.get("fingerprint"):
-        print(f"warning: the files have different shard fingerprints ({ma.get('fingerprint')} vs "
-              f"{mb.get('fingerprint')})", file=sys.stderr)
-    idx = None
-    if ns.index:
-        idx = _open_index(ns.index, [(ns.a, n, ma.get("fingerprint")), (ns.b, n, mb.get("fingerprint"))])
-    names = list(policy.BUCKET_NAMES) + ["PRUNED"]
-    # Bucket codes are 0-3 (checked in _load) and pruned is 4, so a * 5 + b indexes the 5 x 5 matrix.
-    a = np.where(_col(ta, "pruned"), _PRUNED, _col(ta, "bucket")).astype(np.int64)
-    b = np.where(_col(tb, "pruned"), _PRUNED, _col(tb, "bucket")).astype(np.int64)
-    matrix = np.bincount(a * 5 + b, minlength=25).reshape(5, 5)
-    newly = np.flatnonzero((a != _PRUNED) & (b == _PRUNED))
+def _print_diff(ns: argparse.Namespace, ma: dict[str, Any], mb: dict[str, Any], matrix: np.ndarray,
+                newly: np.ndarray, keys: list[str] | None) -> None:
+    moved, n = int(matrix.sum() - np.trace(matrix)), int(matrix.sum())
     listed = newly[:ns.list]
-    keys = [str(k) for k in idx.keys[listed]] if idx is not None else None
-    moved = int((a != b).sum())
-    if ns.json:
-        out: dict[str, Any] = {
-            "samples": n, "moved": moved, "newly_pruned": int(newly.size),
-            "transitions": {f"{names[i]}->{names[j]}": int(matrix[i, j])
-                            for i in range(5) for j in range(5) if matrix[i, j]},
-            "newly_pruned_ids": listed.tolist()}
-        if keys is not None:
-            out["newly_pruned_keys"] = keys
-        print(json.dumps(out, indent=1))
-        return 0
     print(f"{ns.a} (epoch {ma.get('epoch')}) -> {ns.b} (epoch {mb.get('epoch')})")
     print(f"{moved:,} of {n:,} samples changed bucket; {newly.size:,} newly pruned\n")
-    print("from \\ to " + "".join(f"{name:>9}" for name in names))
-    for i, name in enumerate(names):
-        print(f"{name:<10}" + "".join(f"{matrix[i, j]:>9,}" for j in range(5)))
+    print("from \\ to " + "".join(f"{name:>9}" for name in summary.GROUPS))
+    for i, name in enumerate(summary.GROUPS):
+        print(f"{name:<10}" + "".join(f"{c:>9,}" for c in matrix[i]))
     if listed.size:
         more = f", first {listed.size:,}" if listed.size < newly.size else ""
         print(f"\nnewly pruned ({newly.size:,}{more}):")
         print(f"{'id':>9}" + (" key" if keys is not None else ""))
         for j, i in enumerate(listed):
             print(f"{int(i):>9}" + (f" {keys[j]}" if keys is not None else ""))
+
+
+def cmd_diff(ns: argparse.Namespace) -> int:
+    a, ma = _load_columns(ns.a, ["bucket", "pruned"])
+    b, mb = _load_columns(ns.b, ["bucket", "pruned"])
+    n, nb = a["bucket"].shape[0], b["bucket"].shape[0]
+    if n != nb:
+        raise _Fail(f"{ns.a} has {n:,} samples, {ns.b} has {nb:,}: not the same data")
+    if ma.get("fingerprint") != mb.get("fingerprint"):
+        print(f"warning: the files have different shard fingerprints ({ma.get('fingerprint')} vs "
+              f"{mb.get('fingerprint')})", file=sys.stderr)
+    idx = None
+    if ns.index:
+        idx = _open_index(ns.index, [(ns.a, n, ma.get("fingerprint")), (ns.b, n, mb.get("fingerprint"))])
+    matrix, newly = summary.transitions(summary.groups(a["bucket"], a["pruned"]),
+                                        summary.groups(b["bucket"], b["pruned"]))
+    listed = newly[:ns.list]
+    keys = [str(k) for k in idx.keys[listed]] if idx is not None else None
+    if not ns.json:
+        _print_diff(ns, ma, mb, matrix, newly, keys)
+        return 0
+    names = summary.GROUPS
+    out: dict[str, Any] = {
+        "samples": n, "moved": int(matrix.sum() - np.trace(matrix)), "newly_pruned": int(newly.size),
+        "transitions": {f"{names[i]}->{names[j]}": int(c) for (i, j), c in np.ndenumerate(matrix) if c},
+        "newly_pruned_ids": listed.tolist()}
+    if keys is not None:
+        out["newly_pruned_keys"] = keys
+    print(json.dumps(out, indent=1))
     return 0
 
 
@@ -572,12 +469,13 @@ def _index_remote(ns: argparse.Namespace) -> int:
 
 
 def _count(text: str) -> int:
+    """An integer >= 0 given on the command line (``--list``, ``--top``'s N)."""
     try:
         n = int(text)
     except ValueError:
-        n = -1
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {n}")
     return n
 
 

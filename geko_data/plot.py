@@ -9,15 +9,17 @@ the plot labels (how many, up to which loss). The Q axis spans the Q values pres
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from geko_data import policy
-from geko_data.state import _values
+from geko_data.atomic import atomic_path
+from geko_data.statefile import column_values
+from geko_data.summary import GROUPS, groups
 
-__all__ = ["COLUMNS", "COLORS", "draw"]
+__all__ = ["COLUMNS", "COLORS", "draw", "file_format", "file_formats", "save"]
 
 #: The state columns ``draw`` reads.
 COLUMNS = ["loss", "confidence", "q", "bucket", "pruned"]
@@ -27,6 +29,34 @@ _SCATTER_MAX = 20_000  # a scatter of millions of points says nothing more and t
 _BINS = 50
 
 
+def file_formats() -> list[str]:
+    """The image formats matplotlib writes (png, svg, pdf, ...); ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return list(FigureCanvasBase.get_supported_filetypes())
+
+
+def file_format(path: str) -> str:
+    """The format a figure saved at ``path`` gets: its extension (png without one)."""
+    return os.path.splitext(path)[1][1:].lower() or "png"
+
+
+def save(table: pa.Table, meta: dict[str, Any], path: str, *, name: str) -> None:
+    """Draw the state (see ``draw``) and write it to ``path`` atomically, in the format of its extension."""
+    import matplotlib.pyplot as plt
+
+    fig = draw(table, meta, name=name)
+    try:
+        # Saved under a temporary name first, so the format comes from ``path``, not from that name.
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=file_format(path))
+    finally:
+        plt.close(fig)
+
+
 def draw(table: pa.Table, meta: dict[str, Any], *, name: str) -> Any:
     """The three-panel figure of a state (``table`` holding at least ``COLUMNS``; ``meta`` its metadata).
 
@@ -34,18 +64,18 @@ def draw(table: pa.Table, meta: dict[str, Any], *, name: str) -> Any:
     """
     import matplotlib.pyplot as plt
 
-    bucket, pruned = _values(table, "bucket"), _values(table, "pruned")
-    loss, conf, q = _values(table, "loss"), _values(table, "confidence"), _values(table, "q")
+    bucket, pruned = column_values(table, "bucket"), column_values(table, "pruned")
+    loss, conf, q = column_values(table, "loss"), column_values(table, "confidence"), column_values(table, "q")
     # A pruned sample keeps bucket code FREEZE in the file; every panel draws it as its own grey PRUNED
     # group, never as FREEZE.
-    groups = {"PRUNED": pruned}
-    groups.update((n, ~pruned & (bucket == code)) for code, n in enumerate(policy.BUCKET_NAMES))
-    counts = {n: int(m.sum()) for n, m in groups.items()}
+    code = groups(bucket, pruned)
+    members = {g: code == c for c, g in enumerate(GROUPS)}
+    counts = {g: int(m.sum()) for g, m in members.items()}
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     _shares(axes[0], meta.get("history", []))
     seen = np.isfinite(loss)
-    _losses(axes[1], loss, seen, groups)
-    _q_vs_confidence(axes[2], conf, q, seen, groups)
+    _losses(axes[1], loss, seen, members)
+    _q_vs_confidence(axes[2], conf, q, seen, members)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[n]) for n in _ORDER]
     fig.legend(handles, [f"{n} ({counts[n]:,})" for n in _ORDER], loc="lower center", ncol=5, fontsize=9,
                frameon=False)
@@ -80,7 +110,7 @@ def _shares(ax: Any, hist: list[dict[str, Any]]) -> None:
     ax.set(title="Bucket shares per epoch", xlabel="epoch", ylabel="share of samples", ylim=(0, 1))
 
 
-def _losses(ax: Any, loss: np.ndarray, seen: np.ndarray, groups: dict[str, np.ndarray]) -> None:
+def _losses(ax: Any, loss: np.ndarray, seen: np.ndarray, members: dict[str, np.ndarray]) -> None:
     from matplotlib.ticker import FuncFormatter
 
     if not seen.any():
@@ -97,7 +127,7 @@ def _losses(ax: Any, loss: np.ndarray, seen: np.ndarray, groups: dict[str, np.nd
     width = (hi - lo) / _BINS
     bins = np.linspace(lo, hi + (width if tail else 0.0), _BINS + 1 + int(tail))
     for n in _ORDER:
-        m = seen & groups[n]
+        m = seen & members[n]
         if m.any():  # outlines, not filled bars: a small bucket stays visible over a large one
             x = np.minimum(loss[m], hi + width / 2) if tail else loss[m]
             ax.hist(x, bins=bins, histtype="step", linewidth=1.6, color=COLORS[n], label=n)
@@ -114,13 +144,13 @@ def _losses(ax: Any, loss: np.ndarray, seen: np.ndarray, groups: dict[str, np.nd
 
 
 def _q_vs_confidence(ax: Any, conf: np.ndarray, q: np.ndarray, seen: np.ndarray,
-                     groups: dict[str, np.ndarray]) -> None:
+                     members: dict[str, np.ndarray]) -> None:
     idx = np.flatnonzero(seen)
     if idx.size > _SCATTER_MAX:
         idx = np.sort(np.random.default_rng(0).choice(idx, _SCATTER_MAX, replace=False))
     # The smallest groups last, so that a few HARD points are not buried under thousands of FREEZE ones.
-    for n in sorted(_ORDER, key=lambda n: -int(groups[n][idx].sum())):
-        m = idx[groups[n][idx]]
+    for n in sorted(_ORDER, key=lambda n: -int(members[n][idx].sum())):
+        m = idx[members[n][idx]]
         if m.size:
             ax.scatter(conf[m], q[m], s=8, alpha=0.6, color=COLORS[n], linewidths=0, label=n)
     ax.set(title=f"Q vs confidence ({idx.size:,} samples)", xlabel="confidence", ylabel="Q", xlim=(0, 1))

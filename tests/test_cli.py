@@ -210,10 +210,7 @@ def assert_rows_match(rows, table):
             assert got == col.tolist() and all(type(v) is int for v in got), name
 
 
-@pytest.mark.parametrize("batch", [None, 7])
-def test_export_jsonl_round_trips_every_value(tmp_path, capsys, monkeypatch, batch):
-    if batch:  # several batches, formatted on worker threads, must come out whole and in order
-        monkeypatch.setattr(cli, "_JSONL_BATCH", batch)
+def test_export_jsonl_round_trips_every_value(tmp_path, capsys):
     s = special_values_state(tmp_path / "s.arrow")
     code, out, _ = run(capsys, "export", tmp_path / "s.arrow", "--to", "jsonl", "-o", tmp_path / "s.jsonl")
     assert code == 0 and "50 rows" in out
@@ -246,6 +243,32 @@ def test_export(tmp_path, capsys, fmt):
     else:
         assert_rows_match([json.loads(line) for line in out.read_text().splitlines()], table)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.arrow", out.name])  # no temp file left
+
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "export")
+
+
+@pytest.mark.parametrize("name", ["trained", "special"])
+def test_jsonl_export_is_the_reference_bytes(tmp_path, capsys, name):
+    # tests/data/export/NAME.jsonl was written from NAME.arrow by the hand-made Arrow formatter jsonl export
+    # used before polars writes it: a trained state and one of NaN, denormals, float32 extremes and -0.0.
+    code, _, err = run(capsys, "export", os.path.join(REFERENCE, f"{name}.arrow"), "--to", "jsonl",
+                       "-o", tmp_path / "out.jsonl")
+    assert code == 0, err
+    with open(os.path.join(REFERENCE, f"{name}.jsonl"), "rb") as f:
+        assert (tmp_path / "out.jsonl").read_bytes() == f.read()
+
+
+def test_jsonl_export_without_polars_names_the_extra(tmp_path):
+    make_state(tmp_path / "s.arrow", n=20, epochs=1)
+    # None in sys.modules makes `import polars` raise ImportError, as if it were not installed.
+    code = ("import sys; sys.modules['polars'] = None; from geko_data.cli import main; "
+            f"sys.exit(main(['export', {str(tmp_path / 's.arrow')!r}, '--to', 'jsonl', '-o', "
+            f"{str(tmp_path / 's.jsonl')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert "polars" in proc.stderr and "pip install 'geko-data[jsonl]'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.arrow"]
 
 
 def test_export_failure_keeps_the_old_file(tmp_path, capsys, monkeypatch):
@@ -537,7 +560,7 @@ def test_inspect_shows_the_verified_checksum_and_refuses_a_changed_file(tmp_path
 
 @pytest.mark.timeout(30)
 def test_a_fifo_as_state_is_one_line_at_once(tmp_path, capsys):
-    from test_state import unblock_fifo_later
+    from test_statefile import unblock_fifo_later
 
     os.mkfifo(tmp_path / "state.arrow")
     timer = unblock_fifo_later(tmp_path / "state.arrow")
