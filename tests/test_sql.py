@@ -63,3 +63,19 @@ def test_missing_duckdb_names_the_extra(tmp_path, state):
             f"sys.exit(main(['sql', {str(path)!r}, 'SELECT 1']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "pip install 'geko-data[sql]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_jsonl_as_the_index_view(tmp_path, capsys, state):
+    path, s = state
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(60):
+            if i == 3:
+                f.write("\n")  # a blank line numbers no sample, as in the reference loop
+            f.write(json.dumps({"prompt": f"Q{i}", "completion": f" {i}", "meta": {"n": i}}) + "\n")
+    code, out, err = run(capsys, "sql", path, "SELECT id, line, prompt, meta, bucket FROM state JOIN index USING (id) "
+                         "WHERE id IN (2, 3) ORDER BY id", "--index", tmp_path / "train.jsonl", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out) == [
+        {"id": 2, "line": 3, "prompt": "Q2", "meta": '{"n": 2}', "bucket": policy.BUCKET_NAMES[s.bucket[2]]},
+        {"id": 3, "line": 5, "prompt": "Q3", "meta": '{"n": 3}', "bucket": policy.BUCKET_NAMES[s.bucket[3]]}]
+
