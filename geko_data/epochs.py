@@ -18,8 +18,10 @@ from geko_data.efficiency import efficiency_report, format_efficiency_report
 from geko_data.feedback import Feedback
 from geko_data.plan import EpochPlan, epoch_plan
 from geko_data.state import SampleState, check_fingerprint
+from geko_data.validate import check_instance, check_int
 from geko_data.world import World
 
+# check_int is re-exported for the integrations that import it from here.
 __all__ = ["EpochDriver", "check_int"]
 
 STATE_DICT_VERSION = 1
@@ -28,26 +30,52 @@ STATE_DICT_VERSION = 1
 COVERAGE_WARN_BELOW = 0.75
 
 
-def check_int(name: str, value: Any, lo: int, *, optional: bool = False) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int >= ``lo`` (or None when ``optional``)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        allowed = f"None or an int >= {lo}" if optional else f"an int >= {lo}"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-
-
 class EpochDriver:
-    """Base of the sampler and the stream. Subclasses set ``state``, ``feedback``, ``world``, ``seed``,
-    ``total_epochs``, ``epoch_length`` and ``epoch`` in their constructors."""
+    """Base of the sampler and the stream: the state, feedback, seed and ranks, and moving between epochs.
 
-    state: SampleState
-    feedback: Feedback
-    world: World
-    seed: int
-    total_epochs: int
-    epoch_length: int | None
-    epoch: int
+    Args:
+        num_samples: samples in the data (the state's length).
+        total_epochs: planned epochs (sets the curriculum's progress).
+        config: the policy. Defaults to ``state.config``, or ``GEKOConfig()`` for a fresh state; with a
+            ``state`` it must equal ``state.config`` (a state keeps the policy it was built or loaded
+            with; the caller's state is never changed behind its back).
+        seed: seed of every random choice.
+        state: an existing ``SampleState`` of ``num_samples`` samples. Defaults to a fresh one.
+        world: the ranks (its DataLoader worker fields are filled in where the data is read).
+        epoch_length: draws per epoch over all ranks (``None``: the active count).
+        fingerprint: a name of the data, checked against the state's; a state without one is given it
+            so its files name their data. Defaults to ``None``.
+        data_name: how messages name the data (``"`data_source` has"``, ``"the shards hold"``).
+    """
+
+    def __init__(self, *, num_samples: int, total_epochs: int, config: GEKOConfig | None, seed: int,
+                 state: SampleState | None, world: World, epoch_length: int | None,
+                 fingerprint: str | None = None, data_name: str = "the data has") -> None:
+        check_int("total_epochs", total_epochs, 1)
+        check_int("seed", seed, 0)
+        check_int("epoch_length", epoch_length, 1, optional=True)
+        check_instance("config", config, GEKOConfig)
+        check_instance("world", world, World, optional=False)
+        check_instance("state", state, SampleState)
+        if state is None:
+            state = SampleState(num_samples, config=config, fingerprint=fingerprint)
+        else:
+            if len(state) != num_samples:
+                raise ValueError(f"`state` holds {len(state)} samples but {data_name} {num_samples}")
+            check_fingerprint(state.fingerprint, fingerprint, where="`state`")
+            if config is not None and config != state.config:
+                raise ValueError(f"`config` {config!r} differs from the policy of `state` {state.config!r}: pass "
+                                 f"config=None to keep the state's, or load the state with the new one "
+                                 f"(SampleState.load(path, config=...))")
+            if state.fingerprint is None:
+                state.fingerprint = fingerprint  # names the data in the state's files from now on
+        self.state = state
+        self.feedback = Feedback(state)
+        self.world = world
+        self.seed = int(seed)
+        self.total_epochs = int(total_epochs)
+        self.epoch_length = epoch_length
+        self.epoch = -1
     # (epoch, feedback rows before it, its planned draws) of the current epoch; rows None: a resumed epoch,
     # whose reports before the checkpoint this process never saw, is not watched.
     _coverage: tuple[int, int | None, int] | None = None

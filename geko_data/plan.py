@@ -18,6 +18,7 @@ import numpy as np
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
+from geko_data.world import World
 
 __all__ = [
     "EpochPlan",
@@ -25,12 +26,17 @@ __all__ = [
     "PURPOSE_ROUND",
     "PURPOSE_SHARDS",
     "PURPOSE_WORKER",
+    "ShardLayout",
     "epoch_plan",
     "global_order",
     "pad_to_multiple",
+    "partition",
+    "rank_order",
     "rank_slice",
     "rng",
+    "shard_positions",
     "stochastic_round",
+    "worker_share",
 ]
 
 # Distinct streams of randomness for distinct decisions, so that changing one
@@ -85,13 +91,20 @@ class EpochPlan:
         return int(np.count_nonzero(self.counts))
 
 
+#: Elements per step of the planning loops: their temporaries stay a few MB at any number of samples (whole-array
+#: float64 temporaries cost 800 MB each at 100M samples), and the generator draws the same numbers in steps.
+_CHUNK = 1 << 20
+
+
 def stochastic_round(expected: np.ndarray, generator: np.random.Generator) -> np.ndarray:
-    """floor(x) plus 1 with probability frac(x): an integer count whose expectation is exactly x."""
-    expected = np.asarray(expected, dtype=np.float64)
-    base = np.floor(expected)
-    frac = expected - base
-    bump = generator.random(expected.shape[0]) < frac
-    return (base + bump).astype(np.int32)
+    """floor(x) plus 1 with probability frac(x): an integer count whose expectation is exactly x; int32."""
+    expected = np.asarray(expected)
+    out = np.empty(expected.shape[0], dtype=np.int32)
+    for a in range(0, expected.shape[0], _CHUNK):
+        base = np.floor(np.asarray(expected[a:a + _CHUNK], dtype=np.float64))
+        bump = generator.random(base.shape[0]) < (expected[a:a + _CHUNK] - base)
+        out[a:a + _CHUNK] = np.add(base, bump, out=base)
+    return out
 
 
 def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: GEKOConfig | None = None,
@@ -109,8 +122,19 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
 
 
 def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """Every draw of the epoch as sample ids, shape (total,) int64; repeats are spread by the shuffle."""
-    order = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
+    """Every draw of the epoch as sample ids, shape (total,); repeats are spread by the shuffle.
+
+    int32 when every id fits (half the memory of int64, and the same permutation: the shuffle's draws do
+    not depend on the dtype), int64 past 2**31 samples.
+    """
+    n = counts.shape[0]
+    dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+    order = np.empty(int(np.sum(counts, dtype=np.int64)), dtype=dtype)
+    pos = 0
+    for a in range(0, n, _CHUNK):  # np.repeat converts its counts to int64: one chunk at a time
+        part = np.repeat(np.arange(a, min(a + _CHUNK, n), dtype=dtype), counts[a:a + _CHUNK])
+        order[pos:pos + part.shape[0]] = part
+        pos += part.shape[0]
     if shuffle:
         rng(seed, epoch, PURPOSE_ORDER).shuffle(order)
     return order
@@ -136,3 +160,94 @@ def rank_slice(order: np.ndarray, *, rank: int, world_size: int, contiguous: boo
         per_rank = padded.shape[0] // world_size
         return padded[rank * per_rank:(rank + 1) * per_rank]
     return padded[rank::world_size]
+
+
+# ------------------------------------------------------------------ partition: who reads which sample where
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where the samples of a sharded source live, for a stream's reading order.
+
+    Args:
+        sample_shard: (N,) the shard of every sample id; ids are grouped by shard, in shard order.
+        num_shards: number of shards (> every value of ``sample_shard``).
+        shuffle_buffer: block size of the sample shuffle after the rank split. Defaults to ``512``.
+    """
+
+    sample_shard: np.ndarray
+    num_shards: int
+    shuffle_buffer: int = 512
+
+    def __post_init__(self) -> None:
+        for name, lo in (("num_shards", 1), ("shuffle_buffer", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
+        shard = np.asarray(self.sample_shard)
+        # A stream reads each shard front to back: ids must be grouped by shard, in shard order.
+        if shard.ndim != 1 or (shard.size and (shard[0] < 0 or shard[-1] >= self.num_shards
+                                               or (np.diff(shard) < 0).any())):
+            raise ValueError(f"`sample_shard` must be a 1-d array of shard numbers in [0, {self.num_shards}) "
+                             f"grouped by shard in shard order, got {shard!r}")
+
+
+def shard_positions(num_shards: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """(num_shards,) the place at which each shard is visited in ``epoch`` (identity without ``shuffle``)."""
+    position = np.arange(num_shards)
+    if shuffle:
+        position[rng(seed, epoch, PURPOSE_SHARDS).permutation(num_shards)] = np.arange(num_shards)
+    return position
+
+
+def rank_order(counts: np.ndarray, *, world: World, seed: int, epoch: int, shuffle: bool = True,
+               shards: ShardLayout | None = None, shard_position: np.ndarray | None = None) -> np.ndarray:
+    """``world.rank``'s sample ids for the epoch in yield order, (per_rank,) int64 (pure; workers ignored).
+
+    Without ``shards`` (a map-style sampler): every draw in one seeded shuffle, ranks strided as
+    DistributedSampler. With ``shards`` (a stream): shards in a seeded order (``shard_position``, when the
+    caller already has the epoch's ``shard_positions``), samples in file order with repeats adjacent, ranks
+    in contiguous slices (reads stay within few shards), then a block shuffle of ``shards.shuffle_buffer``
+    that spreads repeats while keeping reads local. Every rank gets the same length (padded by repetition).
+    """
+    if shards is None:
+        order = global_order(counts, seed=seed, epoch=epoch, shuffle=shuffle)  # (total,)
+        return rank_slice(order, rank=world.rank, world_size=world.world_size)  # (per_rank,)
+    if shards.sample_shard.shape[0] != counts.shape[0]:
+        raise ValueError(f"`sample_shard` has {shards.sample_shard.shape[0]} samples, the plan "
+                         f"{counts.shape[0]}")
+    if shard_position is None:
+        shard_position = shard_positions(shards.num_shards, seed=seed, epoch=epoch, shuffle=shuffle)
+    ids = np.flatnonzero(counts)  # (active,) ascending id = shard order, then file order
+    ids = ids[np.argsort(shard_position[shards.sample_shard[ids]], kind="stable")]
+    seq = np.repeat(ids, counts[ids])  # (total,)
+    mine = rank_slice(seq, rank=world.rank, world_size=world.world_size, contiguous=True)  # (per_rank,)
+    if shuffle and mine.shape[0] > 1:
+        noise = rng(seed, epoch, PURPOSE_ORDER, world.rank).random(mine.shape[0])
+        block = np.arange(mine.shape[0]) // shards.shuffle_buffer
+        mine = mine[np.lexsort((noise, block))]
+    return mine
+
+
+def worker_share(order: np.ndarray, *, world: World, batch_size: int = 1, start: int = 0) -> np.ndarray:
+    """``world.worker``'s part of a rank's ``order`` from position ``start``, (<= ceil(rest / num_workers),).
+
+    Batch j of what is left goes to worker ``j % num_workers``: exactly how the DataLoader's round-robin
+    collects batches, so the loop sees the rank order itself whatever the number of workers, and a resume
+    after ``start`` samples deals what is left the same way.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    rest = order[start:]  # (rest,)
+    if world.num_workers == 1:
+        return rest
+    return rest[(np.arange(rest.shape[0]) // batch_size) % world.num_workers == world.worker]
+
+
+def partition(counts: np.ndarray, *, world: World, seed: int, epoch: int, shuffle: bool = True,
+              shards: ShardLayout | None = None, batch_size: int = 1, start: int = 0) -> np.ndarray:
+    """The sample ids ``world`` (its rank and DataLoader worker) yields in ``epoch``, in order (pure).
+
+    ``counts`` (N,) is the epoch's plan. ``rank_order`` splits it by rank, ``worker_share`` by worker;
+    see them for the sampler's and the stream's orders.
+    """
+    order = rank_order(counts, world=world, seed=seed, epoch=epoch, shuffle=shuffle, shards=shards)
+    return worker_share(order, world=world, batch_size=batch_size, start=start)

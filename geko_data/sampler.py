@@ -27,14 +27,17 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from geko_data.config import GEKOConfig
-from geko_data.epochs import EpochDriver, check_int
-from geko_data.feedback import Feedback
-from geko_data.plan import EpochPlan, global_order, rank_slice
+from geko_data.epochs import EpochDriver
+from geko_data.plan import EpochPlan, rank_order
 from geko_data.shared import SharedPlan
-from geko_data.state import SampleState, check_fingerprint
+from geko_data.state import SampleState
+from geko_data.validate import check_int
 from geko_data.world import World
 
 __all__ = ["GEKOSampler", "WeightedDataset"]
+
+#: Indices converted to Python ints at a time by ``__iter__``.
+_ITER_CHUNK = 1 << 16
 
 
 class WeightedDataset(Dataset):
@@ -82,6 +85,39 @@ class WeightedDataset(Dataset):
         return [self._tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
 
 
+def _num_samples(data_source: Any) -> int:
+    if isinstance(data_source, bool):
+        raise TypeError(f"`data_source` must be a sized dataset or an int, got {data_source!r}")
+    if isinstance(data_source, (int, np.integer)):
+        num_samples = int(data_source)
+    elif hasattr(data_source, "__len__"):
+        num_samples = len(data_source)
+    else:
+        raise TypeError(f"`data_source` must be a sized dataset or an int, got {type(data_source).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"`data_source` must hold at least 1 sample, got {num_samples}")
+    return num_samples
+
+
+def _sampler_world(world: World | None, num_replicas: Any, rank: Any) -> World:
+    """The sampler's ranks: ``world``, or DistributedSampler's ``num_replicas`` / ``rank`` (each defaulting to
+    torch.distributed's); never both."""
+    if world is not None:
+        if not isinstance(world, World):
+            raise TypeError(f"`world` must be a World or None, got {type(world).__name__}")
+        if num_replicas is not None or rank is not None:
+            raise ValueError(f"pass either `world` ({world}) or `num_replicas`/`rank` ({num_replicas}/{rank}), "
+                             f"not both")
+        return World(rank=world.rank, world_size=world.world_size)  # the DataLoader splits among workers
+    if num_replicas is None or rank is None:  # explicit ranks need no process group
+        detected = World.detect()
+        num_replicas = detected.world_size if num_replicas is None else num_replicas
+        rank = detected.rank if rank is None else rank
+    check_int("num_replicas", num_replicas, 1)
+    check_int("rank", rank, 0, num_replicas - 1)
+    return World(rank=int(rank), world_size=int(num_replicas))
+
+
 class GEKOSampler(EpochDriver, Sampler[int]):
     """Yields this rank's dataset indices of the current epoch's GEKO plan.
 
@@ -90,8 +126,10 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         total_epochs: planned epochs (sets the curriculum's progress).
         config: the policy. Defaults to ``GEKOConfig()`` (or ``state.config`` when ``state`` is given).
         seed: seed of every random choice (with epoch and rank). Defaults to ``0``.
-        num_replicas: number of ranks. Defaults to the torch.distributed world size (1 without it).
+        num_replicas: number of ranks (DistributedSampler's name). Defaults to the torch.distributed world size
+            (1 without it).
         rank: this rank. Defaults to the torch.distributed rank (0 without it).
+        world: the ranks as a ``World`` (instead of ``num_replicas`` / ``rank``). Defaults to ``None``.
         state: an existing ``SampleState`` (e.g. loaded from a checkpoint). Defaults to a fresh one.
         epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
         shuffle: shuffle the epoch's order. Defaults to ``True``.
@@ -103,56 +141,19 @@ class GEKOSampler(EpochDriver, Sampler[int]):
 
     def __init__(self, data_source: Sized | int, *, total_epochs: int, config: GEKOConfig | None = None,
                  seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
-                 state: SampleState | None = None, epoch_length: int | None = None, shuffle: bool = True,
-                 fingerprint: str | None = None) -> None:
-        if isinstance(data_source, bool):
-            raise TypeError(f"`data_source` must be a sized dataset or an int, got {data_source!r}")
-        if isinstance(data_source, (int, np.integer)):
-            num_samples = int(data_source)
-        elif hasattr(data_source, "__len__"):
-            num_samples = len(data_source)
-        else:
-            raise TypeError(f"`data_source` must be a sized dataset or an int, got {type(data_source).__name__}")
-        if num_samples < 1:
-            raise ValueError(f"`data_source` must hold at least 1 sample, got {num_samples}")
-        check_int("total_epochs", total_epochs, 1)
-        check_int("seed", seed, 0)
-        check_int("epoch_length", epoch_length, 1, optional=True)
-        if config is not None and not isinstance(config, GEKOConfig):
-            raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+                 world: World | None = None, state: SampleState | None = None, epoch_length: int | None = None,
+                 shuffle: bool = True, fingerprint: str | None = None) -> None:
+        num_samples = _num_samples(data_source)
         if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
             raise ValueError(f"`fingerprint` must be a non-empty str or None, got {fingerprint!r}")
-        if state is not None:
-            if not isinstance(state, SampleState):
-                raise TypeError(f"`state` must be a SampleState, got {type(state).__name__}")
-            if len(state) != num_samples:
-                raise ValueError(f"`state` holds {len(state)} samples but `data_source` has {num_samples}")
-            check_fingerprint(state.fingerprint, fingerprint, where="`state`")
-            state.fingerprint = fingerprint or state.fingerprint
-            if config is not None:
-                state.config = config
-        world_size = num_replicas
-        if num_replicas is None or rank is None:  # explicit ranks need no process group
-            detected = World.detect()
-            world_size = detected.world_size if num_replicas is None else num_replicas
-            rank = detected.rank if rank is None else rank
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"`num_replicas` must be an int >= 1, got {num_replicas!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"`rank` must be an int in [0, {world_size}), got {rank!r}")
+        super().__init__(num_samples=num_samples, total_epochs=total_epochs, config=config, seed=seed, state=state,
+                         world=_sampler_world(world, num_replicas, rank), epoch_length=epoch_length,
+                         fingerprint=fingerprint, data_name="`data_source` has")
         self.num_samples = num_samples
-        self.total_epochs = total_epochs
-        self.seed = int(seed)
-        self.world = World(rank=rank, world_size=world_size)
-        self.epoch_length = epoch_length
         self.shuffle = bool(shuffle)
-        self.state = state if state is not None else SampleState(num_samples, config=config,
-                                                                 fingerprint=fingerprint)
-        self.feedback = Feedback(self.state)
         self._shared = SharedPlan(num_samples)
         self._plan: EpochPlan | None = None
         self._order: np.ndarray | None = None  # this rank's indices for the current epoch
-        self.epoch = -1
         self._start = 0  # position to resume from at the next __iter__
         self._yielded = 0  # indices the current iterator handed out
 
@@ -160,10 +161,13 @@ class GEKOSampler(EpochDriver, Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
         resuming = self._start > 0 and epoch == self.epoch
-        self._plan = self._advance(epoch)
-        order = global_order(self._plan.counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
-        self._order = rank_slice(order, rank=self.world.rank, world_size=self.world.world_size)
-        self._shared.publish(self._plan)
+        self._order = None  # the last epoch's order is not needed to plan this one: free it first
+        plan = self._advance(epoch)
+        # The plan's arrays become views of the shared memory the workers read, so the plan is held once.
+        self._plan = self.state.plan = self._shared.publish(plan)
+        # The sampler yields the rank's order; the DataLoader deals it to its workers.
+        self._order = rank_order(self._plan.counts, world=self.world, seed=self.seed, epoch=self.epoch,
+                                 shuffle=self.shuffle)
         if not resuming:
             self._start = 0
         self._yielded = 0
@@ -183,9 +187,12 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         # progress bar wrapping it) may create an iterator, prefetch from it and drop it.
         start = self._start
         self._yielded = start
-        for index in self._order[start:].tolist():
-            self._yielded += 1
-            yield index
+        order = self._order
+        # A slice at a time: the whole order as a Python list costs 36 bytes an index (3.6 GB at 100M).
+        for a in range(start, order.shape[0], _ITER_CHUNK):
+            for index in order[a:a + _ITER_CHUNK].tolist():
+                self._yielded += 1
+                yield index
 
     def __len__(self) -> int:
         """This rank's draws in the current epoch (after a resume: what is left of it)."""

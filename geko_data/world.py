@@ -11,7 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["World"]
+from geko_data.validate import check_int
+
+__all__ = ["World", "in_dataloader_worker"]
+
+
+def in_dataloader_worker() -> bool:
+    """True inside a DataLoader worker process (where the epoch must not be moved or saved)."""
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
 
 
 @dataclass(frozen=True)
@@ -31,18 +40,10 @@ class World:
     num_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rank", "world_size", "worker", "num_workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"`{name}` must be an int, got {v!r}")
-        if self.world_size < 1:
-            raise ValueError(f"`world_size` must be >= 1, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"`rank` must be in [0, {self.world_size}), got {self.rank}")
-        if self.num_workers < 1:
-            raise ValueError(f"`num_workers` must be >= 1, got {self.num_workers}")
-        if not 0 <= self.worker < self.num_workers:
-            raise ValueError(f"`worker` must be in [0, {self.num_workers}), got {self.worker}")
+        check_int("world_size", self.world_size, 1)
+        check_int("rank", self.rank, 0, self.world_size - 1)
+        check_int("num_workers", self.num_workers, 1)
+        check_int("worker", self.worker, 0, self.num_workers - 1)
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +62,14 @@ class World:
     def with_worker(self, worker: int, num_workers: int) -> "World":
         """The same ranks, seen from DataLoader worker ``worker`` of ``num_workers``."""
         return World(rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers)
+
+    def in_this_worker(self) -> "World":
+        """The same ranks, seen from the DataLoader worker running this code (worker 0 of 1 in the main
+        process): how a stream learns which share of its rank to read."""
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        return self.with_worker(0, 1) if info is None else self.with_worker(info.id, info.num_workers)
 
     @classmethod
     def detect(cls) -> "World":
@@ -84,10 +93,4 @@ class World:
                     f"torch.distributed is not initialised: call torch.distributed.init_process_group() before "
                     f"building the sampler or stream, or pass the ranks explicitly (GEKOSampler(num_replicas=, "
                     f"rank=), GEKOStream(world=World(rank=, world_size=)))")
-        worker, num_workers = 0, 1
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        if info is not None:
-            worker, num_workers = info.id, info.num_workers
-        return cls(rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
+        return cls(rank=rank, world_size=world_size).in_this_worker()

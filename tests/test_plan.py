@@ -115,3 +115,87 @@ def test_the_efficiency_report_counts_what_the_plans_drew(total_epochs):
     report = sampler.efficiency_report()
     assert report["sample_passes"] == drawn
     assert report["buckets"]["FREEZE"] > 0
+
+
+# ------------------------------------------------------------------ partition: who reads which sample where
+def _layout():
+    """500 samples in 7 shards of uneven sizes (one of 3 samples), drawn 0-3 times each."""
+    g = np.random.default_rng(7)
+    counts = g.choice([0, 0, 1, 1, 1, 2, 3], size=500).astype(np.int32)
+    sizes = [40, 90, 3, 120, 77, 100, 70]
+    return counts, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def _digest(a):
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# The orders the sampler (global shuffle, strided ranks) and the stream (shards in a seeded order, contiguous
+# ranks, block shuffle, batches dealt round-robin to workers, resumed at `start`) gave before the partition
+# moved into plan.py: (world_size, rank[, num_workers, worker, batch, start], shuffle[, buffer]) -> (length,
+# sha256 prefix). A change here changes what every existing run reads.
+PINNED = {
+    ("sampler", 1, 0, True): (600, "3638988115a870f8"),
+    ("sampler", 1, 0, False): (600, "0780dc144830c5c7"),
+    ("sampler", 2, 1, True): (300, "13e852d4173d20ef"),
+    ("sampler", 2, 1, False): (300, "5aca57f0ea0beab0"),
+    ("sampler", 3, 2, True): (200, "87c2347384daa45b"),
+    ("sampler", 3, 2, False): (200, "981df69d6874b434"),
+    ("sampler", 7, 6, True): (86, "401a5c40af29aa32"),
+    ("sampler", 7, 6, False): (86, "fbe6cd25dd2fcb39"),
+    ("stream", 1, 0, 1, 0, 1, 0, True, 512): (600, "d562ffa1c3420a96"),
+    ("stream", 1, 0, 2, 1, 4, 0, True, 64): (300, "184df894ae17a0cc"),
+    ("stream", 2, 1, 3, 2, 5, 7, True, 32): (95, "1d821af2cd2a7764"),
+    ("stream", 3, 0, 2, 0, 1, 13, False, 16): (94, "bf59df7a3d1ccb0a"),
+    ("stream", 2, 0, 1, 0, 8, 0, True, 1): (300, "55d1fbaebe9a65a8"),
+    ("stream", 7, 6, 2, 1, 3, 0, True, 8): (42, "9a369bbca02df050"),
+}
+
+
+@pytest.mark.parametrize("key", list(PINNED), ids=str)
+def test_partition_gives_the_pinned_orders(key):
+    from geko_data.world import World
+
+    counts, shard = _layout()
+    if key[0] == "sampler":
+        _, ws, r, shuffle = key
+        got = plan.partition(counts, world=World(rank=r, world_size=ws), seed=11, epoch=3, shuffle=shuffle)
+    else:
+        _, ws, r, nw, w, batch, start, shuffle, buf = key
+        layout = plan.ShardLayout(sample_shard=shard, num_shards=7, shuffle_buffer=buf)
+        got = plan.partition(counts, world=World(rank=r, world_size=ws, worker=w, num_workers=nw), seed=11,
+                             epoch=3, shuffle=shuffle, shards=layout, batch_size=batch, start=start)
+    assert (got.shape[0], _digest(got)) == PINNED[key]
+
+
+@pytest.mark.parametrize("ws,nw,batch,start", [(1, 1, 1, 0), (2, 3, 4, 0), (3, 2, 5, 11)])
+def test_partition_of_every_rank_and_worker_is_the_rank_order_dealt_by_batches(ws, nw, batch, start):
+    from geko_data.world import World
+
+    counts, shard = _layout()
+    layout = plan.ShardLayout(sample_shard=shard, num_shards=7, shuffle_buffer=16)
+    for r in range(ws):
+        ranked = plan.rank_order(counts, world=World(rank=r, world_size=ws), seed=2, epoch=1, shards=layout)
+        parts = [plan.partition(counts, world=World(rank=r, world_size=ws, worker=w, num_workers=nw), seed=2,
+                                epoch=1, shards=layout, batch_size=batch, start=start) for w in range(nw)]
+        # What the DataLoader's round-robin collects back, batch by batch, is the rank's order from `start`.
+        batches = [[p[i:i + batch] for i in range(0, p.shape[0], batch)] for p in parts]
+        merged = [b for j in range(max(map(len, batches))) for bs in batches if j < len(bs) for b in bs[j:j + 1]]
+        assert np.array_equal(np.concatenate(merged), ranked[start:])
+
+
+def test_partition_rejects_a_layout_that_does_not_match():
+    from geko_data.world import World
+
+    counts, shard = _layout()
+    with pytest.raises(ValueError, match="sample_shard"):
+        plan.ShardLayout(sample_shard=shard[:-1][::-1], num_shards=7)
+    with pytest.raises(ValueError, match="num_shards"):
+        plan.ShardLayout(sample_shard=shard, num_shards=0)
+    with pytest.raises(ValueError, match="sample_shard.*500"):
+        plan.partition(counts, world=World(), seed=0, epoch=0,
+                       shards=plan.ShardLayout(sample_shard=shard[:400], num_shards=7))
+    with pytest.raises(ValueError, match="batch_size"):
+        plan.partition(counts, world=World(), seed=0, epoch=0, batch_size=0)

@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-import geko_data.stream as stream_mod
+import geko_data.readers as readers_mod
 from geko_data import policy
 from geko_data.config import GEKOConfig
 from geko_data.shards import ShardError, read_index
@@ -90,7 +90,7 @@ def test_frozen_and_pruned_are_never_read(shards, monkeypatch):
     s = GEKOStream(shards, total_epochs=3, config=QUIET)
     skipped = freeze_some(s.state)
     s.set_epoch(1)
-    monkeypatch.setattr(stream_mod, "open", counting_open, raising=False)
+    monkeypatch.setattr(readers_mod, "open", counting_open, raising=False)
     got = ids_of(s)
     assert got and not skipped & set(got)
     idx = read_index(shards)

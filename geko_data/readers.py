@@ -1,0 +1,374 @@
+"""Reading the planned samples of one worker out of tar shards: seek reads of local files, a cursor over
+byte streams (pipes, URLs read through), and the bookkeeping of what bad data cost.
+
+``ShardReader.read(ids)`` yields ``(id, raw sample)`` for the ids it could read, in the order given, and
+routes each id to the reader of its shard: ``SeekReader`` for local files, ``StreamCursor`` for streams,
+``remote.RangeReader`` (byte ranges of object stores and HTTP) when the stream has one. Every failure is a
+ShardError that ``BadData`` raises or, with a handler, counts and skips; the caller only asks
+``ShardReader.reject`` to do the same for a sample it could not decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import numpy as np
+
+from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, sample_hash
+
+__all__ = ["COUNTERS", "BadData", "SeekReader", "ShardReader", "StreamCursor"]
+
+#: Per-epoch counters, summed over the main process and DataLoader workers (``GEKOStream.stats``).
+#: ``skipped_draws`` counts the draws of the plan lost to bad data (a repeated sample loses all of its draws).
+COUNTERS = ("samples_read", "bytes_read", "samples_yielded", "skipped_draws", "requests", "retries")
+
+# Magic bytes of the compressions tarfile's "r|*" undoes: verify=True hashes the bytes as they arrive, which
+# are the index's tar bytes only when the stream is not compressed.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+# Adjacent samples are read with one read of up to this many bytes: one system call instead of two a sample,
+# and memory bounded whatever the shuffle buffer.
+_RUN_BYTES = 8 << 20
+
+
+class BadData:
+    """What bad data cost one worker this epoch, and the handler's say about it.
+
+    ``lost`` is a (N,) uint8 view of shared memory where every worker flags the samples it lost (only ever
+    set to 1, so workers never race; the main process counts the flags); ``lost_here`` keeps this worker's,
+    ``stopped`` the shards the handler said to stop on.
+    """
+
+    def __init__(self, *, handler: Callable[[Exception], bool] | None, lost: np.ndarray,
+                 sample_shard: np.ndarray) -> None:
+        self.handler = handler
+        self.lost = lost
+        self.lost_here: set[int] = set()
+        self.stopped: set[int] = set()
+        self._shard = sample_shard
+
+    def mark_lost(self, i: int) -> None:
+        self.lost[i] = 1
+        self.lost_here.add(i)
+
+    def fail(self, exn: Exception, i: int) -> None:
+        """Raise ``exn``, or count sample ``i`` lost when the handler says to go on; False from the handler
+        stops ``i``'s shard too (webdataset's ``*_and_stop``): its other samples are skipped and counted."""
+        if self.handler is None:
+            raise exn
+        self.mark_lost(i)
+        if not self.handler(exn):
+            self.stopped.add(int(self._shard[i]))
+
+
+class _Tee:
+    """A read-only file over a stream that keeps what was read until ``take`` (``verify`` on streams)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.kept = bytearray()
+        self.base = 0  # stream position of kept[0]
+        self.head = b""  # the stream's first bytes (compressed?)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if not self.head:
+            self.head = data[:8]
+        self.kept += data
+        return data
+
+    def take(self, start: int, end: int) -> bytes:
+        """Bytes ``start..end`` of the stream; what comes before ``end`` is forgotten."""
+        data = bytes(self.kept[start - self.base:end - self.base])
+        del self.kept[:end - self.base]
+        self.base = end
+        return data
+
+
+def _hash_error(index: ShardIndex, url: str, i: int, got: int) -> ShardError:
+    return ShardError(f"shard {url!r}: sample {str(index.keys[i])!r} at byte {int(index.offset[i])}: content hash "
+                      f"{got:016x} differs from the index's {int(index.hashes[i]):016x} (changed since "  # type: ignore[index]
+                      f"indexing: restore the shard, or re-run `geko-data index` and start a new state, since the "
+                      f"data changed)")
+
+
+class SeekReader:
+    """Reads samples of local shards by seeking: skipped samples are seeked over, never read, and a run of
+    adjacent samples is one read. Holds each sample to its indexed bytes (and hash, with ``verify``)."""
+
+    def __init__(self, index: ShardIndex, urls: list[str], *, verify: bool) -> None:
+        self.index = index
+        self.urls = urls
+        self.verify = verify
+        self.bytes_read = 0
+        self._file: Any = None
+        self._shard = -1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._shard = -1
+
+    def _open(self, shard: int, key: str) -> Any:
+        if self._shard != shard:
+            self.close()
+            path = self.urls[shard].removeprefix("file://")
+            if not os.path.exists(path):
+                raise ShardError(f"shard {path!r} is missing (reading sample {key!r})")
+            f = open(path, "rb")  # noqa: SIM115 - kept open across samples of the shard
+            size = os.fstat(f.fileno()).st_size
+            if size != self.index.sizes[shard]:
+                f.close()
+                raise ShardError(f"shard {path!r} changed since indexing: {size} bytes, index says "
+                                 f"{self.index.sizes[shard]} (reading sample {key!r})")
+            self._file, self._shard = f, shard
+        return self._file
+
+    def read_run(self, shard: int, ids: list[int], keys: list[str], offsets: list[int],
+                 lengths: list[int]) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
+        """(id, sample or its ShardError) for ``ids``: adjacent samples of ``shard`` in file order."""
+        url, lo = self.urls[shard], offsets[0]
+        size = offsets[-1] + lengths[-1] - lo
+        try:
+            f = self._open(shard, keys[0])
+            f.seek(lo)
+            buf = f.read(size)
+        except ShardError as e:
+            for i in ids:
+                yield i, e
+            return
+        except OSError as e:
+            buf, why = b"", f"{e}"
+        else:
+            why = None
+        self.bytes_read += len(buf)
+        for i, key, off, length in zip(ids, keys, offsets, lengths):
+            piece = buf[off - lo:off - lo + length]
+            if len(piece) != length:
+                self.close()
+                detail = why or f"is truncated ({len(piece)} of {length} bytes)"
+                yield i, ShardError(f"shard {url!r}: sample {key!r} at byte {off}" +
+                                    (f": {detail}" if why else f" {detail}"))
+                continue
+            try:
+                if self.verify:
+                    got = sample_hash(piece)
+                    if got != int(self.index.hashes[i]):  # type: ignore[index]
+                        raise _hash_error(self.index, url, i, got)
+                yield i, parse_sample(piece, shard=url, key=key, offset=off)
+            except ShardError as e:
+                yield i, e
+
+
+class StreamCursor:
+    """Reads samples of shards that cannot seek (``pipe:`` commands, URLs read through) by reading each
+    shard front to back, holding every sample it passes to the index: an extra key, a missing one or a
+    corrupt header raises rather than shifting or dropping samples. A shard that went wrong is not read
+    again this epoch: its later samples fail at once."""
+
+    def __init__(self, index: ShardIndex, urls: list[str], shard_start: np.ndarray, *, verify: bool) -> None:
+        self.index = index
+        self.urls = urls
+        self.shard_start = shard_start  # (n_shards + 1,) first id of each shard; ids are grouped by shard
+        self.verify = verify
+        self._pipe: Any = None
+        self._samples: Iterator[tuple[dict[str, Any], int, int]] | None = None
+        self._shard = -1
+        self._last = -1  # id of the last sample taken from the open stream
+        self._tee: _Tee | None = None  # with verify: the open stream's bytes, to hash each sample
+        self._broken: dict[int, tuple[int, str]] = {}  # shard -> (first id it failed at, why)
+
+    def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()  # type: ignore[attr-defined]
+            self._samples = None
+        if self._pipe is not None:
+            # A reader that stops early gets its command killed by SIGPIPE (a non-zero exit); what it read
+            # was already checked, so the exit status says nothing about it.
+            with contextlib.suppress(Exception):
+                self._pipe.close()
+            self._pipe = None
+        self._tee = None
+        self._shard = -1
+
+    def _open(self, shard: int, i: int) -> None:
+        from webdataset.gopen import gopen
+
+        self.close()
+        url = self.urls[shard]
+        self._shard, self._last = shard, int(self.shard_start[shard]) - 1
+        try:
+            self._pipe = gopen(url, "rb")
+        except Exception as e:  # noqa: BLE001 - gopen raises what its scheme's opener raises
+            self._break(shard, self._last + 1, i, f"shard {url!r}: cannot open ({type(e).__name__}: {e})")
+        if self.verify:
+            self._tee = _Tee(self._pipe)
+        self._samples = iter_tar_samples(self._tee or self._pipe, shard=url)
+
+    def read(self, i: int, shard: int) -> dict[str, Any]:
+        """Read through ``shard`` to sample ``i`` (reopening it when ``i`` was passed)."""
+        broken = self._broken.get(shard)
+        if broken is not None and i >= broken[0]:
+            raise ShardError(f"{broken[1]}; sample {str(self.index.keys[i])!r} comes after that point")
+        if self._shard != shard or i <= self._last:
+            self._open(shard, i)
+        while True:
+            expect = self._last + 1
+            sample = self._next(shard, expect, i)
+            self._last = expect
+            if expect == i:
+                return sample
+
+    def _next(self, shard: int, expect: int, i: int) -> dict[str, Any]:
+        """The stream's next sample, held to the index's sample ``expect``."""
+        assert self._samples is not None
+        url, keys = self.urls[shard], self.index.keys
+        try:
+            got = next(self._samples, None)
+        except ShardError as e:
+            self._break(shard, expect, i, f"{e} (at sample {str(keys[expect])!r})")
+        if got is None:
+            n = int(self.shard_start[shard + 1] - self.shard_start[shard])
+            self._break(shard, expect, i, f"shard {url!r} ended before sample {str(keys[expect])!r}, "
+                                       f"#{expect - int(self.shard_start[shard])} of {n} indexed "
+                                       f"(truncated, or changed since indexing)")
+        sample, start, end = got
+        want, off, length = str(keys[expect]), int(self.index.offset[expect]), int(self.index.length[expect])
+        if sample["__key__"] != want:
+            where = "is not in the index" if not (keys == sample["__key__"]).any() else "is out of place"
+            self._break(shard, expect, i, f"shard {url!r}: key {sample['__key__']!r} {where} (the index has "
+                                       f"{want!r} here; shard changed since indexing?)")
+        if start != off or end - start != length:
+            self._break(shard, expect, i, f"shard {url!r}: sample {want!r} spans bytes {start}..{end}, the "
+                                       f"index says {off}..{off + length} (corrupt tar header, or changed "
+                                       f"since indexing)")
+        if self._tee is not None:
+            raw = self._tee.take(start, end)
+            if self._tee.head.startswith(_COMPRESSED):
+                self._break(shard, expect, i, f"shard {url!r}: verify=True needs an uncompressed tar stream "
+                                           f"(the index hashes the tar's own bytes)")
+            got_hash = sample_hash(raw)
+            if expect == i and got_hash != int(self.index.hashes[i]):  # type: ignore[index]
+                raise _hash_error(self.index, url, i, got_hash)
+        return sample
+
+    def _break(self, shard: int, at: int, i: int, why: str) -> NoReturn:
+        # A stream that went wrong at sample `at` cannot be trusted past it: later ids of the shard fail
+        # at once instead of re-reading the shard from its start for each of them.
+        self._broken[shard] = (at, why)
+        self.close()
+        if at != i:
+            why = f"{why}; so sample {str(self.index.keys[i])!r} was not read"
+        raise ShardError(why)
+
+
+class ShardReader:
+    """Reads the planned samples of one worker: routes each id to the reader of its shard, counts what it
+    read in ``tally`` (flushed by the owner) and hands every failure to ``bad``."""
+
+    def __init__(self, index: ShardIndex, urls: list[str], local: list[bool], shard_start: np.ndarray,
+                 bad: BadData, verify: bool, ranges: Any = None) -> None:
+        self.index = index
+        self.urls = urls
+        self.local = local
+        self.bad = bad
+        self.verify = verify
+        self.ranges = ranges  # remote.RangeReader: byte-range reads of remote shards
+        self.tally = dict.fromkeys(COUNTERS, 0)
+        self._seek = SeekReader(index, urls, verify=verify)
+        self._cursor = StreamCursor(index, urls, shard_start, verify=verify)
+
+    def close(self) -> None:
+        if self.ranges is not None:
+            self.ranges.close()  # its thread pool; made again on the next read
+        self._seek.close()
+        self._cursor.close()
+
+    def reject(self, i: int, exn: ShardError, read: dict[int, Any]) -> None:
+        """Sample ``i`` of ``read`` (id -> sample, what this reader returned) cannot be used: raise, or count
+        it lost as the handler says and set it (and, when the handler stops its shard, the shard's other
+        samples in ``read``) to None, so their later draws are lost without decoding them again."""
+        read[i] = None
+        self.bad.fail(exn, i)
+        shard = int(self.index.shard[i])
+        if shard in self.bad.stopped:
+            for j, other in read.items():
+                if other is not None and int(self.index.shard[j]) == shard:
+                    read[j] = None
+                    self.bad.mark_lost(j)
+
+    def read(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
+        shards = self.index.shard[ids].tolist()  # one lookup per chunk, not per sample
+        fetched = self._fetch_remote(ids, shards)
+        pending: list[int] = []  # a run of adjacent local samples, read together
+        for i, shard in zip(ids.tolist(), shards):
+            if pending and (shard != pending[-1] or not self.local[shard] or i != pending[-2] + 1):
+                yield from self._read_local(pending)
+                pending = []
+            if shard in self.bad.stopped:
+                self.bad.mark_lost(i)
+            elif self.local[shard] and i not in fetched:
+                pending += (i, shard)
+            else:
+                yield from self._deliver(i, fetched.pop(i) if i in fetched else self._read_stream(i, shard))
+        if pending:
+            yield from self._read_local(pending)
+
+    def _deliver(self, i: int, got: dict[str, Any] | ShardError) -> Iterator[tuple[int, dict[str, Any]]]:
+        if isinstance(got, ShardError):
+            self._seek.close()
+            self._cursor.close()
+            self.bad.fail(got, i)
+            return
+        self.tally["samples_read"] += 1
+        yield i, got
+
+    def _read_stream(self, i: int, shard: int) -> dict[str, Any] | ShardError:
+        try:
+            return self._cursor.read(i, shard)
+        except ShardError as e:
+            return e
+
+    def _read_local(self, pending: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Read ``pending`` (id, shard pairs of consecutive ids in one shard) in runs of up to _RUN_BYTES."""
+        ids, shard = pending[0::2], pending[1]
+        keys = self.index.keys[ids].tolist()
+        offsets, lengths = self.index.offset[ids].tolist(), self.index.length[ids].tolist()
+        lo = 0
+        while lo < len(ids):
+            hi, size = lo + 1, lengths[lo]
+            while hi < len(ids) and size + lengths[hi] <= _RUN_BYTES and offsets[hi] == offsets[hi - 1] + lengths[hi - 1]:
+                size += lengths[hi]
+                hi += 1
+            before = self._seek.bytes_read
+            for i, got in self._seek.read_run(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
+                if shard in self.bad.stopped:  # the handler stopped the shard on an earlier sample of the run
+                    self.bad.mark_lost(i)
+                    continue
+                yield from self._deliver(i, got)
+            self.tally["bytes_read"] += self._seek.bytes_read - before
+            lo = hi
+
+    def _fetch_remote(self, ids: np.ndarray, shards: list[int]) -> dict[int, Any]:
+        """Samples (or their ShardError) of the remote shards among ``ids``, fetched together so their byte
+        ranges coalesce and several requests are in flight."""
+        if self.ranges is None:
+            return {}
+        remote = [i for i, s in zip(ids.tolist(), shards) if self.ranges.handles(s) and s not in self.bad.stopped]
+        check = self._check_hash if self.verify else None
+        # Called once per chunk even when empty: a reader that shares ranges with other workers counts chunks.
+        out = dict(self.ranges.read(remote, check=check))
+        for k, v in self.ranges.tally.items():
+            self.tally[k] += v
+            self.ranges.tally[k] = 0
+        return out
+
+    def _check_hash(self, i: int, buf: bytes) -> None:
+        got = sample_hash(buf)
+        if got != int(self.index.hashes[i]):  # type: ignore[index]
+            raise _hash_error(self.index, self.urls[int(self.index.shard[i])], i, got)
