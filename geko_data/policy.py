@@ -277,7 +277,7 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
         return expected, weight
 
     table = bucket_weight_table(progress, config)
-    w = table[bucket]  # (N,) weight per sample, 0 for FREEZE
+    w = _lookup(table, bucket)  # (N,) weight per sample, 0 for FREEZE
     w[~eligible] = 0.0
     active = alive & (bucket != FREEZE)
     n_active = int((active & eligible).sum())
@@ -299,6 +299,16 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     return expected, weight
 
 
+def _lookup(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``table[codes]`` a million codes at a time: numpy converts a uint8 index to int64 first, a temporary
+    of 8 bytes a sample (800 MB at 100M) that a whole-array lookup would hold."""
+    out = np.empty(codes.shape[0], dtype=table.dtype)
+    step = 1 << 20
+    for a in range(0, codes.shape[0], step):
+        out[a:a + step] = table[codes[a:a + step]]
+    return out
+
+
 def _fill(w: np.ndarray, length: float, cap: float) -> np.ndarray:
     """Expected counts proportional to ``w`` summing to ``length``, none above ``cap``.
 
@@ -309,9 +319,10 @@ def _fill(w: np.ndarray, length: float, cap: float) -> np.ndarray:
     total = float(w.sum())
     if total <= 0.0 or length <= 0:
         return np.zeros(w.shape[0], dtype=np.float64)
-    expected = w * (length / total)
-    if expected.max() <= cap:  # the common case, without the boolean-indexed copies below
-        return expected
+    scale = length / total
+    if w.max() * scale <= cap:  # the common case, without the boolean-indexed copies below
+        # in place (the caller's weights are not needed after): one float64 array less, 800 MB at 100M
+        return np.multiply(w, scale, out=w)
     expected = np.zeros(w.shape[0], dtype=np.float64)
     free = w > 0
     left = length

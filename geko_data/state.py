@@ -199,8 +199,7 @@ class SampleState:
 
         # Last occurrence of each id wins; every occurrence is a pass.
         m = ids.shape[0]
-        uniq, first_in_reversed, passes = np.unique(ids[::-1], return_index=True, return_counts=True)
-        last = m - 1 - first_in_reversed
+        uniq, last, passes = _last_occurrences(ids, self.num_samples)
         loss_u, conf_u, correct_u = loss[last], confidence[last], correct[last]
 
         cfg = self.config
@@ -239,22 +238,33 @@ class SampleState:
                                  loss_var=self.loss_var, config=cfg)
         np.copyto(self.bucket, bucket, where=alive)
         is_frozen = alive & (self.bucket == policy.FREEZE)
-        self.frozen_epochs[:] = np.where(is_frozen, np.minimum(self.frozen_epochs.astype(np.int16) + 1, 255), 0)
-        new_pruned = policy.prune_mask(self.frozen_epochs, cfg) & alive
+        # frozen_epochs + 1 (saturating at 255) where frozen, 0 elsewhere, in place in uint8 (no int16 copies)
+        fe = self.frozen_epochs
+        np.add(fe, is_frozen & (fe < 255), out=fe, casting="unsafe")
+        np.multiply(fe, is_frozen, out=fe, casting="unsafe")
+        new_pruned = policy.prune_mask(fe, cfg) & alive
         self.pruned |= new_pruned
         self.bucket[new_pruned] = policy.FREEZE
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        alive = ~self.pruned
-        counts = np.bincount(np.where(alive, self.bucket, np.uint8(4)), minlength=5)  # 4: pruned
-        stats = PartitionStats(
-            epoch=self.epoch, progress=float(progress), phase=policy.phase_name(progress), step=self.step,
-            freeze=int(counts[policy.FREEZE]), light=int(counts[policy.LIGHT]), focus=int(counts[policy.FOCUS]),
-            hard=int(counts[policy.HARD]), pruned=int(self.pruned.sum()), newly_pruned=int(new_pruned.sum()),
-            active=int(alive.sum() - counts[policy.FREEZE]), seen=int(seen.sum()),
-            forgets=int(self.forgets.sum(dtype=np.int64)),
-            mean_loss=float(np.nanmean(self.loss)) if seen.any() else math.nan)  # unseen losses are NaN
+        stats = self._partition_stats(progress, seen, new_pruned)
         self.history.append(stats.to_dict())
         return stats
+
+    def _partition_stats(self, progress: float, seen: np.ndarray, new_pruned: np.ndarray) -> PartitionStats:
+        alive = ~self.pruned
+        # count_nonzero per code, not np.bincount: bincount converts the codes to int64 (800 MB at 100M)
+        coded = np.where(alive, self.bucket, np.uint8(4))  # 4: pruned
+        counts = [int(np.count_nonzero(coded == code)) for code in range(4)]
+        n_seen = int(np.count_nonzero(seen))
+        # The mean of the seen losses (unseen ones are NaN) without np.nanmean's copy of the column.
+        mean_loss = float(np.add.reduce(self.loss, where=seen, dtype=np.float64) / n_seen) if n_seen else math.nan
+        return PartitionStats(
+            epoch=self.epoch, progress=float(progress), phase=policy.phase_name(progress), step=self.step,
+            freeze=counts[policy.FREEZE], light=counts[policy.LIGHT], focus=counts[policy.FOCUS],
+            hard=counts[policy.HARD], pruned=int(np.count_nonzero(self.pruned)),
+            newly_pruned=int(np.count_nonzero(new_pruned)), active=int(np.count_nonzero(alive)) - counts[policy.FREEZE],
+            seen=n_seen,
+            forgets=int(self.forgets.sum(dtype=np.int64)), mean_loss=mean_loss)
 
     def sampling_weights(self, *, epoch: int, total_epochs: int, epoch_length: int | None = None) -> np.ndarray:
         """Expected draws of every sample in ``epoch`` of ``total_epochs`` (float64, (N,)); 0 = never drawn.
@@ -388,3 +398,27 @@ def _column_arg(x: Any, name: str, n: int, kinds: str, dtype: Any, what: str) ->
     if arr.dtype.kind not in kinds:
         raise ValueError(f"`{name}` must be {what}, got dtype {arr.dtype}")
     return arr.astype(dtype, copy=False)
+
+
+def _last_occurrences(ids: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(uniq, last, passes)``: the distinct ids ascending, the position of each one's last occurrence and
+    its number of occurrences (what ``np.unique(ids[::-1], return_index=True, return_counts=True)`` gives).
+
+    One sort of ``id * m + position`` keys instead of np.unique's stable argsort: 5-10x faster on a report
+    of millions of ids, and the sort keeps the positions of an id in order, so the group's last is its last.
+    """
+    m = ids.shape[0]
+    if m == 0 or num_samples * m >= 2**62:  # keys would overflow int64 (over ~4.6e18 id-positions)
+        uniq, first_in_reversed, passes = np.unique(ids[::-1], return_index=True, return_counts=True)
+        return uniq, m - 1 - first_in_reversed, passes
+    key = ids.astype(np.int64) * m + np.arange(m, dtype=np.int64)
+    key.sort()
+    sid = key // m
+    pos = key - sid * m
+    ends = np.empty(m, dtype=bool)  # the last key of each id's group
+    ends[-1] = True
+    np.not_equal(sid[1:], sid[:-1], out=ends[:-1])
+    if ends.all():  # no id repeats (the usual report)
+        return sid, pos, np.ones(m, dtype=np.int64)
+    at = np.flatnonzero(ends)
+    return sid[at], pos[at], np.diff(at, prepend=-1)

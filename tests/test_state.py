@@ -219,3 +219,14 @@ def test_update_rules_live_in_policy():
     assert which.tolist() == [True, True, False, False] and codes.tolist() == [policy.HARD, policy.FOCUS]
     assert policy.thaw(np.uint8([policy.LIGHT]), correct=np.array([False]), confidence=np.float32([0.9]),
                        pruned=np.zeros(1, bool), config=cfg) is None
+
+
+def test_last_occurrences_agree_with_numpy_unique():
+    from geko_data.state import _last_occurrences
+
+    rng = np.random.default_rng(4)
+    for m, n in ((0, 5), (1, 5), (50, 10), (1000, 100_000), (3000, 200)):
+        ids = rng.integers(0, n, m)
+        uniq, first_in_reversed, passes = np.unique(ids[::-1], return_index=True, return_counts=True)
+        got = _last_occurrences(ids, n)
+        assert [a.tolist() for a in got] == [uniq.tolist(), (m - 1 - first_in_reversed).tolist(), passes.tolist()]
