@@ -3,7 +3,7 @@
     geko-data inspect STATE [--index INDEX|DATA.jsonl] [--json] [--top hard|forgetful|frozen N]
     geko-data plot STATE -o FILE.png
     geko-data sql STATE "SELECT ..." [--index INDEX|DATA.jsonl] [--format table|csv|json]
-    geko-data export STATE --to parquet|csv|jsonl -o FILE
+    geko-data export STATE --to parquet|csv|jsonl -o FILE      (jsonl: the jsonl extra, polars)
     geko-data diff A B [--index INDEX|DATA.jsonl] [--list N] [--json]
     geko-data index SHARDS... -o index.arrow
 
@@ -364,7 +364,7 @@ def cmd_sql(ns: argparse.Namespace) -> int:
         result = rel.arrow() if rel is not None else None
     except duckdb.Error as e:
         raise _Fail(f"query failed: {' '.join(str(e).split())}") from None
-    if result is None:  # a statement without a result (CREATE, SET...)
+    if result is None:  # older duckdb: a statement without a result (CREATE, SET...)
         return 0
     if hasattr(result, "read_all"):  # duckdb >= 1.4 returns a RecordBatchReader
         result = result.read_all()
@@ -501,13 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sql)
     s = sub.add_parser("export", help="write the per-sample table as parquet, csv or jsonl")
     s.add_argument("state")
-    s.add_argument("--to", choices=("parquet", "csv", "jsonl"), required=True)
+    s.add_argument("--to", choices=("parquet", "csv", "jsonl"), required=True,
+                   help="jsonl is written by polars: pip install 'geko-data[jsonl]'")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("diff", help="bucket transitions and newly pruned samples between two state files")
     s.add_argument("a")
     s.add_argument("b")
-    s.add_argument("--index", help="shard index of the same data, to show the keys of newly pruned samples")
+    s.add_argument("--index", help="shard index or training JSONL of the same data, to show the keys of newly "
+                                   "pruned samples")
     s.add_argument("--list", type=_count, default=20, metavar="N",
                    help="list at most N newly pruned samples. Defaults to 20")
     s.add_argument("--json", action="store_true")

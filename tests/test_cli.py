@@ -646,3 +646,20 @@ def test_compressed_tar_is_refused_saying_what_to_do(tmp_path, capsys, flag, com
     subprocess.run(["tar", "-cf", "b.tar", "BZh9.json"], cwd=tmp_path, check=True, timeout=60)
     code, out, err = run(capsys, "index", tmp_path / "b.tar", "-o", tmp_path / "b.arrow")
     assert code == 0, err
+
+
+def test_index_jsonl_missing_or_not_objects_is_one_line(tmp_path, capsys):
+    make_state(tmp_path / "s.arrow", n=2, epochs=1)
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--index", tmp_path / "nowhere.jsonl")
+    assert_one_line_error(code, out, err, "--index", "nowhere.jsonl", "no such file")
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a"}\n[1, 2]\n')
+    code, out, err = run(capsys, "inspect", tmp_path / "s.arrow", "--index", tmp_path / "list.jsonl")
+    assert_one_line_error(code, out, err, "list.jsonl:2", "must be a JSON object, got list")
+
+
+def test_diff_warns_about_different_fingerprints(tmp_path, capsys):
+    make_state(tmp_path / "a.arrow", n=20, epochs=1, fingerprint="a" * 32)
+    make_state(tmp_path / "b.arrow", n=20, epochs=2, fingerprint="b" * 32)
+    code, out, err = run(capsys, "diff", tmp_path / "a.arrow", tmp_path / "b.arrow", "--json")
+    assert code == 0 and json.loads(out)["samples"] == 20
+    assert err.startswith("warning:") and "a" * 32 in err and "b" * 32 in err
