@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_sample, sample_hash
+from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_samples, sample_hash
 
 __all__ = ["COUNTERS", "BadData", "SeekReader", "ShardReader", "StreamCursor"]
 
@@ -106,6 +106,7 @@ class SeekReader:
         self.bytes_read = 0
         self._file: Any = None
         self._shard = -1
+        self._buffer = bytearray()
 
     def close(self) -> None:
         if self._file is not None:
@@ -136,32 +137,37 @@ class SeekReader:
         try:
             f = self._open(shard, keys[0])
             f.seek(lo)
-            buf = f.read(size)
+            # Into one reused buffer: a fresh one each run costs page faults, more than the copy itself.
+            if len(self._buffer) < size:
+                self._buffer = bytearray(size)
+            got = f.readinto(memoryview(self._buffer)[:size])
+            buf = self._buffer  # bytes past `got` are an older run's: every span is checked against `got`
         except ShardError as e:
             for i in ids:
                 yield i, e
             return
         except OSError as e:
-            buf, why = b"", f"{e}"
+            buf, got, why = bytearray(), 0, f"{e}"
         else:
             why = None
-        self.bytes_read += len(buf)
-        for i, key, off, length in zip(ids, keys, offsets, lengths):
-            piece = buf[off - lo:off - lo + length]
-            if len(piece) != length:
+        self.bytes_read += got
+        good: list[int] = []  # positions in `ids` of the samples whose bytes are all there (and hash right)
+        for n, (i, key, off, length) in enumerate(zip(ids, keys, offsets, lengths)):
+            if off - lo + length > got:
                 self.close()
-                detail = why or f"is truncated ({len(piece)} of {length} bytes)"
-                yield i, ShardError(f"shard {url!r}: sample {key!r} at byte {off}" +
-                                    (f": {detail}" if why else f" {detail}"))
+                detail = f": {why}" if why else f" is truncated ({max(0, got - (off - lo))} of {length} bytes)"
+                yield i, ShardError(f"shard {url!r}: sample {key!r} at byte {off}{detail}")
                 continue
-            try:
-                if self.verify:
-                    got = sample_hash(piece)
-                    if got != int(self.index.hashes[i]):  # type: ignore[index]
-                        raise _hash_error(self.index, url, i, got)
-                yield i, parse_sample(piece, shard=url, key=key, offset=off)
-            except ShardError as e:
-                yield i, e
+            if self.verify:
+                digest = sample_hash(memoryview(buf)[off - lo:off - lo + length])
+                if digest != int(self.index.hashes[i]):  # type: ignore[index]
+                    yield i, _hash_error(self.index, url, i, digest)
+                    continue
+            good.append(n)
+        spans = [(offsets[n] - lo, lengths[n]) for n in good]
+        parsed = parse_samples(buf, spans, shard=url, keys=[keys[n] for n in good], offsets=[offsets[n] for n in good])
+        for n, sample in zip(good, parsed):
+            yield ids[n], sample
 
 
 class StreamCursor:
@@ -315,18 +321,21 @@ class ShardReader:
             elif self.local[shard] and i not in fetched:
                 pending += (i, shard)
             else:
-                yield from self._deliver(i, fetched.pop(i) if i in fetched else self._read_stream(i, shard))
+                sample = self._accept(i, fetched.pop(i) if i in fetched else self._read_stream(i, shard))
+                if sample is not None:
+                    yield i, sample
         if pending:
             yield from self._read_local(pending)
 
-    def _deliver(self, i: int, got: dict[str, Any] | ShardError) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _accept(self, i: int, got: dict[str, Any] | ShardError) -> dict[str, Any] | None:
+        """``got`` when it is a sample (counted read); a failure goes to the handler (None when it skips)."""
         if isinstance(got, ShardError):
             self._seek.close()
             self._cursor.close()
             self.bad.fail(got, i)
-            return
+            return None
         self.tally["samples_read"] += 1
-        yield i, got
+        return got
 
     def _read_stream(self, i: int, shard: int) -> dict[str, Any] | ShardError:
         try:
@@ -350,7 +359,9 @@ class ShardReader:
                 if shard in self.bad.stopped:  # the handler stopped the shard on an earlier sample of the run
                     self.bad.mark_lost(i)
                     continue
-                yield from self._deliver(i, got)
+                sample = self._accept(i, got)
+                if sample is not None:
+                    yield i, sample
             self.tally["bytes_read"] += self._seek.bytes_read - before
             lo = hi
 

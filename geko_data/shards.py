@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from geko_data.atomic import atomic_path
 
 __all__ = ["INDEX_NAME", "ShardError", "ShardIndex", "fingerprint", "index_shards", "iter_tar_samples",
-           "parse_sample", "read_index", "sample_hash", "write_shards"]
+           "parse_sample", "parse_samples", "read_index", "sample_hash", "write_shards"]
 
 INDEX_NAME = "index.arrow"
 # 2: per-sample `hash` column (xxh3_64 of the sample's bytes), covered by the fingerprint.
@@ -66,14 +66,16 @@ class ShardError(ValueError):
     """A shard that cannot be read as indexed; the message names the shard (and member)."""
 
 
+# webdataset.tariterators.base_plus_ext's pattern, compiled once (it is matched for every member read).
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def _split_key(name: str) -> tuple[str | None, str | None]:
     """(key, lowercased extension) of a member name, or (None, None) for members that are not sample data."""
-    from webdataset.tariterators import base_plus_ext
-
     if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
         return None, None
-    key, ext = base_plus_ext(name)
-    return (key, ext.lower()) if key is not None else (None, None)
+    m = _BASE_PLUS_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m is not None else (None, None)
 
 
 def _put(sample: dict[str, Any], ext: str, data: bytes, *, shard: str, name: str) -> None:
@@ -718,6 +720,122 @@ def parse_sample(buf: bytes, *, shard: str, key: str, offset: int = 0) -> dict[s
         raise ShardError(f"shard {shard!r}: no members for key {key!r} at the indexed byte {offset} "
                          f"(shard changed since indexing?)")
     return sample
+
+
+# The pax header most writers put before each member (Python's tarfile with a float mtime, webdataset's
+# ShardWriter): one time record and zero padding. Its length prefix is checked by the caller.
+_PAX_TIME = re.compile(rb"(\d{1,20}) [amc]time=[0-9.]{1,40}\n(\0*)")
+_OCTAL_FIELDS = np.r_[100:107, 108:115, 116:123, 124:135, 136:147, 148:154]  # typical layout: octal digits
+_NUL_FIELDS = np.array([107, 115, 123, 135, 147, 154])
+_CHKSUM_POWERS = 8 ** np.arange(5, -1, -1)
+
+
+def _walk_sample(buf: bytes | bytearray, pos: int, end: int, headers: list[int]) -> list[tuple[bytes, int, int]] | None:
+    """(raw name, data start, size) of the regular members of the sample at ``buf[pos:end]``, walking its
+    headers and appending their places to ``headers`` (whose checks ``_headers_ok`` does for a whole run);
+    None for anything but plain ustar members, each with at most one pax time record before it."""
+    members: list[tuple[bytes, int, int]] = []
+    after_pax = False
+    while pos < end:
+        if pos + _BLOCK > end:
+            return None
+        try:
+            size = int(buf[pos + 124:pos + 135], 8)
+        except ValueError:
+            return None
+        headers.append(pos)
+        start = pos + _BLOCK
+        stop = start + -(-size // _BLOCK) * _BLOCK
+        kind = buf[pos + 156]
+        if stop > end:
+            return None
+        if kind == 0x78:  # "x": a pax header for the next member
+            m = _PAX_TIME.fullmatch(buf, start, stop)
+            if after_pax or m is None or int(m.group(1)) != m.start(2) - start or m.start(2) - start != size:
+                return None
+            after_pax = True
+        elif kind in (0x30, 0x37):  # "0", "7": regular files ("\0" v7 headers go to the full parser)
+            if buf[pos + 345] != 0:  # a ustar prefix
+                return None
+            members.append((bytes(buf[pos:pos + 100]).split(b"\0", 1)[0], start, size))
+            after_pax = False
+        else:
+            return None
+        pos = stop
+    return None if after_pax else members
+
+
+def _headers_ok(buf: bytes | bytearray, headers: list[int]) -> np.ndarray:
+    """(len(headers),) bool: each header has the typical layout (every number field octal, as
+    ``_TYPICAL_HEADER`` checks) and its unsigned checksum is right; in one pass over the run."""
+    at = np.asarray(headers)
+    if (at % _BLOCK).any():  # a run starts at a sample, so at a tar block: this is never taken for real tars
+        rows = np.frombuffer(buf, np.uint8)[at[:, None] + np.arange(_BLOCK)]  # (h, 512)
+    else:
+        rows = np.frombuffer(buf, np.uint8, count=len(buf) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)[at // _BLOCK]
+    octal = rows[:, _OCTAL_FIELDS]
+    ok = ((octal >= 0x30) & (octal <= 0x37)).all(axis=1) & (rows[:, _NUL_FIELDS] == 0).all(axis=1)
+    ok &= rows[:, 155] == 0x20
+    for lo in (329, 337):  # devmajor, devminor: 7 octal digits and a NUL, or all NULs
+        field = rows[:, lo:lo + 8]
+        digits = ((field[:, :7] >= 0x30) & (field[:, :7] <= 0x37)).all(axis=1) & (field[:, 7] == 0)
+        ok &= digits | (field == 0).all(axis=1)
+    chksum = (rows[:, 148:154].astype(np.int64) - 0x30) @ _CHKSUM_POWERS
+    total = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 0x20
+    return ok & (chksum == total)
+
+
+def parse_samples(buf: bytes | bytearray, spans: Sequence[tuple[int, int]], *, shard: str, keys: Sequence[str],
+                  offsets: Sequence[int]) -> list[dict[str, Any] | ShardError]:
+    """``parse_sample`` of each sample in a run read at once: ``spans`` are (start, length) in ``buf``,
+    ``offsets`` where they start in the shard. Each result is the sample or the ShardError it raised.
+
+    Plain ustar samples (the common case: every writer's output but GNU long names and the like) are
+    parsed here with every header checked in one vectorized pass, ~4x cheaper than ``parse_sample``; any
+    sample with something else in it, or anything wrong, goes to ``parse_sample``, which decides.
+    """
+    headers: list[int] = []
+    walked = [_walk_sample(buf, lo, lo + n, headers) for lo, n in spans]
+    ok = _headers_ok(buf, headers) if headers else np.zeros(0, bool)
+    bad_rows = np.flatnonzero(~ok)
+    bad_at = set(np.asarray(headers)[bad_rows].tolist()) if bad_rows.size else set()
+    out: list[dict[str, Any] | ShardError] = []
+    for (lo, n), members, key, offset in zip(spans, walked, keys, offsets):
+        sample = None
+        if members is not None and not (bad_at and any(lo <= h < lo + n for h in bad_at)):
+            sample = _fast_sample(buf, members, key)
+        if sample is None:
+            try:
+                sample = parse_sample(bytes(buf[lo:lo + n]), shard=shard, key=key, offset=offset)
+            except ShardError as e:
+                sample = e
+        out.append(sample)
+    return out
+
+
+def _fast_sample(buf: bytes | bytearray, members: list[tuple[bytes, int, int]], key: str) -> dict[str, Any] | None:
+    """The sample dict of walked, checked members; None when ``parse_sample`` must judge (another key, a
+    duplicate extension, a name that is not UTF-8, no members)."""
+    view = memoryview(buf)
+    sample: dict[str, Any] = {"__key__": key}
+    # A plain key (no dot, no slash, not a `__meta__` name) splits off any "key.ext" name as _split_key does.
+    plain = "." not in key and "/" not in key and not key.startswith("__")
+    prefix = key + "."
+    for raw, start, size in members:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if plain and name.startswith(prefix) and "/" not in name:
+            mkey, ext = key, name[len(prefix):].lower()
+        else:
+            mkey, ext = _split_key(name)
+            if mkey is None:
+                continue
+        if mkey != key or ext in sample:
+            return None
+        sample[ext] = bytes(view[start:start + size])
+    return sample if len(sample) > 1 else None
 
 
 def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, Any], int, int]]:

@@ -76,6 +76,11 @@ def test_frozen_and_pruned_are_never_read(shards, monkeypatch):
             self.ranges.append((self.pos, len(data)))
             return data
 
+        def readinto(self, buf):
+            n = self.f.readinto(buf)
+            self.ranges.append((self.pos, n))
+            return n
+
         def fileno(self):
             return self.f.fileno()
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geko_data.shards import (ShardError, _checksum_ok, _fast_members, _tarfile_members, index_shards,
-                              iter_tar_samples, parse_sample)
+                              iter_tar_samples, parse_sample, parse_samples)
 from geko_data.stream import GEKOStream
 from geko_data.config import GEKOConfig
 
@@ -124,6 +124,20 @@ def webdataset_samples(path: str) -> list[dict]:
     return out
 
 
+def check_run_parser(buf: bytes, idx, path: str) -> None:
+    spans = list(zip(idx.offset.tolist(), idx.length.tolist()))
+    keys = [str(k) for k in idx.keys]
+    one_by_one = []
+    for (off, n), key in zip(spans, keys):
+        try:
+            one_by_one.append(parse_sample(buf[off:off + n], shard=path, key=key, offset=off))
+        except ShardError as e:
+            one_by_one.append(str(e))
+    for data in (buf, bytearray(buf) + bytearray(b"\xff" * 700)):  # (a reused buffer has stale bytes after)
+        run = parse_samples(data, spans, shard=path, keys=keys, offsets=[off for off, _ in spans])
+        assert [str(r) if isinstance(r, ShardError) else r for r in run] == one_by_one
+
+
 def check_tar(tmp_path, buf: bytes) -> str:
     """Assert the readers agree on ``buf`` or refuse it; returns what happened (for coverage)."""
     # 1. the fast parser never disagrees with tarfile on the whole buffer
@@ -137,7 +151,9 @@ def check_tar(tmp_path, buf: bytes) -> str:
         idx = index_shards([path])
     except ShardError:
         return "index refused"
-    # 2. each indexed byte range reads as webdataset reads the shard, or is refused
+    # 2. the run parser (every header of a run checked at once) gives parse_sample's sample or error for each
+    check_run_parser(buf, idx, path)
+    # 3. each indexed byte range reads as webdataset reads the shard, or is refused
     try:
         expected = webdataset_samples(path)
     except Exception:  # noqa: BLE001 - webdataset fails as it fails; then so must we, below
@@ -154,7 +170,7 @@ def check_tar(tmp_path, buf: bytes) -> str:
         return "sample refused"
     assert expected is not None, "webdataset failed on a shard read without an error"
     assert got == expected
-    # 3. the stream reader takes the same samples from the same byte ranges
+    # 4. the stream reader takes the same samples from the same byte ranges
     with open(path, "rb") as f:
         streamed = list(iter_tar_samples(f, shard=path))
     assert [s for s, _, _ in streamed] == expected
