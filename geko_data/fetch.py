@@ -11,6 +11,7 @@ worker parses and yields one block of samples while the next block's ranges are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -28,10 +29,23 @@ from geko_data.urls import describe, is_transient, open_url, redact
 
 __all__ = ["Fetched", "RangeFetcher", "RemoteConfig"]
 
-# Filesystems a forked child inherited: kept referenced and never closed in the child. Closing one there
-# would unregister the parent's sockets from the event loop's epoll set, which parent and child share
-# after a fork, and the parent's next request on a kept-alive connection would wait forever.
-_INHERITED: list[Any] = []
+# Every filesystem a fetcher made, kept referenced for the life of the process so that none is ever
+# garbage-collected. fsspec closes a collected filesystem's session from a finalizer, and one collected in a
+# forked DataLoader worker (the parent's, copied at the fork) closes the parent's sockets there (they
+# share the epoll set after a fork: the parent's next request on a kept-alive connection waits forever)
+# and, run by the collector on the worker's I/O thread, blocks that thread for its 0.1 s timeout on the
+# parent's dead loop, again for every such filesystem. A fetcher closes its sessions itself (``close``).
+_KEPT: list[Any] = []
+
+
+def _close_session(fs: Any) -> None:
+    """Close an async filesystem's client session now, in the process that made it (HTTP, s3fs)."""
+    session = getattr(fs, "_session", None) or getattr(fs, "_s3", None)
+    close = getattr(type(fs), "close_session", None)
+    loop = getattr(fs, "loop", None)
+    if session is not None and close is not None and loop is not None and loop.is_running():
+        with contextlib.suppress(Exception):
+            close(loop, session)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +138,6 @@ class RangeFetcher:
     def _forked(self) -> None:
         # Threads and the filesystems' event loops do not survive a fork: a DataLoader worker starts afresh.
         if self._pid != os.getpid():
-            _INHERITED.append(self._fs)
             self._fs, self._pool, self._lock, self._pid = {}, None, threading.Lock(), os.getpid()
             self._sizes, self._sem = {}, None
             self._tally = dict.fromkeys(self._tally, 0)
@@ -145,6 +158,7 @@ class RangeFetcher:
         with self._lock:
             if key not in self._fs:
                 self._fs[key] = open_url(url, self.storage_options)[0]
+                _KEPT.append(self._fs[key])
             fs = self._fs[key]
         return fs, (open_url(url, self.storage_options)[1] if "::" in url else fs._strip_protocol(url))
 
@@ -298,4 +312,6 @@ class RangeFetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        for fs in self._fs.values():
+            _close_session(fs)
         self._fs, self._sizes = {}, {}
