@@ -87,6 +87,39 @@ def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
     return out
 
 
+def _index_one(fetcher: RangeFetcher, url: str, size: int, local: str, advance: Any) -> ShardIndex:
+    """Download ``url`` to ``local`` in ``max_request``-sized ranges (``advance(bytes)`` per range) and index it."""
+    step = fetcher.config.max_request
+    with open(local, "wb") as f:
+        for got in fetcher.map((url, lo, min(lo + step, size)) for lo in range(0, size, step)):
+            if got.error is not None:
+                raise got.error
+            f.write(got.value)
+            advance(len(got.value))
+    try:
+        return index_shards([local], progress=False)
+    except ShardError as e:
+        raise ShardError(str(e).replace(repr(local), repr(redact(url, fetcher.storage_options)))) from None
+
+
+def _merge(parts: Sequence[ShardIndex], shard_urls: Sequence[str], sizes: Sequence[int],
+           storage_options: dict[str, Any] | None) -> ShardIndex:
+    """One index of the shards' indexes; ShardError on a key found twice."""
+    keys = np.concatenate([p.keys for p in parts])
+    hashes = np.concatenate([p.hashes for p in parts]).astype(np.uint64)
+    shard_no = np.concatenate([np.full(p.num_samples, s, dtype=np.int32) for s, p in enumerate(parts)])
+    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+    if (counts > 1).any():
+        dup = str(uniq[counts > 1][0])
+        where = sorted({shard_urls[s] for s in shard_no[keys == dup]})
+        raise ShardError(redact(f"duplicate key {dup!r} in the index (in {where}); keys must be unique",
+                                storage_options))
+    return ShardIndex(shards=tuple(shard_urls), sizes=tuple(sizes), keys=keys, shard=shard_no,
+                      offset=np.concatenate([p.offset for p in parts]),
+                      length=np.concatenate([p.length for p in parts]),
+                      fingerprint=fingerprint(shard_urls, sizes, int(keys.shape[0]), hashes=hashes), hashes=hashes)
+
+
 def index_remote(urls: Sequence[str], *, output: str | None = None, storage_options: dict[str, Any] | None = None,
                  progress: bool = True, config: RemoteConfig | None = None) -> ShardIndex:
     """Index remote tars (``index_shards`` for URLs); write ``output`` (a local path or a URL) when given.
@@ -109,38 +142,13 @@ def index_remote(urls: Sequence[str], *, output: str | None = None, storage_opti
             if got.error is not None:
                 raise got.error
             sizes.append(int(got.value))
-        parts: list[ShardIndex] = []
         with tqdm(total=sum(sizes), desc=f"indexing {len(shard_urls)} remote shard(s)", unit="B", unit_scale=True,
                   unit_divisor=1024, disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
-            for u, size in zip(shard_urls, sizes):
-                local = os.path.join(tmp, "shard.tar")
-                with open(local, "wb") as f:
-                    blocks = [(u, lo, min(lo + config.max_request, size)) for lo in range(0, size, config.max_request)]
-                    for got in fetcher.map(blocks):
-                        if got.error is not None:
-                            raise got.error
-                        f.write(got.value)
-                        bar.update(len(got.value))
-                try:
-                    part = index_shards([local], progress=False)
-                except ShardError as e:
-                    raise ShardError(str(e).replace(repr(local), repr(redact(u, storage_options)))) from None
-                parts.append(part)
+            parts = [_index_one(fetcher, u, size, os.path.join(tmp, "shard.tar"), bar.update)
+                     for u, size in zip(shard_urls, sizes)]
     finally:
         fetcher.close()
-    keys = np.concatenate([p.keys for p in parts])
-    hashes = np.concatenate([p.hashes for p in parts]).astype(np.uint64)
-    shard_no = np.concatenate([np.full(p.num_samples, s, dtype=np.int32) for s, p in enumerate(parts)])
-    uniq, counts = np.unique(keys.astype(str), return_counts=True)
-    if (counts > 1).any():
-        dup = str(uniq[counts > 1][0])
-        where = sorted({shard_urls[s] for s in shard_no[keys == dup]})
-        raise ShardError(redact(f"duplicate key {dup!r} in the index (in {where}); keys must be unique",
-                                storage_options))
-    index = ShardIndex(shards=tuple(shard_urls), sizes=tuple(sizes), keys=keys, shard=shard_no,
-                       offset=np.concatenate([p.offset for p in parts]),
-                       length=np.concatenate([p.length for p in parts]),
-                       fingerprint=fingerprint(shard_urls, sizes, int(keys.shape[0]), hashes=hashes), hashes=hashes)
+    index = _merge(parts, shard_urls, sizes, storage_options)
     if output is not None and is_url(output):
         write_index_url(index, output, storage_options=storage_options, config=config)
     elif output is not None:
