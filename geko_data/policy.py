@@ -101,21 +101,33 @@ def stability(loss_var: np.ndarray) -> np.ndarray:
 
 
 def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q: np.ndarray,
-             loss_var: np.ndarray, config: GEKOConfig) -> np.ndarray:
-    """Bucket code per sample (uint8), gekolib's rules; never-seen samples are FOCUS.
+             loss_var: np.ndarray, config: GEKOConfig, loss: np.ndarray | None = None,
+             last_step: np.ndarray | None = None) -> np.ndarray:
+    """Bucket code per sample (uint8); never-seen samples are FOCUS.
 
-    FREEZE: correct, confidence > ``freeze_threshold``, stability > freeze_quality, q >= min_q_for_freeze.
-    With ``freeze_share`` (and no absolute ``freeze_confidence``) the rank alone decides: the stability
-    and Q conditions are not applied. A loss that falls fast is a sample being learnt, not an unreliable
-    one, and Q needs several passes: both kept samples the model already gets right in training when a
-    run of 3 epochs has only two chances to skip anything.
+    FREEZE, with ``freeze_share`` (the default): correct and among the easiest ``freeze_share`` of the
+    samples reported at about the same time (``easiest_in_windows``): the rank alone decides, after one
+    pass. Stability and Q are not asked for: a loss that falls fast is a sample being learnt, not an
+    unreliable one, and Q needs several passes; both kept samples the model already gets right from
+    freezing when a 3-epoch run has two chances to skip anything.
+    FREEZE with an absolute ``freeze_confidence`` or with ``freeze_share=None`` (gekolib's rules): correct,
+    confidence > ``freeze_threshold``, stability > freeze_quality, q >= min_q_for_freeze.
     LIGHT: correct otherwise. HARD: wrong and confidence > focus_confidence. FOCUS: wrong otherwise.
+
+    ``loss`` and ``last_step`` (the state's columns) are what the share rule ranks by; without ``last_step``
+    every sample is in one window, without ``loss`` the rank is by confidence (for a right answer of a
+    classifier the same order: its confidence is ``exp(-loss)``).
     """
     correct = np.asarray(correct, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
-    threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
-    freeze = correct & (conf > np.float32(threshold))
-    if config.freeze_confidence is not None or config.freeze_share is None:
+    if config.freeze_confidence is None and config.freeze_share is not None:
+        with np.errstate(divide="ignore"):
+            rank_by = -np.log(conf) if loss is None else loss
+        when = np.zeros(correct.shape[0], np.int64) if last_step is None else last_step
+        freeze = correct & easiest_in_windows(seen=seen, loss=rank_by, last_step=when, share=config.freeze_share)
+    else:
+        threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
+        freeze = correct & (conf > np.float32(threshold))
         # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
         # the same rule without a square root over every sample.
         freeze &= np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
@@ -127,6 +139,44 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
     return out
 
 
+#: ``easiest_in_windows`` compares a sample with the others reported in the same one of this many spans of
+#: report time (equal sample counts), so that early and late reports of a first epoch are not compared.
+RANK_WINDOWS = 8
+#: ... but a span holds at least this many samples (fewer windows on small data), so a rank means something.
+MIN_WINDOW = 64
+
+
+def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndarray, share: float) -> np.ndarray:
+    """Mask of the seen samples whose last loss is among the lowest ``share`` of the samples reported at about
+    the same time: the seen samples are cut by ``last_step`` into ``RANK_WINDOWS`` equal spans (fewer when a
+    span would hold under ``MIN_WINDOW``) and ranked by loss inside their span.
+
+    Why spans: a loss measured at step 10 of a first epoch and one at step 1,000 come from two different
+    models. Ranked together, nearly every sample of the first part of the epoch looks hard and nearly every
+    one of the last part easy, whatever the sample (measured on MNIST: none of the first 40% of the epoch
+    was among the easiest half, though 86% of them were right at the epoch's end). Inside a span the model
+    barely changes, and a random order puts a fair sample of the data in each. In later epochs the samples
+    not trained in the last epoch (frozen ones) share the earliest spans and half of them thaw each epoch,
+    so a stale measurement is refreshed.
+    """
+    seen = np.asarray(seen, dtype=bool) & np.isfinite(loss)
+    idx = np.flatnonzero(seen)
+    out = np.zeros(seen.shape[0], dtype=bool)
+    if not idx.shape[0]:
+        return out
+    steps = np.asarray(last_step)[idx].astype(np.int64)
+    windows = max(1, min(RANK_WINDOWS, idx.shape[0] // MIN_WINDOW))
+    # span of a sample: by the count of samples reported before it, so samples of one step share a span
+    span_of = np.searchsorted(np.sort(steps), steps, side="left") * windows // idx.shape[0]
+    for w in np.unique(span_of):
+        span = idx[span_of == w]
+        l = np.asarray(loss)[span].astype(np.float64)  # not the whole column as float64 once per span
+        # ties at the cut all pass: equally easy samples are not told apart by their position
+        cut = np.quantile(l, share, method="lower") if share < 1.0 else np.inf
+        out[span[l <= cut]] = True
+    return out
+
+
 #: Fewer wrong samples than this and their confidences say little: ``freeze_threshold`` falls back.
 MIN_WRONG_FOR_QUANTILE = 10
 
@@ -135,9 +185,8 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
                      config: GEKOConfig) -> float:
     """The confidence a correct sample must exceed to freeze.
 
-    ``config.freeze_confidence`` when set. Otherwise, with ``config.freeze_share`` (the default), the surest
-    ``freeze_share`` of the seen right answers may freeze: the threshold sits just under the confidence at
-    rank ``1 - freeze_share`` among them (``_surest_share_threshold``). Otherwise it is the ``freeze_quantile``
+    ``config.freeze_confidence`` when set. Otherwise (with ``freeze_share=None``: ``classify`` does not ask
+    for a threshold when ``freeze_share`` is set) it is the ``freeze_quantile``
     quantile of the confidences of the seen samples the model gets wrong, i.e. a sample freezes when the
     model is surer of it than of (by default) 90% of its mistakes, whatever the scale of the confidence (a
     3-class head, a 10-class CNN, an LLM's weakest answer token). With fewer than
@@ -149,28 +198,16 @@ def freeze_threshold(*, seen: np.ndarray, correct: np.ndarray, confidence: np.nd
     seen = np.asarray(seen, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
     ok = seen & np.isfinite(conf)
-    if config.freeze_share is not None:
-        return _surest_share_threshold(conf[ok & np.asarray(correct, dtype=bool)], config.freeze_share)
     wrong = conf[ok & ~np.asarray(correct, dtype=bool)]
     if wrong.shape[0] >= MIN_WRONG_FOR_QUANTILE:
         # "higher": an observed confidence, so the rule depends on ranks only (any increasing rescaling of
         # the confidences freezes the same samples)
         return float(np.quantile(wrong, config.freeze_quantile, method="higher"))
-    return _surest_share_threshold(conf[ok & np.asarray(correct, dtype=bool)], 0.5)
-
-
-def _surest_share_threshold(right: np.ndarray, share: float) -> float:
-    """A confidence that the surest ``share`` of ``right`` (confidences of right answers) exceed; 1.0 (none
-    freezes) when there are none.
-
-    Ranks only, so it does not depend on the task's confidence scale: among right answers of a classifier
-    the max-softmax confidence is the target's probability ``exp(-loss)``, so these are the right answers
-    with the smallest loss, the ones whose gradient is already smallest and that cost least to skip.
-    """
+    right = conf[ok & np.asarray(correct, dtype=bool)]
     if not right.shape[0]:
         return 1.0
-    # just under an observed value, so ties freeze: right answers all equally sure must not freeze none of them
-    return float(np.nextafter(np.quantile(right, 1.0 - share, method="higher"), np.float32(0.0)))
+    # just under the median, so ties freeze: right answers all equally sure must not freeze none of them
+    return float(np.nextafter(np.quantile(right, 0.5, method="higher"), np.float32(0.0)))
 
 
 def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:

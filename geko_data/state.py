@@ -235,7 +235,7 @@ class SampleState:
         alive = ~self.pruned
         seen = self.seen
         bucket = policy.classify(seen=seen, correct=self.correct, confidence=self.confidence, q=self.q,
-                                 loss_var=self.loss_var, config=cfg)
+                                 loss_var=self.loss_var, config=cfg, loss=self.loss, last_step=self.last_step)
         np.copyto(self.bucket, bucket, where=alive)
         is_frozen = alive & (self.bucket == policy.FREEZE)
         # frozen_epochs + 1 (saturating at 255) where frozen, 0 elsewhere, in place in uint8 (no int16 copies)

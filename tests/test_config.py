@@ -90,3 +90,14 @@ def test_config_and_train_args_are_keyword_only():
         GEKOConfig(0.9)  # type: ignore[misc]
     with pytest.raises(TypeError):
         TrainArgs("./out")  # type: ignore[misc]
+
+
+def test_default_freezes_the_easiest_half_and_presets_keep_their_rules():
+    assert GEKOConfig().freeze_share == 0.5 and GEKOConfig().freeze_confidence is None
+    # presets with an absolute threshold keep gekolib's rule (freeze_share is not used with one)
+    for preset in (GEKOLIB_DEFAULTS, GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE):
+        assert preset.freeze_confidence is not None
+    with pytest.raises(ValueError, match=r"`freeze_share` must be a number in \(0.0, 1.0\], got 0.0"):
+        GEKOConfig(freeze_share=0.0)
+    c = GEKOConfig(freeze_share=None)
+    assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -202,7 +202,8 @@ def _three_class_head(n_wrong=40, n_right=60, seed=0):
 def _classify_all(conf, correct, config):
     n = conf.shape[0]
     return policy.classify(seen=np.ones(n, bool), correct=correct, confidence=conf, q=np.ones(n, np.float32),
-                           loss_var=np.zeros(n, np.float32), config=config)
+                           loss_var=np.zeros(n, np.float32), loss=-np.log(conf), last_step=np.zeros(n, np.int32),
+                           config=config)
 
 
 def test_relative_freeze_threshold_reads_the_task_scale():
@@ -242,35 +243,67 @@ def test_relative_freeze_with_few_mistakes_uses_the_median_of_right_answers():
     assert policy.freeze_threshold(seen=np.zeros(6, bool), correct=correct, confidence=conf, config=rel) == 1.0
 
 
-def test_freeze_share_freezes_the_surest_share_of_right_answers():
-    conf, correct = _three_class_head(n_wrong=20, n_right=80, seed=2)
+def test_freeze_share_freezes_the_right_answers_among_the_easiest_share():
+    rng = np.random.default_rng(2)
+    n = 100
+    loss = rng.uniform(0.0, 2.0, n).astype(np.float32)
+    correct = loss < 1.2  # 60 or so right answers, the easier ones
+    correct[np.argsort(loss)[:5]] = False  # a few of the easiest are wrong all the same: they never freeze
+    conf = np.exp(-loss).astype(np.float32)
     # loss_var and q as one pass leaves them for a sample still being learnt: the rank alone decides
-    n = conf.shape[0]
     kw = dict(seen=np.ones(n, bool), correct=correct, confidence=conf, q=np.full(n, 0.5, np.float32),
-              loss_var=np.full(n, 0.5, np.float32))
-    for share in (0.3, 0.5, 0.75):
+              loss_var=np.full(n, 0.5, np.float32), loss=loss, last_step=np.zeros(n, np.int32))
+    for share in (0.3, 0.5):
         frozen = policy.classify(**kw, config=GEKOConfig(freeze_share=share)) == FREEZE
-        assert frozen.sum() == round(share * 80) and correct[frozen].all()
-        assert conf[frozen].min() > conf[correct & ~frozen].max()  # the surest ones
-        # ranks only: any increasing rescaling freezes the same samples
-        again = policy.classify(**{**kw, "confidence": (conf ** 3).astype(np.float32)},
-                                config=GEKOConfig(freeze_share=share)) == FREEZE
+        easiest = np.argsort(loss)[:round(share * n)]
+        assert set(np.flatnonzero(frozen)) == set(easiest[correct[easiest]])
+        # ranks only: any increasing rescaling of the loss freezes the same samples
+        again = policy.classify(**{**kw, "loss": loss ** 3 + 7}, config=GEKOConfig(freeze_share=share)) == FREEZE
         np.testing.assert_array_equal(again, frozen)
-    # the absolute threshold keeps gekolib's stability and Q conditions: nothing freezes after such a pass
+    # the absolute threshold and freeze_share=None keep gekolib's stability and Q conditions: nothing freezes
     assert not (policy.classify(**kw, config=GEKOConfig(freeze_share=0.5, freeze_confidence=0.1)) == FREEZE).any()
     assert not (policy.classify(**kw, config=GEKOConfig(freeze_share=None)) == FREEZE).any()
+    # without a loss column the rank is by confidence: the same order for a classifier's right answers
+    no_loss = {k: v for k, v in kw.items() if k != "loss"}
+    np.testing.assert_array_equal(policy.classify(**no_loss, config=GEKOConfig(freeze_share=0.5)) == FREEZE,
+                                  policy.classify(**kw, config=GEKOConfig(freeze_share=0.5)) == FREEZE)
+
+
+def test_easiest_share_is_taken_among_samples_reported_at_the_same_time():
+    # A first epoch: the model improves while it reports, so a sample's loss says as much about when it was
+    # measured as about the sample. Each sample's difficulty d is what matters.
+    rng = np.random.default_rng(3)
+    n = 1024
+    step = np.arange(n) // 16  # 64 reports of 16 samples
+    d = rng.uniform(0.0, 1.0, n)
+    loss = (d + 2.0 * (1.0 - step / step.max())).astype(np.float32)  # the same sample costs less later
+    seen = np.ones(n, bool)
+    got = policy.easiest_in_windows(seen=seen, loss=loss, last_step=step, share=0.5)
+    assert got.sum() == n // 2
+    # every span of report time gives its easier half, early ones too
+    for span in np.array_split(np.arange(n), policy.RANK_WINDOWS):
+        assert got[span].sum() == len(span) // 2
+        truly_easier = d[span] <= np.median(d[span])  # the model still improves inside a span: nearly
+        assert (got[span] == truly_easier).mean() > 0.9
+    # ranked all together, the first eighth of the epoch would freeze nothing however easy
+    together = policy.easiest_in_windows(seen=seen, loss=loss, last_step=np.zeros(n, np.int32), share=0.5)
+    assert together[: n // 8].sum() < 8 and got[: n // 8].sum() == n // 16
+    # small data: fewer, larger spans (each at least MIN_WINDOW samples); unseen samples never count
+    small = policy.easiest_in_windows(seen=np.arange(100) < 90, loss=np.arange(100, dtype=np.float32),
+                                      last_step=np.arange(100), share=0.5)
+    assert small[90:].sum() == 0 and small.sum() == 45
+    assert not policy.easiest_in_windows(seen=np.zeros(4, bool), loss=np.ones(4, np.float32),
+                                         last_step=np.zeros(4, np.int32), share=0.5).any()
 
 
 def test_freeze_share_ignores_unseen_and_wrong_answers_and_ties_freeze():
-    conf = np.array([0.99, 0.99, 0.2, 0.3, 0.9, 0.95], np.float32)
+    loss = np.array([0.01, 0.01, 1.6, 1.2, 0.1, 0.05], np.float32)
     correct = np.array([False, True, True, True, True, True])
     seen = np.array([True, False, True, True, True, True])
     cfg = GEKOConfig(freeze_share=0.5)
-    # seen right answers: 0.2, 0.3, 0.9, 0.95 -> the surest half is 0.9 and 0.95
-    out = policy.classify(seen=seen, correct=correct, confidence=conf, q=np.zeros(6, np.float32),
-                          loss_var=np.zeros(6, np.float32), config=cfg)
+    out = policy.classify(seen=seen, correct=correct, confidence=np.exp(-loss), q=np.zeros(6, np.float32),
+                          loss_var=np.zeros(6, np.float32), loss=loss, last_step=np.zeros(6, np.int32), config=cfg)
+    # seen: 0.01 (wrong), 1.6, 1.2, 0.1, 0.05 -> the easiest half is 0.01, 0.05 (and 0.1 at the cut)
     assert list(out == FREEZE) == [False, False, False, False, True, True]
     same = np.full(4, 0.7, np.float32)
     assert (_classify_all(same, np.ones(4, bool), cfg) == FREEZE).all()
-    assert policy.freeze_threshold(seen=np.ones(6, bool), correct=np.zeros(6, bool), confidence=conf,
-                                   config=cfg) == 1.0

@@ -167,7 +167,8 @@ BAD_TRAIN_ARGS = {
     "progress": ["no"], "device": ["tpu", None],
 }
 BAD_CONFIG = {
-    "freeze_confidence": [1.5, float("nan")], "freeze_quantile": [1.5, "high"], "freeze_quality": [2],
+    "freeze_confidence": [1.5, float("nan")], "freeze_quantile": [1.5, "high"], "freeze_share": [0.0, 1.5, "half"],
+    "freeze_quality": [2],
     "focus_confidence": ["high"],
     "bucket_weights": [(1, 2), (1, -2, 0)], "use_curriculum": [1], "q_value_lr": [0.0], "min_q_for_freeze": [1.1],
     "q_value_loss_scale": [0], "repartition_every": [0], "log_bucket_stats": ["yes"], "max_times_seen": [-1],
