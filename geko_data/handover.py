@@ -21,13 +21,14 @@ import weakref
 from geko_data.atomic import _HOST, _pid_alive
 from geko_data.shards import ShardError
 
-__all__ = ["Handover", "range_dir"]
+__all__ = ["Handover", "range_dir", "remove_stale", "shared_root"]
 
 _PREFIX = "geko-ranges-"
 _NAME = re.compile(re.escape(_PREFIX) + r"(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
-def _shared_root() -> str:
+def shared_root() -> str:
+    """Where range folders go: /dev/shm (shared memory) where it is writable, else the temp folder."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else tempfile.gettempdir()
 
@@ -47,7 +48,7 @@ def remove_stale(root: str) -> list[str]:
 def range_dir(owner: object, root: str | None = None) -> str:
     """A new folder for the hand-over, removed when ``owner`` is garbage-collected or the process exits
     (and, when the process is killed, by the next call on this host)."""
-    root = root or _shared_root()
+    root = root or shared_root()
     remove_stale(root)
     path = tempfile.mkdtemp(prefix=f"{_PREFIX}{_HOST}-{os.getpid()}-", dir=root)
     weakref.finalize(owner, shutil.rmtree, path, True)

@@ -76,6 +76,7 @@ class RangeReader:
         self._taken: dict[int, bytes | ShardError] = {}  # ranges from the hand-over, until the last use
         self.tally = {"bytes_read": 0, "requests": 0, "retries": 0}
         self._remote = [is_url(u) for u in self.urls]
+        self._closed = False
 
     def handles(self, shard: int) -> bool:
         """Whether shard number ``shard`` is remote (read here) rather than a local file or a pipe."""
@@ -144,6 +145,8 @@ class RangeReader:
         readers = share.plan.readers[r]
 
         def hand_over(got: Fetched) -> None:
+            if self._closed:  # failed because this reader stopped early: no error for the others to find
+                return
             share.handover.deliver(r, got.value, None if got.error is None else str(got.error), readers)
 
         self._owned[r] = self.fetcher.submit(self.urls[shard], start, end, size=self.index.sizes[shard],
@@ -196,4 +199,6 @@ class RangeReader:
         wait(list(self._owned.values()))
 
     def close(self) -> None:
+        """Stop: requests still in flight are dropped (not handed over), the fetcher's sessions closed."""
+        self._closed = True
         self.fetcher.close()

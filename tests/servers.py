@@ -13,6 +13,8 @@ Loopback only: nothing here listens on or connects to any other address.
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
 import shutil
@@ -21,10 +23,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,94 +194,102 @@ def _nodelay(conn):
     return conn
 
 
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection of the proxy; the class attributes are set by ``_run_proxy``."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers do: no 40 ms stall between headers and body
+    upstream: Any = None  # urlsplit of the upstream URL
+    delay, fail_every, fail_status = 0.0, 0, 503
+    lock = threading.Lock()
+    counts = {"requests": 0, "bytes": 0, "failed": 0, "max_inflight": 0}
+    inflight = [0]  # requests being answered now; counts["max_inflight"] is its peak since the last reset
+    local = threading.local()  # this thread's kept-alive upstream connection
+
+    def log_message(self, *args):  # noqa: ANN002 - quiet
+        pass
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _forward(self) -> None:
+        if self.path in ("/__stats__", "/__reset__"):
+            with self.lock:
+                if self.path == "/__reset__":
+                    self.counts.update(requests=0, bytes=0, failed=0, max_inflight=0)
+                body = json.dumps(self.counts).encode()
+            return self._reply(200, body, {"Content-Type": "application/json"})
+        with self.lock:
+            self.counts["requests"] += 1
+            fail = self.fail_every > 0 and self.counts["requests"] % self.fail_every == 0
+            self.counts["failed"] += fail
+            self.inflight[0] += 1
+            self.counts["max_inflight"] = max(self.counts["max_inflight"], self.inflight[0])
+        try:
+            return self._answer(fail)
+        finally:
+            with self.lock:
+                self.inflight[0] -= 1
+
+    do_GET = do_HEAD = _forward  # noqa: N815
+
+    def _ask_upstream(self) -> Any:
+        """The upstream's response (body read), or None when it cannot be reached."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "host", "authorization")
+                   or k.lower().startswith("x-amz")}
+        up = self.upstream
+        for _ in range(2):  # a kept-alive upstream connection may have been closed meanwhile
+            conn = getattr(self.local, "conn", None) or _nodelay(http.client.HTTPConnection(up.hostname, up.port,
+                                                                                           timeout=30))
+            self.local.conn = conn
+            try:
+                conn.request(self.command, self.path, headers=headers)
+                resp = conn.getresponse()
+                resp.body = resp.read()
+                return resp
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+        return None
+
+    def _answer(self, fail: bool) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        if fail:
+            return self._reply(self.fail_status, b"injected failure", {"Content-Type": "text/plain"})
+        resp = self._ask_upstream()
+        if resp is None:
+            return self._reply(502, b"upstream unreachable")
+        keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "content-range",
+                                                                     "accept-ranges", "etag", "last-modified")}
+        if self.command == "HEAD":
+            keep["Content-Length"] = resp.getheader("Content-Length", "0")
+            self.send_response(resp.status)
+            for k, v in keep.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return None
+        with self.lock:
+            self.counts["bytes"] += len(resp.body)
+        return self._reply(resp.status, resp.body, keep)
+
+
 def _run_proxy(upstream: str, port: int, delay: float, fail_every: int, fail_status: int) -> None:
-    import http.client
-    import http.server
-    import threading
     from urllib.parse import urlsplit
 
     up = urlsplit(upstream)
     if up.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"the test proxy forwards to loopback only, got {upstream!r}")
-    lock = threading.Lock()
-    counts = {"requests": 0, "bytes": 0, "failed": 0, "max_inflight": 0}
-    inflight = [0]  # requests being answered now; counts["max_inflight"] is its peak since the last reset
-    local = threading.local()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # as real servers do: no 40 ms stall between headers and body
-
-        def log_message(self, *args):  # noqa: ANN002 - quiet
-            pass
-
-        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _forward(self) -> None:
-            if self.path in ("/__stats__", "/__reset__"):
-                with lock:
-                    if self.path == "/__reset__":
-                        counts.update(requests=0, bytes=0, failed=0, max_inflight=0)
-                    body = json.dumps(counts).encode()
-                return self._reply(200, body, {"Content-Type": "application/json"})
-            with lock:
-                counts["requests"] += 1
-                n = counts["requests"]
-                fail = fail_every > 0 and n % fail_every == 0
-                counts["failed"] += fail
-                inflight[0] += 1
-                counts["max_inflight"] = max(counts["max_inflight"], inflight[0])
-            try:
-                return self._answer(fail)
-            finally:
-                with lock:
-                    inflight[0] -= 1
-
-        def _answer(self, fail: bool) -> None:
-            if delay:
-                time.sleep(delay)
-            if fail:
-                return self._reply(fail_status, b"injected failure", {"Content-Type": "text/plain"})
-            headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "host", "authorization")
-                       or k.lower().startswith("x-amz")}
-            for attempt in range(2):  # a kept-alive upstream connection may have been closed meanwhile
-                conn = getattr(local, "conn", None) or _nodelay(http.client.HTTPConnection(up.hostname, up.port,
-                                                                                          timeout=30))
-                local.conn = conn
-                try:
-                    conn.request(self.command, self.path, headers=headers)
-                    resp = conn.getresponse()
-                    body = resp.read()
-                    break
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    local.conn = None
-                    if attempt:
-                        return self._reply(502, b"upstream unreachable")
-            keep = {k: v for k, v in resp.getheaders() if k.lower() in ("content-type", "content-range",
-                                                                         "accept-ranges", "etag", "last-modified")}
-            if self.command == "HEAD":
-                keep["Content-Length"] = resp.getheader("Content-Length", "0")
-                self.send_response(resp.status)
-                for k, v in keep.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                return None
-            with lock:
-                counts["bytes"] += len(body)
-            return self._reply(resp.status, body, keep)
-
-        do_GET = do_HEAD = _forward  # noqa: N815
-
+    _ProxyHandler.upstream, _ProxyHandler.delay = up, delay
+    _ProxyHandler.fail_every, _ProxyHandler.fail_status = fail_every, fail_status
     http.server.ThreadingHTTPServer.request_queue_size = BACKLOG
-    server = http.server.ThreadingHTTPServer((HOST, port), Handler)
+    server = http.server.ThreadingHTTPServer((HOST, port), _ProxyHandler)
     server.daemon_threads = True
     server.serve_forever()
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from conftest import SHARD_SIZES, write_uneven_shards
 from geko_data import policy
 from geko_data.config import GEKOConfig
+from geko_data.handover import shared_root
 from geko_data.remote import (RangeFetcher, RemoteConfig, RemoteError, Request, is_transient, open_url,
                               plan_requests, read_index_url, redact)
 from geko_data.shards import ShardError, read_index
@@ -348,13 +349,15 @@ def test_forked_workers_do_not_break_the_main_processes_connections(http_server)
     write_shards(({"__key__": f"k{i:04d}", "bin": payload} for i in range(400)),
                  str(http_server.root / name / "shard-%03d.tar"), maxcount=200)
     for _ in range(2):
+        before = set(os.listdir(shared_root()))
         s = GEKOStream(f"{http_server.url}{name}/", total_epochs=1, config=QUIET, seed=1, batch_size=32,
                        shuffle_buffer=256)
+        (folder,) = {f for f in os.listdir(shared_root()) if f.startswith("geko-ranges-")} - before
         s.set_epoch(0)
         loader = DataLoader(s, batch_size=32, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
         assert sum(len(b) for b in loader) == 400
         # every worker dropped its link to every shared range: no fetched bytes are left on disk
-        assert not [f for f in os.listdir(s._range_dir) if not f.endswith(".claim")]
+        assert os.listdir(os.path.join(shared_root(), folder)) == []
 
 
 def test_cli_index_of_http_shards_to_a_local_file_is_read_with_shards_at(http_server, tmp_path, capsys):

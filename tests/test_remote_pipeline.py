@@ -2,6 +2,7 @@
 the chunk being read, the hand-over between DataLoader workers and its shared-memory folder, against real
 servers on 127.0.0.1 (RangeHTTPServer and our proxy)."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from conftest import write_uneven_shards
 from geko_data import remote
 from geko_data.config import GEKOConfig
-from geko_data.handover import range_dir, remove_stale
+from geko_data.handover import range_dir, remove_stale, shared_root
 from geko_data.ranges import AHEAD, RangePlan
 from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, SharedRanges
 from geko_data.shards import read_index, write_shards
@@ -30,6 +31,11 @@ FAST = RemoteConfig(retries=3, backoff=0.02, max_backoff=0.1, timeout=10.0)
 
 def as_list(batch):
     return batch
+
+
+def range_dirs(pid=None):
+    """The range folders of process ``pid`` (this one by default) on this host."""
+    return set(glob.glob(os.path.join(shared_root(), f"geko-ranges-*-{pid or os.getpid()}-*")))
 
 
 def even_shards(root, n=64, size=2000, per=64):
@@ -135,13 +141,13 @@ def test_a_killed_training_process_leaves_no_range_folder_for_long(http_server):
         s.set_epoch(0)
         it = iter(DataLoader(s, batch_size=8, num_workers=2, collate_fn=lambda b: b))
         next(it)
-        print(s._range_dir, flush=True)
+        print("reading", flush=True)
         time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        folder = proc.stdout.readline().strip()
-        assert folder and os.path.isdir(folder)
+        assert proc.stdout.readline().strip() == "reading"
+        (folder,) = range_dirs(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the training process and its DataLoader workers, no cleanup
         proc.wait(timeout=10)
@@ -158,16 +164,17 @@ def test_a_killed_training_process_leaves_no_range_folder_for_long(http_server):
 @pytest.mark.timeout(120)
 def test_workers_hand_over_through_shared_memory_and_leave_nothing(http_server):
     _, name = even_shards(http_server.root, n=400, size=8192, per=200)
+    before = range_dirs()
     s = GEKOStream(f"{http_server.url}{name}/", total_epochs=1, config=QUIET, seed=1, batch_size=8,
                    shuffle_buffer=32)
+    (folder,) = range_dirs() - before
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        assert s._range_dir.startswith("/dev/shm/")
+        assert folder.startswith("/dev/shm/")
     s.set_epoch(0)
     loader = DataLoader(s, batch_size=8, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
     assert sorted(x["__index__"] for b in loader for x in b) == list(range(400))
-    assert os.listdir(s._range_dir) == []  # every reader dropped its link: no bytes left in memory
+    assert os.listdir(folder) == []  # every reader dropped its link: no bytes left in memory
     assert s.stats["bytes_read"] == int(s.index.length.sum())
-    folder = s._range_dir
     del s, loader
     import gc
 
