@@ -29,8 +29,8 @@ COUNTERS = ("samples_read", "bytes_read", "samples_yielded", "skipped_draws", "r
 # are the index's tar bytes only when the stream is not compressed.
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 
-# Adjacent samples are read with one read of up to this many bytes: one system call instead of two a sample,
-# and memory bounded whatever the shuffle buffer.
+# A worker's samples of one shard are read into one buffer of up to this many bytes (runs of adjacent ones with
+# one system call) and parsed together: memory bounded whatever the shuffle buffer and the sample size.
 _RUN_BYTES = 8 << 20
 
 
@@ -129,45 +129,54 @@ class SeekReader:
             self._file, self._shard = f, shard
         return self._file
 
-    def read_run(self, shard: int, ids: list[int], keys: list[str], offsets: list[int],
-                 lengths: list[int]) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
-        """(id, sample or its ShardError) for ``ids``: adjacent samples of ``shard`` in file order."""
-        url, lo = self.urls[shard], offsets[0]
-        size = offsets[-1] + lengths[-1] - lo
-        try:
-            f = self._open(shard, keys[0])
-            f.seek(lo)
-            # Into one reused buffer: a fresh one each run costs page faults, more than the copy itself.
-            if len(self._buffer) < size:
-                self._buffer = bytearray(size)
-            got = f.readinto(memoryview(self._buffer)[:size])
-            buf = self._buffer  # bytes past `got` are an older run's: every span is checked against `got`
-        except ShardError as e:
-            for i in ids:
-                yield i, e
-            return
-        except OSError as e:
-            buf, got, why = bytearray(), 0, f"{e}"
-        else:
-            why = None
-        self.bytes_read += got
-        good: list[int] = []  # positions in `ids` of the samples whose bytes are all there (and hash right)
-        for n, (i, key, off, length) in enumerate(zip(ids, keys, offsets, lengths)):
-            if off - lo + length > got:
-                self.close()
-                detail = f": {why}" if why else f" is truncated ({max(0, got - (off - lo))} of {length} bytes)"
-                yield i, ShardError(f"shard {url!r}: sample {key!r} at byte {off}{detail}")
-                continue
-            if self.verify:
-                digest = sample_hash(memoryview(buf)[off - lo:off - lo + length])
-                if digest != int(self.index.hashes[i]):  # type: ignore[index]
-                    yield i, _hash_error(self.index, url, i, digest)
-                    continue
-            good.append(n)
-        spans = [(offsets[n] - lo, lengths[n]) for n in good]
-        parsed = parse_samples(buf, spans, shard=url, keys=[keys[n] for n in good], offsets=[offsets[n] for n in good])
-        for n, sample in zip(good, parsed):
-            yield ids[n], sample
+    def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: list[int],
+                   lengths: list[int]) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
+        """(id, sample or its ShardError) for ``ids``, samples of ``shard`` in file order: each run of adjacent
+        ones is one read, all into one reused buffer (a fresh one each time costs page faults, more than the
+        copy), and every sample is parsed by one ``parse_samples`` call, whose numpy pass then covers them all
+        even when a worker's samples alternate with another worker's."""
+        url = self.urls[shard]
+        total = sum(lengths)
+        if len(self._buffer) < total:
+            self._buffer = bytearray(total)
+        view = memoryview(self._buffer)
+        spans: list[tuple[int, int]] = []  # (start in the buffer, length) of every sample read whole
+        good: list[int] = []  # their positions in `ids`
+        at = n = 0
+        while n < len(ids):
+            hi = n + 1  # the run ids[n:hi] of adjacent samples
+            while hi < len(ids) and offsets[hi] == offsets[hi - 1] + lengths[hi - 1]:
+                hi += 1
+            size = offsets[hi - 1] + lengths[hi - 1] - offsets[n]
+            try:
+                f = self._open(shard, keys[n])
+                f.seek(offsets[n])
+                got = f.readinto(view[at:at + size])
+                why = None
+            except ShardError as e:
+                for j in range(n, len(ids)):
+                    yield ids[j], e
+                return
+            except OSError as e:
+                got, why = 0, str(e)
+            self.bytes_read += got
+            for j in range(n, hi):
+                start = at + offsets[j] - offsets[n]
+                if start + lengths[j] > at + got:
+                    self.close()
+                    detail = f": {why}" if why else f" is truncated ({max(0, at + got - start)} of {lengths[j]} bytes)"
+                    yield ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")
+                elif self.verify and (digest := sample_hash(view[start:start + lengths[j]])) != int(self.index.hashes[ids[j]]):  # type: ignore[index]
+                    yield ids[j], _hash_error(self.index, url, ids[j], digest)
+                else:
+                    spans.append((start, lengths[j]))
+                    good.append(j)
+            at, n = at + size, hi
+        # Bytes past `at` are an older group's; every span lies before it.
+        parsed = parse_samples(self._buffer, spans, shard=url, keys=[keys[j] for j in good],
+                               offsets=[offsets[j] for j in good])
+        for j, sample in zip(good, parsed):
+            yield ids[j], sample
 
 
 class StreamCursor:
@@ -311,9 +320,9 @@ class ShardReader:
         """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
         shards = self.index.shard[ids].tolist()  # one lookup per chunk, not per sample
         fetched = self._fetch_remote(ids, shards)
-        pending: list[int] = []  # a run of adjacent local samples, read together
+        pending: list[int] = []  # local samples of one shard, read together
         for i, shard in zip(ids.tolist(), shards):
-            if pending and (shard != pending[-1] or not self.local[shard] or i != pending[-2] + 1):
+            if pending and (shard != pending[-1] or not self.local[shard] or i < pending[-2]):
                 yield from self._read_local(pending)
                 pending = []
             if shard in self.bad.stopped:
@@ -344,19 +353,19 @@ class ShardReader:
             return e
 
     def _read_local(self, pending: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Read ``pending`` (id, shard pairs of consecutive ids in one shard) in runs of up to _RUN_BYTES."""
+        """Read ``pending`` (id, shard pairs of ascending ids in one shard) in groups of up to _RUN_BYTES."""
         ids, shard = pending[0::2], pending[1]
         keys = self.index.keys[ids].tolist()
         offsets, lengths = self.index.offset[ids].tolist(), self.index.length[ids].tolist()
         lo = 0
         while lo < len(ids):
             hi, size = lo + 1, lengths[lo]
-            while hi < len(ids) and size + lengths[hi] <= _RUN_BYTES and offsets[hi] == offsets[hi - 1] + lengths[hi - 1]:
+            while hi < len(ids) and size + lengths[hi] <= _RUN_BYTES:
                 size += lengths[hi]
                 hi += 1
             before = self._seek.bytes_read
-            for i, got in self._seek.read_run(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
-                if shard in self.bad.stopped:  # the handler stopped the shard on an earlier sample of the run
+            for i, got in self._seek.read_group(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
+                if shard in self.bad.stopped:  # the handler stopped the shard on an earlier sample of the group
                     self.bad.mark_lost(i)
                     continue
                 sample = self._accept(i, got)

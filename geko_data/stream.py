@@ -60,6 +60,38 @@ __all__ = ["DEFAULT_MAX_DECODED_BYTES", "GEKOStream", "UNSAFE_EXTENSIONS"]
 _COUNTER_ROWS = 1 + 256
 
 
+class _Counters:
+    """The epoch's ``COUNTERS`` and lost-sample flags in shared memory, written by every process that reads
+    (the main one and each DataLoader worker) and summed by the main process. Allocated before any worker
+    starts, so fork and spawn workers write where the main process reads."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.counts = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
+        self.lost = torch.zeros(num_samples, dtype=torch.uint8).share_memory_()  # (N,) lost this epoch
+
+    def zero(self) -> None:
+        self.counts.zero_()
+        self.lost.zero_()
+
+    def stats(self) -> dict[str, int]:
+        stats = dict(zip(COUNTERS, self.counts.numpy().sum(axis=0).tolist()))
+        stats["skipped"] = int(self.lost.numpy().sum(dtype=np.int64))
+        return stats
+
+    @staticmethod
+    def row(worker: int | None) -> int:
+        return 0 if worker is None else 1 + worker % (_COUNTER_ROWS - 1)
+
+    def flush(self, row: int, tally: dict[str, int], total: dict[str, int]) -> None:
+        """Add ``tally`` to ``row`` and to ``total``, and zero it (per block: cheap, and visible soon)."""
+        values = [tally[k] for k in COUNTERS]
+        if any(values):
+            self.counts.numpy()[row] += np.asarray(values, dtype=np.int64)
+            for k in COUNTERS:
+                total[k] += tally[k]
+                tally[k] = 0
+
+
 def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
 
@@ -86,6 +118,48 @@ def _open_index(source: str | os.PathLike, storage_options: dict[str, Any] | Non
     if (np.diff(index.shard) < 0).any():
         raise ShardError("the shard index must list samples grouped by shard, in shard order")
     return index
+
+
+class _Sources:
+    """Where the shards are read from (local paths, ``pipe:`` commands, remote URLs) and the readers of one
+    worker's samples; remote shards go through ``remote.py``'s fetcher and, with DataLoader workers, its
+    hand-over of ranges between workers (through files under ``range_dir``)."""
+
+    def __init__(self, owner: object, index: ShardIndex, urls: list[str], *, verify: bool,
+                 storage_options: dict[str, Any] | None, remote: RemoteConfig) -> None:
+        self.index = index
+        self.urls = urls
+        self.verify = verify
+        self.local = [_is_local(u) for u in urls]
+        # Remote shards are read by byte ranges: only the samples drawn, each by the worker that yields it.
+        self.ranged = [is_url(u) for u in urls]
+        self.fetcher = RangeFetcher(storage_options=storage_options, config=remote) if any(self.ranged) else None
+        # DataLoader workers of this stream hand each other fetched ranges through shared memory here.
+        self.range_dir = range_dir(owner) if self.fetcher is not None else None
+        self.shard_start = np.searchsorted(index.shard, np.arange(len(index.shards) + 1))  # (n_shards + 1,)
+
+    def clear_ranges(self) -> None:
+        """Forget the ranges the last epoch's workers left (an epoch cut short)."""
+        if self.range_dir is not None:
+            for name in os.listdir(self.range_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.range_dir, name))
+
+    def reader(self, *, handler: Callable[[Exception], bool] | None, lost: np.ndarray, worker: int | None,
+               split: tuple[np.ndarray, int, int, int] | None, chunk: int, tag: str) -> ShardReader:
+        """The reader of one worker (None: the main process); ``split`` is (what is left of the rank's order,
+        batch, num_workers, start), ``tag`` names the epoch plan for the hand-over of remote ranges."""
+        ranges = None
+        if self.fetcher is not None:
+            share = None
+            if split is not None and self.range_dir is not None:
+                remaining, batch, num_workers, _ = split
+                share = SharedRanges(index=self.index, remote=self.ranged, order=remaining, batch=batch,
+                                     num_workers=num_workers, worker=worker or 0, chunk=chunk,
+                                     folder=self.range_dir, config=self.fetcher.config, tag=tag)
+            ranges = RangeReader(self.index, self.urls, self.fetcher, share)
+        bad = BadData(handler=handler, lost=lost, sample_shard=self.index.shard)
+        return ShardReader(self.index, self.urls, self.local, self.shard_start, bad, self.verify, ranges)
 
 
 class _Order:
@@ -175,21 +249,14 @@ class GEKOStream(EpochDriver, IterableDataset):
         self.batch_size = batch_size
         self.handler = handler
         self.urls = _shard_urls(self.index, shard_url)
-        self._local = [_is_local(u) for u in self.urls]
-        # Remote shards are read by byte ranges: only the samples drawn, each by the worker that yields it.
-        self._ranged = [is_url(u) for u in self.urls]
-        self._fetcher = RangeFetcher(storage_options=storage_options, config=remote) if any(self._ranged) else None
-        # DataLoader workers of this stream hand each other fetched ranges through shared memory here.
-        self._range_dir = range_dir(self) if self._fetcher is not None else None
+        self._sources = _Sources(self, self.index, self.urls, verify=verify, storage_options=storage_options,
+                                 remote=remote)
         self._split: tuple[np.ndarray, int, int, int] | None = None
         n_shards = len(self.index.shards)
         self._layout = ShardLayout(sample_shard=self.index.shard, num_shards=n_shards, shuffle_buffer=shuffle_buffer)
-        self._shard_start = np.searchsorted(self.index.shard, np.arange(n_shards + 1))
         self._shared = SharedPlan(self.index.num_samples)
         self._start = torch.zeros(1, dtype=torch.int64).share_memory_()  # resume position of the next epoch
-        # Allocated here, before any worker starts, so fork and spawn workers write where the main reads.
-        self._counters = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
-        self._lost = torch.zeros(self.index.num_samples, dtype=torch.uint8).share_memory_()  # lost this epoch
+        self._counters = _Counters(self.index.num_samples)
         self._order_cache: _Order | None = None
         self._yielded = 0
 
@@ -198,9 +265,12 @@ class GEKOStream(EpochDriver, IterableDataset):
         """This epoch's counters (see ``readers.COUNTERS``) over the main process and every DataLoader worker,
         and ``skipped``: the distinct samples lost to bad data (unreadable, undecodable, or in a stopped
         shard)."""
-        stats = dict(zip(COUNTERS, self._counters.numpy().sum(axis=0).tolist()))
-        stats["skipped"] = int(self._lost.numpy().sum(dtype=np.int64))
-        return stats
+        return self._counters.stats()
+
+    @property
+    def _range_dir(self) -> str | None:
+        """The folder of the remote-range hand-over between this stream's workers (None: no remote shards)."""
+        return self._sources.range_dir
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> None:
@@ -210,15 +280,11 @@ class GEKOStream(EpochDriver, IterableDataset):
         resuming = int(self._start.item()) > 0 and epoch == self.epoch
         self._shared.publish(self._advance(epoch))
         self._order_cache = None
-        self._counters.zero_()
-        self._lost.zero_()
+        self._counters.zero()
         if not resuming:
             self._start.zero_()
         self._yielded = int(self._start.item())
-        if self._range_dir is not None:  # ranges the last epoch's workers left (an epoch cut short)
-            for name in os.listdir(self._range_dir):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self._range_dir, name))
+        self._sources.clear_ranges()
 
     def _order(self, plan: EpochPlan) -> _Order:
         # Keyed by the shared plan's version, not just its epoch: a persistent worker keeps this cache across
@@ -262,49 +328,26 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._split = (order.order[start:], batch, world.num_workers, start)
         yield from self._read_and_yield(mine, plan, order.shard_position, world.worker if in_worker else None)
 
-    def _flush(self, row: int, tally: dict[str, int], total: dict[str, int]) -> None:
-        """Add ``tally`` to this process's row of the shared counters (per block: cheap, and visible soon)."""
-        values = [tally[k] for k in COUNTERS]
-        if any(values):
-            self._counters.numpy()[row] += np.asarray(values, dtype=np.int64)
-            for k in COUNTERS:
-                total[k] += tally[k]
-                tally[k] = 0
-
-    def _range_share(self, plan: EpochPlan, worker: int | None) -> SharedRanges | None:
-        """The rank's remote ranges planned for this worker (fetched chunks ahead, each by one worker)."""
-        if self._split is None or self._range_dir is None:
-            return None
-        assert self._fetcher is not None
-        remaining, batch, num_workers, start = self._split
-        return SharedRanges(index=self.index, remote=self._ranged, order=remaining, batch=batch,
-                            num_workers=num_workers, worker=worker or 0, chunk=self.shuffle_buffer,
-                            folder=self._range_dir, config=self._fetcher.config,
-                            tag=f"e{plan.epoch}v{self._shared.version}s{start}r{self.world.rank}")
-
-    def _reader(self, plan: EpochPlan, worker: int | None) -> ShardReader:
-        ranges = None if self._fetcher is None else RangeReader(self.index, self.urls, self._fetcher,
-                                                                self._range_share(plan, worker))
-        bad = BadData(handler=self.handler, lost=self._lost.numpy(), sample_shard=self.index.shard)
-        return ShardReader(self.index, self.urls, self._local, self._shard_start, bad, self.verify, ranges)
-
     # ------------------------------------------------------------------ the read-decode-tag loop
     def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, shard_position: np.ndarray,
                         worker: int | None) -> Iterator[dict[str, Any]]:
-        reader = self._reader(plan, worker)
+        start = self._split[3] if self._split is not None else 0
+        reader = self._sources.reader(handler=self.handler, lost=self._counters.lost.numpy(), worker=worker,
+                                      split=self._split, chunk=self.shuffle_buffer,
+                                      tag=f"e{plan.epoch}v{self._shared.version}s{start}r{self.world.rank}")
         tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)
-        row = 0 if worker is None else 1 + worker % (_COUNTER_ROWS - 1)
+        row = _Counters.row(worker)
         finished = False
         try:
             for lo in range(0, mine.shape[0], self.shuffle_buffer):
                 block = mine[lo:lo + self.shuffle_buffer]
                 yield from self._tagged(block, self._read_block(reader, block, shard_position), plan, reader,
                                         worker is None)
-                self._flush(row, tally, total)
+                self._counters.flush(row, tally, total)
             finished = True
         finally:
             reader.close()
-            self._flush(row, tally, total)
+            self._counters.flush(row, tally, total)
         if finished and reader.bad.lost_here:
             where = "" if worker is None else f" in DataLoader worker {worker}"
             warnings.warn(f"GEKOStream skipped {len(reader.bad.lost_here)} unreadable or undecodable sample(s) "
