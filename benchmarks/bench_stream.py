@@ -4,6 +4,14 @@
 8 shards x 2000 samples of ~20 KB, DataLoader with 2 workers, raw bytes (no decode):
 
     python benchmarks/bench_stream.py [--quick]
+
+``--peers`` (after ``make bench-peers``) compares GEKOStream with webdataset, litdata and mosaicml-streaming
+(MDS) on the same 16,000 samples, each written by its own writer: samples/s with nothing skipped and wall
+time with 50% and 90% of the samples frozen (the peers read every sample and drop the frozen ones in their
+workers: they have no index to skip by), medians of interleaved runs, plus samples/s in one process
+without a DataLoader:
+
+    python benchmarks/bench_stream.py --peers [--rounds 6]
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from _common import best_of, table, verdict  # noqa: E402
 
 from geko_data import policy  # noqa: E402
 from geko_data.config import GEKOConfig  # noqa: E402
-from geko_data.shards import _hash_samples, _scan_tar, write_shards  # noqa: E402
+from geko_data.shards import _hash_samples, _scan_tar, read_index, write_shards  # noqa: E402
 from geko_data.stream import GEKOStream  # noqa: E402
 
 
@@ -58,10 +66,101 @@ def cpu_per_sample(streams: dict[str, GEKOStream], repeat: int = 3) -> dict[str,
     return best
 
 
+def timed_drain(loader) -> float:
+    t0 = time.perf_counter()
+    drain(loader)
+    return time.perf_counter() - t0
+
+
+def peer_loaders(d: str, share: float, batch: int, n: int) -> dict[str, DataLoader]:
+    """One DataLoader per system for ``share`` frozen (the same samples for all), 2 persistent workers."""
+    import _peers
+
+    geko = frozen_stream(os.path.join(d, "geko"), share, batch)
+    keep = geko.plan.counts > 0
+    datasets = {"GEKOStream": geko,
+                "webdataset": wds.WebDataset(sorted(geko.index.shards), shardshuffle=False,
+                                             nodesplitter=wds.split_by_node),
+                "litdata": _peers.litdata_dataset(os.path.join(d, "litdata")),
+                "MDS": _peers.mds_dataset(os.path.join(d, "mds"), batch)}
+    if share > 0:  # peers read every sample and drop the frozen ones in the worker
+        for name, id_of in (("webdataset", _peers.wds_id), ("litdata", _peers.peer_id), ("MDS", _peers.peer_id)):
+            datasets[name] = _peers.Dropping(datasets[name], keep, id_of)
+    return {name: DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
+            for name, ds in datasets.items()}
+
+
+def in_process_rates(d: str, batch: int, rounds: int) -> dict[str, float]:
+    """Median samples/s of iterating each dataset in this process (no DataLoader), systems taking turns."""
+    import _peers
+
+    makers = {"GEKOStream": lambda: frozen_stream(os.path.join(d, "geko"), 0.0, batch),
+              "webdataset": lambda: wds.WebDataset(sorted(read_index(os.path.join(d, "geko")).shards),
+                                                   shardshuffle=False),
+              "litdata": lambda: _peers.litdata_dataset(os.path.join(d, "litdata")),
+              "MDS": lambda: _peers.mds_dataset(os.path.join(d, "mds"), batch)}
+    datasets = {name: make() for name, make in makers.items()}
+    rates: dict[str, list[float]] = {name: [] for name in datasets}
+    for _ in range(rounds):
+        for name, ds in datasets.items():
+            t0 = time.perf_counter()
+            count = sum(1 for _ in ds)
+            rates[name].append(count / (time.perf_counter() - t0))
+    return {name: float(np.median(r)) for name, r in rates.items()}
+
+
+def peers(quick: bool, rounds: int) -> None:
+    import _peers
+
+    n, size, batch = (2_000, 20_000, 64) if quick else (16_000, 20_000, 64)
+    payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        write_shards(({"__key__": f"k{i:06d}", "bin": payload, "cls": str(i % 10).encode()} for i in range(n)),
+                     os.path.join(d, "geko", "shard-%03d.tar"), maxcount=n // 8)
+        _peers.write_litdata(os.path.join(d, "litdata"), payload, n)
+        _peers.write_mds(os.path.join(d, "mds"), payload, n)
+        times: dict[float, dict[str, float]] = {}
+        for share in (0.0, 0.5, 0.9):
+            loaders = peer_loaders(d, share, batch, n)
+            for loader in loaders.values():  # warm: workers started, page cache filled
+                drain(loader)
+            runs: dict[str, list[float]] = {name: [] for name in loaders}
+            for r in range(rounds):  # interleaved, each round in another order
+                for name in list(loaders)[r % 4:] + list(loaders)[:r % 4]:
+                    runs[name].append(timed_drain(loaders[name]))
+            times[share] = {name: float(np.median(t)) for name, t in runs.items()}
+            del loaders
+        base = times[0.0]
+        names = list(base)
+        rows.append(("nothing skipped, 2 workers: samples/s",
+                     ", ".join(f"{k} {n / base[k]:,.0f}" for k in names) +
+                     f" (GEKOStream / litdata {base['litdata'] / base['GEKOStream']:.2f}x)",
+                     ">= litdata", verdict(base["GEKOStream"] <= base["litdata"])))
+        for share in (0.5, 0.9):
+            t = times[share]
+            fastest_peer = min((k for k in names if k != "GEKOStream"), key=t.get)
+            rows.append((f"{int(share * 100)}% frozen, 2 workers: epoch wall time",
+                         ", ".join(f"{k} {t[k]:.3f} s" for k in names) +
+                         f" (GEKOStream / {fastest_peer} {t['GEKOStream'] / t[fastest_peer]:.2f}x)",
+                         "below every peer", verdict(t["GEKOStream"] < t[fastest_peer])))
+        rates = in_process_rates(d, batch, rounds=max(3, rounds // 2))
+        rows.append(("one process, no DataLoader: samples/s",
+                     ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()) +
+                     f" (GEKOStream / litdata {rates['GEKOStream'] / rates['litdata']:.2f}x)", "(context)", ""))
+    print(table(f"bench_stream --peers: {n:,} samples of {size // 1000} KB, batch {batch}, medians of {rounds} "
+                f"interleaved runs ({os.cpu_count()} CPUs)", rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="4 shards x 500 samples")
+    p.add_argument("--peers", action="store_true", help="compare with webdataset, litdata and MDS (make bench-peers)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved runs per system with --peers")
     ns = p.parse_args()
+    if ns.peers:
+        peers(ns.quick, ns.rounds)
+        return
     shards, per, size, batch = (4, 500, 20_000, 32) if ns.quick else (8, 2000, 20_000, 32)
     rng = np.random.default_rng(0)
     payload = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
