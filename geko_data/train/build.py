@@ -129,8 +129,7 @@ def build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, deco
     if not hasattr(train_data, "__getitem__") or not hasattr(train_data, "__len__"):
         raise TypeError(f"`train_data` must be a map-style dataset, a GEKOStream or a shard folder, "
                         f"got {type(train_data).__name__}")
-    sampler = GEKOSampler(train_data, total_epochs=args.num_epochs, config=config, seed=args.seed,
-                          num_replicas=world.world_size, rank=world.rank)
+    sampler = GEKOSampler(train_data, total_epochs=args.num_epochs, config=config, seed=args.seed, world=world)
     return sampler, sampler.wrap(train_data)
 
 
