@@ -90,8 +90,9 @@ class RangePlan:
 
     Attributes: ``ranges`` (R, 3) shard, start, end; ``readers[r]`` the workers reading range r;
     ``fetcher`` (R,) the worker fetching it; ``chunk_ranges[c]`` {sample id: range} of this worker's chunk
-    c; ``last_chunk[r]`` this worker's last chunk reading r; ``due(c)`` the ranges this worker fetches that
-    must be requested by the time it reads chunk c.
+    c; ``release_at[c]`` the ranges this worker reads for the last time in chunk c; ``owned`` the ranges it
+    fetches, in the order they are needed; ``due(c)`` how many of them must be requested by the time it
+    reads chunk c.
     """
 
     def __init__(self, *, index: ShardIndex, remote: Sequence[bool], order: np.ndarray, batch: int,
@@ -111,10 +112,13 @@ class RangePlan:
         self.fetcher = self._assign([int(e - s) for _, s, e in self.ranges])
         mine = reader[kept] == worker
         self.chunk_ranges: dict[int, dict[int, int]] = {}
-        self.last_chunk: dict[int, int] = {}
+        last: dict[int, int] = {}  # range -> this worker's last chunk reading it
         for c, i, r in zip(pos_chunk[kept][mine].tolist(), order[kept][mine].tolist(), pos_range[mine].tolist()):
             self.chunk_ranges.setdefault(c, {}).setdefault(i, r)
-            self.last_chunk[r] = max(self.last_chunk.get(r, -1), c)
+            last[r] = max(last.get(r, -1), c)
+        self.release_at: dict[int, list[int]] = {}
+        for r, c in last.items():
+            self.release_at.setdefault(c, []).append(r)
         owned = np.flatnonzero(self.fetcher == worker)
         self.owned = owned[np.argsort(need[owned], kind="stable")]  # (O,) in the order they are needed
         self._owned_need = need[self.owned]

@@ -186,11 +186,10 @@ class RangeReader:
         for i in planned:
             r = need[i]
             yield i, self._slice(i, self._range(r), plan.ranges[r][1], check)
-        for r in [r for r, c in plan.last_chunk.items() if c == chunk]:
+        for r in plan.release_at.get(chunk, ()):
             self._owned.pop(r, None)
             self._taken.pop(r, None)
             share.handover.release(r)
-            del plan.last_chunk[r]
         if chunk >= plan.last:  # every range this worker fetches for others is delivered before it stops
             self.finish()
 
