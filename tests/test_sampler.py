@@ -318,3 +318,25 @@ def test_iterating_does_not_turn_the_whole_epoch_into_a_python_list():
     _, peak = _traced(lambda: next(it))
     assert peak < 8 * n  # a list of every index costs about 36 bytes an index
     assert sorted(it) == sorted(set(range(n)) - {s._order[0]})  # the rest of the epoch, once each
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_worker_sends_a_batch_without_its_weights_and_the_main_process_adds_them(context):
+    # One tensor less per batch on the worker queue: __weight__ is looked up in the main process from
+    # __index__ (a tensor that crossed the queue lives in shared memory; one made here does not).
+    ds = Squares(64)
+    s = GEKOSampler(ds, total_epochs=3, config=QUIET)
+    s.report(np.arange(64), np.linspace(0.01, 3.0, 64))
+    s.set_epoch(1)
+    loader = DataLoader(s.wrap(ds), batch_size=8, sampler=s, num_workers=2, multiprocessing_context=context)
+    batches = list(loader)
+    assert sum(b["__index__"].shape[0] for b in batches) == len(s)
+    for b in batches:
+        assert list(b) == ["x", "y", "__index__", "__weight__"]  # the item's key order
+        assert b["__index__"].is_shared() and not b["__weight__"].is_shared()
+        assert b["__weight__"].dtype == torch.float32
+        assert torch.equal(b["__weight__"], torch.from_numpy(s.plan.loss_weight[b["__index__"].numpy()]))
+    # a custom collate_fn still sees every item's weight
+    rows = next(iter(DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=1, collate_fn=list)))
+    assert [r["__weight__"] for r in rows] == [s.plan.loss_weight[r["__index__"]] for r in rows]
