@@ -9,7 +9,8 @@ batches are cheap next to their I/O.
 
 Epoch wall time is measured from the ``train()`` call to the loop's end-of-epoch line (so it includes
 starting the DataLoader workers and planning the epoch, which a user's clock includes too); the runs of
-the three shares are interleaved, after one discarded warm-up run, and the medians are compared.
+the three shares are interleaved, after one discarded warm-up run, and the medians are compared. After each
+run the same DataLoader is drained with no model, to show what the epoch spends reading.
 
     python benchmarks/bench_e2e.py [--quick] [--repeats 5]
 """
@@ -25,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import table, verdict  # noqa: E402
@@ -34,6 +36,7 @@ from geko_data.config import GEKOConfig  # noqa: E402
 from geko_data.shards import write_shards  # noqa: E402
 from geko_data.stream import GEKOStream  # noqa: E402
 from geko_data.train import TrainArgs, train  # noqa: E402
+from geko_data.train.collate import pad_collate  # noqa: E402
 
 FEATURES, CLASSES, BATCH = 4096, 10, 64
 #: frozen share -> the goal for its epoch wall time as a share of the 0% epoch's
@@ -71,13 +74,29 @@ def write_data(folder: str, n: int) -> None:
     write_shards(samples(), os.path.join(folder, "shard-%04d.tar"), maxcount=1000)
 
 
-def one_epoch(folder: str, out: str, share: float) -> tuple[float, float, int]:
-    """(epoch wall time, train() wall time, samples trained) of one epoch with ``share`` of the data FREEZE."""
+def frozen_stream(folder: str, share: float) -> GEKOStream:
+    """The shards' stream with ``share`` of the samples (a seeded random choice) FREEZE, epoch 0 not planned."""
     stream = GEKOStream(folder, total_epochs=1, config=CFG, decode=decode, batch_size=BATCH)
     n = len(stream.state)
     frozen = np.random.default_rng(1).permutation(n)[: int(share * n)]
     stream.state.bucket[frozen] = policy.FREEZE  # as a repartition leaves it
     stream.state.epoch = 0
+    return stream
+
+
+def read_only(folder: str, share: float) -> float:
+    """Wall time of planning the epoch and draining the same DataLoader with no model: the reading alone."""
+    stream = frozen_stream(folder, share)
+    t0 = time.perf_counter()
+    stream.set_epoch(0)
+    for _ in DataLoader(stream, batch_size=BATCH, num_workers=2, collate_fn=pad_collate):
+        pass
+    return time.perf_counter() - t0
+
+
+def one_epoch(folder: str, out: str, share: float) -> tuple[float, float, int]:
+    """(epoch wall time, train() wall time, samples trained) of one epoch with ``share`` of the data FREEZE."""
+    stream = frozen_stream(folder, share)
     args = TrainArgs(output_dir=out, num_epochs=1, batch_size=BATCH, learning_rate=1e-3, warmup_steps=0,
                      save_steps=0, save_at_end=False, logging_steps=1000, progress=False, dataloader_num_workers=2)
     ended: list[float] = []
@@ -112,6 +131,7 @@ def main() -> int:
         one_epoch(data, os.path.join(d, "warmup"), 0.0)  # imports, page cache: not measured
         epoch: dict[float, list[float]] = {s: [] for s in shares}
         whole: dict[float, list[float]] = {s: [] for s in shares}
+        reading: dict[float, list[float]] = {s: [] for s in shares}
         trained: dict[float, int] = {}
         for r in range(repeats):
             for share in shares:
@@ -119,8 +139,9 @@ def main() -> int:
                 epoch[share].append(e)
                 whole[share].append(t)
                 trained[share] = k
-                print(f"run {r}: {share:.0%} frozen: epoch {e:.2f} s, train() {t:.2f} s, {k} samples trained",
-                      flush=True)
+                reading[share].append(read_only(data, share))
+                print(f"run {r}: {share:.0%} frozen: epoch {e:.2f} s, train() {t:.2f} s, {k} samples trained; "
+                      f"reading alone {reading[share][-1]:.2f} s", flush=True)
     med = {s: statistics.median(epoch[s]) for s in shares}
     rows = [(f"epoch, 0% frozen ({trained[0.0]:,} samples trained)",
              f"{med[0.0]:.2f} s (train() {statistics.median(whole[0.0]):.2f} s)", "(baseline)", "")]
@@ -130,6 +151,10 @@ def main() -> int:
                      f"{med[share]:.2f} s vs {med[0.0]:.2f} s ({ratio:.2f}x; train() "
                      f"{statistics.median(whole[share]) / statistics.median(whole[0.0]):.2f}x)",
                      f"<= {goal}x", verdict(ratio <= goal)))
+    read = {s: statistics.median(reading[s]) for s in shares}
+    rows.append(("reading alone (the same DataLoader, no model): 0% / 50% / 90% frozen",
+                 f"{read[0.0]:.2f} s / {read[0.5]:.2f} s ({read[0.5] / read[0.0]:.2f}x) / {read[0.9]:.2f} s "
+                 f"({read[0.9] / read[0.0]:.2f}x)", "(what the epochs above spend reading)", ""))
     print(table(f"bench_e2e: reference loop, MLP on {n:,} x 16 KB samples, 2 workers, batch {BATCH}, "
                 f"medians of {repeats} interleaved runs ({os.cpu_count()} CPUs)", rows))
     return 0
