@@ -39,19 +39,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import xxhash
 from safetensors.torch import load_file, save_file
 
-from geko_data.atomic import atomic_dir, atomic_write_bytes, fsync_dir
+from geko_data.atomic import atomic_dir, fsync_dir
 from geko_data.state import SampleState
+# MANIFEST, CheckpointError, file_hash and write_manifest are re-exported: this is where users import them from.
+from geko_data.train.manifest import (MANIFEST, CheckpointError, check_against_manifest, check_manifest, file_hash,
+                                      is_int, read_file, read_json, refuse, write_manifest)
 
 __all__ = ["MANIFEST", "CheckpointError", "file_hash", "find_latest", "list_checkpoints", "load_checkpoint",
            "save_checkpoint", "write_manifest"]
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-_HASH = "xxh3_64"
-_CHUNK = 4 << 20  # hashing reads this much at a time: memory stays flat for any file size
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^\.checkpoint-\d+\..+\.tmp$")  # a killed save's temp dir (atomic_dir's or _remove's)
@@ -64,10 +62,6 @@ def _missing(path: str, *, manifest: bool = True) -> list[str]:
     if not any(os.path.exists(os.path.join(path, f)) for f in _WEIGHTS):
         missing.append(" or ".join(_WEIGHTS))
     return missing
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, incomplete, inconsistent, or unsafe to load)."""
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -100,87 +94,6 @@ def _weights(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     return "model.safetensors", out
 
 
-# ---------------------------------------------------------------- manifest
-def file_hash(path: str | os.PathLike) -> str:
-    """xxh3_64 of a file's bytes as 16 hex digits, read in chunks (a multi-GB file costs no memory)."""
-    h = xxhash.xxh3_64()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def write_manifest(path: str, *, step: int, seed: int | None, fingerprint: str | None) -> dict[str, Any]:
-    """Write ``path/manifest.json`` over every other file of the checkpoint dir ``path``; return it.
-
-    ``save_checkpoint`` calls it last, inside the temporary directory. Call it yourself only to re-seal a
-    checkpoint you changed on purpose: it vouches for whatever the files are now.
-    """
-    if not _is_int(step) or step < 0:
-        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-    if seed is not None and not _is_int(seed):
-        raise ValueError(f"`seed` must be an int or None, got {seed!r}")
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise ValueError(f"`fingerprint` must be a str or None, got {fingerprint!r}")
-    files: dict[str, dict[str, Any]] = {}
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name == MANIFEST:
-            continue
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path!r}: {name} is not a regular file")
-        files[name] = {"bytes": os.path.getsize(full), _HASH: file_hash(full)}
-    manifest = {"format_version": MANIFEST_VERSION, "step": step, "seed": seed, "fingerprint": fingerprint,
-                "hash": _HASH, "files": files}
-    atomic_write_bytes(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
-    return manifest
-
-
-def _refuse(path: str, name: str, why: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path!r}: {name} refused: {why}")
-
-
-def _check_manifest(path: str) -> dict[str, Any]:
-    """Read ``manifest.json`` and check every file against it; return it. Nothing else is read before."""
-    if not os.path.exists(os.path.join(path, MANIFEST)):
-        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST}, so nothing shows that its files belong "
-                              f"together (a checkpoint of an older geko_data, or assembled by hand); refused")
-    manifest = _read(path, MANIFEST, _read_json)
-    files = manifest.get("files")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise _refuse(path, MANIFEST, f"format_version {version!r} is not one this geko_data reads "
-                                      f"(<= {MANIFEST_VERSION})")
-    if manifest.get("hash") != _HASH or not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get(_HASH), str)
-            for v in files.values()):
-        raise _refuse(path, MANIFEST, f"expected 'hash': {_HASH!r} and 'files': {{name: {{'bytes': int, "
-                                      f"{_HASH!r}: str}}}}")
-    step, seed, fp = manifest.get("step"), manifest.get("seed"), manifest.get("fingerprint")
-    if not _is_int(step) or not (seed is None or _is_int(seed)) or not (fp is None or isinstance(fp, str)):
-        raise _refuse(path, MANIFEST, f"'step' must be an int, 'seed' an int or null, 'fingerprint' a string or "
-                                      f"null (got {step!r}, {seed!r}, {fp!r})")
-    present = set(os.listdir(path)) - {MANIFEST}
-    extra, gone = sorted(present - set(files)), sorted(set(files) - present)
-    if extra:
-        raise _refuse(path, extra[0], f"it is not listed in {MANIFEST} (a file added after the checkpoint was "
-                                      f"written)")
-    if gone:
-        raise CheckpointError(f"checkpoint {path!r}: {gone[0]} is listed in {MANIFEST} but missing")
-    for name in sorted(files):
-        full, want = os.path.join(path, name), files[name]
-        size = os.path.getsize(full) if os.path.isfile(full) else None
-        got = file_hash(full) if size == want["bytes"] else None
-        if got != want[_HASH]:
-            what = (f"{size} bytes, {MANIFEST} says {want['bytes']}" if got is None
-                    else f"{_HASH} {got}, {MANIFEST} says {want[_HASH]}")
-            raise _refuse(path, name, f"it does not match {MANIFEST} ({what}): it changed, or was copied from "
-                                      f"another checkpoint, after this one was written")
-    return manifest
-
-
 # ---------------------------------------------------------------- save
 def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], data_state: dict[str, Any], state: SampleState,
@@ -193,7 +106,7 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
     leave a window with no checkpoint at all. Only one process may write to ``output_dir`` at a time (see
     ``lock_output_dir``).
     """
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"`step` must be an int >= 0, got {step!r}")
     if "step" in trainer_state and trainer_state["step"] != step:
         raise ValueError(f"`trainer_state` step {trainer_state['step']!r} differs from `step` {step}")
@@ -221,7 +134,7 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
             json.dump(data_state, f, indent=1)
         state.save(os.path.join(tmp, "state.arrow"))
         seed = data_state.get("seed")
-        write_manifest(tmp, step=step, seed=seed if _is_int(seed) else None, fingerprint=state.fingerprint)
+        write_manifest(tmp, step=step, seed=seed if is_int(seed) else None, fingerprint=state.fingerprint)
     _prune(output_dir, keep)
     return final
 
@@ -279,55 +192,16 @@ def find_latest(path: str) -> str:
 
 
 # ---------------------------------------------------------------- load
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _read(path: str, name: str, reader: Any) -> Any:
-    """``reader(file)``; any failure (corrupt, truncated, foreign, a pickle payload) names the file."""
-    try:
-        return reader(os.path.join(path, name))
-    except Exception as e:  # noqa: BLE001 (safetensors, json and torch raise many types: name the file)
-        raise CheckpointError(f"checkpoint {path!r}: {name} refused, it cannot be read safely "
-                              f"({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def _read_json(file: str) -> dict[str, Any]:
-    with open(file, encoding="utf-8") as f:
-        value = json.load(f)
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _check_against_manifest(path: str, manifest: dict[str, Any], trainer_state: dict[str, Any],
-                            data_state: dict[str, Any], state: SampleState) -> None:
-    """The files' own step, seed and fingerprint agree with the manifest's (each file names itself)."""
-    step = trainer_state.get("step")
-    if not _is_int(step) or step < 0:
-        raise _refuse(path, "trainer_state.json", f"'step' must be an int >= 0, got {step!r}"
-                      if "step" in trainer_state else "it has no 'step'")
-    checks = [("trainer_state.json", "step", step, manifest["step"]),
-              ("state.arrow", "fingerprint", state.fingerprint, manifest["fingerprint"])]
-    if "seed" in data_state:
-        checks.append(("data_state.json", "seed", data_state["seed"], manifest["seed"]))
-    if "fingerprint" in data_state:
-        checks.append(("data_state.json", "fingerprint", data_state["fingerprint"], manifest["fingerprint"]))
-    for name, field, theirs, ours in checks:
-        if theirs != ours:
-            raise _refuse(path, name, f"its {field} is {theirs!r} but {MANIFEST} says {ours!r}")
-
-
 def _check_weights(path: str, name: str, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Every stored weight fits the model (name and shape), and none of the model's is missing."""
     current = _peft_state(model) if _is_peft(model) else model.state_dict()
     unexpected = [k for k in weights if k not in current]
     if unexpected:
-        raise _refuse(path, name, f"it has weights the model lacks: {unexpected[:5]}")
+        raise refuse(path, name, f"it has weights the model lacks: {unexpected[:5]}")
     shapes = [f"{k} {tuple(weights[k].shape)} (the model's: {tuple(current[k].shape)})" for k in weights
               if weights[k].shape != current[k].shape]
     if shapes:
-        raise _refuse(path, name, f"weights of another shape: {shapes[:3]}")
+        raise refuse(path, name, f"weights of another shape: {shapes[:3]}")
     # Tied weights were stored once and stay tied to the loaded copy. Any other missing weight is an error:
     # the model would silently keep its initial values.
     stored = {_storage_key(current[k]) for k in weights}
@@ -348,23 +222,23 @@ def _check_optimizer(path: str, optimizer: torch.optim.Optimizer, opt_state: Any
     saved = opt_state.get("state") if isinstance(opt_state, dict) else None
     if not isinstance(groups, list) or not isinstance(saved, dict) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        raise _refuse(path, name, "not an optimizer state_dict ('state' and 'param_groups' with 'params')")
+        raise refuse(path, name, "not an optimizer state_dict ('state' and 'param_groups' with 'params')")
     if len(groups) != len(optimizer.param_groups):
-        raise _refuse(path, name, f"{len(groups)} parameter group(s), the optimizer has "
+        raise refuse(path, name, f"{len(groups)} parameter group(s), the optimizer has "
                                   f"{len(optimizer.param_groups)}")
     params: dict[Any, torch.Tensor] = {}
     for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(g["params"]) != len(mine["params"]):
-            raise _refuse(path, name, f"parameter group {i} holds {len(g['params'])} parameters, the "
+            raise refuse(path, name, f"parameter group {i} holds {len(g['params'])} parameters, the "
                                       f"optimizer's {len(mine['params'])}")
         params.update(zip(g["params"], mine["params"]))
     for pid, entry in saved.items():
         if pid not in params or not isinstance(entry, dict):
-            raise _refuse(path, name, f"state for parameter {pid!r}, which no parameter group lists")
+            raise refuse(path, name, f"state for parameter {pid!r}, which no parameter group lists")
         for key in _PARAM_SHAPED:
             value = entry.get(key)
             if isinstance(value, torch.Tensor) and value.shape != params[pid].shape:
-                raise _refuse(path, name, f"{key} of parameter {pid} has shape {tuple(value.shape)}, the "
+                raise refuse(path, name, f"{key} of parameter {pid} has shape {tuple(value.shape)}, the "
                                           f"parameter {tuple(params[pid].shape)}")
 
 
@@ -382,28 +256,28 @@ def load_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torch.optim
     them as they were.
     """
     path = find_latest(path)
-    manifest = _check_manifest(path)
+    manifest = check_manifest(path)
     if expect_fingerprint is not None and manifest["fingerprint"] != expect_fingerprint:
-        raise _refuse(path, MANIFEST, f"the checkpoint was written for data with fingerprint "
+        raise refuse(path, MANIFEST, f"the checkpoint was written for data with fingerprint "
                                       f"{manifest['fingerprint']!r}, the data here has fingerprint "
                                       f"{expect_fingerprint!r} (the shards changed since)")
     name = "adapter.safetensors" if _is_peft(model) else "model.safetensors"
     if not os.path.exists(os.path.join(path, name)):
         raise CheckpointError(f"checkpoint {path!r} has no {name} (saved from a {'non-' if _is_peft(model) else ''}"
                               f"peft model?)")
-    weights = _read(path, name, load_file)
+    weights = read_file(path, name, load_file)
     # weights_only refuses pickled code objects: that is the point
-    opt_state = (_read(path, "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    opt_state = (read_file(path, "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
                  if optimizer is not None else None)
-    rng = _read(path, "rng.safetensors", lambda f: load_file(f)["cpu"])
-    trainer_state = _read(path, "trainer_state.json", _read_json)
-    data_state = _read(path, "data_state.json", _read_json)
-    state = _read(path, "state.arrow", lambda f: SampleState.load(f, memory_map=False))
-    _check_against_manifest(path, manifest, trainer_state, data_state, state)
+    rng = read_file(path, "rng.safetensors", lambda f: load_file(f)["cpu"])
+    trainer_state = read_file(path, "trainer_state.json", read_json)
+    data_state = read_file(path, "data_state.json", read_json)
+    state = read_file(path, "state.arrow", lambda f: SampleState.load(f, memory_map=False))
+    check_against_manifest(path, manifest, trainer_state, data_state, state)
     _check_weights(path, name, model, weights)
     now = torch.get_rng_state()
     if rng.dtype != now.dtype or rng.shape != now.shape:
-        raise _refuse(path, "rng.safetensors", f"'cpu' is a {rng.dtype} tensor of shape {tuple(rng.shape)}, "
+        raise refuse(path, "rng.safetensors", f"'cpu' is a {rng.dtype} tensor of shape {tuple(rng.shape)}, "
                                                f"torch's CPU RNG state is {now.dtype} {tuple(now.shape)}")
     if optimizer is not None:
         _check_optimizer(path, optimizer, opt_state)
