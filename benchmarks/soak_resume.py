@@ -21,7 +21,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+TESTS = os.path.join(os.path.dirname(HERE), "tests")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "train")]  # crash_job.py and train/test_crash_resume.py
 
 from crash_job import rows
 from test_crash_resume import compare, finish, job, kill_at_step, steps_logged
