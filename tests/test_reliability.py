@@ -22,7 +22,8 @@ from geko_data import plan, policy
 from geko_data.config import GEKOConfig
 from geko_data.shards import index_shards
 from geko_data.state import SampleState
-from geko_data.stream import GEKOStream, stream_order
+from geko_data.stream import GEKOStream
+from geko_data.world import World
 from geko_data.train import TrainArgs
 
 
@@ -128,15 +129,16 @@ def test_stream_order_covers_every_rank_and_worker(counts_list, world, workers, 
     n = len(counts_list)
     counts = np.array(counts_list, dtype=np.int32)
     index = _fake_index(n)
-    p = plan.EpochPlan(epoch=1, progress=0.5, counts=counts, loss_weight=np.ones(n, np.float32))
+    layout = plan.ShardLayout(sample_shard=index.shard, num_shards=len(index.shards), shuffle_buffer=7)
     everything = []
     lengths = set()
     for rank in range(world):
-        order = stream_order(index, p, seed=seed, rank=rank, world_size=world, shuffle_buffer=7)
-        lengths.add(len(order))
         # what each DataLoader worker reads: batch j goes to worker j % workers
-        for w in range(workers):
-            everything += order[(np.arange(len(order)) // batch) % workers == w].tolist()
+        parts = [plan.partition(counts, world=World(rank=rank, world_size=world, worker=w, num_workers=workers),
+                                seed=seed, epoch=1, shards=layout, batch_size=batch) for w in range(workers)]
+        lengths.add(sum(map(len, parts)))
+        for part in parts:
+            everything += part.tolist()
     assert len(lengths) == 1
     got = np.bincount(np.array(everything, dtype=np.int64), minlength=n)
     assert (got >= counts).all() and (got - counts).sum() < world
