@@ -16,22 +16,21 @@ bitmaps on load, 2 bytes a sample).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
 from geko_data.plan import EpochPlan
 from geko_data.statefile import (BUCKET_TYPE, COLUMNS, FORMAT_VERSION, PLAN_COLUMNS, FingerprintError,
-                                 PartitionStats, StateFileError, check_fingerprint, column_values, fingerprint_of,
-                                 read_table, state_table, write_table)
+                                 PartitionStats, StateFileError, StoredState, check_fingerprint, column_values,
+                                 fingerprint_of, read_table)
 
 # The file format's names are re-exported: code written against ``geko_data.state`` keeps working.
-__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats", "SampleState",
-           "StateFileError", "check_fingerprint", "fingerprint_of", "read_table", "to_numpy"]
+__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats",
+           "SampleState", "StateFileError", "check_fingerprint", "check_ids", "fingerprint_of", "prepare_report",
+           "read_table", "to_numpy"]
 
 _NAMES = tuple(c[0] for c in COLUMNS)
 #: Kept for readers that imported it from here (``geko_data.cli``, ``geko_data.plot``).
@@ -51,7 +50,7 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-class SampleState:
+class SampleState(StoredState):
     """Per-sample learning state of ``num_samples`` samples with dense ids ``0..num_samples-1``.
 
     Args:
@@ -130,9 +129,9 @@ class SampleState:
 
         ``confidence`` defaults to ``exp(-loss)`` (the target's probability under cross-entropy) and
         ``correct`` to ``confidence >= 0.5``. ``step`` is the loop's optimizer step; without it each report
-        counts as one step after the last (``step`` and ``last_step`` then count reports). Ids may repeat: the last occurrence wins for loss,
-        confidence and correctness, and every occurrence counts in ``times_seen``. Non-finite losses are
-        not applied and are counted in ``num_nonfinite``.
+        counts as one step after the last (``step`` and ``last_step`` then count reports). Ids may repeat: the
+        last occurrence wins for loss, confidence and correctness, and every occurrence counts in
+        ``times_seen``. Non-finite losses are not applied and are counted in ``num_nonfinite``.
         """
         return self.apply(*self.prepare(ids, losses, correct=correct, confidence=confidence), step=step)
 
@@ -143,42 +142,10 @@ class SampleState:
         Raises ValueError naming the argument at fault. ``Feedback`` calls this on every rank before it
         all-gathers, so that bad input fails on every rank instead of hanging the others.
         """
-        ids_a = self._check_ids(ids)
-        n = ids_a.shape[0]
-        if n == 0:  # an empty report is a no-op whatever the (numpy-typed-as-float) empty lists hold
-            if any(to_numpy(x, name).shape[0] for x, name in ((losses, "losses"), (correct, "correct"),
-                                                               (confidence, "confidence")) if x is not None):
-                raise ValueError("`losses`, `correct` and `confidence` must have the length of `ids` (0)")
-            return ids_a, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
-        loss_a = _column_arg(losses, "losses", n, "fiu", np.float32, "numbers")
-        finite = np.isfinite(loss_a)
-        if confidence is None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                # A negative loss (some objectives have them) would give a "probability" above 1.
-                conf_a = np.minimum(np.exp(-loss_a), np.float32(1.0))
-        else:
-            conf_a = _column_arg(confidence, "confidence", n, "fiu", np.float32, "numbers")
-            c = conf_a[finite]
-            in_range = (c >= 0.0) & (c <= 1.0)
-            if not in_range.all():
-                raise ValueError(f"`confidence` must be in [0, 1], got {float(c[~in_range][0])}")
-        if correct is None:
-            correct_a = conf_a >= 0.5
-        else:
-            correct_a = _column_arg(correct, "correct", n, "biu", bool, "booleans")
-        return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a
+        return prepare_report(ids, losses, correct=correct, confidence=confidence, num_samples=self.num_samples)
 
     def _check_ids(self, ids: Any) -> np.ndarray:
-        """``ids`` as int64, or ValueError naming the argument: 1-D integers in [0, num_samples)."""
-        ids_a = to_numpy(ids, "ids")
-        if ids_a.size == 0:  # an empty report (e.g. `[]`, which numpy types as float) is a no-op
-            ids_a = ids_a.astype(np.int64)
-        if ids_a.dtype.kind not in "iu":
-            raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
-        if ids_a.size and (ids_a.min() < 0 or ids_a.max() >= self.num_samples):
-            bad = ids_a[(ids_a < 0) | (ids_a >= self.num_samples)][0]
-            raise ValueError(f"`ids` must be in [0, {self.num_samples}), got {int(bad)}")
-        return ids_a.astype(np.int64, copy=False)
+        return check_ids(ids, self.num_samples)
 
     def apply(self, ids: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: np.ndarray, *,
               step: int | None = None) -> int:
@@ -246,25 +213,9 @@ class SampleState:
         self.pruned |= new_pruned
         self.bucket[new_pruned] = policy.FREEZE
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        stats = self._partition_stats(progress, seen, new_pruned)
+        stats = _partition_stats(self, progress, seen, new_pruned)
         self.history.append(stats.to_dict())
         return stats
-
-    def _partition_stats(self, progress: float, seen: np.ndarray, new_pruned: np.ndarray) -> PartitionStats:
-        alive = ~self.pruned
-        # count_nonzero per code, not np.bincount: bincount converts the codes to int64 (800 MB at 100M)
-        coded = np.where(alive, self.bucket, np.uint8(4))  # 4: pruned
-        counts = [int(np.count_nonzero(coded == code)) for code in range(4)]
-        n_seen = int(np.count_nonzero(seen))
-        # The mean of the seen losses (unseen ones are NaN) without np.nanmean's copy of the column.
-        mean_loss = float(np.add.reduce(self.loss, where=seen, dtype=np.float64) / n_seen) if n_seen else math.nan
-        return PartitionStats(
-            epoch=self.epoch, progress=float(progress), phase=policy.phase_name(progress), step=self.step,
-            freeze=counts[policy.FREEZE], light=counts[policy.LIGHT], focus=counts[policy.FOCUS],
-            hard=counts[policy.HARD], pruned=int(np.count_nonzero(self.pruned)),
-            newly_pruned=int(np.count_nonzero(new_pruned)), active=int(np.count_nonzero(alive)) - counts[policy.FREEZE],
-            seen=n_seen,
-            forgets=int(self.forgets.sum(dtype=np.int64)), mean_loss=mean_loss)
 
     def sampling_weights(self, *, epoch: int, total_epochs: int, epoch_length: int | None = None) -> np.ndarray:
         """Expected draws of every sample in ``epoch`` of ``total_epochs`` (float64, (N,)); 0 = never drawn.
@@ -305,89 +256,6 @@ class SampleState:
         limit = self.config.early_stop_frozen
         return limit < 1.0 and self.epoch >= 0 and self.frozen_share >= limit
 
-    # ------------------------------------------------------------------ files
-    def metadata(self) -> dict[str, Any]:
-        """The JSON stored in the file's schema metadata."""
-        from geko_data import __version__
-
-        plan = self.plan
-        return {"format_version": FORMAT_VERSION, "writer": f"geko_data {__version__}",
-                "num_samples": self.num_samples, "config": self.config.to_dict(), "epoch": self.epoch,
-                "step": self.step, "num_nonfinite": self.num_nonfinite, "fingerprint": self.fingerprint,
-                "history": self.history,
-                "plan": None if plan is None else {"epoch": plan.epoch, "progress": plan.progress,
-                                                   "seed": plan.seed, "epoch_length": plan.epoch_length}}
-
-    def to_arrow(self) -> pa.Table:
-        """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached.
-
-        ``id`` is the sample id (the row number) and ``bucket`` a dictionary column whose values read as
-        FREEZE/LIGHT/FOCUS/HARD. With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
-        ``plan_weight`` (loss weight this epoch). The metadata's ``checksum`` covers the columns and the
-        rest of the metadata, so a file changed after writing is refused on load.
-        """
-        columns = {name: getattr(self, name) for name in _NAMES}
-        if self.plan is not None:
-            # max_repeats <= 1000 keeps a count within uint16.
-            columns["plan_count"] = self.plan.counts.astype(np.uint16)
-            columns["plan_weight"] = self.plan.loss_weight.astype(np.float32, copy=False)
-        return state_table(columns, self.metadata())
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole.
-
-        A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
-        """
-        write_table(path, self.to_arrow())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,
-             config: GEKOConfig | None = None, verify: bool = True) -> "SampleState":
-        """Read a file written by ``save``.
-
-        With ``memory_map`` the numeric columns are zero-copy views of the file (copied on the first
-        mutation). ``expect_fingerprint`` guards against state written for other data (FingerprintError);
-        ``config`` replaces the stored policy (default: the stored one). ``verify`` (default True) checks the
-        stored checksum, which reads every byte of the file once; pass False only for a quick look at a file
-        you trust (the structure and value ranges are checked either way).
-        """
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"state file {path!r} does not exist")
-        table, meta = read_table(path, memory_map=memory_map, verify=verify)
-        check_fingerprint(meta.get("fingerprint"), expect_fingerprint, where=path)
-        return cls._from_table(table, meta, config=config, path=path)
-
-    @classmethod
-    def _from_table(cls, table: pa.Table, meta: dict[str, Any], *, config: GEKOConfig | None,
-                    path: str) -> "SampleState":
-        try:
-            stored_config = GEKOConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise StateFileError(f"{path}: bad config in metadata ({e})") from None
-        self = cls.__new__(cls)
-        self.num_samples = table.num_rows
-        self.config = config if config is not None else stored_config
-        self.fingerprint = meta.get("fingerprint")
-        self.epoch = int(meta.get("epoch", -1))
-        self.step = int(meta.get("step", 0))
-        self.num_nonfinite = int(meta.get("num_nonfinite", 0))
-        self.history = list(meta.get("history", []))
-        for name, dtype, _ in COLUMNS:
-            setattr(self, name, column_values(table, name))
-        self.plan = None
-        plan_meta = meta.get("plan")
-        if isinstance(plan_meta, dict) and all(n in table.column_names for n, _ in PLAN_COLUMNS):
-            try:
-                self.plan = EpochPlan(
-                    epoch=int(plan_meta["epoch"]), progress=float(plan_meta["progress"]),
-                    counts=column_values(table, "plan_count").astype(np.int32),
-                    loss_weight=column_values(table, "plan_weight"),
-                    seed=int(plan_meta["seed"]), epoch_length=plan_meta.get("epoch_length"))
-            except (KeyError, TypeError, ValueError) as e:
-                raise StateFileError(f"{path}: bad plan in metadata ({e})") from None
-        return self
-
 
 def _column_arg(x: Any, name: str, n: int, kinds: str, dtype: Any, what: str) -> np.ndarray:
     """``x`` as a 1-D ``dtype`` array of length ``n``, or ValueError naming ``name``: the one check of a
@@ -422,3 +290,64 @@ def _last_occurrences(ids: np.ndarray, num_samples: int) -> tuple[np.ndarray, np
         return sid, pos, np.ones(m, dtype=np.int64)
     at = np.flatnonzero(ends)
     return sid[at], pos[at], np.diff(at, prepend=-1)
+
+
+def prepare_report(ids: Any, losses: Any, *, correct: Any, confidence: Any,
+               num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One report validated, its defaults filled (``SampleState.prepare``)."""
+    ids_a = check_ids(ids, num_samples)
+    n = ids_a.shape[0]
+    if n == 0:  # an empty report is a no-op whatever the (numpy-typed-as-float) empty lists hold
+        if any(to_numpy(x, name).shape[0] for x, name in ((losses, "losses"), (correct, "correct"),
+                                                           (confidence, "confidence")) if x is not None):
+            raise ValueError("`losses`, `correct` and `confidence` must have the length of `ids` (0)")
+        return ids_a, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
+    loss_a = _column_arg(losses, "losses", n, "fiu", np.float32, "numbers")
+    finite = np.isfinite(loss_a)
+    if confidence is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            # A negative loss (some objectives have them) would give a "probability" above 1.
+            conf_a = np.minimum(np.exp(-loss_a), np.float32(1.0))
+    else:
+        conf_a = _column_arg(confidence, "confidence", n, "fiu", np.float32, "numbers")
+        c = conf_a[finite]
+        in_range = (c >= 0.0) & (c <= 1.0)
+        if not in_range.all():
+            raise ValueError(f"`confidence` must be in [0, 1], got {float(c[~in_range][0])}")
+    if correct is None:
+        correct_a = conf_a >= 0.5
+    else:
+        correct_a = _column_arg(correct, "correct", n, "biu", bool, "booleans")
+    return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a
+
+
+def check_ids(ids: Any, num_samples: int) -> np.ndarray:
+    """``ids`` as int64, or ValueError naming the argument: 1-D integers in [0, num_samples)."""
+    ids_a = to_numpy(ids, "ids")
+    if ids_a.size == 0:  # an empty report (e.g. `[]`, which numpy types as float) is a no-op
+        ids_a = ids_a.astype(np.int64)
+    if ids_a.dtype.kind not in "iu":
+        raise ValueError(f"`ids` must be integers, got dtype {ids_a.dtype}")
+    if ids_a.size and (ids_a.min() < 0 or ids_a.max() >= num_samples):
+        bad = ids_a[(ids_a < 0) | (ids_a >= num_samples)][0]
+        raise ValueError(f"`ids` must be in [0, {num_samples}), got {int(bad)}")
+    return ids_a.astype(np.int64, copy=False)
+
+
+def _partition_stats(state: SampleState, progress: float, seen: np.ndarray,
+                     new_pruned: np.ndarray) -> PartitionStats:
+    """The counts of a repartition that has just run (``SampleState.repartition``)."""
+    alive = ~state.pruned
+    # count_nonzero per code, not np.bincount: bincount converts the codes to int64 (800 MB at 100M)
+    coded = np.where(alive, state.bucket, np.uint8(4))  # 4: pruned
+    counts = [int(np.count_nonzero(coded == code)) for code in range(4)]
+    n_seen = int(np.count_nonzero(seen))
+    # The mean of the seen losses (unseen ones are NaN) without np.nanmean's copy of the column.
+    mean_loss = float(np.add.reduce(state.loss, where=seen, dtype=np.float64) / n_seen) if n_seen else math.nan
+    return PartitionStats(
+        epoch=state.epoch, progress=float(progress), phase=policy.phase_name(progress), step=state.step,
+        freeze=counts[policy.FREEZE], light=counts[policy.LIGHT], focus=counts[policy.FOCUS],
+        hard=counts[policy.HARD], pruned=int(np.count_nonzero(state.pruned)),
+        newly_pruned=int(np.count_nonzero(new_pruned)), active=int(np.count_nonzero(alive)) - counts[policy.FREEZE],
+        seen=n_seen,
+        forgets=int(state.forgets.sum(dtype=np.int64)), mean_loss=mean_loss)

@@ -24,11 +24,13 @@ import xxhash
 
 from geko_data import policy
 from geko_data.atomic import atomic_path
+from geko_data.config import GEKOConfig
 from geko_data.efficiency import format_partition
+from geko_data.plan import EpochPlan
 
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "PLAN_COLUMNS", "FingerprintError",
-           "PartitionStats", "StateFileError", "check_fingerprint", "checksum", "column_values", "fingerprint_of",
-           "read_table", "state_table", "write_table"]
+           "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum", "column_values",
+           "fingerprint_of", "read_table", "state_table", "write_table"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
 #: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``
@@ -163,6 +165,106 @@ def write_table(path: str | os.PathLike, table: pa.Table) -> None:
             writer.write_table(table)
 
 
+class StoredState:
+    """What makes a ``SampleState`` a state file: ``metadata``, ``to_arrow``, ``save`` and ``load``.
+
+    A base of ``SampleState``, kept here with the format it writes; it reads and sets the state's columns
+    (``COLUMNS``), ``plan``, ``config``, ``fingerprint``, ``epoch``, ``step``, ``num_nonfinite`` and
+    ``history``.
+    """
+
+    num_samples: int
+    config: GEKOConfig
+    fingerprint: str | None
+    epoch: int
+    step: int
+    num_nonfinite: int
+    history: list[dict[str, Any]]
+    plan: EpochPlan | None
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON stored in the file's schema metadata."""
+        from geko_data import __version__
+
+        plan = self.plan
+        return {"format_version": FORMAT_VERSION, "writer": f"geko_data {__version__}",
+                "num_samples": self.num_samples, "config": self.config.to_dict(), "epoch": self.epoch,
+                "step": self.step, "num_nonfinite": self.num_nonfinite, "fingerprint": self.fingerprint,
+                "history": self.history,
+                "plan": None if plan is None else {"epoch": plan.epoch, "progress": plan.progress,
+                                                   "seed": plan.seed, "epoch_length": plan.epoch_length}}
+
+    def to_arrow(self) -> pa.Table:
+        """The state as a pyarrow Table (numeric columns zero-copy) with the metadata attached.
+
+        ``id`` is the sample id (the row number) and ``bucket`` a dictionary column whose values read as
+        FREEZE/LIGHT/FOCUS/HARD. With a current plan, two more columns hold it: ``plan_count`` (draws this epoch) and
+        ``plan_weight`` (loss weight this epoch). The metadata's ``checksum`` covers the columns and the
+        rest of the metadata, so a file changed after writing is refused on load.
+        """
+        columns = {name: getattr(self, name) for name, _, _ in COLUMNS}
+        if self.plan is not None:
+            # max_repeats <= 1000 keeps a count within uint16.
+            columns["plan_count"] = self.plan.counts.astype(np.uint16)
+            columns["plan_weight"] = self.plan.loss_weight.astype(np.float32, copy=False)
+        return state_table(columns, self.metadata())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole.
+
+        A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
+        """
+        write_table(path, self.to_arrow())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,
+             config: GEKOConfig | None = None, verify: bool = True) -> "Any":
+        """Read a file written by ``save``.
+
+        With ``memory_map`` the numeric columns are zero-copy views of the file (copied on the first
+        mutation). ``expect_fingerprint`` guards against state written for other data (FingerprintError);
+        ``config`` replaces the stored policy (default: the stored one). ``verify`` (default True) checks the
+        stored checksum, which reads every byte of the file once; pass False only for a quick look at a file
+        you trust (the structure and value ranges are checked either way).
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"state file {path!r} does not exist")
+        table, meta = read_table(path, memory_map=memory_map, verify=verify)
+        check_fingerprint(meta.get("fingerprint"), expect_fingerprint, where=path)
+        return cls._from_table(table, meta, config=config, path=path)
+
+    @classmethod
+    def _from_table(cls, table: pa.Table, meta: dict[str, Any], *, config: GEKOConfig | None,
+                    path: str) -> "Any":
+        try:
+            stored_config = GEKOConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateFileError(f"{path}: bad config in metadata ({e})") from None
+        self = cls.__new__(cls)
+        self.num_samples = table.num_rows
+        self.config = config if config is not None else stored_config
+        self.fingerprint = meta.get("fingerprint")
+        self.epoch = int(meta.get("epoch", -1))
+        self.step = int(meta.get("step", 0))
+        self.num_nonfinite = int(meta.get("num_nonfinite", 0))
+        self.history = list(meta.get("history", []))
+        for name, dtype, _ in COLUMNS:
+            setattr(self, name, column_values(table, name))
+        self.plan = None
+        plan_meta = meta.get("plan")
+        if isinstance(plan_meta, dict) and all(n in table.column_names for n, _ in PLAN_COLUMNS):
+            try:
+                self.plan = EpochPlan(
+                    epoch=int(plan_meta["epoch"]), progress=float(plan_meta["progress"]),
+                    counts=column_values(table, "plan_count").astype(np.int32),
+                    loss_weight=column_values(table, "plan_weight"),
+                    seed=int(plan_meta["seed"]), epoch_length=plan_meta.get("epoch_length"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise StateFileError(f"{path}: bad plan in metadata ({e})") from None
+        return self
+
+
 def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: list[str] | None = None,
                verify: bool = True) -> tuple[pa.Table, dict[str, Any]]:
     """Open a state file as ``(table, metadata)``, validating it; ``columns`` reads only those.
@@ -204,16 +306,7 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         # All columns are checked (memory-mapped, so unread ones cost nothing): a file bad only in a column
         # one reader does not use is refused by every reader.
         table = reader.read_all()
-        # Full validation: buffers consistent with lengths and null counts, before any value is used.
-        for column in table.columns:
-            # A dictionary's full check (every code within the dictionary) costs 15 ms at 10M rows; the
-            # structural one suffices, as _check_columns then requires every code in 0-3 itself.
-            if pa.types.is_dictionary(column.type):
-                column.validate()
-                for chunk in column.chunks:  # the names themselves (4 strings) fully: they are printed
-                    chunk.dictionary.validate(full=True)
-            else:
-                column.validate(full=True)
+        _validate_buffers(table)
         _check_columns(path, table)
         if table.num_rows != meta.get("num_samples"):
             raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
@@ -229,6 +322,19 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         raise StateFileError(f"{path}: not a readable geko_data state file "
                              f"(truncated or foreign: {e})") from None
     return (table if columns is None else table.select(columns)), meta
+
+
+def _validate_buffers(table: pa.Table) -> None:
+    """Arrow's full validation: buffers consistent with lengths and null counts, before any value is used."""
+    for column in table.columns:
+        # A dictionary's full check (every code within the dictionary) costs 15 ms at 10M rows; the
+        # structural one suffices, as _check_columns then requires every code in 0-3 itself.
+        if pa.types.is_dictionary(column.type):
+            column.validate()
+            for chunk in column.chunks:  # the names themselves (4 strings) fully: they are printed
+                chunk.dictionary.validate(full=True)
+        else:
+            column.validate(full=True)
 
 
 def _file_kind(mode: int) -> str:
