@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="mnist,minilm,sft", help=f"comma-separated: {', '.join(TASKS)}")
     p.add_argument("--epochs", type=int, help="override every task's epochs")
     p.add_argument("--seeds", type=int, help="seeds per policy (default 3; 1 with --quick / --tiny)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="number of the first seed (more seeds of a finished run: --first-seed 3)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of the policies")
     p.add_argument("--out", help="results folder (default benchmarks/results for a full run, a temporary "
                                  "folder for --quick / --tiny)")
@@ -549,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench_value: unknown policies {unknown}; choose from {sorted(POLICIES)}", file=sys.stderr)
         return 2
+    if ns.first_seed < 0 or (ns.seeds is not None and ns.seeds < 1):
+        print(f"bench_value: --first-seed must be >= 0 and --seeds >= 1, got {ns.first_seed} and {ns.seeds}",
+              file=sys.stderr)
+        return 2
     tasks = [t for t in ns.tasks.split(",") if t]
     if sorted(set(tasks) - set(TASKS)):
         print(f"bench_value: unknown task(s) {sorted(set(tasks) - set(TASKS))}; choose from {sorted(TASKS)}",
@@ -570,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in tasks:
         task = TASKS[name](**sizes[name], cache=ns.cache)
         runs = []
-        for seed in range(seeds):
+        for seed in range(ns.first_seed, ns.first_seed + seeds):
             torch.manual_seed(1000 + seed)
             initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
             for policy in policies:

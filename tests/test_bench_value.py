@@ -35,3 +35,21 @@ def test_bench_value_rejects_unknown_names(tmp_path):
         proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--tiny", "--out", str(tmp_path), *args],
                               capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert proc.returncode == 2 and word in proc.stderr
+
+
+def test_generative_task_answer_is_the_tweets_last_word():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_value import gen_answer
+    finally:
+        sys.path.pop(0)
+    cases = {"I appreciate the quick response.": " response", "Hmm.": " Hmm", "Pleeeease!!!! :)": " Pleeeease",
+             "so good #happy @JetBlue http://t.co/x": " good", "don't": " don't", "2:55 !!": " none"}
+    for text, answer in cases.items():
+        assert gen_answer({"text": text, "label": "neutral"}) == answer, text
+
+
+def test_bench_value_rejects_a_negative_first_seed(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--tiny", "--first-seed", "-1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--first-seed" in proc.stderr and "-1" in proc.stderr

@@ -307,3 +307,27 @@ def test_freeze_share_ignores_unseen_and_wrong_answers_and_ties_freeze():
     assert list(out == FREEZE) == [False, False, False, False, True, True]
     same = np.full(4, 0.7, np.float32)
     assert (_classify_all(same, np.ones(4, bool), cfg) == FREEZE).all()
+
+
+def test_a_sampler_skips_the_easier_half_after_one_pass_from_every_part_of_the_epoch():
+    # The whole path: GEKOSampler -> SampleState.report -> repartition -> classify with the state's loss and
+    # last_step. The model improves during epoch 0, so early reports carry higher losses for the same sample.
+    from geko_data.sampler import GEKOSampler
+
+    n, batch = 1024, 32
+    sampler = GEKOSampler(n, total_epochs=3, config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0), seed=0)
+    sampler.set_epoch(0)
+    order = np.array(list(sampler))
+    d = np.random.default_rng(4).uniform(0.0, 1.0, n)  # each sample's difficulty
+    for k, lo in enumerate(range(0, n, batch)):
+        ids = order[lo:lo + batch]
+        loss = d[ids] + 2.0 * (1.0 - k / (n // batch - 1))
+        sampler.report(ids, loss, correct=np.ones(len(ids), bool), confidence=np.exp(-loss))
+    sampler.set_epoch(1)
+    frozen = sampler.state.bucket == FREEZE
+    assert abs(int(frozen.sum()) - n // 2) <= batch and len(list(sampler)) == n - int(frozen.sum())
+    position = np.empty(n, int)
+    position[order] = np.arange(n)
+    first_quarter = position < n // 4
+    assert frozen[first_quarter].mean() > 0.4  # ranked all together, none of these would freeze
+    assert d[frozen].mean() < 0.3 < d[~frozen].mean()  # and the frozen ones are the easy ones
