@@ -164,10 +164,14 @@ def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndar
     out = np.zeros(seen.shape[0], dtype=bool)
     if not idx.shape[0]:
         return out
-    steps = np.asarray(last_step)[idx].astype(np.int64)
+    # In the columns' own dtype (int32 steps): int64 copies of them cost 8 bytes a seen sample each.
+    steps = np.asarray(last_step)[idx]
     windows = max(1, min(RANK_WINDOWS, idx.shape[0] // MIN_WINDOW))
     # span of a sample: by the count of samples reported before it, so samples of one step share a span
-    span_of = np.searchsorted(np.sort(steps), steps, side="left") * windows // idx.shape[0]
+    span_of = np.searchsorted(np.sort(steps), steps, side="left")
+    span_of *= windows
+    span_of //= idx.shape[0]
+    del steps
     for w in np.unique(span_of):
         span = idx[span_of == w]
         l = np.asarray(loss)[span].astype(np.float64)  # not the whole column as float64 once per span

@@ -247,3 +247,21 @@ def test_repartition_makes_no_whole_column_int64_or_float_copies():
     # a few boolean and uint8 temporaries; bincount's int64 codes and nanmean's copy made it 14 bytes a sample
     assert peak < 10 * n
     assert s.history[-1]["mean_loss"] == pytest.approx(float(np.nanmean(s.loss)), rel=1e-6)
+
+
+def test_repartition_with_the_default_share_rule_keeps_report_steps_in_their_int32():
+    import tracemalloc
+
+    n = 1_000_000
+    s = SampleState(n)  # default policy: the easiest share within report windows
+    for part in range(4):
+        ids = np.arange(part, n, 4)
+        s.report(ids, np.random.default_rng(part).exponential(0.5, ids.shape[0]).astype(np.float32), step=part)
+    tracemalloc.start()
+    try:
+        s.repartition(0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 28 bytes a sample here; int64 copies of the steps (and of their ranks) made it 36
+    assert peak < 32 * n
