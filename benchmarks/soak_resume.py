@@ -63,7 +63,8 @@ def main() -> int:
                 finish(job(out, shards, ns.kind, "--resume"), timeout=ns.timeout)
                 compare(reference, out, resumed_from=resumed)
             except Exception as e:  # noqa: BLE001 (a difference, a crash or a timeout: report it, go on)
-                what = f"{type(e).__name__}: {str(e).strip()[:300]}"
+                text = str(e).strip()  # a traceback says what went wrong at its end
+                what = f"{type(e).__name__}: {text if len(text) <= 900 else text[:300] + ' ... ' + text[-600:]}"
                 failures.append((t, step, what))
                 print(f"trial {t}: killed at step {step}: DIFFERENT: {what}", flush=True)
             else:
