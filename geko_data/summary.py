@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from geko_data import policy
+from geko_data.validate import check_int
 
 __all__ = ["GROUPS", "PRUNED", "TOP_KINDS", "groups", "summarize", "top", "transitions"]
 
@@ -74,8 +75,7 @@ def top(kind: str, cols: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     """
     if kind not in TOP_KINDS:
         raise ValueError(f"kind must be one of {', '.join(TOP_KINDS)}, got {kind!r}")
-    if n < 0:
-        raise ValueError(f"n must be an integer >= 0, got {n}")
+    check_int("n", n, 0)
     code = groups(cols["bucket"], cols["pruned"])
     if kind == "hard":  # confidently wrong, the largest loss first
         cand = np.flatnonzero(code == policy.HARD)
