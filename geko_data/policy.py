@@ -153,9 +153,10 @@ def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndar
 
     Why spans: a loss measured at step 10 of a first epoch and one at step 1,000 come from two different
     models. Ranked together, nearly every sample of the first part of the epoch looks hard and nearly every
-    one of the last part easy, whatever the sample (measured on MNIST, ranking the right answers all together:
-    no sample of the first 40% of the epoch froze, though 86% of them were right at the epoch's end). Inside a span the model
-    barely changes, and a random order puts a fair sample of the data in each. In later epochs the samples
+    one of the last part easy, whatever the sample (measured on MNIST, ranking the right answers all
+    together: no sample of the first 40% of the epoch froze, though 86% of them were right at the epoch's
+    end). Inside a span the model barely changes, and a random order puts a fair sample of the data in
+    each. In later epochs the samples
     not trained in the last epoch (frozen ones) share the earliest spans and half of them thaw each epoch,
     so a stale measurement is refreshed.
     """
