@@ -372,7 +372,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
     t0 = time.perf_counter()
     for epoch in range(task.epochs):
         sampler.set_epoch(epoch)
-        weights = torch.from_numpy(sampler.plan.loss_weight)
+        weights = torch.tensor(sampler.plan.loss_weight)  # a copy: the plan's arrays are read-only
         order = torch.tensor(list(sampler), dtype=torch.long)
         for lo in range(0, len(order), task.batch_size):
             idx = order[lo:lo + task.batch_size]
