@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
+
+from geko_data.validate import check_int, check_number
 
 __all__ = [
     "GEKOConfig",
@@ -28,24 +31,9 @@ __all__ = [
 MODES = ("geko", "unbiased", "uniform", "random_subset", "infobatch")
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
-    allowed = f"a number in {left}{lo}, {hi}{right}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi):
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
+# A config is written to state files as JSON as it is: Python numbers only, no numpy scalars.
+_check_range = partial(check_number, numpy=False)
+_check_int = partial(check_int, numpy=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,24 +27,27 @@ def _describe(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, 
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, *,
-              optional: bool = False, prefix: str = "") -> None:
+              optional: bool = False, prefix: str = "", numpy: bool = True) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int in ``[lo, hi]`` (either bound may be
-    None), or None when ``optional``. ``prefix`` names the owner (``"RemoteConfig "``)."""
+    None), or None when ``optional``. ``prefix`` names the owner (``"RemoteConfig "``). ``numpy=False``
+    refuses numpy integers, for values kept and written to JSON as given (a config, training arguments)."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer) if numpy else int) \
             or (lo is not None and value < lo) or (hi is not None and value > hi):
         allowed = _describe(lo, hi, False, False, "an int")
         raise ValueError(f"{prefix}`{name}` must be {'None or ' if optional else ''}{allowed}, got {value!r}")
 
 
 def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
-                 lo_open: bool = False, hi_open: bool = False, optional: bool = False, prefix: str = "") -> None:
+                 lo_open: bool = False, hi_open: bool = False, optional: bool = False, prefix: str = "",
+                 numpy: bool = True) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is a finite int or float within the bounds
-    (``lo_open`` / ``hi_open`` exclude them), or None when ``optional``."""
+    (``lo_open`` / ``hi_open`` exclude them), or None when ``optional``. ``numpy=False`` as for ``check_int``."""
     if optional and value is None:
         return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+    kinds = (int, float, np.integer, np.floating) if numpy else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) \
         and math.isfinite(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo

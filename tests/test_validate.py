@@ -47,3 +47,20 @@ def test_check_instance():
         check_instance("w", 1.5, (int, str))
     with pytest.raises(TypeError, match="`w` must be a int, got NoneType"):
         check_instance("w", None, int, optional=False)
+
+
+def test_numpy_scalars_refused_where_values_go_to_json_as_given():
+    # A config and training arguments are written to JSON as they are: a numpy scalar would fail there, later.
+    with pytest.raises(ValueError, match=r"`n` must be an int >= 0, got np.int64\(3\)"):
+        check_int("n", np.int64(3), 0, numpy=False)
+    with pytest.raises(ValueError, match=r"`x` must be a number in \[0, 1\], got np.float32\(0.5\)"):
+        check_number("x", np.float32(0.5), 0, 1, numpy=False)
+    check_int("n", 3, 0, numpy=False)
+    check_number("x", 0.5, 0, 1, numpy=False)
+    from geko_data.config import GEKOConfig
+    from geko_data.train.args import TrainArgs
+
+    with pytest.raises(ValueError, match="max_repeats"):
+        GEKOConfig(max_repeats=np.int64(3))
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainArgs(output_dir="out", learning_rate=np.float32(0.01))

@@ -14,6 +14,7 @@ from typing import Any
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
+from geko_data.validate import check_int, check_number
 
 __all__ = ["LR_SCHEDULES", "RESUME_FIXED", "TrainArgs", "anneal_warning", "lr_factor"]
 
@@ -99,17 +100,12 @@ class TrainArgs:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        # Written to geko-train.json as they are: Python numbers only, no numpy scalars.
         def need_int(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
+            check_int(name, getattr(self, name), lo, numpy=False)
 
-        def need_float(name: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < lo or v > hi or (lo_open and v == lo):
-                rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-                raise ValueError(f"`{name}` must be a number in {rng}, got {v!r}")
+        def need_float(name: str, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open, numpy=False)
 
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"`output_dir` must be a non-empty path string, got {self.output_dir!r}")
@@ -121,9 +117,7 @@ class TrainArgs:
         if self.warmup_steps is not None:
             need_int("warmup_steps", 0)
         need_float("warmup_ratio", 0.0, 1.0)
-        if isinstance(self.dataloader_num_workers, bool) or not isinstance(self.dataloader_num_workers, int) \
-                or self.dataloader_num_workers < -1:
-            raise ValueError(f"`dataloader_num_workers` must be an int >= -1, got {self.dataloader_num_workers!r}")
+        need_int("dataloader_num_workers", -1)
         if self.eval_batch_size is not None:
             need_int("eval_batch_size", 1)
         need_float("learning_rate", 0.0, 10.0, lo_open=True)
