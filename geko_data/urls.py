@@ -38,13 +38,21 @@ def is_url(path: Any) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith(("file://", "pipe:"))
 
 
-def _secrets(options: Any) -> list[str]:
-    """Every string value of ``storage_options`` long enough to be a credential, nested ones too."""
+# Option names whose values are credentials (s3fs key/secret/token, botocore aws_*_key*, adlfs account_key /
+# sas_token / connection_string / client_secret, gcsfs token, HTTP auth headers). Other values, an endpoint
+# URL above all, stay in messages: a mistyped endpoint must be visible in the error it causes.
+_SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credential", "auth", "sas", "connection_string",
+                 "signature", "user")
+
+
+def _secrets(options: Any, secret: bool = False) -> list[str]:
+    """Every string of ``storage_options`` held under a credential's name (``_SECRET_NAMES``), nested too."""
     if isinstance(options, dict):
-        return [s for v in options.values() for s in _secrets(v)]
+        return [s for k, v in options.items()
+                for s in _secrets(v, secret or any(n in str(k).lower() for n in _SECRET_NAMES))]
     if isinstance(options, (list, tuple)):
-        return [s for v in options for s in _secrets(v)]
-    return [options] if isinstance(options, str) and len(options) >= 4 else []
+        return [s for v in options for s in _secrets(v, secret)]
+    return [options] if secret and isinstance(options, str) and len(options) >= 4 else []
 
 
 def _strip_userinfo(url: str) -> str:
@@ -55,7 +63,8 @@ def _strip_userinfo(url: str) -> str:
 
 
 def redact(text: str, storage_options: dict[str, Any] | None) -> str:
-    """``text`` with credentials of ``storage_options`` and URL userinfo replaced by ``***``."""
+    """``text`` with the credentials of ``storage_options`` (values under names such as key, secret, token,
+    password; not an endpoint) and URL userinfo replaced by ``***``."""
     for secret in sorted(_secrets(storage_options or {}), key=len, reverse=True):
         text = text.replace(secret, "***")
     words = [_strip_userinfo(w) if "://" in w and "@" in w else w for w in text.split(" ")]
@@ -94,6 +103,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     # A filesystem of our own, not fsspec's shared instance: the fetcher closes it (sessions, sockets) in the
     # process that made it, before a DataLoader forks workers from that process.
     options = {"skip_instance_cache": True, **(storage_options or {})}
+    if protocol in ("s3", "s3a"):
+        options = _one_retry_layer(options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # a package the filesystem needs only when made (aiohttp for http)
@@ -103,7 +114,20 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     except (TypeError, ValueError) as e:
         raise RemoteError(f"`storage_options` rejected by the {protocol!r} filesystem: "
                           f"{redact(str(e), storage_options)}") from None
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop (5 tries, not an option): ours is the one that retries
     return fs, path
+
+
+def _one_retry_layer(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with botocore's retries off unless the user configured them: botocore retries a refused
+    connection 4 times with backoff and s3fs 5 times more under each of our tries, so a wrong endpoint took
+    a minute to fail instead of our documented backoff. Ours is the layer that retries."""
+    config = dict(options.get("config_kwargs") or {})
+    if "retries" in config:
+        return options
+    config["retries"] = {"total_max_attempts": 1}
+    return {**options, "config_kwargs": config}
 
 
 def _status(exn: BaseException) -> int | None:
@@ -127,9 +151,15 @@ def is_transient(exn: BaseException) -> bool:
     status = _status(exn)
     if status is not None:
         return status in _TRANSIENT_STATUS
-    if isinstance(exn, _PERMANENT):
+    if isinstance(exn, _PERMANENT) or _no_credentials(exn):
         return False
     return not (isinstance(exn, ValueError) and not isinstance(exn, OSError))
+
+
+def _no_credentials(exn: BaseException) -> bool:
+    """botocore's NoCredentialsError / PartialCredentialsError and kin (named, not imported: botocore is
+    optional): no credentials were found, which another try cannot change."""
+    return any(c.__name__.endswith(("CredentialsError", "CredentialError")) for c in type(exn).__mro__)
 
 
 def describe(exn: BaseException) -> str:
@@ -142,5 +172,7 @@ def describe(exn: BaseException) -> str:
         what = "not found (404)"
     elif not what and isinstance(exn, PermissionError):
         what = "access denied (403)"
+    elif not what and _no_credentials(exn):
+        what = "no credentials found (pass key/secret in storage_options, or set them as the store's library reads them)"
     text = f"{type(exn).__name__}: {exn}"
     return f"{what}, {text}" if what else text

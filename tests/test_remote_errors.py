@@ -1,0 +1,74 @@
+"""What a user sees when remote shards are misconfigured: a wrong endpoint, missing credentials, a missing
+index or folder, a local index without its shards' URL. Real servers on 127.0.0.1 (tests/servers.py) or a
+port nothing listens on."""
+
+import time
+import uuid
+
+import pytest
+
+from conftest import write_uneven_shards
+from geko_data.remote import RangeFetcher, RemoteConfig, open_url, read_index_url, redact
+from servers import free_port, http_server  # noqa: F401 - fixture
+
+QUICK = RemoteConfig(retries=3, backoff=0.05, max_backoff=0.1, timeout=10.0)
+BACKOFF = sum(min(QUICK.max_backoff, QUICK.backoff * 2 ** a) for a in range(QUICK.retries))
+CREDS = {"key": "AKIAGEKOEXAMPLE", "secret": "geko-secret-do-not-print"}
+
+
+def refused_s3(**extra):
+    """storage_options of an S3 endpoint on a port nothing listens on."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    return endpoint, {**CREDS, "client_kwargs": {"endpoint_url": endpoint}, **extra}
+
+
+def test_s3_refused_endpoint_fails_after_our_backoff_alone_and_names_the_endpoint():
+    pytest.importorskip("s3fs")
+    endpoint, so = refused_s3()
+    fetcher = RangeFetcher(storage_options=so, config=QUICK)
+    t0 = time.monotonic()
+    got = fetcher.size("s3://geko/shards/index.arrow")
+    took = time.monotonic() - t0
+    fetcher.close()
+    # botocore's and s3fs's own retries under ours made this take about a minute with the defaults
+    assert got.attempts == QUICK.retries + 1 and took < BACKOFF + 3.0, took
+    msg = str(got.error)
+    assert endpoint in msg and "EndpointConnectionError" in msg  # the mistyped endpoint is shown
+    assert CREDS["secret"] not in msg and CREDS["key"] not in msg
+
+
+def test_s3_retries_the_user_configured_are_kept():
+    pytest.importorskip("s3fs")
+    _, so = refused_s3(config_kwargs={"retries": {"max_attempts": 3}})
+    fs, _ = open_url("s3://geko/x.tar", so)
+    assert fs.config_kwargs["retries"] == {"max_attempts": 3}
+    fs, _ = open_url("s3://geko/x.tar", refused_s3()[1])
+    assert fs.config_kwargs["retries"] == {"total_max_attempts": 1} and fs.retries == 1
+
+
+def test_missing_credentials_are_not_retried(monkeypatch, tmp_path):
+    pytest.importorskip("s3fs")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    fetcher = RangeFetcher(storage_options={"client_kwargs": {"endpoint_url": endpoint}}, config=QUICK)
+    got = fetcher.size("s3://geko/shards/index.arrow")
+    fetcher.close()
+    assert got.attempts == 1 and "no credentials found" in str(got.error), got.error
+
+
+def test_redact_masks_credentials_but_not_the_endpoint():
+    so = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "token": "session-tok",
+          "client_kwargs": {"endpoint_url": "http://minio.internal:9000", "region_name": "eu-west-1",
+                            "aws_session_token": "other-tok"},
+          "headers": {"Authorization": "Bearer abcdef"}}
+    text = redact("AKIAEXAMPLE s3cr3t-value session-tok other-tok Bearer abcdef at http://minio.internal:9000/b "
+                  "in eu-west-1 via https://bob:hunter22@host/x.tar", so)
+    for secret in ("AKIAEXAMPLE", "s3cr3t-value", "session-tok", "other-tok", "Bearer abcdef", "hunter22"):
+        assert secret not in text
+    assert "http://minio.internal:9000/b" in text and "eu-west-1" in text and "https://***@host/x.tar" in text
