@@ -53,8 +53,14 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
     finally:
         fetcher.close()
     if got.error is not None:
-        raise FileNotFoundError(f"shard index {redact(url, storage_options)!r} cannot be read ({got.error})") \
-            if "(404)" in str(got.error) else got.error
+        if "(404)" not in str(got.error):
+            raise got.error
+        folder = redact(url.rsplit("/", 1)[0] + "/", storage_options)
+        raise FileNotFoundError(
+            f"shard index {redact(url, storage_options)!r} cannot be read ({got.error}). Index the shards once "
+            f"where they are: `geko-data index {folder} -o {folder}{INDEX_NAME}`; where you cannot write (HTTP, a "
+            f"read-only bucket), to a local file: `geko-data index {folder} -o {INDEX_NAME}`, then "
+            f"GEKOStream('{INDEX_NAME}', shard_url=ShardsAt('{folder}', '{INDEX_NAME}'))")
     tmp = tempfile.mkdtemp(prefix="geko-index-")
     try:
         local = os.path.join(tmp, INDEX_NAME)
@@ -80,11 +86,26 @@ def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
             except Exception as e:  # noqa: BLE001 - listing errors are the filesystem's own
                 raise ShardError(redact(f"cannot list {url!r}: {describe(e)}", fetcher.storage_options)) from None
             if not found:
-                raise ShardError(redact(f"no *.tar shards found at {url!r}", fetcher.storage_options))
+                raise ShardError(redact(f"no *.tar shards found at {url!r}{_why_empty(fs, pattern)}",
+                                        fetcher.storage_options))
             out += [p if "://" in p else fs.unstrip_protocol(p) for p in found]
         else:
             out.append(url)
     return out
+
+
+def _why_empty(fs: Any, pattern: str) -> str:
+    """Why a glob found nothing, as the end of a message: a glob turns a missing bucket or folder, a 404 and
+    access denied into no match, so the folder itself is listed to tell them apart."""
+    folder = pattern.rsplit("/", 1)[0] if "/" in pattern else pattern
+    try:
+        names = fs.ls(folder, detail=False)
+    except Exception as e:  # noqa: BLE001 - listing errors are the filesystem's own
+        return f": listing the folder failed: {describe(e)}"
+    if not names:
+        return ": the folder is empty or does not exist"
+    shown = ", ".join(repr(str(n).rsplit("/", 1)[-1]) for n in list(names)[:3])
+    return f": the folder holds {len(names)} other entr{'y' if len(names) == 1 else 'ies'} ({shown}...)"
 
 
 def _index_one(fetcher: RangeFetcher, url: str, size: int, local: str, advance: Any) -> ShardIndex:

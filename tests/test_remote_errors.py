@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_uneven_shards
 from geko_data.remote import RangeFetcher, RemoteConfig, open_url, read_index_url, redact
-from servers import free_port, http_server  # noqa: F401 - fixture
+from servers import free_port, http_server, s3_server  # noqa: F401 - fixtures
 
 QUICK = RemoteConfig(retries=3, backoff=0.05, max_backoff=0.1, timeout=10.0)
 BACKOFF = sum(min(QUICK.max_backoff, QUICK.backoff * 2 ** a) for a in range(QUICK.retries))
@@ -72,3 +72,38 @@ def test_redact_masks_credentials_but_not_the_endpoint():
     for secret in ("AKIAEXAMPLE", "s3cr3t-value", "session-tok", "other-tok", "Bearer abcdef", "hunter22"):
         assert secret not in text
     assert "http://minio.internal:9000/b" in text and "eu-west-1" in text and "https://***@host/x.tar" in text
+
+
+# ---------------------------------------------------------------------- a missing index, folder or bucket
+def test_a_folder_without_an_index_says_how_to_make_one(http_server):
+    name = uuid.uuid4().hex[:8]
+    write_uneven_shards(http_server.root / name)
+    (http_server.root / name / "index.arrow").unlink()
+    url = f"{http_server.url}{name}/"
+    with pytest.raises(FileNotFoundError) as err:
+        read_index_url(url, config=QUICK)
+    msg = str(err.value)
+    assert "404" in msg and f"geko-data index {url} -o {url}index.arrow" in msg
+    assert f"ShardsAt('{url}', 'index.arrow')" in msg
+
+
+def test_cli_index_of_a_mistyped_http_folder_reports_the_404(http_server, capsys):
+    from geko_data.cli import main
+
+    url = f"{http_server.url}typo-{uuid.uuid4().hex[:6]}/"
+    assert main(["index", url, "-o", "index.arrow"]) == 2
+    err = capsys.readouterr().err
+    assert "no *.tar shards found" in err and "not found (404)" in err, err
+
+
+def test_cli_index_of_a_missing_bucket_reports_it(s3_server, capsys, monkeypatch):
+    from geko_data.cli import main
+    import json
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.storage_options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.storage_options["secret"])
+    opts = json.dumps({"client_kwargs": {"endpoint_url": s3_server.endpoint}})
+    assert main(["index", "s3://nobucket-geko/shards/", "-o", "index.arrow", "--storage-options", opts]) == 2
+    err = capsys.readouterr().err
+    assert "no *.tar shards found at 's3://nobucket-geko/shards/'" in err
+    assert "listing the folder failed" in err and ("NoSuchBucket" in err or "not found (404)" in err), err
