@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from geko_data.shards import ShardError, ShardIndex, iter_tar_samples, parse_samples, sample_hash
+from geko_data.shards import MISSING_HINT, ShardError, ShardIndex, iter_tar_samples, parse_samples, sample_hash
 
 __all__ = ["COUNTERS", "BadData", "SeekReader", "ShardReader", "StreamCursor"]
 
@@ -119,7 +119,7 @@ class SeekReader:
             self.close()
             path = self.urls[shard].removeprefix("file://")
             if not os.path.exists(path):
-                raise ShardError(f"shard {path!r} is missing (reading sample {key!r})")
+                raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
             f = open(path, "rb")  # noqa: SIM115 - kept open across samples of the shard
             size = os.fstat(f.fileno()).st_size
             if size != self.index.sizes[shard]:

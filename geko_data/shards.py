@@ -95,6 +95,12 @@ def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *,
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+#: The end of a missing local shard's message: a local index of remote shards (``geko-data index URL -o
+#: index.arrow``) keeps no URL, so without ``shard_url`` its shards are looked for beside it.
+MISSING_HINT = ("a local index of remote shards reads them with shard_url=ShardsAt(their folder URL, index path), "
+                "from geko_data.remote")
+
+
 @dataclass(frozen=True)
 class ShardIndex:
     """The shard index as arrays. Build with ``read_index`` or ``index_shards``.
@@ -127,6 +133,12 @@ class ShardIndex:
     def __len__(self) -> int:
         return self.num_samples
 
+    def __repr__(self) -> str:
+        # The generated repr printed every array: hundreds of lines for one look at an index in a REPL.
+        where = f", first {self.shards[0]!r}" if self.shards else ""
+        return (f"ShardIndex({len(self.shards)} shards{where}, {self.num_samples:,} samples, "
+                f"fingerprint={self.fingerprint!r})")
+
     def verify(self) -> None:
         """Check that every local shard exists with its indexed size; raise ShardError naming the shard.
         (Remote shards, in an index built by ``geko_data.remote``, are checked when they are read.)"""
@@ -134,7 +146,7 @@ class ShardIndex:
             if "://" in path:
                 continue
             if not os.path.exists(path):
-                raise ShardError(f"shard {path!r} is missing")
+                raise ShardError(f"shard {path!r} is missing ({MISSING_HINT})")
             actual = os.path.getsize(path)
             if actual != size:
                 raise ShardError(f"shard {path!r} changed since indexing: {actual} bytes, index says {size}")

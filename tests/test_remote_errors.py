@@ -107,3 +107,25 @@ def test_cli_index_of_a_missing_bucket_reports_it(s3_server, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "no *.tar shards found at 's3://nobucket-geko/shards/'" in err
     assert "listing the folder failed" in err and ("NoSuchBucket" in err or "not found (404)" in err), err
+
+
+def test_a_local_index_of_remote_shards_without_shard_url_names_shards_at(http_server, tmp_path):
+    from geko_data.remote import index_remote
+    from geko_data.shards import ShardError
+    from geko_data.stream import GEKOStream
+
+    name = uuid.uuid4().hex[:8]
+    write_uneven_shards(http_server.root / name)
+    index_remote([f"{http_server.url}{name}/"], output=str(tmp_path / "index.arrow"), progress=False, config=QUICK)
+    with pytest.raises(ShardError, match=r"is missing .*shard_url=ShardsAt\("):
+        list(GEKOStream(str(tmp_path / "index.arrow"), total_epochs=1))
+
+
+def test_shard_index_repr_is_one_short_line(http_server):
+    name = uuid.uuid4().hex[:8]
+    folder = write_uneven_shards(http_server.root / name)
+    from geko_data.shards import read_index
+
+    index = read_index(folder)
+    text = repr(index)
+    assert "\n" not in text and len(text) < 300 and "4 shards" in text and index.fingerprint in text, text
