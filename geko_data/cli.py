@@ -101,9 +101,10 @@ def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".json", ".ndjson"))
 
 
-def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> Any:
-    """Read the shard index (or the JSONL of the data) and check it describes every ``(path, samples,
-    fingerprint)``."""
+def _open_index(index_path: str, states: list[tuple[str, int, str | None]],
+                storage_options: dict[str, Any] | None = None) -> Any:
+    """Read the shard index (or the JSONL of the data; a URL with ``storage_options``) and check it describes
+    every ``(path, samples, fingerprint)``."""
     from geko_data.shards import read_index
 
     if _is_jsonl(index_path):
@@ -116,7 +117,7 @@ def _open_index(index_path: str, states: list[tuple[str, int, str | None]]) -> A
                             f"has {n:,}: not the data the state was trained on")
         return jl
     try:
-        idx = read_index(index_path)
+        idx = read_index(index_path, storage_options=storage_options)
     except (ValueError, OSError) as e:  # ShardError and RemoteError are ValueErrors
         raise _Fail(str(e)) from None
     for path, n, fp in states:
@@ -172,10 +173,11 @@ def _summary(path: str) -> dict[str, Any]:
             "checksum": meta.get("checksum")}
 
 
-def _top(path: str, kind: str, n: int, index: str | None) -> list[dict[str, Any]]:
+def _top(path: str, kind: str, n: int, index: str | None, storage_options: dict[str, Any] | None = None
+         ) -> list[dict[str, Any]]:
     cols, meta = _load_columns(path, _SUMMARY_COLUMNS + ["frozen_epochs"])
     rows = int(cols["bucket"].shape[0])
-    idx = _open_index(index, [(path, rows, meta.get("fingerprint"))]) if index else None
+    idx = _open_index(index, [(path, rows, meta.get("fingerprint"))], storage_options) if index else None
     order = summary.top(kind, cols, n)
     keys = [str(k) for k in idx.keys[order]] if idx is not None else [None] * len(order)
     loss, conf = cols["loss"], cols["confidence"]
@@ -241,7 +243,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as e:
             raise _Fail(f"--top N {e}") from None
         try:
-            rows = _top(ns.state, kind, n, ns.index)
+            rows = _top(ns.state, kind, n, ns.index, _storage_options(ns))
         except ValueError as e:  # the kind (the file's errors are _Fail already)
             raise _Fail(f"--top {e}") from None
         if ns.json:
@@ -251,7 +253,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         return 0
     s = _summary(ns.state)
     if ns.index:
-        idx = _open_index(ns.index, [(ns.state, s["samples"], s["fingerprint"])])
+        idx = _open_index(ns.index, [(ns.state, s["samples"], s["fingerprint"])], _storage_options(ns))
         s["index"] = {"path": ns.index, "samples": idx.num_samples, "fingerprint": idx.fingerprint}
     if ns.json:
         print(json.dumps(s, indent=1))
@@ -357,7 +359,7 @@ def cmd_sql(ns: argparse.Namespace) -> int:
     con = duckdb.connect()
     con.register("state", table.replace_schema_metadata(None))
     if ns.index:
-        idx = _open_index(ns.index, [(ns.state, table.num_rows, meta.get("fingerprint"))])
+        idx = _open_index(ns.index, [(ns.state, table.num_rows, meta.get("fingerprint"))], _storage_options(ns))
         con.register("index", _index_table(idx))
     try:
         rel = con.sql(ns.query)
@@ -410,7 +412,8 @@ def cmd_diff(ns: argparse.Namespace) -> int:
               f"{mb.get('fingerprint')})", file=sys.stderr)
     idx = None
     if ns.index:
-        idx = _open_index(ns.index, [(ns.a, n, ma.get("fingerprint")), (ns.b, n, mb.get("fingerprint"))])
+        idx = _open_index(ns.index, [(ns.a, n, ma.get("fingerprint")), (ns.b, n, mb.get("fingerprint"))],
+                          _storage_options(ns))
     matrix, newly = summary.transitions(summary.groups(a["bucket"], a["pruned"]),
                                         summary.groups(b["bucket"], b["pruned"]))
     listed = newly[:ns.list]
@@ -453,12 +456,7 @@ def _index_remote(ns: argparse.Namespace) -> int:
     from geko_data.remote import RemoteError, index_remote
     from geko_data.shards import ShardError
 
-    try:
-        options = json.loads(ns.storage_options) if ns.storage_options else None
-    except json.JSONDecodeError as e:
-        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r} ({e})") from None
-    if options is not None and not isinstance(options, dict):
-        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r}")
+    options = _storage_options(ns)
     try:
         idx = index_remote(ns.shards, output=ns.output, storage_options=options, progress=True)
     except (ShardError, RemoteError, ValueError) as e:
@@ -466,6 +464,24 @@ def _index_remote(ns: argparse.Namespace) -> int:
     print(f"indexed {idx.num_samples:,} samples in {len(idx.shards)} shard(s) -> {ns.output} "
           f"(fingerprint {idx.fingerprint})")
     return 0
+
+
+def _storage_options(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-options`` parsed: a JSON object, or None when not given."""
+    try:
+        options = json.loads(ns.storage_options) if ns.storage_options else None
+    except json.JSONDecodeError as e:
+        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r} ({e})") from None
+    if options is not None and not isinstance(options, dict):
+        raise _Fail(f"--storage-options must be a JSON object, got {ns.storage_options!r}")
+    return options
+
+
+def _add_storage_options(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--storage-options", metavar="JSON",
+                   help=f'{what}: filesystem options as JSON, e.g. \'{{"anon": true}}\' or '
+                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\' (or set AWS_ENDPOINT_URL; '
+                        'credentials: use the environment)')
 
 
 def _count(text: str) -> int:
@@ -488,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "state was trained from (sample id = non-blank line), to show keys or prompts")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--top", nargs=2, metavar=("KIND", "N"), help="list N samples: hard, forgetful or frozen")
+    _add_storage_options(s, "an --index URL")
     s.set_defaults(func=cmd_inspect)
     s = sub.add_parser("plot", help="bucket shares, loss per bucket, Q vs confidence as a PNG")
     s.add_argument("state")
@@ -498,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("query", help="e.g. \"SELECT bucket, count(*) FROM state GROUP BY bucket\"")
     s.add_argument("--index", help="shard index or training JSONL of the same data, as the view index (join on id)")
     s.add_argument("--format", choices=("table", "csv", "json"), default="table", help="Defaults to table")
+    _add_storage_options(s, "an --index URL")
     s.set_defaults(func=cmd_sql)
     s = sub.add_parser("export", help="write the per-sample table as parquet, csv or jsonl")
     s.add_argument("state")
@@ -513,14 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", type=_count, default=20, metavar="N",
                    help="list at most N newly pruned samples. Defaults to 20")
     s.add_argument("--json", action="store_true")
+    _add_storage_options(s, "an --index URL")
     s.set_defaults(func=cmd_diff)
     s = sub.add_parser("index", help="index WebDataset tars written by anyone")
     s.add_argument("shards", nargs="+", help="tar files; or URLs (s3://, gs://, az://, http(s)://...) of tars, "
                                              "of folders (ending in /) or globs")
-    s.add_argument("-o", "--output", required=True, help="the index; for remote shards a URL in their folder")
-    s.add_argument("--storage-options", metavar="JSON",
-                   help='remote shards: filesystem options as JSON, e.g. \'{"anon": true}\' or '
-                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\' (credentials: use the environment)')
+    s.add_argument("-o", "--output", required=True,
+                   help="the index: a local file (for remote shards too: read it with shard_url=ShardsAt(...)), "
+                        "or for remote shards a URL in their folder")
+    _add_storage_options(s, "remote shards")
     s.set_defaults(func=cmd_index)
     return p
 

@@ -129,3 +129,38 @@ def test_shard_index_repr_is_one_short_line(http_server):
     index = read_index(folder)
     text = repr(index)
     assert "\n" not in text and len(text) < 300 and "4 shards" in text and index.fingerprint in text, text
+
+
+def test_cli_inspect_diff_sql_read_an_s3_index_at_a_custom_endpoint(s3_server, tmp_path, monkeypatch, capsys):
+    import json
+
+    from geko_data.cli import main
+    from geko_data.config import GEKOConfig
+    from geko_data.shards import read_index
+    from geko_data.state import SampleState
+
+    folder = write_uneven_shards(tmp_path / "shards")
+    prefix = f"geko/{uuid.uuid4().hex[:8]}"
+    fs = s3_server.filesystem()
+    for p in sorted(folder.iterdir()):  # the tars and their index.arrow
+        fs.put_file(str(p), f"{prefix}/{p.name}")
+    local = read_index(folder)
+    state = SampleState(local.num_samples, config=GEKOConfig(log_bucket_stats=False),
+                        fingerprint=local.fingerprint)
+    state.save(tmp_path / "state.arrow")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.storage_options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.storage_options["secret"])
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    opts = ["--index", f"s3://{prefix}/", "--storage-options",
+            json.dumps({"client_kwargs": {"endpoint_url": s3_server.endpoint}})]
+    st = str(tmp_path / "state.arrow")
+    assert main(["inspect", st, "--json", *opts]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["fingerprint"] == local.fingerprint
+    assert main(["diff", st, st, *opts]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # the README's alternative to the option
+    assert main(["inspect", st, "--json", "--index", f"s3://{prefix}/"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["fingerprint"] == local.fingerprint
+    pytest.importorskip("duckdb")
+    assert main(["sql", st, "SELECT count(*) AS n FROM index", "--format", "json", *opts]) == 0
+    assert str(local.num_samples) in capsys.readouterr().out
