@@ -257,6 +257,8 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._shared = SharedPlan(self.index.num_samples)
         self._start = torch.zeros(1, dtype=torch.int64).share_memory_()  # resume position of the next epoch
         self._counters = _Counters(self.index.num_samples)
+        # What earlier epochs read: efficiency_report gives run totals, like its other fields; stats the epoch's.
+        self._read_before = dict.fromkeys(("bytes_read", "requests", "retries"), 0)
         self._order_cache: _Order | None = None
         self._yielded = 0
 
@@ -280,6 +282,9 @@ class GEKOStream(EpochDriver, IterableDataset):
         resuming = int(self._start.item()) > 0 and epoch == self.epoch
         self._shared.publish(self._advance(epoch))
         self._order_cache = None
+        read = self._counters.stats()
+        for k in self._read_before:
+            self._read_before[k] += read[k]
         self._counters.zero()
         if not resuming:
             self._start.zero_()
@@ -434,12 +439,13 @@ class GEKOStream(EpochDriver, IterableDataset):
 
     def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
         """The shared report plus this epoch's bad-data counts, gathered from every DataLoader worker:
-        ``skipped_unreadable`` samples and the ``skipped_draws`` of the plan they cost; and what was read:
-        ``bytes_read`` (for remote shards: bytes fetched), ``requests`` and ``retries`` (remote shards)."""
+        ``skipped_unreadable`` samples and the ``skipped_draws`` of the plan they cost; and what this stream
+        read in all its epochs (``stats`` has the current epoch's): ``bytes_read`` (for remote shards: bytes
+        fetched), ``requests`` and ``retries`` (remote shards)."""
         report = super().efficiency_report(epochs_done=epochs_done)
         stats = self.stats
         report["skipped_unreadable"] = stats["skipped"]
         report["skipped_draws"] = stats["skipped_draws"]
         for k in ("bytes_read", "requests", "retries"):
-            report[k] = stats[k]
+            report[k] = self._read_before[k] + stats[k]
         return report

@@ -164,3 +164,22 @@ def test_cli_inspect_diff_sql_read_an_s3_index_at_a_custom_endpoint(s3_server, t
     pytest.importorskip("duckdb")
     assert main(["sql", st, "SELECT count(*) AS n FROM index", "--format", "json", *opts]) == 0
     assert str(local.num_samples) in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:GEKO epoch")  # no losses reported: only the reads are checked
+def test_efficiency_report_counts_the_runs_reads_and_stats_the_epochs(http_server):
+    from geko_data.config import GEKOConfig
+    from geko_data.shards import read_index
+    from geko_data.stream import GEKOStream
+
+    name = uuid.uuid4().hex[:8]
+    folder = write_uneven_shards(http_server.root / name)
+    epoch_bytes = int(read_index(folder).length.sum())
+    s = GEKOStream(f"{http_server.url}{name}/", total_epochs=2, config=GEKOConfig(log_bucket_stats=False,
+                   recheck_frozen=0.0), remote=QUICK)
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        assert len(list(s)) == s.index.num_samples
+    assert s.stats["bytes_read"] == epoch_bytes  # this epoch
+    report = s.efficiency_report()
+    assert report["bytes_read"] == 2 * epoch_bytes and report["requests"] >= 2 * len(s.index.shards)
