@@ -42,7 +42,7 @@ def is_url(path: Any) -> bool:
 # sas_token / connection_string / client_secret, gcsfs token, HTTP auth headers). Other values, an endpoint
 # URL above all, stay in messages: a mistyped endpoint must be visible in the error it causes.
 _SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credential", "auth", "sas", "connection_string",
-                 "signature", "user")
+                 "user")
 
 
 def _secrets(options: Any, secret: bool = False) -> list[str]:
