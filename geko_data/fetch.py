@@ -65,7 +65,9 @@ class RemoteConfig:
             Defaults to ``2 MiB``.
         retries: further tries of a request that failed transiently (connection refused or reset,
             timeout, HTTP 408/429/5xx) before a ShardError naming the URL, the byte range and the last
-            error. 403, 404 and other client errors are never retried. Defaults to ``6``.
+            error. 403, 404, other client errors and missing credentials are never retried; on S3,
+            botocore's and s3fs's own retries are off unless ``config_kwargs`` sets ``retries``, so these
+            are the only ones. Defaults to ``6``.
         backoff: seconds before the first retry; each retry doubles it, up to ``max_backoff``, and waits a
             random time between half of it and all of it (jitter, so workers do not retry in lockstep).
             Defaults to ``0.2``.
