@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from geko_data import plan, policy
@@ -80,11 +80,17 @@ def test_member_names_are_never_used_as_paths(tmp_path, monkeypatch):
 finite_or_not = st.one_of(st.floats(0, 12, width=32), st.sampled_from([float("nan"), float("inf"), 1e19]))
 report_st = st.lists(st.tuples(st.integers(0, 39), finite_or_not, st.booleans()), min_size=0, max_size=80)
 FROZEN_DRAWN = []  # (re-checks seen, frozen-and-drawn) per example: the companion test asserts they happen
+# Every sample right at a spread of losses for three epochs: the easier half freezes and some of it is drawn
+# as re-checks. Written out because the generated examples differ with what the session has imported
+# (hypothesis mixes constants found in loaded modules into its draws), and in a full run none of them
+# happened to draw a FROZEN sample.
+ALL_RIGHT_3_EPOCHS = [[(i, i * 0.02, True) for i in range(40)]] * 3
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(st.lists(report_st, min_size=1, max_size=6), st.sampled_from(["geko", "unbiased"]), st.integers(1, 4),
        st.integers(0, 3))
+@example(ALL_RIGHT_3_EPOCHS, "geko", 2, 0)
 def test_state_and_plan_invariants(reports, mode, world, seed):
     # Per-sample losses and correctness, so samples spread over all buckets; prune after 2 FREEZE
     # repartitions, so FREEZE samples exist and are drawn (as re-checks) before they are pruned.
