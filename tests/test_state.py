@@ -232,36 +232,34 @@ def test_last_occurrences_agree_with_numpy_unique():
         assert [a.tolist() for a in got] == [uniq.tolist(), (m - 1 - first_in_reversed).tolist(), passes.tolist()]
 
 
-def test_repartition_makes_no_whole_column_int64_or_float_copies():
+def _repartition_peak(s):
+    """Peak bytes Python-traced allocations reach during one repartition."""
     import tracemalloc
 
-    n = 1_000_000
-    s = SampleState(n, config=GEKOConfig(freeze_confidence=0.9))
-    s.report(np.arange(0, n, 2), np.random.default_rng(0).exponential(0.5, n // 2).astype(np.float32))
     tracemalloc.start()
     try:
         s.repartition(0.5)
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_repartition_makes_no_whole_column_int64_or_float_copies():
+    n = 1_000_000
+    s = SampleState(n, config=GEKOConfig(freeze_confidence=0.9))
+    s.report(np.arange(0, n, 2), np.random.default_rng(0).exponential(0.5, n // 2).astype(np.float32))
+    peak = _repartition_peak(s)
     # a few boolean and uint8 temporaries; bincount's int64 codes and nanmean's copy made it 14 bytes a sample
     assert peak < 10 * n
     assert s.history[-1]["mean_loss"] == pytest.approx(float(np.nanmean(s.loss)), rel=1e-6)
 
 
 def test_repartition_with_the_default_share_rule_keeps_report_steps_in_their_int32():
-    import tracemalloc
-
     n = 1_000_000
     s = SampleState(n)  # default policy: the easiest share within report windows
     for part in range(4):
         ids = np.arange(part, n, 4)
         s.report(ids, np.random.default_rng(part).exponential(0.5, ids.shape[0]).astype(np.float32), step=part)
-    tracemalloc.start()
-    try:
-        s.repartition(0.5)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _repartition_peak(s)
     # 28 bytes a sample here; int64 copies of the steps (and of their ranks) made it 36
     assert peak < 32 * n
