@@ -160,8 +160,9 @@ def _write_failed(path: str, e: OSError) -> _Fail:
 
 # ---------------------------------------------------------------------- inspect
 _SUMMARY_COLUMNS = ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned"]
-_CONFIG_SHOWN = ("freeze_confidence", "freeze_quality", "focus_confidence", "q_value_lr", "min_q_for_freeze",
-                 "prune_frozen_after", "recheck_frozen", "keep_frozen")
+# freeze_share first: the default rule's one setting (freeze_confidence overrides it when set)
+_CONFIG_SHOWN = ("freeze_share", "freeze_confidence", "freeze_quality", "focus_confidence", "q_value_lr",
+                 "min_q_for_freeze", "prune_frozen_after", "recheck_frozen", "keep_frozen")
 _CELL_MAX = 60  # characters of a key or value in a table; longer ones end in "..."
 
 
