@@ -57,6 +57,20 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the server's child process before exec: SIGTERM it when the process that started it dies. A test
+    run killed from outside (a CI timeout, kill -9) cannot call ``stop()``, and its servers would otherwise
+    outlive it holding ports and temp folders (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class _Process:
     """A server process: ``start()`` waits (bounded) until ``url`` answers; ``stop()`` ends it by pid."""
 
@@ -68,7 +82,10 @@ class _Process:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.command(), cwd=self.cwd, stdout=subprocess.DEVNULL,
-                                     stderr=self.log, start_new_session=True)
+                                     stderr=self.log, start_new_session=True,
+                                     # the signal follows the starting *thread*: a restart from a short-lived
+                                     # timer thread would kill the server as soon as that thread ends
+                                     preexec_fn=_die_with_parent if _in_main_thread() else None)
         deadline = time.monotonic() + self.ready_timeout
         while not _answers(self.probe):
             if self.proc.poll() is not None or time.monotonic() > deadline:
