@@ -133,7 +133,7 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
         freeze &= np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
         freeze &= np.asarray(q) >= config.min_q_for_freeze
     u8 = np.uint8
-    out = np.where(correct, u8(LIGHT), np.where(conf > config.focus_confidence, u8(HARD), u8(FOCUS)))
+    out = np.where(correct, u8(LIGHT), wrong_bucket(conf, config))
     out[freeze] = FREEZE
     out[~np.asarray(seen, dtype=bool)] = FOCUS
     return out

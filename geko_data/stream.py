@@ -446,6 +446,6 @@ class GEKOStream(EpochDriver, IterableDataset):
         stats = self.stats
         report["skipped_unreadable"] = stats["skipped"]
         report["skipped_draws"] = stats["skipped_draws"]
-        for k in ("bytes_read", "requests", "retries"):
+        for k in self._read_before:  # the run totals: earlier epochs plus this one
             report[k] = self._read_before[k] + stats[k]
         return report
