@@ -3,8 +3,9 @@
 Each epoch it re-buckets the samples from the feedback so far, draws the
 epoch's plan (frozen and pruned samples skipped, hard ones repeated) and
 yields this rank's share of it. ``wrap(dataset)`` adds ``__index__`` and
-``__weight__`` to every item, read from shared memory so that DataLoader
-workers, forked or spawned, persistent or not, always see the current epoch.
+``__weight__`` to every item, the weight read from shared memory so that
+DataLoader workers, forked or spawned, persistent or not, always see the
+current epoch.
 
 Typical loop::
 
@@ -20,14 +21,13 @@ Typical loop::
 
 from __future__ import annotations
 
-import uuid
-import weakref
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from geko_data.config import GEKOConfig
 from geko_data.epochs import EpochDriver
@@ -48,22 +48,17 @@ class WeightedDataset(Dataset):
 
     Dict items get the two keys added; tuple items (``TensorDataset``, torchvision's ``(x, y)``) get the
     two values appended, so a tuple loop changes one line: ``for x, y, index, weight in loader``; any other
-    item becomes ``{"sample": item, "__index__": i, "__weight__": w}``. Built by ``GEKOSampler.wrap``.
+    item becomes ``{"sample": item, "__index__": i, "__weight__": w}``. ``default_collate`` (the
+    DataLoader's default) makes them an int64 and a float32 tensor per batch. Built by ``GEKOSampler.wrap``.
     """
 
     def __init__(self, dataset: Any, shared: SharedPlan) -> None:
         self.dataset = dataset
         self.shared = shared
         self._weights: np.ndarray | None = None  # per-process numpy view of the shared weights
-        self._token = uuid.uuid4().hex  # names this dataset's plan in every process that holds it
-        _PLANS[self._token] = shared
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "shared": self.shared, "_weights": None, "_token": self._token}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        _PLANS[self._token] = self.shared
+        return {"dataset": self.dataset, "shared": self.shared, "_weights": None}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -73,65 +68,107 @@ class WeightedDataset(Dataset):
             self._weights = self.shared.weights()  # zero-copy: later set_epoch writes show through
         return self._weights
 
-    def _tag(self, item: Any, index: int, weight: np.float32) -> Any:
-        if isinstance(item, tuple):
-            return (*item, index, weight)
-        item = _Item(item) if isinstance(item, dict) else _Item(sample=item)
-        item.token = self._token
-        item["__index__"] = index
-        item["__weight__"] = weight
-        return item
-
     def __getitem__(self, index: int) -> Any:
         # A numpy float32 collates to a float32 tensor: `losses * batch["__weight__"]` keeps the losses' dtype.
-        return self._tag(self.dataset[index], int(index), np.float32(self._view()[index]))
+        return _tag(self.dataset[index], int(index), np.float32(self._view()[index]))
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         """Batched fetch (the DataLoader calls it when present): one vectorized weight lookup per batch."""
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
-        weights = self._view()[np.asarray(indices, dtype=np.int64)].astype(np.float32, copy=False)
-        return [self._tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
+        weights = self._view()[np.asarray(indices, dtype=np.int64)]
+        return [_tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
 
 
-#: The plans of the wrapped datasets alive in this process, by their token: where a batch finds its weights.
-_PLANS: weakref.WeakValueDictionary[str, SharedPlan] = weakref.WeakValueDictionary()
+def _tag(item: Any, index: int, weight: np.float32) -> Any:
+    """``item`` with its index and weight added, as one of the two types ``default_collate`` hands to
+    ``_collate_tagged``."""
+    if isinstance(item, dict):
+        return _Item(item, __index__=index, __weight__=weight)
+    if isinstance(item, tuple):
+        return _Row((*item, index, weight))
+    return _Item(sample=item, __index__=index, __weight__=weight)
 
 
 class _Item(dict):
-    """A dict item of a wrapped dataset, and (default_collate copies the first item) the collated batch.
-
-    To the loop it is a plain dict. What it changes is the trip from a DataLoader worker to the main
-    process: a collated batch travels without its ``__weight__`` tensor, and the main process looks the
-    weights up from ``__index__`` in the same shared plan the worker read. Each tensor crossing the worker
-    queue costs a shared-memory segment and a file descriptor (about 0.35 ms a batch here); items carry
-    their weight anyway, so a custom collate_fn still sees it. Pickled anywhere else, it is a plain dict.
-    """
-
-    token = ""
-
-    def __copy__(self) -> "_Item":  # default_collate copies the first item to make the batch: keep the class
-        out = _Item(self)
-        out.token = self.token
-        return out
+    """A dict item of a wrapped dataset; to the loop (and pickled) a plain dict."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        index, weight = self.get("__index__"), self.get("__weight__")
-        if (get_worker_info() is not None and self.token in _PLANS and isinstance(index, torch.Tensor)
-                and isinstance(weight, torch.Tensor) and weight.shape == index.shape):
-            return _with_weights, (self.token, list(self), {k: v for k, v in self.items() if k != "__weight__"})
         return dict, (dict(self),)
 
 
-def _with_weights(token: str, keys: list[str], batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch sent by a worker without its weights (``_Item``), completed from the shared plan."""
-    shared = _PLANS.get(token)
-    if shared is None:
-        raise RuntimeError("a batch of a GEKOSampler.wrap dataset was unpickled in a process that does not hold "
-                           "the dataset (its DataLoader runs in another process)")
-    index = batch["__index__"]
-    batch["__weight__"] = torch.from_numpy(shared.weights()[index.numpy()])  # float32, as collated
-    return {k: batch[k] for k in keys}
+class _Row(tuple):
+    """A tuple item of a wrapped dataset; to the loop (and pickled) a plain tuple."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return tuple, (tuple(self),)
+
+
+def _collate_tagged(batch: list[Any], *, collate_fn_map: dict[Any, Any] | None = None) -> Any:
+    """``default_collate`` of wrapped items: the batch default_collate makes, ``__index__`` and ``__weight__``
+    built from one numpy array each instead of a list of scalars.
+
+    In a DataLoader worker the batch is a ``_Sent``: every tensor a worker sends costs a shared-memory
+    segment, a file descriptor and a socket connection to fetch it (measured here: about 0.5 ms of CPU a
+    tensor and batch, worker and main process together, more than the rest of a batch of 32 items of 512
+    tokens costs to send), so these two columns of a few hundred bytes travel inside the batch's pickle
+    and the main process makes them tensors again.
+    """
+    collate_fn_map = default_collate_fn_map if collate_fn_map is None else collate_fn_map
+    tuples = isinstance(batch[0], tuple)
+    index = np.array([b[-2] for b in batch] if tuples else [b["__index__"] for b in batch], dtype=np.int64)
+    weight = np.array([b[-1] for b in batch] if tuples else [b["__weight__"] for b in batch], dtype=np.float32)
+    made = torch.from_numpy(index), torch.from_numpy(weight)
+    if tuples:  # default_collate turns tuple items into a list of columns; plain tuples keep its size check
+        out: Any = collate([tuple(b[:-2]) for b in batch], collate_fn_map=collate_fn_map) + list(made)
+    else:
+        out = {k: collate([b[k] for b in batch], collate_fn_map=collate_fn_map) for k in batch[0] if k not in _KEYS}
+        out.update(zip(_KEYS, made))
+    if get_worker_info() is None:
+        return out
+    sent = _SentList(out) if tuples else _SentDict(out)
+    sent.made = made
+    return sent
+
+
+_KEYS = ("__index__", "__weight__")
+
+
+class _Sent:
+    """A collated batch in a DataLoader worker; pickled, a plain dict or list whose two tensors made by
+    ``_collate_tagged`` (if the collate_fn still holds them) travel as lists of numbers, not shared memory."""
+
+    made: tuple[torch.Tensor, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        plain = dict(self) if isinstance(self, dict) else list(self)
+        sent = []
+        for k, v in plain.items() if isinstance(plain, dict) else enumerate(plain):
+            if any(v is t for t in self.made):
+                sent.append((k, v.dtype))
+                plain[k] = v.tolist()  # a float32's value is exact as a Python float, and back
+        return _received, (plain, sent)
+
+
+class _SentDict(_Sent, dict):
+    pass
+
+
+class _SentList(_Sent, list):
+    pass
+
+
+def _received(batch: Any, sent: list[tuple[Any, torch.dtype]]) -> Any:
+    """A worker's batch in the main process: the columns ``_Sent`` pickled as lists become tensors again."""
+    for k, dtype in sent:
+        batch[k] = torch.tensor(batch[k], dtype=dtype)
+    return batch
+
+
+# default_collate (torch's documented extension point) collates these two types with _collate_tagged; every
+# other type, and every collate_fn_map of a user's own, is unaffected.
+default_collate_fn_map[_Item] = _collate_tagged
+default_collate_fn_map[_Row] = _collate_tagged
 
 
 def _num_samples(data_source: Any) -> int:

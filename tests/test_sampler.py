@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from geko_data import policy
 from geko_data.config import GEKOConfig
@@ -14,16 +14,17 @@ QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
 
 
 class Squares(Dataset):
-    """Module-level so spawn workers can pickle it."""
+    """Module-level so spawn workers can pickle it; ``tuples=True`` gives (x, y) items, as TensorDataset's."""
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self, n, tuples=False):
+        self.n, self.tuples = n, tuples
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return {"x": torch.tensor([float(i)]), "y": i * i}
+        x, y = torch.tensor([float(i)]), i * i
+        return (x, y) if self.tuples else {"x": x, "y": y}
 
 
 class Plain(Dataset):
@@ -123,12 +124,14 @@ def test_report_and_efficiency_report():
     json.dumps(rep)
 
 
-@pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, False), (2, True)])
-def test_resume_check(num_workers, persistent):
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("num_workers,persistent,context", [(0, False, None), (2, False, "fork"), (2, True, "fork"),
+                                                         (2, True, "spawn")])
+def test_resume_check(num_workers, persistent, context):
     def make():
         ds = Squares(29)
         s = GEKOSampler(ds, total_epochs=3, config=QUIET, seed=11)
-        kw = {"multiprocessing_context": "fork", "persistent_workers": persistent} if num_workers else {}
+        kw = {"multiprocessing_context": context, "persistent_workers": persistent} if num_workers else {}
         return s, DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=num_workers, **kw)
     check_resume(make, epochs=2, batch_size=4)
 
@@ -320,23 +323,80 @@ def test_iterating_does_not_turn_the_whole_epoch_into_a_python_list():
     assert sorted(it) == sorted(set(range(n)) - {s._order[0]})  # the rest of the epoch, once each
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_a_worker_sends_a_batch_without_its_weights_and_the_main_process_adds_them(context):
-    # One tensor less per batch on the worker queue: __weight__ is looked up in the main process from
-    # __index__ (a tensor that crossed the queue lives in shared memory; one made here does not).
-    ds = Squares(64)
-    s = GEKOSampler(ds, total_epochs=3, config=QUIET)
-    s.report(np.arange(64), np.linspace(0.01, 3.0, 64))
+def _two_weight_sampler(ds):
+    """An unbiased-mode sampler whose plan gives half the samples weight 1.5 and the others 0.75."""
+    s = GEKOSampler(ds, total_epochs=4, config=GEKOConfig(mode="unbiased", log_bucket_stats=False, anneal=0.0,
+                                                          keep_frozen=0.5), seed=3)
+    s.state.bucket[: len(ds) // 2] = policy.FREEZE
+    s.state.epoch = 1
     s.set_epoch(1)
-    loader = DataLoader(s.wrap(ds), batch_size=8, sampler=s, num_workers=2, multiprocessing_context=context)
-    batches = list(loader)
-    assert sum(b["__index__"].shape[0] for b in batches) == len(s)
-    for b in batches:
-        assert list(b) == ["x", "y", "__index__", "__weight__"]  # the item's key order
-        assert b["__index__"].is_shared() and not b["__weight__"].is_shared()
-        assert b["__weight__"].dtype == torch.float32
-        assert torch.equal(b["__weight__"], torch.from_numpy(s.plan.loss_weight[b["__index__"].numpy()]))
-    # a custom collate_fn still sees every item's weight
+    assert len(set(s.plan.loss_weight.tolist())) == 2
+    return s
+
+
+def _doubled_weights(items):
+    """A collate_fn that changes what default_collate made (module-level for workers)."""
+    batch = default_collate(items)
+    batch["__weight__"] = batch["__weight__"] * 2
+    return {"inner": batch}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("items", ["dict", "tuple"])
+@pytest.mark.parametrize("workers,context", [(0, None), (2, "fork"), (2, "spawn")])
+def test_every_batch_carries_each_samples_index_and_plan_weight(workers, context, items):
+    # The keys, dtypes and order a loop reads, with or without workers, forked or spawned, drop_last on.
+    # A worker sends the two columns inside the batch's pickle: only the item's own tensors cross the
+    # worker queue in shared memory (each costs a segment and a file descriptor).
+    ds = Squares(30, tuples=items == "tuple")
+    s = _two_weight_sampler(ds)
+    kw = {"num_workers": workers, "multiprocessing_context": context} if workers else {}
+    batches = list(DataLoader(s.wrap(ds), batch_size=4, sampler=s, drop_last=True, **kw))
+    order = list(s)
+    assert len(batches) == len(order) // 4
+    weights = torch.tensor(s.plan.loss_weight)
+    for n, b in enumerate(batches):
+        if items == "dict":
+            assert type(b) is dict and list(b) == ["x", "y", "__index__", "__weight__"]  # the item's key order
+            x, y, index, weight = b.values()
+        else:
+            assert type(b) is list and len(b) == 4  # default_collate's columns of tuple items
+            x, y, index, weight = b
+        assert index.dtype == torch.int64 and weight.dtype == torch.float32 and index.shape == weight.shape == (4,)
+        assert index.tolist() == order[4 * n:4 * n + 4]
+        assert torch.equal(x[:, 0], index.float()) and torch.equal(y, index * index)  # index is the sample's
+        assert torch.equal(weight, weights[index])  # weight is the plan's
+        assert x.is_shared() == (workers > 0) and not index.is_shared() and not weight.is_shared()
+    assert {w for b in batches for w in (b["__weight__"] if items == "dict" else b[3]).tolist()} == {0.75, 1.5}
+
+
+@pytest.mark.timeout(120)
+def test_a_collate_fn_sees_each_items_weight_and_its_changes_reach_the_loop():
+    ds = Squares(24)
+    s = _two_weight_sampler(ds)
+    # a collate_fn that changes default_collate's weights: the loop gets the changed ones
+    for b in DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=_doubled_weights):
+        b = b["inner"]
+        assert torch.equal(b["__weight__"], 2 * torch.tensor(s.plan.loss_weight)[b["__index__"]])
+    # a collate_fn of its own sees every item's index and weight (an int and a float32, as wrap[i] gives)
     rows = next(iter(DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=1, collate_fn=list)))
+    assert all(type(r) is dict and type(r["__weight__"]) is np.float32 for r in rows)
     assert [r["__weight__"] for r in rows] == [s.plan.loss_weight[r["__index__"]] for r in rows]
+    assert s.wrap(ds)[5] == {"x": torch.tensor([5.0]), "y": 25, "__index__": 5,
+                             "__weight__": s.plan.loss_weight[5]}
+
+
+@pytest.mark.timeout(120)
+def test_batches_out_of_order_still_carry_their_own_indices():
+    # in_order=False hands batches over as workers finish them: each batch carries its own indices.
+    ds = Squares(40)
+    s = _two_weight_sampler(ds)
+    loader = DataLoader(s.wrap(ds), batch_size=4, sampler=s, num_workers=2, multiprocessing_context="fork",
+                        in_order=False)
+    seen = []
+    for b in loader:
+        assert torch.equal(b["x"][:, 0], b["__index__"].float())
+        assert torch.equal(b["__weight__"], torch.tensor(s.plan.loss_weight)[b["__index__"]])
+        seen += b["__index__"].tolist()
+    assert sorted(seen) == sorted(s)
