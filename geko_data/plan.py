@@ -56,7 +56,8 @@ class EpochPlan:
     Args:
         epoch: the epoch number.
         progress: curriculum progress of the epoch (its midpoint).
-        counts: (N,) int32, how many times each sample is drawn this epoch.
+        counts: (N,) int32 (uint16 in a plan loaded with its state: a view of the file), how many times each
+            sample is drawn this epoch.
         loss_weight: (N,) float32, the loss weight each sample carries this epoch.
         seed: the seed it was drawn with. Defaults to ``0``.
         epoch_length: the requested draws per epoch (``None``: the active count). Defaults to ``None``.
@@ -124,19 +125,72 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
 def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """Every draw of the epoch as sample ids, shape (total,); repeats are spread by the shuffle.
 
-    int32 when every id fits (half the memory of int64, and the same permutation: the shuffle's draws do
-    not depend on the dtype), int64 past 2**31 samples.
+    int32 when every id fits (half the memory of int64), int64 past 2**31 samples. The shuffle is uniform
+    (every arrangement of the draws equally likely) and a function of (seed, epoch) only; see
+    ``_block_shuffle`` for how it stays within the CPU cache.
     """
     n = counts.shape[0]
     dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
-    order = np.empty(int(np.sum(counts, dtype=np.int64)), dtype=dtype)
-    pos = 0
-    for a in range(0, n, _CHUNK):  # np.repeat converts its counts to int64: one chunk at a time
+    total = int(np.sum(counts, dtype=np.int64))
+    return _block_shuffle(counts, total, dtype, rng(seed, epoch, PURPOSE_ORDER) if shuffle else None)
+
+
+def _draws_in_id_order(counts: np.ndarray, dtype: Any) -> Any:
+    """``(position, ids)`` pieces of ``np.repeat(arange(n), counts)``, at most ``_CHUNK`` draws each.
+
+    np.repeat converts its counts to int64: one chunk of ids at a time keeps that small, and a chunk of ids
+    whose draws exceed ``_CHUNK`` (repeats) is handed out in pieces.
+    """
+    n, pos = counts.shape[0], 0
+    for a in range(0, n, _CHUNK):
         part = np.repeat(np.arange(a, min(a + _CHUNK, n), dtype=dtype), counts[a:a + _CHUNK])
-        order[pos:pos + part.shape[0]] = part
+        for b in range(0, part.shape[0], _CHUNK):
+            yield pos + b, part[b:b + _CHUNK]
         pos += part.shape[0]
-    if shuffle:
-        rng(seed, epoch, PURPOSE_ORDER).shuffle(order)
+
+
+#: Draws per block of the epoch's shuffle (int32: 1 MB, within a core's cache).
+_BLOCK = 1 << 18
+
+
+def _block_shuffle(counts: np.ndarray, total: int, dtype: Any,
+                   generator: np.random.Generator | None) -> np.ndarray:
+    """The draws of ``counts`` in a uniformly random order (Rao-Sandelius' two-level shuffle); in id order
+    without a ``generator``.
+
+    Each draw goes to one of ``ceil(total / _BLOCK)`` blocks picked uniformly at random, the blocks are laid
+    out one after the other and each is shuffled in place. Every arrangement is exactly as likely as under
+    one Fisher-Yates shuffle of the whole order, but a shuffle of 100M draws (400 MB) makes a cache miss
+    at nearly every swap, while a block's swaps stay in cache and the deal into blocks writes a few hundred
+    sequential streams: about 3x less CPU at 100M samples.
+    """
+    order = np.empty(total, dtype=dtype)
+    num_blocks = -(-total // _BLOCK)
+    if generator is None or num_blocks <= 1:  # unshuffled, or one block: one plain shuffle
+        for pos, part in _draws_in_id_order(counts, dtype):
+            order[pos:pos + part.shape[0]] = part
+        if generator is not None:
+            generator.shuffle(order)
+        return order
+    label_type = np.uint16 if num_blocks <= 1 << 16 else np.uint32  # 2 bytes a draw up to 17G draws
+    labels = generator.integers(0, num_blocks, size=total, dtype=label_type)
+    size = np.zeros(num_blocks, dtype=np.int64)
+    for a in range(0, total, _CHUNK):  # bincount converts its input to int64: a chunk at a time
+        size += np.bincount(labels[a:a + _CHUNK], minlength=num_blocks)
+    fill = np.cumsum(size) - size  # (num_blocks,) where each block's next draw goes
+    ends = fill + size
+    for pos, part in _draws_in_id_order(counts, dtype):
+        lab = labels[pos:pos + part.shape[0]]
+        by_block = np.argsort(lab, kind="stable")  # a radix sort of 16-bit labels: linear
+        lab_sorted = lab[by_block]
+        here = np.bincount(lab, minlength=num_blocks)
+        first = np.cumsum(here) - here  # where each block's draws start within this piece
+        dest = fill[lab_sorted] + (np.arange(part.shape[0]) - first[lab_sorted])
+        order[dest] = part[by_block]
+        fill += here
+    del labels
+    for a, b in zip((ends - size).tolist(), ends.tolist()):
+        generator.shuffle(order[a:b])
     return order
 
 

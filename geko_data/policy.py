@@ -167,18 +167,34 @@ def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndar
         return out
     # In the columns' own dtype (int32 steps): int64 copies of them cost 8 bytes a seen sample each.
     steps = np.asarray(last_step)[idx]
-    windows = max(1, min(RANK_WINDOWS, idx.shape[0] // MIN_WINDOW))
-    # span of a sample: by the count of samples reported before it, so samples of one step share a span
-    span_of = np.searchsorted(np.sort(steps), steps, side="left")
-    span_of *= windows
-    span_of //= idx.shape[0]
+    m = idx.shape[0]
+    windows = max(1, min(RANK_WINDOWS, m // MIN_WINDOW))
+    # Span of a sample: floor(windows * r / m), r = the count of samples reported at an earlier step (so
+    # samples of one step share a span). r >= k exactly when the step is above the k-th smallest step, so
+    # span w holds the steps above the ceil(w m / windows)-th smallest: windows - 1 order statistics and
+    # compares, not a sort of every step and a binary search of each.
+    bounds = _order_statistics(steps, [-(-w * m // windows) - 1 for w in range(1, windows)])
+    span_of = np.zeros(m, dtype=np.uint8)  # windows <= RANK_WINDOWS
+    for a in range(0, m, _STEP):
+        part, code = steps[a:a + _STEP], span_of[a:a + _STEP]
+        for b in bounds:
+            np.add(code, part > b, out=code, casting="unsafe")
     del steps
-    for w in np.unique(span_of):
-        span = idx[span_of == w]
-        l = np.asarray(loss)[span].astype(np.float64)  # not the whole column as float64 once per span
+    if share >= 1.0:
+        out[idx] = True
+        return out
+    # The cut of each span, then one pass: no int64 copy of each span's positions. In the column's dtype:
+    # the "lower" quantile is one of the losses, so a float32 cut selects what a float64 one would.
+    losses = np.asarray(loss)[idx]
+    cuts = np.full(windows, np.inf, dtype=losses.dtype if losses.dtype.kind == "f" else np.float64)
+    for w in range(windows):
+        l = np.extract(span_of == w, losses)  # faster than boolean indexing
+        if l.shape[0]:
+            cuts[w] = np.quantile(l, share, method="lower")
+    for a in range(0, m, _STEP):
         # ties at the cut all pass: equally easy samples are not told apart by their position
-        cut = np.quantile(l, share, method="lower") if share < 1.0 else np.inf
-        out[span[l <= cut]] = True
+        keep = losses[a:a + _STEP] <= cuts[span_of[a:a + _STEP]]
+        out[idx[a:a + _STEP][keep]] = True
     return out
 
 
@@ -341,13 +357,31 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     return expected, weight
 
 
+#: Elements per step of the chunked loops here: temporaries of a few MB at any number of samples.
+_STEP = 1 << 20
+
+
+def _order_statistics(values: np.ndarray, kth: list[int]) -> np.ndarray:
+    """``np.sort(values)[kth]`` of integers: from a histogram when their range is small (report steps
+    usually are: about one per batch), else by selection."""
+    if not kth:
+        return values[:0]
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo >= max(_STEP, values.shape[0] // 4):  # a histogram would cost more than the values
+        return np.partition(values, kth)[kth]
+    hist = np.zeros(hi - lo + 1, dtype=np.int64)
+    for a in range(0, values.shape[0], _STEP):  # bincount converts to int64: a chunk at a time
+        hist += np.bincount(values[a:a + _STEP] - lo, minlength=hist.shape[0])
+    # the k-th smallest (from 0) is the first value with more than k values at or below it
+    return np.searchsorted(np.cumsum(hist), np.asarray(kth) + 1, side="left") + lo
+
+
 def _lookup(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """``table[codes]`` a million codes at a time: numpy converts a uint8 index to int64 first, a temporary
     of 8 bytes a sample (800 MB at 100M) that a whole-array lookup would hold."""
     out = np.empty(codes.shape[0], dtype=table.dtype)
-    step = 1 << 20
-    for a in range(0, codes.shape[0], step):
-        out[a:a + step] = table[codes[a:a + step]]
+    for a in range(0, codes.shape[0], _STEP):
+        out[a:a + _STEP] = table[codes[a:a + _STEP]]
     return out
 
 

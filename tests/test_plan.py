@@ -35,7 +35,8 @@ def test_rank_slices_cover_exactly_once_up_to_padding(world, contiguous):
 
 
 def test_epoch_plan_from_state_is_deterministic_and_skips_freeze():
-    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0))
+    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
+    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0, curriculum_min_epochs=1))
     s.bucket[:50] = FREEZE
     s.bucket[50:100] = HARD
     s.bucket[100:] = FOCUS
@@ -199,3 +200,55 @@ def test_partition_rejects_a_layout_that_does_not_match():
                        shards=plan.ShardLayout(sample_shard=shard[:400], num_shards=7))
     with pytest.raises(ValueError, match="batch_size"):
         plan.partition(counts, world=World(), seed=0, epoch=0, batch_size=0)
+
+
+def _plain_order(counts, *, seed, epoch):
+    """The one-level shuffle: every draw in id order, then one Fisher-Yates shuffle of the whole order."""
+    order = np.repeat(np.arange(counts.shape[0], dtype=np.int32), counts)
+    plan.rng(seed, epoch, plan.PURPOSE_ORDER).shuffle(order)
+    return order
+
+
+def test_global_order_in_blocks_is_every_draw_deterministic_and_new_each_epoch(monkeypatch):
+    """Past one block of draws the epoch's order is dealt into cache-sized blocks and each block shuffled:
+    every draw exactly once, the same order for the same (seed, epoch), another for another epoch or seed;
+    within one block it is the one-level shuffle itself."""
+    counts = np.random.default_rng(3).integers(0, 4, 1000).astype(np.int32)
+    small = counts[:30]
+    assert np.array_equal(plan.global_order(small, seed=4, epoch=2), _plain_order(small, seed=4, epoch=2))
+    monkeypatch.setattr(plan, "_BLOCK", 64)  # ~23 blocks; pieces of the id-ordered draws of 256
+    monkeypatch.setattr(plan, "_CHUNK", 256)
+    order = plan.global_order(counts, seed=4, epoch=2)
+    assert order.dtype == np.int32 and np.array_equal(np.bincount(order, minlength=1000), counts)
+    assert np.array_equal(order, plan.global_order(counts, seed=4, epoch=2))
+    assert not np.array_equal(order, plan.global_order(counts, seed=4, epoch=3))
+    assert not np.array_equal(order, plan.global_order(counts, seed=5, epoch=2))
+    assert not np.array_equal(order, _plain_order(counts, seed=4, epoch=2))
+    unshuffled = plan.global_order(counts, seed=4, epoch=2, shuffle=False)
+    assert np.array_equal(unshuffled, np.repeat(np.arange(1000), counts))
+    # every rank of every world size: the same global order, strided
+    from geko_data.world import World
+
+    for ws in (2, 3):
+        parts = [plan.rank_order(counts, world=World(rank=r, world_size=ws), seed=4, epoch=2) for r in range(ws)]
+        assert np.array_equal(np.stack(parts, 1).reshape(-1)[:order.shape[0]], order)
+
+
+def test_block_shuffle_gives_every_arrangement_equally_often(monkeypatch):
+    """Rao-Sandelius: random blocks, each shuffled, is a uniform permutation. 5 distinct draws in blocks of 2
+    (3 blocks, of random sizes): all 120 arrangements, each about 1/120 of 12,000 epochs."""
+    monkeypatch.setattr(plan, "_BLOCK", 2)
+    counts = np.ones(5, dtype=np.int32)
+    seen: dict[tuple[int, ...], int] = {}
+    for epoch in range(12_000):
+        key = tuple(plan.global_order(counts, seed=1, epoch=epoch).tolist())
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == 120
+    freq = np.array(list(seen.values()))
+    chi2 = float(((freq - 100.0) ** 2 / 100.0).sum())  # 119 degrees of freedom: mean 119, sd ~15.4
+    assert chi2 < 190, chi2
+    # and the first position holds each id a fifth of the time
+    first = np.zeros(5)
+    for key, c in seen.items():
+        first[key[0]] += c
+    np.testing.assert_allclose(first / 12_000, 0.2, atol=0.015)
