@@ -10,7 +10,7 @@ Memory: 32 bytes per sample (gekolib keeps a Python object per sample, about
 stay at that budget. A state loaded with ``memory_map=True`` is a view of its
 file: a numeric column costs no memory until it is first written, and writing
 one copies that column only (the two boolean columns are unpacked from Arrow's
-bitmaps on load, 2 bytes a sample).
+bitmaps when first read, 1 byte a sample each).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ class SampleState(StoredState):
     @property
     def mapped_columns(self) -> tuple[str, ...]:
         """Columns still read-only views of the file they were loaded from (nothing written to them yet)."""
-        return tuple(n for n in _NAMES if not getattr(self, n).flags.writeable)
+        packed = self.__dict__.get("_packed") or {}  # booleans not yet unpacked are read from the file too
+        return tuple(n for n in _NAMES if n in packed or not getattr(self, n).flags.writeable)
 
     # ------------------------------------------------------------------ feedback
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,

@@ -182,6 +182,19 @@ class StoredState:
     history: list[dict[str, Any]]
     plan: EpochPlan | None
 
+    #: A loaded state's boolean columns still packed as the file's bitmaps, by name.
+    _packed: dict[str, pa.Array] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set: a loaded state's boolean column is unpacked (1 byte a sample) the
+        # first time it is read, so a state loaded to be inspected or resumed pays for what it uses.
+        packed = self.__dict__.get("_packed")
+        if packed and name in packed:
+            values = packed.pop(name).to_numpy(zero_copy_only=False)
+            setattr(self, name, values)
+            return values
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def metadata(self) -> dict[str, Any]:
         """The JSON stored in the file's schema metadata."""
         from geko_data import __version__
@@ -249,15 +262,20 @@ class StoredState:
         self.step = int(meta.get("step", 0))
         self.num_nonfinite = int(meta.get("num_nonfinite", 0))
         self.history = list(meta.get("history", []))
+        # Booleans are bits in the file: kept packed (1 bit a sample) until first read (``__getattr__``).
+        self._packed = {}
         for name, dtype, _ in COLUMNS:
-            setattr(self, name, column_values(table, name))
+            if dtype == "bool":
+                self._packed[name] = _chunk(table.column(name))
+            else:
+                setattr(self, name, column_values(table, name))
         self.plan = None
         plan_meta = meta.get("plan")
         if isinstance(plan_meta, dict) and all(n in table.column_names for n, _ in PLAN_COLUMNS):
             try:
                 self.plan = EpochPlan(
                     epoch=int(plan_meta["epoch"]), progress=float(plan_meta["progress"]),
-                    counts=column_values(table, "plan_count").astype(np.int32),
+                    counts=column_values(table, "plan_count"),  # uint16, a view of the file: not widened
                     loss_weight=column_values(table, "plan_weight"),
                     seed=int(plan_meta["seed"]), epoch_length=plan_meta.get("epoch_length"))
             except (KeyError, TypeError, ValueError) as e:
@@ -311,9 +329,8 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         if table.num_rows != meta.get("num_samples"):
             raise StateFileError(f"{path}: holds {table.num_rows} rows but its metadata says "
                                  f"{meta.get('num_samples')} samples (truncated?)")
-        if verify:
-            _verify_checksum(path, table, meta)  # re-encodes the metadata: inside the RecursionError guard
-        _check_ranges(path, table)
+        # re-encodes the metadata: inside the RecursionError guard
+        _scan(path, table, meta, verify=verify)
     except StateFileError:
         raise
     except RecursionError:  # metadata nested thousands of levels deep (json.loads / json.dumps)
@@ -385,20 +402,62 @@ def _data_bytes(column: pa.ChunkedArray) -> list[Any]:
     return [bits[:-1], bytes([int(bits[-1]) & ((1 << (n % 8)) - 1)])]
 
 
-def _verify_checksum(path: str, table: pa.Table, meta: dict[str, Any]) -> None:
+def _stored_checksum(path: str, meta: dict[str, Any]) -> str | None:
+    """The metadata's checksum field, checked for form; ``None`` for a format 1 file (written before them)."""
     stored = meta.get("checksum")
     if stored is None:
         if meta["format_version"] >= 2:
             raise StateFileError(f"{path}: metadata lacks its checksum (format {meta['format_version']} files "
                                  f"carry one): the file was changed after writing")
-        return  # format 1: written before checksums
+        return None
     if not isinstance(stored, str) or not stored.startswith(_CHECKSUM_ALGORITHM + ":"):
         raise StateFileError(f"{path}: metadata field 'checksum' is {_short(stored)}, expected "
                              f"'{_CHECKSUM_ALGORITHM}:<hex>'")
-    got = checksum(table, meta)
-    if got != stored:
-        raise StateFileError(f"{path}: checksum mismatch (stored {stored}, computed {got}): the file is "
-                             f"corrupted or was changed after writing")
+    return stored
+
+
+#: Values per step of the reader's scan (1 MB of float32): a step is hashed and range-checked while it is in
+#: the CPU cache, so each byte of the file comes from memory once.
+_SCAN_STEP = 1 << 18
+
+
+def _scan(path: str, table: pa.Table, meta: dict[str, Any], *, verify: bool) -> None:
+    """The checksum (with ``verify``) and every column's value range (``_RANGES``), in one pass over the file.
+
+    The digest is the one ``checksum`` computes (the same bytes in the same order, fed in steps). A mismatch
+    is reported before a value out of range, and among bad columns the first of ``_RANGES``.
+    """
+    stored = _stored_checksum(path, meta) if verify else None
+    h = xxhash.xxh3_64() if stored is not None else None
+    bad: set[str] = set()
+    for name in table.column_names:
+        if name not in _TYPES:
+            continue
+        limits = _RANGE_OF.get(name)
+        if h is not None:
+            h.update(name.encode() + b"\0")
+        if limits is None:  # no range to check: the column's bytes only, hashed in large steps
+            if h is not None:
+                for part in _data_bytes(table.column(name)):
+                    h.update(part)
+            continue
+        values = column_values(table, name)  # numeric: a view of the file
+        for a in range(0, values.shape[0], _SCAN_STEP):
+            step = values[a:a + _SCAN_STEP]
+            if h is not None:
+                h.update(step)
+            if name not in bad and not _in_range(step, *limits):
+                bad.add(name)
+    if h is not None:
+        body = {k: v for k, v in meta.items() if k != "checksum"}
+        h.update(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode())
+        got = f"{_CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+        if got != stored:
+            raise StateFileError(f"{path}: checksum mismatch (stored {stored}, computed {got}): the file is "
+                                 f"corrupted or was changed after writing")
+    for name, lo, hi, nan_ok, allowed in _RANGES:
+        if name in bad:
+            _raise_out_of_range(path, name, column_values(table, name), lo, hi, nan_ok, allowed)
 
 
 def _chunk(column: pa.ChunkedArray) -> pa.Array:
@@ -438,33 +497,28 @@ _RANGES: tuple[tuple[str, float, float, bool, str], ...] = (
     ("plan_count", 0, 1000, False, "an integer in [0, 1000] (max_repeats <= 1000)"),
     ("plan_weight", 0.0, _F32_MAX, False, "a finite number >= 0"),
 )
+_RANGE_OF = {name: (lo, hi, nan_ok) for name, lo, hi, nan_ok, _ in _RANGES}
 
 
-def _check_ranges(path: str, table: pa.Table) -> None:
-    """Every column's values within what the writer produces; the first bad row named.
+def _in_range(v: np.ndarray, lo: float, hi: float, nan_ok: bool) -> bool:
+    """Whether every value of ``v`` is within [lo, hi] (NaN too where ``nan_ok``): numpy's min and max
+    (NaN-propagating), and the NaN-skipping reductions only where a NaN was found and is allowed."""
+    low, high = v.min(), v.max()  # NaN if any is NaN
+    if v.dtype.kind == "f" and nan_ok and (np.isnan(low) or np.isnan(high)):
+        low, high = np.fmin.reduce(v), np.fmax.reduce(v)  # slower; NaN only when all are NaN
+        return bool(np.isnan(low) or (low >= lo and high <= hi))
+    return bool(low >= lo and high <= hi)  # False on NaN
 
-    numpy's min and max reductions (NaN-propagating, or NaN-skipping where NaN is allowed) keep this at a
-    few milliseconds per column at 10M rows; the row is searched only once a column is known to be bad.
-    """
-    for name, lo, hi, nan_ok, allowed in _RANGES:
-        if name not in table.column_names:
-            continue
-        v = column_values(table, name)
-        floats = v.dtype.kind == "f"
-        low, high = v.min(), v.max()  # NaN if any is NaN
-        if floats and nan_ok and (np.isnan(low) or np.isnan(high)):
-            low, high = np.fmin.reduce(v), np.fmax.reduce(v)  # slower; NaN only when all are NaN
-            ok = bool(np.isnan(low) or (low >= lo and high <= hi))
-        else:
-            ok = bool(low >= lo and high <= hi)  # False on NaN
-        if ok:
-            continue
-        bad = (v < lo) | (v > hi)
-        if floats and not nan_ok:
-            bad |= np.isnan(v)
-        rows = np.flatnonzero(bad)
-        raise StateFileError(f"{path}: column {name!r} holds {v[rows[0]].item()!r} at row {int(rows[0])} "
-                             f"({rows.size:,} bad row{'s' if rows.size != 1 else ''}), expected {allowed}")
+
+def _raise_out_of_range(path: str, name: str, v: np.ndarray, lo: float, hi: float, nan_ok: bool,
+                        allowed: str) -> None:
+    """The error of a column known to hold a value out of its range, naming the first bad row."""
+    bad = (v < lo) | (v > hi)
+    if v.dtype.kind == "f" and not nan_ok:
+        bad |= np.isnan(v)
+    rows = np.flatnonzero(bad)
+    raise StateFileError(f"{path}: column {name!r} holds {v[rows[0]].item()!r} at row {int(rows[0])} "
+                         f"({rows.size:,} bad row{'s' if rows.size != 1 else ''}), expected {allowed}")
 
 
 def _short(v: Any) -> str:

@@ -208,6 +208,54 @@ def test_a_loaded_state_is_a_view_of_its_file_until_a_column_is_written(tmp_path
     assert t.loss[seen] == pytest.approx(0.01)
 
 
+def test_a_loaded_state_unpacks_its_booleans_when_read_and_keeps_its_plan_counts_mapped(tmp_path):
+    """Booleans are bits in the file: a loaded state holds them packed until a column is read (1 byte a
+    sample each after), and a saved plan's counts stay the file's uint16 (they were widened to int32, 4 bytes
+    a sample, on every load)."""
+    from geko_data.plan import epoch_plan
+
+    s = _filled(1000)
+    s.plan = epoch_plan(s, seed=0, epoch=1, total_epochs=3)
+    s.save(tmp_path / "s.arrow")
+    t = SampleState.load(tmp_path / "s.arrow")
+    assert "correct" not in vars(t) and "pruned" not in vars(t)
+    assert {"correct", "pruned"} <= set(t.mapped_columns)
+    ranges = _mapped_from(tmp_path / "s.arrow")
+    assert _in_file(t.plan.counts, ranges) and t.plan.counts.dtype == np.uint16
+    np.testing.assert_array_equal(t.plan.counts, s.plan.counts)
+    np.testing.assert_array_equal(t.correct, s.correct)  # read: unpacked once, then an ordinary column
+    assert "correct" in vars(t) and "correct" not in t.mapped_columns and "pruned" in t.mapped_columns
+    np.testing.assert_array_equal(t.pruned, s.pruned)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        t.nothing
+
+
+def test_ranking_within_report_windows_matches_a_sort_of_every_step():
+    """``policy.easiest_in_windows`` finds each sample's span from a few order statistics of the steps (a
+    histogram, or a selection when the steps spread wide); the spans and the freezes are those of the plain
+    definition: a sort of every step, each sample's span from its rank."""
+    rng = np.random.default_rng(8)
+    for trial in range(120):
+        n = int(rng.integers(1, 4000))
+        seen = rng.random(n) < rng.random()
+        loss = (rng.choice(np.float32([0.1, 0.5, 2.0]), n) if trial % 3 == 0
+                else rng.exponential(1, n).astype(np.float32))
+        loss[~seen] = np.nan
+        steps = rng.integers(-1, 2**31 - 1 if trial % 2 else int(rng.integers(1, 60)), n).astype(np.int32)
+        share = float(rng.choice([0.1, 0.5, 1.0]))
+        idx = np.flatnonzero(seen)
+        want = np.zeros(n, bool)
+        if idx.size:
+            windows = max(1, min(policy.RANK_WINDOWS, idx.size // policy.MIN_WINDOW))
+            span_of = np.searchsorted(np.sort(steps[idx]), steps[idx], side="left") * windows // idx.size
+            for w in np.unique(span_of):
+                span = idx[span_of == w]
+                cut = np.quantile(loss[span].astype(np.float64), share, method="lower") if share < 1 else np.inf
+                want[span[loss[span] <= cut]] = True
+        got = policy.easiest_in_windows(seen=seen, loss=loss, last_step=steps, share=share)
+        assert np.array_equal(got, want), trial
+
+
 def test_update_rules_live_in_policy():
     cfg = GEKOConfig(loss_ema=0.5, focus_confidence=0.6)
     ema, var = policy.loss_ema_update(np.float32([2.0, np.nan]), np.float32([0.0, 0.0]), np.float32([0.0, 3.0]),

@@ -377,3 +377,32 @@ def test_state_table_and_write_table_round_trip_without_a_sample_state(tmp_path)
     cols["q"] = cols["q"].astype(np.float64)
     with pytest.raises(ValueError, match="column 'q' must be float32, got float64"):
         state_table(cols, {"num_samples": 4})
+
+
+def test_the_reader_scans_in_steps_and_still_finds_every_bad_value(tmp_path, monkeypatch):
+    """The reader hashes and range-checks each column in steps (``_SCAN_STEP``) while they are in cache: a
+    bad value in a later step of a column that holds NaN (unseen samples) in every step is still found, named
+    at its row, and the digest is the writer's (a file with no bad value loads)."""
+    from geko_data import statefile
+
+    monkeypatch.setattr(statefile, "_SCAN_STEP", 16)
+    s = SampleState(100)
+    s.report(np.arange(0, 100, 2), np.full(50, 0.5, np.float32))  # odd ids unseen: NaN in every step
+    s.save(tmp_path / "ok.arrow")
+    np.testing.assert_array_equal(SampleState.load(tmp_path / "ok.arrow").loss, s.loss)
+    s.confidence[86] = 3.0
+    s.loss_var[90] = -1.0
+    s.save(tmp_path / "bad.arrow")  # a valid checksum: only the range checks can refuse it
+    with pytest.raises(StateFileError, match=r"column 'loss_var' holds -1.0 at row 90 "):
+        SampleState.load(tmp_path / "bad.arrow")  # loss_var comes before confidence in the file's order
+    s.loss_var[90] = 0.0
+    s.save(tmp_path / "bad.arrow")
+    with pytest.raises(StateFileError, match=r"column 'confidence' holds 3.0 at row 86 "):
+        SampleState.load(tmp_path / "bad.arrow", verify=False)
+    SampleState(100).save(tmp_path / "fresh.arrow")
+    data = bytearray((tmp_path / "fresh.arrow").read_bytes())
+    at = bytes(data).index(np.float32(0.5).tobytes() * 100)  # q: 0.5 everywhere, a flip stays in range
+    data[at + 4 * 70] ^= 0x01
+    (tmp_path / "fresh.arrow").write_bytes(bytes(data))
+    with pytest.raises(StateFileError, match="checksum mismatch"):
+        SampleState.load(tmp_path / "fresh.arrow")
