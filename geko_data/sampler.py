@@ -77,7 +77,9 @@ class WeightedDataset(Dataset):
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
         weights = self._view()[np.asarray(indices, dtype=np.int64)]
-        return [_tag(item, int(i), w) for item, i, w in zip(items, indices, weights)]
+        # Dict items tagged inline: a function call per item costs a third of what the whole tagging does.
+        return [_Item(item, __index__=i, __weight__=w) if type(item) is dict else _tag(item, i, w)
+                for item, i, w in zip(items, map(int, indices), weights)]
 
 
 def _tag(item: Any, index: int, weight: np.float32) -> Any:
