@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from geko_data.config import GEKOConfig
+from geko_data.config import MOUNTAIN, GEKOConfig
 
 __all__ = [
     "BUCKET_NAMES",
@@ -45,6 +45,7 @@ __all__ = [
     "q_update",
     "stability",
     "thaw",
+    "uses_curriculum",
     "wrong_bucket",
 ]
 
@@ -54,8 +55,9 @@ BUCKET_NAMES = ("FREEZE", "LIGHT", "FOCUS", "HARD")
 PHASES = ("WARMUP", "ASCENT", "PEAK", "DESCENT", "CONSOLIDATE")
 # Upper progress bound of each phase (the last one ends at 1.0).
 _PHASE_ENDS = np.array([0.15, 0.35, 0.65, 0.85, 1.0])
-#: (HARD, FOCUS, LIGHT) sampling weights per phase, gekolib's Mountain table.
-PHASE_WEIGHTS = ((1.0, 2.0, 3.0), (2.0, 3.0, 1.0), (5.0, 2.0, 0.0), (2.0, 3.0, 1.0), (1.0, 2.0, 3.0))
+#: (HARD, FOCUS, LIGHT) sampling weights per phase, gekolib's Mountain table (the default
+#: ``GEKOConfig.phase_weights``).
+PHASE_WEIGHTS = MOUNTAIN
 #: LR multiplier per phase.
 PHASE_LR = (0.5, 0.8, 1.0, 0.8, 0.3)
 _PHASE_MID = np.array([0.075, 0.25, 0.5, 0.75, 0.925])
@@ -83,9 +85,21 @@ def lr_multiplier(progress: float) -> float:
     return float(np.interp(min(max(float(progress), 0.0), 1.0), _PHASE_MID, PHASE_LR))
 
 
-def bucket_weight_table(progress: float, config: GEKOConfig) -> np.ndarray:
-    """Sampling weight per bucket code, shape (4,): [FREEZE, LIGHT, FOCUS, HARD]; FREEZE is always 0."""
-    hard, focus, light = PHASE_WEIGHTS[phase_index(progress)] if config.use_curriculum else config.bucket_weights
+def uses_curriculum(total_epochs: int | None, config: GEKOConfig) -> bool:
+    """Whether a run of ``total_epochs`` samples by the curriculum's phase weights: ``use_curriculum`` and at
+    least ``curriculum_min_epochs`` epochs (``None``: the length is not known, the curriculum applies)."""
+    return config.use_curriculum and (total_epochs is None or total_epochs >= config.curriculum_min_epochs)
+
+
+def bucket_weight_table(progress: float, config: GEKOConfig, *, total_epochs: int | None = None) -> np.ndarray:
+    """Sampling weight per bucket code, shape (4,): [FREEZE, LIGHT, FOCUS, HARD]; FREEZE is always 0.
+
+    The phase's ``config.phase_weights`` when the run follows the curriculum (``uses_curriculum``), else
+    ``config.bucket_weights``."""
+    if uses_curriculum(total_epochs, config):
+        hard, focus, light = config.phase_weights[phase_index(progress)]
+    else:
+        hard, focus, light = config.bucket_weights
     return np.array([0.0, light, focus, hard], dtype=np.float64)
 
 
@@ -257,30 +271,33 @@ def epoch_expected(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.nda
     """
     return expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
                            progress=epoch_progress(epoch, total_epochs), config=config,
-                           epoch_length=epoch_length, anneal=annealing(epoch, total_epochs, config))
+                           epoch_length=epoch_length, anneal=annealing(epoch, total_epochs, config),
+                           total_epochs=total_epochs)
 
 
 def expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
                     progress: float, config: GEKOConfig, anneal: bool,
-                    epoch_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    epoch_length: int | None = None,
+                    total_epochs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch (pruned samples: 0 and 0).
 
     ``anneal``: whether this epoch is an annealing one. Progress alone cannot say (InfoBatch's rule needs
     the epoch and the run's length), so the caller passes ``annealing(epoch, total_epochs, config)``;
-    ``epoch_expected`` does both. See ``_expected_counts`` for the rules of each mode.
+    ``epoch_expected`` does both. ``total_epochs`` decides whether the curriculum applies
+    (``uses_curriculum``). See ``_expected_counts`` for the rules of each mode.
     """
     if not isinstance(anneal, (bool, np.bool_)):
         raise ValueError(f"`anneal` must be a bool (see policy.annealing), got {anneal!r}")
     expected, weight = _expected_counts(bucket=bucket, pruned=pruned, times_seen=times_seen, loss=loss,
                                         progress=progress, config=config, epoch_length=epoch_length,
-                                        anneal=bool(anneal))
+                                        anneal=bool(anneal), total_epochs=total_epochs)
     weight[np.asarray(pruned, dtype=bool)] = 0.0
     return expected, weight
 
 
 def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.ndarray, loss: np.ndarray,
                      progress: float, config: GEKOConfig, epoch_length: int | None,
-                     anneal: bool) -> tuple[np.ndarray, np.ndarray]:
+                     anneal: bool, total_epochs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Expected multiplicity and loss weight of every sample for one epoch.
 
     Returns ``(expected, loss_weight)``, both shape (N,): ``expected`` float64 >= 0 (``plan.py`` rounds it
@@ -334,7 +351,7 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
             weight[well_learned] = 1.0 / (1.0 - config.prune_ratio)
         return expected, weight
 
-    table = bucket_weight_table(progress, config)
+    table = bucket_weight_table(progress, config, total_epochs=total_epochs)
     w = _lookup(table, bucket)  # (N,) weight per sample, 0 for FREEZE
     w[~eligible] = 0.0
     active = alive & (bucket != FREEZE)

@@ -47,6 +47,8 @@ BAD = [
     ("mode", "fast"), ("keep_frozen", 0.0), ("keep_frozen", 1.2), ("recheck_frozen", -0.1),
     ("early_stop_frozen", 0.0), ("anneal", 1.5), ("loss_ema", 1.0), ("max_repeats", 0),
     ("subset_fraction", 0.0), ("prune_ratio", 1.0), ("prune_ratio", True),
+    ("curriculum_min_epochs", 0), ("curriculum_min_epochs", 2.5), ("curriculum_min_epochs", True),
+    ("phase_weights", ((1, 2, 3),) * 4), ("phase_weights", "mountain"),
 ]
 
 
@@ -101,3 +103,36 @@ def test_default_freezes_the_easiest_half_and_presets_keep_their_rules():
         GEKOConfig(freeze_share=0.0)
     c = GEKOConfig(freeze_share=None)
     assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_phase_weights_are_checked_per_phase_and_round_trip():
+    bad = ((1, 2, 3), (2, 3, 1), (3, -2, 1), (2, 3, 1), (1, 2, 3))
+    with pytest.raises(ValueError, match=r"`phase_weights` must be 3 finite numbers >= 0 .*\(3, -2, 1\)"):
+        GEKOConfig(phase_weights=bad)
+    with pytest.raises(ValueError, match="phase_weights"):
+        GEKOConfig(phase_weights=((1, 2, 3),) * 4 + ((1, 2, float("nan")),))
+    # a JSON list of lists (a state file, bench_value's --variant) becomes the same tuple of tuples
+    c = GEKOConfig(phase_weights=[[1, 1, 1], [2, 3, 1], [3, 2, 1], [2, 3, 1], [1, 1, 1]], curriculum_min_epochs=5)
+    assert c.phase_weights[2] == (3.0, 2.0, 1.0)
+    assert GEKOConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_gekolib_presets_keep_the_mountain_table():
+    from geko_data.config import MOUNTAIN
+
+    for preset in (GEKOLIB_DEFAULTS, GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE):
+        assert preset.phase_weights == MOUNTAIN and preset.curriculum_min_epochs == 1
+    assert MOUNTAIN[2] == (5.0, 2.0, 0.0)  # PEAK: LIGHT weight 0
+    assert GEKOLIB_DEFAULTS.bucket_weights == (3.0, 1.0, 0.0)
+
+
+def test_default_short_runs_sample_without_the_curriculum():
+    c = GEKOConfig()
+    assert c.curriculum_min_epochs == 5 and c.bucket_weights == (3.0, 2.0, 1.0) and c.use_curriculum
+
+
+def test_a_config_stored_before_curriculum_min_epochs_keeps_the_curriculum_in_short_runs():
+    old = GEKOConfig().to_dict()
+    del old["curriculum_min_epochs"], old["phase_weights"]  # what a state file written before held
+    assert GEKOConfig.from_dict(old).curriculum_min_epochs == 1
+    assert GEKOConfig.from_dict(GEKOConfig().to_dict()) == GEKOConfig()

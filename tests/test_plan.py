@@ -35,7 +35,8 @@ def test_rank_slices_cover_exactly_once_up_to_padding(world, contiguous):
 
 
 def test_epoch_plan_from_state_is_deterministic_and_skips_freeze():
-    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0))
+    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
+    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0, curriculum_min_epochs=1))
     s.bucket[:50] = FREEZE
     s.bucket[50:100] = HARD
     s.bucket[100:] = FOCUS

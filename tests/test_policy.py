@@ -68,6 +68,51 @@ def test_curriculum_off_uses_bucket_weights():
     assert list(table) == [0, 1, 2, 4]
 
 
+def run_tables(total_epochs, config):
+    """(HARD, FOCUS, LIGHT) weights each epoch of a run of ``total_epochs`` samples by."""
+    return [tuple(policy.bucket_weight_table(policy.epoch_progress(e, total_epochs), config,
+                                             total_epochs=total_epochs)[[HARD, FOCUS, LIGHT]])
+            for e in range(total_epochs)]
+
+
+def test_short_runs_never_starve_light_by_default():
+    # A 3-epoch run spends its 2nd epoch in PEAK: with gekolib's (5, 2, 0) the right answers that did not
+    # freeze got weight 0 while the model was still learning from them (MNIST dev: -1.37 points at 69%).
+    for epochs in (1, 2, 3, 4):
+        assert run_tables(epochs, GEKOConfig()) == [(3, 2, 1)] * epochs
+    # 5+ epochs: gekolib's Mountain table, unchanged (its PEAK epochs are where an 8-epoch run saves most)
+    assert run_tables(8, GEKOConfig()) == run_tables(8, GEKOLIB_DEFAULTS)
+    assert run_tables(5, GEKOConfig())[2] == (5, 2, 0)
+    # the previous default and gekolib keep the curriculum in short runs
+    assert run_tables(3, GEKOConfig(curriculum_min_epochs=1)) == [(2, 3, 1), (5, 2, 0), (2, 3, 1)]
+    assert run_tables(3, GEKOLIB_DEFAULTS) == [(2, 3, 1), (5, 2, 0), (2, 3, 1)]
+
+
+def test_peak_epoch_of_a_short_run_trains_the_unfrozen_right_answers():
+    # after epoch 1 of 3: 45 frozen, 45 right but not among the easiest (LIGHT), 10 wrong (HARD)
+    bucket = np.array([FREEZE] * 45 + [LIGHT] * 45 + [HARD] * 10, np.uint8)
+    n = bucket.shape[0]
+    e, _ = policy.epoch_expected(bucket=bucket, pruned=np.zeros(n, bool), times_seen=np.ones(n, np.uint16),
+                                 loss=np.ones(n, np.float32), epoch=1, total_epochs=3,
+                                 config=GEKOConfig(recheck_frozen=0.0))
+    assert e[45:90].min() > 0.5  # each LIGHT sample drawn with a fair chance (0 under gekolib's PEAK)
+    assert e[90:].max() <= 5.0 and e.sum() == pytest.approx(55.0)  # the epoch keeps its length
+    assert e[90] / e[45] == pytest.approx(3.0)
+
+
+def test_curriculum_min_epochs_turns_the_curriculum_off_in_short_runs():
+    cfg = GEKOConfig(curriculum_min_epochs=10, bucket_weights=(4, 0, 1))
+    assert run_tables(8, cfg) == [(4, 0, 1)] * 8
+    assert run_tables(10, cfg) == run_tables(10, GEKOLIB_DEFAULTS)  # from 10 epochs: the curriculum
+    assert policy.uses_curriculum(None, cfg)  # a run of unknown length follows the curriculum
+    assert not policy.uses_curriculum(8, cfg.replace(use_curriculum=False))
+
+
+def test_phase_weights_is_the_curriculum():
+    table = ((1, 1, 1), (2, 2, 2), (7, 0, 1), (2, 2, 2), (1, 1, 1))
+    assert list(policy.bucket_weight_table(0.5, GEKOConfig(phase_weights=table))) == [0, 1, 0, 7]
+
+
 def test_prune_rule():
     fe = np.array([0, 1, 2, 3])
     assert not policy.prune_mask(fe, CFG).any()
