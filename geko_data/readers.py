@@ -357,21 +357,26 @@ class ShardReader:
         ids, shard = pending[0::2], pending[1]
         keys = self.index.keys[ids].tolist()
         offsets, lengths = self.index.offset[ids].tolist(), self.index.length[ids].tolist()
+        stopped = self.bad.stopped
         lo = 0
         while lo < len(ids):
             hi, size = lo + 1, lengths[lo]
             while hi < len(ids) and size + lengths[hi] <= _RUN_BYTES:
                 size += lengths[hi]
                 hi += 1
-            before = self._seek.bytes_read
-            for i, got in self._seek.read_group(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
-                if shard in self.bad.stopped:  # the handler stopped the shard on an earlier sample of the group
-                    self.bad.mark_lost(i)
-                    continue
-                sample = self._accept(i, got)
-                if sample is not None:
-                    yield i, sample
-            self.tally["bytes_read"] += self._seek.bytes_read - before
+            before, read = self._seek.bytes_read, 0
+            try:
+                for i, got in self._seek.read_group(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
+                    if shard in stopped:  # the handler stopped the shard on an earlier sample of the group
+                        self.bad.mark_lost(i)
+                    elif type(got) is dict:  # (`_accept`, inlined: this runs once a sample)
+                        read += 1
+                        yield i, got
+                    else:
+                        self._accept(i, got)
+            finally:  # counted also when the consumer stops early
+                self.tally["samples_read"] += read
+                self.tally["bytes_read"] += self._seek.bytes_read - before
             lo = hi
 
     def _fetch_remote(self, ids: np.ndarray, shards: list[int]) -> dict[int, Any]:

@@ -71,6 +71,15 @@ class SharedPlan:
         return EpochPlan(epoch=int(epoch), progress=float(progress), counts=self._counts.numpy().copy(),
                          loss_weight=self._weight.numpy().copy())
 
+    def view(self) -> EpochPlan:
+        """The published plan with read-only views of the shared arrays (no copy, in any process): they change
+        at the next ``publish``, so a reader takes what it needs of them when an epoch starts."""
+        if self.epoch < 0:
+            raise RuntimeError("no epoch plan published yet: call set_epoch() first")
+        epoch, progress, _ = self._meta.numpy().tolist()
+        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=_read_only(self._counts.numpy()),
+                         loss_weight=_read_only(self._weight.numpy()))
+
     def weights(self) -> np.ndarray:
         """A read-only view of the current loss weights (no copy)."""
         return _read_only(self._weight.numpy())

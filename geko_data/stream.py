@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from geko_data.config import GEKOConfig
 from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, decoding_error, make_decoder
@@ -53,7 +54,23 @@ from geko_data.state import SampleState
 from geko_data.validate import check_instance, check_int
 from geko_data.world import World, in_dataloader_worker
 
-__all__ = ["DEFAULT_MAX_DECODED_BYTES", "GEKOStream", "UNSAFE_EXTENSIONS"]
+__all__ = ["DEFAULT_MAX_DECODED_BYTES", "GEKOStream", "LossWeight", "UNSAFE_EXTENSIONS"]
+
+
+class LossWeight(float):
+    """A sample's ``__weight__``: a Python float that ``default_collate`` stacks into a float32 tensor (as
+    the loss it multiplies), where a plain float would give float64. A float because every sample travels
+    pickled from its DataLoader worker: a ``numpy.float32`` costs ~2 us more a sample there."""
+
+    __slots__ = ()
+
+
+def _collate_weights(batch: list[LossWeight], *, collate_fn_map: Any = None) -> torch.Tensor:
+    return torch.tensor(batch, dtype=torch.float32)
+
+
+# default_collate looks element types up here first (torch documents extending it in place).
+default_collate_fn_map[LossWeight] = _collate_weights
 
 # Row 0 counts the main process, row 1 + w DataLoader worker w: one writer per row, so no locks.
 # Workers beyond this share rows modulo (increments may then race; 256 workers per rank is not a use).
@@ -280,7 +297,8 @@ class GEKOStream(EpochDriver, IterableDataset):
         if in_dataloader_worker():
             raise RuntimeError("set_epoch() must be called in the main process, not in a DataLoader worker")
         resuming = int(self._start.item()) > 0 and epoch == self.epoch
-        self._shared.publish(self._advance(epoch))
+        # The state keeps the published plan: views of the shared memory workers read, the plan held once.
+        self.state.plan = self._shared.publish(self._advance(epoch))
         self._order_cache = None
         read = self._counters.stats()
         for k in self._read_before:
@@ -308,7 +326,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         to bad data under a ``handler`` are not subtracted (see ``stats``)."""
         if self._shared.epoch < 0:
             self.set_epoch(max(self.epoch, 0))
-        return int(self._order(self._shared.read()).order.shape[0] - self._start.item())
+        return int(self._order(self._shared.view()).order.shape[0] - self._start.item())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         world = self.world.in_this_worker()
@@ -317,7 +335,7 @@ class GEKOStream(EpochDriver, IterableDataset):
             if in_worker:
                 raise RuntimeError("call set_epoch() in the main process before iterating with workers")
             self.set_epoch(max(self.epoch, 0))
-        plan = self._shared.read()
+        plan = self._shared.view()  # no copy: the order is computed once per plan, weights taken below
         start = int(self._start.item())
         if world.num_workers > 1 and start > 0 and self.batch_size is None:
             # Without the DataLoader's batch size the workers' split is not the order the loop consumed,
@@ -331,23 +349,27 @@ class GEKOStream(EpochDriver, IterableDataset):
         if not in_worker:
             self._yielded = start
         self._split = (order.order[start:], batch, world.num_workers, start)
-        yield from self._read_and_yield(mine, plan, order.shard_position, world.worker if in_worker else None)
+        # This worker's weights, taken now: a plan published later (another epoch) does not change them.
+        weights = plan.loss_weight[mine]
+        yield from self._read_and_yield(mine, weights, plan.epoch, order.shard_position,
+                                        world.worker if in_worker else None)
 
     # ------------------------------------------------------------------ the read-decode-tag loop
-    def _read_and_yield(self, mine: np.ndarray, plan: EpochPlan, shard_position: np.ndarray,
+    def _read_and_yield(self, mine: np.ndarray, weights: np.ndarray, epoch: int, shard_position: np.ndarray,
                         worker: int | None) -> Iterator[dict[str, Any]]:
+        """Read, decode and tag ``mine`` (this worker's draws, in order; ``weights`` theirs) block by block."""
         start = self._split[3] if self._split is not None else 0
         reader = self._sources.reader(handler=self.handler, lost=self._counters.lost.numpy(), worker=worker,
                                       split=self._split, chunk=self.shuffle_buffer,
-                                      tag=f"e{plan.epoch}v{self._shared.version}s{start}r{self.world.rank}")
+                                      tag=f"e{epoch}v{self._shared.version}s{start}r{self.world.rank}")
         tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)
         row = _Counters.row(worker)
         finished = False
         try:
             for lo in range(0, mine.shape[0], self.shuffle_buffer):
                 block = mine[lo:lo + self.shuffle_buffer]
-                yield from self._tagged(block, self._read_block(reader, block, shard_position), plan, reader,
-                                        worker is None)
+                yield from self._tagged(block, weights[lo:lo + self.shuffle_buffer],
+                                        self._read_block(reader, block, shard_position), reader, worker is None)
                 self._counters.flush(row, tally, total)
             finished = True
         finally:
@@ -356,7 +378,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         if finished and reader.bad.lost_here:
             where = "" if worker is None else f" in DataLoader worker {worker}"
             warnings.warn(f"GEKOStream skipped {len(reader.bad.lost_here)} unreadable or undecodable sample(s) "
-                          f"({total['skipped_draws']} draw(s)) in epoch {plan.epoch}{where} (handler="
+                          f"({total['skipped_draws']} draw(s)) in epoch {epoch}{where} (handler="
                           f"{getattr(self.handler, '__name__', self.handler)}); see stats / efficiency_report()",
                           stacklevel=2)
 
@@ -367,32 +389,30 @@ class GEKOStream(EpochDriver, IterableDataset):
         uniq = uniq[np.argsort(shard_position[self.index.shard[uniq]], kind="stable")]  # read in file order
         return dict(reader.read(uniq))
 
-    def _tagged(self, block: np.ndarray, samples: dict[int, dict[str, Any] | None], plan: EpochPlan,
+    def _tagged(self, block: np.ndarray, weights: np.ndarray, samples: dict[int, dict[str, Any] | None],
                 reader: ShardReader, main: bool) -> Iterator[dict[str, Any]]:
         """Stages 2-3: every draw of the block in order, decoded (each draw anew: a random transform differs
-        between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__``."""
+        between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__`` (a ``LossWeight``)."""
         urls, decoder = self.urls, self._decoder
         shards = self.index.shard[block].tolist()  # one lookup per block, not per draw
-        # float32 scalars out of one array, not one np.float32() a draw: `__weight__` collates to float32.
-        weights = list(plan.loss_weight[block].astype(np.float32, copy=False))
         yielded = skipped = 0
         try:
-            for i, shard, weight in zip(block.tolist(), shards, weights):
+            for i, shard, weight in zip(block.tolist(), shards, map(LossWeight, weights.tolist())):
                 raw = samples.get(i)
                 if raw is None:  # unreadable or undecodable (counted once as a sample): every draw is lost
                     skipped += 1
                     continue
-                sample = dict(raw)
-                sample["__url__"] = urls[shard]
-                if decoder is not None:
+                if decoder is None:  # a new dict per draw (a repeat is yielded again), built in one go
+                    sample = {**raw, "__url__": urls[shard], "__index__": i, "__weight__": weight}
+                else:
                     try:
-                        sample = decoder(sample)
+                        sample = decoder({**raw, "__url__": urls[shard]})
                     except Exception as exn:  # noqa: BLE001 - decoders raise anything; the handler decides
                         skipped += 1
                         reader.reject(i, decoding_error(exn, url=urls[shard], key=str(self.index.keys[i])), samples)
                         continue
-                sample["__index__"] = i
-                sample["__weight__"] = weight
+                    sample["__index__"] = i
+                    sample["__weight__"] = weight
                 yielded += 1
                 if main:
                     self._yielded += 1
@@ -433,7 +453,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._start.fill_(position)
         if epoch >= 0:
             self.set_epoch(epoch)
-            total = int(self._order(self._shared.read()).order.shape[0])
+            total = int(self._order(self._shared.view()).order.shape[0])
             if position > total:
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length {total}")
 
