@@ -109,7 +109,8 @@ def test_frozen_and_pruned_are_never_read(shards, monkeypatch):
 
 
 def test_repeats_are_read_once_and_yielded_m_times(shards):
-    s = GEKOStream(shards, total_epochs=3, config=QUIET)
+    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
+    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1))
     s.state.bucket[:] = policy.LIGHT
     s.state.bucket[:3] = policy.HARD
     s.state.epoch = 1
