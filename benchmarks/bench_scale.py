@@ -6,8 +6,9 @@ Steps, in one process per size (so each size's peak memory is its own): construc
 set_epoch, report half the samples in 10 chunks, set_epoch (repartition + plan), iterate the first
 million indices, save the state, load it memory-mapped. Peak RSS is sampled every 5 ms by a thread (and
 checked against ``ru_maxrss``); "peak" is the highest RSS seen during the step, "held" what is left after
-it. ``--stream SIZE`` adds GEKOStream over a shard index of SIZE samples: opening it, the memory it adds,
-and what a spawned DataLoader worker receives.
+it. ``--stream SIZE`` adds GEKOStream over a shard index of SIZE samples: reading the index and opening the
+stream (time and memory), what a spawned DataLoader worker receives and what it costs in memory. ``--sizes ''``
+skips the sampler runs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ def rss_anon() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class _Count:
+    """A file that only counts what is written to it (a pickle's size without holding it)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)
+
+
+#: Above this many samples the whole stream is not sent to a probe worker: its pickle (the state, 32 bytes a
+#: sample) would be held by both processes at once.
+_WHOLE_STREAM_PROBE_MAX = 20_000_000
 
 
 class PeakRSS:
@@ -129,46 +146,151 @@ def run_size(n: int) -> list[tuple[str, float, int, int, float]]:
     return steps
 
 
-def run_stream(n: int) -> list[tuple[str, float, int, int, float]]:
-    """GEKOStream over a shard index of ``n`` samples: opening the index, building the stream, and what a
-    spawned DataLoader worker receives (the pickled stream). The index is synthetic (1,000 shards named but
-    not written: opening reads only the index), so no tar of ``n`` samples is needed."""
-    import pickle
+def _synthetic_index(folder: str, n: int) -> str:
+    """Write a shard index of ``n`` samples over 1,000 shards (sparse files of the indexed sizes: opening an
+    index reads only the index and checks the shards' sizes, so no tar of ``n`` samples is needed). The keys
+    (``k000000000``...) are built as Arrow buffers, never as ``n`` Python strings."""
+    import json
+
+    import pyarrow as pa
+
+    from geko_data import shards as sh
+
+    per = -(-n // 1000)
+    shard = (np.arange(n, dtype=np.int64) // per).astype(np.int32)
+    names = [f"s{i:04d}.tar" for i in range(1000)]
+    sizes = [int(c) * 1024 + 1024 for c in np.bincount(shard, minlength=1000)]
+    for name, size in zip(names, sizes):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.truncate(size)
+    offset = np.arange(n, dtype=np.int64)
+    for a in range(0, n, 1 << 22):  # offset = (id - first id of its shard) * 1024, a step at a time
+        offset[a:a + (1 << 22)] -= shard[a:a + (1 << 22)].astype(np.int64) * per
+    offset *= 1024
+    digits = np.empty((n, 10), dtype=np.uint8)
+    digits[:, 0] = ord("k")
+    for a in range(0, n, 1 << 22):
+        ids = np.arange(a, min(n, a + (1 << 22)), dtype=np.int64)
+        for p in range(9, 0, -1):
+            digits[a:a + ids.size, p] = ids % 10 + ord("0")
+            ids //= 10
+    large = 10 * n >= 2**31
+    key_offsets = np.arange(0, 10 * n + 1, 10, dtype=np.int64 if large else np.int32)
+    keys = pa.Array.from_buffers(pa.large_string() if large else pa.string(), n,
+                                 [None, pa.py_buffer(key_offsets), pa.py_buffer(digits)])
+    hashes = np.arange(n, dtype=np.uint64)
+    meta = {"format_version": sh.INDEX_VERSION, "shards": names, "sizes": sizes, "num_samples": n,
+            "fingerprint": sh.fingerprint(names, sizes, n, hashes=hashes)}
+    table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)), "key": keys, "shard": shard, "offset": offset,
+                      "length": np.full(n, 1024, np.int64), "hash": hashes}
+                     ).replace_schema_metadata({sh._META_KEY: json.dumps(meta).encode()})
+    path = os.path.join(folder, sh.INDEX_NAME)
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _touch(index) -> int:
+    """Read every byte of an index's columns (as a worker that reads every sample eventually does)."""
+    import xxhash
+
+    total = sum(int(np.asarray(c).sum(dtype=np.uint64)) for c in (index.shard, index.offset, index.length, index.hashes))
+    keys = index.keys.arrow if hasattr(index.keys, "arrow") else None
+    if keys is not None:  # a mapped index: its key bytes
+        total += sum(xxhash.xxh3_64_intdigest(b) for b in keys.buffers() if b is not None)
+    return total
+
+
+def _worker_probe(blob: bytes, out) -> None:
+    """A spawned process that receives a pickled stream (or index), as a DataLoader worker does, and reports
+    what unpickling it costs, and what reading every index column once adds."""
+    import torch.multiprocessing  # noqa: F401 - torch's reducers, as in a DataLoader worker
+    from multiprocessing.reduction import ForkingPickler
+
+    import geko_data.stream  # noqa: F401 - imported before the baseline, as in a worker
+
+    r0, a0 = rss(), rss_anon()
+    t0, c0 = time.perf_counter(), time.process_time()
+    got = ForkingPickler.loads(blob)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r1, a1 = rss(), rss_anon()
+    _touch(getattr(got, "index", got))
+    out.put((dt, cpu, r1 - r0, a1 - a0, rss() - r0, rss_anon() - a0))
+
+
+def run_stream(n: int) -> list[tuple[str, str]]:
+    """GEKOStream over a shard index of ``n`` samples: reading the index alone, then opening the stream, each
+    in a fresh process (so neither reuses memory the other freed), and what a spawned DataLoader worker
+    receives and costs. Pickle sizes are ``ForkingPickler``'s (what a DataLoader sends: torch's shared-memory
+    tensors go as handles)."""
+    import json
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        path = _synthetic_index(d, n)
+        rows = [("index file", f"{os.path.getsize(path) / 1e9:.2f} GB")]
+        for part in ("index", "stream"):
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--stream-part", part, path],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows += [tuple(r) for r in json.loads(out.splitlines()[-1])]
+    return rows
+
+
+def measure_stream_part(part: str, path: str) -> list[tuple[str, str]]:
+    """``part`` "index": ``read_index(path)`` and a spawned worker given the pickled index; "stream": a
+    GEKOStream over it and a spawned worker given the pickled stream."""
+    import multiprocessing as mp
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reducers with ForkingPickler
+    from multiprocessing.reduction import ForkingPickler
 
     from geko_data import shards as sh
     from geko_data.config import GEKOConfig
     from geko_data.stream import GEKOStream
 
-    steps: list[tuple[str, float, int, int, float]] = []
-    per = -(-n // 1000)
-    shard = (np.arange(n) // per).astype(np.int32)
-    offset = (np.arange(n) % per).astype(np.int64) * 1024
-    hashes = np.arange(n, dtype=np.uint64)
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
-        names = [os.path.join(d, f"s{i:04d}.tar") for i in range(1000)]
-        sizes = [int(np.count_nonzero(shard == i)) * 1024 + 1024 for i in range(1000)]
-        index = sh.ShardIndex(shards=tuple(names), sizes=tuple(sizes), keys=np.array([f"k{i:09d}" for i in range(n)],
-                              dtype=object), shard=shard, offset=offset, length=np.full(n, 1024, np.int64),
-                              fingerprint=sh.fingerprint(names, sizes, n, hashes=hashes), hashes=hashes)
-        for name, size in zip(names, sizes):  # sparse files of the indexed sizes: opening checks them
-            with open(name, "wb") as f:
-                f.truncate(size)
-        path = os.path.join(d, sh.INDEX_NAME)
-        sh._write_index(index, path)
-        del index, shard, offset, hashes
+    gb = 1e9
+    rows: list[tuple[str, str]] = []
+
+    def opened(what, fn):
         gc.collect()
-        before = rss()
+        before, anon = rss(), rss_anon()
         with PeakRSS() as p:
             t0, c0 = time.perf_counter(), time.process_time()
-            stream = GEKOStream(path, total_epochs=3, config=GEKOConfig(log_bucket_stats=False), verify=False)
+            out = fn()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        steps.append((f"GEKOStream over a {n:,}-sample index: open (index + state)", dt, p.peak, rss(), cpu))
-        steps.append(("memory the open stream adds", 0.0, rss() - before, 0, 0.0))
-        t0 = time.perf_counter()
-        size = len(pickle.dumps(stream, protocol=pickle.HIGHEST_PROTOCOL))
-        steps.append(("bytes a spawned DataLoader worker receives (pickled stream)", time.perf_counter() - t0, size,
-                      0, 0.0))
-    return steps
+        rows.append((f"{what}: open", f"{dt:.2f} s, CPU {cpu:.2f} s"))
+        rows.append((f"{what}: memory added, RSS (anonymous)",
+                     f"{(rss() - before) / gb:.3f} GB ({(rss_anon() - anon) / gb:.3f} GB), peak {p.peak / gb:.2f} GB"))
+        return out
+
+    def probe(what, blob):
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        worker = ctx.Process(target=_worker_probe, args=(blob, out))
+        worker.start()
+        dt, cpu, r1, a1, r2, a2 = out.get(timeout=1800)
+        worker.join()
+        rows.append((f"spawned worker given {what}: unpickle", f"{dt:.2f} s, CPU {cpu:.2f} s"))
+        rows.append((f"spawned worker given {what}: memory added, RSS (anonymous)", f"{r1 / gb:.3f} GB ({a1 / gb:.3f} GB)"))
+        rows.append((f"spawned worker given {what}: after reading every index column once, RSS (anonymous)",
+                     f"{r2 / gb:.3f} GB ({a2 / gb:.3f} GB)"))
+
+    if part == "index":
+        index = opened("read_index", lambda: sh.read_index(path))
+        blob = bytes(ForkingPickler.dumps(index))
+        rows.append(("pickled index", f"{len(blob):,} bytes"))
+        probe("the index", blob)
+        return rows
+    stream = opened("GEKOStream (index + state)", lambda: GEKOStream(
+        path, total_epochs=3, config=GEKOConfig(log_bucket_stats=False), verify=False))
+    count = _Count()
+    ForkingPickler(count).dump(stream)
+    rows.append(("bytes a spawned DataLoader worker receives (pickled stream)", f"{count.n / gb:.3f} GB"))
+    if stream.index.num_samples <= _WHOLE_STREAM_PROBE_MAX:
+        probe("the stream", bytes(ForkingPickler.dumps(stream)))
+    else:
+        rows.append(("spawned worker given the stream", f"not run above {_WHOLE_STREAM_PROBE_MAX:,} samples "
+                     f"(both processes would hold the {count.n / gb:.1f} GB pickle)"))
+    return rows
 
 
 def goal_of(name: str, n: int) -> float | None:
@@ -212,17 +334,24 @@ def main() -> None:
     p.add_argument("--sizes", default="10M", help="comma-separated sample counts (e.g. 10M,100M); default 10M")
     p.add_argument("--one", type=parse_size, help=argparse.SUPPRESS)  # a child process: run one size
     p.add_argument("--stream-one", type=parse_size, help=argparse.SUPPRESS)
+    p.add_argument("--stream-part", nargs=2, metavar=("PART", "INDEX"), help=argparse.SUPPRESS)
     p.add_argument("--stream", type=parse_size, metavar="SIZE",
-                   help="also GEKOStream over a shard index of SIZE samples (its keys are Python strings: about "
-                        "70 bytes a sample while building and opening it)")
+                   help="also GEKOStream over a shard index of SIZE samples (building the synthetic index takes "
+                        "about 50 bytes a sample, 5 GB at 100M)")
     ns = p.parse_args()
     if ns.one:
         print(report_size(ns.one, run_size(ns.one)), flush=True)
         return
-    if ns.stream_one:
-        print(report_size(ns.stream_one, run_stream(ns.stream_one)), flush=True)
+    if ns.stream_part:
+        import json
+
+        print(json.dumps(measure_stream_part(*ns.stream_part)), flush=True)
         return
-    children = [["--one", str(parse_size(s))] for s in ns.sizes.split(",")]
+    if ns.stream_one:
+        rows = [(name, result, "", "") for name, result in run_stream(ns.stream_one)]
+        print(table(f"bench_scale --stream, {ns.stream_one:,} samples ({os.cpu_count()} CPUs)", rows), flush=True)
+        return
+    children = [["--one", str(parse_size(s))] for s in ns.sizes.split(",") if s.strip()]
     children += [["--stream-one", str(ns.stream)]] if ns.stream else []
     for argv in children:  # one process per run, so each peak is its own
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)

@@ -86,7 +86,9 @@ class _JsonlIndex:
         except OSError as e:
             raise _Fail(f"--index {path}: cannot read ({e.strerror or e})") from None
         self.num_samples = len(keys)
-        self.keys = np.array(keys, dtype=object)
+        from geko_data.keys import Keys  # pyarrow.compute: imported by the commands that need it
+
+        self.keys = Keys.of(keys)
         self._lines, self._fields = lines, fields
 
     def table(self) -> pa.Table:
@@ -180,7 +182,8 @@ def _top(path: str, kind: str, n: int, index: str | None, storage_options: dict[
     rows = int(cols["bucket"].shape[0])
     idx = _open_index(index, [(path, rows, meta.get("fingerprint"))], storage_options) if index else None
     order = summary.top(kind, cols, n)
-    keys = [str(k) for k in idx.keys[order]] if idx is not None else [None] * len(order)
+    # Only the keys shown become Python strings (a 100M-sample index keeps the rest in its mapped file).
+    keys = idx.keys.take(order) if idx is not None else [None] * len(order)
     loss, conf = cols["loss"], cols["confidence"]
     return [{"id": int(i), "key": k, "bucket": summary.GROUPS[int(cols["bucket"][i])],
              "pruned": bool(cols["pruned"][i]), "loss": None if np.isnan(loss[i]) else float(loss[i]),
@@ -328,10 +331,12 @@ def _index_table(idx: Any) -> pa.Table:
     """The ``index`` view of ``sql``: one row per sample id, its key (and shard position, or the JSONL's fields)."""
     if isinstance(idx, _JsonlIndex):
         return idx.table()
-    return pa.table({"id": pa.array(np.arange(idx.num_samples, dtype=np.int64)),
-                     "key": pa.array(idx.keys.tolist(), pa.string()),
-                     "shard": pa.array([os.path.basename(idx.shards[i]) for i in idx.shard.tolist()], pa.string()),
-                     "offset": pa.array(idx.offset), "length": pa.array(idx.length)})
+    # Arrow arrays of the mapped index (keys, offsets, lengths: zero-copy), shard names gathered by Arrow:
+    # no Python object per sample.
+    names = pa.array([os.path.basename(p) for p in idx.shards], pa.string())
+    return pa.table({"id": pa.array(np.arange(idx.num_samples, dtype=np.int64)), "key": idx.keys.arrow,
+                     "shard": names.take(pa.array(idx.shard)), "offset": pa.array(idx.offset),
+                     "length": pa.array(idx.length)})
 
 
 def _cell(v: Any) -> str:
@@ -418,7 +423,7 @@ def cmd_diff(ns: argparse.Namespace) -> int:
     matrix, newly = summary.transitions(summary.groups(a["bucket"], a["pruned"]),
                                         summary.groups(b["bucket"], b["pruned"]))
     listed = newly[:ns.list]
-    keys = [str(k) for k in idx.keys[listed]] if idx is not None else None
+    keys = idx.keys.take(listed) if idx is not None else None
     if not ns.json:
         _print_diff(ns, ma, mb, matrix, newly, keys)
         return 0

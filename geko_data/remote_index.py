@@ -22,6 +22,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from geko_data.fetch import RangeFetcher, RemoteConfig
+from geko_data.keys import Keys
 from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
 from geko_data.urls import describe, is_url, redact
 
@@ -126,19 +127,18 @@ def _index_one(fetcher: RangeFetcher, url: str, size: int, local: str, advance: 
 def _merge(parts: Sequence[ShardIndex], shard_urls: Sequence[str], sizes: Sequence[int],
            storage_options: dict[str, Any] | None) -> ShardIndex:
     """One index of the shards' indexes; ShardError on a key found twice."""
-    keys = np.concatenate([p.keys for p in parts])
+    keys = Keys.concat([p.keys for p in parts])
     hashes = np.concatenate([p.hashes for p in parts]).astype(np.uint64)
     shard_no = np.concatenate([np.full(p.num_samples, s, dtype=np.int32) for s, p in enumerate(parts)])
-    uniq, counts = np.unique(keys.astype(str), return_counts=True)
-    if (counts > 1).any():
-        dup = str(uniq[counts > 1][0])
-        where = sorted({shard_urls[s] for s in shard_no[keys == dup]})
+    dup = keys.first_duplicate()
+    if dup is not None:
+        where = sorted({shard_urls[s] for s in shard_no[keys.where(dup)]})
         raise ShardError(redact(f"duplicate key {dup!r} in the index (in {where}); keys must be unique",
                                 storage_options))
     return ShardIndex(shards=tuple(shard_urls), sizes=tuple(sizes), keys=keys, shard=shard_no,
                       offset=np.concatenate([p.offset for p in parts]),
                       length=np.concatenate([p.length for p in parts]),
-                      fingerprint=fingerprint(shard_urls, sizes, int(keys.shape[0]), hashes=hashes), hashes=hashes)
+                      fingerprint=fingerprint(shard_urls, sizes, len(keys), hashes=hashes), hashes=hashes)
 
 
 def index_remote(urls: Sequence[str], *, output: str | None = None, storage_options: dict[str, Any] | None = None,

@@ -34,9 +34,10 @@ import json
 import os
 import re
 import tarfile
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,9 @@ import xxhash
 from tqdm.auto import tqdm
 
 from geko_data.atomic import atomic_path
+from geko_data.keys import Keys
 
-__all__ = ["INDEX_NAME", "ShardError", "ShardIndex", "fingerprint", "index_shards", "iter_tar_samples",
+__all__ = ["INDEX_NAME", "Keys", "ShardError", "ShardIndex", "fingerprint", "index_shards", "iter_tar_samples",
            "parse_sample", "parse_samples", "read_index", "sample_hash", "write_shards"]
 
 INDEX_NAME = "index.arrow"
@@ -89,7 +91,8 @@ def _put(sample: dict[str, Any], ext: str, data: bytes, *, shard: str, name: str
 def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *, hashes: np.ndarray) -> str:
     """Identity of a shard set: sha256 over shard base names, byte sizes, the sample count and an xxh3 over
     the per-sample content hashes (so rewriting a shard with other bytes of the same size changes it)."""
-    content = xxhash.xxh3_128_hexdigest(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
+    # The array's own buffer when it is already little-endian uint64 (a mapped index's column): no copy of N * 8 B.
+    content = xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(hashes, dtype="<u8")).cast("B"))
     payload = json.dumps([[os.path.basename(n) for n in names], [int(s) for s in sizes], int(num_samples),
                           content])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -102,13 +105,34 @@ MISSING_HINT = ("a local index of remote shards reads them with shard_url=Shards
 
 
 @dataclass(frozen=True)
+class _IndexFile:
+    """Which index file a ``ShardIndex`` maps, as a pickle names it: the file's identity when it was read
+    and checked, and what the index took from it besides the arrays."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    fingerprint: str
+    shards: tuple[str, ...]
+    sizes: tuple[int, ...]
+    num_samples: int
+
+
+@dataclass(frozen=True)
 class ShardIndex:
     """The shard index as arrays. Build with ``read_index`` or ``index_shards``.
+
+    ``read_index`` memory-maps the file: keys and columns are views of its pages, shared by every process
+    that maps it, and a pickled index (a spawned DataLoader worker's copy of a stream) carries the file's
+    path and identity, not the arrays: unpickling maps the file again, and refuses it if it changed
+    (another size, modification time, inode or fingerprint). An index built in memory pickles its arrays.
 
     Args:
         shards: shard paths (absolute; URLs in an index of remote shards), in id order.
         sizes: byte size of each shard when indexed.
-        keys: (N,) object array of sample keys.
+        keys: (N,) sample keys: ``Keys`` (an Arrow string array), or a sequence of str made into one.
         shard: (N,) int32 shard number of each sample.
         offset: (N,) int64 byte offset of each sample's first tar header.
         length: (N,) int64 byte length of each sample's members (headers and padding included).
@@ -125,6 +149,24 @@ class ShardIndex:
     length: np.ndarray
     fingerprint: str
     hashes: np.ndarray | None = None
+    # Set by read_index. Not an init field: `dataclasses.replace` (other shard paths, a deleted temporary
+    # file's index) makes an index that pickles by value.
+    _file: _IndexFile | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, Keys):
+            object.__setattr__(self, "keys", Keys.of(self.keys))
+        n = self.num_samples
+        for name in ("keys", "offset", "length", "hashes"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"`{name}` has {len(value)} entries but `shard` has {n}: one per sample")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._file is not None:
+            return _open_mapped, (self._file,)
+        return _by_value, (self.shards, self.sizes, self.keys, self.shard, self.offset, self.length,
+                           self.fingerprint, self.hashes)
 
     @property
     def num_samples(self) -> int:
@@ -316,11 +358,11 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
                 lengths.append(length)
     if not keys:
         raise ShardError(f"no samples found in {len(paths)} shard(s) (first: {paths[0]!r})")
-    key_arr = np.array(keys, dtype=object)
-    uniq, counts = np.unique(key_arr.astype(str), return_counts=True)
-    if (counts > 1).any():
-        dup = str(uniq[counts > 1][0])
-        where = sorted({paths[shard_no[j]] for j in np.flatnonzero(key_arr == dup)})
+    key_arr = Keys.of(keys)
+    del keys  # the Arrow copy is what the index keeps: ~70 B a key less
+    dup = key_arr.first_duplicate()
+    if dup is not None:
+        where = sorted({paths[shard_no[j]] for j in key_arr.where(dup)})
         hint = ""
         if len(where) == 1:  # twice in one tar: most often a sample's members are not next to each other
             hint = (f"; the members of a sample must be adjacent in the tar (`tar -cf x.tar dir/` adds files in "
@@ -330,7 +372,7 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     index = ShardIndex(shards=tuple(paths), sizes=tuple(sizes), keys=key_arr,
                        shard=np.array(shard_no, dtype=np.int32), offset=np.array(offsets, dtype=np.int64),
                        length=np.array(lengths, dtype=np.int64),
-                       fingerprint=fingerprint(paths, sizes, len(keys), hashes=hash_arr), hashes=hash_arr)
+                       fingerprint=fingerprint(paths, sizes, len(key_arr), hashes=hash_arr), hashes=hash_arr)
     if output is not None:
         _write_index(index, os.fspath(output))
     return index
@@ -348,7 +390,7 @@ def _write_index(index: ShardIndex, output: str) -> None:
             "num_samples": index.num_samples, "fingerprint": index.fingerprint}
     table = pa.table({
         "id": pa.array(np.arange(index.num_samples, dtype=np.int64)),
-        "key": pa.array(index.keys.tolist(), type=pa.string()),
+        "key": index.keys.arrow,
         "shard": pa.array(index.shard),
         "offset": pa.array(index.offset),
         "length": pa.array(index.length),
@@ -389,13 +431,52 @@ def _check_shard_name(name: Any, *, root: str, where: str, hint: str) -> str:
                      f"{root!r} ({hint})")
 
 
-def _column(table: pa.Table, name: str, kind: str) -> np.ndarray:
-    """A column as numpy, refusing nulls and other types (a hand-edited index must not half-work)."""
+def _column(table: pa.Table, name: str, kind: str, dtype: Any = None) -> Any:
+    """A column, refusing nulls and other types (a hand-edited index must not half-work): the Arrow array of
+    a ``"str"`` column, else a NumPy view of the column as ``dtype`` (a copy only when the file holds
+    another integer type, whose values must then fit ``dtype``)."""
     col = table.column(name)
     ok = {"int": pa.types.is_integer, "str": pa.types.is_string, "uint64": lambda t: t == pa.uint64()}[kind]
     if not ok(col.type) or col.null_count:
         raise TypeError(f"column {name!r} must be {kind} without nulls, got {col.type} ({col.null_count} null)")
-    return col.to_numpy(zero_copy_only=False)
+    if kind == "str":
+        return col
+    # One chunk (as _write_index writes): a zero-copy view of the mapped file's pages.
+    values = col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy(zero_copy_only=False)
+    if values.dtype != dtype:
+        info = np.iinfo(dtype)
+        if values.size and (int(values.min()) < info.min or int(values.max()) > info.max):
+            raise TypeError(f"column {name!r} holds values outside {np.dtype(dtype)}")
+        values = values.astype(dtype)
+    return values
+
+
+def _map_table(path: str) -> tuple[pa.Table, dict[str, Any]]:
+    """The index file's table, memory-mapped (zero-copy), and its metadata; ShardError if it is not one."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(path, "r"))
+        raw = (reader.schema.metadata or {}).get(_META_KEY)
+        if raw is None:
+            raise ShardError(f"{path}: not a geko_data shard index")
+        meta = json.loads(raw)
+        table = reader.read_all()
+    except ShardError:
+        raise
+    except (pa.ArrowException, OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: not a readable shard index ({e})") from None
+    return table, meta
+
+
+def _from_table(table: pa.Table, *, shards: tuple[str, ...], sizes: tuple[int, ...], fingerprint: str) -> ShardIndex:
+    return ShardIndex(shards=shards, sizes=sizes, keys=Keys(_column(table, "key", "str")),
+                      shard=_column(table, "shard", "int", np.int32), offset=_column(table, "offset", "int", np.int64),
+                      length=_column(table, "length", "int", np.int64), fingerprint=fingerprint,
+                      hashes=_column(table, "hash", "uint64", np.uint64))
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> ShardIndex:
@@ -403,6 +484,10 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
 
     ``path`` may be a URL of a remote store (``s3://``, ``https://``, ...; ``storage_options`` go to its
     filesystem): the index is fetched and its shard names resolve to URLs in the index's folder.
+
+    A local file is memory-mapped, not copied: keys and columns are views of its pages (see ``ShardIndex``
+    for what that means for pickling). Replace an index file by writing a new one and renaming it over
+    the old (as ``geko-data index`` does), never by rewriting it in place while it is open.
 
     Everything in the file is checked before use: shard names (relative paths inside the index's folder,
     see the module docstring), byte ranges (inside their shard, in file order, not overlapping), unique
@@ -419,17 +504,8 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
     if not os.path.exists(path):
         raise FileNotFoundError(f"shard index {path!r} does not exist (write it with write_shards or "
                                 f"`geko-data index`)")
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(path, "r"))
-        raw = (reader.schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise ShardError(f"{path}: not a geko_data shard index")
-        meta = json.loads(raw)
-        table = reader.read_all()
-    except ShardError:
-        raise
-    except (pa.ArrowException, OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: not a readable shard index ({e})") from None
+    before = _identity(path)
+    table, meta = _map_table(path)
     root = os.path.dirname(os.path.abspath(path))
     try:
         if not isinstance(meta, dict):
@@ -445,47 +521,105 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
             raise ValueError("'shards' and 'sizes' must be lists of the same length (paths and byte sizes >= 0)")
         shards = tuple(_check_shard_name(x, root=root, where=path, hint="`pipe:` commands and URLs come only "
                                          "from GEKOStream(shard_url=...)") for x in names)
-        index = ShardIndex(shards=shards, sizes=tuple(sizes), keys=_column(table, "key", "str").astype(object),
-                           shard=_column(table, "shard", "int").astype(np.int32),
-                           offset=_column(table, "offset", "int").astype(np.int64),
-                           length=_column(table, "length", "int").astype(np.int64),
-                           fingerprint=str(meta["fingerprint"]),
-                           hashes=_column(table, "hash", "uint64").astype(np.uint64))
+        index = _from_table(table, shards=shards, sizes=tuple(sizes), fingerprint=str(meta["fingerprint"]))
     except ShardError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, pa.ArrowException) as e:
         raise ShardError(f"{path}: not a usable shard index ({type(e).__name__}: {e})") from None
-    _check_rows(index, path, table)
+    _check_rows(index, path)
+    if _identity(path) != before:
+        raise ShardError(f"{path}: the shard index changed while it was read; read it again")
+    dev, ino, size, mtime_ns = before
+    object.__setattr__(index, "_file", _IndexFile(
+        path=os.path.abspath(path), device=dev, inode=ino, size=size, mtime_ns=mtime_ns,
+        fingerprint=index.fingerprint, shards=index.shards, sizes=index.sizes, num_samples=index.num_samples))
     return index
 
 
-def _check_rows(index: ShardIndex, path: str, table: pa.Table) -> None:
+# Indexes mapped by unpickling in this process, by file: a worker that unpickles several objects holding
+# one index maps it once.
+_MAPPED: weakref.WeakValueDictionary[_IndexFile, ShardIndex] = weakref.WeakValueDictionary()
+
+
+def _open_mapped(file: _IndexFile) -> ShardIndex:
+    """Unpickle an index read from a file: map the file again, if it is still the file that was read.
+
+    The rows were checked when the index was first read; the same file (device, inode, size, modification
+    time, and the fingerprint in it) is not checked again, so a DataLoader worker starts in milliseconds
+    and shares the file's pages instead of holding its own copy.
+    """
+    try:
+        now = _identity(file.path)
+    except OSError as e:
+        raise ShardError(f"{file.path}: the shard index this object was pickled from cannot be opened again "
+                         f"({e.strerror or e}); it must stay in place while the stream is used") from None
+    was = (file.device, file.inode, file.size, file.mtime_ns)
+    if now != was:
+        raise ShardError(f"{file.path}: the shard index changed since it was read (device, inode, bytes, "
+                         f"mtime_ns {now} != {was}); it must not change while the stream is used: create the "
+                         f"stream again")
+    index = _MAPPED.get(file)
+    if index is not None:
+        return index
+    table, meta = _map_table(file.path)
+    got = meta.get("fingerprint") if isinstance(meta, dict) else None
+    if got != file.fingerprint or table.num_rows != file.num_samples:
+        raise ShardError(f"{file.path}: the shard index changed since it was read (fingerprint {got!r}, "
+                         f"{table.num_rows} rows; expected {file.fingerprint!r}, {file.num_samples})")
+    try:
+        index = _from_table(table, shards=file.shards, sizes=file.sizes, fingerprint=file.fingerprint)
+    except (TypeError, ValueError) as e:
+        raise ShardError(f"{file.path}: not a usable shard index ({type(e).__name__}: {e})") from None
+    object.__setattr__(index, "_file", file)
+    _MAPPED[file] = index
+    return index
+
+
+def _by_value(shards: tuple[str, ...], sizes: tuple[int, ...], keys: Keys, shard: np.ndarray, offset: np.ndarray,
+              length: np.ndarray, fingerprint: str, hashes: np.ndarray | None) -> ShardIndex:
+    """Unpickle an index built in memory (its arrays were pickled)."""
+    return ShardIndex(shards=shards, sizes=sizes, keys=keys, shard=shard, offset=offset, length=length,
+                      fingerprint=fingerprint, hashes=hashes)
+
+
+# Rows checked per step: the temporaries stay ~100 MB whatever the index's size (whole-column
+# temporaries of a 100M-sample index were GBs).
+_CHECK_STEP = 1 << 22
+
+
+def _check_rows(index: ShardIndex, path: str) -> None:
     """Refuse byte ranges a reader must not follow and rows that contradict each other or the fingerprint."""
     n, shard, offset, length = index.num_samples, index.shard, index.offset, index.length
     if not n:
         return
-    if shard.min() < 0 or shard.max() >= len(index.shards):
-        raise ShardError(f"{path}: not a usable shard index (shard numbers outside 0..{len(index.shards) - 1})")
-    ends = offset + length  # int64: the sizes below are real file sizes, far from overflow
-    bad = np.flatnonzero((offset < 0) | (length < _BLOCK) | (offset % _BLOCK != 0)
-                         | (ends > np.asarray(index.sizes, dtype=np.int64)[shard]))
-    if bad.size:
-        j = int(bad[0])
-        raise ShardError(f"{path}: row {j} (key {str(index.keys[j])!r}) has byte range offset={int(offset[j])} "
-                         f"length={int(length[j])}, outside shard {index.shards[int(shard[j])]!r} of "
-                         f"{index.sizes[int(shard[j])]} bytes (offsets are >= 0 and 512-aligned, lengths >= 512)")
-    same = shard[1:] == shard[:-1]
-    if (shard[1:] < shard[:-1]).any():
-        raise ShardError(f"{path}: rows must be grouped by shard, in shard order")
-    clash = np.flatnonzero(same & (offset[1:] < ends[:-1]))
-    if clash.size:
-        j = int(clash[0])
-        raise ShardError(f"{path}: rows {j} and {j + 1} (keys {str(index.keys[j])!r}, {str(index.keys[j + 1])!r}) "
-                         f"overlap or are out of file order in shard {index.shards[int(shard[j])]!r} "
-                         f"(bytes {int(offset[j])}..{int(ends[j])} and {int(offset[j + 1])}..)")
-    if len(pc.unique(table.column("key"))) != n:  # unique, not count_distinct: ~4x faster
-        uniq, counts = np.unique(index.keys.astype(str), return_counts=True)
-        raise ShardError(f"{path}: duplicate key {str(uniq[counts > 1][0])!r}; keys must be unique")
+    sizes = np.asarray(index.sizes, dtype=np.int64)
+    for a in range(0, n, _CHECK_STEP):
+        b = min(n, a + _CHECK_STEP)
+        s = shard[a:b]
+        if s.min() < 0 or s.max() >= len(index.shards):
+            raise ShardError(f"{path}: not a usable shard index (shard numbers outside 0..{len(index.shards) - 1})")
+        off, ln = offset[a:b], length[a:b]
+        # `ln > size - off`, not `off + ln > size`: the sum of two hostile int64 values can wrap around.
+        bad = np.flatnonzero((off < 0) | (ln < _BLOCK) | (off & (_BLOCK - 1) != 0) | (ln > sizes[s] - off))
+        if bad.size:
+            j = a + int(bad[0])
+            raise ShardError(f"{path}: row {j} (key {index.keys[j]!r}) has byte range offset={int(offset[j])} "
+                             f"length={int(length[j])}, outside shard {index.shards[int(shard[j])]!r} of "
+                             f"{index.sizes[int(shard[j])]} bytes (offsets are >= 0 and 512-aligned, lengths >= 512)")
+        # Each step also compares its first row with the previous step's last.
+        w = slice(max(a - 1, 0), b)
+        s, off = shard[w], offset[w]
+        if (s[1:] < s[:-1]).any():
+            raise ShardError(f"{path}: rows must be grouped by shard, in shard order")
+        clash = np.flatnonzero((s[1:] == s[:-1]) & (off[1:] - off[:-1] < length[w][:-1]))
+        if clash.size:
+            j = w.start + int(clash[0])
+            raise ShardError(f"{path}: rows {j} and {j + 1} (keys {index.keys[j]!r}, {index.keys[j + 1]!r}) "
+                             f"overlap or are out of file order in shard {index.shards[int(shard[j])]!r} "
+                             f"(bytes {int(offset[j])}..{int(offset[j]) + int(length[j])} and {int(offset[j + 1])}..)")
+    dup = index.keys.first_duplicate()
+    if dup is not None:
+        raise ShardError(f"{path}: duplicate key {dup!r}; keys must be unique")
     assert index.hashes is not None
     expect = fingerprint(index.shards, index.sizes, n, hashes=index.hashes)
     if expect != index.fingerprint:

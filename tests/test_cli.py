@@ -76,6 +76,37 @@ def test_inspect_top_with_keys_from_index(tmp_path, capsys, shards):
     assert code == 0
 
 
+def _keyed_shards(tmp_path, n=30):
+    """Shards whose keys differ in length and hold multi-byte UTF-8 (read from the index's offsets and bytes)."""
+    from geko_data.shards import write_shards
+
+    keys = [f"dir/ключ-{i:02d}" + "x" * (i % 7) for i in range(n)]
+    index = write_shards(({"__key__": k, "txt": b"t"} for k in keys), str(tmp_path / "shard-%03d.tar"), maxcount=7)
+    return keys, index
+
+
+def test_top_and_diff_show_the_keys_written(tmp_path, capsys):
+    """--top and diff show each listed id's key as written, in the order listed (JSON and text)."""
+    keys, index = _keyed_shards(tmp_path)
+    s = SampleState(30, fingerprint=index.fingerprint)
+    s.report(np.arange(30), np.linspace(0.1, 3, 30), correct=np.zeros(30, bool), confidence=np.full(30, 0.9))
+    s.repartition(0.5)
+    s.save(tmp_path / "s.arrow")
+    code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "hard", "4", "--index", tmp_path, "--json")
+    assert code == 0 and [(r["id"], r["key"]) for r in json.loads(out)] == [(i, keys[i]) for i in (29, 28, 27, 26)]
+    code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "hard", "4", "--index", tmp_path)
+    assert [line.split()[:2] for line in out.splitlines()[1:]] == [[str(i), keys[i]] for i in (29, 28, 27, 26)]
+    a = make_state(tmp_path / "a.arrow", n=30, epochs=1, fingerprint=index.fingerprint)
+    b = make_state(tmp_path / "b.arrow", n=30, epochs=4, fingerprint=index.fingerprint)
+    newly = np.flatnonzero(~a.pruned & b.pruned)
+    assert newly.size >= 3
+    code, out, _ = run(capsys, "diff", tmp_path / "a.arrow", tmp_path / "b.arrow", "--index", tmp_path, "--json")
+    assert code == 0 and json.loads(out)["newly_pruned_keys"] == [keys[i] for i in newly]
+    code, out, _ = run(capsys, "diff", tmp_path / "a.arrow", tmp_path / "b.arrow", "--index", tmp_path)
+    listing = out.split("newly pruned (")[-1].splitlines()[2:]
+    assert [line.split() for line in listing] == [[str(i), keys[i]] for i in newly]
+
+
 def test_inspect_top_forgetful(tmp_path, capsys):
     s = SampleState(10)
     s.report(np.arange(10), np.full(10, 0.1), correct=np.ones(10, bool))

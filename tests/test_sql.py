@@ -44,6 +44,25 @@ def test_index_view_joins_on_id(tmp_path, capsys):
     assert [r["bucket"] for r in rows] == [policy.BUCKET_NAMES[b] for b in s.bucket]
 
 
+def test_index_view_holds_every_row_of_the_index(tmp_path, capsys):
+    """The view's columns and types: id, key (as written, multi-byte UTF-8 too), shard file name, offset, length."""
+    from geko_data.shards import read_index
+
+    keys = [f"dir/ключ-{i:02d}" + "x" * (i % 7) for i in range(40)]
+    write_shards(({"__key__": k, "json": b"{}"} for k in keys), str(tmp_path / "shard-%03d.tar"), maxcount=16)
+    index = read_index(tmp_path)
+    make_state(tmp_path / "s.arrow", n=40, fingerprint=index.fingerprint)
+    code, out, err = run(capsys, "sql", tmp_path / "s.arrow", "SELECT * FROM index ORDER BY id", "--index", tmp_path,
+                         "--format", "csv")
+    assert code == 0, err
+    want = ['"id","key","shard","offset","length"'] + [
+        f'{i},"{keys[i]}","shard-{i // 16:03d}.tar",{index.offset[i]},{index.length[i]}' for i in range(40)]
+    assert out.splitlines() == want
+    code, out, _ = run(capsys, "sql", tmp_path / "s.arrow", "SELECT typeof(key) AS k, typeof(shard) AS s, "
+                       "typeof(\"offset\") AS o FROM index LIMIT 1", "--index", tmp_path, "--format", "json")
+    assert json.loads(out) == [{"k": "VARCHAR", "s": "VARCHAR", "o": "BIGINT"}]
+
+
 def test_bad_query_and_bad_file_are_one_line(tmp_path, capsys, state):
     path, _ = state
     code, out, err = run(capsys, "sql", path, "SELEC 1")
