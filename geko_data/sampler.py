@@ -111,7 +111,7 @@ def _collate_tagged(batch: list[Any], *, collate_fn_map: dict[Any, Any] | None =
     built from one numpy array each instead of a list of scalars.
 
     In a DataLoader worker the batch is a ``_Sent``: every tensor a worker sends costs a shared-memory
-    segment, a file descriptor and a socket connection to fetch it (measured here: about 0.5 ms of CPU a
+    segment, a file descriptor and a socket connection to fetch it (measured here: about 0.8 ms of CPU a
     tensor and batch, worker and main process together, more than the rest of a batch of 32 items of 512
     tokens costs to send), so these two columns of a few hundred bytes travel inside the batch's pickle
     and the main process makes them tensors again.
