@@ -582,9 +582,10 @@ def _by_value(shards: tuple[str, ...], sizes: tuple[int, ...], keys: Keys, shard
                       fingerprint=fingerprint, hashes=hashes)
 
 
-# Rows checked per step: the temporaries stay ~100 MB whatever the index's size (whole-column
-# temporaries of a 100M-sample index were GBs).
-_CHECK_STEP = 1 << 22
+# Rows checked per step: each step's temporaries (a few MB) stay in cache across its several passes, whatever
+# the index's size (whole-column temporaries of a 100M-sample index were GBs). At 20M rows, steps of 256K
+# took 0.20 s of CPU for all the row checks, steps of 4M 0.28 s.
+_CHECK_STEP = 1 << 18
 
 
 def _check_rows(index: ShardIndex, path: str) -> None:
