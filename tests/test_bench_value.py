@@ -38,11 +38,7 @@ def test_bench_value_rejects_unknown_names(tmp_path):
 
 
 def test_generative_task_answer_is_the_tweets_last_word():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from bench_value import gen_answer
-    finally:
-        sys.path.pop(0)
+    gen_answer = _bench_value().gen_answer
     cases = {"I appreciate the quick response.": " response", "Hmm.": " Hmm", "Pleeeease!!!! :)": " Pleeeease",
              "so good #happy @JetBlue http://t.co/x": " good", "don't": " don't", "2:55 !!": " none"}
     for text, answer in cases.items():
@@ -53,3 +49,61 @@ def test_bench_value_rejects_a_negative_first_seed(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/bench_value.py", "--tiny", "--first-seed", "-1", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "--first-seed" in proc.stderr and "-1" in proc.stderr
+
+
+def _bench_value():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_value
+    finally:
+        sys.path.pop(0)
+    return bench_value
+
+
+def test_llm_cache_key_covers_what_the_cached_states_depend_on():
+    """The cached hidden states are the output of the layers under the LoRA for the cut prompts: a setup
+    with another layer count or prompt cut must not reuse them; rank, learning rate, batch size and the
+    MLP flag change only the trained part, so they share one cache."""
+    bv = _bench_value()
+    pairs = [("Tweet: a\nSentiment:", " positive"), ("Tweet: b\nSentiment:", " negative")]
+    base = bv.LMSetup(lora_layers=2, rank=4, lr=5e-3, prompt_tokens=32)
+    key = bv.cache_key(base, pairs)
+    assert bv.cache_key(base.__class__(**{**base.__dict__, "lora_layers": 6}), pairs) != key
+    assert bv.cache_key(base.__class__(**{**base.__dict__, "prompt_tokens": 24}), pairs) != key
+    assert bv.cache_key(base, pairs[:1]) != key
+    same = bv.LMSetup(lora_layers=2, rank=8, lr=1e-3, prompt_tokens=32, batch_size=8, mlp=True)
+    assert bv.cache_key(same, pairs) == key
+    for task, setup in bv.LM_SETUPS.items():  # every LLM task's setup names a valid split of the 30 layers
+        assert 1 <= setup.lora_layers < 30, task
+
+
+def test_llm_setup_rejects_bad_values():
+    bv = _bench_value()
+    for field, value in (("lora_layers", 0), ("rank", 2.5), ("prompt_tokens", -1), ("batch_size", 0), ("lr", 0)):
+        kwargs = {"lora_layers": 2, "rank": 4, "lr": 5e-3, "prompt_tokens": 32, field: value}
+        with pytest.raises(ValueError, match=field):
+            bv.LMSetup(**kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_bench_value_merges_seeds_run_apart(tmp_path):
+    """Seeds run in separate processes (one value.json each) combine into the table a single run of all
+    seeds reports: same rows, same summary lines; a repeated (policy, seed) is refused."""
+    cmd = [sys.executable, "benchmarks/bench_value.py", "--tiny", "--tasks", "mnist", "--policies", "uniform,geko"]
+    proc = subprocess.run([*cmd, "--seeds", "2", "--out", str(tmp_path / "both")], capture_output=True, text=True,
+                          timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole = json.loads((tmp_path / "both" / "value.json").read_text())
+    for seed in (0, 1):  # what `--first-seed S --seeds 1` writes: the same runs, one seed per folder
+        (tmp_path / f"s{seed}").mkdir()
+        part = {**whole, "seeds": 1, "runs": {"mnist": [r for r in whole["runs"]["mnist"] if r["seed"] == seed]}}
+        (tmp_path / f"s{seed}" / "value.json").write_text(json.dumps(part))
+    merged = subprocess.run([*cmd, "--merge", f"{tmp_path / 's0'},{tmp_path / 's1'}", "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    result = json.loads((tmp_path / "m" / "value.json").read_text())
+    assert result["rows"] == whole["rows"] and result["summary"] == whole["summary"]
+    assert result["rows"][0]["seeds"] == 2 and (tmp_path / "m" / "value.png").stat().st_size > 10_000
+    again = subprocess.run([*cmd, "--merge", f"{tmp_path / 's0'},{tmp_path / 's0'}", "--out", str(tmp_path / "m2")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 2 and "repeats runs" in again.stderr
