@@ -8,8 +8,9 @@
 ``--peers`` (after ``make bench-peers``) compares GEKOStream with webdataset, litdata and mosaicml-streaming
 (MDS) on the same 16,000 samples, each written by its own writer: samples/s with nothing skipped and wall
 time with 50% and 90% of the samples frozen (the peers read every sample and drop the frozen ones in their
-workers: they have no index to skip by), medians of interleaved runs, plus samples/s in one process
-without a DataLoader:
+workers: they have no index to skip by), medians of interleaved runs, with the CPU time of the main
+process and the loader's workers beside each (the steady measure on a shared machine), plus samples/s and
+CPU time a sample in one process without a DataLoader:
 
     python benchmarks/bench_stream.py --peers [--rounds 6]
 """
@@ -72,6 +73,27 @@ def timed_drain(loader) -> float:
     return time.perf_counter() - t0
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_cpu(loader) -> float:
+    """CPU seconds used so far by this process and ``loader``'s (persistent) worker processes."""
+    workers = loader._iterator._workers if loader._iterator is not None else []
+    return time.process_time() + sum(_process_cpu(w.pid) for w in workers)
+
+
+def timed_cpu_drain(loader) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the main process and the loader's workers) of one epoch: on a machine
+    shared with other work, CPU time is the steadier measure (wall time waits for the others)."""
+    c0, t0 = loader_cpu(loader), time.perf_counter()
+    drain(loader)
+    return time.perf_counter() - t0, loader_cpu(loader) - c0
+
+
 def peer_loaders(d: str, share: float, batch: int, n: int) -> dict[str, DataLoader]:
     """One DataLoader per system for ``share`` frozen (the same samples for all), 2 persistent workers."""
     import _peers
@@ -90,8 +112,9 @@ def peer_loaders(d: str, share: float, batch: int, n: int) -> dict[str, DataLoad
             for name, ds in datasets.items()}
 
 
-def in_process_rates(d: str, batch: int, rounds: int) -> dict[str, float]:
-    """Median samples/s of iterating each dataset in this process (no DataLoader), systems taking turns."""
+def in_process_rates(d: str, batch: int, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median samples/s and CPU seconds a sample of iterating each dataset in this process (no DataLoader),
+    systems taking turns."""
     import _peers
 
     makers = {"GEKOStream": lambda: frozen_stream(os.path.join(d, "geko"), 0.0, batch),
@@ -101,12 +124,15 @@ def in_process_rates(d: str, batch: int, rounds: int) -> dict[str, float]:
               "MDS": lambda: _peers.mds_dataset(os.path.join(d, "mds"), batch)}
     datasets = {name: make() for name, make in makers.items()}
     rates: dict[str, list[float]] = {name: [] for name in datasets}
+    cpu: dict[str, list[float]] = {name: [] for name in datasets}
     for _ in range(rounds):
         for name, ds in datasets.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             count = sum(1 for _ in ds)
             rates[name].append(count / (time.perf_counter() - t0))
-    return {name: float(np.median(r)) for name, r in rates.items()}
+            cpu[name].append((time.process_time() - c0) / count)
+    return ({name: float(np.median(r)) for name, r in rates.items()},
+            {name: float(np.median(c)) for name, c in cpu.items()})
 
 
 def peers(quick: bool, rounds: int) -> None:
@@ -121,15 +147,17 @@ def peers(quick: bool, rounds: int) -> None:
         _peers.write_litdata(os.path.join(d, "litdata"), payload, n)
         _peers.write_mds(os.path.join(d, "mds"), payload, n)
         times: dict[float, dict[str, float]] = {}
+        cpus: dict[float, dict[str, float]] = {}
         for share in (0.0, 0.5, 0.9):
             loaders = peer_loaders(d, share, batch, n)
             for loader in loaders.values():  # warm: workers started, page cache filled
                 drain(loader)
-            runs: dict[str, list[float]] = {name: [] for name in loaders}
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
             for r in range(rounds):  # interleaved, each round in another order
                 for name in list(loaders)[r % 4:] + list(loaders)[:r % 4]:
-                    runs[name].append(timed_drain(loaders[name]))
-            times[share] = {name: float(np.median(t)) for name, t in runs.items()}
+                    runs[name].append(timed_cpu_drain(loaders[name]))
+            times[share] = {name: float(np.median([w for w, _ in t])) for name, t in runs.items()}
+            cpus[share] = {name: float(np.median([c for _, c in t])) for name, t in runs.items()}
             del loaders
         base = times[0.0]
         names = list(base)
@@ -137,6 +165,10 @@ def peers(quick: bool, rounds: int) -> None:
                      ", ".join(f"{k} {n / base[k]:,.0f}" for k in names) +
                      f" (GEKOStream / litdata {base['litdata'] / base['GEKOStream']:.2f}x)",
                      ">= litdata", verdict(base["GEKOStream"] <= base["litdata"])))
+        cpu = cpus[0.0]
+        rows.append(("nothing skipped, 2 workers: CPU time a sample (main + workers)",
+                     ", ".join(f"{k} {cpu[k] / n * 1e6:.1f} us" for k in names) +
+                     f" (GEKOStream / litdata {cpu['GEKOStream'] / cpu['litdata']:.2f}x)", "(steady measure)", ""))
         for share in (0.5, 0.9):
             t = times[share]
             fastest_peer = min((k for k in names if k != "GEKOStream"), key=t.get)
@@ -144,10 +176,17 @@ def peers(quick: bool, rounds: int) -> None:
                          ", ".join(f"{k} {t[k]:.3f} s" for k in names) +
                          f" (GEKOStream / {fastest_peer} {t['GEKOStream'] / t[fastest_peer]:.2f}x)",
                          "below every peer", verdict(t["GEKOStream"] < t[fastest_peer])))
-        rates = in_process_rates(d, batch, rounds=max(3, rounds // 2))
+            c = cpus[share]
+            rows.append((f"{int(share * 100)}% frozen, 2 workers: CPU time an epoch (main + workers)",
+                         ", ".join(f"{k} {c[k]:.3f} s" for k in names) +
+                         f" (GEKOStream / litdata {c['GEKOStream'] / c['litdata']:.2f}x)", "(steady measure)", ""))
+        rates, cpu_one = in_process_rates(d, batch, rounds=max(3, rounds // 2))
         rows.append(("one process, no DataLoader: samples/s",
                      ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()) +
                      f" (GEKOStream / litdata {rates['GEKOStream'] / rates['litdata']:.2f}x)", "(context)", ""))
+        rows.append(("one process, no DataLoader: CPU time a sample",
+                     ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in cpu_one.items()) +
+                     f" (GEKOStream / litdata {cpu_one['GEKOStream'] / cpu_one['litdata']:.2f}x)", "(context)", ""))
     print(table(f"bench_stream --peers: {n:,} samples of {size // 1000} KB, batch {batch}, medians of {rounds} "
                 f"interleaved runs ({os.cpu_count()} CPUs)", rows))
 
@@ -173,13 +212,22 @@ def main() -> None:
         plain_loader = DataLoader(plain, batch_size=batch, num_workers=2, collate_fn=as_list,
                                   persistent_workers=True)
         t_plain = best_of(lambda: drain(plain_loader), repeat=3)
-        times = {}
+        loaders = {}
         for share in (0.0, 0.5, 0.9):
             s = frozen_stream(d, share, batch)
-            loader = DataLoader(s, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
-            got = drain(loader)
+            loaders[share] = DataLoader(s, batch_size=batch, num_workers=2, collate_fn=as_list,
+                                        persistent_workers=True)
+            got = drain(loaders[share])
             assert got == len(s), (got, len(s))
-            times[share] = best_of(lambda loader=loader: drain(loader), repeat=3)
+        # The shares take turns (5 rounds, medians): a ratio of two times measured minutes apart on a shared
+        # machine says more about the other jobs than about the stream.
+        runs: dict[float, list[tuple[float, float]]] = {share: [] for share in loaders}
+        for _ in range(5):
+            for share, loader in loaders.items():
+                runs[share].append(timed_cpu_drain(loader))
+        times = {share: float(np.median([w for w, _ in r])) for share, r in runs.items()}
+        cpus = {share: float(np.median([c for _, c in r])) for share, r in runs.items()}
+        del loaders
         ratio = (n / times[0.0]) / (n / t_plain)
         rows.append((f"{shards} shards x {per} x {size // 1000} KB, 2 workers: samples/s",
                      f"GEKOStream {n / times[0.0]:,.0f}/s vs webdataset {n / t_plain:,.0f}/s ({ratio:.2f}x)",
@@ -187,7 +235,8 @@ def main() -> None:
         for share, goal in ((0.5, 0.55), (0.9, 0.15)):
             r = times[share] / times[0.0]
             rows.append((f"wall time, {int(share * 100)}% frozen vs 0%", f"{times[share]:.2f} s vs {times[0.0]:.2f} s "
-                         f"({r:.2f}x)", f"<= {goal}x", verdict(r <= goal)))
+                         f"({r:.2f}x; CPU time {cpus[share]:.2f} s vs {cpus[0.0]:.2f} s, "
+                         f"{cpus[share] / cpus[0.0]:.2f}x)", f"<= {goal}x", verdict(r <= goal)))
         s = frozen_stream(d, 0.0, batch, verify=True)
         loader = DataLoader(s, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
         t_verify = best_of(lambda: drain(loader), repeat=3)

@@ -17,8 +17,8 @@ import webdataset as wds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geko_data.shards import (ShardError, _checksum_ok, _fast_members, _tarfile_members, index_shards,
-                              iter_tar_samples, parse_sample, parse_samples)
+from geko_data.shards import (ShardError, _checksum_ok, _fast_members, _regular_run, _tarfile_members, index_shards,
+                              iter_tar_samples, parse_sample, parse_samples, write_shards)
 from geko_data.stream import GEKOStream
 from geko_data.config import GEKOConfig
 
@@ -125,6 +125,7 @@ def webdataset_samples(path: str) -> list[dict]:
 
 
 def check_run_parser(buf: bytes, idx, path: str) -> None:
+    """parse_samples over the whole shard reads each sample as parse_sample reads it alone."""
     spans = list(zip(idx.offset.tolist(), idx.length.tolist()))
     keys = [str(k) for k in idx.keys]
     one_by_one = []
@@ -318,3 +319,59 @@ def test_every_number_field_is_checked_as_tarfile_checks_it(at, value, valid):
         assert _fast_members(buf) is None
         with pytest.raises(tarfile.ReadError):
             _tarfile_members(buf)
+
+
+def _with_checksum(block: bytearray) -> bytearray:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return block
+
+
+@pytest.mark.timeout(300)
+def test_runs_of_shardwriter_samples_read_as_one_by_one_under_every_header_byte_change(tmp_path):
+    """A run of regular samples is checked against one sample's layout in numpy passes; every byte of one
+    sample's headers and pax records changed (its checksum made right again, so only the other checks can
+    catch it) reads exactly as parse_sample reads that sample alone: the same members or the same error."""
+    import random
+
+    path = str(tmp_path / "shard-%03d.tar")
+    # Times with different decimals make pax records of different lengths; one sample has another size.
+    samples = [{"__key__": f"s{i:04d}", "txt": b"x" * (300 if i != 5 else 700), "cls": str(i).encode()}
+               for i in range(12)]
+    idx = write_shards(samples, path, maxcount=100)
+    shard = idx.shards[0]
+    buf = bytearray(open(shard, "rb").read())
+    check_run_parser(bytes(buf), idx, shard)  # unchanged
+    spans = list(zip(idx.offset.tolist(), idx.length.tolist()))
+    fast = _regular_run(bytes(buf), spans, [str(k) for k in idx.keys])
+    assert [s is not None for s in fast] == [True] * 12  # every sample read by a layout (two sizes: two)
+    victim = 7
+    lo, n = int(idx.offset[victim]), int(idx.length[victim])
+    keys = [str(k) for k in idx.keys]
+    expected = parse_samples(bytes(buf), spans, shard=shard, keys=keys, offsets=[off for off, _ in spans])
+    rng = random.Random(0)
+    interesting = b"\x00 ./09\n7x8"
+    changed = 0
+    for block in range(lo, lo + n, 512):
+        if buf[block + 156:block + 157] not in (b"x", b"0") and buf[block - 512 + 156:block - 512 + 157] != b"x":
+            continue  # a member's data: read as it is on every path
+        pax_data = buf[block - 512 + 156:block - 512 + 157] == b"x"
+        # Every field of a header (ustar's last bytes are padding) and a pax record's first 100 bytes.
+        for at in [*range(100), *range(100, 512 if not pax_data else 100)][:360 if not pax_data else 100]:
+            value = rng.randrange(256) if at % 2 else interesting[at // 2 % len(interesting)]
+            if buf[block + at] == value:
+                continue
+            data = bytearray(buf)
+            data[block + at] = value
+            head = data[block:block + 512]
+            if head[156:157] in (b"x", b"0") and head[257:262] == b"ustar":  # a header: checksum made right
+                data[block:block + 512] = _with_checksum(head)
+            try:
+                alone = parse_sample(bytes(data[lo:lo + n]), shard=shard, key=keys[victim], offset=lo)
+            except ShardError as e:
+                alone = str(e)
+            run = parse_samples(data, spans, shard=shard, keys=keys, offsets=[off for off, _ in spans])
+            got = [str(r) if isinstance(r, ShardError) else r for r in run]
+            assert got == expected[:victim] + [alone] + expected[victim + 1:], (block - lo + at, value)
+            changed += 1
+    assert changed > 1200
