@@ -125,4 +125,5 @@ def format_partition(row: Mapping[str, Any]) -> str:
     counts = [(g, row[g.lower()]) for g in GROUPS]
     total = max(sum(n for _, n in counts), 1)
     parts = [f"{g}: {n:>6} ({100.0 * n / total:5.1f}%)" for g, n in counts]
-    return f"[GEKO] Epoch {row['epoch']} ({row['phase']}) Partition: " + " | ".join(parts)
+    phase = f" ({row['phase']})" if row["phase"] else ""  # a run that follows no curriculum has no phase
+    return f"[GEKO] Epoch {row['epoch']}{phase} Partition: " + " | ".join(parts)

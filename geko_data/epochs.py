@@ -97,13 +97,23 @@ class EpochDriver:
         return policy.epoch_progress(max(self.epoch, 0), self.total_epochs)
 
     @property
+    def follows_curriculum(self) -> bool:
+        """Whether this run samples by the curriculum's phases (``policy.uses_curriculum``: a run shorter
+        than ``config.curriculum_min_epochs`` does not)."""
+        return policy.uses_curriculum(self.total_epochs, self.config)
+
+    @property
     def phase(self) -> str:
-        return policy.phase_name(self.progress)
+        """The curriculum phase of the current epoch, or ``""`` when the run follows no curriculum."""
+        return self._phase_of(self.progress)
+
+    def _phase_of(self, progress: float) -> str:
+        return policy.phase_name(progress) if self.follows_curriculum else ""
 
     @property
     def lr_multiplier(self) -> float:
-        """The Mountain LR multiplier of the current epoch (1.0 without the curriculum)."""
-        return policy.lr_multiplier(self.progress) if self.config.use_curriculum else 1.0
+        """The Mountain LR multiplier of the current epoch (1.0 when the run follows no curriculum)."""
+        return policy.lr_multiplier(self.progress) if self.follows_curriculum else 1.0
 
     @property
     def should_stop(self) -> bool:
@@ -133,7 +143,7 @@ class EpochDriver:
             return kept
         # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
-            stats = self.state.repartition(progress, epoch=epoch)
+            stats = self.state.repartition(progress, epoch=epoch, phase=self._phase_of(progress))
             if self.config.log_bucket_stats and self.world.is_main:
                 self.log(stats.format())
         self.epoch = epoch

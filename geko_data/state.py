@@ -196,8 +196,10 @@ class SampleState(StoredState):
         return m
 
     # ------------------------------------------------------------------ policy
-    def repartition(self, progress: float, *, epoch: int | None = None) -> PartitionStats:
-        """Re-bucket every unpruned sample from its last reported state; prune; append to ``history``."""
+    def repartition(self, progress: float, *, epoch: int | None = None, phase: str | None = None) -> PartitionStats:
+        """Re-bucket every unpruned sample from its last reported state; prune; append to ``history``.
+        ``phase``: the curriculum phase to record (default: the phase of ``progress``; ``""`` for a run that
+        follows no curriculum)."""
         self._writable("bucket", "frozen_epochs", "pruned")
         cfg = self.config
         alive = ~self.pruned
@@ -214,7 +216,8 @@ class SampleState(StoredState):
         self.pruned |= new_pruned
         self.bucket[new_pruned] = policy.FREEZE
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        stats = _partition_stats(self, progress, seen, new_pruned)
+        stats = _partition_stats(self, progress, seen, new_pruned,
+                                 policy.phase_name(progress) if phase is None else phase)
         self.history.append(stats.to_dict())
         return stats
 
@@ -336,7 +339,7 @@ def check_ids(ids: Any, num_samples: int) -> np.ndarray:
 
 
 def _partition_stats(state: SampleState, progress: float, seen: np.ndarray,
-                     new_pruned: np.ndarray) -> PartitionStats:
+                     new_pruned: np.ndarray, phase: str) -> PartitionStats:
     """The counts of a repartition that has just run (``SampleState.repartition``)."""
     alive = ~state.pruned
     # count_nonzero per code, not np.bincount: bincount converts the codes to int64 (800 MB at 100M)
@@ -346,7 +349,7 @@ def _partition_stats(state: SampleState, progress: float, seen: np.ndarray,
     # The mean of the seen losses (unseen ones are NaN) without np.nanmean's copy of the column.
     mean_loss = float(np.add.reduce(state.loss, where=seen, dtype=np.float64) / n_seen) if n_seen else math.nan
     return PartitionStats(
-        epoch=state.epoch, progress=float(progress), phase=policy.phase_name(progress), step=state.step,
+        epoch=state.epoch, progress=float(progress), phase=phase, step=state.step,
         freeze=counts[policy.FREEZE], light=counts[policy.LIGHT], focus=counts[policy.FOCUS],
         hard=counts[policy.HARD], pruned=int(np.count_nonzero(state.pruned)),
         newly_pruned=int(np.count_nonzero(new_pruned)), active=int(np.count_nonzero(alive)) - counts[policy.FREEZE],

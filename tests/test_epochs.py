@@ -61,3 +61,20 @@ def test_the_sampler_takes_a_world_like_the_stream(shards):
         GEKOSampler(43, total_epochs=2, world=(0, 1))
     with pytest.raises(ValueError, match=r"`rank` must be an int in \[0, 1\], got 2"):
         GEKOSampler(43, total_epochs=2, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("total_epochs,follows", [(3, False), (8, True)])
+def test_phase_and_mountain_lr_only_in_runs_that_follow_the_curriculum(total_epochs, follows):
+    # The default samples a run under curriculum_min_epochs (5) by bucket_weights: its log, history and
+    # LR must not name a Mountain phase it does not sample by.
+    logged = []
+    sampler = GEKOSampler(43, total_epochs=total_epochs, config=GEKOConfig(recheck_frozen=0.0))
+    sampler.log = logged.append  # what train() does to route the partition table
+    sampler.set_epoch(0)
+    sampler.report(np.arange(43), np.linspace(0.0, 1.0, 43), correct=np.ones(43, bool))
+    sampler.set_epoch(total_epochs // 2)
+    assert sampler.follows_curriculum is follows
+    assert (sampler.phase != "") is follows
+    assert (sampler.state.history[-1]["phase"] != "") is follows
+    assert logged[-1].startswith(f"[GEKO] Epoch {total_epochs // 2} (") is follows
+    assert (sampler.lr_multiplier == 1.0) is not follows

@@ -280,7 +280,8 @@ def _train_epoch(run: _Run) -> None:
     """Every micro-batch of the epoch, an optimizer step after each ``gradient_accumulation_steps``."""
     args, main = run.args, run.world.is_main
     accum = args.gradient_accumulation_steps
-    show_phase = run.data.config.mode not in BASELINE_MODES  # a baseline follows no curriculum: no phase
+    # a baseline, or a run too short for the curriculum, has no phase to show
+    show_phase = run.data.config.mode not in BASELINE_MODES and run.data.follows_curriculum
     bar = tqdm(run.loader, desc=f"Epoch {run.epoch + 1}/{args.num_epochs}", disable=not (args.progress and main),
                total=len(run.loader), leave=True)
     for batch in bar:
@@ -354,7 +355,7 @@ def _optimizer_step(run: _Run, progress: float) -> None:
     data's position and a resumed run counts the same steps.
     """
     args, optimizer = run.args, run.optimizer
-    lr = args.learning_rate * lr_factor(args, run.step, progress, run.data.config.use_curriculum, run.warmup)
+    lr = args.learning_rate * lr_factor(args, run.step, progress, run.data.follows_curriculum, run.warmup)
     for group in optimizer.param_groups:
         group["lr"] = lr
     if run.backward_in_window:

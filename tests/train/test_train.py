@@ -630,3 +630,19 @@ def test_train_returns_a_train_result_and_keeps_ids_only_when_asked(tmp_path):
     kept = train(Plain(), plain_data(16), args=args(tmp_path, "kept", num_epochs=1), config=CFG, record_ids=True,
                  log=QUIET)
     assert sorted(kept.ids_seen) == list(range(16))
+
+
+@pytest.mark.parametrize("min_epochs,follows", [(5, False), (1, True)])
+def test_mountain_lr_and_phase_follow_the_curriculum_only_when_the_run_does(tmp_path, min_epochs, follows):
+    # A 3-epoch run under the default curriculum_min_epochs=5 samples by bucket_weights: it has no phase,
+    # so its LR must not take the Mountain shape either (it did: the LR followed use_curriculum alone).
+    a = args(tmp_path, num_epochs=3, warmup_steps=0, lr_schedule="mountain")
+    train(Plain(), plain_data(48), args=a, config=CFG.replace(curriculum_min_epochs=min_epochs),
+          log=QUIET)
+    steps = [r for r in metrics(a.output_dir) if r["event"] == "train"]
+    lrs = {round(r["lr"], 12) for r in steps}
+    phases = {r["phase"] for r in steps}
+    if follows:
+        assert len(lrs) > 1 and "" not in phases
+    else:
+        assert lrs == {a.learning_rate} and phases == {""}
