@@ -58,13 +58,14 @@ def _answers(url: str) -> bool:
 
 
 def _die_with_parent() -> None:
-    """In the server's child process before exec: SIGTERM it when the process that started it dies. A test
+    """In the server's child process before exec: SIGKILL it when the process that started it dies. A test
     run killed from outside (a CI timeout, kill -9) cannot call ``stop()``, and its servers would otherwise
-    outlive it holding ports and temp folders (Linux; elsewhere a no-op)."""
+    outlive it holding ports and temp folders (Linux; elsewhere a no-op). SIGKILL, not SIGTERM: SeaweedFS
+    catches SIGTERM and its graceful shutdown can wait for minutes."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _in_main_thread() -> bool:
