@@ -518,7 +518,8 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: s
             xs = np.mean([[c["backward"] for c in r["curve"]] for r in mine], axis=0)
             ys = np.mean([[c[split] for c in r["curve"]] for r in mine], axis=0)
             ax.plot(xs, 100 * ys, marker="o", label=policy, linewidth=2.4 if policy == "geko" else 1.2)
-        ax.set(title=f"{name}: {split} quality vs backward passes (mean of {len(mine)} seed(s))",
+        seeds = len({r["seed"] for r in runs})  # not the last policy's runs: it may have none
+        ax.set(title=f"{name}: {split} quality vs backward passes (mean of {seeds} seed(s))",
                xlabel="sample backward passes", ylabel="quality (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
