@@ -204,7 +204,7 @@ class LMSetup:
 
 LM_SETUPS: dict[str, LMSetup] = {
     "sft": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=32),
-    "gen": LMSetup(lora_layers=2, rank=4, lr=5e-3, prompt_tokens=32),
+    "gen": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=24),
 }
 
 
