@@ -234,7 +234,8 @@ def test_bf16_autocast_is_active_in_the_forward(tmp_path, bf16):
 
 
 def test_prints_bucket_table_progress_and_efficiency_report(tmp_path, capsys):
-    cfg = CFG.replace(log_bucket_stats=True, early_stop_frozen=1.0)
+    # curriculum_min_epochs=1: this 2-epoch run follows the curriculum, so its phases are printed
+    cfg = CFG.replace(log_bucket_stats=True, early_stop_frozen=1.0, curriculum_min_epochs=1)
     train(Plain(), plain_data(16), args=args(tmp_path, num_epochs=2, progress=True), config=cfg, log=print)
     captured = capsys.readouterr()
     partitions = [line for line in captured.out.splitlines() if "Partition:" in line]
