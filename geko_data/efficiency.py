@@ -105,9 +105,11 @@ def format_history(history: Sequence[Mapping[str, Any]], *, phase: bool = True, 
 
     A row is a repartition's record (``PartitionStats.to_dict()``, as the state file's metadata holds it):
     its epoch, curriculum phase and the count of each group. ``phase=False`` leaves the phase column out (a
-    baseline mode has none); ``detail=True`` adds the step and the mean loss. Every table of partitions
-    (``geko-data inspect``, the efficiency report) is this one.
+    baseline mode has none), as does a history without a phase (a run that follows no curriculum);
+    ``detail=True`` adds the step and the mean loss. Every table of partitions (``geko-data inspect``, the
+    efficiency report) is this one.
     """
+    phase = phase and any(h.get("phase") for h in history)
     head = f"{'epoch':>5}" + (f" {'phase':<12}" if phase else "") + (f" {'step':>7}" if detail else "")
     lines = [head + "".join(f" {g:>8}" for g in GROUPS) + (f" {'loss':>7}" if detail else "")]
     for h in history:

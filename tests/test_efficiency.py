@@ -63,6 +63,9 @@ def test_history_table_columns():
     head, first = format_history(rows[:1], phase=False, detail=True)
     assert head.split() == ["epoch", "step", "FREEZE", "LIGHT", "FOCUS", "HARD", "PRUNED", "loss"]
     assert first.split() == ["0", "7", "0", "12", "123,456", "5", "0", "-"]
+    # a run that follows no curriculum records no phase: no empty phase column either
+    flat = [dict(rows[0], phase=""), rows[1]]
+    assert format_history(flat)[0].split() == ["epoch", "FREEZE", "LIGHT", "FOCUS", "HARD", "PRUNED"]
 
 
 def test_partition_line_is_gekolibs(state):
