@@ -22,10 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from geko_data.shards import ShardError
 from geko_data.urls import describe, is_transient, open_url, redact
+from geko_data.validate import check_int, check_number
 
 __all__ = ["Fetched", "RangeFetcher", "RemoteConfig"]
 
@@ -86,13 +85,9 @@ class RemoteConfig:
 
     def __post_init__(self) -> None:
         for name, lo in (("concurrency", 1), ("gap", 0), ("max_request", 512), ("retries", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-                raise ValueError(f"RemoteConfig `{name}` must be an int >= {lo}, got {value!r}")
-        for name in ("backoff", "max_backoff", "timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"RemoteConfig `{name}` must be a number of seconds > 0, got {value!r}")
+            check_int(name, getattr(self, name), lo, prefix="RemoteConfig ")
+        for name in ("backoff", "max_backoff", "timeout"):  # seconds
+            check_number(name, getattr(self, name), 0, lo_open=True, prefix="RemoteConfig ")
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed try ``attempt`` (0-based): exponential, capped, with jitter."""

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from geko_data.atomic import atomic_dir, fsync_dir
 from geko_data.state import SampleState
+from geko_data.validate import check_int
 # MANIFEST, CheckpointError, file_hash and write_manifest are re-exported: this is where users import them from.
 from geko_data.train.manifest import (MANIFEST, CheckpointError, check_against_manifest, check_manifest, file_hash,
                                       is_int, read_file, read_json, refuse, write_manifest)
@@ -106,8 +107,7 @@ def save_checkpoint(output_dir: str, *, step: int, model: torch.nn.Module, optim
     leave a window with no checkpoint at all. Only one process may write to ``output_dir`` at a time (see
     ``lock_output_dir``).
     """
-    if not is_int(step) or step < 0:
-        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
+    check_int("step", step, 0, numpy=False)
     if "step" in trainer_state and trainer_state["step"] != step:
         raise ValueError(f"`trainer_state` step {trainer_state['step']!r} differs from `step` {step}")
     try:

@@ -16,6 +16,7 @@ import xxhash
 
 from geko_data.atomic import atomic_write_bytes
 from geko_data.state import SampleState
+from geko_data.validate import check_int
 
 __all__ = ["MANIFEST", "CheckpointError", "check_against_manifest", "check_manifest", "file_hash", "is_int",
            "read_file", "read_json", "refuse", "write_manifest"]
@@ -51,10 +52,8 @@ def write_manifest(path: str, *, step: int, seed: int | None, fingerprint: str |
     ``save_checkpoint`` calls it last, inside the temporary directory. Call it yourself only to re-seal a
     checkpoint you changed on purpose: it vouches for whatever the files are now.
     """
-    if not is_int(step) or step < 0:
-        raise ValueError(f"`step` must be an int >= 0, got {step!r}")
-    if seed is not None and not is_int(seed):
-        raise ValueError(f"`seed` must be an int or None, got {seed!r}")
+    check_int("step", step, 0, numpy=False)
+    check_int("seed", seed, optional=True, numpy=False)
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise ValueError(f"`fingerprint` must be a str or None, got {fingerprint!r}")
     files: dict[str, dict[str, Any]] = {}
