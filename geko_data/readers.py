@@ -355,7 +355,7 @@ class ShardReader:
     def _read_local(self, pending: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         """Read ``pending`` (id, shard pairs of ascending ids in one shard) in groups of up to _RUN_BYTES."""
         ids, shard = pending[0::2], pending[1]
-        keys = self.index.keys[ids].tolist()
+        keys = self.index.keys.take(ids)  # Arrow's take: a list of str, no object array between
         offsets, lengths = self.index.offset[ids].tolist(), self.index.length[ids].tolist()
         stopped = self.bad.stopped
         lo = 0

@@ -48,6 +48,7 @@ from geko_data.plan import EpochPlan, ShardLayout, rank_order, shard_positions, 
 from geko_data.readers import COUNTERS, BadData, ShardReader
 from geko_data.remote import (RangeFetcher, RangeReader, RemoteConfig, SharedRanges, is_url, range_dir,
                               read_index_url)
+from geko_data.sampler import _Item
 from geko_data.shards import ShardError, ShardIndex, read_index
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState
@@ -63,6 +64,15 @@ class LossWeight(float):
     pickled from its DataLoader worker: a ``numpy.float32`` costs ~2 us more a sample there."""
 
     __slots__ = ()
+
+
+def _weight_objects(weights: np.ndarray) -> list[LossWeight]:
+    """``weights`` as LossWeights, one object per distinct value: a batch pickled in a DataLoader worker then
+    carries each value once and refers back to it (pickle's memo), where a LossWeight per sample costs
+    ~0.8 us more to pickle than a float (a float subclass goes through ``__reduce_ex__``)."""
+    values, which = np.unique(weights, return_inverse=True)
+    objects = [LossWeight(v) for v in values.tolist()]
+    return [objects[k] for k in which.tolist()]
 
 
 def _collate_weights(batch: list[LossWeight], *, collate_fn_map: Any = None) -> torch.Tensor:
@@ -179,6 +189,27 @@ class _Sources:
         return ShardReader(self.index, self.urls, self.local, self.shard_start, bad, self.verify, ranges)
 
 
+class _WorkerCopy:
+    """Stands in for the ``SampleState`` (and its feedback) in a pickled stream, which is what a spawned
+    DataLoader worker holds: the policy, the length and the fingerprint stay readable; anything else that
+    needs the per-sample state raises, naming where to call it."""
+
+    def __init__(self, state: SampleState) -> None:
+        self.config = state.config
+        self.num_samples = state.num_samples
+        self.fingerprint = state.fingerprint
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocols probed by pickle, copy and hasattr: absent, as usual
+            raise AttributeError(name)
+        raise RuntimeError(f"this GEKOStream is a pickled copy (what a spawned DataLoader worker receives): it "
+                           f"holds no SampleState, so `{name}` is not available here; set epochs, report and "
+                           f"read the state on the stream in the main process")
+
+
 class _Order:
     """This rank's order of one published plan, computed once per plan and process (with the epoch's shard
     positions, which the readers use to read each block in file order)."""
@@ -278,6 +309,22 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._read_before = dict.fromkeys(("bytes_read", "requests", "retries"), 0)
         self._order_cache: _Order | None = None
         self._yielded = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle of the stream carries: what a spawned DataLoader worker reads with, not the
+        ``SampleState`` (32 bytes a sample, read and written only by the main process: the worker reads the
+        epoch's plan from shared memory) nor the shard layout's column or a cached order (rebuilt from the
+        index, which pickles as its file's name and is memory-mapped again)."""
+        kept = self.__dict__.copy()
+        kept["state"] = kept["feedback"] = _WorkerCopy(self.state)
+        kept["_layout"] = kept["_order_cache"] = None
+        return kept
+
+    def __setstate__(self, kept: dict[str, Any]) -> None:
+        self.__dict__.update(kept)
+        # The index's shard column is a view of its mapped file: the layout costs no memory of its own.
+        self._layout = ShardLayout(sample_shard=self.index.shard, num_shards=len(self.index.shards),
+                                   shuffle_buffer=self.shuffle_buffer)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -392,18 +439,23 @@ class GEKOStream(EpochDriver, IterableDataset):
     def _tagged(self, block: np.ndarray, weights: np.ndarray, samples: dict[int, dict[str, Any] | None],
                 reader: ShardReader, main: bool) -> Iterator[dict[str, Any]]:
         """Stages 2-3: every draw of the block in order, decoded (each draw anew: a random transform differs
-        between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__`` (a ``LossWeight``)."""
+        between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__`` (a ``LossWeight``).
+
+        A dict sample is yielded as wrap's ``_Item``: a dict to the loop and when pickled, which
+        ``default_collate`` collates with ``sampler._collate_tagged``, so that in a DataLoader worker the
+        batch's ``__index__`` and ``__weight__`` travel inside its pickle instead of as two shared-memory
+        tensors (each costs a segment, a file descriptor and a socket round trip a batch)."""
         urls, decoder = self.urls, self._decoder
         shards = self.index.shard[block].tolist()  # one lookup per block, not per draw
         yielded = skipped = 0
         try:
-            for i, shard, weight in zip(block.tolist(), shards, map(LossWeight, weights.tolist())):
+            for i, shard, weight in zip(block.tolist(), shards, _weight_objects(weights)):
                 raw = samples.get(i)
                 if raw is None:  # unreadable or undecodable (counted once as a sample): every draw is lost
                     skipped += 1
                     continue
                 if decoder is None:  # a new dict per draw (a repeat is yielded again), built in one go
-                    sample = {**raw, "__url__": urls[shard], "__index__": i, "__weight__": weight}
+                    sample = _Item(raw, __url__=urls[shard], __index__=i, __weight__=weight)
                 else:
                     try:
                         sample = decoder({**raw, "__url__": urls[shard]})
@@ -411,8 +463,11 @@ class GEKOStream(EpochDriver, IterableDataset):
                         skipped += 1
                         reader.reject(i, decoding_error(exn, url=urls[shard], key=str(self.index.keys[i])), samples)
                         continue
-                    sample["__index__"] = i
-                    sample["__weight__"] = weight
+                    if type(sample) is dict:
+                        sample = _Item(sample, __index__=i, __weight__=weight)
+                    else:  # the decoder's own mapping type is kept
+                        sample["__index__"] = i
+                        sample["__weight__"] = weight
                 yielded += 1
                 if main:
                     self._yielded += 1
