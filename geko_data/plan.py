@@ -114,12 +114,84 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     ``loss`` arrays and a ``config``, e.g. ``SampleState``)."""
     config = config if config is not None else state.config
     progress = policy.epoch_progress(epoch, total_epochs)
-    expected, weight = policy.epoch_expected(
-        bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
-        epoch=epoch, total_epochs=total_epochs, config=config, epoch_length=epoch_length)
-    counts = stochastic_round(expected, rng(seed, epoch, PURPOSE_ROUND))
+    generator = rng(seed, epoch, PURPOSE_ROUND)
+    planned = None
+    if config.mode == "geko" and not policy.annealing(epoch, total_epochs, config):
+        planned = _geko_plan(state, progress=progress, config=config, epoch_length=epoch_length,
+                             total_epochs=total_epochs, generator=generator)
+    if planned is None:
+        expected, weight = policy.epoch_expected(
+            bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
+            epoch=epoch, total_epochs=total_epochs, config=config, epoch_length=epoch_length)
+        counts = stochastic_round(expected, generator)
+    else:
+        counts, weight = planned
     return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
                      epoch_length=epoch_length)
+
+
+def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length: int | None,
+               total_epochs: int, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(counts, loss_weight)`` of a ``geko`` epoch that does not anneal, bit for bit what
+    ``policy.epoch_expected`` and ``stochastic_round`` give, in two passes of ``_CHUNK`` samples; ``None``
+    where that cannot be promised (then the caller takes the whole-array path).
+
+    In this mode a sample's expected count is one of five numbers: its bucket's weight times the epoch's
+    scale, ``recheck_frozen`` (FREEZE), or 0 (pruned, or past ``max_times_seen``). So the first pass counts the
+    samples of each kind, the second looks each sample's count and weight up from its kind and rounds it
+    with the same random numbers, and no (N,) float64 array exists: the whole-array path makes several
+    (800 MB each at 100M samples) and a dozen passes over them. The scale is ``length / sum of weights``;
+    that sum is exact here only when every weight is an integer (numpy sums the array pairwise, this sums
+    counts), so other weights, and an epoch whose counts hit ``max_repeats`` (water-filling), take the
+    whole-array path.
+    """
+    table = policy.bucket_weight_table(progress, config, total_epochs=total_epochs)  # [FREEZE, LIGHT, FOCUS, HARD]
+    if not all(float(v).is_integer() for v in table):
+        return None
+    bucket, pruned, times_seen = state.bucket, state.pruned, state.times_seen
+    n = bucket.shape[0]
+    limit = config.max_times_seen
+
+    def kinds(a: int) -> np.ndarray:
+        # 0-3: an unpruned sample's bucket (FREEZE whatever its passes); 4: a trainable sample past
+        # max_times_seen (expected count 0, weight 1); 5: pruned (0 and 0)
+        b = bucket[a:a + _CHUNK]
+        out = b.copy()
+        if limit > 0:
+            out[(times_seen[a:a + _CHUNK] >= limit) & (b != policy.FREEZE)] = 4
+        out[pruned[a:a + _CHUNK]] = 5
+        return out
+
+    per_kind = np.zeros(6, dtype=np.int64)
+    for a in range(0, n, _CHUNK):
+        per_kind += np.bincount(kinds(a), minlength=6)
+    n_active = int(per_kind[1:4].sum())
+    weights = table.copy()
+    if sum(int(table[k]) * int(per_kind[k]) for k in range(1, 4)) == 0:
+        weights[1:] = 1.0  # every trainable sample in a zero-weight bucket: uniform over them (as the policy)
+    total = sum(int(weights[k]) * int(per_kind[k]) for k in range(1, 4))
+    if total >= 2**53:
+        return None
+    length = float(n_active if epoch_length is None else int(epoch_length))
+    expected = np.zeros(6, dtype=np.float64)  # by kind: what the whole-array path computes per sample
+    if total > 0 and length > 0:
+        scale = length / float(total)
+        if max(float(weights[k]) for k in range(1, 4) if per_kind[k]) * scale > config.max_repeats:
+            return None  # water-filling
+        expected[1:4] = weights[1:4] * scale
+    expected[policy.FREEZE] = config.recheck_frozen
+    base = np.floor(expected)
+    frac = expected - base
+    base_count = base.astype(np.int32)
+    trained = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=np.float32)  # FREEZE: forward only
+    counts = np.empty(n, dtype=np.int32)
+    weight = np.empty(n, dtype=np.float32)
+    for a in range(0, n, _CHUNK):
+        k = kinds(a)
+        # stochastic_round's draws, in its steps: floor(x) + (u < x - floor(x))
+        counts[a:a + _CHUNK] = base_count[k] + (generator.random(k.shape[0]) < frac[k])
+        weight[a:a + _CHUNK] = trained[k]
+    return counts, weight
 
 
 def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -181,12 +253,15 @@ def _block_shuffle(counts: np.ndarray, total: int, dtype: Any,
     ends = fill + size
     for pos, part in _draws_in_id_order(counts, dtype):
         lab = labels[pos:pos + part.shape[0]]
-        by_block = np.argsort(lab, kind="stable")  # a radix sort of 16-bit labels: linear
-        lab_sorted = lab[by_block]
         here = np.bincount(lab, minlength=num_blocks)
-        first = np.cumsum(here) - here  # where each block's draws start within this piece
-        dest = fill[lab_sorted] + (np.arange(part.shape[0]) - first[lab_sorted])
-        order[dest] = part[by_block]
+        # The piece's draws grouped by block (a radix sort of 16-bit labels: linear), then each block's group
+        # copied to the block's next free place: one memcpy a block, where a scatter through per-draw
+        # destinations cost four more gathers and index arrays of 8 bytes a draw.
+        dealt = part[np.argsort(lab, kind="stable")]
+        at = 0
+        for start, k in zip(fill.tolist(), here.tolist()):
+            order[start:start + k] = dealt[at:at + k]
+            at += k
         fill += here
     del labels
     for a, b in zip((ends - size).tolist(), ends.tolist()):

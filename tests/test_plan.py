@@ -252,3 +252,68 @@ def test_block_shuffle_gives_every_arrangement_equally_often(monkeypatch):
     for key, c in seen.items():
         first[key[0]] += c
     np.testing.assert_allclose(first / 12_000, 0.2, atol=0.015)
+
+
+def test_block_shuffle_order_is_that_of_the_previous_deal(monkeypatch):
+    """The deal into blocks copies each block's draws of a piece as one slice (it scattered every draw
+    through an index of its destination): the same order, pinned by the previous implementation's digest."""
+    import hashlib
+
+    monkeypatch.setattr(plan, "_BLOCK", 64)
+    monkeypatch.setattr(plan, "_CHUNK", 256)
+    counts = np.random.default_rng(3).integers(0, 4, 1000).astype(np.int32)
+    counts[100:110] = 9
+    order = plan.global_order(counts, seed=4, epoch=2)
+    assert hashlib.sha256(order.tobytes()).hexdigest()[:32] == "2a7dbac6c51cc39c29ba9e7978ef96e7"
+
+
+def _whole_array_plan(state, *, seed, epoch, total_epochs, epoch_length):
+    expected, weight = policy.epoch_expected(bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen,
+                                             loss=state.loss, epoch=epoch, total_epochs=total_epochs,
+                                             config=state.config, epoch_length=epoch_length)
+    return plan.stochastic_round(expected, plan.rng(seed, epoch, plan.PURPOSE_ROUND)), weight
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 97])
+def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
+    """A geko epoch is planned in two passes of ``_CHUNK`` samples, without (N,) float64 arrays: its counts
+    and loss weights are exactly ``policy.epoch_expected`` rounded by ``stochastic_round`` with the same
+    generator, over buckets, pruned samples, samples past max_times_seen, the curriculum's zero weights, an
+    all-zero-weight epoch, epoch lengths that hit max_repeats (water-filling) and non-integer weights (the
+    last two take the whole-array path)."""
+    monkeypatch.setattr(plan, "_CHUNK", chunk)
+    calls = {"in steps": 0}
+    in_steps = plan._geko_plan
+
+    def counted(*a, **k):
+        out = in_steps(*a, **k)
+        calls["in steps"] += out is not None
+        return out
+
+    monkeypatch.setattr(plan, "_geko_plan", counted)
+    for case in range(48):
+        rng = np.random.default_rng(case)
+        n = int(rng.integers(1, 2500))
+        cfg = {}
+        if case % 4 == 1:
+            cfg["curriculum_min_epochs"] = 1  # the Mountain table: PEAK gives LIGHT weight 0
+        if case % 7 == 3:
+            cfg["bucket_weights"] = (2.5, 1.0, 0.3)
+        if case % 5 == 2:
+            cfg["max_times_seen"] = 3
+        if case % 6 == 5:
+            cfg["bucket_weights"] = (0.0, 0.0, 1.0)
+        state = SampleState(n, config=GEKOConfig(**cfg))
+        state.bucket[:] = rng.integers(0, 4, n) if case % 9 else policy.LIGHT
+        state.pruned[:] = rng.random(n) < 0.1
+        state.times_seen[:] = rng.integers(0, 6, n)
+        epoch_length = None if case % 3 else int(rng.integers(1, 5 * n))
+        total_epochs = int(rng.integers(1, 9))
+        epoch = int(rng.integers(0, total_epochs))
+        got = plan.epoch_plan(state, seed=case, epoch=epoch, total_epochs=total_epochs, epoch_length=epoch_length)
+        counts, weight = _whole_array_plan(state, seed=case, epoch=epoch, total_epochs=total_epochs,
+                                           epoch_length=epoch_length)
+        assert got.counts.dtype == np.int32 and got.loss_weight.dtype == np.float32
+        assert np.array_equal(got.counts, counts), case
+        assert np.array_equal(got.loss_weight, weight), case
+    assert calls["in steps"] >= 20  # most cases took the stepped path
