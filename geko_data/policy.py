@@ -138,7 +138,8 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
         with np.errstate(divide="ignore"):
             rank_by = -np.log(conf) if loss is None else loss
         when = np.zeros(correct.shape[0], np.int64) if last_step is None else last_step
-        freeze = correct & easiest_in_windows(seen=seen, loss=rank_by, last_step=when, share=config.freeze_share)
+        freeze = easiest_in_windows(seen=seen, loss=rank_by, last_step=when, share=config.freeze_share)
+        freeze &= correct
     else:
         threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
         freeze = correct & (conf > np.float32(threshold))
@@ -146,10 +147,18 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
         # the same rule without a square root over every sample.
         freeze &= np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
         freeze &= np.asarray(q) >= config.min_q_for_freeze
-    u8 = np.uint8
-    out = np.where(correct, u8(LIGHT), wrong_bucket(conf, config))
-    out[freeze] = FREEZE
-    out[~np.asarray(seen, dtype=bool)] = FOCUS
+    seen = np.asarray(seen, dtype=bool)
+    out = np.empty(correct.shape[0], dtype=np.uint8)
+    for a in range(0, out.shape[0], _STEP):  # a step at a time: the masks and codes of a step stay in cache
+        code = wrong_bucket(conf[a:a + _STEP], config)
+        # The overrides as uint8 arithmetic on the codes (FREEZE is 0), 3x faster than masked writes:
+        # correct -> LIGHT, frozen -> FREEZE, unseen -> FOCUS.
+        code -= (code - np.uint8(LIGHT)) * correct[a:a + _STEP]
+        code *= ~freeze[a:a + _STEP]
+        unseen = ~seen[a:a + _STEP]
+        code *= ~unseen
+        code += unseen.view(np.uint8) * np.uint8(FOCUS)
+        out[a:a + _STEP] = code
     return out
 
 
@@ -174,41 +183,61 @@ def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndar
     not trained in the last epoch (frozen ones) share the earliest spans and half of them thaw each epoch,
     so a stale measurement is refreshed.
     """
-    seen = np.asarray(seen, dtype=bool) & np.isfinite(loss)
-    idx = np.flatnonzero(seen)
-    out = np.zeros(seen.shape[0], dtype=bool)
-    if not idx.shape[0]:
-        return out
-    # In the columns' own dtype (int32 steps): int64 copies of them cost 8 bytes a seen sample each.
-    steps = np.asarray(last_step)[idx]
-    m = idx.shape[0]
+    seen = np.asarray(seen, dtype=bool)
+    loss, last_step = np.asarray(loss), np.asarray(last_step)
+    n = seen.shape[0]
+    # Every pass goes a step at a time, its temporaries in cache, and never builds an index of the seen
+    # samples (8 bytes each): a mask of them, and their steps and losses packed where a pass needs them (in
+    # the columns' own dtypes). ``np.empty``: only the first m values of a packed array are ever touched.
+    mask = np.empty(n, dtype=bool)
+    steps = np.empty(n, dtype=last_step.dtype)
+    m = 0
+    for a in range(0, n, _STEP):
+        s = np.isfinite(loss[a:a + _STEP])
+        s &= seen[a:a + _STEP]
+        mask[a:a + _STEP] = s
+        k = int(np.count_nonzero(s))
+        np.compress(s, last_step[a:a + _STEP], out=steps[m:m + k])
+        m += k
+    if not m or share >= 1.0:
+        return mask if m else np.zeros(n, dtype=bool)
     windows = max(1, min(RANK_WINDOWS, m // MIN_WINDOW))
     # Span of a sample: floor(windows * r / m), r = the count of samples reported at an earlier step (so
     # samples of one step share a span). r >= k exactly when the step is above the k-th smallest step, so
     # span w holds the steps above the ceil(w m / windows)-th smallest: windows - 1 order statistics and
     # compares, not a sort of every step and a binary search of each.
-    bounds = _order_statistics(steps, [-(-w * m // windows) - 1 for w in range(1, windows)])
-    span_of = np.zeros(m, dtype=np.uint8)  # windows <= RANK_WINDOWS
-    for a in range(0, m, _STEP):
-        part, code = steps[a:a + _STEP], span_of[a:a + _STEP]
+    bounds = _order_statistics(steps[:m], [-(-w * m // windows) - 1 for w in range(1, windows)])
+
+    def spans(step_values: np.ndarray) -> np.ndarray:  # the span of each of a step's samples
+        code = np.zeros(step_values.shape[0], dtype=np.uint8)  # windows <= RANK_WINDOWS
         for b in bounds:
-            np.add(code, part > b, out=code, casting="unsafe")
+            np.add(code, step_values > b, out=code, casting="unsafe")
+        return code
+
+    span_of = np.concatenate([spans(steps[a:min(a + _STEP, m)]) for a in range(0, m, _STEP)])
     del steps
-    if share >= 1.0:
-        out[idx] = True
-        return out
-    # The cut of each span, then one pass: no int64 copy of each span's positions. In the column's dtype:
-    # the "lower" quantile is one of the losses, so a float32 cut selects what a float64 one would.
-    losses = np.asarray(loss)[idx]
-    cuts = np.full(windows, np.inf, dtype=losses.dtype if losses.dtype.kind == "f" else np.float64)
+    losses = np.empty(m, dtype=loss.dtype if loss.dtype.kind == "f" else np.float64)
+    at = 0
+    for a in range(0, n, _STEP):
+        s = mask[a:a + _STEP]
+        k = int(np.count_nonzero(s))
+        np.compress(s, loss[a:a + _STEP], out=losses[at:at + k])
+        at += k
+    # The cut of each span: its "lower" ``share`` quantile (np.quantile's index floor((k - 1) * share)), one of
+    # the losses, so a cut in the column's dtype selects what a float64 one would.
+    cuts = np.full(windows, np.inf, dtype=losses.dtype)
     for w in range(windows):
-        l = np.extract(span_of == w, losses)  # faster than boolean indexing
+        l = np.extract(span_of == w, losses)  # a copy, partitioned in place
         if l.shape[0]:
-            cuts[w] = np.quantile(l, share, method="lower")
-    for a in range(0, m, _STEP):
+            k = int(np.floor((l.shape[0] - 1) * share))
+            l.partition(k)
+            cuts[w] = l[k]
+    del losses, span_of
+    out = np.empty(n, dtype=bool)
+    for a in range(0, n, _STEP):
         # ties at the cut all pass: equally easy samples are not told apart by their position
-        keep = losses[a:a + _STEP] <= cuts[span_of[a:a + _STEP]]
-        out[idx[a:a + _STEP][keep]] = True
+        np.less_equal(loss[a:a + _STEP], cuts.take(spans(last_step[a:a + _STEP])), out=out[a:a + _STEP])
+        out[a:a + _STEP] &= mask[a:a + _STEP]
     return out
 
 

@@ -33,6 +33,12 @@ __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "Fingerpr
            "read_table", "to_numpy"]
 
 _NAMES = tuple(c[0] for c in COLUMNS)
+#: Samples per step of the chunked passes over the columns (``repartition``): temporaries of a few MB.
+_STEP = 1 << 20
+#: A report of at least this many ids is applied by blocks of ``_ROWS`` ids (rows of about 8 MB over the
+#: columns, within the CPU cache); smaller ones, a training loop's batches, in one go.
+_BLOCKED_REPORT = 1 << 16
+_ROWS = 1 << 18
 #: Kept for readers that imported it from here (``geko_data.cli``, ``geko_data.plot``).
 _values = column_values
 
@@ -170,6 +176,24 @@ class SampleState(StoredState):
         uniq, last, passes = _last_occurrences(ids, self.num_samples)
         loss_u, conf_u, correct_u = loss[last], confidence[last], correct[last]
 
+        self._writable("loss", "loss_ema", "loss_var", "q", "confidence", "correct", "times_seen", "last_step")
+        step = min(self.step, 2**31 - 1)
+        if m < _BLOCKED_REPORT:
+            self._apply_rows(uniq, loss_u, conf_u, correct_u, passes, step)
+            return m
+        # A large report goes by blocks of ids (``uniq`` is ascending): each block's rows of the columns stay
+        # in the CPU cache between their gather and their scatter, so a column is read from memory once, not
+        # once for the gather and once more for the scatter (5M ids among 100M touch nearly every cache line).
+        edges = [0, *np.searchsorted(uniq, np.arange(_ROWS, self.num_samples, _ROWS)).tolist(), uniq.shape[0]]
+        for a, b in zip(edges[:-1], edges[1:]):
+            if a < b:
+                self._apply_rows(uniq[a:b], loss_u[a:b], conf_u[a:b], correct_u[a:b], passes[a:b], step)
+        return m
+
+    def _apply_rows(self, uniq: np.ndarray, loss_u: np.ndarray, conf_u: np.ndarray, correct_u: np.ndarray,
+                    passes: np.ndarray, step: int) -> None:
+        """The update rules on the rows ``uniq`` (distinct ids) given their reported values: every row is
+        gathered before any is written, and no row depends on another."""
         cfg = self.config
         prev_seen = np.isfinite(self.loss[uniq])
         ema, var = policy.loss_ema_update(self.loss_ema[uniq], self.loss_var[uniq], loss_u, prev_seen=prev_seen,
@@ -178,7 +202,6 @@ class SampleState(StoredState):
         forgot = prev_seen & self.correct[uniq] & ~correct_u
         thawed = policy.thaw(self.bucket[uniq], correct=correct_u, confidence=conf_u, pruned=self.pruned[uniq],
                              config=cfg)
-        self._writable("loss", "loss_ema", "loss_var", "q", "confidence", "correct", "times_seen", "last_step")
         self.loss_ema[uniq], self.loss_var[uniq], self.q[uniq] = ema, var, q
         if forgot.any():
             self._writable("forgets")
@@ -192,8 +215,7 @@ class SampleState(StoredState):
         self.confidence[uniq] = conf_u
         self.correct[uniq] = correct_u
         self.times_seen[uniq] = np.minimum(self.times_seen[uniq].astype(np.int64) + passes, 65535)
-        self.last_step[uniq] = min(self.step, 2**31 - 1)
-        return m
+        self.last_step[uniq] = step
 
     # ------------------------------------------------------------------ policy
     def repartition(self, progress: float, *, epoch: int | None = None, phase: str | None = None) -> PartitionStats:
@@ -202,21 +224,33 @@ class SampleState(StoredState):
         follows no curriculum)."""
         self._writable("bucket", "frozen_epochs", "pruned")
         cfg = self.config
-        alive = ~self.pruned
         seen = self.seen
         bucket = policy.classify(seen=seen, correct=self.correct, confidence=self.confidence, q=self.q,
                                  loss_var=self.loss_var, config=cfg, loss=self.loss, last_step=self.last_step)
-        np.copyto(self.bucket, bucket, where=alive)
-        is_frozen = alive & (self.bucket == policy.FREEZE)
-        # frozen_epochs + 1 (saturating at 255) where frozen, 0 elsewhere, in place in uint8 (no int16 copies)
-        fe = self.frozen_epochs
-        np.add(fe, is_frozen & (fe < 255), out=fe, casting="unsafe")
-        np.multiply(fe, is_frozen, out=fe, casting="unsafe")
-        new_pruned = policy.prune_mask(fe, cfg) & alive
-        self.pruned |= new_pruned
-        self.bucket[new_pruned] = policy.FREEZE
+        # Samples per code after the repartition (0-3 the buckets of the unpruned, 4 pruned) and the newly
+        # pruned, counted as each step is written: one pass over the columns, a step at a time in cache.
+        per_code = np.zeros(5, dtype=np.int64)
+        newly_pruned = 0
+        for a in range(0, self.num_samples, _STEP):
+            part = slice(a, a + _STEP)
+            alive = ~self.pruned[part]
+            codes = self.bucket[part]
+            np.copyto(codes, bucket[part], where=alive)
+            is_frozen = alive & (codes == policy.FREEZE)
+            # frozen_epochs + 1 (saturating at 255) where frozen, 0 elsewhere, in place in uint8
+            fe = self.frozen_epochs[part]
+            np.add(fe, is_frozen & (fe < 255), out=fe, casting="unsafe")
+            np.multiply(fe, is_frozen, out=fe, casting="unsafe")
+            new_pruned = policy.prune_mask(fe, cfg) & alive
+            self.pruned[part] |= new_pruned
+            codes[new_pruned] = policy.FREEZE
+            newly_pruned += int(np.count_nonzero(new_pruned))
+            alive &= ~new_pruned
+            coded = np.where(alive, codes, np.uint8(4))  # counted per code in cache (bincount widens to int64)
+            per_code += [np.count_nonzero(coded == code) for code in range(5)]
+        del bucket
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        stats = _partition_stats(self, progress, seen, new_pruned,
+        stats = _partition_stats(self, progress, seen, per_code, newly_pruned,
                                  policy.phase_name(progress) if phase is None else phase)
         self.history.append(stats.to_dict())
         return stats
@@ -338,20 +372,17 @@ def check_ids(ids: Any, num_samples: int) -> np.ndarray:
     return ids_a.astype(np.int64, copy=False)
 
 
-def _partition_stats(state: SampleState, progress: float, seen: np.ndarray,
-                     new_pruned: np.ndarray, phase: str) -> PartitionStats:
-    """The counts of a repartition that has just run (``SampleState.repartition``)."""
-    alive = ~state.pruned
-    # count_nonzero per code, not np.bincount: bincount converts the codes to int64 (800 MB at 100M)
-    coded = np.where(alive, state.bucket, np.uint8(4))  # 4: pruned
-    counts = [int(np.count_nonzero(coded == code)) for code in range(4)]
+def _partition_stats(state: SampleState, progress: float, seen: np.ndarray, per_code: np.ndarray,
+                     newly_pruned: int, phase: str) -> PartitionStats:
+    """The counts of a repartition that has just run (``SampleState.repartition``): ``per_code`` holds the
+    unpruned samples of each bucket code and, at 4, the pruned ones."""
+    counts = [int(c) for c in per_code]
     n_seen = int(np.count_nonzero(seen))
     # The mean of the seen losses (unseen ones are NaN) without np.nanmean's copy of the column.
     mean_loss = float(np.add.reduce(state.loss, where=seen, dtype=np.float64) / n_seen) if n_seen else math.nan
     return PartitionStats(
         epoch=state.epoch, progress=float(progress), phase=phase, step=state.step,
         freeze=counts[policy.FREEZE], light=counts[policy.LIGHT], focus=counts[policy.FOCUS],
-        hard=counts[policy.HARD], pruned=int(np.count_nonzero(state.pruned)),
-        newly_pruned=int(np.count_nonzero(new_pruned)), active=int(np.count_nonzero(alive)) - counts[policy.FREEZE],
-        seen=n_seen,
+        hard=counts[policy.HARD], pruned=counts[4], newly_pruned=newly_pruned,
+        active=counts[policy.LIGHT] + counts[policy.FOCUS] + counts[policy.HARD], seen=n_seen,
         forgets=int(state.forgets.sum(dtype=np.int64)), mean_loss=mean_loss)

@@ -230,10 +230,13 @@ def test_a_loaded_state_unpacks_its_booleans_when_read_and_keeps_its_plan_counts
         t.nothing
 
 
-def test_ranking_within_report_windows_matches_a_sort_of_every_step():
+@pytest.mark.parametrize("step", [1 << 20, 97])
+def test_ranking_within_report_windows_matches_a_sort_of_every_step(monkeypatch, step):
     """``policy.easiest_in_windows`` finds each sample's span from a few order statistics of the steps (a
     histogram, or a selection when the steps spread wide); the spans and the freezes are those of the plain
-    definition: a sort of every step, each sample's span from its rank."""
+    definition: a sort of every step, each sample's span from its rank. It goes over the samples in steps
+    (``policy._STEP``): the result does not depend on where they fall."""
+    monkeypatch.setattr(policy, "_STEP", step)
     rng = np.random.default_rng(8)
     for trial in range(120):
         n = int(rng.integers(1, 4000))
@@ -311,3 +314,76 @@ def test_repartition_with_the_default_share_rule_keeps_report_steps_in_their_int
     peak = _repartition_peak(s)
     # 28 bytes a sample here; int64 copies of the steps (and of their ranks) made it 36
     assert peak < 32 * n
+
+
+def _run_digest(seed_cases=24):
+    """A digest of what a few epochs of reports, repartitions, plans and orders produce, on small states."""
+    import hashlib
+    import json
+
+    from geko_data import plan
+
+    h = hashlib.sha256()
+    for case in range(seed_cases):
+        rng = np.random.default_rng(case)
+        n = int(rng.integers(1, 3000))
+        cfg = dict(freeze_share=0.5, freeze_confidence=None, bucket_weights=(3.0, 2.0, 1.0), curriculum_min_epochs=5,
+                   max_times_seen=50, recheck_frozen=0.05, max_repeats=5, prune_frozen_after=0)
+        if case % 4 == 1:
+            cfg["prune_frozen_after"] = 1
+        if case % 5 == 2:
+            cfg.update(freeze_share=None, freeze_confidence=0.7)
+        if case % 6 == 3:
+            cfg["freeze_share"] = 1.0
+        s = SampleState(n, config=GEKOConfig(**cfg))
+        for epoch in range(3):
+            ids = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+            if ids.size:
+                s.report(ids, rng.exponential(0.7, ids.size).astype(np.float32),
+                         step=epoch * 10 + int(rng.integers(0, 9)))
+            stats = s.repartition(0.3 * epoch, epoch=epoch, phase="")
+            p = plan.epoch_plan(s, seed=case, epoch=epoch, total_epochs=3)
+            for column in (s.bucket, s.frozen_epochs, s.pruned, p.counts, p.loss_weight,
+                           plan.global_order(p.counts, seed=case, epoch=epoch)):
+                h.update(np.ascontiguousarray(column).tobytes())
+            h.update(json.dumps(stats.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+@pytest.mark.parametrize("step", [1 << 20, 300])
+def test_repartition_plan_and_order_are_those_of_the_whole_array_implementation(monkeypatch, step):
+    """Repartition, classification, the plan and the order go over the samples in steps of a million (their
+    temporaries stay in cache) instead of whole-array passes: the buckets, frozen epochs, pruned samples,
+    partition counts, plans and orders are bit for bit those of the whole-array implementation they
+    replaced, whose digest this is, wherever the steps fall. (The digest holds the policy's rules too: a
+    change of a rule changes it; a change of how the same rules are computed must not.)"""
+    from geko_data import plan
+
+    import geko_data.state as state_module
+
+    for module in (state_module, policy):
+        monkeypatch.setattr(module, "_STEP", step)
+    monkeypatch.setattr(plan, "_CHUNK", step)
+    assert _run_digest() == "5c499bfd3a77bb7476027f3fe8eae15a"
+
+
+def test_large_report_by_blocks_of_ids_is_the_report_in_one_go(monkeypatch):
+    """A report of many ids is applied by blocks of ids (rows that stay in cache between gather and scatter):
+    every column ends as when the report is applied in one go, repeats, thaws and forgets included."""
+    import geko_data.state as state_module
+
+    def run(blocked):
+        monkeypatch.setattr(state_module, "_BLOCKED_REPORT", 1 if blocked else 1 << 40)
+        monkeypatch.setattr(state_module, "_ROWS", 37)
+        rng = np.random.default_rng(5)
+        s = SampleState(1000, config=GEKOConfig(freeze_confidence=0.5))
+        for e in range(4):
+            ids = rng.integers(0, 1000, 1500)  # repeats
+            s.report(ids, rng.exponential(0.7, 1500).astype(np.float32), step=e)
+            s.repartition(0.5)
+        return {name: getattr(s, name).copy() for name in state_module._NAMES}
+
+    one_go, blocked = run(False), run(True)
+    assert one_go["forgets"].any() and one_go["times_seen"].max() > 4
+    for name in one_go:
+        np.testing.assert_array_equal(blocked[name], one_go[name], err_msg=name)
