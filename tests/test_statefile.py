@@ -32,7 +32,7 @@ def test_file_opens_with_pyarrow_and_duckdb(tmp_path):
     table = pa.ipc.open_file(str(path)).read_all()
     assert table.column_names == ["id"] + [c[0] for c in COLUMNS]
     meta = json.loads(table.schema.metadata[b"geko_data"])
-    assert meta["format_version"] == 3 and len(meta["history"]) == 3
+    assert meta["format_version"] == 4 and len(meta["history"]) == 3
     state_table = table  # noqa: F841 - DuckDB finds the pyarrow table by its variable name
     rows = duckdb.sql("SELECT bucket, count(*) AS n FROM state_table GROUP BY bucket ORDER BY bucket").fetchall()
     assert sum(n for _, n in rows) == 300
@@ -133,7 +133,7 @@ def test_duckdb_describes_the_documented_columns(tmp_path):
     described = duckdb.sql("DESCRIBE SELECT * FROM state").fetchall()
     assert [row[0] for row in described] == ["id"] + [c[0] for c in COLUMNS]
     types = {row[0]: row[1] for row in described}
-    assert types["bucket"] == "VARCHAR" and types["id"] == "BIGINT" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
+    assert types["bucket"] == "VARCHAR" and types["id"] == "UINTEGER" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
 
 
 # ---------------------------------------------------------------------- trust of the file's contents
@@ -371,7 +371,7 @@ def test_state_table_and_write_table_round_trip_without_a_sample_state(tmp_path)
     table = state_table(cols, {"num_samples": 4, "config": GEKOConfig().to_dict()})
     write_table(tmp_path / "t.arrow", table)
     back, meta = read_table(tmp_path / "t.arrow")
-    assert meta["format_version"] == 3 and meta["checksum"].startswith("xxh3_64:")
+    assert meta["format_version"] == 4 and meta["checksum"].startswith("xxh3_64:")
     assert back.column("bucket").to_pylist() == ["FOCUS"] * 4
     assert column_values(back, "last_step").tolist() == [-1] * 4
     cols["q"] = cols["q"].astype(np.float64)
@@ -406,3 +406,29 @@ def test_the_reader_scans_in_steps_and_still_finds_every_bad_value(tmp_path, mon
     (tmp_path / "fresh.arrow").write_bytes(bytes(data))
     with pytest.raises(StateFileError, match="checksum mismatch"):
         SampleState.load(tmp_path / "fresh.arrow")
+
+
+def test_id_is_uint32_and_format_3_files_with_int64_ids_still_load(tmp_path):
+    """Format 4 writes ``id`` as uint32 (4 bytes a sample less than int64 under 2**32 samples); DuckDB joins
+    it with a user's int64 ids, and a format 3 file (int64 ``id``, checksum over its 8-byte values) loads."""
+    duckdb = pytest.importorskip("duckdb")
+    s = _filled(60)
+    s.save(tmp_path / "new.arrow")
+    table = pa.ipc.open_file(str(tmp_path / "new.arrow")).read_all()
+    assert table.schema.field("id").type == pa.uint32()
+    assert table.column("id").to_pylist() == list(range(60))
+    state_table = table  # noqa: F841 - DuckDB finds the tables by their variable names
+    users = pa.table({"id": pa.array(np.arange(0, 60, 7, dtype=np.int64)), "text": [f"t{i}" for i in range(0, 60, 7)]})
+    rows = duckdb.sql("SELECT u.text, s.times_seen FROM users u JOIN state_table s USING (id) ORDER BY u.id").fetchall()
+    assert rows == [(f"t{i}", int(s.times_seen[i])) for i in range(0, 60, 7)]
+    old = table.set_column(0, "id", pa.array(np.arange(60, dtype=np.int64)))
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    meta["format_version"] = 3
+    from geko_data.statefile import checksum
+    meta["checksum"] = checksum(old, meta)
+    t = SampleState.load(_write_with(tmp_path, "v3.arrow", old.replace_schema_metadata(
+        {b"geko_data": json.dumps(meta).encode()})))
+    assert np.array_equal(t.loss, s.loss, equal_nan=True) and np.array_equal(t.bucket, s.bucket)
+    other = table.set_column(0, "id", pa.array(np.arange(60, dtype=np.int32)))
+    with pytest.raises(StateFileError, match="column 'id' has type int32, expected uint32 or int64"):
+        SampleState.load(_write_with(tmp_path, "i32.arrow", other), verify=False)
