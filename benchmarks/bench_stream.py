@@ -9,8 +9,9 @@
 (MDS) on the same 16,000 samples, each written by its own writer: samples/s with nothing skipped and wall
 time with 50% and 90% of the samples frozen (the peers read every sample and drop the frozen ones in their
 workers: they have no index to skip by), medians of interleaved runs, with the CPU time of the main
-process and the loader's workers beside each (the steady measure on a shared machine), plus samples/s and
-CPU time a sample in one process without a DataLoader:
+process and the loader's workers beside each (the steady measure on a shared machine); batches are lists of
+samples (``collate_fn=as_list``), and once more with the DataLoader's default ``collate_fn`` with nothing
+skipped; plus samples/s and CPU time a sample in one process without a DataLoader:
 
     python benchmarks/bench_stream.py --peers [--rounds 6]
 """
@@ -94,8 +95,9 @@ def timed_cpu_drain(loader) -> tuple[float, float]:
     return time.perf_counter() - t0, loader_cpu(loader) - c0
 
 
-def peer_loaders(d: str, share: float, batch: int, n: int) -> dict[str, DataLoader]:
-    """One DataLoader per system for ``share`` frozen (the same samples for all), 2 persistent workers."""
+def peer_loaders(d: str, share: float, batch: int, n: int, collate=as_list) -> dict[str, DataLoader]:
+    """One DataLoader per system for ``share`` frozen (the same samples for all), 2 persistent workers;
+    ``collate``: the DataLoader's ``collate_fn`` (None: its default, ``default_collate``)."""
     import _peers
 
     geko = frozen_stream(os.path.join(d, "geko"), share, batch)
@@ -108,8 +110,22 @@ def peer_loaders(d: str, share: float, batch: int, n: int) -> dict[str, DataLoad
     if share > 0:  # peers read every sample and drop the frozen ones in the worker
         for name, id_of in (("webdataset", _peers.wds_id), ("litdata", _peers.peer_id), ("MDS", _peers.peer_id)):
             datasets[name] = _peers.Dropping(datasets[name], keep, id_of)
-    return {name: DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
+    return {name: DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=collate, persistent_workers=True)
             for name, ds in datasets.items()}
+
+
+def interleaved(loaders: dict[str, DataLoader], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU seconds (main process + workers) of an epoch of each loader, the loaders taking
+    turns, each round in another order (after one warm-up epoch each: workers started, page cache filled)."""
+    for loader in loaders.values():
+        drain(loader)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
+    names = list(loaders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(timed_cpu_drain(loaders[name]))
+    return ({name: float(np.median([w for w, _ in t])) for name, t in runs.items()},
+            {name: float(np.median([c for _, c in t])) for name, t in runs.items()})
 
 
 def in_process_rates(d: str, batch: int, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -150,15 +166,10 @@ def peers(quick: bool, rounds: int) -> None:
         cpus: dict[float, dict[str, float]] = {}
         for share in (0.0, 0.5, 0.9):
             loaders = peer_loaders(d, share, batch, n)
-            for loader in loaders.values():  # warm: workers started, page cache filled
-                drain(loader)
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
-            for r in range(rounds):  # interleaved, each round in another order
-                for name in list(loaders)[r % 4:] + list(loaders)[:r % 4]:
-                    runs[name].append(timed_cpu_drain(loaders[name]))
-            times[share] = {name: float(np.median([w for w, _ in t])) for name, t in runs.items()}
-            cpus[share] = {name: float(np.median([c for _, c in t])) for name, t in runs.items()}
+            times[share], cpus[share] = interleaved(loaders, rounds)
             del loaders
+        # What a loop gets by default: batches collated in the workers (tensors cross in shared memory).
+        collated, collated_cpu = interleaved(peer_loaders(d, 0.0, batch, n, collate=None), rounds)
         base = times[0.0]
         names = list(base)
         rows.append(("nothing skipped, 2 workers: samples/s",
@@ -169,6 +180,14 @@ def peers(quick: bool, rounds: int) -> None:
         rows.append(("nothing skipped, 2 workers: CPU time a sample (main + workers)",
                      ", ".join(f"{k} {cpu[k] / n * 1e6:.1f} us" for k in names) +
                      f" (GEKOStream / litdata {cpu['GEKOStream'] / cpu['litdata']:.2f}x)", "(steady measure)", ""))
+        rows.append(("nothing skipped, default collate_fn, 2 workers: samples/s",
+                     ", ".join(f"{k} {n / collated[k]:,.0f}" for k in names) +
+                     f" (GEKOStream / litdata {collated['litdata'] / collated['GEKOStream']:.2f}x)",
+                     ">= litdata", verdict(collated["GEKOStream"] <= collated["litdata"])))
+        rows.append(("nothing skipped, default collate_fn, 2 workers: CPU time a sample (main + workers)",
+                     ", ".join(f"{k} {collated_cpu[k] / n * 1e6:.1f} us" for k in names) +
+                     f" (GEKOStream / litdata {collated_cpu['GEKOStream'] / collated_cpu['litdata']:.2f}x)",
+                     "(steady measure)", ""))
         for share in (0.5, 0.9):
             t = times[share]
             fastest_peer = min((k for k in names if k != "GEKOStream"), key=t.get)

@@ -48,7 +48,7 @@ from geko_data.plan import EpochPlan, ShardLayout, rank_order, shard_positions, 
 from geko_data.readers import COUNTERS, BadData, ShardReader
 from geko_data.remote import (RangeFetcher, RangeReader, RemoteConfig, SharedRanges, is_url, range_dir,
                               read_index_url)
-from geko_data.sampler import _Item
+from geko_data.sampler import _collate_tagged
 from geko_data.shards import ShardError, ShardIndex, read_index
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState
@@ -79,8 +79,24 @@ def _collate_weights(batch: list[LossWeight], *, collate_fn_map: Any = None) -> 
     return torch.tensor(batch, dtype=torch.float32)
 
 
-# default_collate looks element types up here first (torch documents extending it in place).
+class _IsStreamSample(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return type(obj) is dict and type(obj.get("__weight__")) is LossWeight
+
+
+class _StreamSample(metaclass=_IsStreamSample):
+    """The type ``default_collate`` matches a stream's samples by: a plain dict whose ``__weight__`` is a
+    ``LossWeight``. Such a batch is collated as ``wrap``'s items are (``sampler._collate_tagged``): in a
+    DataLoader worker ``__index__`` and ``__weight__`` travel inside the batch's pickle instead of as two
+    shared-memory tensors (each costs a segment, a file descriptor and a socket round trip a batch), and
+    the loop reads the same int64 and float32 tensors. The samples stay plain dicts: a dict subclass costs
+    ~8 us more a sample to pickle from a worker and unpickle (measured through a DataLoader)."""
+
+
+# default_collate looks element types up here first, exact types then isinstance (torch documents
+# extending it in place).
 default_collate_fn_map[LossWeight] = _collate_weights
+default_collate_fn_map[_StreamSample] = _collate_tagged
 
 # Row 0 counts the main process, row 1 + w DataLoader worker w: one writer per row, so no locks.
 # Workers beyond this share rows modulo (increments may then race; 256 workers per rank is not a use).
@@ -441,10 +457,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         """Stages 2-3: every draw of the block in order, decoded (each draw anew: a random transform differs
         between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__`` (a ``LossWeight``).
 
-        A dict sample is yielded as wrap's ``_Item``: a dict to the loop and when pickled, which
-        ``default_collate`` collates with ``sampler._collate_tagged``, so that in a DataLoader worker the
-        batch's ``__index__`` and ``__weight__`` travel inside its pickle instead of as two shared-memory
-        tensors (each costs a segment, a file descriptor and a socket round trip a batch)."""
+        Samples are plain dicts (``_StreamSample`` says how ``default_collate`` still tells them apart)."""
         urls, decoder = self.urls, self._decoder
         shards = self.index.shard[block].tolist()  # one lookup per block, not per draw
         yielded = skipped = 0
@@ -455,7 +468,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                     skipped += 1
                     continue
                 if decoder is None:  # a new dict per draw (a repeat is yielded again), built in one go
-                    sample = _Item(raw, __url__=urls[shard], __index__=i, __weight__=weight)
+                    sample = {**raw, "__url__": urls[shard], "__index__": i, "__weight__": weight}
                 else:
                     try:
                         sample = decoder({**raw, "__url__": urls[shard]})
@@ -463,11 +476,8 @@ class GEKOStream(EpochDriver, IterableDataset):
                         skipped += 1
                         reader.reject(i, decoding_error(exn, url=urls[shard], key=str(self.index.keys[i])), samples)
                         continue
-                    if type(sample) is dict:
-                        sample = _Item(sample, __index__=i, __weight__=weight)
-                    else:  # the decoder's own mapping type is kept
-                        sample["__index__"] = i
-                        sample["__weight__"] = weight
+                    sample["__index__"] = i
+                    sample["__weight__"] = weight
                 yielded += 1
                 if main:
                     self._yielded += 1
