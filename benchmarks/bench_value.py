@@ -379,16 +379,28 @@ def _take(x: Batch, idx: torch.Tensor) -> Batch:
 
 
 @torch.no_grad()
-def quality(model: torch.nn.Module, task: Task, split: str) -> float:
-    """Share of ``split`` the model gets right (accuracy; exact match of the whole answer for the LLM)."""
+def quality(model: torch.nn.Module, task: Task, split: str) -> tuple[float, dict[str, float]]:
+    """Share of ``split`` the model gets right (accuracy; exact match of the whole answer for the LLM), and
+    that share within each answer class (``answer_class``): a model that drifted to one answer is right on
+    its class only."""
     model.eval()
     y = task.y[split]
-    hits = 0
+    right = torch.zeros(len(y), dtype=torch.bool)
     for lo in range(0, len(y), task.eval_batch):
         idx = torch.arange(lo, min(lo + task.eval_batch, len(y)))
-        hits += int(task.signals(model, _take(task.x[split], idx), y[idx]).correct.sum())
+        right[idx] = task.signals(model, _take(task.x[split], idx), y[idx]).correct.bool()
     model.train()
-    return hits / len(y)
+    keys = answer_class(y)
+    return float(right.float().mean()), {str(k): float(right[keys == k].float().mean()) for k in keys.unique().tolist()}
+
+
+def answer_class(y: torch.Tensor) -> torch.Tensor:
+    """A class per sample: the label of a classifier, the first answer token of an LLM task (``-100``
+    marks the positions that are not answer tokens)."""
+    if y.dim() == 1:
+        return y.long()
+    first = torch.argmax((y != -100).to(torch.int8), dim=1)
+    return y.gather(1, first.unsqueeze(1)).squeeze(1).long()
 
 
 def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -401,11 +413,13 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
     config = POLICIES[policy].replace(log_bucket_stats=False)
     x, y = task.x["train"], task.y["train"]
     sampler = GEKOSampler(len(y), total_epochs=task.epochs, config=config, seed=seed)
+    keys = answer_class(y)
     fwd = bwd = 0
     curve = []
     t0, cpu0 = time.perf_counter(), time.process_time()
     for epoch in range(task.epochs):
         sampler.set_epoch(epoch)
+        trained = torch.zeros(int(keys.max()) + 1, dtype=torch.long)
         weights = torch.tensor(sampler.plan.loss_weight)  # a copy: the plan's arrays are read-only
         order = torch.tensor(list(sampler), dtype=torch.long)
         for lo in range(0, len(order), task.batch_size):
@@ -426,8 +440,14 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
                 sampler.report(train_idx, sig.loss.detach(), correct=sig.correct, confidence=sig.confidence)
                 fwd += len(train_idx)
                 bwd += len(train_idx)
-        curve.append({"epoch": epoch, "forward": fwd, "backward": bwd,
-                      **{split: quality(model, task, split) for split in SPLITS}})
+                trained += torch.bincount(keys[train_idx], minlength=trained.shape[0])
+        # which answers an epoch trained on: a policy that skips the right answers of one class shifts the
+        # label prior the model sees
+        by_class = {str(k): int(trained[k]) for k in keys.unique().tolist()}
+        scores = {split: quality(model, task, split) for split in SPLITS}
+        curve.append({"epoch": epoch, "forward": fwd, "backward": bwd, "trained_by_class": by_class,
+                      **{split: q for split, (q, _) in scores.items()},
+                      **{f"{split}_by_class": per for split, (_, per) in scores.items()}})
     return {"policy": policy, "seed": seed, "curve": curve, "wall": time.perf_counter() - t0,
             "cpu": time.process_time() - cpu0,
             "history": sampler.state.history}
@@ -437,6 +457,8 @@ def summarize(task: str, runs: list[dict[str, Any]], policies: list[str], split:
     """One row per policy on ``split``: means and stds over seeds, the paired difference to uniform and
     the backward passes a policy needed to first reach uniform's final quality (same seed)."""
     uni = {r["seed"]: r for r in runs if r["policy"] == "uniform"}
+    if not uni:  # --without-uniform: the tables come from --merge with the folder that holds uniform's runs
+        return []
     uniform_bwd = float(np.mean([r["curve"][-1]["backward"] for r in uni.values()]))
     rows = []
     for policy in policies:
@@ -469,14 +491,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     out: list[str] = []
     for key in dict.fromkeys((r["task"], r["split"]) for r in rows):
         mine = [r for r in rows if (r["task"], r["split"]) == key]
-        out += [f"#### {key[0]}, {key[1]} split ({mine[0]['seeds']} seed(s); mean ± std over seeds)", "",
+        most = max(r["seeds"] for r in mine)
+        out += [f"#### {key[0]}, {key[1]} split ({most} seed(s); mean ± std over seeds)", "",
                 "| policy | forward passes | backward passes | vs uniform | wall s | CPU s | final quality | "
                 "paired diff vs uniform (pt) | backward passes to reach uniform's final quality |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             reach = (f"{r['reach_uniform']:,.0f}" if r["reach_uniform"] is not None
                      else f"not reached ({r['reached']})")
-            out.append(f"| {r['policy']} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
+            # a policy run on fewer seeds than the others says so (its means are over its seeds only)
+            name = r["policy"] + (f" ({r['seeds']} seed{'s' * (r['seeds'] > 1)})" if r["seeds"] < most else "")
+            out.append(f"| {name} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
                        f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
                        f"{100 * r['quality_mean']:.2f} ± {100 * r['quality_std']:.2f} | "
                        f"{100 * r['diff_mean']:+.2f} ± {100 * r['diff_std']:.2f} | {reach} |")
@@ -579,9 +604,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", metavar="DIR[,DIR...]",
                    help="no training: combine the runs of earlier results folders (e.g. one seed each, run in "
                         "parallel) into the tables and plot of --out")
+    p.add_argument("--rename", metavar="OLD=NEW[,OLD=NEW...]",
+                   help="with --merge: policy names to change, all at once (e.g. 'geko=previous,cand=geko' "
+                        "when the variant cand became the default)")
+    p.add_argument("--without-uniform", action="store_true",
+                   help="do not add uniform to the policies: more policies for seeds whose uniform runs are in "
+                        "another folder (combine them with --merge; this folder alone has no tables)")
     ns = p.parse_args(argv)
     if ns.merge:
-        return merge([d for d in ns.merge.split(",") if d], ns.out)
+        try:
+            rename = dict(item.split("=", 1) for item in ns.rename.split(",") if item) if ns.rename else {}
+        except ValueError:
+            print(f"bench_value: --rename must be OLD=NEW[,OLD=NEW...], got {ns.rename!r}", file=sys.stderr)
+            return 2
+        return merge([d for d in ns.merge.split(",") if d], ns.out, rename)
     for spec in ns.variant:
         try:
             name, cfg = _parse_variant(spec)
@@ -603,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_value: unknown task(s) {sorted(set(tasks) - set(TASKS))}; choose from {sorted(TASKS)}",
               file=sys.stderr)
         return 2
-    if "uniform" not in policies:
+    if "uniform" not in policies and not ns.without_uniform:
         policies.insert(0, "uniform")
     torch.set_num_threads(ns.threads)
     size = "tiny" if ns.tiny else "quick" if ns.quick else "full"
@@ -641,8 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def merge(folders: list[str], out: str | None) -> int:
-    """Write the tables, summary lines and plot of the runs found in ``folders``' value.json to ``out``."""
+def merge(folders: list[str], out: str | None, rename: dict[str, str] | None = None) -> int:
+    """Write the tables, summary lines and plot of the runs found in ``folders``' value.json to ``out``.
+
+    ``rename``: old policy name -> new one, applied to every folder's runs and configs at once (a variant
+    that became the default is shown as ``geko``, the default it replaced under another name)."""
+    rename = rename or {}
     if not out:
         print("bench_value: --merge needs --out (the folder to write the combined results to)", file=sys.stderr)
         return 2
@@ -656,7 +696,9 @@ def merge(folders: list[str], out: str | None) -> int:
         except (OSError, ValueError) as e:
             print(f"bench_value: --merge folder {folder!r} has no readable value.json ({e})", file=sys.stderr)
             return 2
+        part["policies"] = {rename.get(k, k): v for k, v in part["policies"].items()}
         for name, runs in part["runs"].items():
+            runs = [{**r, "policy": rename.get(r["policy"], r["policy"])} for r in runs]
             if name in sizes and sizes[name] != part["sizes"][name]:
                 print(f"bench_value: --merge: task {name!r} ran with sizes {sizes[name]} and "
                       f"{part['sizes'][name]} ({folder!r}); only runs of one size can be combined", file=sys.stderr)

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +26,11 @@ def test_bench_value_quick_tiny(tmp_path):
     assert rows[("mnist", "test", "random_subset")]["backward"] < uniform["backward"]
     for run in result["runs"]["mnist"]:  # both splits measured after every epoch
         assert len(run["curve"]) == 3 and all(0 <= c["dev"] <= 1 and 0 <= c["test"] <= 1 for c in run["curve"])
+        # the answers each epoch trained on, per class: they add up to the epoch's backward passes
+        trained = [sum(c["trained_by_class"].values()) for c in run["curve"]]
+        assert trained == list(np.diff([0] + [c["backward"] for c in run["curve"]]))
+        assert all(set(c["dev_by_class"]) <= {str(k) for k in range(10)} and
+                   all(0 <= v <= 1 for v in c["dev_by_class"].values()) for c in run["curve"])
     md = (tmp_path / "value.md").read_text()
     assert md.count("| geko |") == 4 and "mnist: geko" in md and "vs infobatch" in md
     assert (tmp_path / "value.png").stat().st_size > 10_000
@@ -43,6 +50,13 @@ def test_generative_task_answer_is_the_tweets_last_word():
              "so good #happy @JetBlue http://t.co/x": " good", "don't": " don't", "2:55 !!": " none"}
     for text, answer in cases.items():
         assert gen_answer({"text": text, "label": "neutral"}) == answer, text
+
+
+def test_answer_class_is_the_label_or_the_first_answer_token():
+    answer_class = _bench_value().answer_class
+    assert answer_class(torch.tensor([3, 0, 7])).tolist() == [3, 0, 7]
+    labels = torch.tensor([[-100, -100, 11, 2, -100], [-100, 5, 2, -100, -100], [-100, -100, -100, 11, 2]])
+    assert answer_class(labels).tolist() == [11, 5, 11]
 
 
 def test_bench_value_rejects_a_negative_first_seed(tmp_path):
@@ -107,3 +121,33 @@ def test_bench_value_merges_seeds_run_apart(tmp_path):
     again = subprocess.run([*cmd, "--merge", f"{tmp_path / 's0'},{tmp_path / 's0'}", "--out", str(tmp_path / "m2")],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 2 and "repeats runs" in again.stderr
+    # more policies for the same seeds, run without uniform, and a variant shown under another name
+    more = subprocess.run([*cmd[:-2], "--policies", "random_subset", "--without-uniform", "--seeds", "2",
+                           "--variant", "cand:bucket_weights=[1,1,1]", "--out", str(tmp_path / "more")],
+                          capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert {r["policy"] for r in json.loads((tmp_path / "more" / "value.json").read_text())["runs"]["mnist"]} == {
+        "random_subset", "cand"}
+    renamed = subprocess.run([*cmd, "--merge", f"{tmp_path / 'both'},{tmp_path / 'more'}", "--rename",
+                              "geko=previous,cand=geko", "--out", str(tmp_path / "r")],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert renamed.returncode == 0, renamed.stderr[-2000:]
+    result = json.loads((tmp_path / "r" / "value.json").read_text())
+    rows = {(r["split"], r["policy"]): r for r in result["rows"]}
+    assert {p for _, p in rows} == {"uniform", "previous", "random_subset", "geko"}
+    assert rows[("test", "previous")]["quality_mean"] == next(
+        r for r in whole["rows"] if r["split"] == "test" and r["policy"] == "geko")["quality_mean"]
+    assert result["policies"]["geko"]["bucket_weights"] == [1.0, 1.0, 1.0]
+    # a policy run on fewer seeds than uniform is marked in the table
+    (tmp_path / "more0").mkdir()
+    part = json.loads((tmp_path / "more" / "value.json").read_text())
+    part["runs"]["mnist"] = [r for r in part["runs"]["mnist"] if r["seed"] == 0]
+    (tmp_path / "more0" / "value.json").write_text(json.dumps(part))
+    fewer = subprocess.run([*cmd, "--merge", f"{tmp_path / 'both'},{tmp_path / 'more0'}", "--out", str(tmp_path / "f")],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    md = (tmp_path / "f" / "value.md").read_text()
+    assert "(2 seed(s);" in md and "| random_subset (1 seed) |" in md and "| geko |" in md
+    bad = subprocess.run([*cmd, "--merge", str(tmp_path / "s0"), "--rename", "geko", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--rename" in bad.stderr
