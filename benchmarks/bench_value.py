@@ -536,14 +536,16 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: s
 
     fig, axes = plt.subplots(1, len(all_runs), figsize=(7 * len(all_runs), 4.8), squeeze=False)
     for ax, (name, runs) in zip(axes[0], all_runs.items()):
+        seeds = len({r["seed"] for r in runs})  # not the last policy's runs: it may have none
         for policy in policies:
             mine = [r for r in runs if r["policy"] == policy]
             if not mine:
                 continue
             xs = np.mean([[c["backward"] for c in r["curve"]] for r in mine], axis=0)
             ys = np.mean([[c[split] for c in r["curve"]] for r in mine], axis=0)
-            ax.plot(xs, 100 * ys, marker="o", label=policy, linewidth=2.4 if policy == "geko" else 1.2)
-        seeds = len({r["seed"] for r in runs})  # not the last policy's runs: it may have none
+            n = len({r["seed"] for r in mine})
+            label = policy + (f" ({n} seed{'s' * (n > 1)})" if n < seeds else "")
+            ax.plot(xs, 100 * ys, marker="o", label=label, linewidth=2.4 if policy == "geko" else 1.2)
         ax.set(title=f"{name}: {split} quality vs backward passes (mean of {seeds} seed(s))",
                xlabel="sample backward passes", ylabel="quality (%)")
         ax.grid(alpha=0.3)
