@@ -50,6 +50,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -403,7 +404,23 @@ def answer_class(y: torch.Tensor) -> torch.Tensor:
     return y.gather(1, first.unsqueeze(1)).squeeze(1).long()
 
 
-def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) -> dict[str, Any]:
+#: LR shapes over a run's progress (0-1): ``constant`` (what the committed results used) or ``cosine`` decay
+#: to 0, the shape fine-tuning runs usually have (HF Trainer decays linearly by default).
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_scale(schedule: str, progress: float) -> float:
+    """The multiplier of the task's learning rate at ``progress`` through the run (epochs done + share of
+    the current epoch's draws, over the run's epochs: GEKO's shorter epochs still cover 0 to 1)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"`schedule` must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+
+def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
+        lr_schedule: str = "constant") -> dict[str, Any]:
     """One training run; returns the dev and test quality curves against cumulative passes."""
     torch.manual_seed(seed)
     model = task.make_model()
@@ -432,6 +449,8 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor]) ->
                 sampler.report(check_idx, sig.loss, correct=sig.correct, confidence=sig.confidence)
                 fwd += len(check_idx)
             if len(train_idx):
+                for group in opt.param_groups:
+                    group["lr"] = task.lr * lr_scale(lr_schedule, (epoch + lo / len(order)) / task.epochs)
                 sig = task.signals(model, _take(x, train_idx), y[train_idx])
                 loss = (sig.loss * w[w > 0]).sum() / len(idx)
                 opt.zero_grad()
@@ -609,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rename", metavar="OLD=NEW[,OLD=NEW...]",
                    help="with --merge: policy names to change, all at once (e.g. 'geko=previous,cand=geko' "
                         "when the variant cand became the default)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="the learning rate's shape over each run (default constant, as the committed results)")
     p.add_argument("--without-uniform", action="store_true",
                    help="do not add uniform to the policies: more policies for seeds whose uniform runs are in "
                         "another folder (combine them with --merge; this folder alone has no tables)")
@@ -648,20 +669,23 @@ def main(argv: list[str] | None = None) -> int:
     seeds = ns.seeds or (1 if size != "full" else 3)
     out = ns.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if size == "full"
                      else tempfile.mkdtemp(prefix="bench_value-"))
-    sizes = {t: {**SIZES[size][t], **({"epochs": ns.epochs} if ns.epochs else {})} for t in tasks}
+    # the schedule is recorded with the sizes (so --merge refuses to mix schedules) when it is not the constant
+    # one, which results written before the option existed used without saying so
+    sched = {"lr_schedule": ns.lr_schedule} if ns.lr_schedule != "constant" else {}
+    sizes = {t: {**SIZES[size][t], **({"epochs": ns.epochs} if ns.epochs else {}), **sched} for t in tasks}
     os.makedirs(out, exist_ok=True)
     print(f"bench_value: tasks {tasks}, policies {policies}, {seeds} seed(s), sizes {sizes}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, results in {out}", flush=True)
     all_rows, all_runs = [], {}
     t_start = time.perf_counter()
     for name in tasks:
-        task = TASKS[name](**sizes[name], cache=ns.cache)
+        task = TASKS[name](**{k: v for k, v in sizes[name].items() if k != "lr_schedule"}, cache=ns.cache)
         runs = []
         for seed in range(ns.first_seed, ns.first_seed + seeds):
             torch.manual_seed(1000 + seed)
             initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
             for policy in policies:
-                r = run(task, policy, seed, initial)
+                r = run(task, policy, seed, initial, lr_schedule=ns.lr_schedule)
                 runs.append(r)
                 c = r["curve"][-1]
                 print(f"  {name:<7} seed {seed} {policy:<14} backward {c['backward']:>7,} "

@@ -151,3 +151,31 @@ def test_bench_value_merges_seeds_run_apart(tmp_path):
     bad = subprocess.run([*cmd, "--merge", str(tmp_path / "s0"), "--rename", "geko", "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--rename" in bad.stderr
+
+
+def test_lr_scale_shapes_and_bad_name():
+    lr_scale = _bench_value().lr_scale
+    assert [lr_scale("constant", p) for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
+    assert lr_scale("cosine", 0.0) == 1.0 and abs(lr_scale("cosine", 0.5) - 0.5) < 1e-12
+    assert lr_scale("cosine", 1.0) < 1e-12 and lr_scale("cosine", 2.0) < 1e-12  # clamped past the end
+    with pytest.raises(ValueError, match="`schedule` must be one of constant, cosine, got 'linear'"):
+        lr_scale("linear", 0.5)
+
+
+@pytest.mark.timeout(200)
+def test_bench_value_cosine_schedule_is_recorded_and_changes_the_run(tmp_path):
+    common = [sys.executable, "benchmarks/bench_value.py", "--tiny", "--tasks", "mnist", "--policies", "uniform"]
+    runs = {}
+    for sched in ("constant", "cosine"):
+        out = tmp_path / sched
+        proc = subprocess.run([*common, "--lr-schedule", sched, "--out", str(out)], capture_output=True, text=True,
+                              timeout=180, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[sched] = json.loads((out / "value.json").read_text())
+    assert "lr_schedule" not in runs["constant"]["sizes"]["mnist"]  # as results written before the option
+    assert runs["cosine"]["sizes"]["mnist"]["lr_schedule"] == "cosine"
+    curve = {k: [c["dev"] for c in v["runs"]["mnist"][0]["curve"]] for k, v in runs.items()}
+    assert curve["constant"] != curve["cosine"]  # the schedule reached the optimizer
+    proc = subprocess.run([*common, "--lr-schedule", "linear", "--out", str(tmp_path / "x")], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "linear" in proc.stderr
