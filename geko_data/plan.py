@@ -116,7 +116,8 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     progress = policy.epoch_progress(epoch, total_epochs)
     generator = rng(seed, epoch, PURPOSE_ROUND)
     planned = None
-    if config.mode == "geko" and not policy.annealing(epoch, total_epochs, config):
+    if (config.mode == "geko" and not policy.rescales(total_epochs, config)
+            and not policy.annealing(epoch, total_epochs, config)):
         planned = _geko_plan(state, progress=progress, config=config, epoch_length=epoch_length,
                              total_epochs=total_epochs, generator=generator)
     if planned is None:

@@ -91,6 +91,15 @@ def uses_curriculum(total_epochs: int | None, config: GEKOConfig) -> bool:
     return config.use_curriculum and (total_epochs is None or total_epochs >= config.curriculum_min_epochs)
 
 
+def rescales(total_epochs: int | None, config: GEKOConfig) -> bool:
+    """Whether a run of ``total_epochs`` keeps a share of FREEZE samples at rescaled loss weights: ``unbiased``
+    mode, or ``geko`` mode in a run too short for the curriculum with ``short_run_keep`` set."""
+    if config.mode == "unbiased":
+        return True
+    return (config.mode == "geko" and config.short_run_keep is not None
+            and not uses_curriculum(total_epochs, config))
+
+
 def bucket_weight_table(progress: float, config: GEKOConfig, *, total_epochs: int | None = None) -> np.ndarray:
     """Sampling weight per bucket code, shape (4,): [FREEZE, LIGHT, FOCUS, HARD]; FREEZE is always 0.
 
@@ -341,7 +350,8 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
       weight 0. Biased on purpose, as GEKO is.
     * ``unbiased``: as ``geko``, but every unpruned sample keeps an expected count of at least
       ``keep_frozen`` and carries loss weight ``c / expected`` with ``c`` the mean expected count, so the
-      weighted gradient is an unbiased estimate of the full-data one (InfoBatch's rescaling).
+      weighted gradient is an unbiased estimate of the full-data one (InfoBatch's rescaling). A ``geko`` run
+      shorter than ``curriculum_min_epochs`` does the same with ``short_run_keep`` (``rescales``).
     * ``uniform``: every unpruned sample once. ``random_subset``: a fresh ``subset_fraction`` of them (RS2).
     * ``infobatch``: samples whose last loss is below the mean are kept with probability ``1 - prune_ratio``
       at weight ``1 / (1 - prune_ratio)`` (Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased
@@ -392,12 +402,13 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
         w = (active & eligible).astype(np.float64)
     expected = _fill(w, float(length), float(config.max_repeats))
     frozen = alive & (bucket == FREEZE)
-    if mode == "geko":
+    if not rescales(total_epochs, config):
         expected[frozen] = config.recheck_frozen
         weight[frozen] = 0.0
         return expected, weight
-    # unbiased: nobody alive may have probability 0, and weights undo the sampling bias.
-    expected[alive] = np.maximum(expected[alive], config.keep_frozen)
+    # unbiased (or a short geko run): nobody alive may have probability 0, and weights undo the sampling bias.
+    keep = config.keep_frozen if mode == "unbiased" else config.short_run_keep
+    expected[alive] = np.maximum(expected[alive], keep)
     c = expected[alive].mean() if alive.any() else 1.0
     weight[alive] = (c / expected[alive]).astype(np.float32)
     return expected, weight

@@ -49,6 +49,7 @@ BAD = [
     ("subset_fraction", 0.0), ("prune_ratio", 1.0), ("prune_ratio", True),
     ("curriculum_min_epochs", 0), ("curriculum_min_epochs", 2.5), ("curriculum_min_epochs", True),
     ("phase_weights", ((1, 2, 3),) * 4), ("phase_weights", "mountain"),
+    ("short_run_keep", 0.0), ("short_run_keep", 1.5), ("short_run_keep", "half"),
 ]
 
 
@@ -128,11 +129,18 @@ def test_gekolib_presets_keep_the_mountain_table():
 
 def test_default_short_runs_sample_without_the_curriculum():
     c = GEKOConfig()
-    assert c.curriculum_min_epochs == 5 and c.bucket_weights == (3.0, 2.0, 1.0) and c.use_curriculum
+    assert c.curriculum_min_epochs == 5 and c.bucket_weights == (1.0, 1.0, 1.0) and c.use_curriculum
+    assert c.short_run_keep == 0.5 and GEKOConfig(short_run_keep=None).short_run_keep is None
 
 
 def test_a_config_stored_before_curriculum_min_epochs_keeps_the_curriculum_in_short_runs():
     old = GEKOConfig().to_dict()
     del old["curriculum_min_epochs"], old["phase_weights"]  # what a state file written before held
     assert GEKOConfig.from_dict(old).curriculum_min_epochs == 1
+
+
+def test_a_config_stored_before_short_run_keep_keeps_dropping_frozen_samples():
+    old = GEKOConfig().to_dict()
+    del old["short_run_keep"]
+    assert GEKOConfig.from_dict(old).short_run_keep is None
     assert GEKOConfig.from_dict(GEKOConfig().to_dict()) == GEKOConfig()

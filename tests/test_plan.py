@@ -85,6 +85,8 @@ def test_every_view_of_an_epoch_gives_the_same_numbers(config, total_epochs):
         frozen = s.bucket == FREEZE
         if policy.annealing(epoch, total_epochs, config):
             assert (sw[frozen] == 1.0).all() and (p.counts[frozen] == 1).all() and (lw[frozen] == 1.0).all()
+        elif policy.rescales(total_epochs, config):  # a share kept, weighted up
+            assert (lw[frozen] > 1.0).all() and (sw[frozen] > 0).all()
         elif config.mode == "geko":
             assert (lw[frozen] == 0.0).all() and (sw[frozen] == config.recheck_frozen).all()
 

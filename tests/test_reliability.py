@@ -95,7 +95,7 @@ def test_state_and_plan_invariants(reports, mode, world, seed):
     # Per-sample losses and correctness, so samples spread over all buckets; prune after 2 FREEZE
     # repartitions, so FREEZE samples exist and are drawn (as re-checks) before they are pruned.
     cfg = GEKOConfig(mode=mode, q_value_lr=0.9, min_q_for_freeze=0.5, prune_frozen_after=2, recheck_frozen=0.5,
-                     anneal=0.0, log_bucket_stats=False)
+                     anneal=0.0, log_bucket_stats=False, short_run_keep=None)
     s = SampleState(40, config=cfg)
     pruned_before = np.zeros(40, bool)
     for epoch, rows in enumerate(reports):
@@ -182,7 +182,7 @@ BAD_CONFIG = {
     "q_value_loss_scale": [0], "repartition_every": [0], "log_bucket_stats": ["yes"], "max_times_seen": [-1],
     "prune_frozen_after": [300], "mode": ["fast"], "keep_frozen": [0.0], "recheck_frozen": [-0.1],
     "early_stop_frozen": [0.0], "anneal": [1.5], "loss_ema": [1.0], "max_repeats": [0], "subset_fraction": [0.0],
-    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "phase_weights": [((1, 2, 3),) * 4],
+    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "short_run_keep": [0.0, 1.5], "phase_weights": [((1, 2, 3),) * 4],
 }
 
 

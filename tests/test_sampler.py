@@ -10,7 +10,8 @@ from geko_data.config import GEKOConfig
 from geko_data.sampler import GEKOSampler
 from resume_check import check_resume
 
-QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+# GEKO's rule of skipping every FREEZE sample (short runs keep half of them by default: tested in test_policy)
+QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None)
 
 
 class Squares(Dataset):
@@ -189,7 +190,7 @@ def test_resume_through_stateful_dataloader(num_workers):
 def test_mid_epoch_resume_after_the_state_moved_uses_the_saved_plan(tmp_path):
     from geko_data.state import SampleState
 
-    cfg = QUIET.replace(recheck_frozen=1.0)
+    cfg = QUIET.replace(recheck_frozen=1.0, bucket_weights=(3, 2, 1))  # thawed samples then draw more than 1
     s = GEKOSampler(40, total_epochs=3, config=cfg, seed=2)
     s.state.bucket[:10] = policy.FREEZE
     s.state.epoch = 1

@@ -328,7 +328,7 @@ def _run_digest(seed_cases=24):
         rng = np.random.default_rng(case)
         n = int(rng.integers(1, 3000))
         cfg = dict(freeze_share=0.5, freeze_confidence=None, bucket_weights=(3.0, 2.0, 1.0), curriculum_min_epochs=5,
-                   max_times_seen=50, recheck_frozen=0.05, max_repeats=5, prune_frozen_after=0)
+                   short_run_keep=None, max_times_seen=50, recheck_frozen=0.05, max_repeats=5, prune_frozen_after=0)
         if case % 4 == 1:
             cfg["prune_frozen_after"] = 1
         if case % 5 == 2:

@@ -15,7 +15,8 @@ from geko_data.stream import GEKOStream
 from geko_data.world import World
 from resume_check import check_resume
 
-QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+# GEKO's rules before short runs kept half of FREEZE (tested in test_policy)
+QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None, bucket_weights=(3, 2, 1))
 N = 43
 
 

@@ -23,7 +23,8 @@ from geko_data.config import GEKOConfig
 from geko_data.shards import ShardError, index_shards, read_index
 from geko_data.stream import GEKOStream
 
-QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+# GEKO's rules before short runs kept half of FREEZE (tested in test_policy)
+QUIET = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None, bucket_weights=(3, 2, 1))
 N = sum(SHARD_SIZES)
 PIPE = "pipe:cat {}"
 PATHS = pytest.mark.parametrize("shard_url", [None, PIPE], ids=["local", "pipe"])

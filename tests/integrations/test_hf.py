@@ -156,7 +156,8 @@ def test_forward_only_rechecks_skip_backward(tmp_path):
     """A state where every sample is frozen: the epoch is re-checks at weight 0, run without a backward."""
     trainer = GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path, num_train_epochs=1),
                           train_dataset=tiny.hf_dataset(16), data_collator=pad_collate,
-                          geko_config=GEKOConfig(recheck_frozen=1.0, anneal=0.0, log_bucket_stats=False))
+                          geko_config=GEKOConfig(recheck_frozen=1.0, anneal=0.0, log_bucket_stats=False,
+                                                     short_run_keep=None))
     calls = []
     original = trainer.accelerator.backward
     trainer.accelerator.backward = lambda loss, **kw: (calls.append(1), original(loss, **kw))

@@ -410,7 +410,7 @@ def test_recheck_of_frozen_samples_does_not_move_weights(tmp_path, fp16):
     rows = lm_data(16)
     write_shards(({"__key__": f"r{i:03d}", "json": json.dumps(r).encode()} for i, r in enumerate(rows)),
                  str(tmp_path / "shards" / "s-%03d.tar"))
-    cfg = CFG.replace(recheck_frozen=1.0)
+    cfg = CFG.replace(recheck_frozen=1.0, short_run_keep=None)
     state = SampleState(16, config=cfg)
     state.bucket[:] = 0  # everything FREEZE, as after a repartition: the epoch is re-checks only
     state.epoch = 0
