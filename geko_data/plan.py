@@ -116,8 +116,7 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     progress = policy.epoch_progress(epoch, total_epochs)
     generator = rng(seed, epoch, PURPOSE_ROUND)
     planned = None
-    if (config.mode == "geko" and not policy.rescales(total_epochs, config)
-            and not policy.annealing(epoch, total_epochs, config)):
+    if config.mode == "geko" and not policy.annealing(epoch, total_epochs, config):
         planned = _geko_plan(state, progress=progress, config=config, epoch_length=epoch_length,
                              total_epochs=total_epochs, generator=generator)
     if planned is None:
@@ -138,7 +137,8 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
     where that cannot be promised (then the caller takes the whole-array path).
 
     In this mode a sample's expected count is one of five numbers: its bucket's weight times the epoch's
-    scale, ``recheck_frozen`` (FREEZE), or 0 (pruned, or past ``max_times_seen``). So the first pass counts the
+    scale, ``recheck_frozen`` (FREEZE), or 0 (pruned, or past ``max_times_seen``); in a short run that keeps
+    a share of FREEZE (``policy.rescales``) at least that share, with one loss weight per kind. So the first pass counts the
     samples of each kind, the second looks each sample's count and weight up from its kind and rounds it
     with the same random numbers, and no (N,) float64 array exists: the whole-array path makes several
     (800 MB each at 100M samples) and a dozen passes over them. The scale is ``length / sum of weights``;
@@ -180,11 +180,22 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
         if max(float(weights[k]) for k in range(1, 4) if per_kind[k]) * scale > config.max_repeats:
             return None  # water-filling
         expected[1:4] = weights[1:4] * scale
-    expected[policy.FREEZE] = config.recheck_frozen
+    if policy.rescales(total_epochs, config):
+        # a short run keeps a share of every unpruned sample (FREEZE and past max_times_seen included) and
+        # weighs each by c / expected (policy._expected_counts)
+        keep = config.keep_frozen if config.mode == "unbiased" else config.short_run_keep
+        expected[:5] = np.maximum(expected[:5], keep)
+        n_alive = int(per_kind[:5].sum())
+        c = policy.rescale_constant(float(sum(float(expected[k]) * int(per_kind[k]) for k in range(5))),
+                                    n_alive) if n_alive else 1.0
+        trained = np.zeros(6, dtype=np.float32)
+        trained[:5] = (c / expected[:5]).astype(np.float32)
+    else:
+        expected[policy.FREEZE] = config.recheck_frozen
+        trained = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=np.float32)  # FREEZE: forward only
     base = np.floor(expected)
     frac = expected - base
     base_count = base.astype(np.int32)
-    trained = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=np.float32)  # FREEZE: forward only
     counts = np.empty(n, dtype=np.int32)
     weight = np.empty(n, dtype=np.float32)
     for a in range(0, n, _CHUNK):

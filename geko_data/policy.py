@@ -409,9 +409,17 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     # unbiased (or a short geko run): nobody alive may have probability 0, and weights undo the sampling bias.
     keep = config.keep_frozen if mode == "unbiased" else config.short_run_keep
     expected[alive] = np.maximum(expected[alive], keep)
-    c = expected[alive].mean() if alive.any() else 1.0
+    n_alive = int(alive.sum())
+    c = rescale_constant(float(expected[alive].sum()), n_alive) if n_alive else 1.0
     weight[alive] = (c / expected[alive]).astype(np.float32)
     return expected, weight
+
+
+def rescale_constant(total: float, n: int) -> float:
+    """``c``, the mean expected count of ``n`` unpruned samples whose expected counts sum to ``total``,
+    rounded to float32: a sum taken in another order (``plan._geko_plan`` sums counts per kind) differs in
+    the last bits of a float64 and must give the same float32 loss weights ``c / expected``."""
+    return float(np.float32(total / n))
 
 
 #: Elements per step of the chunked loops here: temporaries of a few MB at any number of samples.
