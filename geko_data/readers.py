@@ -129,54 +129,66 @@ class SeekReader:
             self._file, self._shard = f, shard
         return self._file
 
-    def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: list[int],
-                   lengths: list[int]) -> Iterator[tuple[int, dict[str, Any] | ShardError]]:
-        """(id, sample or its ShardError) for ``ids``, samples of ``shard`` in file order: each run of adjacent
-        ones is one read, all into one reused buffer (a fresh one each time costs page faults, more than the
-        copy), and every sample is parsed by one ``parse_samples`` call, whose numpy pass then covers them all
-        even when a worker's samples alternate with another worker's."""
+    def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: np.ndarray,
+                   lengths: np.ndarray) -> list[tuple[int, dict[str, Any] | ShardError]]:
+        """(id, sample or its ShardError) for ``ids``, samples of ``shard`` in file order (``offsets`` and
+        ``lengths`` int64 arrays of theirs): each run of adjacent ones is one read, all into one reused
+        buffer (a fresh one each time costs page faults, more than the copy), back to back, and every
+        sample is parsed by one ``parse_samples`` call, whose numpy pass then covers them all even when a
+        worker's samples alternate with another worker's. Failures come first, then the samples."""
         url = self.urls[shard]
-        total = sum(lengths)
+        n = len(ids)
+        ends = offsets + lengths
+        place = np.cumsum(lengths) - lengths  # (n,) where each sample lands in the buffer
+        total = int(ends[-1] - offsets[-1] + place[-1])
         if len(self._buffer) < total:
             self._buffer = bytearray(total)
         view = memoryview(self._buffer)
-        spans: list[tuple[int, int]] = []  # (start in the buffer, length) of every sample read whole
-        good: list[int] = []  # their positions in `ids`
-        at = n = 0
-        while n < len(ids):
-            hi = n + 1  # the run ids[n:hi] of adjacent samples
-            while hi < len(ids) and offsets[hi] == offsets[hi - 1] + lengths[hi - 1]:
-                hi += 1
-            size = offsets[hi - 1] + lengths[hi - 1] - offsets[n]
+        cuts = (np.flatnonzero(offsets[1:] != ends[:-1]) + 1).tolist()  # where a run of adjacent samples ends
+        out: list[tuple[int, dict[str, Any] | ShardError]] = []
+        good = np.ones(n, bool)
+        for lo, hi in zip([0, *cuts], [*cuts, n]):
+            at, size = int(place[lo]), int(ends[hi - 1] - offsets[lo])
             try:
-                f = self._open(shard, keys[n])
-                f.seek(offsets[n])
+                f = self._open(shard, keys[lo])
+                f.seek(int(offsets[lo]))
                 got = f.readinto(view[at:at + size])
                 why = None
             except ShardError as e:
-                for j in range(n, len(ids)):
-                    yield ids[j], e
-                return
+                out += [(ids[j], e) for j in range(lo, n)]
+                good[lo:] = False
+                break
             except OSError as e:
                 got, why = 0, str(e)
             self.bytes_read += got
-            for j in range(n, hi):
-                start = at + offsets[j] - offsets[n]
-                if start + lengths[j] > at + got:
-                    self.close()
-                    detail = f": {why}" if why else f" is truncated ({max(0, at + got - start)} of {lengths[j]} bytes)"
-                    yield ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")
-                elif self.verify and (digest := sample_hash(view[start:start + lengths[j]])) != int(self.index.hashes[ids[j]]):  # type: ignore[index]
-                    yield ids[j], _hash_error(self.index, url, ids[j], digest)
-                else:
-                    spans.append((start, lengths[j]))
-                    good.append(j)
-            at, n = at + size, hi
-        # Bytes past `at` are an older group's; every span lies before it.
-        parsed = parse_samples(self._buffer, spans, shard=url, keys=[keys[j] for j in good],
-                               offsets=[offsets[j] for j in good])
-        for j, sample in zip(good, parsed):
-            yield ids[j], sample
+            if got < size:
+                self.close()
+                for j in range(lo, hi):
+                    start = int(place[j])
+                    if start + int(lengths[j]) > at + got:
+                        detail = f": {why}" if why else f" is truncated ({max(0, at + got - start)} of {lengths[j]} bytes)"
+                        out.append((ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")))
+                        good[j] = False
+        if self.verify:
+            for j in np.flatnonzero(good).tolist():
+                start = int(place[j])
+                digest = sample_hash(view[start:start + int(lengths[j])])
+                if digest != int(self.index.hashes[ids[j]]):  # type: ignore[index]
+                    out.append((ids[j], _hash_error(self.index, url, ids[j], digest)))
+                    good[j] = False
+        if good.all():
+            kept, kept_keys = ids, keys
+            spans = np.stack([place, lengths], axis=1)
+            starts = offsets
+        else:
+            which = np.flatnonzero(good)
+            kept = [ids[j] for j in which.tolist()]
+            kept_keys = [keys[j] for j in which.tolist()]
+            spans = np.stack([place[which], lengths[which]], axis=1)
+            starts = offsets[which]
+        # Bytes past `total` are an older group's; every span lies before it.
+        out += zip(kept, parse_samples(self._buffer, spans, shard=url, keys=kept_keys, offsets=starts.tolist()))
+        return out
 
 
 class StreamCursor:
@@ -295,6 +307,7 @@ class ShardReader:
         self.ranges = ranges  # remote.RangeReader: byte-range reads of remote shards
         self.tally = dict.fromkeys(COUNTERS, 0)
         self._seek = SeekReader(index, urls, verify=verify)
+        self._all_local = all(local)
         self._cursor = StreamCursor(index, urls, shard_start, verify=verify)
 
     def close(self) -> None:
@@ -318,12 +331,15 @@ class ShardReader:
 
     def read(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
         """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
+        if self.ranges is None and self._all_local:
+            yield from self._read_all_local(ids)
+            return
         shards = self.index.shard[ids].tolist()  # one lookup per chunk, not per sample
         fetched = self._fetch_remote(ids, shards)
         pending: list[int] = []  # local samples of one shard, read together
         for i, shard in zip(ids.tolist(), shards):
             if pending and (shard != pending[-1] or not self.local[shard] or i < pending[-2]):
-                yield from self._read_local(pending)
+                yield from self._read_local(np.asarray(pending[0::2]), pending[1])
                 pending = []
             if shard in self.bad.stopped:
                 self.bad.mark_lost(i)
@@ -334,7 +350,22 @@ class ShardReader:
                 if sample is not None:
                     yield i, sample
         if pending:
-            yield from self._read_local(pending)
+            yield from self._read_local(np.asarray(pending[0::2]), pending[1])
+
+    def _read_all_local(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``read`` when every shard is a local file: the groups (ascending ids of one shard) found in one
+        numpy pass instead of sample by sample."""
+        if ids.size == 0:
+            return
+        shards = self.index.shard[ids]
+        cuts = (np.flatnonzero((shards[1:] != shards[:-1]) | (ids[1:] < ids[:-1])) + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, ids.size]):
+            shard = int(shards[lo])
+            if shard in self.bad.stopped:
+                for i in ids[lo:hi].tolist():
+                    self.bad.mark_lost(i)
+            else:
+                yield from self._read_local(ids[lo:hi], shard)
 
     def _accept(self, i: int, got: dict[str, Any] | ShardError) -> dict[str, Any] | None:
         """``got`` when it is a sample (counted read); a failure goes to the handler (None when it skips)."""
@@ -352,21 +383,21 @@ class ShardReader:
         except ShardError as e:
             return e
 
-    def _read_local(self, pending: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Read ``pending`` (id, shard pairs of ascending ids in one shard) in groups of up to _RUN_BYTES."""
-        ids, shard = pending[0::2], pending[1]
+    def _read_local(self, ids: np.ndarray, shard: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Read ``ids`` (ascending, all in ``shard``) in groups of up to _RUN_BYTES (at least one sample)."""
         keys = self.index.keys.take(ids)  # Arrow's take: a list of str, no object array between
-        offsets, lengths = self.index.offset[ids].tolist(), self.index.length[ids].tolist()
+        offsets, lengths = self.index.offset[ids].astype(np.int64), self.index.length[ids].astype(np.int64)
+        id_list = ids.tolist()
+        cum = np.cumsum(lengths)  # bytes up to and including each sample
         stopped = self.bad.stopped
-        lo = 0
-        while lo < len(ids):
-            hi, size = lo + 1, lengths[lo]
-            while hi < len(ids) and size + lengths[hi] <= _RUN_BYTES:
-                size += lengths[hi]
-                hi += 1
+        lo, n = 0, len(id_list)
+        while lo < n:
+            # Greedy: the most samples from `lo` whose bytes fit _RUN_BYTES, at least one.
+            before_lo = int(cum[lo] - lengths[lo])
+            hi = max(lo + 1, int(np.searchsorted(cum, before_lo + _RUN_BYTES, side="right")))
             before, read = self._seek.bytes_read, 0
             try:
-                for i, got in self._seek.read_group(shard, ids[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
+                for i, got in self._seek.read_group(shard, id_list[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
                     if shard in stopped:  # the handler stopped the shard on an earlier sample of the group
                         self.bad.mark_lost(i)
                     elif type(got) is dict:  # (`_accept`, inlined: this runs once a sample)

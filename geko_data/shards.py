@@ -34,6 +34,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -991,11 +992,21 @@ class _Layout:
         same[:k, 124:156] = False
         same[k:, :d] = False
         same[k:, d + 7:d + 7 + _TIME_WINDOW] = False
-        self.mask = np.where(same, 0xFF, 0).astype(np.uint8).view(np.uint64)  # (k + P, 64)
-        self.words = template.view(np.uint64) & self.mask
         # A header's checksum is this plus its varying bytes (the checksum field counted as spaces).
         self.fixed_sum = (rows.astype(np.int64) * same[:k]).sum(axis=1) + 8 * 0x20  # (k,)
-        self.fields = rows[self.members_at, 124:136].copy()  # (members, 12): every member's size as here
+        # What every byte must be, as (byte & mask) == expect, compared 8 bytes at a time: the fixed bytes
+        # the layout's (mask 0xFF); the size, time and checksum fields octal digits ('0'..'7': mask 0xF8,
+        # expect '0') with their NULs and the checksum's space in place; a member's size the layout's (its
+        # digits are summed with the varying fields for the checksum, so `fixed_sum` leaves them out); the
+        # key and the pax length and time free here (mask 0), checked below.
+        mask = np.where(same, 0xFF, 0).astype(np.uint8)
+        mask[:k, 124:156] = np.where(_FIELD_OCTAL, 0xF8, 0xFF)
+        mask[self.members_at, 124:136] = 0xFF
+        expect = template & mask
+        expect[:k, 124:156] = _FIELD_BASE
+        expect[self.members_at, 124:136] = template[self.members_at, 124:136]
+        self.mask = mask.view(np.uint64)  # (k + P, 64)
+        self.words = expect.view(np.uint64)
         self.powers = 10 ** np.arange(d - 1, -1, -1)
         self.members: list[tuple[str, int, int]] = []  # (extension, data start from the sample's, size)
         by_start = {start: (raw, size) for raw, start, size in members}
@@ -1018,18 +1029,27 @@ class _Layout:
 
     def fits(self, blocks: np.ndarray, starts: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """(m,) bool: the samples starting at tar block ``starts`` (m,) with the key bytes ``keys`` (m, L)
-        have this layout: blocks equal to the layout's but for the varying bytes; size, time and checksum
-        fields octal as tarfile writes them (``_rows_ok``'s layout); the members' sizes equal; names the
-        sample's key (the rest of each name is the layout's); checksums right; each pax record a time
-        record (``_PAX_TIME``) of its header's length. The checks of ``_walk_sample`` and
-        ``_fast_sample``."""
-        rows = blocks[starts[:, None] + self.rel]  # (m, k + P, 512)
-        k, d = self.fields.shape[0] + self.pax.shape[0], self.digits
-        ok = ~((rows.view(np.uint64) ^ self.words) & self.mask).any(axis=(1, 2))
+        have this layout: blocks equal to the layout's but for the varying bytes (the members' sizes are
+        the layout's); size, time and checksum fields octal as tarfile writes them (``_rows_ok``'s layout);
+        names the sample's key (the rest of each name is the layout's); checksums right; each pax record a
+        time record (``_PAX_TIME``) of its header's length. The checks of ``_walk_sample`` and
+        ``_fast_sample``, ``_FIT_STEP`` samples at a time."""
+        out = np.empty(starts.shape[0], bool)
+        for lo in range(0, starts.shape[0], _FIT_STEP):
+            out[lo:lo + _FIT_STEP] = self._fits(blocks, starts[lo:lo + _FIT_STEP], keys[lo:lo + _FIT_STEP])
+        return out
+
+    def _fits(self, blocks: np.ndarray, starts: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        m, k, d = starts.shape[0], self.fixed_sum.shape[0], self.digits
+        # Gathered into this thread's reused arrays: fresh ones of this size are fresh pages every call.
+        rows = _scratch("rows", (m, self.rel.shape[0], _BLOCK), np.uint8)  # (m, k + P, 512)
+        np.take(blocks, starts[:, None] + self.rel, axis=0, out=rows, mode="clip")  # in range: see _regular_run
+        words = _scratch("words", (m, self.rel.shape[0] * _BLOCK // 8), np.uint64)
+        np.bitwise_and(rows.view(np.uint64).reshape(m, -1), self.mask.reshape(-1), out=words)
+        np.bitwise_xor(words, self.words.reshape(-1), out=words)
+        ok = ~words.any(axis=1)
         fields = rows[:, :k, 124:156]  # (m, k, 32): size, time, checksum
-        ok &= ((fields - _FIELD_BASE) <= _FIELD_SPAN).all(axis=(1, 2))  # uint8: below the base wraps high
-        ok &= (rows[:, self.members_at, 124:136] == self.fields).all(axis=(1, 2))
-        ok &= (rows[:, self.members_at, :self.width] == keys[:, None, :]).all(axis=(1, 2))
+        ok &= (rows[:, self.members_at, :self.width] == keys[:, None, :]).reshape(m, -1).all(axis=1)
         chksum = (fields[:, :, 24:30].astype(np.int64) - 0x30) @ _CHKSUM_POWERS  # (m, k)
         total = self.fixed_sum + rows[:, :k, :self.width].sum(axis=2, dtype=np.int64)
         total += fields[:, :, :24].sum(axis=2, dtype=np.int64)
@@ -1039,27 +1059,48 @@ class _Layout:
             # and a newline, then NULs; the length in decimal is the header's size field.
             size = (fields[:, self.pax, :11].astype(np.int64) - 0x30) @ _SIZE_POWERS  # (m, P)
             record = rows[:, k:]  # (m, P, 512)
-            digits = record[:, :, :d]
-            ok &= ((digits - 0x30) <= 9).all(axis=(1, 2))
-            ok &= ((digits.astype(np.int64) - 0x30) @ self.powers == size).all(axis=1)
-            value = size - 1 - (d + 7)  # (m, P): the time's length; the newline is right after it
+            # The length prefix is `size` in d decimal digits (leading zeros allowed, as int() reads them).
+            ok &= (size < 10 ** d).all(axis=1)
+            ok &= (record[:, :, :d] == size[:, :, None] // self.powers % 10 + 0x30).reshape(m, -1).all(axis=1)
+            # The time's length (the newline is right after it): every byte of the window has the class
+            # `_TIME_EXPECT` gives for that length (a length out of 1..40 has a row nothing matches).
+            value = np.clip(size - 1 - (d + 7), 0, _TIME_WINDOW)  # (m, P)
             window = record[:, :, d + 7:d + 7 + _TIME_WINDOW]  # (m, P, 41)
-            timing = ((window - 0x30) <= 9) | (window == 0x2E)
-            ok &= ((value >= 1) & (value <= 40) & (timing.argmin(axis=2) == value)).all(axis=1)
-            newline = np.take_along_axis(window, np.clip(value, 0, _TIME_WINDOW - 1)[:, :, None], axis=2)
-            ok &= (newline[:, :, 0] == 0x0A).all(axis=1)
-            ok &= ((window == 0).sum(axis=2) == _TIME_WINDOW - 1 - value).all(axis=1)
+            ok &= (_TIME_CLASS[window] == _TIME_EXPECT[value]).reshape(m, -1).all(axis=1)
         return ok
 
 
 # Bytes 124..156 of a header as tarfile and GNU tar write them: size (11 octal digits, NUL), time (the
-# same), checksum (6 octal digits, NUL, space): the lowest byte allowed and how far above it.
+# same), checksum (6 octal digits, NUL, space): where the digits are, and '0' there, the NULs and the space.
 _FIELD_OCTAL = np.r_[[True] * 11, False, [True] * 11, False, [True] * 6, False, False]
 _FIELD_BASE = np.where(_FIELD_OCTAL, 0x30, 0).astype(np.uint8)
 _FIELD_BASE[-1] = 0x20
-_FIELD_SPAN = np.where(_FIELD_OCTAL, 7, 0).astype(np.uint8)
 _SIZE_POWERS = 8 ** np.arange(10, -1, -1)
 _TIME_WINDOW = 41  # a pax time of up to 40 digits and dots, and its newline
+# The class of each byte of a pax time window: 0 a digit or a dot, 1 a newline, 2 a NUL, 3 anything else;
+# and the classes a window must have for a time of v bytes (row v; rows 0 and 41, lengths out of range,
+# hold a class no byte has).
+_TIME_CLASS = np.full(256, 3, np.uint8)
+_TIME_CLASS[list(b"0123456789.")] = 0
+_TIME_CLASS[0x0A], _TIME_CLASS[0] = 1, 2
+_TIME_EXPECT = np.full((_TIME_WINDOW + 1, _TIME_WINDOW), 255, np.uint8)
+for _v in range(1, _TIME_WINDOW):
+    _TIME_EXPECT[_v] = [0] * _v + [1] + [2] * (_TIME_WINDOW - 1 - _v)
+del _v
+# Samples checked per numpy pass: the temporaries of a pass stay small (a few hundred KB), where those of a
+# whole run of large samples' headers are fresh pages every run (page faults cost more than the checks).
+_FIT_STEP = 128
+_scratch_arrays = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array of ``shape`` reused by this thread under ``name`` (contents undefined)."""
+    need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    have = getattr(_scratch_arrays, name, None)
+    if have is None or have.size < need:
+        have = np.empty(need, np.uint8)
+        setattr(_scratch_arrays, name, have)
+    return have[:need].view(dtype).reshape(shape)
 # Layouts kept from earlier runs (most recent first) and made per run; samples that fit none are parsed
 # one by one. Kept per process: a layout holds no sample's bytes, only what every sample must share.
 _KEPT_LAYOUTS = 8
@@ -1067,7 +1108,7 @@ _NEW_LAYOUTS = 4
 _recent_layouts: list[_Layout] = []
 
 
-def _regular_run(buf: bytes | bytearray, spans: Sequence[tuple[int, int]],
+def _regular_run(buf: bytes | bytearray, spans: Sequence[tuple[int, int]] | np.ndarray,
                  keys: Sequence[str]) -> list[dict[str, Any] | None]:
     """The samples of a run that fit a layout (``_Layout``: one kept from earlier runs, or made from the
     run's first samples), None for the others: ``parse_samples`` parses those one by one. Spans that do not
@@ -1104,7 +1145,9 @@ def _regular_run(buf: bytes | bytearray, spans: Sequence[tuple[int, int]],
             del _recent_layouts[_KEPT_LAYOUTS:]
         else:
             break
-        same = np.flatnonzero(todo & (lengths == layout.length) & (width == layout.width))
+        # Only samples inside `buf` (its blocks are gathered by index, clipped, in `_Layout.fits`).
+        same = np.flatnonzero(todo & (lengths == layout.length) & (width == layout.width)
+                              & (starts + lengths <= len(buf)))
         if not same.size:
             continue
         names = np.frombuffer(b"".join([encoded[i] for i in same.tolist()]), np.uint8).reshape(same.size, -1)
@@ -1114,17 +1157,17 @@ def _regular_run(buf: bytes | bytearray, spans: Sequence[tuple[int, int]],
             plain &= ~((names[:, 0] == 0x5F) & (names[:, 1] == 0x5F))
         fit = same[plain & layout.fits(blocks, starts[same] // _BLOCK, names)]
         todo[fit] = False  # the others may fit another layout (another member size, say)
-        members = layout.members
-        for i in fit.tolist():
-            lo = spans[i][0]
+        # Each member's bytes copied out of the buffer once; the slices hold no reference to it.
+        members = [(ext, start, start + size) for ext, start, size in layout.members]
+        for i, lo in zip(fit.tolist(), starts[fit].tolist()):
             sample = {"__key__": keys[i]}
-            for ext, start, size in members:
-                sample[ext] = view[lo + start:lo + start + size].tobytes()
+            for ext, a, b in members:
+                sample[ext] = view[lo + a:lo + b].tobytes()
             out[i] = sample
     return out
 
 
-def parse_samples(buf: bytes | bytearray, spans: Sequence[tuple[int, int]], *, shard: str, keys: Sequence[str],
+def parse_samples(buf: bytes | bytearray, spans: Sequence[tuple[int, int]] | np.ndarray, *, shard: str, keys: Sequence[str],
                   offsets: Sequence[int]) -> list[dict[str, Any] | ShardError]:
     """``parse_sample`` of each sample in a run read at once: ``spans`` are (start, length) in ``buf``,
     ``offsets`` where they start in the shard. Each result is the sample or the ShardError it raised.
@@ -1134,10 +1177,11 @@ def parse_samples(buf: bytes | bytearray, spans: Sequence[tuple[int, int]], *, s
     vectorized pass, ~4x cheaper than ``parse_sample``; any sample with something else in it, or anything
     wrong, goes to ``parse_sample``, which decides.
     """
-    out: list[dict[str, Any] | ShardError | None] = list(_regular_run(buf, spans, keys))
+    out: list[dict[str, Any] | ShardError | None] = _regular_run(buf, spans, keys)
     rest = [j for j, sample in enumerate(out) if sample is None]
     if not rest:
         return out  # type: ignore[return-value]
+    spans = [(int(lo), int(n)) for lo, n in spans]  # plain ints (``spans`` may be an (n, 2) array)
     headers: list[int] = []
     walked = [_walk_sample(buf, spans[j][0], spans[j][0] + spans[j][1], headers) for j in rest]
     ok = _headers_ok(buf, headers) if headers else np.zeros(0, bool)

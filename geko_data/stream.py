@@ -431,8 +431,9 @@ class GEKOStream(EpochDriver, IterableDataset):
         try:
             for lo in range(0, mine.shape[0], self.shuffle_buffer):
                 block = mine[lo:lo + self.shuffle_buffer]
-                yield from self._tagged(block, weights[lo:lo + self.shuffle_buffer],
-                                        self._read_block(reader, block, shard_position), reader, worker is None)
+                samples, repeats = self._read_block(reader, block, shard_position)
+                yield from self._tagged(block, weights[lo:lo + self.shuffle_buffer], samples, repeats, reader,
+                                        worker is None)
                 self._counters.flush(row, tally, total)
             finished = True
         finally:
@@ -446,18 +447,22 @@ class GEKOStream(EpochDriver, IterableDataset):
                           stacklevel=2)
 
     def _read_block(self, reader: ShardReader, block: np.ndarray,
-                    shard_position: np.ndarray) -> dict[int, dict[str, Any] | None]:
-        """Stage 1: the block's distinct samples, read once each in file order, by id (failures left out)."""
+                    shard_position: np.ndarray) -> tuple[dict[int, dict[str, Any] | None], bool]:
+        """Stage 1: the block's distinct samples, read once each in file order, by id (failures left out),
+        and whether the block draws a sample more than once."""
         uniq = np.unique(block)
+        repeats = uniq.size < block.size
         uniq = uniq[np.argsort(shard_position[self.index.shard[uniq]], kind="stable")]  # read in file order
-        return dict(reader.read(uniq))
+        return dict(reader.read(uniq)), repeats
 
     def _tagged(self, block: np.ndarray, weights: np.ndarray, samples: dict[int, dict[str, Any] | None],
-                reader: ShardReader, main: bool) -> Iterator[dict[str, Any]]:
+                repeats: bool, reader: ShardReader, main: bool) -> Iterator[dict[str, Any]]:
         """Stages 2-3: every draw of the block in order, decoded (each draw anew: a random transform differs
         between repeats) and tagged with ``__url__``, ``__index__`` and ``__weight__`` (a ``LossWeight``).
 
-        Samples are plain dicts (``_StreamSample`` says how ``default_collate`` still tells them apart)."""
+        Samples are plain dicts (``_StreamSample`` says how ``default_collate`` still tells them apart). A
+        raw sample drawn once in its block is tagged in place (the dict the reader made is not used again);
+        a repeated one is copied for each draw, so what a loop does to one draw never reaches another."""
         urls, decoder = self.urls, self._decoder
         shards = self.index.shard[block].tolist()  # one lookup per block, not per draw
         yielded = skipped = 0
@@ -467,8 +472,12 @@ class GEKOStream(EpochDriver, IterableDataset):
                 if raw is None:  # unreadable or undecodable (counted once as a sample): every draw is lost
                     skipped += 1
                     continue
-                if decoder is None:  # a new dict per draw (a repeat is yielded again), built in one go
-                    sample = {**raw, "__url__": urls[shard], "__index__": i, "__weight__": weight}
+                if decoder is None:
+                    if repeats:  # a new dict per draw (a repeat is yielded again), built in one go
+                        sample = {**raw, "__url__": urls[shard], "__index__": i, "__weight__": weight}
+                    else:
+                        sample = raw
+                        sample["__url__"], sample["__index__"], sample["__weight__"] = urls[shard], i, weight
                 else:
                     try:
                         sample = decoder({**raw, "__url__": urls[shard]})

@@ -303,3 +303,24 @@ def test_the_plan_is_held_once_in_shared_memory(shards):
     s.set_epoch(1)  # the next plan lands in the same memory
     assert np.shares_memory(s.state.plan.counts, shared.counts)
     assert np.array_equal(s.state.plan.counts, shared.counts)
+
+
+def test_a_loop_that_changes_its_samples_leaves_repeats_and_other_draws_whole(shards):
+    """A sample drawn once in its block is yielded as the dict the reader made (tagged in place); a
+    repeated one is a new dict per draw: a loop that empties what it gets never reaches another draw."""
+    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1))
+    s.state.bucket[:] = policy.LIGHT
+    s.state.bucket[:3] = policy.HARD
+    s.state.epoch = 1
+    s.set_epoch(1)  # PEAK: the three HARD samples drawn 5 times each, in blocks with repeats
+    seen = []
+    for sample in s:
+        assert set(sample) >= {"__key__", "__url__", "__index__", "__weight__"} and len(sample) > 4, sample
+        seen.append(sample["__index__"])
+        sample.clear()
+    assert sorted(seen) == sorted([0, 1, 2] * 5)
+    s2 = GEKOStream(shards, total_epochs=1, config=QUIET)
+    whole = {x["__index__"]: dict(x) for x in s2}
+    for sample in s2:  # every sample drawn once: each is its own dict, tagged once
+        assert sample == whole[sample["__index__"]]
+        sample.clear()

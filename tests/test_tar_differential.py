@@ -375,3 +375,27 @@ def test_runs_of_shardwriter_samples_read_as_one_by_one_under_every_header_byte_
             assert got == expected[:victim] + [alone] + expected[victim + 1:], (block - lo + at, value)
             changed += 1
     assert changed > 1200
+
+
+def test_checking_a_run_allocates_no_array_of_all_its_headers(tmp_path):
+    """A run's header blocks are checked ``_FIT_STEP`` samples at a time in arrays each thread keeps: no
+    fresh (samples, blocks, 512) array per run (at 20 KB samples those were fresh pages on every run, whose
+    page faults cost more than the checks). The run reads the same."""
+    import tracemalloc
+
+    samples = [{"__key__": f"k{i:05d}", "bin": b"x" * 10, "cls": b"1"} for i in range(256)]
+    idx = write_shards(samples, str(tmp_path / "s-%03d.tar"), maxcount=1000)
+    data = open(idx.shards[0], "rb").read()
+    spans = list(zip(idx.offset.tolist(), idx.length.tolist()))
+    keys = [str(k) for k in idx.keys]
+    first = _regular_run(data, spans, keys)  # the layout made, the arrays allocated
+    tracemalloc.start()
+    try:
+        again = _regular_run(data, spans, keys)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(s is not None for s in again) and again == first
+    assert again == parse_samples(data, spans, shard=idx.shards[0], keys=keys, offsets=idx.offset.tolist())
+    header_blocks = 256 * 6 * 512  # a pax header, its record and a header for each of 2 members
+    assert peak < header_blocks // 2, peak
