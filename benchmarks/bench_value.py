@@ -7,11 +7,12 @@ backward pass per trained sample, a forward pass per sample touched
 (forward-only re-checks of frozen samples included).
 
 Policies: ``uniform`` (every sample every epoch), ``random_subset`` (a fresh
-half each epoch, RS2; ``random_subset70``: 70%, about GEKO's budget in a 3-epoch
-run), ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this package's defaults),
-``unbiased`` (GEKO with InfoBatch-style importance weights), ``gekolib`` (geko
-mode with gekolib 0.3.1's values), ``threshold`` (the previous default freeze
-rule, ``freeze_share=None``).
+half each epoch, RS2; ``random_subset70`` / ``random_subset85``: 70% / 85%),
+``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this package's defaults),
+``drop_frozen`` (the short-run default before ``short_run_keep``: FREEZE never
+trained, HARD:FOCUS:LIGHT 3:2:1), ``unbiased`` (GEKO with InfoBatch-style
+importance weights), ``gekolib`` (geko mode with gekolib 0.3.1's values),
+``threshold`` (the previous default freeze rule, ``freeze_share=None``).
 
 Every task is split train / dev / test: defaults are chosen on dev, results are
 reported on test (both are measured after every epoch). Quality is the share of
@@ -71,7 +72,11 @@ POLICIES: dict[str, GEKOConfig] = {
     "random_subset": GEKOConfig(mode="random_subset", subset_fraction=0.5),
     "infobatch": GEKOConfig(mode="infobatch"),
     "random_subset70": GEKOConfig(mode="random_subset", subset_fraction=0.7),
+    # about the default's budget in a 3-epoch run (it keeps half of FREEZE)
+    "random_subset85": GEKOConfig(mode="random_subset", subset_fraction=0.85),
     "geko": GEKOConfig(),
+    # the short-run default before short_run_keep: every FREEZE sample skipped, HARD:FOCUS:LIGHT 3:2:1
+    "drop_frozen": GEKOConfig(short_run_keep=None, bucket_weights=(3.0, 2.0, 1.0)),
     "unbiased": GEKOConfig(mode="unbiased"),
     "gekolib": GEKOLIB_DEFAULTS,
     # the previous default: FREEZE above the 0.9 quantile of the wrong answers' confidences, once stable
@@ -521,11 +526,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             # a policy run on fewer seeds than the others says so (its means are over its seeds only)
             name = r["policy"] + (f" ({r['seeds']} seed{'s' * (r['seeds'] > 1)})" if r["seeds"] < most else "")
             out.append(f"| {name} | {r['forward']:,.0f} | {r['backward']:,.0f} | "
-                       f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
+                       f"{100 * r['backward_vs_uniform']:.0f}% | {r['wall_s']:.1f} | {_cpu(r)} | "
                        f"{100 * r['quality_mean']:.2f} ± {100 * r['quality_std']:.2f} | "
                        f"{100 * r['diff_mean']:+.2f} ± {100 * r['diff_std']:.2f} | {reach} |")
         out.append("")
     return "\n".join(out)
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    """A row's mean CPU seconds; "-" for runs recorded before CPU time was (merged with newer ones)."""
+    cpu = row.get("cpu_s", float("nan"))
+    return "-" if not np.isfinite(cpu) else f"{cpu:.1f}"
 
 
 def summary_lines(rows: list[dict[str, Any]], split: str = "test", geko: str = "geko") -> list[str]:

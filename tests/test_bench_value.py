@@ -179,3 +179,9 @@ def test_bench_value_cosine_schedule_is_recorded_and_changes_the_run(tmp_path):
     proc = subprocess.run([*common, "--lr-schedule", "linear", "--out", str(tmp_path / "x")], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "linear" in proc.stderr
+
+
+def test_a_merged_row_without_cpu_time_shows_a_dash_not_nan():
+    # results recorded before CPU time was measured, merged with newer ones, printed "nan"
+    cpu = _bench_value()._cpu
+    assert cpu({"cpu_s": float("nan")}) == "-" and cpu({}) == "-" and cpu({"cpu_s": 3.25}) == "3.2"
