@@ -46,8 +46,10 @@ def drain(loader) -> int:
 
 
 def frozen_stream(folder: str, share: float, batch: int, verify: bool = False) -> GEKOStream:
+    """A stream with ``share`` of the samples in FREEZE and none of them drawn (``short_run_keep=None``: a
+    1-epoch run would otherwise keep half of FREEZE, and the epoch would read 55% of the samples at 90%)."""
     s = GEKOStream(folder, total_epochs=1, batch_size=batch, shuffle_buffer=256, verify=verify,
-                   config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0))
+                   config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
     n = len(s.state)
     frozen = np.random.default_rng(0).permutation(n)[: int(share * n)]
     s.state.bucket[frozen] = policy.FREEZE  # as a repartition leaves it

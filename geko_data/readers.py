@@ -147,11 +147,13 @@ class SeekReader:
         cuts = (np.flatnonzero(offsets[1:] != ends[:-1]) + 1).tolist()  # where a run of adjacent samples ends
         out: list[tuple[int, dict[str, Any] | ShardError]] = []
         good = np.ones(n, bool)
+        # Python ints in the loop over runs (a run is one sample when the draws are sparse).
+        first, last, where = offsets.tolist(), ends.tolist(), place.tolist()
         for lo, hi in zip([0, *cuts], [*cuts, n]):
-            at, size = int(place[lo]), int(ends[hi - 1] - offsets[lo])
+            at, size = where[lo], last[hi - 1] - first[lo]
             try:
                 f = self._open(shard, keys[lo])
-                f.seek(int(offsets[lo]))
+                f.seek(first[lo])
                 got = f.readinto(view[at:at + size])
                 why = None
             except ShardError as e:
@@ -164,7 +166,7 @@ class SeekReader:
             if got < size:
                 self.close()
                 for j in range(lo, hi):
-                    start = int(place[j])
+                    start = where[j]
                     if start + int(lengths[j]) > at + got:
                         detail = f": {why}" if why else f" is truncated ({max(0, at + got - start)} of {lengths[j]} bytes)"
                         out.append((ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")))
