@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(f"{title}; values are parsed as JSON when possible")
         docs = field_docs(cls)
         for name, f in _fields(cls).items():
-            group.add_argument(f"--{name}", type=_parse_value, default=None, metavar=_metavar(f),
+            # absent flags stay out of the namespace, so an explicit `null` (e.g. --short_run_keep null, a
+            # field whose None means something) is a setting, not "not given"
+            group.add_argument(f"--{name}", type=_parse_value, default=argparse.SUPPRESS, metavar=_metavar(f),
                                help=_field_help(cls, f, docs.get(name, "")))
     return p
 
@@ -248,8 +250,7 @@ def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOCo
     given: dict[str, Any] = {}  # what this command line asks for explicitly (file, then flags)
     if ns.config:
         given.update(_load_file(ns.config))
-    given.update({k: v for k, v in vars(ns).items()
-                  if v is not None and (k in _fields(TrainArgs) or k in _fields(GEKOConfig))})
+    given.update({k: v for k, v in vars(ns).items() if k in _fields(TrainArgs) or k in _fields(GEKOConfig)})
     _split(given)  # unknown keys of a config file are named before anything else happens
     if ns.preset:
         preset = PRESETS[ns.preset].to_dict()

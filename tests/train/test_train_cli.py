@@ -19,6 +19,17 @@ def test_every_field_is_a_flag():
     assert ns.num_epochs == 2 and ns.bucket_weights == [5, 2, 0] and ns.bf16 is True
 
 
+def test_an_explicit_null_is_a_setting_not_an_absent_flag():
+    # fields whose None means something (the rule before short runs kept FREEZE; the threshold freeze
+    # rule) were dropped with every flag left unset, so the command line could not reach them
+    from geko_data.train.__main__ import _settings
+
+    _, _, config = _settings(build_parser().parse_args(["--short_run_keep", "null", "--freeze_share", "null"]))
+    assert config.short_run_keep is None and config.freeze_share is None
+    _, _, config = _settings(build_parser().parse_args([]))
+    assert config.short_run_keep == 0.5 and config.freeze_share == 0.5
+
+
 def test_bad_values_exit_2_with_the_field_named(capsys):
     assert main(["--num_epochs", "0"]) == 2
     assert "num_epochs" in capsys.readouterr().err
