@@ -3,7 +3,7 @@
 The reference loop (``geko_data.train.train``) trains a small real model, an MLP over 4,096 float32
 features read from WebDataset shards (16 KB a sample, 2 DataLoader workers, batch 64), for one epoch with
 0%, 50% and 90% of the samples FREEZE (16,000 samples, 256 MB). The frozen share is set by writing the state as a repartition
-leaves it (``recheck_frozen=0``: frozen samples are not read at all), as ``bench_stream.py`` does. The
+leaves it (``recheck_frozen=0``, ``short_run_keep=None``: frozen samples are not read at all), as ``bench_stream.py`` does. The
 model is small enough that reading and decoding are a real part of a step, as in a fine-tune whose
 batches are cheap next to their I/O.
 
@@ -41,7 +41,8 @@ from geko_data.train.collate import pad_collate  # noqa: E402
 FEATURES, CLASSES, BATCH = 4096, 10, 64
 #: frozen share -> the goal for its epoch wall time as a share of the 0% epoch's
 GOALS = {0.5: 0.55, 0.9: 0.2}
-CFG = GEKOConfig(recheck_frozen=0.0, log_bucket_stats=False)
+# short_run_keep=None: FREEZE samples are not drawn (a 1-epoch run would otherwise train half of them)
+CFG = GEKOConfig(recheck_frozen=0.0, log_bucket_stats=False, short_run_keep=None)
 
 
 class MLP(torch.nn.Module):

@@ -46,7 +46,7 @@ def as_list(batch):
 def frozen_stream(url: str, share: float) -> GEKOStream:
     """A stream over ``url`` whose first epoch draws all but a seeded ``share`` of the samples."""
     s = GEKOStream(url, total_epochs=1, batch_size=BATCH, shuffle_buffer=256,
-                   config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0))
+                   config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
     frozen = np.random.default_rng(0).permutation(len(s.state))[: int(share * len(s.state))]
     s.state.bucket[frozen] = policy.FREEZE  # as a repartition leaves it
     s.state.epoch = 0
