@@ -78,11 +78,12 @@ class GEKOConfig:
         short_run_keep: in ``geko`` mode, in runs shorter than ``curriculum_min_epochs``: the share of FREEZE
             samples still drawn each epoch, with every sample's loss weight rescaled as in ``unbiased`` mode
             (``c / expected``), so the epoch's gradient stays an unbiased estimate of the full-data one
-            (``policy.rescales``). Frozen samples are the prototypical answers that hold the task's prior:
-            on the SFT task (3 epochs, cosine LR, 5 seeds) dropping all of them for an epoch, with
-            ``(3, 2, 1)``, cost 4.7 points on dev and 7.4 on test; keeping half of them at weight ~1.8 with
-            ``(1, 1, 1)`` gained 1.9 on dev and cost 0.3 on test, at 89% of uniform's passes. ``None``: FREEZE samples get
-            ``recheck_frozen`` forward-only draws, as in long runs. Defaults to ``0.5``.
+            (``policy.rescales``): with a share f frozen, a frozen sample weighs 2 - f, the others 1 - f/2.
+            Frozen samples are the model's surest right answers, and a short fine-tune still learns from
+            them: on the SFT task (3 epochs, cosine LR, 5 seeds) dropping all of them for an epoch, with
+            ``(3, 2, 1)``, cost 4.7 points on dev and 7.4 on test; keeping half of them with ``(1, 1, 1)``
+            gained 1.9 on dev and cost 0.3 on test, at 89% of uniform's passes. ``None``: FREEZE samples
+            get ``recheck_frozen`` forward-only draws, as in long runs. Defaults to ``0.5``.
         phase_weights: the curriculum: (HARD, FOCUS, LIGHT) sampling weights for each of the five phases
             WARMUP, ASCENT, PEAK, DESCENT, CONSOLIDATE. Defaults to gekolib's Mountain table (``MOUNTAIN``).
         q_value_lr: EMA rate of the Q-value update. Defaults to ``0.5`` (gekolib: 0.1, with which a sample
