@@ -368,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, args, config = _settings(ns)
     except (ValueError, TypeError, OSError) as e:
-        print(f"geko-train: {e}", file=sys.stderr)
+        # values are JSON: Python's spelling of None arrives as a string
+        hint = (" (values are parsed as JSON: write null for None)"
+                if any(v in ("None", "none") for v in vars(ns).values()) else "")
+        print(f"geko-train: {e}{hint}", file=sys.stderr)
         return 2
     warning = anneal_warning(config, args.num_epochs)
 

@@ -30,6 +30,14 @@ def test_an_explicit_null_is_a_setting_not_an_absent_flag():
     assert config.short_run_keep == 0.5 and config.freeze_share == 0.5
 
 
+def test_python_none_on_the_command_line_is_refused_with_the_json_spelling(capsys):
+    assert main(["--short_run_keep", "None"]) == 2
+    err = capsys.readouterr().err
+    assert "short_run_keep" in err and "write null for None" in err
+    assert main(["--num_epochs", "0"]) == 2
+    assert "null" not in capsys.readouterr().err  # the hint only where it helps
+
+
 def test_bad_values_exit_2_with_the_field_named(capsys):
     assert main(["--num_epochs", "0"]) == 2
     assert "num_epochs" in capsys.readouterr().err
