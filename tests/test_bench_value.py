@@ -185,3 +185,12 @@ def test_a_merged_row_without_cpu_time_shows_a_dash_not_nan():
     # results recorded before CPU time was measured, merged with newer ones, printed "nan"
     cpu = _bench_value()._cpu
     assert cpu({"cpu_s": float("nan")}) == "-" and cpu({}) == "-" and cpu({"cpu_s": 3.25}) == "3.2"
+
+
+def test_noisy_labels_change_exactly_the_share_asked_to_another_class():
+    flip_labels = _bench_value().flip_labels
+    y = torch.arange(1000) % 10
+    out = flip_labels(y, share=0.1, classes=10)
+    changed = out != y
+    assert int(changed.sum()) == 100 and out.min() >= 0 and out.max() <= 9
+    assert torch.equal(out, flip_labels(y, share=0.1, classes=10))  # seeded
