@@ -180,10 +180,10 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
         if max(float(weights[k]) for k in range(1, 4) if per_kind[k]) * scale > config.max_repeats:
             return None  # water-filling
         expected[1:4] = weights[1:4] * scale
-    if policy.rescales(total_epochs, config):
+    keep = policy.kept_share(total_epochs, config)
+    if keep is not None:
         # a short run keeps a share of every unpruned sample (FREEZE and past max_times_seen included) and
         # weighs each by c / expected (policy._expected_counts)
-        keep = config.keep_frozen if config.mode == "unbiased" else config.short_run_keep
         expected[:5] = np.maximum(expected[:5], keep)
         n_alive = int(per_kind[:5].sum())
         c = policy.rescale_constant(float(sum(float(expected[k]) * int(per_kind[k]) for k in range(5))),

@@ -91,13 +91,21 @@ def uses_curriculum(total_epochs: int | None, config: GEKOConfig) -> bool:
     return config.use_curriculum and (total_epochs is None or total_epochs >= config.curriculum_min_epochs)
 
 
-def rescales(total_epochs: int | None, config: GEKOConfig) -> bool:
-    """Whether a run of ``total_epochs`` keeps a share of FREEZE samples at rescaled loss weights: ``unbiased``
-    mode, or ``geko`` mode in a run too short for the curriculum with ``short_run_keep`` set."""
+def kept_share(total_epochs: int | None, config: GEKOConfig) -> float | None:
+    """The expected count every unpruned sample keeps at least when a run of ``total_epochs`` rescales loss
+    weights: ``keep_frozen`` in ``unbiased`` mode, ``short_run_keep`` in a ``geko`` run too short for the
+    curriculum; ``None`` when FREEZE samples are only re-checked."""
     if config.mode == "unbiased":
-        return True
-    return (config.mode == "geko" and config.short_run_keep is not None
-            and not uses_curriculum(total_epochs, config))
+        return config.keep_frozen
+    if config.mode == "geko" and not uses_curriculum(total_epochs, config):
+        return config.short_run_keep
+    return None
+
+
+def rescales(total_epochs: int | None, config: GEKOConfig) -> bool:
+    """Whether a run of ``total_epochs`` keeps a share of FREEZE samples at rescaled loss weights
+    (``kept_share``)."""
+    return kept_share(total_epochs, config) is not None
 
 
 def bucket_weight_table(progress: float, config: GEKOConfig, *, total_epochs: int | None = None) -> np.ndarray:
@@ -402,12 +410,12 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
         w = (active & eligible).astype(np.float64)
     expected = _fill(w, float(length), float(config.max_repeats))
     frozen = alive & (bucket == FREEZE)
-    if not rescales(total_epochs, config):
+    keep = kept_share(total_epochs, config)
+    if keep is None:
         expected[frozen] = config.recheck_frozen
         weight[frozen] = 0.0
         return expected, weight
     # unbiased (or a short geko run): nobody alive may have probability 0, and weights undo the sampling bias.
-    keep = config.keep_frozen if mode == "unbiased" else config.short_run_keep
     expected[alive] = np.maximum(expected[alive], keep)
     n_alive = int(alive.sum())
     c = rescale_constant(float(expected[alive].sum()), n_alive) if n_alive else 1.0

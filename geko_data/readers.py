@@ -309,7 +309,6 @@ class ShardReader:
         self.ranges = ranges  # remote.RangeReader: byte-range reads of remote shards
         self.tally = dict.fromkeys(COUNTERS, 0)
         self._seek = SeekReader(index, urls, verify=verify)
-        self._all_local = all(local)
         self._cursor = StreamCursor(index, urls, shard_start, verify=verify)
 
     def close(self) -> None:
@@ -333,9 +332,6 @@ class ShardReader:
 
     def read(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
         """(id, raw sample) for ``ids`` (in read order); failures go to the handler."""
-        if self.ranges is None and self._all_local:
-            yield from self._read_all_local(ids)
-            return
         shards = self.index.shard[ids].tolist()  # one lookup per chunk, not per sample
         fetched = self._fetch_remote(ids, shards)
         pending: list[int] = []  # local samples of one shard, read together
@@ -353,21 +349,6 @@ class ShardReader:
                     yield i, sample
         if pending:
             yield from self._read_local(np.asarray(pending[0::2]), pending[1])
-
-    def _read_all_local(self, ids: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
-        """``read`` when every shard is a local file: the groups (ascending ids of one shard) found in one
-        numpy pass instead of sample by sample."""
-        if ids.size == 0:
-            return
-        shards = self.index.shard[ids]
-        cuts = (np.flatnonzero((shards[1:] != shards[:-1]) | (ids[1:] < ids[:-1])) + 1).tolist()
-        for lo, hi in zip([0, *cuts], [*cuts, ids.size]):
-            shard = int(shards[lo])
-            if shard in self.bad.stopped:
-                for i in ids[lo:hi].tolist():
-                    self.bad.mark_lost(i)
-            else:
-                yield from self._read_local(ids[lo:hi], shard)
 
     def _accept(self, i: int, got: dict[str, Any] | ShardError) -> dict[str, Any] | None:
         """``got`` when it is a sample (counted read); a failure goes to the handler (None when it skips)."""
