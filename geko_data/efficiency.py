@@ -17,6 +17,7 @@ from geko_data import policy
 from geko_data.summary import GROUPS, groups
 
 if TYPE_CHECKING:  # the state file module formats its history rows here: no import back at run time
+    from geko_data.plan import EpochPlan
     from geko_data.state import SampleState
 
 __all__ = ["BASELINE_MODES", "efficiency_report", "format_efficiency_report", "format_history",
@@ -24,14 +25,47 @@ __all__ = ["BASELINE_MODES", "efficiency_report", "format_efficiency_report", "f
 
 #: Modes that do not steer sampling: their buckets are measured, never used.
 BASELINE_MODES = ("uniform", "random_subset", "infobatch")
+#: Samples per step when a plan is counted (a few MB of temporaries at any size).
+_CHUNK = 1 << 20
 
 
 def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int) -> dict[str, Any]:
-    """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs.
+    """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs; every key is a count over the
+    whole run unless it says otherwise.
 
-    ``buckets``: the buckets in use (the last repartition's, less samples thawed since). ``after_last_epoch``
-    and ``mastered_freeze``: the partition by every sample's latest report, as the next repartition would
-    classify them (before its pruning): what the printed table's ``end`` row shows.
+    * ``samples``: the dataset's size (N). ``mode``: the policy's mode. ``epochs_done`` / ``total_epochs``:
+      as passed (what the loop finished, what it plans).
+    * ``seen``: samples reported at least once.
+    * ``sample_passes``: every reported forward pass of a sample (``times_seen`` summed), **forward-only
+      re-checks included**: a FREEZE sample drawn for a re-check (loss weight 0) is evaluated, not trained,
+      and still counts one pass. ``uniform_passes``: what a uniform run of ``epochs_done`` epochs reports,
+      ``samples * epochs_done``. ``compute_saved``: ``1 - sample_passes / uniform_passes`` (negative when the
+      run reported more passes than a uniform one, e.g. a fixed ``epoch_length`` with repeats).
+    * ``epoch_plan``: the plan of the last epoch started (``None`` before the first ``set_epoch``):
+      ``epoch``, its ``draws``, of which ``trained_draws`` carry a loss weight above 0 (forward and
+      backward) and ``forward_only_draws`` a weight of 0 (re-checks: forward only, no gradient). The state
+      keeps only the current epoch's plan, so the split is this epoch's; a loop that wants the run's split
+      counts ``__weight__ > 0`` itself (``geko-train``'s report has ``backward_passes_rank``).
+    * ``buckets``: the buckets **in use now**: the partition made at the start of the last epoch (the last
+      ``set_epoch``), less the FREEZE samples thawed since by a wrong answer; pruned samples are counted in
+      ``pruned``, not in a bucket. It says what the current epoch was planned from.
+    * ``after_last_epoch``: the partition **by every sample's latest report**, as the next ``set_epoch``
+      would make it (before its pruning), with ``pruned``: the printed table's ``end`` row. Its counts differ
+      from ``buckets`` by what the last epoch's reports moved. ``mastered_freeze`` is its FREEZE count.
+    * ``pruned``: samples pruned for good (frozen for ``prune_after_frozen_epochs`` repartitions).
+    * ``forgetting_events``: times a sample reported correct was later reported wrong (summed over samples).
+    * ``nonfinite_reports``: reported losses that were NaN or inf (not applied to the state).
+    * ``history``: one record per repartition (``set_epoch``): ``epoch``, curriculum ``progress`` and
+      ``phase`` (``""`` in a run that follows no curriculum), optimizer ``step``, the bucket counts ``freeze``
+      / ``light`` / ``focus`` / ``hard`` and ``pruned`` (these five sum to ``samples``), ``newly_pruned``,
+      ``active`` (neither FREEZE nor pruned), ``seen``, ``forgets`` (forgetting events so far) and
+      ``mean_loss`` (of the latest reports; ``None`` before any).
+
+    ``GEKOStream.efficiency_report()`` adds ``skipped_unreadable`` / ``skipped_draws`` (bad samples a
+    ``handler`` skipped, and the plan's draws they cost) and the stream's read totals ``bytes_read``,
+    ``requests``, ``retries``; ``geko-train`` adds ``wall_time_s``, ``optimizer_steps``, ``world_size`` and
+    this rank's ``forward_passes_rank`` / ``backward_passes_rank`` (samples through forward, and through
+    backward: the trained ones).
     """
     n = state.num_samples
     passes = int(state.times_seen.sum(dtype=np.int64))
@@ -57,10 +91,27 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
         "forgetting_events": int(state.forgets.sum(dtype=np.int64)),
         "sample_passes": passes,
         "uniform_passes": uniform,
+        "epoch_plan": _plan_draws(state.plan),
         "compute_saved": (1.0 - passes / uniform) if uniform else 0.0,
         "nonfinite_reports": state.num_nonfinite,
         "history": list(state.history),
     }
+
+
+def _plan_draws(plan: EpochPlan | None) -> dict[str, int] | None:
+    """``{"epoch", "draws", "trained_draws", "forward_only_draws"}`` of an epoch plan (``None`` for none).
+
+    Counted in steps so a plan of 100M samples needs no (N,) temporaries.
+    """
+    if plan is None:
+        return None
+    draws = forward_only = 0
+    for a in range(0, plan.counts.shape[0], _CHUNK):
+        counts = plan.counts[a:a + _CHUNK]
+        draws += int(counts.sum(dtype=np.int64))
+        forward_only += int(counts[plan.loss_weight[a:a + _CHUNK] == 0].sum(dtype=np.int64))
+    return {"epoch": int(plan.epoch), "draws": draws, "trained_draws": draws - forward_only,
+            "forward_only_draws": forward_only}
 
 
 def format_efficiency_report(report: dict[str, Any]) -> str:
@@ -84,6 +135,11 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
         f"  Sample passes      : {report['sample_passes']:,} (uniform run: {report['uniform_passes']:,})",
         f"  Compute saved      : {100.0 * report['compute_saved']:.1f}% of sample passes",
     ]
+    plan = report.get("epoch_plan")
+    if plan and plan["forward_only_draws"]:  # passes count re-checks too: say how many this epoch had
+        label = f"Epoch {plan['epoch']} draws"
+        lines.append(f"  {label:<19}: {plan['draws']:,} = {plan['trained_draws']:,} trained"
+                     f" + {plan['forward_only_draws']:,} forward-only re-checks")
     if report.get("nonfinite_reports"):
         lines.append(f"  Non-finite reports : {report['nonfinite_reports']:,} (not applied)")
     if report.get("skipped_unreadable"):

@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
-from geko_data import policy
+from geko_data import GEKOSampler, GEKOStream, policy, write_shards
 from geko_data.cli import main
 from geko_data.config import GEKOConfig
 from geko_data.efficiency import efficiency_report, format_efficiency_report, format_history, format_partition
+from geko_data.plan import epoch_plan
 from geko_data.state import SampleState
 from geko_data.statefile import PartitionStats
 from test_cli import make_state
@@ -86,3 +89,65 @@ def test_baseline_report_has_no_phase_column():
     assert "a baseline" in text and "Would be FREEZE" in text and "Mastered" not in text
     header = next(line for line in text.splitlines() if line.split()[:1] == ["epoch"])
     assert "phase" not in header and not any(phase in text for phase in policy.PHASES)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A map-style dataset of dicts (the sampler's wrap adds ``__index__`` and ``__weight__``)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor(float(i))}
+
+
+@pytest.mark.timeout(120)
+def test_report_splits_the_epochs_draws_into_trained_and_forward_only_as_the_loader_delivered_them():
+    # A user read sample_passes as trained passes; it counts forward-only re-checks of FREEZE samples too.
+    # The epoch_plan block says how many of the epoch's draws were trained and how many only re-checked,
+    # checked here against the weights the DataLoader workers really delivered.
+    n, epochs = 200, 6  # a run of >= curriculum_min_epochs epochs: FREEZE samples are re-checked, weight 0
+    sampler = GEKOSampler(n, total_epochs=epochs, config=GEKOConfig(recheck_frozen=0.3, q_value_lr=0.9))
+    loader = DataLoader(sampler.wrap(_Rows(n)), batch_size=16, sampler=sampler, num_workers=2,
+                        multiprocessing_context="fork")
+    assert efficiency_report(sampler.state, epochs_done=0, total_epochs=epochs)["epoch_plan"] is None
+    seen_rechecks = False
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        before = int(sampler.state.times_seen.sum())
+        trained = forward_only = 0
+        for batch in loader:
+            idx, w = batch["__index__"], batch["__weight__"]
+            trained += int((w > 0).sum())
+            forward_only += int((w == 0).sum())
+            easy = idx % 2 == 0  # half the samples are learnt at once and freeze
+            sampler.report(idx, torch.where(easy, 0.01, 2.0), correct=easy, confidence=torch.where(easy, 0.99, 0.2))
+        r = sampler.efficiency_report(epochs_done=epoch + 1)
+        assert r["epoch_plan"] == {"epoch": epoch, "draws": trained + forward_only, "trained_draws": trained,
+                                   "forward_only_draws": forward_only}
+        # every delivered draw, re-checks included, is a sample pass
+        assert r["sample_passes"] - before == trained + forward_only
+        seen_rechecks |= forward_only > 0
+        text = format_efficiency_report(r)
+        assert (f"Epoch {epoch} draws" in text) == (forward_only > 0)
+    assert seen_rechecks, "no FREEZE re-check was drawn: the test did not exercise the split"
+    assert f"{forward_only:,} forward-only re-checks" in text
+
+
+def test_every_key_of_the_report_is_documented(state, tmp_path):
+    doc = efficiency_report.__doc__
+    s = SampleState.load(state[0])  # a copy: the module's state keeps no plan
+    s.plan = epoch_plan(s, seed=0, epoch=4, total_epochs=6)
+    r = efficiency_report(s, epochs_done=4, total_epochs=6)
+    keys = set(r) | set(r["epoch_plan"]) | set(r["history"][0])
+    # the stream's own keys, from a real stream over real shards
+    write_shards([{"__key__": f"k{i}", "txt": b"x"} for i in range(8)], str(tmp_path / "s-%03d.tar"))
+    stream = GEKOStream(str(tmp_path), total_epochs=1)
+    stream.set_epoch(0)
+    keys |= set(stream.efficiency_report())
+    missing = sorted(k for k in keys if f"``{k}``" not in doc)
+    assert not missing, f"efficiency_report keys without a word in its docstring: {missing}"
+    assert "``after_last_epoch``" in doc and "``buckets``" in doc and "forward-only" in doc
