@@ -117,7 +117,9 @@ def _parse_value(text: str) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geko-train", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF model folder, or 'default' (embedded SmolLM2-135M) [default: default]")
+    p.add_argument("--model", help="HF model folder (config.json and weights), a model name already in the offline "
+                                   "HF cache (nothing is downloaded), or 'default' (embedded SmolLM2-135M) "
+                                   "[default: default]")
     p.add_argument("--data", help="shard folder, JSONL file, or 'default' (embedded tweets) [default: default]")
     p.add_argument("--eval_data", help="JSONL file (same fields as --data) evaluated before training, after every "
                                        "epoch and every --eval_steps")
@@ -174,8 +176,66 @@ def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _path_setting(value: str | None) -> str | None:
-    """Model / data paths are stored absolute, so a resume from another directory finds them."""
-    return value if value in (None, "default") else os.path.abspath(value)
+    """Model / data paths are stored absolute, so a resume from another directory finds them. A URL
+    (``s3://bucket/shards/``) and a name that is no local path (a model name of the HF cache) stay as given."""
+    if value in (None, "default") or "://" in value:
+        return value
+    if os.path.exists(value) or value.startswith(("/", ".", "~")):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+#: What ``--model`` may be, said in every error about it.
+_MODEL_ALLOWED = ("a folder with config.json and the model's weights (what save_pretrained writes), a model name "
+                  "already in the offline Hugging Face cache (nothing is downloaded), or 'default' (the embedded "
+                  "SmolLM2-135M)")
+#: What ``--data`` may be, said in every error about it.
+_DATA_ALLOWED = ("a shard folder with index.arrow (write_shards writes it; `geko-data index DIR/*.tar -o "
+                 "DIR/index.arrow` for other tars), an index.arrow file, a shard folder URL (s3://, gs://, "
+                 "https://, ...), a .jsonl file with prompt/completion or text fields, or 'default' (the embedded "
+                 "tweets)")
+
+
+def _check_model(model: str) -> None:
+    """Refuse a ``--model`` that cannot load, before anything else loads: one line naming the value."""
+    if model == "default":
+        return
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"`--model` {model!r} is a folder without config.json; give {_MODEL_ALLOWED}")
+        return
+    if os.path.exists(model):
+        raise ValueError(f"`--model` {model!r} is a file, not a model folder; give {_MODEL_ALLOWED}")
+    cached = None
+    if not model.startswith(("/", ".", "~")) and "://" not in model:
+        from huggingface_hub import try_to_load_from_cache  # transformers' own hub client; reads the cache only
+
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except ValueError:  # not a valid model name: reported below as not found
+            cached = None
+    if not isinstance(cached, str):
+        raise ValueError(f"`--model` {model!r}: no such folder, and no model of that name in the offline Hugging "
+                         f"Face cache; give {_MODEL_ALLOWED}")
+
+
+def _check_data(flag: str, data: str, *, jsonl_only: bool = False) -> None:
+    """Refuse a ``--data`` / ``--eval_data`` that names nothing readable, before the model loads."""
+    allowed = "a .jsonl file with prompt/completion or text fields" if jsonl_only else _DATA_ALLOWED
+    if data == "default" or "://" in data:
+        return  # the embedded data; or a URL, which the stream checks (with the store's credentials)
+    if data.endswith(".jsonl") or jsonl_only:
+        if not os.path.isfile(data):
+            raise ValueError(f"`{flag}` {data!r}: no such file; give {allowed}")
+        return
+    if os.path.isdir(data):
+        if not os.path.isfile(os.path.join(data, "index.arrow")):
+            raise ValueError(f"`{flag}` {data!r} is a folder without index.arrow; give {allowed}")
+        return
+    if os.path.isfile(data) and data.endswith(".arrow"):
+        return
+    what = "is not a shard folder, index or .jsonl file" if os.path.exists(data) else "no such file or folder"
+    raise ValueError(f"`{flag}` {data!r}: {what}; give {allowed}")
 
 
 def _saved_run(resume: str) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -268,6 +328,11 @@ def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOCo
     args = TrainArgs.from_dict(train_kw)
     if run["eval_data"] is not None and not run["eval_data"].endswith(".jsonl"):
         raise ValueError(f"`--eval_data` must be a .jsonl file, got {ns.eval_data!r}")
+    # what cannot be read is named now, in one line, not in a traceback after the model loaded
+    _check_data("--data", run["data"])
+    if run["eval_data"] is not None:
+        _check_data("--eval_data", run["eval_data"], jsonl_only=True)
+    _check_model(run["model"])
     return run, args, config
 
 
@@ -332,7 +397,9 @@ def _load_model(name: str, say: Callable[..., None]) -> tuple[Any, Any]:
         return dj.load_default_model()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    # local_files_only: a folder, or a name the HF cache already has (checked in _settings); never a download
+    return (AutoModelForCausalLM.from_pretrained(name, local_files_only=True),
+            AutoTokenizer.from_pretrained(name, local_files_only=True))
 
 
 def _training_data(run: dict[str, Any], args: TrainArgs, tokenizer: Any, topology: World,

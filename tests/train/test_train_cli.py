@@ -74,6 +74,37 @@ def test_eval_data_must_be_jsonl(capsys):
     assert "--eval_data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--model", "{tmp}/not/there", "no such folder"),
+    ("--model", "{tmp}/empty", "folder without config.json"),
+    ("--model", "no-such-org/no-such-model", "no model of that name in the offline Hugging Face cache"),
+    ("--data", "{tmp}/not/there", "no such file or folder"),
+    ("--data", "{tmp}/empty", "folder without index.arrow"),
+    ("--data", "{tmp}/missing.jsonl", "no such file"),
+    ("--eval_data", "{tmp}/missing.jsonl", "no such file"),
+])
+def test_a_model_or_data_that_is_not_there_fails_up_front_in_one_line(tmp_path, capsys, flag, value, says):
+    # It printed the banner, then a 30-line traceback from the hub client (or the stream) once it got there.
+    (tmp_path / "empty").mkdir()
+    value = value.format(tmp=tmp_path)
+    assert main([flag, value, "--output_dir", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"geko-train: `{flag}` "), err
+    assert says in err and repr(value if value.startswith("no-such") else os.path.abspath(value)) in err
+    assert ("config.json" in err if flag == "--model" else ".jsonl" in err)  # what is allowed instead
+    assert ("default" in err) == (flag != "--eval_data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_urls_and_hub_names_are_not_turned_into_local_paths():
+    from geko_data.train.__main__ import _path_setting
+
+    assert _path_setting("s3://bucket/shards/") == "s3://bucket/shards/"  # was /cwd/s3:/bucket/shards
+    assert _path_setting("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert _path_setting("./x") == os.path.abspath("x") and _path_setting("default") == "default"
+
+
+
 # ---------------------------------------------------------------- end to end on a tiny local model
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -211,3 +242,24 @@ def test_cli_under_torchrun_prints_on_rank_0_only(tmp_path, model_dir):
     assert proc.stdout.count("  geko-train\n") == 1  # the banner, once: rank 1 prints nothing
     assert proc.stdout.count("GEKO efficiency report") == 1 and proc.stdout.count("[geko-train] done") == 1
     assert json.load(open(tmp_path / "out" / "efficiency.json"))["world_size"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_model_name_in_the_offline_hf_cache_trains(tmp_path, monkeypatch, capsys):
+    # A name the HF cache holds is a model too; it was made an absolute path under the working directory
+    # and failed. The cache is laid out as the hub client writes it (refs/main -> snapshots/<commit>/).
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0" * 40
+    repo = cache / "models--tiny-org--tiny-llama"
+    tiny_model_dir(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at each lookup
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", task_rows(8, 0))
+    assert main(run_args("tiny-org/tiny-llama", data, tmp_path / "out", epochs=1)) == 0
+    assert json.load(open(tmp_path / "out" / "efficiency.json"))["samples"] == 8
+    assert json.load(open(tmp_path / "out" / "geko-train.json"))["model"] == "tiny-org/tiny-llama"
