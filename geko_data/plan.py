@@ -213,10 +213,14 @@ def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = T
     (every arrangement of the draws equally likely) and a function of (seed, epoch) only; see
     ``_block_shuffle`` for how it stays within the CPU cache.
     """
-    n = counts.shape[0]
-    dtype = np.int32 if n <= np.iinfo(np.int32).max else np.int64
-    total = int(np.sum(counts, dtype=np.int64))
+    dtype, total = _order_type(counts)
     return _block_shuffle(counts, total, dtype, rng(seed, epoch, PURPOSE_ORDER) if shuffle else None)
+
+
+def _order_type(counts: np.ndarray) -> tuple[Any, int]:
+    """``(dtype, total)`` of the epoch's order: int32 ids when every id fits, and the number of draws."""
+    dtype = np.int32 if counts.shape[0] <= np.iinfo(np.int32).max else np.int64
+    return dtype, int(np.sum(counts, dtype=np.int64))
 
 
 def _draws_in_id_order(counts: np.ndarray, dtype: Any) -> Any:
@@ -246,23 +250,60 @@ def _block_shuffle(counts: np.ndarray, total: int, dtype: Any,
     out one after the other and each is shuffled in place. Every arrangement is exactly as likely as under
     one Fisher-Yates shuffle of the whole order, but a shuffle of 100M draws (400 MB) makes a cache miss
     at nearly every swap, while a block's swaps stay in cache and the deal into blocks writes a few hundred
-    sequential streams: about 3x less CPU at 100M samples.
+    sequential streams: about 3x less CPU at 100M samples. ``DealtOrder`` shuffles the blocks on demand.
     """
-    order = np.empty(total, dtype=dtype)
+    dealt = _deal(counts, np.empty(total, dtype=dtype), generator)
+    dealt.ready(total)
+    return dealt.order
+
+
+class DealtOrder:
+    """An epoch's draws dealt into blocks (``_block_shuffle``), each block shuffled when first needed.
+
+    Block b is shuffled by the epoch's generator right after blocks 0..b-1, as ``_block_shuffle`` does: made
+    ready in position order, the order is that one bit for bit, whenever each block's shuffle runs. So
+    ``set_epoch`` deals and the iterator shuffles (about 40% of the order's CPU at 100M samples), and a
+    resume mid-epoch, which makes the positions before its start ready first, sees the same order.
+
+    Args:
+        order: (total,) the draws, block after block; positions before ``ready``'s stop are final.
+        edges: (blocks + 1,) where each block starts, then the end (a single ``[total]`` when nothing is left
+            to shuffle).
+        generator: the epoch's order generator, drawn up to the first block's shuffle (``None``: unshuffled).
+    """
+
+    def __init__(self, order: np.ndarray, edges: list[int], generator: np.random.Generator | None) -> None:
+        self.order = order
+        self._edges = edges
+        self._generator = generator
+        self._next = 0  # blocks shuffled so far
+
+    def ready(self, stop: int) -> np.ndarray:
+        """``order`` with every position below ``stop`` final (the blocks that hold them shuffled, in order)."""
+        edges = self._edges
+        while self._next < len(edges) - 1 and edges[self._next] < stop:
+            assert self._generator is not None
+            self._generator.shuffle(self.order[edges[self._next]:edges[self._next + 1]])
+            self._next += 1
+        return self.order
+
+
+def _deal(counts: np.ndarray, order: np.ndarray, generator: np.random.Generator | None) -> DealtOrder:
+    """Deal the draws of ``counts`` into ``order`` ((total,), written whole) by the blocks of ``_block_shuffle``;
+    the blocks are left to ``DealtOrder.ready`` to shuffle."""
+    total, dtype = order.shape[0], order.dtype
     num_blocks = -(-total // _BLOCK)
     if generator is None or num_blocks <= 1:  # unshuffled, or one block: one plain shuffle
         for pos, part in _draws_in_id_order(counts, dtype):
             order[pos:pos + part.shape[0]] = part
-        if generator is not None:
-            generator.shuffle(order)
-        return order
+        return DealtOrder(order, [total] if generator is None else [0, total], generator)
     label_type = np.uint16 if num_blocks <= 1 << 16 else np.uint32  # 2 bytes a draw up to 17G draws
     labels = generator.integers(0, num_blocks, size=total, dtype=label_type)
     size = np.zeros(num_blocks, dtype=np.int64)
     for a in range(0, total, _CHUNK):  # bincount converts its input to int64: a chunk at a time
         size += np.bincount(labels[a:a + _CHUNK], minlength=num_blocks)
     fill = np.cumsum(size) - size  # (num_blocks,) where each block's next draw goes
-    ends = fill + size
+    edges = [*fill.tolist(), total]
     for pos, part in _draws_in_id_order(counts, dtype):
         lab = labels[pos:pos + part.shape[0]]
         here = np.bincount(lab, minlength=num_blocks)
@@ -275,10 +316,50 @@ def _block_shuffle(counts: np.ndarray, total: int, dtype: Any,
             order[start:start + k] = dealt[at:at + k]
             at += k
         fill += here
-    del labels
-    for a, b in zip((ends - size).tolist(), ends.tolist()):
-        generator.shuffle(order[a:b])
-    return order
+    return DealtOrder(order, edges, generator)
+
+
+class RankOrder:
+    """``world.rank``'s order of a map-style epoch (``rank_order`` without shards), dealt now and shuffled a
+    block at a time as the positions are reached (``ready``).
+
+    The global order is written into ``buffer`` when it holds ``dtype`` and has room (the previous epoch's:
+    memory this process has touched costs far less kernel time than fresh pages), else into a new array
+    with 1/32 to spare, so that a next epoch a little longer still fits. The padding (DistributedSampler's:
+    the first draws repeated up to a multiple of the world size) is written after the draws, in place.
+
+    Args:
+        counts: (N,) the epoch's draws per sample.
+        world: the ranks (``world.rank``'s share is strided, as DistributedSampler).
+        seed: the run's seed.
+        epoch: the epoch.
+        shuffle: shuffle the order. Defaults to ``True``.
+        buffer: an array to write the global order into, if it fits. Defaults to ``None``.
+    """
+
+    def __init__(self, counts: np.ndarray, *, world: World, seed: int, epoch: int, shuffle: bool = True,
+                 buffer: np.ndarray | None = None) -> None:
+        dtype, total = _order_type(counts)
+        ws = world.world_size
+        pad = -total % ws
+        if buffer is None or buffer.dtype != dtype or buffer.shape[0] < total + pad:
+            buffer = np.empty(total + pad + (total + pad) // 32, dtype=dtype)
+        #: The array the global order was written into (keep it for the next epoch's ``buffer``).
+        self.buffer = buffer
+        self._dealt = _deal(counts, buffer[:total], rng(seed, epoch, PURPOSE_ORDER) if shuffle else None)
+        if pad:  # pad < ws: from the first block(s), made final now
+            buffer[total:total + pad] = np.resize(self._dealt.ready(pad)[:pad], pad)
+        self._ws = ws
+        #: (per_rank,) this rank's ids in yield order; a position is final once ``ready`` has passed it.
+        self.order = buffer[world.rank:total + pad:ws]
+
+    def __len__(self) -> int:
+        return int(self.order.shape[0])
+
+    def ready(self, stop: int) -> np.ndarray:
+        """``order`` with every position below ``stop`` final."""
+        self._dealt.ready(stop * self._ws)  # rank position p is global position p * ws + rank < stop * ws
+        return self.order
 
 
 def pad_to_multiple(order: np.ndarray, multiple: int) -> np.ndarray:
@@ -350,8 +431,8 @@ def rank_order(counts: np.ndarray, *, world: World, seed: int, epoch: int, shuff
     that spreads repeats while keeping reads local. Every rank gets the same length (padded by repetition).
     """
     if shards is None:
-        order = global_order(counts, seed=seed, epoch=epoch, shuffle=shuffle)  # (total,)
-        return rank_slice(order, rank=world.rank, world_size=world.world_size)  # (per_rank,)
+        ranked = RankOrder(counts, world=world, seed=seed, epoch=epoch, shuffle=shuffle)
+        return ranked.ready(len(ranked))  # (per_rank,)
     if shards.sample_shard.shape[0] != counts.shape[0]:
         raise ValueError(f"`sample_shard` has {shards.sample_shard.shape[0]} samples, the plan "
                          f"{counts.shape[0]}")

@@ -31,7 +31,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from geko_data.config import GEKOConfig
 from geko_data.epochs import EpochDriver
-from geko_data.plan import EpochPlan, rank_order
+from geko_data.plan import EpochPlan, RankOrder
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState
 from geko_data.validate import check_int
@@ -241,7 +241,10 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         self.shuffle = bool(shuffle)
         self._shared = SharedPlan(num_samples)
         self._plan: EpochPlan | None = None
-        self._order: np.ndarray | None = None  # this rank's indices for the current epoch
+        self._order: RankOrder | None = None  # this rank's indices for the current epoch
+        # The array the last order was written into, reused by the next epoch's (fresh pages cost kernel time)
+        self._order_buffer: np.ndarray | None = None
+        self._orders = 0  # orders made: an iterator of an order that was replaced stops with an error
         self._start = 0  # position to resume from at the next __iter__
         self._yielded = 0  # indices the current iterator handed out
 
@@ -249,13 +252,24 @@ class GEKOSampler(EpochDriver, Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
         resuming = self._start > 0 and epoch == self.epoch
-        self._order = None  # the last epoch's order is not needed to plan this one: free it first
         plan = self._advance(epoch)
-        # The plan's arrays become views of the shared memory the workers read, so the plan is held once.
-        self._plan = self.state.plan = self._shared.publish(plan)
-        # The sampler yields the rank's order; the DataLoader deals it to its workers.
-        self._order = rank_order(self._plan.counts, world=self.world, seed=self.seed, epoch=self.epoch,
-                                 shuffle=self.shuffle)
+        if plan is self._plan and self._order is not None:
+            # The same epoch's plan again (a resume's load_state_dict): its order is the one already made.
+            pass
+        else:
+            # The plan's arrays become views of the shared memory the workers read, so the plan is held once.
+            self._plan = self.state.plan = self._shared.publish(plan)
+            # The sampler yields the rank's order; the DataLoader deals it to its workers. It is written over
+            # the last epoch's (dropped first when it is too small), its blocks shuffled as __iter__ reaches
+            # them.
+            self._order = None
+            buffer, self._order_buffer = self._order_buffer, None
+            self._order = RankOrder(self._plan.counts, world=self.world, seed=self.seed, epoch=self.epoch,
+                                    shuffle=self.shuffle, buffer=buffer if buffer is not None and
+                                    buffer.shape[0] >= self._plan.total + self.world.world_size else None)
+            del buffer
+            self._order_buffer = self._order.buffer
+            self._orders += 1
         if not resuming:
             self._start = 0
         self._yielded = 0
@@ -275,10 +289,13 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         # progress bar wrapping it) may create an iterator, prefetch from it and drop it.
         start = self._start
         self._yielded = start
-        order = self._order
+        ranked, made = self._order, self._orders
         # A slice at a time: the whole order as a Python list costs 36 bytes an index (3.6 GB at 100M).
-        for a in range(start, order.shape[0], _ITER_CHUNK):
-            for index in order[a:a + _ITER_CHUNK].tolist():
+        for a in range(start, len(ranked), _ITER_CHUNK):
+            if self._orders != made:  # set_epoch wrote the next order over this one
+                raise RuntimeError(f"this iterator's epoch order was replaced by set_epoch({self.epoch}): start "
+                                   f"a new iterator (iter(sampler), or iterate the DataLoader again)")
+            for index in ranked.ready(a + _ITER_CHUNK)[a:a + _ITER_CHUNK].tolist():
                 self._yielded += 1
                 yield index
 
@@ -287,7 +304,7 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         if self._order is None:
             self.set_epoch(max(self.epoch, 0))
         assert self._order is not None
-        return int(self._order.shape[0]) - self._start
+        return len(self._order) - self._start
 
     # ------------------------------------------------------------------ data and feedback
     def wrap(self, dataset: Any) -> WeightedDataset:
@@ -322,6 +339,6 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         if epoch >= 0:
             self.set_epoch(epoch)  # recompute the plan; keeps _start since it is the same epoch
             assert self._order is not None
-            if position > self._order.shape[0]:
+            if position > len(self._order):
                 raise ValueError(f"state_dict position {position} is past this rank's epoch length "
-                                 f"{self._order.shape[0]} (state file from another run?)")
+                                 f"{len(self._order)} (state file from another run?)")

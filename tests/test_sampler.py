@@ -322,7 +322,48 @@ def test_iterating_does_not_turn_the_whole_epoch_into_a_python_list():
     it = iter(s)
     _, peak = _traced(lambda: next(it))
     assert peak < 8 * n  # a list of every index costs about 36 bytes an index
-    assert sorted(it) == sorted(set(range(n)) - {s._order[0]})  # the rest of the epoch, once each
+    assert sorted(it) == sorted(set(range(n)) - {int(s._order.order[0])})  # the rest of the epoch, once each
+
+
+@pytest.mark.filterwarnings("ignore:GEKO epoch")
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_order_is_shuffled_as_it_is_reached_into_the_last_epochs_memory(monkeypatch, world):
+    """set_epoch deals the draws into blocks and the iterator shuffles each block as it reaches it: the
+    order is the whole shuffle's (global_order, strided and padded as DistributedSampler) bit for bit, a
+    resume mid-epoch sees it too, the next epoch is written into the same array, and an iterator whose
+    order was replaced stops with an error instead of yielding the next epoch's ids."""
+    from geko_data import plan, sampler as sampler_module
+
+    monkeypatch.setattr(plan, "_BLOCK", 64)  # 30-odd blocks of the ~2,000 draws
+    monkeypatch.setattr(plan, "_CHUNK", 256)
+    monkeypatch.setattr(sampler_module, "_ITER_CHUNK", 50)
+    n = 2000
+
+    def whole(s):
+        order = plan.global_order(s.plan.counts, seed=s.seed, epoch=s.epoch)
+        return plan.rank_slice(order, rank=s.world.rank, world_size=world).tolist()
+
+    samplers = [GEKOSampler(n, total_epochs=3, config=QUIET, seed=7, num_replicas=world, rank=r) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(0)
+        assert s._order._dealt._next < 3  # dealt; at most the first block(s) shuffled (the padding's)
+        assert list(s) == whole(s)
+        s.report(np.arange(0, n, 2), np.full(n // 2, 0.01, np.float32))  # half mastered: a shorter epoch 1
+        buffer = s._order_buffer
+        s.set_epoch(1)
+        assert s._order_buffer is buffer and len(s) < n // world  # written over epoch 0's
+        it = iter(s)
+        head = [next(it) for _ in range(120)]
+        assert head + list(it) == whole(s)
+        resumed = GEKOSampler(n, total_epochs=3, config=QUIET, seed=7, num_replicas=world, rank=s.world.rank,
+                              state=s.state)
+        resumed.load_state_dict(s.state_dict(consumed=120))
+        assert list(resumed) == whole(s)[120:]
+        stale = iter(s)
+        next(stale)
+        s.set_epoch(2)
+        with pytest.raises(RuntimeError, match="replaced by set_epoch"):
+            list(stale)
 
 
 def _two_weight_sampler(ds):
