@@ -7,10 +7,11 @@ backward pass per trained sample, a forward pass per sample touched
 (forward-only re-checks of frozen samples included).
 
 Policies: ``uniform`` (every sample every epoch), ``random_subset`` (a fresh
-half each epoch, RS2; ``random_subset70`` / ``random_subset85``: 70% / 85%),
+half each epoch, RS2; ``random_subset64`` / ``random_subset70`` / ``random_subset85``: 64% / 70% / 85%),
 ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this package's defaults),
 ``drop_frozen`` (the short-run default before ``short_run_keep``: FREEZE never
-trained, HARD:FOCUS:LIGHT 3:2:1), ``unbiased`` (GEKO with InfoBatch-style
+trained, HARD:FOCUS:LIGHT 3:2:1), ``mountain`` (the long-run default before
+``FLAT``: gekolib's Mountain curriculum in runs of 5+ epochs), ``unbiased`` (GEKO with InfoBatch-style
 importance weights), ``gekolib`` (geko mode with gekolib 0.3.1's values),
 ``threshold`` (the previous default freeze rule, ``freeze_share=None``).
 
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 
 from geko_data import signals
-from geko_data.config import GEKOLIB_DEFAULTS, GEKOConfig
+from geko_data.config import GEKOLIB_DEFAULTS, MOUNTAIN, GEKOConfig
 from geko_data.sampler import GEKOSampler
 
 POLICIES: dict[str, GEKOConfig] = {
@@ -75,11 +76,16 @@ POLICIES: dict[str, GEKOConfig] = {
     "random_subset70": GEKOConfig(mode="random_subset", subset_fraction=0.7),
     # about the default's budget in a 3-epoch run (it keeps half of FREEZE)
     "random_subset85": GEKOConfig(mode="random_subset", subset_fraction=0.85),
+    # about the default's budget in an 8-epoch run (FREEZE re-checked only, the last epoch on all data)
+    "random_subset64": GEKOConfig(mode="random_subset", subset_fraction=0.64),
     "geko": GEKOConfig(),
     # the short-run default before short_run_keep: every FREEZE sample skipped, HARD:FOCUS:LIGHT 3:2:1
     "drop_frozen": GEKOConfig(short_run_keep=None, bucket_weights=(3.0, 2.0, 1.0)),
     "unbiased": GEKOConfig(mode="unbiased"),
     "gekolib": GEKOLIB_DEFAULTS,
+    # the long-run default before FLAT: gekolib's Mountain curriculum in runs of 5+ epochs, no epoch annealed
+    # in runs of 5-7 epochs (an explicit 0.125)
+    "mountain": GEKOConfig(phase_weights=MOUNTAIN, anneal=0.125),
     # the previous default: FREEZE above the 0.9 quantile of the wrong answers' confidences, once stable
     "threshold": GEKOConfig(freeze_share=None),
 }
@@ -568,11 +574,13 @@ def summary_lines(rows: list[dict[str, Any]], split: str = "test", geko: str = "
         g = by[geko]
         parts = [f"{task}: {geko} {100 * g['backward_vs_uniform']:.0f}% of passes",
                  f"dQ vs uniform {100 * g['diff_mean']:+.2f} ± {100 * g['diff_std']:.2f} pt"]
-        for other in ("infobatch", "random_subset"):
-            if other in by:
-                o = by[other]
-                parts.append(f"vs {other} {100 * (g['quality_mean'] - o['quality_mean']):+.2f} pt "
-                             f"({other} at {100 * o['backward_vs_uniform']:.0f}% of passes)")
+        # the random subset compared is the one whose budget is nearest geko's (random_subset, *64, *85, ...)
+        randoms = sorted((abs(o["backward_vs_uniform"] - g["backward_vs_uniform"]), name)
+                         for name, o in by.items() if name.startswith("random_subset"))
+        for other in ["infobatch"] * ("infobatch" in by) + [name for _, name in randoms[:1]]:
+            o = by[other]
+            parts.append(f"vs {other} {100 * (g['quality_mean'] - o['quality_mean']):+.2f} pt "
+                         f"({other} at {100 * o['backward_vs_uniform']:.0f}% of passes)")
         lines.append(", ".join(parts) + f" [{split}, {g['seeds']} seed(s)]")
     return lines
 

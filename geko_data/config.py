@@ -23,6 +23,7 @@ __all__ = [
     "GEKO_CONSERVATIVE",
     "GEKOLIB_DEFAULTS",
     "MODES",
+    "FLAT",
     "MOUNTAIN",
     "PRESETS",
 ]
@@ -32,8 +33,10 @@ __all__ = [
 MODES = ("geko", "unbiased", "uniform", "random_subset", "infobatch")
 
 #: gekolib's Mountain curriculum: (HARD, FOCUS, LIGHT) sampling weights in its phases WARMUP, ASCENT, PEAK,
-#: DESCENT and CONSOLIDATE (``policy.PHASES``), the default ``phase_weights``.
+#: DESCENT and CONSOLIDATE (``policy.PHASES``); the ``gekolib`` presets' ``phase_weights``.
 MOUNTAIN = ((1.0, 2.0, 3.0), (2.0, 3.0, 1.0), (5.0, 2.0, 0.0), (2.0, 3.0, 1.0), (1.0, 2.0, 3.0))
+#: The default ``phase_weights``: every sample that did not freeze drawn once in every phase.
+FLAT = ((1.0, 1.0, 1.0),) * 5
 
 
 # A config is written to state files as JSON as it is: Python numbers only, no numpy scalars.
@@ -67,7 +70,10 @@ class GEKOConfig:
             than ``curriculum_min_epochs``; FREEZE is 0 (or ``short_run_keep``). Defaults to ``(1, 1, 1)``:
             every sample that did not freeze once an epoch, the short-run rule measured with
             ``short_run_keep`` (``(3, 2, 1)`` before it; gekolib: ``(3, 1, 0)``).
-        use_curriculum: follow the curriculum's per-phase weights (``phase_weights``). Defaults to ``True``.
+        use_curriculum: follow the curriculum's per-phase weights (``phase_weights``) in runs of
+            ``curriculum_min_epochs`` or more (the long-run rule: FREEZE samples are only re-checked, and
+            with ``anneal=None`` the last epoch trains everything); ``False``: the short-run rule in every
+            epoch. Defaults to ``True``.
         curriculum_min_epochs: runs of fewer epochs than this sample by ``bucket_weights`` instead of the
             curriculum's phase weights (``policy.uses_curriculum``; the LR multiplier is not affected). A run
             of 3 or 4 epochs spends a whole epoch or two in PEAK, where LIGHT weighs 0 and the right answers
@@ -85,7 +91,12 @@ class GEKOConfig:
             gained 1.9 on dev and cost 0.3 on test, at 89% of uniform's passes. ``None``: FREEZE samples
             get ``recheck_frozen`` forward-only draws, as in long runs. Defaults to ``0.5``.
         phase_weights: the curriculum: (HARD, FOCUS, LIGHT) sampling weights for each of the five phases
-            WARMUP, ASCENT, PEAK, DESCENT, CONSOLIDATE. Defaults to gekolib's Mountain table (``MOUNTAIN``).
+            WARMUP, ASCENT, PEAK, DESCENT, CONSOLIDATE. Defaults to ``FLAT``, (1, 1, 1) in every phase.
+            gekolib's Mountain table (``MOUNTAIN``, the ``gekolib`` presets) gives PEAK (5, 2, 0): the wrong
+            answers drawn up to ``max_repeats`` times and the right ones that did not freeze not at all. With
+            10% of MNIST's training labels changed (dev split, 8 epochs, 5 seeds) the wrong answers are
+            mostly the changed labels, and accuracy fell to 53% in PEAK and ended 0.78 points under uniform;
+            ``FLAT`` ended 0.20 under at 64% of the passes (clean labels: 0.10 under at 57% and 0.07 at 63%).
         q_value_lr: EMA rate of the Q-value update. Defaults to ``0.5`` (gekolib: 0.1, with which a sample
             needs 9+ passes before it may freeze, so nothing freezes in a 3-5 epoch fine-tune).
         min_q_for_freeze: Q-value a sample needs before it may enter FREEZE. Defaults to ``0.7``
@@ -106,9 +117,13 @@ class GEKOConfig:
         anneal: final fraction of training run on all unpruned data at weight 1 (InfoBatch's
             ``1 - delta``): epoch ``e`` anneals when ``e >= (1 - anneal) * total_epochs``, so FREEZE samples
             are trained in it. ``None`` means 0.125 for ``geko``, ``unbiased`` and ``infobatch`` (the last
-            epoch of an 8-epoch run; none of a run under 8 epochs), 0 otherwise; the value benchmark
-            measured that this final pass buys back the accuracy GEKO's emphasis costs. ``anneal=0`` keeps
-            GEKO's rule that a FREEZE sample is never trained. Defaults to ``None``.
+            epoch of an 8-epoch run; none of a run under 8 epochs), 0 otherwise; and for ``geko`` in a run
+            that follows the curriculum (``policy.uses_curriculum``) at least its last epoch
+            (``policy.annealing``): that run never trains its FREEZE samples otherwise, and on MNIST with 10%
+            changed labels in 5 epochs (dev, 5 seeds) the last epoch on all data took the loss against uniform
+            from 1.90 to 0.54 points. The value benchmark measured that this final pass buys back the accuracy
+            GEKO's emphasis costs. ``anneal=0`` keeps GEKO's rule that a FREEZE sample is never trained.
+            Defaults to ``None``.
         loss_ema: decay of the loss EMA and of the squared-deviation EMA behind stability. Defaults to ``0.7``.
         max_repeats: cap on one sample's multiplicity in an epoch. Defaults to ``5``.
         subset_fraction: ``random_subset`` mode: fraction of the data drawn each epoch. Defaults to ``0.5``.
@@ -127,7 +142,7 @@ class GEKOConfig:
     use_curriculum: bool = True
     curriculum_min_epochs: int = 5
     short_run_keep: float | None = 0.5
-    phase_weights: tuple[tuple[float, float, float], ...] = MOUNTAIN
+    phase_weights: tuple[tuple[float, float, float], ...] = FLAT
     q_value_lr: float = 0.5
     min_q_for_freeze: float = 0.7
     q_value_loss_scale: float = 10.0

@@ -55,8 +55,8 @@ BUCKET_NAMES = ("FREEZE", "LIGHT", "FOCUS", "HARD")
 PHASES = ("WARMUP", "ASCENT", "PEAK", "DESCENT", "CONSOLIDATE")
 # Upper progress bound of each phase (the last one ends at 1.0).
 _PHASE_ENDS = np.array([0.15, 0.35, 0.65, 0.85, 1.0])
-#: (HARD, FOCUS, LIGHT) sampling weights per phase, gekolib's Mountain table (the default
-#: ``GEKOConfig.phase_weights``).
+#: (HARD, FOCUS, LIGHT) sampling weights per phase, gekolib's Mountain table (the ``gekolib`` presets'
+#: ``GEKOConfig.phase_weights``; the default is ``config.FLAT``).
 PHASE_WEIGHTS = MOUNTAIN
 #: LR multiplier per phase.
 PHASE_LR = (0.5, 0.8, 1.0, 0.8, 0.3)
@@ -301,8 +301,12 @@ def prune_mask(frozen_epochs: np.ndarray, config: GEKOConfig) -> np.ndarray:
 def annealing(epoch: int, total_epochs: int, config: GEKOConfig) -> bool:
     """Whether ``epoch`` is in the final ``anneal`` fraction of training: it *starts* at or after
     ``(1 - anneal) * total_epochs``, InfoBatch's rule (so with anneal 0.125 an 8-epoch run anneals its last
-    epoch and a run of fewer than 8 epochs anneals none)."""
+    epoch and a run of fewer than 8 epochs anneals none). A ``geko`` run that follows the curriculum
+    (``uses_curriculum``) with ``anneal=None`` anneals at least its last epoch: it trains no FREEZE sample
+    otherwise (a 5-epoch run would end without ever training again the half of the data that froze)."""
     frac = config.anneal_fraction
+    if config.anneal is None and config.mode == "geko" and uses_curriculum(total_epochs, config):
+        frac = max(frac, 1.0 / total_epochs)
     return frac > 0 and epoch >= (1.0 - frac) * total_epochs - 1e-9
 
 

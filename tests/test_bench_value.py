@@ -194,3 +194,22 @@ def test_noisy_labels_change_exactly_the_share_asked_to_another_class():
     changed = out != y
     assert int(changed.sum()) == 100 and out.min() >= 0 and out.max() <= 9
     assert torch.equal(out, flip_labels(y, share=0.1, classes=10))  # seeded
+
+
+def test_summary_line_compares_the_random_subset_nearest_geko_budget():
+    """A long run's geko trains about 64% of the passes: the summary compares it with random_subset64, not with
+    a random half (which only shows what a smaller budget loses)."""
+    bv = _bench_value()
+
+    def row(policy, share, quality):
+        return {"task": "mnist", "split": "test", "policy": policy, "seeds": 3, "backward_vs_uniform": share,
+                "quality_mean": quality, "diff_mean": quality - 0.95, "diff_std": 0.0}
+
+    rows = [row("uniform", 1.0, 0.95), row("geko", 0.63, 0.95), row("infobatch", 0.72, 0.955),
+            row("random_subset", 0.5, 0.94), row("random_subset64", 0.64, 0.94), row("random_subset85", 0.85, 0.95)]
+    (line,) = bv.summary_lines(rows)
+    assert "vs infobatch -0.50 pt (infobatch at 72% of passes)" in line
+    assert "vs random_subset64 +1.00 pt (random_subset64 at 64% of passes)" in line
+    assert "random_subset at" not in line and "random_subset85" not in line
+    (line,) = bv.summary_lines(rows[:3] + rows[3:4])  # only a random half: that one
+    assert "vs random_subset +1.00 pt (random_subset at 50% of passes)" in line

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from geko_data import plan, policy
-from geko_data.config import GEKOConfig
+from geko_data.config import MOUNTAIN, GEKOConfig
 from geko_data.policy import FREEZE, HARD, FOCUS
 from geko_data.state import SampleState
 
@@ -35,8 +35,8 @@ def test_rank_slices_cover_exactly_once_up_to_padding(world, contiguous):
 
 
 def test_epoch_plan_from_state_is_deterministic_and_skips_freeze():
-    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
-    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0, curriculum_min_epochs=1))
+    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the Mountain curriculum's PEAK
+    s = SampleState(200, config=GEKOConfig(recheck_frozen=0.0, curriculum_min_epochs=1, phase_weights=MOUNTAIN))
     s.bucket[:50] = FREEZE
     s.bucket[50:100] = HARD
     s.bucket[100:] = FOCUS
@@ -297,8 +297,8 @@ def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
         rng = np.random.default_rng(case)
         n = int(rng.integers(1, 2500))
         cfg = {}
-        if case % 4 == 1:
-            cfg["curriculum_min_epochs"] = 1  # the Mountain table: PEAK gives LIGHT weight 0
+        if case % 4 == 1:  # the Mountain table in every run: PEAK gives LIGHT weight 0
+            cfg.update(curriculum_min_epochs=1, phase_weights=MOUNTAIN)
         if case % 7 == 3:
             cfg["bucket_weights"] = (2.5, 1.0, 0.3)
         if case % 5 == 2:

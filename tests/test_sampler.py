@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from geko_data import policy
-from geko_data.config import GEKOConfig
+from geko_data.config import MOUNTAIN, GEKOConfig
 from geko_data.sampler import GEKOSampler
 from resume_check import check_resume
 
@@ -68,8 +68,9 @@ def test_ranks_cover_the_plan_exactly_once_up_to_padding(world):
 
 
 def test_hard_yielded_more_than_focus_by_weight_ratio():
-    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
-    s = GEKOSampler(2000, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1), seed=1)
+    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the Mountain curriculum's PEAK
+    s = GEKOSampler(2000, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1, phase_weights=MOUNTAIN),
+                    seed=1)
     s.state.bucket[:1000] = policy.HARD
     s.state.bucket[1000:] = policy.FOCUS
     s.state.epoch = 1
