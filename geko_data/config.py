@@ -75,12 +75,13 @@ class GEKOConfig:
             with ``anneal=None`` the last epoch trains everything); ``False``: the short-run rule in every
             epoch. Defaults to ``True``.
         curriculum_min_epochs: runs of fewer epochs than this sample by ``bucket_weights`` instead of the
-            curriculum's phase weights (``policy.uses_curriculum``; the LR multiplier is not affected). A run
-            of 3 or 4 epochs spends a whole epoch or two in PEAK, where LIGHT weighs 0 and the right answers
-            that did not freeze are not trained while the model still learns from them: on MNIST's dev split
-            (3 epochs, 16 seeds) the curriculum ended 1.16 points under uniform, ``bucket_weights`` (3, 2, 1)
-            0.62, at the same 69% of the passes (on test, 8 seeds: 1.33 and 1.13). Defaults to ``5`` (``1``: every run follows the curriculum, the
-            rule before; a state file written before this field existed loads with ``1``).
+            curriculum's phase weights (``policy.uses_curriculum``; the LR multiplier is not affected). With
+            the Mountain table a run of 3 or 4 epochs spends a whole epoch or two in PEAK, where LIGHT weighs 0
+            and the right answers that did not freeze are not trained while the model still learns from them:
+            on MNIST's dev split (3 epochs, 16 seeds) the curriculum ended 1.16 points under uniform,
+            ``bucket_weights`` (3, 2, 1) 0.62, at the same 69% of the passes (on test, 8 seeds: 1.33 and
+            1.13). Defaults to ``5`` (``1``: every run follows the curriculum, the rule before; a state file
+            written before this field existed loads with ``1``).
         short_run_keep: in ``geko`` mode, in runs shorter than ``curriculum_min_epochs``: the share of FREEZE
             samples still drawn each epoch, with every sample's loss weight rescaled as in ``unbiased`` mode
             (``c / expected``), so the epoch's gradient stays an unbiased estimate of the full-data one
