@@ -8,6 +8,7 @@ epoch's plan; both front-ends then turn that plan into indices or samples.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -125,11 +126,14 @@ class EpochDriver:
         """The current epoch's plan (counts and loss weights per sample); the state keeps and saves it."""
         raise NotImplementedError
 
-    def _advance(self, epoch: Any) -> EpochPlan:
+    def _advance(self, epoch: Any,
+                 out: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> EpochPlan:
         """Validate ``epoch``, repartition when due, and return the epoch's plan.
 
         An epoch's plan is fixed the first time the epoch starts and kept in the state (and its file): a
-        resumed epoch takes that plan, since reports made during the epoch have changed its inputs.
+        resumed epoch takes that plan, since reports made during the epoch have changed its inputs. ``out``
+        gives the (counts, loss weight) arrays a new plan is written into (``epoch_plan(out=)``); it is called
+        only when a plan is made, after the state has let go of its plan, whose arrays they may be.
         """
         check_int("epoch", epoch, 0)
         epoch = int(epoch)
@@ -147,8 +151,9 @@ class EpochDriver:
             if self.config.log_bucket_stats and self.world.is_main:
                 self.log(stats.format())
         self.epoch = epoch
+        self.state.plan = None
         plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
-                          epoch_length=self.epoch_length)
+                          epoch_length=self.epoch_length, out=None if out is None else out())
         self.state.plan = plan
         self._watch(plan)
         return plan

@@ -56,8 +56,8 @@ class EpochPlan:
     Args:
         epoch: the epoch number.
         progress: curriculum progress of the epoch (its midpoint).
-        counts: (N,) int32 (uint16 in a plan loaded with its state: a view of the file), how many times each
-            sample is drawn this epoch.
+        counts: (N,) int32 (uint16 in a plan published to DataLoader workers, ``SharedPlan``, or loaded with its
+            state: a view of the file), how many times each sample is drawn this epoch.
         loss_weight: (N,) float32, the loss weight each sample carries this epoch.
         seed: the seed it was drawn with. Defaults to ``0``.
         epoch_length: the requested draws per epoch (``None``: the active count). Defaults to ``None``.
@@ -109,16 +109,17 @@ def stochastic_round(expected: np.ndarray, generator: np.random.Generator) -> np
 
 
 def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: GEKOConfig | None = None,
-               epoch_length: int | None = None) -> EpochPlan:
+               epoch_length: int | None = None, out: tuple[np.ndarray, np.ndarray] | None = None) -> EpochPlan:
     """The plan of ``epoch`` from a state snapshot (any object with ``bucket``, ``pruned``, ``times_seen``,
-    ``loss`` arrays and a ``config``, e.g. ``SampleState``)."""
+    ``loss`` arrays and a ``config``, e.g. ``SampleState``). ``out``: (N,) arrays for the counts and loss
+    weights to be written into (the shared memory DataLoader workers read: no fresh 8 bytes a sample)."""
     config = config if config is not None else state.config
     progress = policy.epoch_progress(epoch, total_epochs)
     generator = rng(seed, epoch, PURPOSE_ROUND)
     planned = None
     if config.mode == "geko" and not policy.annealing(epoch, total_epochs, config):
         planned = _geko_plan(state, progress=progress, config=config, epoch_length=epoch_length,
-                             total_epochs=total_epochs, generator=generator)
+                             total_epochs=total_epochs, generator=generator, out=out)
     if planned is None:
         expected, weight = policy.epoch_expected(
             bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
@@ -126,12 +127,16 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
         counts = stochastic_round(expected, generator)
     else:
         counts, weight = planned
+    if out is not None and counts is not out[0]:  # the whole-array path made its own arrays
+        out[0][:], out[1][:] = counts, weight
+        counts, weight = out
     return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
                      epoch_length=epoch_length)
 
 
 def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length: int | None,
-               total_epochs: int, generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+               total_epochs: int, generator: np.random.Generator,
+               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """``(counts, loss_weight)`` of a ``geko`` epoch that does not anneal, bit for bit what
     ``policy.epoch_expected`` and ``stochastic_round`` give, in two passes of ``_CHUNK`` samples; ``None``
     where that cannot be promised (then the caller takes the whole-array path).
@@ -196,8 +201,7 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
     base = np.floor(expected)
     frac = expected - base
     base_count = base.astype(np.int32)
-    counts = np.empty(n, dtype=np.int32)
-    weight = np.empty(n, dtype=np.float32)
+    counts, weight = out if out is not None else (np.empty(n, dtype=np.int32), np.empty(n, dtype=np.float32))
     for a in range(0, n, _CHUNK):
         k = kinds(a)
         # stochastic_round's draws, in its steps: floor(x) + (u < x - floor(x))

@@ -252,7 +252,7 @@ class GEKOSampler(EpochDriver, Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
         resuming = self._start > 0 and epoch == self.epoch
-        plan = self._advance(epoch)
+        plan = self._advance(epoch, out=self._write_plan_in_place)
         if plan is self._plan and self._order is not None:
             # The same epoch's plan again (a resume's load_state_dict): its order is the one already made.
             pass
@@ -273,6 +273,12 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         if not resuming:
             self._start = 0
         self._yielded = 0
+
+    def _write_plan_in_place(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shared memory's arrays for set_epoch's new plan (no fresh 6 bytes a sample, no copy); the
+        current plan and order, which they hold, are dropped first."""
+        self._plan = self._order = None
+        return self._shared.writable()
 
     @property
     def plan(self) -> EpochPlan:

@@ -23,6 +23,9 @@ __all__ = ["SharedPlan"]
 class SharedPlan:
     """Counts and loss weights of the current epoch, readable from any DataLoader worker.
 
+    Counts are kept as uint16 (``max_repeats`` <= 1000), the type of the state file's ``plan_count``: 6 bytes a
+    sample with the float32 weights, and a save writes the counts without converting them.
+
     Args:
         num_samples: number of samples (> 0).
     """
@@ -31,7 +34,8 @@ class SharedPlan:
         if num_samples < 1:
             raise ValueError(f"`num_samples` must be >= 1, got {num_samples}")
         self.num_samples = int(num_samples)
-        self._counts = torch.zeros(self.num_samples, dtype=torch.int32).share_memory_()
+        # int16 storage read as uint16 (torch's uint16 is a partial dtype); counts never exceed 1000
+        self._counts = torch.zeros(self.num_samples, dtype=torch.int16).share_memory_()
         self._weight = torch.ones(self.num_samples, dtype=torch.float32).share_memory_()
         # meta: [epoch, progress, version]; epoch -1 = nothing published yet; version counts publishes.
         self._meta = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64).share_memory_()
@@ -45,13 +49,26 @@ class SharedPlan:
         """
         if plan.counts.shape[0] != self.num_samples:
             raise ValueError(f"plan has {plan.counts.shape[0]} samples, expected {self.num_samples}")
-        counts, weight = self._counts.numpy(), self._weight.numpy()
-        if not np.may_share_memory(counts, plan.counts):  # a plan published before is already in place
+        counts, weight = self._arrays()
+        if not np.may_share_memory(counts, plan.counts):  # a plan published before, or written in place
             counts[:] = plan.counts
             weight[:] = plan.loss_weight
         meta = self._meta.numpy()
         meta[:] = (plan.epoch, plan.progress, meta[2] + 1)
         return dataclasses.replace(plan, counts=_read_only(counts), loss_weight=_read_only(weight))
+
+    def writable(self) -> tuple[np.ndarray, np.ndarray]:
+        """Writable views of the shared counts and loss weights, for the next plan to be written straight into
+        them (``plan.epoch_plan(..., out=)``: no fresh memory, no copy), then given to ``publish``.
+
+        Withdraws the published plan: ``view`` and ``read`` raise until the next ``publish``, so a plan left
+        half-written by a failure is never taken for the previous one.
+        """
+        self._meta.numpy()[0] = -1
+        return self._arrays()
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._counts.numpy().view(np.uint16), self._weight.numpy()
 
     @property
     def epoch(self) -> int:
@@ -68,8 +85,8 @@ class SharedPlan:
         if self.epoch < 0:
             raise RuntimeError("no epoch plan published yet: call set_epoch() first")
         epoch, progress, _ = self._meta.numpy().tolist()
-        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=self._counts.numpy().copy(),
-                         loss_weight=self._weight.numpy().copy())
+        counts, weight = self._arrays()
+        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=counts.copy(), loss_weight=weight.copy())
 
     def view(self) -> EpochPlan:
         """The published plan with read-only views of the shared arrays (no copy, in any process): they change
@@ -77,8 +94,9 @@ class SharedPlan:
         if self.epoch < 0:
             raise RuntimeError("no epoch plan published yet: call set_epoch() first")
         epoch, progress, _ = self._meta.numpy().tolist()
-        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=_read_only(self._counts.numpy()),
-                         loss_weight=_read_only(self._weight.numpy()))
+        counts, weight = self._arrays()
+        return EpochPlan(epoch=int(epoch), progress=float(progress), counts=_read_only(counts),
+                         loss_weight=_read_only(weight))
 
     def weights(self) -> np.ndarray:
         """A read-only view of the current loss weights (no copy)."""

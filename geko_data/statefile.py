@@ -220,7 +220,7 @@ class StoredState:
         columns = {name: getattr(self, name) for name, _, _ in COLUMNS}
         if self.plan is not None:
             # max_repeats <= 1000 keeps a count within uint16.
-            columns["plan_count"] = self.plan.counts.astype(np.uint16)
+            columns["plan_count"] = self.plan.counts.astype(np.uint16, copy=False)  # shared and loaded plans: uint16
             columns["plan_weight"] = self.plan.loss_weight.astype(np.float32, copy=False)
         return state_table(columns, self.metadata())
 

@@ -314,6 +314,28 @@ def test_an_epoch_holds_its_order_in_4_bytes_a_draw_and_its_plan_once():
 
 
 @pytest.mark.timeout(120)
+def test_set_epoch_writes_its_plan_into_the_shared_memory_and_its_order_over_the_last(monkeypatch):
+    """No array of the samples is made by a set_epoch that plans and orders: the plan is written straight into
+    the shared memory the workers read (uint16 counts, float32 weights) and the order over the last epoch's
+    array; what is left is the order's block labels, 2 bytes a draw. (A private plan copied into the shared
+    memory, and a fresh order, were 13.6 bytes a sample.)"""
+    from geko_data import plan
+
+    monkeypatch.setattr(plan, "_CHUNK", 1 << 14)  # the planning loops' steps, small next to the samples
+    n = 1_000_000
+    s = GEKOSampler(n, total_epochs=3, config=GEKOConfig(log_bucket_stats=False))
+    s.set_epoch(0)
+    s.report(np.arange(0, n, 2), np.random.default_rng(0).exponential(0.5, n // 2).astype(np.float32))
+    s.state.repartition(0.5, epoch=1)  # set_epoch(1) then plans and orders only
+    held, peak = _traced(lambda: s.set_epoch(1))
+    assert peak < 3 * n and held < n // 10
+    counts, weight = s._shared._arrays()
+    assert s.plan.counts.dtype == np.uint16 and np.shares_memory(s.plan.counts, counts)
+    assert np.shares_memory(s.plan.loss_weight, weight) and s.state.plan is s.plan
+    assert len(s) == s.plan.total < n
+
+
+@pytest.mark.timeout(120)
 def test_iterating_does_not_turn_the_whole_epoch_into_a_python_list():
     from geko_data.config import GEKOConfig
 

@@ -37,3 +37,19 @@ def test_publish_refuses_a_plan_of_another_length_and_read_needs_a_plan():
     with pytest.raises(ValueError, match="`num_samples` must be >= 1, got 0"):
         SharedPlan(0)
     assert isinstance(shared._weight, torch.Tensor) and shared._weight.is_shared()
+
+
+def test_a_plan_written_in_place_is_withdrawn_until_published():
+    """``writable`` hands out the shared arrays for the next plan to be written into (uint16 counts, as the
+    state file's) and withdraws the published one, so a half-written plan is never read as the last epoch's;
+    publishing it copies nothing."""
+    shared = SharedPlan(4)
+    shared.publish(_plan(0, [1, 0, 2, 1], [1.0, 0.0, 0.5, 1.0]))
+    counts, weight = shared.writable()
+    assert counts.dtype == np.uint16 and weight.dtype == np.float32 and counts.flags.writeable
+    with pytest.raises(RuntimeError, match="no epoch plan published"):
+        shared.view()
+    counts[:], weight[:] = [3, 0, 0, 1000], [2.0, 0.0, 0.0, 1.0]
+    published = shared.publish(EpochPlan(epoch=1, progress=0.5, counts=counts, loss_weight=weight))
+    assert np.shares_memory(published.counts, counts) and shared.view().counts.tolist() == [3, 0, 0, 1000]
+    assert shared.epoch == 1 and shared.read().loss_weight.tolist() == [2.0, 0.0, 0.0, 1.0]
