@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -133,16 +134,26 @@ class PartitionStats:
         return format_partition(self.to_dict())
 
 
-def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Table:
+def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any], *, ids_later: bool = False) -> pa.Table:
     """The file's table from numpy columns (``COLUMNS``' names, optionally ``PLAN_COLUMNS``') and metadata.
 
     Numeric columns are wrapped without copying; ``id`` (the row number) comes first so a user can join the
     table with their data, and ``bucket`` (uint8 codes) becomes a dictionary column whose values read as
     FREEZE/LIGHT/FOCUS/HARD. The metadata gets ``format_version`` and a ``checksum`` covering the columns and
     the rest of the metadata, so a file changed after writing is refused by ``read_table``.
+
+    ``ids_later``: the table's ``id`` column is zeros that take no memory (an anonymous map never written:
+    its pages read as the kernel's zero page) and the checksum covers the real ids, which
+    ``write_table(ids_later=True)`` writes into the file: a save makes no (N,) array of ids (4 bytes a sample
+    of fresh memory).
     """
     n = columns[COLUMNS[0][0]].shape[0]
-    arrays = {"id": pa.array(np.arange(n, dtype=np.uint32 if n <= 2**32 else np.int64))}
+    id_type = _id_type(n)
+    if ids_later:
+        zeros = pa.py_buffer(mmap.mmap(-1, n * np.dtype(id_type).itemsize))
+        arrays = {"id": pa.Array.from_buffers(pa.from_numpy_dtype(id_type), n, [None, zeros])}
+    else:
+        arrays = {"id": pa.array(np.arange(n, dtype=id_type))}
     for name, dtype in [(c[0], c[1]) for c in COLUMNS] + list(PLAN_COLUMNS):
         if name not in columns:
             continue
@@ -153,18 +164,55 @@ def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> pa.Tabl
     arrays["bucket"] = pa.DictionaryArray.from_arrays(pa.array(columns["bucket"].view(np.int8)), _BUCKET_DICT)
     table = pa.table(arrays)
     meta = {"format_version": FORMAT_VERSION, **meta}
-    meta["checksum"] = checksum(table, meta)
+    meta["checksum"] = checksum(table, meta, ids=_id_steps(n, id_type) if ids_later else None)
     return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 
 
-def write_table(path: str | os.PathLike, table: pa.Table) -> None:
+def _id_type(n: int) -> Any:
+    return np.uint32 if n <= 2**32 else np.int64
+
+
+#: Ids per step of a save's ``id`` column (4 MB of uint32): made and written a step at a time.
+_ID_STEP = 1 << 20
+
+
+def _id_steps(n: int, id_type: Any) -> Any:
+    """``np.arange(n, dtype=id_type)`` in steps of ``_ID_STEP``, each written over the last (use one before
+    asking for the next)."""
+    step = np.arange(min(n, _ID_STEP), dtype=id_type)
+    for a in range(0, n, _ID_STEP):
+        yield step[:n - a]
+        step += _ID_STEP
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, *, ids_later: bool = False) -> None:
     """Write ``table`` as one Arrow IPC file atomically: a failed or killed write leaves the previous file whole.
 
     A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
+    ``ids_later``: the table is ``state_table(ids_later=True)``'s; the row numbers are written over its zero
+    ``id`` column in the file, a step at a time, before the file takes its name.
     """
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        if ids_later:
+            _write_ids(tmp, table.num_rows)
+
+
+def _write_ids(path: str, n: int) -> None:
+    """Write the row numbers into the ``id`` column of the Arrow file at ``path`` (its values' place is found
+    by reading the file's own layout), over the pages just written: no fresh memory."""
+    with open(path, "r+b") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            whole = pa.py_buffer(mapped)
+            data = pa.ipc.open_file(whole).get_batch(0).column("id").buffers()[1]
+            start, end = data.address - whole.address, data.address - whole.address + data.size
+            del whole, data  # the map cannot close while Arrow holds views of it
+        at = start
+        for step in _id_steps(n, _id_type(n)):
+            at += os.pwrite(f.fileno(), step, at)
+        if at != start + n * np.dtype(_id_type(n)).itemsize or at > end:
+            raise StateFileError(f"{path}: the id column is {end - start} bytes, {at - start} were written")
 
 
 class StoredState:
@@ -217,19 +265,23 @@ class StoredState:
         ``plan_weight`` (loss weight this epoch). The metadata's ``checksum`` covers the columns and the
         rest of the metadata, so a file changed after writing is refused on load.
         """
+        return state_table(self._columns(), self.metadata())
+
+    def _columns(self) -> dict[str, np.ndarray]:
         columns = {name: getattr(self, name) for name, _, _ in COLUMNS}
         if self.plan is not None:
             # max_repeats <= 1000 keeps a count within uint16.
             columns["plan_count"] = self.plan.counts.astype(np.uint16, copy=False)  # shared and loaded plans: uint16
             columns["plan_weight"] = self.plan.loss_weight.astype(np.float32, copy=False)
-        return state_table(columns, self.metadata())
+        return columns
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one Arrow IPC file atomically: a failed or killed save leaves the previous file whole.
 
         A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
+        The file is ``to_arrow()``'s table; its ``id`` column is written into the file a step at a time.
         """
-        write_table(path, self.to_arrow())
+        write_table(path, state_table(self._columns(), self.metadata(), ids_later=True), ids_later=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,
@@ -367,18 +419,19 @@ def _file_kind(mode: int) -> str:
 _CHECKSUM_ALGORITHM = "xxh3_64"
 
 
-def checksum(table: pa.Table, meta: dict[str, Any]) -> str:
+def checksum(table: pa.Table, meta: dict[str, Any], *, ids: Any = None) -> str:
     """``xxh3_64:<hex>`` over each known column's name and Arrow data buffer, then the metadata (sans checksum).
 
     The writer and the reader hash the same Arrow buffers (booleans as their bitmap, unused trailing bits
     masked), so nothing is converted; the metadata goes in as canonical JSON (sorted keys) of its parsed
-    form, so both hash the same text whatever the key order or spacing of the stored JSON.
+    form, so both hash the same text whatever the key order or spacing of the stored JSON. ``ids``: the
+    ``id`` column's values in steps, hashed in place of the table's (``state_table(ids_later=True)``).
     """
     h = xxhash.xxh3_64()
     for name in table.column_names:
         if name in _TYPES:
             h.update(name.encode() + b"\0")
-            for part in _data_bytes(table.column(name)):
+            for part in ids if name == "id" and ids is not None else _data_bytes(table.column(name)):
                 h.update(part)
     body = {k: v for k, v in meta.items() if k != "checksum"}
     h.update(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode())

@@ -432,3 +432,28 @@ def test_id_is_uint32_and_format_3_files_with_int64_ids_still_load(tmp_path):
     other = table.set_column(0, "id", pa.array(np.arange(60, dtype=np.int32)))
     with pytest.raises(StateFileError, match="column 'id' has type int32, expected uint32 or int64"):
         SampleState.load(_write_with(tmp_path, "i32.arrow", other), verify=False)
+
+
+def test_save_makes_no_array_of_ids_and_writes_them_into_the_file(tmp_path):
+    """save writes the ``id`` column into the file a step at a time (an (N,) array of ids was 4 bytes a sample
+    of fresh memory on every save); the file is to_arrow()'s, checksum included, ids 0..N-1 across steps."""
+    import tracemalloc
+
+    from geko_data import statefile
+    from geko_data.plan import EpochPlan
+
+    n = 3_000_017
+    s = SampleState(n)
+    s.loss[::3] = 0.25
+    s.plan = EpochPlan(epoch=0, progress=0.1, counts=np.ones(n, np.uint16), loss_weight=np.ones(n, np.float32))
+    path = tmp_path / "s.arrow"
+    tracemalloc.start()
+    try:
+        s.save(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6_000_000  # one step of ids (4 MB) and the metadata, not the 12 MB of 3M ids
+    table, meta = read_table(path)
+    assert np.array_equal(table.column("id").to_numpy(), np.arange(n)) and table.column("id").type == pa.uint32()
+    assert meta["checksum"] == statefile.checksum(s.to_arrow(), meta) and SampleState.load(path).loss[3] == 0.25
