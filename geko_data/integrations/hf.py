@@ -141,6 +141,7 @@ class GEKOTrainerMixin:
         self._geko_consumed = 0  # this rank's indices of the current epoch used by the loop
         self._geko_epoch_total = 1  # this rank's draws in the current epoch
         self._geko_resume: tuple[int, int] | None = None  # (epoch, position) restored from a checkpoint
+        self._geko_rng_checkpoint: str | None = None  # a mid-epoch resume's RNG state, loaded at its first batch
 
     @property
     def geko_state(self) -> SampleState | None:
@@ -350,8 +351,25 @@ class GEKOTrainerMixin:
         if len(sampler) == 0:  # saved at the epoch's end: the next epoch starts fresh
             epoch, position = epoch + 1, 0
         self._geko_resume = (epoch, position)
+        # Mid-epoch, the Trainer would restore the RNG at the epoch's start, before the DataLoader's iterator
+        # draws its base seed: dropout then drew other masks than the uninterrupted run (GPT-2's 0.1 dropout
+        # moved the final losses by up to 0.67). Restored after the first batch is fetched instead, as the
+        # Trainer itself does when it skips batches.
+        self._geko_rng_checkpoint = resume_from_checkpoint if position > 0 else None
         # The sampler skips what was trained itself; the Trainer must not skip batches on top of that.
         return epoch, 0
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and checkpoint == self._geko_rng_checkpoint:
+            return  # deferred to the first batch (get_batch_samples)
+        super()._load_rng_state(checkpoint)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._geko_rng_checkpoint is not None:
+            checkpoint, self._geko_rng_checkpoint = self._geko_rng_checkpoint, None
+            super()._load_rng_state(checkpoint)
+        return batches
 
 
 class GEKOTrainer(GEKOTrainerMixin, Trainer):

@@ -25,6 +25,7 @@ start with the fix.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from typing import Any
@@ -157,11 +158,12 @@ class GEKOCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.sampler is not None:
             metrics = epoch_metrics(self.sampler, epochs_done=trainer.current_epoch + 1, prefix=self.log_prefix)
-            with warnings.catch_warnings():
-                # Every rank holds the same state: Lightning's advice to reduce epoch metrics across ranks
-                # does not apply.
-                warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-                pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+            # Every rank holds the same state: Lightning's advice to reduce epoch metrics across ranks does not
+            # apply. It is given when the epoch's metrics are read, after this hook returns, so a filter scoped
+            # to this call missed it (one warning per metric under DDP); this one names only our metrics.
+            ours = re.escape(self.log_prefix)
+            warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{ours}")
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

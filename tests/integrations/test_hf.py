@@ -96,8 +96,10 @@ class StopAt(TrainerCallback):
 def _run(out, *, stop=None, resume=None):
     args = make_args(out, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                      warmup_steps=2, save_strategy="no")
+    # With dropout, training draws from torch's RNG: a resume must restore it where the cut run stood (it was
+    # restored at the epoch's start, before the DataLoader drew its seed, and the weights differed mid-epoch).
     trainer = tiny.recording_trainer(GEKOTrainer)(
-        model=tiny.tiny_llama(), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
+        model=tiny.tiny_llama(dropout=0.1), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
         geko_config=EASY, callbacks=[StopAt(stop)] if stop else None)
     trainer.train(resume_from_checkpoint=resume)
     ids = [i for e in sorted(trainer.ids_by_epoch) for i in trainer.ids_by_epoch[e]]

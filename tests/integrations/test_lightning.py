@@ -76,6 +76,8 @@ def _torchrun(tmp_path, mode):
 def test_ddp_with_lightning_defaults_each_rank_trains_its_share(tmp_path):
     proc = _torchrun(tmp_path, "callback")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # every rank holds the same state: no advice to reduce the geko/ metrics across ranks (one per metric)
+    assert "self.log('geko/" not in proc.stderr, proc.stderr[-3000:]
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
     assert r0["world"] == 2 and r0["state"] == r1["state"]
     assert sorted(r0["ids"]["0"] + r1["ids"]["0"]) == list(range(64))  # not half of it

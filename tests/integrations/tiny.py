@@ -10,13 +10,14 @@ VOCAB = 64
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :.,?!"
 
 
-def tiny_llama(seed: int = 0, vocab: int = VOCAB):
+def tiny_llama(seed: int = 0, vocab: int = VOCAB, dropout: float = 0.0):
+    """A 2-layer Llama; ``dropout`` > 0 makes training draw from torch's RNG (as GPT-2's default 0.1 does)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=dropout)
     return LlamaForCausalLM(config)
 
 
