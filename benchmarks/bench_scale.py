@@ -4,7 +4,8 @@
 
 Steps, in one process per size (so each size's peak memory is its own): construct the sampler, the first
 set_epoch, report half the samples in 10 chunks, set_epoch (repartition + plan), iterate the first
-million indices, save the state, load it memory-mapped. Peak RSS is sampled every 5 ms by a thread (and
+million indices, shuffle the rest of the epoch's order (set_epoch deals it into blocks; the iterator
+shuffles each block as it reaches it), save the state, load it memory-mapped. Peak RSS is sampled every 5 ms by a thread (and
 checked against ``ru_maxrss``); "peak" is the highest RSS seen during the step, "held" what is left after
 it. ``--stream SIZE`` adds GEKOStream over a shard index of SIZE samples: reading the index and opening the
 stream (time and memory), what a spawned DataLoader worker receives and what it costs in memory. ``--sizes ''``
@@ -137,6 +138,10 @@ def run_size(n: int) -> list[tuple[str, float, int, int, float, float]]:
             next(it)
 
     step(f"iterate the first {first:,} indices", iterate)
+    ranked = getattr(sampler, "_order", None)
+    if hasattr(ranked, "ready"):  # blocks shuffled as the iterator reaches them: the rest of the epoch's share
+        step("shuffle the rest of the order (iterating the epoch does it a block at a time)",
+             lambda: ranked.ready(len(ranked)))
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         path = os.path.join(d, "state.arrow")
         step("save", lambda: sampler.state.save(path))
