@@ -133,8 +133,11 @@ def test_an_output_dir_in_use_is_refused_before_the_model_loads(job, capsys):
     out.mkdir()
     (out / "geko-train.json").write_text('{"model": "theirs"}')
     with lock_output_dir(str(out)):  # another run holds the dir
-        # a model path that does not exist: the busy dir is named first, nothing is loaded
-        assert main(["--model", str(job["tmp"] / "no-model"), "--data", job["data"], "--output_dir", str(out)]) == 2
+        # a model folder that passes the up-front check but cannot load: the busy dir is named, nothing loaded
+        fake = job["tmp"] / "fake-model"
+        fake.mkdir(exist_ok=True)
+        (fake / "config.json").write_text("{}")
+        assert main(["--model", str(fake), "--data", job["data"], "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert "in use by another training run" in err and f"pid {os.getpid()}" in err
     assert json.load(open(out / "geko-train.json")) == {"model": "theirs"}  # its settings are untouched
