@@ -253,20 +253,18 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         """Start ``epoch``: repartition (every ``repartition_every`` epochs) and fix its plan."""
         resuming = self._start > 0 and epoch == self.epoch
         plan = self._advance(epoch, out=self._write_plan_in_place)
-        if plan is self._plan and self._order is not None:
-            # The same epoch's plan again (a resume's load_state_dict): its order is the one already made.
-            pass
-        else:
+        # The same epoch's plan again (a resume's load_state_dict) keeps the order already made.
+        if plan is not self._plan or self._order is None:
             # The plan's arrays become views of the shared memory the workers read, so the plan is held once.
             self._plan = self.state.plan = self._shared.publish(plan)
             # The sampler yields the rank's order; the DataLoader deals it to its workers. It is written over
-            # the last epoch's (dropped first when it is too small), its blocks shuffled as __iter__ reaches
-            # them.
+            # the last epoch's, its blocks shuffled as __iter__ reaches them.
             self._order = None
             buffer, self._order_buffer = self._order_buffer, None
+            if buffer is not None and buffer.shape[0] < self._plan.total + self.world.world_size:
+                buffer = None  # too small for this epoch: freed before the new one is made
             self._order = RankOrder(self._plan.counts, world=self.world, seed=self.seed, epoch=self.epoch,
-                                    shuffle=self.shuffle, buffer=buffer if buffer is not None and
-                                    buffer.shape[0] >= self._plan.total + self.world.world_size else None)
+                                    shuffle=self.shuffle, buffer=buffer)
             del buffer
             self._order_buffer = self._order.buffer
             self._orders += 1
