@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 import geko_data.readers as readers_mod
 from geko_data import policy
-from geko_data.config import GEKOConfig
+from geko_data.config import MOUNTAIN, GEKOConfig
 from geko_data.shards import ShardError, read_index
 from geko_data.state import SampleState, StateFileError
 from geko_data.stream import GEKOStream
@@ -110,8 +110,8 @@ def test_frozen_and_pruned_are_never_read(shards, monkeypatch):
 
 
 def test_repeats_are_read_once_and_yielded_m_times(shards):
-    # curriculum_min_epochs=1: a 3-epoch run's epoch 1 in the curriculum's PEAK
-    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1))
+    # curriculum_min_epochs=1 and the Mountain table: a 3-epoch run's epoch 1 in the curriculum's PEAK
+    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1, phase_weights=MOUNTAIN))
     s.state.bucket[:] = policy.LIGHT
     s.state.bucket[:3] = policy.HARD
     s.state.epoch = 1
@@ -308,7 +308,7 @@ def test_the_plan_is_held_once_in_shared_memory(shards):
 def test_a_loop_that_changes_its_samples_leaves_repeats_and_other_draws_whole(shards):
     """A sample drawn once in its block is yielded as the dict the reader made (tagged in place); a
     repeated one is a new dict per draw: a loop that empties what it gets never reaches another draw."""
-    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1))
+    s = GEKOStream(shards, total_epochs=3, config=QUIET.replace(curriculum_min_epochs=1, phase_weights=MOUNTAIN))
     s.state.bucket[:] = policy.LIGHT
     s.state.bucket[:3] = policy.HARD
     s.state.epoch = 1
