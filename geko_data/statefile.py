@@ -143,9 +143,8 @@ def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any], *, ids_lat
     the rest of the metadata, so a file changed after writing is refused by ``read_table``.
 
     ``ids_later``: the table's ``id`` column is zeros that take no memory (an anonymous map never written:
-    its pages read as the kernel's zero page) and the checksum covers the real ids, which
-    ``write_table(ids_later=True)`` writes into the file: a save makes no (N,) array of ids (4 bytes a sample
-    of fresh memory).
+    its pages read as the kernel's zero page) and the checksum covers the real ids, which ``write_state``
+    writes into the file: a save makes no (N,) array of ids (4 bytes a sample of fresh memory).
     """
     n = columns[COLUMNS[0][0]].shape[0]
     id_type = _id_type(n)
@@ -185,18 +184,28 @@ def _id_steps(n: int, id_type: Any) -> Any:
         step += _ID_STEP
 
 
-def write_table(path: str | os.PathLike, table: pa.Table, *, ids_later: bool = False) -> None:
+def write_table(path: str | os.PathLike, table: pa.Table) -> None:
     """Write ``table`` as one Arrow IPC file atomically: a failed or killed write leaves the previous file whole.
 
     A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
-    ``ids_later``: the table is ``state_table(ids_later=True)``'s; the row numbers are written over its zero
-    ``id`` column in the file, a step at a time, before the file takes its name.
     """
     with atomic_path(path) as tmp:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        if ids_later:
-            _write_ids(tmp, table.num_rows)
+        _write_arrow(tmp, table)
+
+
+def write_state(path: str | os.PathLike, columns: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """``write_table(path, state_table(columns, meta))``'s file, made with no (N,) array of ids: the table's
+    ``id`` column is zeros that take no memory, and the row numbers are written over them in the file, a step
+    at a time, before the file takes its name."""
+    table = state_table(columns, meta, ids_later=True)
+    with atomic_path(path) as tmp:
+        _write_arrow(tmp, table)
+        _write_ids(tmp, table.num_rows)
+
+
+def _write_arrow(path: str, table: pa.Table) -> None:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _write_ids(path: str, n: int) -> None:
@@ -281,7 +290,7 @@ class StoredState:
         A symlink at ``path`` is written through (its target is replaced); an existing file keeps its mode.
         The file is ``to_arrow()``'s table; its ``id`` column is written into the file a step at a time.
         """
-        write_table(path, state_table(self._columns(), self.metadata(), ids_later=True), ids_later=True)
+        write_state(path, self._columns(), self.metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, memory_map: bool = True, expect_fingerprint: str | None = None,

@@ -180,9 +180,14 @@ def _path_setting(value: str | None) -> str | None:
     (``s3://bucket/shards/``) and a name that is no local path (a model name of the HF cache) stay as given."""
     if value in (None, "default") or "://" in value:
         return value
-    if os.path.exists(value) or value.startswith(("/", ".", "~")):
+    if os.path.exists(value) or _spelled_as_path(value):
         return os.path.abspath(os.path.expanduser(value))
     return value
+
+
+def _spelled_as_path(value: str) -> bool:
+    """Written as a local path (absolute, relative with a dot, or from home), so never a hub model name."""
+    return value.startswith(("/", ".", "~"))
 
 
 #: What ``--model`` may be, said in every error about it.
@@ -207,7 +212,7 @@ def _check_model(model: str) -> None:
     if os.path.exists(model):
         raise ValueError(f"`--model` {model!r} is a file, not a model folder; give {_MODEL_ALLOWED}")
     cached = None
-    if not model.startswith(("/", ".", "~")) and "://" not in model:
+    if not _spelled_as_path(model) and "://" not in model:
         from huggingface_hub import try_to_load_from_cache  # transformers' own hub client; reads the cache only
 
         try:
@@ -222,6 +227,8 @@ def _check_model(model: str) -> None:
 def _check_data(flag: str, data: str, *, jsonl_only: bool = False) -> None:
     """Refuse a ``--data`` / ``--eval_data`` that names nothing readable, before the model loads."""
     allowed = "a .jsonl file with prompt/completion or text fields" if jsonl_only else _DATA_ALLOWED
+    if jsonl_only and not data.endswith(".jsonl"):
+        raise ValueError(f"`{flag}` must be a .jsonl file, got {data!r}")
     if data == "default" or "://" in data:
         return  # the embedded data; or a URL, which the stream checks (with the store's credentials)
     if data.endswith(".jsonl") or jsonl_only:
@@ -326,12 +333,10 @@ def _settings(ns: argparse.Namespace) -> tuple[dict[str, Any], TrainArgs, GEKOCo
     train_kw, geko_kw = _split(values)
     config = (PRESETS[ns.preset] if ns.preset else GEKOConfig()).replace(**geko_kw)
     args = TrainArgs.from_dict(train_kw)
-    if run["eval_data"] is not None and not run["eval_data"].endswith(".jsonl"):
-        raise ValueError(f"`--eval_data` must be a .jsonl file, got {ns.eval_data!r}")
     # what cannot be read is named now, in one line, not in a traceback after the model loaded
-    _check_data("--data", run["data"])
     if run["eval_data"] is not None:
         _check_data("--eval_data", run["eval_data"], jsonl_only=True)
+    _check_data("--data", run["data"])
     _check_model(run["model"])
     return run, args, config
 
