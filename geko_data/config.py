@@ -32,11 +32,11 @@ __all__ = [
 #: baselines a user compares against on their own data.
 MODES = ("geko", "unbiased", "uniform", "random_subset", "infobatch")
 
-#: gekolib's Mountain curriculum: (HARD, FOCUS, LIGHT) sampling weights in its phases WARMUP, ASCENT, PEAK,
-#: DESCENT and CONSOLIDATE (``policy.PHASES``); the ``gekolib`` presets' ``phase_weights``.
 MOUNTAIN = ((1.0, 2.0, 3.0), (2.0, 3.0, 1.0), (5.0, 2.0, 0.0), (2.0, 3.0, 1.0), (1.0, 2.0, 3.0))
-#: The default ``phase_weights``: every sample that did not freeze drawn once in every phase.
+"""gekolib's Mountain curriculum: (HARD, FOCUS, LIGHT) sampling weights in its phases WARMUP, ASCENT, PEAK,
+DESCENT and CONSOLIDATE (``policy.PHASES``); the ``gekolib`` presets' ``phase_weights``."""
 FLAT = ((1.0, 1.0, 1.0),) * 5
+"""The default ``phase_weights``: every sample that did not freeze drawn once in every phase."""
 
 
 # A config is written to state files as JSON as it is: Python numbers only, no numpy scalars.
