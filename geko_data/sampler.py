@@ -310,6 +310,11 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         assert self._order is not None
         return len(self._order) - self._start
 
+    @property
+    def position(self) -> int:
+        """Where in this rank's epoch order the next iterator starts (0, or a resume's position)."""
+        return self._start
+
     # ------------------------------------------------------------------ data and feedback
     def wrap(self, dataset: Any) -> WeightedDataset:
         """``dataset`` with ``__index__`` and this epoch's ``__weight__`` added to every item."""
