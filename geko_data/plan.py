@@ -160,17 +160,19 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
 
     def kinds(a: int) -> np.ndarray:
         # 0-3: an unpruned sample's bucket (FREEZE whatever its passes); 4: a trainable sample past
-        # max_times_seen (expected count 0, weight 1); 5: pruned (0 and 0)
+        # max_times_seen (expected count 0, weight 1); 5: pruned (0 and 0). As byte arithmetic, the largest
+        # code winning (a bucket is at most 3): 30x faster than masked writes.
         b = bucket[a:a + _CHUNK]
-        out = b.copy()
+        out = np.multiply(pruned[a:a + _CHUNK], np.uint8(5), dtype=np.uint8)
         if limit > 0:
-            out[(times_seen[a:a + _CHUNK] >= limit) & (b != policy.FREEZE)] = 4
-        out[pruned[a:a + _CHUNK]] = 5
-        return out
+            past = (times_seen[a:a + _CHUNK] >= limit) & (b != policy.FREEZE)
+            np.maximum(out, np.multiply(past, np.uint8(4), dtype=np.uint8), out=out)
+        return np.maximum(out, b, out=out)
 
     per_kind = np.zeros(6, dtype=np.int64)
     for a in range(0, n, _CHUNK):
-        per_kind += np.bincount(kinds(a), minlength=6)
+        k = kinds(a)  # six compares in cache: a third of bincount's time (it widens the codes to int64)
+        per_kind += [np.count_nonzero(k == code) for code in range(6)]
     n_active = int(per_kind[1:4].sum())
     weights = table.copy()
     if sum(int(table[k]) * int(per_kind[k]) for k in range(1, 4)) == 0:
@@ -200,13 +202,16 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
         trained = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=np.float32)  # FREEZE: forward only
     base = np.floor(expected)
     frac = expected - base
-    base_count = base.astype(np.int32)
     counts, weight = out if out is not None else (np.empty(n, dtype=np.int32), np.empty(n, dtype=np.float32))
+    base_count = base.astype(counts.dtype)
     for a in range(0, n, _CHUNK):
-        k = kinds(a)
-        # stochastic_round's draws, in its steps: floor(x) + (u < x - floor(x))
-        counts[a:a + _CHUNK] = base_count[k] + (generator.random(k.shape[0]) < frac[k])
-        weight[a:a + _CHUNK] = trained[k]
+        # The kinds as an index once: a uint8 index is widened to int64 by every look-up (3 here).
+        k = kinds(a).astype(np.intp)
+        # stochastic_round's draws, in its steps: floor(x) + (u < x - floor(x)); the look-ups written in place
+        here = counts[a:a + _CHUNK]
+        np.take(base_count, k, out=here)
+        here += generator.random(k.shape[0]) < frac.take(k)
+        np.take(trained, k, out=weight[a:a + _CHUNK])
     return counts, weight
 
 
@@ -227,17 +232,23 @@ def _order_type(counts: np.ndarray) -> tuple[Any, int]:
     return dtype, int(np.sum(counts, dtype=np.int64))
 
 
-def _draws_in_id_order(counts: np.ndarray, dtype: Any) -> Any:
-    """``(position, ids)`` pieces of ``np.repeat(arange(n), counts)``, at most ``_CHUNK`` draws each.
+def _draws_in_id_order(counts: np.ndarray) -> Any:
+    """``(position, first id, offsets)`` pieces of ``np.repeat(arange(n), counts)``, at most ``_CHUNK`` draws
+    each: a piece's draws are ``first id + offsets`` (offsets uint32, below ``_CHUNK``: the piece's ids come
+    from one chunk of ``_CHUNK`` ids), so the deal packs each draw with its block label into one sortable key.
 
     np.repeat converts its counts to int64: one chunk of ids at a time keeps that small, and a chunk of ids
-    whose draws exceed ``_CHUNK`` (repeats) is handed out in pieces.
+    whose draws exceed ``_CHUNK`` (repeats) is handed out in pieces. A chunk without repeats (counts 0 and 1,
+    the usual epoch) is a compress, 4x faster than np.repeat.
     """
     n, pos = counts.shape[0], 0
+    offsets = np.arange(min(_CHUNK, n), dtype=np.uint32)
     for a in range(0, n, _CHUNK):
-        part = np.repeat(np.arange(a, min(a + _CHUNK, n), dtype=dtype), counts[a:a + _CHUNK])
+        c = counts[a:a + _CHUNK]
+        part = (np.compress(c != 0, offsets[:c.shape[0]]) if c.max() <= 1
+                else np.repeat(offsets[:c.shape[0]], c))
         for b in range(0, part.shape[0], _CHUNK):
-            yield pos + b, part[b:b + _CHUNK]
+            yield pos + b, a, part[b:b + _CHUNK]
         pos += part.shape[0]
 
 
@@ -298,8 +309,8 @@ def _deal(counts: np.ndarray, order: np.ndarray, generator: np.random.Generator 
     total, dtype = order.shape[0], order.dtype
     num_blocks = -(-total // _BLOCK)
     if generator is None or num_blocks <= 1:  # unshuffled, or one block: one plain shuffle
-        for pos, part in _draws_in_id_order(counts, dtype):
-            order[pos:pos + part.shape[0]] = part
+        for pos, first, offsets in _draws_in_id_order(counts):
+            np.add(offsets, first, out=order[pos:pos + offsets.shape[0]], dtype=dtype, casting="unsafe")
         return DealtOrder(order, [total] if generator is None else [0, total], generator)
     label_type = np.uint16 if num_blocks <= 1 << 16 else np.uint32  # 2 bytes a draw up to 17G draws
     labels = generator.integers(0, num_blocks, size=total, dtype=label_type)
@@ -308,18 +319,25 @@ def _deal(counts: np.ndarray, order: np.ndarray, generator: np.random.Generator 
         size += np.bincount(labels[a:a + _CHUNK], minlength=num_blocks)
     fill = np.cumsum(size) - size  # (num_blocks,) where each block's next draw goes
     edges = [*fill.tolist(), total]
-    for pos, part in _draws_in_id_order(counts, dtype):
-        lab = labels[pos:pos + part.shape[0]]
-        here = np.bincount(lab, minlength=num_blocks)
-        # The piece's draws grouped by block (a radix sort of 16-bit labels: linear), then each block's group
-        # copied to the block's next free place: one memcpy a block, where a scatter through per-draw
-        # destinations cost four more gathers and index arrays of 8 bytes a draw.
-        dealt = part[np.argsort(lab, kind="stable")]
-        at = 0
-        for start, k in zip(fill.tolist(), here.tolist()):
-            order[start:start + k] = dealt[at:at + k]
-            at += k
-        fill += here
+    # A piece's draws grouped by block, in id order inside a block, is the sort of (label, offset) keys: the
+    # offsets ascend with position (equal ones are one id's repeats), so it is the stable sort of the labels.
+    # One sort of 4-byte keys (numpy's SIMD sort) and no gather: 1.5-1.9x faster than the stable argsort of
+    # the labels, the gather of the draws through it and a bincount of the labels; each block's group is
+    # then one memcpy to the block's next free place.
+    shift = max(1, (_CHUNK - 1).bit_length())  # offset bits
+    key_type = np.uint32 if num_blocks << shift <= 1 << 32 else np.uint64
+    starts = np.arange(num_blocks, dtype=key_type) << key_type(shift)  # the smallest key of each block
+    for pos, first, offsets in _draws_in_id_order(counts):
+        key = labels[pos:pos + offsets.shape[0]].astype(key_type)
+        key <<= key_type(shift)
+        key |= offsets
+        key.sort()
+        at = [*np.searchsorted(key, starts).tolist(), key.shape[0]]  # each block's group in the sorted piece
+        key &= key_type((1 << shift) - 1)
+        dealt = np.add(key, first, dtype=dtype, casting="unsafe")
+        for b, start in enumerate(fill.tolist()):
+            order[start:start + at[b + 1] - at[b]] = dealt[at[b]:at[b + 1]]
+        fill += np.diff(at)
     return DealtOrder(order, edges, generator)
 
 

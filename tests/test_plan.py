@@ -269,6 +269,54 @@ def test_block_shuffle_order_is_that_of_the_previous_deal(monkeypatch):
     assert hashlib.sha256(order.tobytes()).hexdigest()[:32] == "2a7dbac6c51cc39c29ba9e7978ef96e7"
 
 
+def _straightforward_order(counts, *, seed, epoch, block):
+    """The epoch's order by its definition (``_block_shuffle``): every draw labelled with a random block, the
+    draws grouped by block in id order (one stable argsort of all the labels), each block shuffled in turn."""
+    generator = plan.rng(seed, epoch, plan.PURPOSE_ORDER)
+    draws = np.repeat(np.arange(counts.shape[0]), counts)
+    blocks = -(-draws.shape[0] // block)
+    if blocks <= 1:
+        generator.shuffle(draws)
+        return draws
+    labels = generator.integers(0, blocks, size=draws.shape[0], dtype=np.uint16 if blocks <= 1 << 16 else np.uint32)
+    order = draws[np.argsort(labels, kind="stable")]
+    edges = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=blocks))])
+    for a, b in zip(edges[:-1], edges[1:]):
+        generator.shuffle(order[a:b])
+    return order
+
+
+@pytest.mark.parametrize("chunk, block", [(1 << 20, 1 << 18), (256, 64), (1 << 30, 16)])
+def test_deal_by_sorted_keys_is_the_straightforward_order(monkeypatch, chunk, block):
+    """``_deal`` groups a piece's draws by block with one sort of (label, id offset) keys (uint64 keys when
+    the labels and offsets need more than 32 bits: the third case), and takes a chunk without repeats by a
+    compress: the order is the straightforward one (stable argsort of every label), over no draws, one block,
+    repeats > 1, chunks without repeats, runs of zero counts, and each rank's padded share of it."""
+    from geko_data.world import World
+
+    monkeypatch.setattr(plan, "_CHUNK", chunk)
+    monkeypatch.setattr(plan, "_BLOCK", block)
+    rng = np.random.default_rng(11)
+    for case in range(30):
+        n = int(rng.integers(1, 3000))
+        if case % 3 == 0:
+            counts = (rng.random(n) < rng.random()).astype(np.uint16)  # no repeats: the compress
+        else:
+            counts = rng.integers(0, int(rng.integers(1, 5)), n).astype(np.int32)
+        if case % 5 == 4:
+            counts[n // 3:2 * n // 3] = 0
+        if case == 7:
+            counts[:] = 0
+        want = _straightforward_order(counts, seed=case, epoch=2, block=block)
+        got = plan.global_order(counts, seed=case, epoch=2)
+        assert got.dtype == np.int32 and np.array_equal(got, want), case
+        ws = int(rng.integers(2, 5))
+        padded = np.resize(want, want.shape[0] + (-want.shape[0] % ws)) if want.shape[0] else want
+        for r in range(ws):
+            mine = plan.rank_order(counts, world=World(rank=r, world_size=ws), seed=case, epoch=2)
+            assert np.array_equal(mine, padded[r::ws]), (case, r)
+
+
 def _whole_array_plan(state, *, seed, epoch, total_epochs, epoch_length):
     expected, weight = policy.epoch_expected(bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen,
                                              loss=state.loss, epoch=epoch, total_epochs=total_epochs,
