@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from geko_data import signals
+from geko_data.batches import GEKOBatchSampler
 from geko_data.config import GEKOLIB_DEFAULTS, MOUNTAIN, GEKOConfig
 from geko_data.sampler import GEKOSampler
 
@@ -437,6 +438,8 @@ def answer_class(y: torch.Tensor) -> torch.Tensor:
 #: LR shapes over a run's progress (0-1): ``constant`` (what the committed results used) or ``cosine`` decay
 #: to 0, the shape fine-tuning runs usually have (HF Trainer decays linearly by default).
 LR_SCHEDULES = ("constant", "cosine")
+#: How an epoch is cut into batches (``run``'s ``batches``).
+BATCHES = ("fixed", "steps")
 
 
 def lr_scale(schedule: str, progress: float) -> float:
@@ -450,8 +453,14 @@ def lr_scale(schedule: str, progress: float) -> float:
 
 
 def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
-        lr_schedule: str = "constant") -> dict[str, Any]:
-    """One training run; returns the dev and test quality curves against cumulative passes."""
+        lr_schedule: str = "constant", batches: str = "fixed") -> dict[str, Any]:
+    """One training run; returns the dev and test quality curves against cumulative passes.
+
+    ``batches``: ``fixed`` cuts every epoch into batches of the task's batch size (an epoch of fewer draws
+    takes fewer steps); ``steps`` cuts it with ``GEKOBatchSampler`` (as many steps as a full epoch, smaller
+    batches). A full epoch's batches are the same either way, so uniform's runs do not change."""
+    if batches not in BATCHES:
+        raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {batches!r}")
     torch.manual_seed(seed)
     model = task.make_model()
     model.load_state_dict(initial)
@@ -468,9 +477,12 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
         sampler.set_epoch(epoch)
         trained = torch.zeros(int(keys.max()) + 1, dtype=torch.long)
         weights = torch.tensor(sampler.plan.loss_weight)  # a copy: the plan's arrays are read-only
-        order = torch.tensor(list(sampler), dtype=torch.long)
-        for lo in range(0, len(order), task.batch_size):
-            idx = order[lo:lo + task.batch_size]
+        if batches == "steps":
+            chunks = [torch.tensor(b, dtype=torch.long) for b in GEKOBatchSampler(sampler, batch_size=task.batch_size)]
+        else:
+            chunks = list(torch.tensor(list(sampler), dtype=torch.long).split(task.batch_size))
+        draws, lo = sum(len(c) for c in chunks), 0
+        for idx in chunks:
             w = weights[idx]
             train_idx, check_idx = idx[w > 0], idx[w == 0]
             if len(check_idx):  # forward-only re-checks of frozen samples: a forward, no backward
@@ -480,7 +492,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
                 fwd += len(check_idx)
             if len(train_idx):
                 for group in opt.param_groups:
-                    group["lr"] = task.lr * lr_scale(lr_schedule, (epoch + lo / len(order)) / task.epochs)
+                    group["lr"] = task.lr * lr_scale(lr_schedule, (epoch + lo / draws) / task.epochs)
                 sig = task.signals(model, _take(x, train_idx), y[train_idx])
                 loss = (sig.loss * w[w > 0]).sum() / len(idx)
                 opt.zero_grad()
@@ -490,6 +502,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
                 fwd += len(train_idx)
                 bwd += len(train_idx)
                 trained += torch.bincount(keys[train_idx], minlength=trained.shape[0])
+            lo += len(idx)
         # which answers an epoch trained on: a policy that skips the right answers of one class shifts the
         # label prior the model sees
         by_class = {str(k): int(trained[k]) for k in keys.unique().tolist()}
@@ -672,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                         "when the variant cand became the default)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="the learning rate's shape over each run (default constant, as the committed results)")
+    p.add_argument("--batches", choices=BATCHES, default="fixed",
+                   help="fixed: every epoch in batches of the task's size (fewer draws, fewer steps); steps: "
+                        "GEKOBatchSampler's, as many steps as a full epoch with smaller batches")
     p.add_argument("--without-uniform", action="store_true",
                    help="do not add uniform to the policies: more policies for seeds whose uniform runs are in "
                         "another folder (combine them with --merge; this folder alone has no tables)")
@@ -714,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     # the schedule is recorded with the sizes (so --merge refuses to mix schedules) when it is not the constant
     # one, which results written before the option existed used without saying so
     sched = {"lr_schedule": ns.lr_schedule} if ns.lr_schedule != "constant" else {}
+    if ns.batches != "fixed":  # recorded the same way: results before the option are "fixed"
+        sched["batches"] = ns.batches
     sizes = {t: {**SIZES[size][t], **({"epochs": ns.epochs} if ns.epochs else {}), **sched} for t in tasks}
     os.makedirs(out, exist_ok=True)
     print(f"bench_value: tasks {tasks}, policies {policies}, {seeds} seed(s), sizes {sizes}, "
@@ -721,13 +739,14 @@ def main(argv: list[str] | None = None) -> int:
     all_rows, all_runs = [], {}
     t_start = time.perf_counter()
     for name in tasks:
-        task = TASKS[name](**{k: v for k, v in sizes[name].items() if k != "lr_schedule"}, cache=ns.cache)
+        task = TASKS[name](**{k: v for k, v in sizes[name].items() if k not in ("lr_schedule", "batches")},
+                           cache=ns.cache)
         runs = []
         for seed in range(ns.first_seed, ns.first_seed + seeds):
             torch.manual_seed(1000 + seed)
             initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
             for policy in policies:
-                r = run(task, policy, seed, initial, lr_schedule=ns.lr_schedule)
+                r = run(task, policy, seed, initial, lr_schedule=ns.lr_schedule, batches=ns.batches)
                 runs.append(r)
                 c = r["curve"][-1]
                 print(f"  {name:<7} seed {seed} {policy:<14} backward {c['backward']:>7,} "

@@ -213,3 +213,36 @@ def test_summary_line_compares_the_random_subset_nearest_geko_budget():
     assert "random_subset at" not in line and "random_subset85" not in line
     (line,) = bv.summary_lines(rows[:3] + rows[3:4])  # only a random half: that one
     assert "vs random_subset +1.00 pt (random_subset at 50% of passes)" in line
+
+
+class _CountSteps(torch.optim.AdamW):
+    steps = 0
+
+    def step(self, *a, **kw):
+        type(self).steps += 1
+        return super().step(*a, **kw)
+
+
+@pytest.mark.timeout(60)
+def test_batches_steps_keeps_a_full_epochs_steps_and_leaves_uniform_unchanged(monkeypatch):
+    bv = _bench_value()
+    g = torch.Generator().manual_seed(0)
+    x = {s: {"input": torch.randn(n, 4, generator=g)} for s, n in (("train", 256), ("dev", 64), ("test", 64))}
+    y = {s: (v["input"][:, 0] > 0).long() for s, v in x.items()}
+    task = bv.Task("toy", x, y, lambda: torch.nn.Linear(4, 2), lambda m, b, t: bv.signals.classification(m(**b), t),
+                   lr=0.05, epochs=3, batch_size=32)
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
+    monkeypatch.setattr(bv.torch.optim, "AdamW", _CountSteps)
+    steps, curves = {}, {}
+    for policy in ("uniform", "drop_frozen"):
+        for batches in bv.BATCHES:
+            _CountSteps.steps = 0
+            r = bv.run(task, policy, 0, initial, batches=batches)
+            steps[policy, batches], curves[policy, batches] = _CountSteps.steps, r["curve"]
+    assert steps["uniform", "fixed"] == steps["uniform", "steps"] == 24  # 3 full epochs of 8 batches
+    assert curves["uniform", "fixed"] == curves["uniform", "steps"]
+    assert curves["drop_frozen", "fixed"][-1]["backward"] < 3 * 256  # frozen samples skipped
+    assert steps["drop_frozen", "fixed"] < steps["drop_frozen", "steps"] == 24
+    with pytest.raises(ValueError, match="`batches` must be one of fixed, steps, got 'x'"):
+        bv.run(task, "uniform", 0, initial, batches="x")
