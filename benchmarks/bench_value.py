@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from geko_data import signals
-from geko_data.batches import GEKOBatchSampler
+from geko_data.batches import BATCHES, GEKOBatchSampler
 from geko_data.config import GEKOLIB_DEFAULTS, MOUNTAIN, GEKOConfig
 from geko_data.sampler import GEKOSampler
 
@@ -438,8 +438,6 @@ def answer_class(y: torch.Tensor) -> torch.Tensor:
 #: LR shapes over a run's progress (0-1): ``constant`` (what the committed results used) or ``cosine`` decay
 #: to 0, the shape fine-tuning runs usually have (HF Trainer decays linearly by default).
 LR_SCHEDULES = ("constant", "cosine")
-#: How an epoch is cut into batches (``run``'s ``batches``).
-BATCHES = ("fixed", "steps")
 
 
 def lr_scale(schedule: str, progress: float) -> float:

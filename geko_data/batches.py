@@ -30,13 +30,18 @@ from torch.utils.data import Sampler
 from geko_data.sampler import GEKOSampler
 from geko_data.validate import check_int
 
-__all__ = ["GEKOBatchSampler", "epoch_batch_size"]
+__all__ = ["BATCHES", "GEKOBatchSampler", "epoch_batch_size"]
+
+#: How a loop cuts an epoch into batches: ``steps`` (this module: a full epoch's steps, smaller batches) or
+#: ``fixed`` (a DataLoader's ``batch_size``: fewer draws, fewer steps).
+BATCHES = ("steps", "fixed")
 
 
 def epoch_batch_size(draws: int, *, steps: int, batch_size: int, min_batch: int) -> int:
-    """The batch size of an epoch of ``draws``: the smallest that cuts it into ``steps`` batches (a full
-    epoch's), never under ``min_batch`` nor over ``batch_size``. A full epoch gets ``batch_size`` itself, so
-    its batches are a plain DataLoader's."""
+    """The batch size of an epoch of ``draws``: the smallest that cuts it into at most ``steps`` batches (a
+    full epoch's; a whole batch size may give a few fewer, under ``draws / size``), never under
+    ``min_batch`` nor over ``batch_size``. A full epoch gets ``batch_size`` itself, so its batches are a
+    plain DataLoader's."""
     return min(batch_size, max(min_batch, -(-draws // steps)))
 
 

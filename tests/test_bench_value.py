@@ -244,5 +244,5 @@ def test_batches_steps_keeps_a_full_epochs_steps_and_leaves_uniform_unchanged(mo
     assert curves["uniform", "fixed"] == curves["uniform", "steps"]
     assert curves["drop_frozen", "fixed"][-1]["backward"] < 3 * 256  # frozen samples skipped
     assert steps["drop_frozen", "fixed"] < steps["drop_frozen", "steps"] == 24
-    with pytest.raises(ValueError, match="`batches` must be one of fixed, steps, got 'x'"):
+    with pytest.raises(ValueError, match="`batches` must be one of steps, fixed, got 'x'"):
         bv.run(task, "uniform", 0, initial, batches="x")

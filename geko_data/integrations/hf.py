@@ -13,8 +13,10 @@ What the mixin does where the Trainer would get GEKO wrong:
   collator and through ``remove_unused_columns``;
 - computes per-sample losses on target tokens (``geko_data.signals``), weights them, reports them, and runs
   batches of forward-only re-checks without a backward pass (one process);
-- sizes every epoch from GEKO's plan (the Trainer sizes all epochs from the first) and drives the LR
-  schedule by the run's progress, so the schedule ends where training ends;
+- cuts every epoch into as many optimizer steps as a full one, the batches shrinking with the epoch
+  (``GEKOBatchSampler``; ``geko_batches="fixed"`` keeps ``per_device_train_batch_size`` and takes fewer
+  steps), sizes every epoch from GEKO's plan and drives the LR schedule by the run's progress, so the
+  schedule ends where training ends;
 - saves the ``SampleState`` and the sampler's position in every checkpoint and restores them on
   ``resume_from_checkpoint``: the continuation is exact;
 - under torchrun / accelerate DDP stops accelerate from re-sharding the sampler (it already yields this
@@ -40,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from geko_data import signals as signals_mod
 from geko_data.atomic import atomic_write_bytes
+from geko_data.batches import BATCHES, GEKOBatchSampler
 from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
@@ -113,6 +116,9 @@ class GEKOTrainerMixin:
         geko_epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
         geko_signals: ``fn(outputs, labels) -> Signals`` per sample. Defaults to ``default_signals``
             (causal LM on target tokens, or classification).
+        geko_batches: ``"steps"``: an epoch that skips samples takes as many optimizer steps as a full one,
+            in smaller batches (``GEKOBatchSampler``, down to half of ``per_device_train_batch_size``);
+            ``"fixed"``: batches of ``per_device_train_batch_size``, fewer steps. Defaults to ``"steps"``.
 
     ``trainer.geko_sampler`` is the ``GEKOSampler`` (built when training starts), ``trainer.geko_state`` its
     ``SampleState``. Train with ``num_train_epochs`` (GEKO plans whole epochs), not ``max_steps``.
@@ -121,20 +127,24 @@ class GEKOTrainerMixin:
     def __init__(self, *args: Any, geko_config: GEKOConfig | None = None, geko_seed: int | None = None,
                  geko_epoch_length: int | None = None,
                  geko_signals: Callable[[Any, torch.Tensor], signals_mod.Signals] | None = None,
-                 **kwargs: Any) -> None:
+                 geko_batches: str = "steps", **kwargs: Any) -> None:
         if geko_config is not None and not isinstance(geko_config, GEKOConfig):
             raise TypeError(f"`geko_config` must be a GEKOConfig, got {type(geko_config).__name__}")
         check_int("geko_seed", geko_seed, 0, optional=True)
         check_int("geko_epoch_length", geko_epoch_length, 1, optional=True)
         if geko_signals is not None and not callable(geko_signals):
             raise TypeError(f"`geko_signals` must be callable, got {type(geko_signals).__name__}")
+        if geko_batches not in BATCHES:
+            raise ValueError(f"`geko_batches` must be one of {', '.join(BATCHES)}, got {geko_batches!r}")
         super().__init__(*args, **kwargs)
         self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config
         self.geko_seed = geko_seed
         self.geko_epoch_length = geko_epoch_length
         self.geko_signals = geko_signals or default_signals
+        self.geko_batches = geko_batches
         self.geko_sampler: GEKOSampler | None = None
+        self._geko_batch_sampler: GEKOBatchSampler | None = None
         # compute_loss returns the weighted mean over the micro-batch: the Trainer must divide it by the
         # accumulation steps (it would not when the model takes loss kwargs).
         self.loss_is_scaled_for_ga = False
@@ -184,8 +194,13 @@ class GEKOTrainerMixin:
             seed=args.seed if self.geko_seed is None else self.geko_seed, num_replicas=args.world_size,
             rank=args.process_index, epoch_length=self.geko_epoch_length)
         collate = KeepGEKOKeys(self._get_collator_with_removed_columns(self.data_collator, description="training"))
+        if self.geko_batches == "steps":
+            self._geko_batch_sampler = GEKOBatchSampler(sampler, batch_size=self._train_batch_size)
+            batching: dict[str, Any] = {"batch_sampler": self._geko_batch_sampler}
+        else:
+            batching = {"batch_size": self._train_batch_size, "sampler": sampler, "drop_last": False}
         params: dict[str, Any] = {
-            "batch_size": self._train_batch_size, "collate_fn": collate, "sampler": sampler, "drop_last": False,
+            **batching, "collate_fn": collate,
             "num_workers": args.dataloader_num_workers, "pin_memory": args.dataloader_pin_memory,
             "persistent_workers": args.dataloader_persistent_workers,
             "multiprocessing_context": args.dataloader_multiprocessing_context,
@@ -199,7 +214,7 @@ class GEKOTrainerMixin:
         # ranks): make the wrapper a passthrough, as transformers does for its own rank-aware samplers.
         shard = getattr(loader, "batch_sampler", None)
         inner = getattr(shard, "batch_sampler", None)
-        if inner is not None and getattr(inner, "sampler", None) is sampler:
+        if inner is not None and (inner is self._geko_batch_sampler or getattr(inner, "sampler", None) is sampler):
             shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
         elif args.world_size > 1:
             raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(loader).__name__} with batch "
@@ -208,9 +223,11 @@ class GEKOTrainerMixin:
         return loader
 
     # ------------------------------------------------------------------ epochs, steps, schedule
-    def _geko_steps(self, draws: int) -> tuple[int, int]:
-        """(micro-batches, optimizer steps) for ``draws`` indices on this rank."""
-        batches = math.ceil(draws / self._train_batch_size)
+    def _geko_steps(self, draws: int, batches: int | None = None) -> tuple[int, int]:
+        """(micro-batches, optimizer steps) for ``draws`` indices on this rank (``batches``: the micro-batches
+        when known, the batch sampler's)."""
+        if batches is None:
+            batches = math.ceil(draws / self._train_batch_size)
         return batches, math.ceil(batches / self.args.gradient_accumulation_steps)
 
     def _geko_bound_steps(self) -> int:
@@ -273,7 +290,8 @@ class GEKOTrainerMixin:
         start = self._geko_resume[1] if self._geko_resume is not None and self._geko_resume[0] == epoch else 0
         remaining = len(sampler)
         self._geko_consumed, self._geko_epoch_total = start, start + remaining
-        batches, updates = self._geko_steps(remaining)
+        cut = self._geko_batch_sampler
+        batches, updates = self._geko_steps(remaining, len(cut) if cut is not None and remaining else None)
         # This epoch's steps exactly, the later ones bounded: the Trainer stops at max_steps.
         self.state.max_steps = (self.state.global_step + updates
                                 + (sampler.total_epochs - epoch - 1) * self._geko_bound_steps())

@@ -17,6 +17,7 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import tiny  # noqa: E402
 from geko_data import GEKOConfig  # noqa: E402
+from geko_data.batches import epoch_batch_size  # noqa: E402
 from geko_data.integrations.hf import GEKOTrainer  # noqa: E402
 from geko_data.train.collate import pad_collate  # noqa: E402
 
@@ -32,20 +33,23 @@ def make_args(out, **kw):
     return TrainingArguments(**base)
 
 
+def _shrinking(out, **kw):
+    trainer = tiny.recording_trainer(GEKOTrainer)(
+        model=tiny.tiny_llama(), args=make_args(out, num_train_epochs=5, gradient_accumulation_steps=2,
+                                                warmup_steps=3),
+        train_dataset=tiny.hf_dataset(96, extra_column=True), data_collator=pad_collate,
+        geko_config=EASY.replace(freeze_confidence=None), **kw)
+    assert trainer.args.remove_unused_columns  # the default, which dropped __index__ before
+    trainer.train()
+    return trainer
+
+
 @pytest.fixture(scope="module")
 def shrinking_run(tmp_path_factory):
     """5 epochs of 96 rows, accumulation 2, warmup, the default remove_unused_columns=True and a column the
     model does not take: epochs shrink as samples freeze (the default freeze rule, the easiest half of the right
     answers: with flat weights in 5-epoch runs an epoch is shorter only by what froze)."""
-    out = tmp_path_factory.mktemp("shrink")
-    trainer = tiny.recording_trainer(GEKOTrainer)(
-        model=tiny.tiny_llama(), args=make_args(out, num_train_epochs=5, gradient_accumulation_steps=2,
-                                                warmup_steps=3),
-        train_dataset=tiny.hf_dataset(96, extra_column=True), data_collator=pad_collate,
-        geko_config=EASY.replace(freeze_confidence=None))
-    assert trainer.args.remove_unused_columns  # the default, which dropped __index__ before
-    trainer.train()
-    return trainer
+    return _shrinking(tmp_path_factory.mktemp("shrink"))
 
 
 @pytest.mark.timeout(120)
@@ -59,17 +63,39 @@ def test_every_epoch_trains_exactly_its_plan(shrinking_run):
     assert min(lengths) < 96, lengths  # samples froze: later epochs are shorter than the first
 
 
-@pytest.mark.timeout(120)
-def test_steps_and_lr_schedule_end_where_training_ends(shrinking_run):
-    t = shrinking_run
-    # Each epoch's optimizer steps from its own length (the Trainer sized every epoch like the first).
-    expected = sum(math.ceil(math.ceil(len(ids) / 8) / 2) for ids in t.ids_by_epoch.values())
-    assert t.state.global_step == expected == len(t.lrs)
+def _assert_schedule_ends_with_training(t, expected_steps):
+    assert t.state.global_step == expected_steps == len(t.lrs)
     assert t.lrs[-1] == 0.0  # linear decay reaches its final value at the last step, not before or after
     assert t.lrs[-2] > 0.0
     after_warmup = t.lrs[3:]
     assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
     assert t.lrs[0] < t.lrs[1] < t.lrs[2]  # warmup in steps
+
+
+@pytest.mark.timeout(120)
+def test_shrunk_epochs_keep_a_full_epochs_steps_in_smaller_batches(shrinking_run):
+    t = shrinking_run
+    for epoch, sizes in t.batch_sizes.items():
+        size = epoch_batch_size(len(t.ids_by_epoch[epoch]), steps=12, batch_size=8, min_batch=4)
+        assert sizes[:-1] == [size] * (len(sizes) - 1) and 0 < sizes[-1] <= size
+    assert min(s[0] for s in t.batch_sizes.values()) < 8  # an epoch that shrank trained smaller batches
+    # 12 batches of a full epoch (11 when whole batch sizes do not divide it), accumulation 2: about 6
+    # optimizer steps an epoch, whatever froze
+    _assert_schedule_ends_with_training(t, sum(math.ceil(len(s) / 2) for s in t.batch_sizes.values()))
+    assert all(len(s) in (11, 12) for s in t.batch_sizes.values())
+
+
+@pytest.mark.timeout(180)
+def test_fixed_batches_size_each_epoch_from_its_own_length(tmp_path):
+    t = _shrinking(tmp_path, geko_batches="fixed")
+    assert all(sizes[:-1] == [8] * (len(sizes) - 1) for sizes in t.batch_sizes.values())
+    # Each epoch's optimizer steps from its own length (the Trainer sized every epoch like the first).
+    expected = sum(math.ceil(math.ceil(len(ids) / 8) / 2) for ids in t.ids_by_epoch.values())
+    assert expected < 5 * 6
+    _assert_schedule_ends_with_training(t, expected)
+    with pytest.raises(ValueError, match="`geko_batches` must be one of steps, fixed, got 'none'"):
+        GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path), train_dataset=tiny.hf_dataset(8),
+                    data_collator=pad_collate, geko_batches="none")
 
 
 @pytest.mark.timeout(120)

@@ -82,6 +82,7 @@ def recording_trainer(base):
             super().__init__(*args, **kwargs)
             self.ids_by_epoch: dict[int, list[int]] = {}
             self.plans: dict[int, list[int]] = {}
+            self.batch_sizes: dict[int, list[int]] = {}
             self.lrs: list[float] = []
             self._lr_step = -1
 
@@ -89,6 +90,7 @@ def recording_trainer(base):
             if "__index__" in inputs and self.geko_sampler is not None:
                 epoch = self.geko_sampler.epoch
                 self.ids_by_epoch.setdefault(epoch, []).extend(inputs["__index__"].tolist())
+                self.batch_sizes.setdefault(epoch, []).append(len(inputs["__index__"]))
                 self.plans[epoch] = self.geko_sampler.plan.counts.tolist()
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
