@@ -79,6 +79,8 @@ POLICIES: dict[str, GEKOConfig] = {
     "random_subset85": GEKOConfig(mode="random_subset", subset_fraction=0.85),
     # about the default's budget in an 8-epoch run (FREEZE re-checked only, the last epoch on all data)
     "random_subset64": GEKOConfig(mode="random_subset", subset_fraction=0.64),
+    # about the default's budget in an 8-epoch run since its annealing epoch keeps a quarter of FREEZE
+    "random_subset59": GEKOConfig(mode="random_subset", subset_fraction=0.59),
     "geko": GEKOConfig(),
     # the short-run default before short_run_keep: every FREEZE sample skipped, HARD:FOCUS:LIGHT 3:2:1
     "drop_frozen": GEKOConfig(short_run_keep=None, bucket_weights=(3.0, 2.0, 1.0)),
@@ -86,7 +88,9 @@ POLICIES: dict[str, GEKOConfig] = {
     "gekolib": GEKOLIB_DEFAULTS,
     # the long-run default before FLAT: gekolib's Mountain curriculum in runs of 5+ epochs, no epoch annealed
     # in runs of 5-7 epochs (an explicit 0.125)
-    "mountain": GEKOConfig(phase_weights=MOUNTAIN, anneal=0.125),
+    "mountain": GEKOConfig(phase_weights=MOUNTAIN, anneal=0.125, anneal_keep=None),
+    # the long-run default before anneal_keep: the annealing epoch of an 8+ epoch run on all data at weight 1
+    "flat_all": GEKOConfig(anneal_keep=None),
     # the previous default: FREEZE above the 0.9 quantile of the wrong answers' confidences, once stable
     "threshold": GEKOConfig(freeze_share=None),
 }

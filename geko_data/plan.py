@@ -117,9 +117,10 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     progress = policy.epoch_progress(epoch, total_epochs)
     generator = rng(seed, epoch, PURPOSE_ROUND)
     planned = None
-    if config.mode == "geko" and not policy.annealing(epoch, total_epochs, config):
+    anneal = policy.annealing(epoch, total_epochs, config)
+    if config.mode == "geko" and (not anneal or policy.anneal_share(total_epochs, config) is not None):
         planned = _geko_plan(state, progress=progress, config=config, epoch_length=epoch_length,
-                             total_epochs=total_epochs, generator=generator, out=out)
+                             total_epochs=total_epochs, generator=generator, out=out, anneal=anneal)
     if planned is None:
         expected, weight = policy.epoch_expected(
             bucket=state.bucket, pruned=state.pruned, times_seen=state.times_seen, loss=state.loss,
@@ -136,8 +137,10 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
 
 def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length: int | None,
                total_epochs: int, generator: np.random.Generator,
-               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(counts, loss_weight)`` of a ``geko`` epoch that does not anneal, bit for bit what
+               out: tuple[np.ndarray, np.ndarray] | None = None,
+               anneal: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(counts, loss_weight)`` of a ``geko`` epoch that does not anneal (or anneals keeping a share of
+    FREEZE, ``anneal``: ``policy.anneal_share``), bit for bit what
     ``policy.epoch_expected`` and ``stochastic_round`` give, in two passes of ``_CHUNK`` samples; ``None``
     where that cannot be promised (then the caller takes the whole-array path).
 
@@ -151,7 +154,9 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
     counts), so other weights, and an epoch whose counts hit ``max_repeats`` (water-filling), take the
     whole-array path.
     """
-    table = policy.bucket_weight_table(progress, config, total_epochs=total_epochs)  # [FREEZE, LIGHT, FOCUS, HARD]
+    # [FREEZE, LIGHT, FOCUS, HARD]; an annealing epoch draws every trainable sample once (policy._expected_counts)
+    table = (np.array([0.0, 1.0, 1.0, 1.0]) if anneal
+             else policy.bucket_weight_table(progress, config, total_epochs=total_epochs))
     if not all(float(v).is_integer() for v in table):
         return None
     bucket, pruned, times_seen = state.bucket, state.pruned, state.times_seen
@@ -180,14 +185,14 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
     total = sum(int(weights[k]) * int(per_kind[k]) for k in range(1, 4))
     if total >= 2**53:
         return None
-    length = float(n_active if epoch_length is None else int(epoch_length))
+    length = float(n_active if epoch_length is None or anneal else int(epoch_length))
     expected = np.zeros(6, dtype=np.float64)  # by kind: what the whole-array path computes per sample
     if total > 0 and length > 0:
         scale = length / float(total)
         if max(float(weights[k]) for k in range(1, 4) if per_kind[k]) * scale > config.max_repeats:
             return None  # water-filling
         expected[1:4] = weights[1:4] * scale
-    keep = policy.kept_share(total_epochs, config)
+    keep = policy.anneal_share(total_epochs, config) if anneal else policy.kept_share(total_epochs, config)
     if keep is not None:
         # a short run keeps a share of every unpruned sample (FREEZE and past max_times_seen included) and
         # weighs each by c / expected (policy._expected_counts)
@@ -208,10 +213,11 @@ def _geko_plan(state: Any, *, progress: float, config: GEKOConfig, epoch_length:
         # The kinds as an index once: a uint8 index is widened to int64 by every look-up (3 here).
         k = kinds(a).astype(np.intp)
         # stochastic_round's draws, in its steps: floor(x) + (u < x - floor(x)); the look-ups written in place
+        # (mode="clip": the kinds are in range, and take(out=) buffers its output in the default mode)
         here = counts[a:a + _CHUNK]
-        np.take(base_count, k, out=here)
+        np.take(base_count, k, out=here, mode="clip")
         here += generator.random(k.shape[0]) < frac.take(k)
-        np.take(trained, k, out=weight[a:a + _CHUNK])
+        np.take(trained, k, out=weight[a:a + _CHUNK], mode="clip")
     return counts, weight
 
 
@@ -226,10 +232,11 @@ def global_order(counts: np.ndarray, *, seed: int, epoch: int, shuffle: bool = T
     return _block_shuffle(counts, total, dtype, rng(seed, epoch, PURPOSE_ORDER) if shuffle else None)
 
 
-def _order_type(counts: np.ndarray) -> tuple[Any, int]:
-    """``(dtype, total)`` of the epoch's order: int32 ids when every id fits, and the number of draws."""
+def _order_type(counts: np.ndarray, total: int | None = None) -> tuple[Any, int]:
+    """``(dtype, total)`` of the epoch's order: int32 ids when every id fits, and the number of draws (summed
+    unless the caller has it)."""
     dtype = np.int32 if counts.shape[0] <= np.iinfo(np.int32).max else np.int64
-    return dtype, int(np.sum(counts, dtype=np.int64))
+    return dtype, int(np.sum(counts, dtype=np.int64)) if total is None else int(total)
 
 
 def _draws_in_id_order(counts: np.ndarray) -> Any:
@@ -357,11 +364,12 @@ class RankOrder:
         epoch: the epoch.
         shuffle: shuffle the order. Defaults to ``True``.
         buffer: an array to write the global order into, if it fits. Defaults to ``None``.
+        total: ``counts``' sum, when the caller has it (a pass over the plan less). Defaults to ``None``.
     """
 
     def __init__(self, counts: np.ndarray, *, world: World, seed: int, epoch: int, shuffle: bool = True,
-                 buffer: np.ndarray | None = None) -> None:
-        dtype, total = _order_type(counts)
+                 buffer: np.ndarray | None = None, total: int | None = None) -> None:
+        dtype, total = _order_type(counts, total)
         ws = world.world_size
         pad = -total % ws
         if buffer is None or buffer.dtype != dtype or buffer.shape[0] < total + pad:

@@ -50,6 +50,7 @@ BAD = [
     ("curriculum_min_epochs", 0), ("curriculum_min_epochs", 2.5), ("curriculum_min_epochs", True),
     ("phase_weights", ((1, 2, 3),) * 4), ("phase_weights", "mountain"),
     ("short_run_keep", 0.0), ("short_run_keep", 1.5), ("short_run_keep", "half"),
+    ("anneal_keep", 0.0), ("anneal_keep", 1.5), ("anneal_keep", "half"), ("anneal_keep", float("nan")),
 ]
 
 
@@ -144,3 +145,12 @@ def test_a_config_stored_before_short_run_keep_keeps_dropping_frozen_samples():
     del old["short_run_keep"]
     assert GEKOConfig.from_dict(old).short_run_keep is None
     assert GEKOConfig.from_dict(GEKOConfig().to_dict()) == GEKOConfig()
+
+
+def test_long_runs_anneal_a_quarter_of_freeze_and_the_presets_all_of_it():
+    assert GEKOConfig().anneal_keep == 0.25
+    for preset in (GEKOLIB_DEFAULTS, GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE):
+        assert preset.anneal_keep is None, preset.name  # gekolib's rule, unchanged
+    old = GEKOConfig().to_dict()
+    del old["anneal_keep"]  # a state file written before the field: its annealing epochs stay on all data
+    assert GEKOConfig.from_dict(old).anneal_keep is None

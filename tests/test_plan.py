@@ -65,8 +65,9 @@ def _state_in_every_bucket(n=40, config=None):
 
 
 @pytest.mark.parametrize("config", [GEKOConfig(), GEKOConfig(anneal=0.25), GEKOConfig(anneal=0.34),
-                                    GEKOConfig(mode="infobatch"), GEKOConfig(mode="unbiased")],
-                         ids=["default", "anneal0.25", "anneal0.34", "infobatch", "unbiased"])
+                                    GEKOConfig(anneal_keep=None), GEKOConfig(mode="infobatch"),
+                                    GEKOConfig(mode="unbiased")],
+                         ids=["default", "anneal0.25", "anneal0.34", "anneal_all", "infobatch", "unbiased"])
 @pytest.mark.parametrize("total_epochs", [3, 4, 5, 8])
 def test_every_view_of_an_epoch_gives_the_same_numbers(config, total_epochs):
     """sampling_weights, loss_weights and the plan agree on every epoch, annealing ones included (the
@@ -83,8 +84,11 @@ def test_every_view_of_an_epoch_gives_the_same_numbers(config, total_epochs):
         s.plan = p
         np.testing.assert_array_equal(s.loss_weights(ids), p.loss_weight)
         frozen = s.bucket == FREEZE
-        if policy.annealing(epoch, total_epochs, config):
+        if policy.annealing(epoch, total_epochs, config) and policy.anneal_share(total_epochs, config) is None:
             assert (sw[frozen] == 1.0).all() and (p.counts[frozen] == 1).all() and (lw[frozen] == 1.0).all()
+        elif policy.annealing(epoch, total_epochs, config):  # anneal_keep of FREEZE, weighted up
+            assert (sw[frozen] == config.anneal_keep).all() and (lw[frozen] > 1.0).all()
+            assert (sw[~frozen] == 1.0).all() and (lw[~frozen] < 1.0).all()
         elif policy.rescales(total_epochs, config):  # a share kept, weighted up
             assert (lw[frozen] > 1.0).all() and (sw[frozen] > 0).all()
         elif config.mode == "geko":
@@ -329,7 +333,7 @@ def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
     """A geko epoch is planned in two passes of ``_CHUNK`` samples, without (N,) float64 arrays: its counts
     and loss weights are exactly ``policy.epoch_expected`` rounded by ``stochastic_round`` with the same
     generator, over buckets, pruned samples, samples past max_times_seen, the curriculum's zero weights, an
-    all-zero-weight epoch, epoch lengths that hit max_repeats (water-filling) and non-integer weights (the
+    all-zero-weight epoch, annealing epochs that keep a share of FREEZE, epoch lengths that hit max_repeats (water-filling) and non-integer weights (the
     last two take the whole-array path)."""
     monkeypatch.setattr(plan, "_CHUNK", chunk)
     calls = {"in steps": 0}
@@ -341,6 +345,7 @@ def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
         return out
 
     monkeypatch.setattr(plan, "_geko_plan", counted)
+    stepped = 0
     for case in range(48):
         rng = np.random.default_rng(case)
         n = int(rng.integers(1, 2500))
@@ -360,10 +365,15 @@ def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
         epoch_length = None if case % 3 else int(rng.integers(1, 5 * n))
         total_epochs = int(rng.integers(1, 9))
         epoch = int(rng.integers(0, total_epochs))
+        if case % 8 == 7:  # the annealing epoch of an 8-epoch run: every trainable sample once, anneal_keep of FREEZE
+            total_epochs, epoch = 8, 7
         got = plan.epoch_plan(state, seed=case, epoch=epoch, total_epochs=total_epochs, epoch_length=epoch_length)
         counts, weight = _whole_array_plan(state, seed=case, epoch=epoch, total_epochs=total_epochs,
                                            epoch_length=epoch_length)
         assert got.counts.dtype == np.int32 and got.loss_weight.dtype == np.float32
         assert np.array_equal(got.counts, counts), case
         assert np.array_equal(got.loss_weight, weight), case
+        if case % 8 == 7:  # flat weights, one draw each: the annealing epoch is planned in steps too
+            assert calls["in steps"] == stepped + 1, case
+        stepped = calls["in steps"]
     assert calls["in steps"] >= 20  # most cases took the stepped path

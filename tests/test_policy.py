@@ -210,6 +210,47 @@ def test_a_long_geko_run_anneals_at_least_its_last_epoch():
     e, w = policy.epoch_expected(**args, epoch=3)
     assert np.allclose(e[:2], GEKOConfig().recheck_frozen) and (w[:2] == 0).all() and np.allclose(e[2:], 1.0)
 
+def test_anneal_keep_draws_a_share_of_freeze_in_the_last_epoch_at_rescaled_weights():
+    # 4 FREEZE, 1 LIGHT, 1 FOCUS, 1 HARD, 1 pruned: the last epoch of a long run draws every trainable sample
+    # once and FREEZE at anneal_keep; loss weights c / expected keep the epoch's gradient unbiased
+    bucket = np.array([FREEZE] * 4 + [LIGHT, FOCUS, HARD, LIGHT], np.uint8)
+    pruned = np.array([False] * 7 + [True])
+    n = bucket.shape[0]
+    args = dict(bucket=bucket, pruned=pruned, times_seen=np.ones(n, np.uint16), loss=np.ones(n, np.float32))
+    cfg = GEKOConfig(anneal_keep=0.25)
+    e, w = policy.epoch_expected(**args, epoch=7, total_epochs=8, config=cfg)
+    assert list(e) == [0.25] * 4 + [1.0, 1.0, 1.0, 0.0]
+    c = (4 * 0.25 + 3) / 7  # the mean expected count of the 7 unpruned samples
+    assert w[:4] == pytest.approx([c / 0.25] * 4) and w[4:7] == pytest.approx([c] * 3) and w[7] == 0
+    assert np.allclose(e[:7] * w[:7], c)  # every unpruned sample the same expected share of the gradient
+    # epoch_length does not stretch an annealing epoch into repeats
+    e2, _ = policy.epoch_expected(**args, epoch=7, total_epochs=8, config=cfg, epoch_length=20)
+    assert list(e2) == list(e)
+    # the Mountain table's last phase (LIGHT 3) does not weigh the annealing epoch either: flat, once each
+    e3, _ = policy.epoch_expected(**args, epoch=7, total_epochs=8, config=cfg.replace(phase_weights=MOUNTAIN))
+    assert list(e3) == list(e)
+    # both annealing epochs of 16 keep the share; the last epoch that a 5-7 epoch run gets although 0.125
+    # anneals none of it trains everything at weight 1
+    assert policy.anneal_share(16, cfg) == 0.25 and policy.anneal_share(5, cfg) is None
+    for total in (5, 6, 7):
+        e, w = policy.epoch_expected(**args, epoch=total - 1, total_epochs=total, config=cfg)
+        assert list(e) == [1.0] * 7 + [0.0] and (w[:7] == 1).all()
+    assert policy.anneal_share(5, cfg.replace(anneal=0.2)) == 0.25  # 0.2 anneals the last of 5 by itself
+    # the epochs before it are unchanged: FREEZE re-checked forward only
+    e, w = policy.epoch_expected(**args, epoch=6, total_epochs=8, config=cfg)
+    assert np.allclose(e[:4], cfg.recheck_frozen) and (w[:4] == 0).all()
+    # anneal_keep=None (InfoBatch's annealing): every unpruned sample once at weight 1
+    e, w = policy.epoch_expected(**args, epoch=7, total_epochs=8, config=cfg.replace(anneal_keep=None))
+    assert list(e) == [1.0] * 7 + [0.0] and (w[:7] == 1).all()
+    # short runs, other modes: anneal_keep does not apply (an explicit anneal trains everything)
+    assert policy.anneal_share(3, cfg) is None and policy.anneal_share(8, cfg) == 0.25
+    assert policy.anneal_share(8, cfg.replace(mode="unbiased")) is None
+    for other in (cfg.replace(anneal=0.34), cfg.replace(mode="unbiased", anneal=0.34),
+                  cfg.replace(mode="infobatch", anneal=0.34)):
+        e, w = policy.epoch_expected(**args, epoch=2, total_epochs=3, config=other)
+        assert list(e) == [1.0] * 7 + [0.0] and (w[:7] == 1).all(), other
+
+
 def test_uniform_random_subset_and_anneal():
     e, w = expected([FREEZE, LIGHT, HARD], GEKOConfig(mode="uniform"), pruned=[False, False, True])
     assert list(e) == [1, 1, 0] and list(w) == [1, 1, 0]  # pruned: never drawn, weight 0
