@@ -78,7 +78,7 @@ class GEKOBatchSampler(Sampler[list[int]]):
         start = self.sampler.position
         size = epoch_batch_size(start + left, steps=self.steps, batch_size=self.batch_size,
                                 min_batch=self.min_batch)
-        if start % size:
+        if start % size and left:  # (the end of the epoch is a boundary, whatever its last batch held)
             raise ValueError(f"the sampler resumes at draw {start} of {start + left}, inside a batch (this "
                              f"epoch's batches hold {size}); save the position between batches")
         return start + left, size, start

@@ -80,6 +80,14 @@ def test_resume_between_batches_continues_the_same_batches_and_inside_one_is_ref
     rest = GEKOBatchSampler(resumed, batch_size=16)
     assert len(rest) == len(whole) - 7
     assert list(rest) == whole[7:]
+    short = GEKOSampler(300, total_epochs=3, config=QUIET, seed=5)
+    shrink(short, 125)  # 175 draws in batches of 10: the last holds 5
+    sizes = [len(b) for b in GEKOBatchSampler(short, batch_size=16)]
+    assert sizes == [10] * 17 + [5]
+    end = GEKOSampler(300, total_epochs=3, config=QUIET, seed=5)
+    shrink(end, 125)
+    end.load_state_dict(short.state_dict(consumed=175))  # saved after the epoch's last, short batch
+    assert len(GEKOBatchSampler(end, batch_size=16)) == 0 and list(GEKOBatchSampler(end, batch_size=16)) == []
     bad = fresh()
     bad.load_state_dict(sampler.state_dict(consumed=done + 1))
     with pytest.raises(ValueError, match="inside a batch"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from geko_data import policy
+from geko_data.batches import BATCHES
 from geko_data.config import GEKOConfig
 from geko_data.validate import check_int, check_number
 
@@ -22,9 +23,11 @@ LR_SCHEDULES = ("mountain", "cosine", "constant")
 
 #: TrainArgs a resume must keep: they decide which samples make up each optimizer step, the LR there and
 #: what counts as correct. The others (output dir, workers, intervals, precision, progress) may change.
-RESUME_FIXED = ("batch_size", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
+RESUME_FIXED = ("batch_size", "batches", "gradient_accumulation_steps", "num_epochs", "seed", "learning_rate",
                 "warmup_steps", "warmup_ratio", "lr_schedule", "weight_decay", "max_grad_norm",
                 "use_8bit_optimizer", "correct_threshold")
+#: What a checkpoint written before a RESUME_FIXED field existed ran with.
+RESUME_BEFORE = {"batches": "fixed"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +39,10 @@ class TrainArgs:
             Defaults to ``"./geko_output"``.
         num_epochs: training epochs. Defaults to ``3``.
         batch_size: per-device micro-batch size. Defaults to ``16``.
+        batches: ``steps``: an epoch of map-style data that skips samples takes as many micro-batches as a
+            full epoch, each smaller (``GEKOBatchSampler``: down to half of ``batch_size``); ``fixed``:
+            micro-batches of ``batch_size``, fewer of them. A shard stream always uses ``fixed``.
+            Defaults to ``"steps"``.
         learning_rate: peak AdamW learning rate (full fine-tune; ``geko-train --lora`` uses 1e-3 unless
             given). Defaults to ``5e-5``.
         weight_decay: AdamW weight decay. Defaults to ``0.01``.
@@ -73,6 +80,7 @@ class TrainArgs:
     output_dir: str = "./geko_output"
     num_epochs: int = 3
     batch_size: int = 16
+    batches: str = "steps"
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_steps: int | None = None
@@ -128,6 +136,8 @@ class TrainArgs:
                      "use_8bit_optimizer", "dataloader_persistent_workers", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        if self.batches not in BATCHES:
+            raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {self.batches!r}")
         if self.bf16 and self.fp16:
             raise ValueError("`bf16` and `fp16` are exclusive; set at most one to True")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from geko_data import signals as signals_mod
+from geko_data.batches import GEKOBatchSampler
 from geko_data.config import GEKOConfig
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
@@ -166,6 +167,9 @@ def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
     # Each DataLoader iterator draws its workers' base seed from `generator`, or else from the global torch
     # RNG, which would shift dropout's random stream between a run and its resume.
     rng = torch.Generator()
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=data if isinstance(data, GEKOSampler) else None,
-                        num_workers=workers, collate_fn=collate_fn, generator=rng, **loader_kw)
+    if isinstance(data, GEKOSampler) and args.batches == "steps":
+        batching: dict[str, Any] = {"batch_sampler": GEKOBatchSampler(data, batch_size=args.batch_size)}
+    else:
+        batching = {"batch_size": args.batch_size, "sampler": data if isinstance(data, GEKOSampler) else None}
+    loader = DataLoader(dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=rng, **loader_kw)
     return loader, rng

@@ -47,7 +47,7 @@ from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.stream import GEKOStream
 from geko_data.train import build
-from geko_data.train.args import RESUME_FIXED, TrainArgs, lr_factor
+from geko_data.train.args import RESUME_BEFORE, RESUME_FIXED, TrainArgs, lr_factor
 from geko_data.train.checkpoint import load_checkpoint, save_checkpoint
 from geko_data.train.collate import pad_collate
 from geko_data.train.distributed import setup_distributed
@@ -230,6 +230,8 @@ def _accept(trainer_state: dict[str, Any], data_state: dict[str, Any], state: An
     Runs inside ``load_checkpoint`` before it changes the model: a refused resume leaves it untouched.
     """
     saved = trainer_state.get("args") or {}
+    if saved:  # a field the checkpoint's version did not have: what that version ran with
+        saved = {**RESUME_BEFORE, **saved}
     for name in RESUME_FIXED:
         if name in saved and saved[name] != getattr(args, name):
             raise ValueError(f"resume: `{name}` is {getattr(args, name)!r} but the checkpoint was written with "

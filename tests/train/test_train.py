@@ -647,3 +647,32 @@ def test_mountain_lr_and_phase_follow_the_curriculum_only_when_the_run_does(tmp_
         assert len(lrs) > 1 and "" not in phases
     else:
         assert lrs == {a.learning_rate} and phases == {""}
+
+
+@pytest.mark.parametrize("batches", ["steps", "fixed"])
+def test_map_style_epochs_keep_a_full_epochs_steps_unless_batches_fixed(tmp_path, batches):
+    # The easy plain task freezes most samples after epoch 0: with batches="steps" every epoch still takes
+    # 6 micro-batches (48 / 8), in smaller batches; "fixed" keeps batches of 8 and takes fewer.
+    a = args(tmp_path, num_epochs=3, batches=batches)
+    out = train(Plain(), plain_data(48), args=a, config=GEKOConfig(short_run_keep=None, log_bucket_stats=False),
+                log=QUIET)
+    epochs = [r for r in metrics(a.output_dir) if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    shrunk = out.efficiency["sample_passes"] < 3 * 48
+    assert shrunk
+    micro = [r["micro_batches"] for r in epochs]
+    if batches == "steps":
+        assert micro[0] == 6 and min(micro[1:]) >= 5  # 6, or 5 where a whole batch size leaves one out
+    else:
+        assert micro[0] == 6 and max(micro[1:]) < 6
+    assert out.step == sum(micro)
+
+
+def test_batches_is_validated_and_a_resume_keeps_it(tmp_path):
+    with pytest.raises(ValueError, match="`batches` must be one of steps, fixed, got 'small'"):
+        TrainArgs(batches="small")
+    a = args(tmp_path, num_epochs=2, batches="fixed")
+    train(Plain(), plain_data(16), args=a, config=CFG, log=QUIET)
+    ckpt = list_checkpoints(a.output_dir)[-1]
+    with pytest.raises(ValueError, match="`batches` is 'steps' but the checkpoint was written with 'fixed'"):
+        train(Plain(), plain_data(16), args=a.replace(batches="steps"), config=CFG, resume_from=ckpt, log=QUIET)
