@@ -261,10 +261,11 @@ class GEKOSampler(EpochDriver, Sampler[int]):
             # the last epoch's, its blocks shuffled as __iter__ reaches them.
             self._order = None
             buffer, self._order_buffer = self._order_buffer, None
-            if buffer is not None and buffer.shape[0] < self._plan.total + self.world.world_size:
+            total = self._plan.total
+            if buffer is not None and buffer.shape[0] < total + self.world.world_size:
                 buffer = None  # too small for this epoch: freed before the new one is made
             self._order = RankOrder(self._plan.counts, world=self.world, seed=self.seed, epoch=self.epoch,
-                                    shuffle=self.shuffle, buffer=buffer)
+                                    shuffle=self.shuffle, buffer=buffer, total=total)
             del buffer
             self._order_buffer = self._order.buffer
             self._orders += 1
