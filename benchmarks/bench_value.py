@@ -7,11 +7,13 @@ backward pass per trained sample, a forward pass per sample touched
 (forward-only re-checks of frozen samples included).
 
 Policies: ``uniform`` (every sample every epoch), ``random_subset`` (a fresh
-half each epoch, RS2; ``random_subset64`` / ``random_subset70`` / ``random_subset85``: 64% / 70% / 85%),
+half each epoch, RS2; ``random_subset59`` / ``random_subset64`` / ``random_subset70`` / ``random_subset85``:
+59% / 64% / 70% / 85%),
 ``infobatch`` (Qin et al., ICLR 2024), ``geko`` (this package's defaults),
 ``drop_frozen`` (the short-run default before ``short_run_keep``: FREEZE never
 trained, HARD:FOCUS:LIGHT 3:2:1), ``mountain`` (the long-run default before
-``FLAT``: gekolib's Mountain curriculum in runs of 5+ epochs), ``unbiased`` (GEKO with InfoBatch-style
+``FLAT``: gekolib's Mountain curriculum in runs of 5+ epochs), ``flat_all`` (the default before
+``anneal_keep``: all of FREEZE in the annealing epoch of an 8+ epoch run), ``unbiased`` (GEKO with InfoBatch-style
 importance weights), ``gekolib`` (geko mode with gekolib 0.3.1's values),
 ``threshold`` (the previous default freeze rule, ``freeze_share=None``).
 
