@@ -17,6 +17,8 @@ gekolib 0.3.1 flaws fixed here (docs/architecture.md says how the rules fit toge
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from geko_data.config import MOUNTAIN, GEKOConfig
@@ -167,21 +169,25 @@ def classify(*, seen: np.ndarray, correct: np.ndarray, confidence: np.ndarray, q
     """
     correct = np.asarray(correct, dtype=bool)
     conf = np.asarray(confidence, dtype=np.float32)
+    out = np.empty(correct.shape[0], dtype=np.uint8)
+    # The freeze mask is made in the codes' memory (a step's mask is read before its codes are written
+    # there): one fresh byte a sample, not two (a fresh page costs this VM more kernel time than its writes).
+    freeze = out.view(bool)
     if config.freeze_confidence is None and config.freeze_share is not None:
         with np.errstate(divide="ignore"):
             rank_by = -np.log(conf) if loss is None else loss
         when = np.zeros(correct.shape[0], np.int64) if last_step is None else last_step
-        freeze = easiest_in_windows(seen=seen, loss=rank_by, last_step=when, share=config.freeze_share)
+        easiest_in_windows(seen=seen, loss=rank_by, last_step=when, share=config.freeze_share, out=freeze)
         freeze &= correct
     else:
         threshold = freeze_threshold(seen=seen, correct=correct, confidence=conf, config=config)
-        freeze = correct & (conf > np.float32(threshold))
+        np.greater(conf, np.float32(threshold), out=freeze)
+        freeze &= correct
         # stability > freeze_quality  <=>  sqrt(loss_var) < 1 - freeze_quality  <=>  loss_var < (1 - fq)^2:
         # the same rule without a square root over every sample.
         freeze &= np.asarray(loss_var) < np.float32((1.0 - config.freeze_quality) ** 2)
         freeze &= np.asarray(q) >= config.min_q_for_freeze
     seen = np.asarray(seen, dtype=bool)
-    out = np.empty(correct.shape[0], dtype=np.uint8)
     for a in range(0, out.shape[0], _STEP):  # a step at a time: the masks and codes of a step stay in cache
         code = wrong_bucket(conf[a:a + _STEP], config)
         # The overrides as uint8 arithmetic on the codes (FREEZE is 0), 3x faster than masked writes:
@@ -202,10 +208,12 @@ RANK_WINDOWS = 8
 MIN_WINDOW = 64
 
 
-def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndarray, share: float) -> np.ndarray:
+def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndarray, share: float,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Mask of the seen samples whose last loss is among the lowest ``share`` of the samples reported at about
     the same time: the seen samples are cut by ``last_step`` into ``RANK_WINDOWS`` equal spans (fewer when a
-    span would hold under ``MIN_WINDOW``) and ranked by loss inside their span.
+    span would hold under ``MIN_WINDOW``) and ranked by loss inside their span. Written into ``out`` ((N,)
+    bool) when given.
 
     Why spans: a loss measured at step 10 of a first epoch and one at step 1,000 come from two different
     models. Ranked together, nearly every sample of the first part of the epoch looks hard and nearly every
@@ -218,60 +226,169 @@ def easiest_in_windows(*, seen: np.ndarray, loss: np.ndarray, last_step: np.ndar
     """
     seen = np.asarray(seen, dtype=bool)
     loss, last_step = np.asarray(loss), np.asarray(last_step)
+    if loss.dtype.kind != "f":  # ranked as float64 (the cuts are losses, compared in their dtype)
+        loss = loss.astype(np.float64)
     n = seen.shape[0]
     # Every pass goes a step at a time, its temporaries in cache, and never builds an index of the seen
-    # samples (8 bytes each): a mask of them, and their steps and losses packed where a pass needs them (in
-    # the columns' own dtypes). ``np.empty``: only the first m values of a packed array are ever touched.
-    mask = np.empty(n, dtype=bool)
-    steps = np.empty(n, dtype=last_step.dtype)
-    m = 0
+    # samples (8 bytes each): a mask of them, and their steps and losses packed where a pass needs them. The
+    # steps are packed as int32 while they fit (a step counter does; widened to the column's dtype when one
+    # does not): half the fresh memory of int64, whose pages cost more kernel time than the writes.
+    # ``np.empty``: only the first m values of a packed array are ever touched.
+    mask = np.empty(n, dtype=bool) if out is None else out
+    narrow = last_step.dtype.kind in "iu" and last_step.dtype.itemsize >= 4
+    steps = np.empty(n, dtype=np.int32 if narrow else last_step.dtype)
+    m, lo, hi = 0, None, None
     for a in range(0, n, _STEP):
-        s = np.isfinite(loss[a:a + _STEP])
+        s = np.isfinite(loss[a:a + _STEP], out=mask[a:a + _STEP])
         s &= seen[a:a + _STEP]
-        mask[a:a + _STEP] = s
         k = int(np.count_nonzero(s))
-        np.compress(s, last_step[a:a + _STEP], out=steps[m:m + k])
+        if not k:
+            continue
+        part = np.compress(s, last_step[a:a + _STEP])
+        low, high = int(part.min()), int(part.max())
+        lo, hi = (low, high) if lo is None else (min(lo, low), max(hi, high))
+        if steps.dtype != last_step.dtype and not -2**31 <= low <= high < 2**31:  # past int32: widen
+            wide = np.empty(n, dtype=last_step.dtype)
+            wide[:m] = steps[:m]
+            steps = wide
+        steps[m:m + k] = part
         m += k
-    if not m or share >= 1.0:
-        return mask if m else np.zeros(n, dtype=bool)
+    if not m or share >= 1.0:  # every seen sample (none when m is 0)
+        return mask
     windows = max(1, min(RANK_WINDOWS, m // MIN_WINDOW))
     # Span of a sample: floor(windows * r / m), r = the count of samples reported at an earlier step (so
     # samples of one step share a span). r >= k exactly when the step is above the k-th smallest step, so
-    # span w holds the steps above the ceil(w m / windows)-th smallest: windows - 1 order statistics and
-    # compares, not a sort of every step and a binary search of each.
-    bounds = _order_statistics(steps[:m], [-(-w * m // windows) - 1 for w in range(1, windows)])
-
-    def spans(step_values: np.ndarray) -> np.ndarray:  # the span of each of a step's samples
-        code = np.zeros(step_values.shape[0], dtype=np.uint8)  # windows <= RANK_WINDOWS
-        for b in bounds:
-            np.add(code, step_values > b, out=code, casting="unsafe")
-        return code
-
+    # span w holds the steps above the ceil(w m / windows)-th smallest: windows - 1 order statistics.
+    spans = _SpanOf(steps[:m], [-(-w * m // windows) - 1 for w in range(1, windows)], lo, hi)
     span_of = np.concatenate([spans(steps[a:min(a + _STEP, m)]) for a in range(0, m, _STEP)])
-    del steps
-    losses = np.empty(m, dtype=loss.dtype if loss.dtype.kind == "f" else np.float64)
+    # The cut of each span: its "lower" ``share`` quantile (np.quantile's index floor((k - 1) * share)), one of
+    # the losses, so a cut in the column's dtype selects what a float64 one would. Found by a radix select
+    # over the seen samples (_radix_cuts), not a copy and a partition of each span's losses. The losses as
+    # order-preserving unsigned ints go where the packed steps were when they fit (pages already touched: a
+    # fresh page costs more kernel time than the write).
+    key_type = np.dtype(f"u{loss.dtype.itemsize}")
+    held = steps.view(np.uint8)[:m * steps.itemsize]
+    keys = held[:m * key_type.itemsize].view(key_type) if key_type.itemsize <= steps.itemsize else np.empty(m, key_type)
+    del steps, held
+    hist = np.zeros((windows, 1 << _RADIX_BITS), dtype=np.int64)
     at = 0
     for a in range(0, n, _STEP):
         s = mask[a:a + _STEP]
         k = int(np.count_nonzero(s))
-        np.compress(s, loss[a:a + _STEP], out=losses[at:at + k])
+        key = _ordered_bits(np.compress(s, loss[a:a + _STEP], out=keys[at:at + k].view(loss.dtype)))
+        _radix_count(hist, key, span_of[at:at + k])  # while the step's keys are in cache
         at += k
-    # The cut of each span: its "lower" ``share`` quantile (np.quantile's index floor((k - 1) * share)), one of
-    # the losses, so a cut in the column's dtype selects what a float64 one would.
-    cuts = np.full(windows, np.inf, dtype=losses.dtype)
-    for w in range(windows):
-        l = np.extract(span_of == w, losses)  # a copy, partitioned in place
-        if l.shape[0]:
-            k = int(np.floor((l.shape[0] - 1) * share))
-            l.partition(k)
-            cuts[w] = l[k]
-    del losses, span_of
-    out = np.empty(n, dtype=bool)
-    for a in range(0, n, _STEP):
+    cuts = _radix_cuts(keys, span_of, hist, share, loss.dtype)
+    del keys, span_of
+    cut_of = spans.lookup(cuts)
+    for a in range(0, n, _STEP):  # the answer written over the mask of the ranked samples
         # ties at the cut all pass: equally easy samples are not told apart by their position
-        np.less_equal(loss[a:a + _STEP], cuts.take(spans(last_step[a:a + _STEP])), out=out[a:a + _STEP])
-        out[a:a + _STEP] &= mask[a:a + _STEP]
-    return out
+        mask[a:a + _STEP] &= loss[a:a + _STEP] <= cut_of(last_step[a:a + _STEP])
+    return mask
+
+
+class _SpanOf:
+    """The span (uint8) of each of a step's samples, by their report steps: the count of ``bounds`` (the steps'
+    order statistics ``kth``) below each. Through a table of every step value when the steps' range is small
+    (report steps usually are: about one per batch): one look-up a sample instead of a compare and an add per
+    bound. Steps outside the seen ones' range (unseen samples) get the nearest end's span."""
+
+    def __init__(self, steps: np.ndarray, kth: list[int], lo: int, hi: int) -> None:
+        self.lo, hi = (lo, hi) if kth else (0, 0)
+        self.bounds = _order_statistics(steps, kth, lo, hi)
+        self.table: np.ndarray | None = None
+        if hi - self.lo < max(_STEP, steps.shape[0] // 4):  # as _order_statistics' histogram: small
+            self.table = np.zeros(hi - self.lo + 1, dtype=np.uint8)
+            for b in self.bounds.tolist():  # step values above b are one span later
+                self.table[b - self.lo + 1:] += np.uint8(1)
+
+    def __call__(self, step_values: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return self.table.take(np.subtract(step_values, self.lo, dtype=np.intp), mode="clip")
+        code = np.zeros(step_values.shape[0], dtype=np.uint8)  # windows <= RANK_WINDOWS
+        for b in self.bounds:
+            np.add(code, step_values > b, out=code, casting="unsafe")
+        return code
+
+    def lookup(self, values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """A function of step values giving ``values[span]`` of each: one look-up through the table."""
+        if self.table is None:
+            return lambda step_values: values.take(self(step_values))
+        table = values.take(self.table)
+        return lambda step_values: table.take(np.subtract(step_values, self.lo, dtype=np.intp), mode="clip")
+
+
+def _ordered_bits(x: np.ndarray) -> np.ndarray:
+    """Floats (no NaN) as unsigned ints of their size in the same order: the sign bit set on the positive ones,
+    every bit flipped on the negative ones (-0.0 just below 0.0). In place over ``x``'s memory."""
+    key = x.view(f"u{x.dtype.itemsize}")
+    top = key.dtype.type(x.dtype.itemsize * 8 - 1)
+    flip = key >> top  # 1 on the negative ones
+    np.negative(flip, out=flip)  # all ones on the negative ones (unsigned wrap), 0 on the others
+    flip |= key.dtype.type(1) << top
+    key ^= flip
+    return key
+
+
+def _float_of(key: int, dtype: np.dtype) -> np.floating:
+    """The float whose ``_ordered_bits`` is ``key``."""
+    utype = np.dtype(f"u{dtype.itemsize}").type
+    top = dtype.itemsize * 8 - 1
+    bits = key ^ (1 << top) if key >> top else ~key & ((1 << (top + 1)) - 1)
+    return np.array([bits], dtype=utype).view(dtype)[0]
+
+
+#: Bits of a loss's ``_ordered_bits`` that ``_radix_cuts`` counts in its first pass (a table of 2**12 counts a
+#: span, 256 KB for 8 spans: counted a step at a time in cache).
+_RADIX_BITS = 12
+
+
+def _radix_count(hist: np.ndarray, keys: np.ndarray, span_of: np.ndarray) -> None:
+    """Add to ``hist`` ((windows, 2**_RADIX_BITS)) the count of ``keys`` of each span by their top bits."""
+    where = span_of.astype(np.intp)
+    where <<= _RADIX_BITS
+    shift = keys.dtype.type(keys.dtype.itemsize * 8 - _RADIX_BITS)
+    np.bitwise_or(where, keys >> shift, out=where, dtype=np.intp, casting="unsafe")
+    hist += np.bincount(where, minlength=hist.size).reshape(hist.shape)
+
+
+def _radix_cuts(keys: np.ndarray, span_of: np.ndarray, hist: np.ndarray, share: float,
+                dtype: np.dtype) -> np.ndarray:
+    """(windows,) the cut of each span: its ``floor((count - 1) * share)``-th smallest loss (as ``dtype``; inf
+    for an empty span), from the losses' ``keys`` (``_ordered_bits``), their spans and ``hist``, the keys of
+    each span counted by their top ``_RADIX_BITS`` bits (``_radix_count``).
+
+    A radix select: the counts name the bin that holds each span's cut; one pass takes the keys in those bins
+    (a small share of the samples) and a partition of each span's few finds the cut. Linear passes in cache,
+    where copying each span's losses out (a compare and an extract over every seen sample per span) and
+    partitioning them made ``easiest_in_windows`` take 1.6x the CPU time (30M samples, half of them seen).
+    """
+    windows, bins = hist.shape
+    shift = keys.dtype.type(keys.dtype.itemsize * 8 - _RADIX_BITS)
+    counts = hist.cumsum(axis=1)  # (windows, bins) keys at or below each bin
+    cuts = np.full(windows, np.inf, dtype=dtype)
+    # the bin of each span's cut (``bins``, which no key's top bits reach, for an empty span) and its rank there
+    target = np.full(windows, bins, dtype=np.result_type(keys.dtype, np.uint32))
+    rank = np.zeros(windows, dtype=np.int64)
+    for w in range(windows):
+        total = int(counts[w, -1])
+        if total:
+            k = int(np.floor((total - 1) * share))
+            target[w] = int(np.searchsorted(counts[w], k, side="right"))  # the first bin with more than k keys
+            rank[w] = k - (int(counts[w, target[w] - 1]) if target[w] else 0)
+    found_keys, found_spans = [], []
+    for a in range(0, keys.shape[0], _STEP):
+        key, code = keys[a:a + _STEP], span_of[a:a + _STEP]
+        hit = np.flatnonzero((key >> shift) == target.take(code))  # few: one scan, two small gathers
+        found_keys.append(key.take(hit))
+        found_spans.append(code.take(hit))
+    found, in_span = np.concatenate(found_keys), np.concatenate(found_spans)
+    for w in range(windows):
+        if target[w] < bins:
+            mine = found[in_span == w]
+            mine.partition(int(rank[w]))
+            cuts[w] = _float_of(int(mine[rank[w]]), dtype)
+    return cuts
 
 
 #: Fewer wrong samples than this and their confidences say little: ``freeze_threshold`` falls back.
@@ -459,12 +576,11 @@ def rescale_constant(total: float, n: int) -> float:
 _STEP = 1 << 20
 
 
-def _order_statistics(values: np.ndarray, kth: list[int]) -> np.ndarray:
-    """``np.sort(values)[kth]`` of integers: from a histogram when their range is small (report steps
-    usually are: about one per batch), else by selection."""
+def _order_statistics(values: np.ndarray, kth: list[int], lo: int, hi: int) -> np.ndarray:
+    """``np.sort(values)[kth]`` of integers from ``lo`` to ``hi``: from a histogram when their range is small
+    (report steps usually are: about one per batch), else by selection."""
     if not kth:
         return values[:0]
-    lo, hi = int(values.min()), int(values.max())
     if hi - lo >= max(_STEP, values.shape[0] // 4):  # a histogram would cost more than the values
         return np.partition(values, kth)[kth]
     hist = np.zeros(hi - lo + 1, dtype=np.int64)
@@ -537,7 +653,10 @@ def loss_ema_update(ema: np.ndarray, var: np.ndarray, loss: np.ndarray, *, prev_
 
 def wrong_bucket(confidence: np.ndarray, config: GEKOConfig) -> np.ndarray:
     """The bucket of a wrong answer (uint8): HARD when its confidence exceeds ``focus_confidence``, else FOCUS."""
-    return np.where(np.asarray(confidence) > config.focus_confidence, np.uint8(HARD), np.uint8(FOCUS))
+    # FOCUS + the comparison as a byte (HARD is FOCUS + 1): 25x faster than np.where on a step of 1M
+    code = (np.asarray(confidence) > config.focus_confidence).view(np.uint8)
+    code += np.uint8(FOCUS)
+    return code
 
 
 def thaw(bucket: np.ndarray, *, correct: np.ndarray, confidence: np.ndarray, pruned: np.ndarray,

@@ -259,6 +259,61 @@ def test_ranking_within_report_windows_matches_a_sort_of_every_step(monkeypatch,
         assert np.array_equal(got, want), trial
 
 
+def _straightforward_easiest(seen, loss, steps, share):
+    """``easiest_in_windows`` by its definition: spans from a sort of every seen step, each span's cut its
+    "lower" quantile by np.quantile in float64."""
+    seen = seen & np.isfinite(np.asarray(loss, dtype=np.float64))
+    idx = np.flatnonzero(seen)
+    want = np.zeros(seen.shape[0], bool)
+    if idx.size:
+        windows = max(1, min(policy.RANK_WINDOWS, idx.size // policy.MIN_WINDOW))
+        span_of = np.searchsorted(np.sort(steps[idx]), steps[idx], side="left") * windows // idx.size
+        for w in np.unique(span_of):
+            span = idx[span_of == w]
+            values = np.asarray(loss[span], dtype=np.float64)
+            cut = np.quantile(values, share, method="lower") if share < 1 else np.inf
+            want[span[values <= cut]] = True
+    return want
+
+
+@pytest.mark.parametrize("step", [1 << 20, 97])
+def test_radix_select_of_the_cuts_matches_the_quantile_of_every_span(monkeypatch, step):
+    """The cuts come from a radix select over the losses' order-preserving bits (``policy._radix_cuts``) and
+    each sample's span through a table of step values: the freezes are those of a sort and a quantile, over
+    negative losses, -0.0 next to 0.0, float16/float64/integer losses, infinite ones (not ranked), many ties
+    in one radix bin, one window, no seen sample, share 0, steps spread too wide for the table (and past
+    int32, where the packed steps widen), and the mask written into ``out=``."""
+    monkeypatch.setattr(policy, "_STEP", step)
+    rng = np.random.default_rng(21)
+    for trial in range(90):
+        n = int(rng.integers(1, 3000))
+        seen = rng.random(n) < (rng.random() if trial % 10 else 0.0)
+        kind = trial % 6
+        if kind == 0:
+            loss = rng.normal(0, 1, n).astype(np.float32)
+            loss[rng.random(n) < 0.2] = -0.0
+            loss[rng.random(n) < 0.2] = 0.0
+        elif kind == 1:
+            loss = rng.exponential(1, n).astype(np.float64)
+        elif kind == 2:
+            loss = rng.exponential(1, n).astype(np.float16)
+        elif kind == 3:
+            loss = rng.integers(-5, 5, n)
+        elif kind == 4:  # ties in one radix bin: values 1 + k * 2**-20 share their top bits
+            loss = (1 + rng.integers(0, 4, n) * np.float32(2**-20)).astype(np.float32)
+        else:
+            loss = rng.exponential(1, n).astype(np.float32)
+            loss[rng.random(n) < 0.05] = np.inf
+        wide = trial % 4 == 1
+        steps = rng.integers(-3, 2**40 if wide else int(rng.integers(1, 40)), n).astype(np.int64)
+        share = float(rng.choice([0.0, 0.1, 0.5, 0.9]))
+        got = policy.easiest_in_windows(seen=seen, loss=loss, last_step=steps, share=share)
+        assert np.array_equal(got, _straightforward_easiest(seen, loss, steps, share)), trial
+        into = np.ones(n, bool)  # written whole into out=, whatever it held
+        assert policy.easiest_in_windows(seen=seen, loss=loss, last_step=steps, share=share, out=into) is into
+        assert np.array_equal(into, got), trial
+
+
 def test_update_rules_live_in_policy():
     cfg = GEKOConfig(loss_ema=0.5, focus_confidence=0.6)
     ema, var = policy.loss_ema_update(np.float32([2.0, np.nan]), np.float32([0.0, 0.0]), np.float32([0.0, 3.0]),
