@@ -30,11 +30,22 @@ from torch.utils.data import Sampler
 from geko_data.sampler import GEKOSampler
 from geko_data.validate import check_int
 
-__all__ = ["BATCHES", "GEKOBatchSampler", "epoch_batch_size"]
+__all__ = ["BATCHES", "GEKOBatchSampler", "epoch_batch_size", "full_epoch_steps", "smallest_batch"]
 
 #: How a loop cuts an epoch into batches: ``steps`` (this module: a full epoch's steps, smaller batches) or
 #: ``fixed`` (a DataLoader's ``batch_size``: fewer draws, fewer steps).
 BATCHES = ("steps", "fixed")
+
+
+def full_epoch_steps(full_draws: int, *, world_size: int, batch_size: int) -> int:
+    """Batches a rank cuts a full epoch of ``full_draws`` (over all ranks) into at ``batch_size``."""
+    return math.ceil(math.ceil(full_draws / world_size) / batch_size)
+
+
+def smallest_batch(batch_size: int) -> int:
+    """The default ``min_batch``: half of ``batch_size``, rounded up. Smaller batches would give a few hard
+    samples whole optimizer steps (a step moves the weights about as far whatever its batch holds)."""
+    return -(-batch_size // 2)
 
 
 def epoch_batch_size(draws: int, *, steps: int, batch_size: int, min_batch: int) -> int:
@@ -66,10 +77,10 @@ class GEKOBatchSampler(Sampler[list[int]]):
         check_int("steps", steps, 1, optional=True)
         self.sampler = sampler
         self.batch_size = int(batch_size)
-        self.min_batch = -(-self.batch_size // 2) if min_batch is None else int(min_batch)
+        self.min_batch = smallest_batch(self.batch_size) if min_batch is None else int(min_batch)
         if steps is None:
-            full = sampler.epoch_length or sampler.num_samples
-            steps = math.ceil(math.ceil(full / sampler.world.world_size) / self.batch_size)
+            steps = full_epoch_steps(sampler.epoch_length or sampler.num_samples,
+                                     world_size=sampler.world.world_size, batch_size=self.batch_size)
         self.steps = int(steps)
 
     def _epoch(self) -> tuple[int, int, int]:

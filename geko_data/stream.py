@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset
 from torch.utils.data._utils.collate import default_collate_fn_map
 
+from geko_data.batches import BATCHES, epoch_batch_size, full_epoch_steps, smallest_batch
 from geko_data.config import GEKOConfig
 from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, decoding_error, make_decoder
 from geko_data.epochs import EpochDriver
@@ -267,6 +268,11 @@ class GEKOStream(EpochDriver, IterableDataset):
         batch_size: the DataLoader's batch size; with it the order is independent of the number of
             workers and mid-epoch resume is exact with workers (required for a mid-epoch resume with
             more than one worker). Defaults to ``None`` (1).
+        batches: ``fixed``: every epoch in batches of ``batch_size`` (an epoch that skips samples takes
+            fewer steps); ``steps``: the epoch's batch size (``epoch_batch_size``, read after ``set_epoch``)
+            cuts it into as many batches as a full epoch at ``batch_size``, down to half of it, as
+            ``GEKOBatchSampler`` does: make each epoch's DataLoader with ``batch_size=stream.epoch_batch_size``.
+            Needs ``batch_size``. Defaults to ``"fixed"``.
         shuffle_buffer: block size of the sample shuffle (samples held per worker). Defaults to ``512``.
         shard_url: maps a local shard path to the URL to read: a format string (``"pipe:cat {}"``; for
             ``pipe:`` the path is shell-quoted) or a callable. Defaults to ``None``.
@@ -283,7 +289,7 @@ class GEKOStream(EpochDriver, IterableDataset):
     def __init__(self, source: str | os.PathLike, *, total_epochs: int, config: GEKOConfig | None = None,
                  seed: int = 0, decode: Any = None, shuffle: bool = True, state: SampleState | None = None,
                  world: World | None = None, handler: Callable[[Exception], bool] | None = None,
-                 batch_size: int | None = None, shuffle_buffer: int = 512,
+                 batch_size: int | None = None, batches: str = "fixed", shuffle_buffer: int = 512,
                  shard_url: str | Callable[[str], str] | None = None, epoch_length: int | None = None,
                  verify: bool = False, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
                  storage_options: dict[str, Any] | None = None, remote: RemoteConfig | None = None) -> None:
@@ -293,6 +299,11 @@ class GEKOStream(EpochDriver, IterableDataset):
         if not isinstance(verify, bool):
             raise TypeError(f"`verify` must be a bool, got {verify!r}")
         check_int("batch_size", batch_size, 1, optional=True)
+        if batches not in BATCHES:
+            raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {batches!r}")
+        if batches == "steps" and batch_size is None:
+            raise ValueError("`batches='steps'` sizes each epoch's batches from `batch_size`: pass batch_size=B "
+                             "(the DataLoader's batch size of a full epoch)")
         check_int("shuffle_buffer", shuffle_buffer, 1)
         check_instance("world", world, World)
         if handler is not None and not callable(handler):
@@ -311,6 +322,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self.shuffle = bool(shuffle)
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
+        self.batches = batches
         self.handler = handler
         self.urls = _shard_urls(self.index, shard_url)
         self._sources = _Sources(self, self.index, self.urls, verify=verify, storage_options=storage_options,
@@ -384,6 +396,20 @@ class GEKOStream(EpochDriver, IterableDataset):
             self._order_cache = _Order(key, order, position)
         return self._order_cache
 
+    @property
+    def epoch_batch_size(self) -> int | None:
+        """The current epoch's batch size: ``batch_size``, or with ``batches="steps"`` the one that cuts this
+        rank's epoch into as many batches as a full epoch at ``batch_size`` (``batches.epoch_batch_size``)."""
+        if self.batches != "steps" or self.batch_size is None:
+            return self.batch_size
+        if self._shared.epoch < 0:
+            self.set_epoch(max(self.epoch, 0))
+        draws = int(self._order(self._shared.view()).order.shape[0])
+        steps = full_epoch_steps(self.epoch_length or self.index.num_samples, world_size=self.world.world_size,
+                                 batch_size=self.batch_size)
+        return epoch_batch_size(draws, steps=steps, batch_size=self.batch_size,
+                                min_batch=smallest_batch(self.batch_size))
+
     def __len__(self) -> int:
         """This rank's planned samples in the current epoch (after a resume: what is left of it); samples lost
         to bad data under a ``handler`` are not subtracted (see ``stats``)."""
@@ -407,7 +433,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                                f"workers needs GEKOStream(..., batch_size=B) with B the DataLoader's batch_size; "
                                f"got batch_size=None")
         order = self._order(plan)
-        batch = self.batch_size or 1
+        batch = self.epoch_batch_size or 1
         mine = worker_share(order.order, world=world, batch_size=batch, start=start)
         if not in_worker:
             self._yielded = start
@@ -506,8 +532,8 @@ class GEKOStream(EpochDriver, IterableDataset):
             raise RuntimeError("state_dict() must be called in the main process, not in a DataLoader worker")
         check_int("consumed", consumed, 0, optional=True)
         sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
-        sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "shuffle": self.shuffle,
-                   "shuffle_buffer": self.shuffle_buffer})
+        sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "batches": self.batches,
+                   "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer})
         return sd
 
     @property
@@ -521,8 +547,8 @@ class GEKOStream(EpochDriver, IterableDataset):
         keeps the epoch's plan, so a mid-epoch resume continues the very plan that was running)."""
         epoch, position = self._check_state_dict(state_dict, {
             "num_samples": self.index.num_samples, "fingerprint": self.index.fingerprint,
-            "batch_size": self.batch_size, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer},
-            "stream")
+            "batch_size": self.batch_size, "batches": self.batches, "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer}, "stream")
         self.epoch = epoch
         self._start.fill_(position)
         if epoch >= 0:

@@ -324,3 +324,37 @@ def test_a_loop_that_changes_its_samples_leaves_repeats_and_other_draws_whole(sh
     for sample in s2:  # every sample drawn once: each is its own dict, tagged once
         assert sample == whole[sample["__index__"]]
         sample.clear()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_steps_sizes_each_epoch_to_a_full_epochs_steps(shards, workers):
+    s = GEKOStream(shards, total_epochs=3, config=QUIET, batch_size=8, batches="steps", seed=3)
+    s.set_epoch(0)
+    assert s.epoch_batch_size == 8  # a full epoch: 43 draws, 6 batches of 8 (the last holds 3)
+    frozen = freeze_some(s.state)
+    s.set_epoch(1)
+    draws = len(s)
+    assert draws == N - len(frozen)
+    size = s.epoch_batch_size
+    assert size == max(4, -(-draws // 6)) < 8
+    kw = {"num_workers": workers, "multiprocessing_context": "fork"} if workers else {}
+    batches = list(DataLoader(s, batch_size=size, collate_fn=as_list, **kw))
+    assert len(batches) == 6 and [len(b) for b in batches[:-1]] == [size] * 5
+    ids = [x["__index__"] for b in batches for x in b]
+    assert sorted(ids) == sorted(set(range(N)) - frozen)
+    alone = GEKOStream(shards, total_epochs=3, config=QUIET, batch_size=8, batches="steps", seed=3)
+    freeze_some(alone.state)
+    alone.set_epoch(1)
+    assert ids == [x["__index__"] for x in alone]  # the rank's order, whatever the workers
+
+
+def test_batches_is_validated_and_needs_batch_size(shards):
+    with pytest.raises(ValueError, match="`batches` must be one of steps, fixed, got 'auto'"):
+        GEKOStream(shards, total_epochs=1, batches="auto")
+    with pytest.raises(ValueError, match="batch_size=B"):
+        GEKOStream(shards, total_epochs=1, batches="steps")
+    fixed = GEKOStream(shards, total_epochs=3, config=QUIET, batch_size=8)
+    freeze_some(fixed.state)
+    fixed.set_epoch(1)
+    assert fixed.epoch_batch_size == 8 and fixed.batches == "fixed"

@@ -124,6 +124,7 @@ def build_data(train_data: Any, args: TrainArgs, config: GEKOConfig | None, deco
         elif train_data.batch_size != args.batch_size:
             raise ValueError(f"GEKOStream batch_size {train_data.batch_size} differs from args.batch_size "
                              f"{args.batch_size}; they must match for exact resume")
+        train_data.batches = args.batches  # the loop cuts the epochs as its arguments say
         return train_data, train_data
     if isinstance(train_data, GEKOSampler):
         raise TypeError("pass the map-style dataset itself as `train_data`; train() builds the GEKOSampler")
@@ -158,7 +159,9 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, world: World,
 
 def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
                 collate_fn: Callable[..., Any]) -> tuple[DataLoader, torch.Generator]:
-    """(the training DataLoader, the generator its workers' seeds come from: seed it per epoch)."""
+    """(the training DataLoader, the generator its workers' seeds come from: seed it per epoch). A stream
+    whose epochs change their batch size (``batches="steps"``) needs a new one when it changes
+    (``loader_is_stale``)."""
     workers = args.dataloader_num_workers if args.dataloader_num_workers >= 0 else min(2, os.cpu_count() or 1)
     loader_kw: dict[str, Any] = {}
     if workers > 0:
@@ -169,7 +172,15 @@ def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
     rng = torch.Generator()
     if isinstance(data, GEKOSampler) and args.batches == "steps":
         batching: dict[str, Any] = {"batch_sampler": GEKOBatchSampler(data, batch_size=args.batch_size)}
+    elif isinstance(data, GEKOStream):  # this epoch's size (with batches="steps": a loader per epoch)
+        batching = {"batch_size": data.epoch_batch_size}
     else:
-        batching = {"batch_size": args.batch_size, "sampler": data if isinstance(data, GEKOSampler) else None}
+        batching = {"batch_size": args.batch_size, "sampler": data}
     loader = DataLoader(dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=rng, **loader_kw)
     return loader, rng
+
+
+def loader_is_stale(loader: DataLoader, data: GEKOSampler | GEKOStream) -> bool:
+    """Whether the epoch just planned needs a new DataLoader: a stream's batch size is the DataLoader's, and
+    with ``batches="steps"`` it changes with the epoch's draws."""
+    return isinstance(data, GEKOStream) and loader.batch_size != data.epoch_batch_size

@@ -266,6 +266,8 @@ def _start_epoch(run: _Run, epoch: int) -> bool:
     position 0 decides again: that is the end checkpoint of a run that stopped here.
     """
     run.data.set_epoch(epoch)
+    if build.loader_is_stale(run.loader, run.data):
+        run.loader, run.loader_rng = build.make_loader(run.data, run.loader.dataset, run.args, run.collate_fn)
     run.loader_rng.manual_seed(run.args.seed * 100_003 + epoch)  # the workers' seeds, the same on a resume
     run.epoch, run.consumed = epoch, run.first_position if epoch == run.first_epoch else 0
     run.running, run.micro = 0.0, 0
