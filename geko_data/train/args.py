@@ -39,10 +39,10 @@ class TrainArgs:
             Defaults to ``"./geko_output"``.
         num_epochs: training epochs. Defaults to ``3``.
         batch_size: per-device micro-batch size. Defaults to ``16``.
-        batches: ``steps``: an epoch of map-style data that skips samples takes as many micro-batches as a
-            full epoch, each smaller (``GEKOBatchSampler``: down to half of ``batch_size``); ``fixed``:
-            micro-batches of ``batch_size``, fewer of them. A shard stream always uses ``fixed``.
-            Defaults to ``"steps"``.
+        batches: ``steps``: an epoch that skips samples takes as many micro-batches as a full epoch, each
+            smaller, down to half of ``batch_size`` (map-style data through ``GEKOBatchSampler``, shards
+            through a DataLoader per epoch at ``GEKOStream.epoch_batch_size``); ``fixed``: micro-batches of
+            ``batch_size``, fewer of them. Defaults to ``"steps"``.
         learning_rate: peak AdamW learning rate (full fine-tune; ``geko-train --lora`` uses 1e-3 unless
             given). Defaults to ``5e-5``.
         weight_decay: AdamW weight decay. Defaults to ``0.01``.
