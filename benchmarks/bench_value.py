@@ -473,6 +473,7 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
     config = POLICIES[policy].replace(log_bucket_stats=False)
     x, y = task.x["train"], task.y["train"]
     sampler = GEKOSampler(len(y), total_epochs=task.epochs, config=config, seed=seed)
+    cut = GEKOBatchSampler(sampler, batch_size=task.batch_size) if batches == "steps" else None
     keys = answer_class(y)
     fwd = bwd = 0
     curve = []
@@ -481,8 +482,8 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
         sampler.set_epoch(epoch)
         trained = torch.zeros(int(keys.max()) + 1, dtype=torch.long)
         weights = torch.tensor(sampler.plan.loss_weight)  # a copy: the plan's arrays are read-only
-        if batches == "steps":
-            chunks = [torch.tensor(b, dtype=torch.long) for b in GEKOBatchSampler(sampler, batch_size=task.batch_size)]
+        if cut is not None:
+            chunks = [torch.tensor(b, dtype=torch.long) for b in cut]
         else:
             chunks = list(torch.tensor(list(sampler), dtype=torch.long).split(task.batch_size))
         draws, lo = sum(len(c) for c in chunks), 0

@@ -76,6 +76,9 @@ class GEKOBatchSampler(Sampler[list[int]]):
         check_int("min_batch", min_batch, 1, batch_size, optional=True)
         check_int("steps", steps, 1, optional=True)
         self.sampler = sampler
+        # The short-run rule's kept share of FREEZE is chosen for epochs that keep their steps
+        # (GEKOConfig.short_run_keep_steps): from the next plan on.
+        sampler.keeps_steps = True
         self.batch_size = int(batch_size)
         self.min_batch = smallest_batch(self.batch_size) if min_batch is None else int(min_batch)
         if steps is None:

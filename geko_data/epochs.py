@@ -82,6 +82,9 @@ class EpochDriver:
     _coverage: tuple[int, int | None, int] | None = None
     _coverage_resumed = False
     _coverage_warned = False
+    #: Whether the epochs are cut into a full epoch's steps (a ``GEKOBatchSampler`` sets it on its sampler;
+    #: a stream's ``batches="steps"`` says it): the plan then takes ``config.short_run_keep_steps``.
+    keeps_steps = False
 
     @staticmethod
     def log(message: str) -> None:
@@ -153,6 +156,7 @@ class EpochDriver:
         self.epoch = epoch
         self.state.plan = None
         plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
+                          config=self.config.planning(keeps_steps=self.keeps_steps),
                           epoch_length=self.epoch_length, out=None if out is None else out())
         self.state.plan = plan
         self._watch(plan)

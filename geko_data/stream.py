@@ -397,6 +397,12 @@ class GEKOStream(EpochDriver, IterableDataset):
         return self._order_cache
 
     @property
+    def keeps_steps(self) -> bool:  # type: ignore[override]
+        """With ``batches="steps"`` the epochs keep a full epoch's steps (the plan then takes
+        ``config.short_run_keep_steps``)."""
+        return self.batches == "steps"
+
+    @property
     def epoch_batch_size(self) -> int | None:
         """The current epoch's batch size: ``batch_size``, or with ``batches="steps"`` the one that cuts this
         rank's epoch into as many batches as a full epoch at ``batch_size`` (``batches.epoch_batch_size``)."""

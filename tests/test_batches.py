@@ -121,3 +121,21 @@ def test_bad_arguments_are_named():
         GEKOBatchSampler(sampler, batch_size=8, steps=0)
     with pytest.raises(TypeError, match="sampler"):
         GEKOBatchSampler(list(range(10)), batch_size=8)
+
+
+def test_epochs_that_keep_their_steps_plan_the_short_run_rule_for_kept_steps():
+    """A 3-epoch run keeps half of FREEZE at rescaled weights with fixed batches (``short_run_keep``); cut by
+    GEKOBatchSampler, it takes ``short_run_keep_steps`` (default: FREEZE only re-checked)."""
+    config = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+    fixed, kept = (GEKOSampler(200, total_epochs=3, config=config, seed=4) for _ in range(2))
+    GEKOBatchSampler(kept, batch_size=16)
+    assert kept.keeps_steps and not fixed.keeps_steps
+    for s in (fixed, kept):
+        shrink(s, 80)
+    assert 20 < int(fixed.plan.counts[:80].sum()) < 60  # about half of the 80 frozen, drawn at random
+    assert int(kept.plan.counts[:80].sum()) == 0 and int(kept.plan.counts[80:].sum()) == 120
+    assert kept.config == fixed.config == config  # the state keeps the policy it was given
+    half = GEKOSampler(200, total_epochs=3, config=config.replace(short_run_keep_steps=0.5), seed=4)
+    GEKOBatchSampler(half, batch_size=16)
+    shrink(half, 80)
+    assert np.array_equal(half.plan.counts, fixed.plan.counts)

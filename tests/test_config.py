@@ -154,3 +154,14 @@ def test_long_runs_anneal_a_quarter_of_freeze_and_the_presets_all_of_it():
     old = GEKOConfig().to_dict()
     del old["anneal_keep"]  # a state file written before the field: its annealing epochs stay on all data
     assert GEKOConfig.from_dict(old).anneal_keep is None
+
+
+def test_short_run_keep_steps_is_validated_planned_and_old_states_keep_their_share():
+    with pytest.raises(ValueError, match="short_run_keep_steps"):
+        GEKOConfig(short_run_keep_steps=0.0)
+    c = GEKOConfig()
+    assert c.short_run_keep == 0.5 and c.short_run_keep_steps is None
+    assert c.planning(keeps_steps=False) is c
+    assert c.planning(keeps_steps=True).short_run_keep is None
+    old = {k: v for k, v in c.to_dict().items() if k != "short_run_keep_steps"}  # a state file before the field
+    assert GEKOConfig.from_dict(old).short_run_keep_steps == 0.5
