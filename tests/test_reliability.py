@@ -170,7 +170,7 @@ BAD_TRAIN_ARGS = {
     "eval_steps": [-1, None], "max_grad_norm": [-1.0, "1"], "gradient_accumulation_steps": [0, False],
     "seed": [-1, 1.0], "save_at_end": ["yes", 1], "bf16": [1], "fp16": ["no"], "gradient_checkpointing": [None],
     "compile_model": [0], "use_8bit_optimizer": ["true"], "dataloader_num_workers": [-2, True, 2.0],
-    "dataloader_persistent_workers": [1], "dataloader_prefetch_factor": [0], "lr_schedule": ["linear", None],
+    "dataloader_persistent_workers": [1], "dataloader_prefetch_factor": [0], "lr_schedule": ["linear", None], "batches": ["auto", None],
     "save_total_limit": [0], "eval_batch_size": [0, "32"], "correct_threshold": [1.5, -0.1],
     "progress": ["no"], "device": ["tpu", None],
 }
@@ -182,7 +182,7 @@ BAD_CONFIG = {
     "q_value_loss_scale": [0], "repartition_every": [0], "log_bucket_stats": ["yes"], "max_times_seen": [-1],
     "prune_frozen_after": [300], "mode": ["fast"], "keep_frozen": [0.0], "recheck_frozen": [-0.1],
     "early_stop_frozen": [0.0], "anneal": [1.5], "anneal_keep": [0.0, 1.5], "loss_ema": [1.0], "max_repeats": [0], "subset_fraction": [0.0],
-    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "short_run_keep": [0.0, 1.5], "phase_weights": [((1, 2, 3),) * 4],
+    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "short_run_keep": [0.0, 1.5], "short_run_keep_steps": [0.0, 1.5, "0.5"], "phase_weights": [((1, 2, 3),) * 4],
 }
 
 
