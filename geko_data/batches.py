@@ -49,10 +49,12 @@ def smallest_batch(batch_size: int) -> int:
 
 
 def epoch_batch_size(draws: int, *, steps: int, batch_size: int, min_batch: int) -> int:
-    """The batch size of an epoch of ``draws``: the smallest that cuts it into at most ``steps`` batches (a
-    full epoch's; a whole batch size may give a few fewer, under ``draws / size``), never under
-    ``min_batch`` nor over ``batch_size``. A full epoch gets ``batch_size`` itself, so its batches are a
-    plain DataLoader's."""
+    """The batch size of an epoch of ``draws``: ``batch_size`` when that already takes ``steps`` batches or
+    more (a full epoch's batches are a plain DataLoader's), else the smallest that cuts it into at most
+    ``steps`` batches (a whole batch size may give a few fewer, under ``draws / size``), never under
+    ``min_batch``. The epoch's last batch holds what is left, as a DataLoader's."""
+    if -(-draws // batch_size) >= steps:
+        return batch_size
     return min(batch_size, max(min_batch, -(-draws // steps)))
 
 
@@ -61,7 +63,7 @@ class GEKOBatchSampler(Sampler[list[int]]):
 
     Args:
         sampler: the GEKOSampler whose epoch is cut into batches (call its ``set_epoch`` as usual).
-        batch_size: the largest batch, and the one a full epoch is cut into.
+        batch_size: the largest batch, and the one a full epoch is cut into (a plain DataLoader's batches).
         min_batch: the smallest batch while an epoch has fewer draws than ``steps * min_batch``; such an
             epoch takes fewer steps instead. Defaults to half of ``batch_size`` (rounded up).
         steps: batches of a full epoch. Defaults to ``ceil(draws of a full epoch on this rank /
@@ -94,7 +96,8 @@ class GEKOBatchSampler(Sampler[list[int]]):
                                 min_batch=self.min_batch)
         if start % size and left:  # (the end of the epoch is a boundary, whatever its last batch held)
             raise ValueError(f"the sampler resumes at draw {start} of {start + left}, inside a batch (this "
-                             f"epoch's batches hold {size}); save the position between batches")
+                             f"epoch's batches hold {size}): save the position between batches (consumed= the "
+                             f"samples of the batches done), and resume with the same batch_size and min_batch")
         return start + left, size, start
 
     def __len__(self) -> int:

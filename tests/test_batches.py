@@ -27,6 +27,10 @@ def test_an_epoch_keeps_a_full_epochs_batches_within_the_size_limits(draws):
     if draws > steps * batch:
         assert size == batch  # more steps rather than batches over batch_size
     assert epoch_batch_size(3000, steps=steps, batch_size=batch, min_batch=smallest) == batch
+    # a full epoch that is no multiple of the batch: a plain DataLoader's batches (9 x 64 + 24), not 10 x 60
+    assert epoch_batch_size(600, steps=10, batch_size=64, min_batch=32) == 64
+    assert epoch_batch_size(577, steps=10, batch_size=64, min_batch=32) == 64
+    assert epoch_batch_size(576, steps=10, batch_size=64, min_batch=32) == 58  # 9 batches at 64: cut finer
 
 
 def shrink(sampler, frozen):
