@@ -126,8 +126,9 @@ class GEKOConfig:
             Defaults to ``0.95``.
         anneal: final fraction of training run on all unpruned data at weight 1 (InfoBatch's
             ``1 - delta``): epoch ``e`` anneals when ``e >= (1 - anneal) * total_epochs``, so FREEZE samples
-            are trained in it (in a ``geko`` run of 8+ epochs, ``anneal_keep`` of them). ``None`` means 0.125 for ``geko``, ``unbiased`` and ``infobatch`` (the last
-            epoch of an 8-epoch run; none of a run under 8 epochs), 0 otherwise; and for ``geko`` in a run
+            are trained in it (in a ``geko`` run of 8+ epochs, ``anneal_keep`` of them). ``None`` means 0.125
+            for ``geko``, ``unbiased`` and ``infobatch`` (the last epoch of an 8-epoch run; none of a run under
+            8 epochs), 0 otherwise; and for ``geko`` in a run
             that follows the curriculum (``policy.uses_curriculum``) at least its last epoch
             (``policy.annealing``): that run never trains its FREEZE samples otherwise, and on MNIST with 10%
             changed labels in 5 epochs (dev, 5 seeds) the last epoch on all data took the loss against uniform

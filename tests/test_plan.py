@@ -333,8 +333,8 @@ def test_geko_plan_in_steps_is_the_policys_plan_bit_for_bit(monkeypatch, chunk):
     """A geko epoch is planned in two passes of ``_CHUNK`` samples, without (N,) float64 arrays: its counts
     and loss weights are exactly ``policy.epoch_expected`` rounded by ``stochastic_round`` with the same
     generator, over buckets, pruned samples, samples past max_times_seen, the curriculum's zero weights, an
-    all-zero-weight epoch, annealing epochs that keep a share of FREEZE, epoch lengths that hit max_repeats (water-filling) and non-integer weights (the
-    last two take the whole-array path)."""
+    all-zero-weight epoch, annealing epochs that keep a share of FREEZE, epoch lengths that hit max_repeats
+    (water-filling) and non-integer weights (the last two take the whole-array path)."""
     monkeypatch.setattr(plan, "_CHUNK", chunk)
     calls = {"in steps": 0}
     in_steps = plan._geko_plan
