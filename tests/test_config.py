@@ -163,5 +163,11 @@ def test_short_run_keep_steps_is_validated_planned_and_old_states_keep_their_sha
     assert c.short_run_keep == 0.5 and c.short_run_keep_steps is None
     assert c.planning(keeps_steps=False) is c
     assert c.planning(keeps_steps=True).short_run_keep is None
-    old = {k: v for k, v in c.to_dict().items() if k != "short_run_keep_steps"}  # a state file before the field
+    assert c.planning(keeps_steps=True).bucket_weights == (3.0, 2.0, 1.0) == c.short_run_weights_steps
+    assert c.planning(keeps_steps=False).bucket_weights == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="short_run_weights_steps"):
+        GEKOConfig(short_run_weights_steps=(1.0, -1.0, 1.0))
+    assert GEKOConfig.from_dict(c.to_dict()) == c
+    old = {k: v for k, v in c.to_dict().items() if not k.endswith("_steps")}  # a state file before the fields
     assert GEKOConfig.from_dict(old).short_run_keep_steps == 0.5
+    assert GEKOConfig.from_dict(old).short_run_weights_steps == (1.0, 1.0, 1.0)
