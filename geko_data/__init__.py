@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "EpochPlan": "geko_data.plan",
     "Feedback": "geko_data.feedback",
+    "GEKOBatchSampler": "geko_data.batches",
     "FingerprintError": "geko_data.state",
     "GEKOSampler": "geko_data.sampler",
     "GEKOStream": "geko_data.stream",
