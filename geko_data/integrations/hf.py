@@ -214,7 +214,7 @@ class GEKOTrainerMixin:
         # ranks): make the wrapper a passthrough, as transformers does for its own rank-aware samplers.
         shard = getattr(loader, "batch_sampler", None)
         inner = getattr(shard, "batch_sampler", None)
-        if inner is not None and (inner is self._geko_batch_sampler or getattr(inner, "sampler", None) is sampler):
+        if inner is not None and getattr(inner, "sampler", None) is sampler:  # GEKOBatchSampler's too
             shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
         elif args.world_size > 1:
             raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(loader).__name__} with batch "
@@ -291,7 +291,7 @@ class GEKOTrainerMixin:
         remaining = len(sampler)
         self._geko_consumed, self._geko_epoch_total = start, start + remaining
         cut = self._geko_batch_sampler
-        batches, updates = self._geko_steps(remaining, len(cut) if cut is not None and remaining else None)
+        batches, updates = self._geko_steps(remaining, None if cut is None else len(cut))
         # This epoch's steps exactly, the later ones bounded: the Trainer stops at max_steps.
         self.state.max_steps = (self.state.global_step + updates
                                 + (sampler.total_epochs - epoch - 1) * self._geko_bound_steps())

@@ -172,8 +172,8 @@ def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
     rng = torch.Generator()
     if isinstance(data, GEKOSampler) and args.batches == "steps":
         batching: dict[str, Any] = {"batch_sampler": GEKOBatchSampler(data, batch_size=args.batch_size)}
-    elif isinstance(data, GEKOStream):  # this epoch's size (with batches="steps": a loader per epoch)
-        batching = {"batch_size": data.epoch_batch_size}
+    elif isinstance(data, GEKOStream):  # a full epoch's size; loader_is_stale says when an epoch needs another
+        batching = {"batch_size": data.batch_size}
     else:
         batching = {"batch_size": args.batch_size, "sampler": data}
     loader = DataLoader(dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=rng, **loader_kw)
