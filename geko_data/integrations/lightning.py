@@ -15,11 +15,14 @@ Lines a Lightning script changes::
             return {"loss": (losses * batch["__weight__"]).mean(),    # GEKO: weight, and hand back
                     "per_sample_loss": losses.detach()}               #       the per-sample losses
 
+By default (``batches="steps"``) every epoch takes as many optimizer steps as a full one, its batches
+shrinking with its draws (``GEKOBatchSampler``); ``batches="fixed"`` keeps ``batch_size`` and takes fewer steps.
+
 Under DDP Lightning's default ``use_distributed_sampler=True`` wraps a DataLoader's sampler in a
 ``DistributedSamplerWrapper`` that keeps every world-th index: a GEKO sampler, which already yields this
 rank's share, would silently lose half of it. The callback's sampler is a ``DistributedSampler`` to Lightning,
-so Lightning leaves it alone; a plain ``GEKOSampler`` that Lightning wrapped anyway is refused at the epoch's
-start with the fix.
+and the loader's ``sampler`` is that sampler in both modes, so Lightning leaves the loader alone; a plain
+``GEKOSampler`` that Lightning wrapped anyway is refused at the epoch's start with the fix.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
+from geko_data.batches import BATCHES, GEKOBatchSampler
 from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
@@ -51,6 +55,49 @@ class RankAwareGEKOSampler(GEKOSampler, DistributedSampler):
         self.num_replicas, self.rank, self.drop_last = self.world.world_size, self.world.rank, False
 
 
+class _EpochBatches(GEKOBatchSampler):
+    """A ``GEKOBatchSampler`` whose length is the most batches an epoch takes: a full epoch's (``steps``).
+
+    Lightning reads a train loader's length once, when the loader is made, and ends every epoch at that many
+    batches, counting those done before a resume. The batches left in the epoch at hand (``GEKOBatchSampler``'s
+    length) would cut a resumed epoch short by the batches already done, and every later epoch to the
+    resumed one's rest; an epoch with fewer batches than this length ends when they run out.
+    """
+
+    def __len__(self) -> int:
+        draws, size, _ = self._epoch()
+        return max(self.steps, -(-draws // size))
+
+
+class _StepsLoader(DataLoader):
+    """A DataLoader over an ``_EpochBatches`` whose ``sampler`` is the GEKO sampler the batches come from.
+
+    A DataLoader given ``batch_sampler=`` reports as its ``sampler`` a ``SequentialSampler`` it never draws
+    from. Lightning reads that attribute to decide whether to shard the loader (``use_distributed_sampler``):
+    it would put a ``DistributedSampler`` over the whole dataset in the batch sampler's place, and every rank
+    would train its own slice of every sample instead of its GEKO share. Here ``sampler`` is the rank-aware
+    GEKO sampler, which Lightning takes as already sharded, so it leaves the loader as it is.
+    """
+
+    @property  # type: ignore[override]
+    def sampler(self) -> Any:
+        return self.batch_sampler.sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        # DataLoader.__init__ assigns its unused SequentialSampler here (the batch sampler makes the batches);
+        # DataLoader itself refuses any later assignment.
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Empty: the position travels in the callback's state. Lightning counts a train loader with a
+        ``state_dict`` as resumable mid-epoch (and warns that a resume there is unreliable otherwise)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to load: ``GEKOCallback`` restored the sampler's position before the loader was made."""
+
+
 def _wrapped_geko(sampler: Any) -> GEKOSampler | None:
     """The GEKOSampler inside a Lightning ``DistributedSamplerWrapper``, if that is what ``sampler`` is."""
     inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
@@ -67,13 +114,17 @@ class GEKOCallback(pl.Callback):
         seed: seed of GEKO's plans. Defaults to ``0``.
         epoch_length: draws per epoch over all ranks. Defaults to the number of active samples.
         log_prefix: prefix of the metrics logged at each epoch's end. Defaults to ``"geko/"``.
+        batches: how ``dataloader(batch_size=B)`` cuts an epoch: ``"steps"``: as many optimizer steps as a
+            full epoch at ``B``, in smaller batches (``GEKOBatchSampler``, down to half of ``B``); ``"fixed"``:
+            batches of ``B``, fewer steps. Defaults to ``"steps"``.
 
     ``training_step`` returns ``{"loss": ..., "per_sample_loss": (B,) losses}`` and may add ``"correct"``
     and ``"confidence"`` (both (B,)); the callback reports them with the batch's ``__index__``.
     """
 
     def __init__(self, dataset: Any, *, total_epochs: int | None = None, config: GEKOConfig | None = None,
-                 seed: int = 0, epoch_length: int | None = None, log_prefix: str = "geko/") -> None:
+                 seed: int = 0, epoch_length: int | None = None, log_prefix: str = "geko/",
+                 batches: str = "steps") -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
                             f"{type(dataset).__name__}")
@@ -82,12 +133,15 @@ class GEKOCallback(pl.Callback):
         check_int("epoch_length", epoch_length, 1, optional=True)
         if config is not None and not isinstance(config, GEKOConfig):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
+        if batches not in BATCHES:
+            raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {batches!r}")
         self.dataset = dataset
         self.total_epochs = total_epochs
         self.config = config
         self.seed = seed
         self.epoch_length = epoch_length
         self.log_prefix = log_prefix
+        self.batches = batches
         self.sampler: RankAwareGEKOSampler | None = None
         self._consumed = 0  # this rank's indices of the current epoch reported so far
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
@@ -104,12 +158,17 @@ class GEKOCallback(pl.Callback):
         self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
                                             seed=self.seed, num_replicas=trainer.world_size,
                                             rank=trainer.global_rank, epoch_length=self.epoch_length)
+        # Set before a checkpoint's epoch is restored and planned (a GEKOBatchSampler would set it only when
+        # train_dataloader() runs): the plan's short-run rule depends on it.
+        self.sampler.keeps_steps = self.batches == "steps"
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
 
     def dataloader(self, **kwargs: Any) -> DataLoader:
-        """``DataLoader(wrapped dataset, sampler=GEKO's sampler, **kwargs)``; call it in ``train_dataloader()``."""
+        """The train DataLoader over the wrapped dataset (``DataLoader``'s keyword args, but no sampler); call it
+        in ``train_dataloader()``. ``batches="steps"`` cuts every epoch into a full epoch's batches of at most
+        ``batch_size``, ``"fixed"`` into batches of ``batch_size``."""
         if self.sampler is None:
             raise RuntimeError("GEKOCallback.dataloader() was called before the trainer set the callback up: "
                                "call it inside `train_dataloader()` (Lightning runs that after setup, when the "
@@ -120,7 +179,14 @@ class GEKOCallback(pl.Callback):
                                  f"(got {kwargs[name]!r})")
         if kwargs.get("drop_last"):
             raise ValueError("`drop_last` must be False with GEKO: every draw of the plan is trained")
-        return DataLoader(self.sampler.wrap(self.dataset), sampler=self.sampler, **kwargs)
+        dataset = self.sampler.wrap(self.dataset)
+        if self.batches == "fixed":
+            return DataLoader(dataset, sampler=self.sampler, **kwargs)
+        batch_size = kwargs.pop("batch_size", 1)
+        if batch_size is None:
+            raise ValueError("`batch_size` must be an int >= 1 with batches='steps' (GEKO cuts the epochs into "
+                             "batches), got None")
+        return _StepsLoader(dataset, batch_sampler=_EpochBatches(self.sampler, batch_size=batch_size), **kwargs)
 
     # ------------------------------------------------------------------ epochs and feedback
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,14 +264,15 @@ class GEKOCallback(pl.Callback):
         self.sampler.use_state(state)
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)
-        if len(self.sampler) > 0 and int(sd["position"]) > 0:
+        if len(self.sampler) > 0 and int(sd["position"]) > 0 and self.batches == "fixed":
             # Lightning sizes the resumed epoch's loader from what is left of it and keeps that size for every
             # later epoch, so a mid-epoch resume would cut the later epochs short, silently.
             raise RuntimeError(
                 f"GEKOCallback: this checkpoint was saved in the middle of epoch {sd['epoch']} (after "
                 f"{sd['position']} draws); Lightning would cut every later epoch to the resumed one's remaining "
                 f"length. Resume from a checkpoint saved at an epoch's end (ModelCheckpoint's default, or "
-                f"`ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)`)")
+                f"`ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)`), or train with "
+                f"GEKOCallback(batches='steps'), whose loader resumes mid-epoch")
         if len(self.sampler) == 0:
             # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler),
             # but sizes the loader first, and an empty one would end the fit.

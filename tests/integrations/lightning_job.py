@@ -1,7 +1,10 @@
 """A tiny Lightning fit with GEKOCallback; run in-process or under torchrun (2 CPU processes, gloo).
 
-Usage: lightning_job.py OUT_DIR MODE, MODE ``callback`` (the callback's loader, Lightning's defaults) or
-``plain`` (a GEKOSampler in a user-made DataLoader, Lightning's default use_distributed_sampler=True).
+Usage: lightning_job.py OUT_DIR MODES, MODES one or more (comma-separated, fitted one after the other in the
+same processes) of ``callback`` (the callback's loader, its default ``batches="steps"``, Lightning's
+defaults), ``nodist`` (the same with ``use_distributed_sampler=False``), ``fixed`` (``batches="fixed"``,
+Lightning's defaults) or ``plain`` (a GEKOSampler in a user-made DataLoader, Lightning's default
+use_distributed_sampler=True). Each rank writes ``rank{r}_{mode}.json``.
 """
 
 import json
@@ -11,12 +14,16 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from geko_data import GEKOConfig, GEKOSampler
 from geko_data.integrations.lightning import GEKOCallback
 
-EASY = GEKOConfig(freeze_confidence=0.6, freeze_quality=0.5, log_bucket_stats=False)
+EASY = GEKOConfig(freeze_confidence=0.8, freeze_quality=0.5, log_bucket_stats=False)
+# Under DDP a step averages both ranks' batches, so the model learns less per epoch: a lower threshold
+# freezes enough that an epoch's draws fall where fixed batches would lose a step (a rank's 17-24 of 32).
+EASY_DDP = EASY.replace(freeze_confidence=0.7)
+BATCH = 8
 
 
 def dataset(n=64):
@@ -27,17 +34,24 @@ def dataset(n=64):
 
 
 class Module(pl.LightningModule):
-    def __init__(self, loader_fn):
+    def __init__(self, loader_fn, geko):
         super().__init__()
         self.net = torch.nn.Linear(8, 2)
         self.loader_fn = loader_fn
-        self.ids = {}
+        self.geko = geko
+        self.ids = {}  # epoch: sample ids trained, in order
+        self.sizes = {}  # epoch: batch sizes (one optimizer step each)
+        self.plans = {}  # epoch: the callback's plan (draws per sample, over all ranks)
 
     def train_dataloader(self):
         return self.loader_fn()
 
     def training_step(self, batch, batch_idx):
-        self.ids.setdefault(self.current_epoch, []).extend(batch["__index__"].tolist())
+        ids = batch["__index__"].tolist()
+        self.ids.setdefault(self.current_epoch, []).extend(ids)
+        self.sizes.setdefault(self.current_epoch, []).append(len(ids))
+        if self.geko.sampler is not None:
+            self.plans[self.current_epoch] = self.geko.sampler.plan.counts.tolist()
         logits = self.net(batch["x"])
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         probs = logits.detach().softmax(-1)
@@ -48,34 +62,47 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None):
+def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None, max_steps=-1,
+        config=EASY, workers=0):
+    """One fit. ``checkpoint``: False, True (Lightning's default end-of-epoch checkpoints) or N (a checkpoint
+    every N optimizer steps, all kept); ``max_steps`` stops the fit there, mid-epoch; ``workers``: the
+    callback's loader's DataLoader workers (persistent)."""
     torch.manual_seed(0)  # the same initial weights in every run
     data = dataset()
-    geko = GEKOCallback(data, config=EASY, seed=2, total_epochs=total_epochs)
-    if mode == "callback":
-        loader_fn = lambda: geko.dataloader(batch_size=8)  # noqa: E731
-    else:
+    geko = GEKOCallback(data, config=config, seed=2, total_epochs=total_epochs,
+                        batches="fixed" if mode == "fixed" else "steps")
+    if mode == "plain":
         def loader_fn():  # after the process group is up: the sampler reads the ranks from it
-            sampler = GEKOSampler(data, total_epochs=epochs, config=EASY)
-            return DataLoader(sampler.wrap(data), batch_size=8, sampler=sampler)
-    module = Module(loader_fn)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices,
-                         strategy="ddp" if devices > 1 else "auto", callbacks=[geko], logger=False,
-                         enable_checkpointing=checkpoint, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=out)
+            sampler = GEKOSampler(data, total_epochs=epochs, config=config)
+            return DataLoader(sampler.wrap(data), batch_size=BATCH, sampler=sampler)
+    else:
+        loader_fn = lambda: geko.dataloader(batch_size=BATCH, num_workers=workers,  # noqa: E731
+                                            persistent_workers=workers > 0)
+    callbacks = [geko]
+    if checkpoint is not True and checkpoint:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), save_top_k=-1,
+                                                      every_n_train_steps=checkpoint))
+    module = Module(loader_fn, geko)
+    trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=devices,
+                         strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
+                         enable_checkpointing=bool(checkpoint), enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=out,
+                         use_distributed_sampler=mode != "nodist")
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer, module, geko
 
 
 def main():
-    out, mode = sys.argv[1], sys.argv[2]
-    trainer, module, geko = run(out, mode, devices=int(os.environ.get("WORLD_SIZE", "1")))
+    out, modes = sys.argv[1], sys.argv[2]
     from tiny import state_digest
 
-    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
-        json.dump({"ids": module.ids, "state": state_digest(geko.sampler.state),
-                   "plan": geko.sampler.plan.counts.tolist(), "world": trainer.world_size,
-                   "metrics": {k: float(v) for k, v in trainer.logged_metrics.items()}}, f)
+    for mode in modes.split(","):
+        trainer, module, geko = run(out, mode, devices=int(os.environ.get("WORLD_SIZE", "1")), config=EASY_DDP)
+        with open(os.path.join(out, f"rank{trainer.global_rank}_{mode}.json"), "w") as f:
+            json.dump({"ids": module.ids, "sizes": module.sizes, "plans": module.plans,
+                       "state": state_digest(geko.sampler.state), "world": trainer.world_size,
+                       "global_step": trainer.global_step,
+                       "metrics": {k: float(v) for k, v in trainer.logged_metrics.items()}}, f)
 
 
 if __name__ == "__main__":

@@ -11,27 +11,61 @@ pytest.importorskip("lightning")
 
 import lightning_job  # noqa: E402
 import tiny  # noqa: E402
+import torch  # noqa: E402
+from geko_data.batches import epoch_batch_size  # noqa: E402
 from geko_data.integrations.lightning import GEKOCallback  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 64 // lightning_job.BATCH  # optimizer steps of a full epoch in one process
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    return lightning_job.run(str(tmp_path_factory.mktemp("fit")), "callback")
+    """3 epochs uninterrupted, the callback's default: epochs keep their steps; 2 persistent DataLoader workers
+    (the runs compared with it have none)."""
+    return lightning_job.run(str(tmp_path_factory.mktemp("fit")), "callback", workers=2)
+
+
+@pytest.fixture(scope="module")
+def fitted_fixed(tmp_path_factory):
+    return lightning_job.run(str(tmp_path_factory.mktemp("fixed")), "fixed")
 
 
 @pytest.mark.timeout(90)
 def test_callback_trains_the_plan_and_logs_geko_metrics(fitted):
     trainer, module, geko = fitted
     assert sorted(module.ids[0]) == list(range(64))  # epoch 0: every sample once
-    last = max(module.ids)
-    tiny.assert_trains_plan(geko.sampler.plan.counts.tolist(), module.ids[last])
-    assert len(module.ids[last]) < 64  # samples froze
+    for epoch, plan in module.plans.items():
+        tiny.assert_trains_plan(plan, module.ids[epoch])
+    assert len(module.ids[max(module.ids)]) < 64  # samples froze
     m = trainer.logged_metrics
     assert float(m["geko/sample_passes"]) == sum(len(v) for v in module.ids.values())
     for key in ("geko/freeze_share", "geko/hard_share", "geko/passes_saved", "geko/forgetting_events"):
         assert key in m
+
+
+@pytest.mark.timeout(60)
+def test_steps_epochs_take_a_full_epochs_optimizer_steps_while_their_draws_shrink(fitted):
+    trainer, module, geko = fitted
+    draws = [sum(module.sizes[e]) for e in sorted(module.sizes)]
+    assert draws[0] == 64 and draws[0] > draws[1] > draws[2]  # samples froze and were skipped
+    assert [len(module.sizes[e]) for e in sorted(module.sizes)] == [STEPS] * 3  # but no step was lost
+    assert trainer.global_step == 3 * STEPS
+    for e, sizes in module.sizes.items():
+        size = epoch_batch_size(sum(sizes), steps=STEPS, batch_size=lightning_job.BATCH, min_batch=4)
+        assert sizes[:-1] == [size] * (len(sizes) - 1) and 0 < sizes[-1] <= size, (e, sizes)
+    assert geko.sampler.keeps_steps  # planned with the kept-steps short-run rule from epoch 0
+
+
+@pytest.mark.timeout(60)
+def test_fixed_batches_keep_batch_size_and_take_fewer_steps(fitted_fixed):
+    trainer, module, geko = fitted_fixed
+    assert not geko.sampler.keeps_steps
+    assert type(trainer.train_dataloader).__name__ == "DataLoader" and trainer.train_dataloader.sampler is geko.sampler
+    for epoch, sizes in module.sizes.items():
+        tiny.assert_trains_plan(module.plans[epoch], module.ids[epoch])
+        assert sizes[:-1] == [lightning_job.BATCH] * (len(sizes) - 1)  # a DataLoader's batches
+    assert len(module.sizes[2]) < STEPS  # the skipped samples took their steps with them
 
 
 @pytest.mark.timeout(60)
@@ -48,14 +82,58 @@ def test_callback_state_round_trips_through_a_checkpoint_dict(fitted):
 
 
 @pytest.mark.timeout(120)
-def test_fit_resumed_from_a_lightning_checkpoint_continues_exactly(tmp_path, fitted):
-    _, full_module, full_geko = fitted  # 3 epochs uninterrupted
-    lightning_job.run(str(tmp_path), "callback", epochs=2, checkpoint=True, total_epochs=3)  # stops early
+@pytest.mark.parametrize("mode", ["callback", "fixed"])
+def test_fit_resumed_from_a_lightning_checkpoint_continues_exactly(tmp_path, mode, request):
+    _, full_module, full_geko = request.getfixturevalue("fitted" if mode == "callback" else "fitted_fixed")
+    lightning_job.run(str(tmp_path), mode, epochs=2, checkpoint=True, total_epochs=3)  # stops early
     (ckpt,) = (tmp_path / "checkpoints").iterdir()  # saved at the end of epoch 1
     # Same planned epochs (3) as the full run, continued from the checkpoint.
-    trainer, module, geko = lightning_job.run(str(tmp_path), "callback", epochs=3, ckpt_path=str(ckpt))
+    trainer, module, geko = lightning_job.run(str(tmp_path), mode, epochs=3, ckpt_path=str(ckpt))
     assert sorted(module.ids) == [2] and module.ids[2] == full_module.ids[2]
     assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(full_geko.sampler.state)
+
+
+@pytest.mark.timeout(120)
+def test_steps_fit_resumed_mid_epoch_continues_exactly(tmp_path, fitted, recwarn):
+    _, full_module, full_geko = fitted  # 3 epochs uninterrupted
+    # Stopped after 11 optimizer steps, 3 batches into epoch 1, with a checkpoint there.
+    _, cut, _ = lightning_job.run(str(tmp_path), "callback", checkpoint=11, max_steps=11, total_epochs=3)
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["GEKOCallback"]["sampler"]
+    # Lightning saves between batches: the position is the 3 batches trained, a batch boundary.
+    assert (saved["epoch"], saved["position"]) == (1, sum(full_module.sizes[1][:3]))
+    trainer, module, geko = lightning_job.run(str(tmp_path), "callback", ckpt_path=str(ckpt))
+    assert cut.ids[1] + module.ids[1] == full_module.ids[1]  # the rest of epoch 1, nothing twice or lost
+    assert module.sizes[1] == full_module.sizes[1][3:] and module.ids[2] == full_module.ids[2]
+    assert trainer.global_step == 3 * STEPS
+    assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(full_geko.sampler.state)
+    # The loader counts as resumable: no advice that the resume may be unreliable.
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.timeout(60)
+def test_a_steps_position_inside_a_batch_is_refused(fitted):
+    trainer, _, geko = fitted
+    sd = geko.state_dict()
+    sd["sampler"] = geko.sampler.state_dict(consumed=3)  # epoch 2's batches hold 5
+    again = GEKOCallback(lightning_job.dataset(), config=lightning_job.EASY, seed=2)
+    again.load_state_dict(sd)
+    again.setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="draw 3 of .* inside a batch"):
+        len(again.dataloader(batch_size=lightning_job.BATCH))
+
+
+@pytest.mark.timeout(60)
+def test_a_fixed_mid_epoch_checkpoint_is_refused_with_the_fix(fitted_fixed):
+    # Lightning keeps the resumed epoch's shorter loader length for every later epoch, which would cut
+    # them short silently: with fixed batches a checkpoint saved mid-epoch is refused instead.
+    trainer, _, geko = fitted_fixed
+    sd = geko.state_dict()
+    sd["sampler"] = geko.sampler.state_dict(consumed=8)  # one batch into the epoch
+    again = GEKOCallback(lightning_job.dataset(), config=lightning_job.EASY, seed=2, batches="fixed")
+    again.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="middle of epoch .* epoch's end.*batches='steps'"):
+        again.setup(trainer, None, "fit")
 
 
 @pytest.mark.timeout(60)
@@ -65,26 +143,67 @@ def test_dataloader_before_setup_says_where_to_call_it():
         geko.dataloader(batch_size=4)
 
 
-def _torchrun(tmp_path, mode):
+@pytest.mark.timeout(60)
+def test_bad_batches_values_are_refused(fitted):
+    with pytest.raises(ValueError, match="`batches` must be one of steps, fixed, got 'step'"):
+        GEKOCallback(lightning_job.dataset(), batches="step")
+    trainer, _, _ = fitted
+    geko = GEKOCallback(lightning_job.dataset())
+    geko.setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1 with batches='steps'.*got None"):
+        geko.dataloader(batch_size=None)
+
+
+def _torchrun(tmp_path, modes):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "lightning_job.py"),
-                           str(tmp_path), mode], capture_output=True, text=True, timeout=140,
+                           str(tmp_path), modes], capture_output=True, text=True, timeout=140,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.timeout(150)
-def test_ddp_with_lightning_defaults_each_rank_trains_its_share(tmp_path):
-    proc = _torchrun(tmp_path, "callback")
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """2 processes: steps with Lightning's defaults, steps with use_distributed_sampler=False, fixed batches."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _torchrun(out, "callback,nodist,fixed")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {m: [json.load(open(out / f"rank{r}_{m}.json")) for r in (0, 1)] for m in ("callback", "nodist", "fixed")}
+    return proc, runs
+
+
+def _assert_ranks_train_the_plan_once(r0, r1):
+    assert r0["world"] == 2 and r0["state"] == r1["state"]  # both ranks hold the same state
+    assert sorted(r0["ids"]["0"] + r1["ids"]["0"]) == list(range(64))  # not half of it
+    for epoch, plan in r0["plans"].items():
+        assert r1["plans"][epoch] == plan
+        tiny.assert_trains_plan(plan, r0["ids"][epoch] + r1["ids"][epoch], world=2)  # every draw once
+        assert len(r0["sizes"][epoch]) == len(r1["sizes"][epoch])  # the same steps on both ranks
+    assert r0["global_step"] == r1["global_step"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["callback", "nodist"])
+def test_ddp_steps_each_rank_trains_its_share_in_a_full_epochs_steps(ddp, mode):
+    # callback: Lightning's default use_distributed_sampler=True; nodist: use_distributed_sampler=False
+    proc, runs = ddp
+    r0, r1 = runs[mode]
+    _assert_ranks_train_the_plan_once(r0, r1)
+    steps = STEPS // 2  # a rank's share of a full epoch at the same batch size
+    assert all(len(r["sizes"][e]) == steps for r in (r0, r1) for e in r["sizes"])
+    # while the draws shrank, below what batches of BATCH take in as many steps
+    assert min(sum(sizes) for sizes in r0["sizes"].values()) <= (steps - 1) * lightning_job.BATCH
     # every rank holds the same state: no advice to reduce the geko/ metrics across ranks (one per metric)
     assert "self.log('geko/" not in proc.stderr, proc.stderr[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
-    assert r0["world"] == 2 and r0["state"] == r1["state"]
-    assert sorted(r0["ids"]["0"] + r1["ids"]["0"]) == list(range(64))  # not half of it
-    for epoch in r0["ids"]:
-        assert len(r0["ids"][epoch]) == len(r1["ids"][epoch])
-    last = max(r0["ids"], key=int)
-    tiny.assert_trains_plan(r0["plan"], r0["ids"][last] + r1["ids"][last], world=2)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_fixed_batches_each_rank_trains_its_share(ddp):
+    _, runs = ddp
+    r0, r1 = runs["fixed"]
+    _assert_ranks_train_the_plan_once(r0, r1)
+    for r in (r0, r1):
+        for sizes in r["sizes"].values():
+            assert sizes[:-1] == [lightning_job.BATCH] * (len(sizes) - 1)
 
 
 @pytest.mark.timeout(150)
@@ -92,16 +211,3 @@ def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp
     proc = _torchrun(tmp_path, "plain")
     assert proc.returncode != 0
     assert "DistributedSamplerWrapper" in proc.stderr and "use_distributed_sampler=False" in proc.stderr
-
-
-@pytest.mark.timeout(60)
-def test_a_mid_epoch_checkpoint_is_refused_with_the_fix(fitted):
-    # Lightning keeps the resumed epoch's shorter loader length for every later epoch, which would cut
-    # them short silently: a checkpoint saved mid-epoch is refused instead.
-    trainer, _, geko = fitted
-    sd = geko.state_dict()
-    sd["sampler"] = geko.sampler.state_dict(consumed=8)  # one batch into the epoch
-    again = GEKOCallback(lightning_job.dataset(), config=lightning_job.EASY, seed=2)
-    again.load_state_dict(sd)
-    with pytest.raises(RuntimeError, match="middle of epoch .* epoch's end"):
-        again.setup(trainer, None, "fit")
