@@ -398,17 +398,31 @@ def gen_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, 
 
 
 def _memo(make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
-    """A factory that builds the (slow to load) model once and hands out deep copies."""
+    """A factory that builds the (slow to load) model once and hands out deep copies; its ``fresh()``
+    builds it anew (drawing its random layers from torch's generator as it is then) and copies that from
+    then on."""
     import copy
 
     built: list[torch.nn.Module] = []
 
-    def factory() -> torch.nn.Module:
-        if not built:
-            built.append(make())
+    def fresh() -> torch.nn.Module:
+        built[:] = [make()]
         return copy.deepcopy(built[0])
 
+    def factory() -> torch.nn.Module:
+        return copy.deepcopy(built[0]) if built else fresh()
+
+    factory.fresh = fresh  # type: ignore[attr-defined]
     return factory
+
+
+def initial_weights(task: Task, seed: int) -> dict[str, torch.Tensor]:
+    """The weights every policy's run of ``seed`` starts from, drawn under ``torch.manual_seed(1000 + seed)``
+    by a model built anew: a memoized copy would carry the random layers (MiniLM's head, the LoRA) of the
+    first seed the process built, so a seed's start would depend on the seeds run before it in the process."""
+    torch.manual_seed(1000 + seed)
+    model = getattr(task.make_model, "fresh", task.make_model)()
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -748,8 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                            cache=ns.cache)
         runs = []
         for seed in range(ns.first_seed, ns.first_seed + seeds):
-            torch.manual_seed(1000 + seed)
-            initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
+            initial = initial_weights(task, seed)
             for policy in policies:
                 r = run(task, policy, seed, initial, lr_schedule=ns.lr_schedule, batches=ns.batches)
                 runs.append(r)

@@ -246,3 +246,23 @@ def test_batches_steps_keeps_a_full_epochs_steps_and_leaves_uniform_unchanged(mo
     assert steps["drop_frozen", "fixed"] < steps["drop_frozen", "steps"] == 24
     with pytest.raises(ValueError, match="`batches` must be one of steps, fixed, got 'x'"):
         bv.run(task, "uniform", 0, initial, batches="x")
+
+
+def test_a_seeds_initial_weights_do_not_depend_on_the_seeds_run_before_it():
+    """A memoized model (MiniLM, the LLM tasks) used to hand every seed a copy of the first seed's random
+    layers, so seed 1 started elsewhere in a process that ran seed 0 first than in one of its own, and runs
+    merged from such processes were paired with the wrong uniform run."""
+    bv = _bench_value()
+
+    def task():
+        net = bv._memo(lambda: torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        return bv.Task("t", {}, {}, net, None, lr=0.1, epochs=1, batch_size=2)
+
+    after_seed_0 = task()
+    bv.initial_weights(after_seed_0, 0)
+    alone = bv.initial_weights(task(), 1)
+    second = bv.initial_weights(after_seed_0, 1)
+    assert all(torch.equal(alone[k], second[k]) for k in alone)
+    assert not torch.equal(alone["0.weight"], bv.initial_weights(task(), 0)["0.weight"])
+    # the copies a run starts from are the seed's model, not the first one built
+    assert torch.equal(after_seed_0.make_model()[0].weight, second["0.weight"])
