@@ -163,7 +163,7 @@ def test_short_run_keep_steps_is_validated_planned_and_old_states_keep_their_sha
     assert c.short_run_keep == 0.5 and c.short_run_keep_steps is None
     assert c.planning(keeps_steps=False) is c
     assert c.planning(keeps_steps=True).short_run_keep is None
-    assert c.planning(keeps_steps=True).bucket_weights == (3.0, 2.0, 1.0) == c.short_run_weights_steps
+    assert c.planning(keeps_steps=True).bucket_weights == (0.5, 2.0, 1.0) == c.short_run_weights_steps
     assert c.planning(keeps_steps=False).bucket_weights == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="short_run_weights_steps"):
         GEKOConfig(short_run_weights_steps=(1.0, -1.0, 1.0))

@@ -471,3 +471,17 @@ def test_short_geko_runs_keep_half_the_frozen_at_rescaled_weights():
     e, w = policy.epoch_expected(**args, total_epochs=3, config=GEKOConfig(short_run_keep=None))
     assert np.allclose(e[1:40], GEKOConfig().recheck_frozen) and (w[:40] == 0).all()
     assert not policy.rescales(3, GEKOConfig(short_run_keep=None))
+
+
+def test_kept_steps_short_runs_draw_sure_wrong_answers_least_and_unsure_ones_most():
+    # After epoch 1 of 3 with steps kept: a classifier's HARD (wrong and sure) samples are where its wrong labels
+    # gather, so they are drawn half as often as a right answer; FOCUS (wrong, unsure) twice as often. With
+    # (3, 2, 1), the rule before, 10% changed MNIST labels cost 3.12 points on dev (30 seeds), (0.5, 2, 1) 0.41.
+    bucket = np.array([FREEZE] * 40 + [LIGHT] * 30 + [FOCUS] * 20 + [HARD] * 10, np.uint8)
+    n = bucket.shape[0]
+    e, _ = policy.epoch_expected(bucket=bucket, pruned=np.zeros(n, bool), times_seen=np.ones(n, np.uint16),
+                                 loss=np.ones(n, np.float32), epoch=1, total_epochs=3,
+                                 config=GEKOConfig(recheck_frozen=0.0).planning(keeps_steps=True))
+    assert e[:40].sum() == 0 and e.sum() == pytest.approx(60.0)  # FREEZE dropped, the epoch keeps its length
+    light, focus, hard = e[40], e[70], e[90]
+    assert hard / light == pytest.approx(0.5) and focus / light == pytest.approx(2.0)
