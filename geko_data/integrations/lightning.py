@@ -69,7 +69,36 @@ class _EpochBatches(GEKOBatchSampler):
         return max(self.steps, -(-draws // size))
 
 
-class _StepsLoader(DataLoader):
+class _FirstBatchIterator:
+    """A DataLoader's iterator made at its first batch rather than at ``iter()``.
+
+    With workers, a DataLoader's iterator hands the workers their first indices as soon as it is made. On a
+    resume Lightning makes the train loader's iterator before it sets the sampler's epoch (and keeps that
+    iterator for the resumed epoch), so the workers would load the epoch the checkpoint restored, not the one
+    Lightning goes on with. Made at the first batch, the iterator draws the epoch Lightning set, as a loader
+    without workers does."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self._loader = loader
+        self._iterator: Any = None
+
+    def __iter__(self) -> _FirstBatchIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self._loader)
+        return next(self._iterator)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader whose iterators draw from the sampler only at their first batch (``_FirstBatchIterator``)."""
+
+    def __iter__(self) -> Any:  # type: ignore[override]
+        return _FirstBatchIterator(self)
+
+
+class _StepsLoader(_EpochLoader):
     """A DataLoader over an ``_EpochBatches`` whose ``sampler`` is the GEKO sampler the batches come from.
 
     A DataLoader given ``batch_sampler=`` reports as its ``sampler`` a ``SequentialSampler`` it never draws
@@ -181,7 +210,7 @@ class GEKOCallback(pl.Callback):
             raise ValueError("`drop_last` must be False with GEKO: every draw of the plan is trained")
         dataset = self.sampler.wrap(self.dataset)
         if self.batches == "fixed":
-            return DataLoader(dataset, sampler=self.sampler, **kwargs)
+            return _EpochLoader(dataset, sampler=self.sampler, **kwargs)
         batch_size = kwargs.pop("batch_size", 1)
         if batch_size is None:
             raise ValueError("`batch_size` must be an int >= 1 with batches='steps' (GEKO cuts the epochs into "
@@ -273,9 +302,12 @@ class GEKOCallback(pl.Callback):
                 f"length. Resume from a checkpoint saved at an epoch's end (ModelCheckpoint's default, or "
                 f"`ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)`), or train with "
                 f"GEKOCallback(batches='steps'), whose loader resumes mid-epoch")
-        if len(self.sampler) == 0:
-            # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler),
-            # but sizes the loader first, and an empty one would end the fit.
+        if len(self.sampler) == 0 and self.batches == "fixed":
+            # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler before
+            # the loader's first batch), but sizes the loader first, and an empty one would end the fit. The
+            # steps loader is never empty, and keeps the position: when an epoch took fewer batches than the
+            # loader's length, Lightning could not tell its last batch from a middle one and resumes the spent
+            # epoch, whose rest must be empty.
             sd["position"] = 0
             self.sampler.load_state_dict(sd)
         self._consumed = int(sd["position"])

@@ -61,7 +61,8 @@ def test_steps_epochs_take_a_full_epochs_optimizer_steps_while_their_draws_shrin
 def test_fixed_batches_keep_batch_size_and_take_fewer_steps(fitted_fixed):
     trainer, module, geko = fitted_fixed
     assert not geko.sampler.keeps_steps
-    assert type(trainer.train_dataloader).__name__ == "DataLoader" and trainer.train_dataloader.sampler is geko.sampler
+    loader = trainer.train_dataloader
+    assert loader.batch_size == lightning_job.BATCH and loader.sampler is geko.sampler  # no batch sampler
     for epoch, sizes in module.sizes.items():
         tiny.assert_trains_plan(module.plans[epoch], module.ids[epoch])
         assert sizes[:-1] == [lightning_job.BATCH] * (len(sizes) - 1)  # a DataLoader's batches
@@ -81,20 +82,39 @@ def test_callback_state_round_trips_through_a_checkpoint_dict(fitted):
         again.load_state_dict({"sampler": sd["sampler"]})
 
 
+def _assert_resumed_run_equals_the_full_one(module, geko, full_module, full_geko, epochs):
+    assert sorted(module.ids) == epochs and all(module.ids[e] == full_module.ids[e] for e in epochs)
+    assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(full_geko.sampler.state)
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), full_module.parameters()))
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["callback", "fixed"])
-def test_fit_resumed_from_a_lightning_checkpoint_continues_exactly(tmp_path, mode, request):
+@pytest.mark.parametrize("mode,workers", [("callback", 0), ("callback", 2), ("fixed", 0), ("fixed", 2)])
+def test_fit_resumed_from_a_lightning_checkpoint_continues_exactly(tmp_path, mode, workers, request):
     _, full_module, full_geko = request.getfixturevalue("fitted" if mode == "callback" else "fitted_fixed")
     lightning_job.run(str(tmp_path), mode, epochs=2, checkpoint=True, total_epochs=3)  # stops early
     (ckpt,) = (tmp_path / "checkpoints").iterdir()  # saved at the end of epoch 1
-    # Same planned epochs (3) as the full run, continued from the checkpoint.
-    trainer, module, geko = lightning_job.run(str(tmp_path), mode, epochs=3, ckpt_path=str(ckpt))
-    assert sorted(module.ids) == [2] and module.ids[2] == full_module.ids[2]
-    assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(full_geko.sampler.state)
+    # Same planned epochs (3) as the full run, continued from the checkpoint. With workers, Lightning makes the
+    # loader's iterator before it moves the sampler to epoch 2: epoch 1's draws must not be loaded again.
+    trainer, module, geko = lightning_job.run(str(tmp_path), mode, epochs=3, ckpt_path=str(ckpt), workers=workers)
+    _assert_resumed_run_equals_the_full_one(module, geko, full_module, full_geko, [2])
 
 
 @pytest.mark.timeout(120)
-def test_steps_fit_resumed_mid_epoch_continues_exactly(tmp_path, fitted, recwarn):
+def test_steps_fit_resumed_from_a_step_checkpoint_on_an_epochs_last_batch_continues_exactly(tmp_path, fitted):
+    _, full_module, full_geko = fitted
+    # A checkpoint every epoch's steps lands on the last batch of epochs 0 and 1 (saved at the batch's end).
+    lightning_job.run(str(tmp_path), "callback", checkpoint=STEPS, max_steps=2 * STEPS, total_epochs=3)
+    first, second = sorted((tmp_path / "checkpoints").iterdir())  # epoch=0-step=8, epoch=1-step=16
+    assert "step=%d" % STEPS in first.name and "step=%d" % (2 * STEPS) in second.name
+    for ckpt, epochs in ((first, [1, 2]), (second, [2])):
+        _, module, geko = lightning_job.run(str(tmp_path / ckpt.stem), "callback", ckpt_path=str(ckpt), workers=2)
+        _assert_resumed_run_equals_the_full_one(module, geko, full_module, full_geko, epochs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_steps_fit_resumed_mid_epoch_continues_exactly(tmp_path, fitted, recwarn, workers):
     _, full_module, full_geko = fitted  # 3 epochs uninterrupted
     # Stopped after 11 optimizer steps, 3 batches into epoch 1, with a checkpoint there.
     _, cut, _ = lightning_job.run(str(tmp_path), "callback", checkpoint=11, max_steps=11, total_epochs=3)
@@ -102,7 +122,7 @@ def test_steps_fit_resumed_mid_epoch_continues_exactly(tmp_path, fitted, recwarn
     saved = torch.load(ckpt, weights_only=True)["callbacks"]["GEKOCallback"]["sampler"]
     # Lightning saves between batches: the position is the 3 batches trained, a batch boundary.
     assert (saved["epoch"], saved["position"]) == (1, sum(full_module.sizes[1][:3]))
-    trainer, module, geko = lightning_job.run(str(tmp_path), "callback", ckpt_path=str(ckpt))
+    trainer, module, geko = lightning_job.run(str(tmp_path), "callback", ckpt_path=str(ckpt), workers=workers)
     assert cut.ids[1] + module.ids[1] == full_module.ids[1]  # the rest of epoch 1, nothing twice or lost
     assert module.sizes[1] == full_module.sizes[1][3:] and module.ids[2] == full_module.ids[2]
     assert trainer.global_step == 3 * STEPS
