@@ -227,9 +227,11 @@ class GEKOCallback(pl.Callback):
                 if _wrapped_geko(sampler) is not None:
                     raise RuntimeError(
                         "Lightning wrapped a GEKOSampler in a DistributedSamplerWrapper (use_distributed_sampler="
-                        "True): each rank would train only half of its GEKO share, silently. Build the loader with "
-                        "`GEKOCallback.dataloader(...)` inside `train_dataloader()`, or pass "
-                        "`use_distributed_sampler=False` to the Trainer")
+                        "True): each rank would train only half of its GEKO share, silently, and that sampler is "
+                        "not GEKOCallback's, which reports, logs and checkpoints only its own. With GEKOCallback, "
+                        "return `geko.dataloader(...)` (the callback's loader) from `train_dataloader()`; "
+                        "`use_distributed_sampler=False` on the Trainer is the fix only for a plain GEKOSampler "
+                        "used without GEKOCallback")
         if self.sampler is not None:
             self.sampler.set_epoch(trainer.current_epoch)  # Lightning calls it too; the second call is a no-op
             start = self._consumed if self._resumed_epoch == trainer.current_epoch else 0
@@ -240,9 +242,14 @@ class GEKOCallback(pl.Callback):
         if self.sampler is None:
             return
         if not isinstance(outputs, dict) or "per_sample_loss" not in outputs:
+            # Lightning hands this hook a returned loss tensor as {'loss': tensor}: name the keys, not the type.
+            got = (f"a dict with keys {sorted(map(str, outputs))}" if isinstance(outputs, dict)
+                   else "None" if outputs is None else type(outputs).__name__)
+            if isinstance(outputs, dict) and list(outputs) == ["loss"]:
+                got += ", which is how Lightning passes on a bare loss tensor returned by `training_step`"
             raise ValueError("with GEKOCallback, `training_step` must return a dict with the per-sample losses: "
                              "`return {'loss': (losses * batch['__weight__']).mean(), 'per_sample_loss': "
-                             f"losses.detach()}}` (got {type(outputs).__name__})")
+                             f"losses.detach()}}` (got {got})")
         if not isinstance(batch, dict) or "__index__" not in batch:
             raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
         ids = batch["__index__"]

@@ -63,10 +63,10 @@ class Module(pl.LightningModule):
 
 
 def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None, max_steps=-1,
-        config=EASY, workers=0):
+        config=EASY, workers=0, module_cls=None):
     """One fit. ``checkpoint``: False, True (Lightning's default end-of-epoch checkpoints) or N (a checkpoint
     every N optimizer steps, all kept); ``max_steps`` stops the fit there, mid-epoch; ``workers``: the
-    callback's loader's DataLoader workers (persistent)."""
+    callback's loader's DataLoader workers (persistent); ``module_cls``: a ``Module`` subclass to fit instead."""
     torch.manual_seed(0)  # the same initial weights in every run
     data = dataset()
     geko = GEKOCallback(data, config=config, seed=2, total_epochs=total_epochs,
@@ -82,7 +82,7 @@ def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_
     if checkpoint is not True and checkpoint:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "checkpoints"), save_top_k=-1,
                                                       every_n_train_steps=checkpoint))
-    module = Module(loader_fn, geko)
+    module = (module_cls or Module)(loader_fn, geko)
     trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=devices,
                          strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
                          enable_checkpointing=bool(checkpoint), enable_progress_bar=False,

@@ -156,6 +156,18 @@ def test_a_fixed_mid_epoch_checkpoint_is_refused_with_the_fix(fitted_fixed):
         again.setup(trainer, None, "fit")
 
 
+class _BareLoss(lightning_job.Module):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)["loss"]
+
+
+@pytest.mark.timeout(60)
+def test_a_bare_loss_from_training_step_is_refused_naming_what_lightning_passed_on(tmp_path):
+    with pytest.raises(ValueError, match=r"per-sample losses.*got a dict with keys \['loss'\], which is how "
+                                         r"Lightning passes on a bare loss tensor"):
+        lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_BareLoss)
+
+
 @pytest.mark.timeout(60)
 def test_dataloader_before_setup_says_where_to_call_it():
     geko = GEKOCallback(lightning_job.dataset())
@@ -230,4 +242,5 @@ def test_ddp_fixed_batches_each_rank_trains_its_share(ddp):
 def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp_path):
     proc = _torchrun(tmp_path, "plain")
     assert proc.returncode != 0
-    assert "DistributedSamplerWrapper" in proc.stderr and "use_distributed_sampler=False" in proc.stderr
+    assert "DistributedSamplerWrapper" in proc.stderr and "return `geko.dataloader(...)`" in proc.stderr
+    assert "`use_distributed_sampler=False` on the Trainer is the fix only for a plain GEKOSampler" in proc.stderr
