@@ -11,9 +11,13 @@ Lines a Lightning script changes::
             return geko.dataloader(batch_size=32, num_workers=2)      # GEKO: instead of DataLoader(...)
 
         def training_step(self, batch, batch_idx):
-            losses = F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            logits = self(batch["x"])
+            losses = F.cross_entropy(logits, batch["y"], reduction="none")
+            probs = logits.detach().softmax(-1)
             return {"loss": (losses * batch["__weight__"]).mean(),    # GEKO: weight, and hand back
-                    "per_sample_loss": losses.detach()}               #       the per-sample losses
+                    "per_sample_loss": losses.detach(),               #       the per-sample losses,
+                    "correct": probs.argmax(-1) == batch["y"],        #       right or not
+                    "confidence": probs.max(-1).values}               #       and how sure
 
 By default (``batches="steps"``) every epoch takes as many optimizer steps as a full one, its batches
 shrinking with its draws (``GEKOBatchSampler``); ``batches="fixed"`` keeps ``batch_size`` and takes fewer steps.
@@ -148,7 +152,8 @@ class GEKOCallback(pl.Callback):
             batches of ``B``, fewer steps. Defaults to ``"steps"``.
 
     ``training_step`` returns ``{"loss": ..., "per_sample_loss": (B,) losses}`` and may add ``"correct"``
-    and ``"confidence"`` (both (B,)); the callback reports them with the batch's ``__index__``.
+    and ``"confidence"`` (both (B,)); the callback reports them with the batch's ``__index__``. Without them
+    the report takes ``exp(-loss)`` as the confidence and a sample as right when that is at least 0.5.
     """
 
     def __init__(self, dataset: Any, *, total_epochs: int | None = None, config: GEKOConfig | None = None,

@@ -113,6 +113,22 @@ def test_steps_fit_resumed_from_a_step_checkpoint_on_an_epochs_last_batch_contin
 
 
 @pytest.mark.timeout(120)
+def test_steps_fit_resumed_after_an_epoch_that_took_fewer_steps_continues_exactly(tmp_path):
+    # An epoch of few draws takes fewer batches than the loader's length: Lightning cannot tell its last batch
+    # from a middle one, and resumes a checkpoint saved there in the middle of that (spent) epoch.
+    config = lightning_job.EASY_DDP  # freezes enough in one process for epoch 1 to take 7 steps
+    _, full_module, full_geko = lightning_job.run(str(tmp_path / "full"), "callback", epochs=5, config=config)
+    cut = STEPS + len(full_module.sizes[1])
+    assert cut < 2 * STEPS
+    lightning_job.run(str(tmp_path), "callback", epochs=5, checkpoint=cut, max_steps=cut, config=config)
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    _, module, geko = lightning_job.run(str(tmp_path), "callback", epochs=5, ckpt_path=str(ckpt), config=config,
+                                        workers=2)
+    assert 1 not in module.ids  # the spent epoch's rest: nothing
+    _assert_resumed_run_equals_the_full_one(module, geko, full_module, full_geko, [2, 3, 4])
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_steps_fit_resumed_mid_epoch_continues_exactly(tmp_path, fitted, recwarn, workers):
     _, full_module, full_geko = fitted  # 3 epochs uninterrupted
@@ -211,6 +227,9 @@ def _assert_ranks_train_the_plan_once(r0, r1):
         tiny.assert_trains_plan(plan, r0["ids"][epoch] + r1["ids"][epoch], world=2)  # every draw once
         assert len(r0["sizes"][epoch]) == len(r1["sizes"][epoch])  # the same steps on both ranks
     assert r0["global_step"] == r1["global_step"]
+    # every draw trained is counted, an odd epoch's repeated one too
+    trained = sum(len(r["ids"][e]) for r in (r0, r1) for e in r["ids"])
+    assert r0["metrics"]["geko/sample_passes"] == r1["metrics"]["geko/sample_passes"] == trained
 
 
 @pytest.mark.timeout(180)
