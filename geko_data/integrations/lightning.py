@@ -40,7 +40,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
-from geko_data.batches import BATCHES, GEKOBatchSampler
+from geko_data.batches import BATCHES, GEKOBatchSampler, full_epoch_steps
 from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
@@ -100,6 +100,21 @@ class _EpochLoader(DataLoader):
 
     def __iter__(self) -> Any:  # type: ignore[override]
         return _FirstBatchIterator(self)
+
+
+class _FixedLoader(_EpochLoader):
+    """An ``_EpochLoader`` of fixed batches whose length is the most batches an epoch takes: a full epoch's.
+
+    Lightning reads a train loader's length once, when the loader is made, and ends every epoch at that many
+    batches. After a resume the epoch at hand may be shorter than a later one (the last epochs train more
+    samples again), which its length would cut short; an epoch with fewer batches ends when they run out.
+    """
+
+    def __len__(self) -> int:
+        sampler = self.sampler
+        full = full_epoch_steps(sampler.epoch_length or sampler.num_samples, world_size=sampler.world.world_size,
+                                batch_size=self.batch_size or 1)  # None: unbatched samples
+        return max(full, super().__len__())
 
 
 class _StepsLoader(_EpochLoader):
@@ -215,7 +230,7 @@ class GEKOCallback(pl.Callback):
             raise ValueError("`drop_last` must be False with GEKO: every draw of the plan is trained")
         dataset = self.sampler.wrap(self.dataset)
         if self.batches == "fixed":
-            return _EpochLoader(dataset, sampler=self.sampler, **kwargs)
+            return _FixedLoader(dataset, sampler=self.sampler, **kwargs)
         batch_size = kwargs.pop("batch_size", 1)
         if batch_size is None:
             raise ValueError("`batch_size` must be an int >= 1 with batches='steps' (GEKO cuts the epochs into "
@@ -306,21 +321,17 @@ class GEKOCallback(pl.Callback):
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)
         if len(self.sampler) > 0 and int(sd["position"]) > 0 and self.batches == "fixed":
-            # Lightning sizes the resumed epoch's loader from what is left of it and keeps that size for every
-            # later epoch, so a mid-epoch resume would cut the later epochs short, silently.
+            # Fixed batches resume only at an epoch's end: their loader has no state for Lightning, which
+            # counts it as not resumable mid-epoch.
             raise RuntimeError(
                 f"GEKOCallback: this checkpoint was saved in the middle of epoch {sd['epoch']} (after "
-                f"{sd['position']} draws); Lightning would cut every later epoch to the resumed one's remaining "
-                f"length. Resume from a checkpoint saved at an epoch's end (ModelCheckpoint's default, or "
+                f"{sd['position']} draws), and with batches='fixed' a fit resumes only from an epoch's end. "
+                f"Resume from a checkpoint saved at an epoch's end (ModelCheckpoint's default, or "
                 f"`ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)`), or train with "
                 f"GEKOCallback(batches='steps'), whose loader resumes mid-epoch")
-        if len(self.sampler) == 0 and self.batches == "fixed":
-            # Saved at the epoch's end: Lightning goes on with the next epoch (and sets it on the sampler before
-            # the loader's first batch), but sizes the loader first, and an empty one would end the fit. The
-            # steps loader is never empty, and keeps the position: when an epoch took fewer batches than the
-            # loader's length, Lightning could not tell its last batch from a middle one and resumes the spent
-            # epoch, whose rest must be empty.
-            sd["position"] = 0
-            self.sampler.load_state_dict(sd)
+        # A position at the epoch's end stays there: Lightning goes on with the next epoch (and sets it on the
+        # sampler before the loader's first batch) or, when the epoch took fewer batches than the loader's length
+        # and Lightning could not tell its last batch from a middle one, resumes the spent epoch, whose rest is
+        # then empty. Neither loader is ever empty (both are a full epoch long), so the fit goes on.
         self._consumed = int(sd["position"])
         self._resumed_epoch = int(sd["epoch"])

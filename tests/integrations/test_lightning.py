@@ -113,16 +113,18 @@ def test_steps_fit_resumed_from_a_step_checkpoint_on_an_epochs_last_batch_contin
 
 
 @pytest.mark.timeout(120)
-def test_steps_fit_resumed_after_an_epoch_that_took_fewer_steps_continues_exactly(tmp_path):
-    # An epoch of few draws takes fewer batches than the loader's length: Lightning cannot tell its last batch
-    # from a middle one, and resumes a checkpoint saved there in the middle of that (spent) epoch.
-    config = lightning_job.EASY_DDP  # freezes enough in one process for epoch 1 to take 7 steps
-    _, full_module, full_geko = lightning_job.run(str(tmp_path / "full"), "callback", epochs=5, config=config)
+@pytest.mark.parametrize("mode", ["callback", "fixed"])
+def test_fit_resumed_after_an_epoch_that_took_fewer_steps_continues_exactly(tmp_path, mode):
+    # An epoch of few draws takes fewer batches than the loader's length (a full epoch's): Lightning cannot tell
+    # its last batch from a middle one, and resumes a checkpoint saved there in the middle of that spent epoch.
+    # The resumed loader must stay a full epoch long: the last epoch trains every sample again.
+    config = lightning_job.EASY_DDP  # freezes enough in one process for epoch 1 to take 7 steps (fixed: 6)
+    _, full_module, full_geko = lightning_job.run(str(tmp_path / "full"), mode, epochs=5, config=config)
     cut = STEPS + len(full_module.sizes[1])
-    assert cut < 2 * STEPS
-    lightning_job.run(str(tmp_path), "callback", epochs=5, checkpoint=cut, max_steps=cut, config=config)
+    assert cut < 2 * STEPS and len(full_module.sizes[4]) == STEPS
+    lightning_job.run(str(tmp_path), mode, epochs=5, checkpoint=cut, max_steps=cut, config=config)
     (ckpt,) = (tmp_path / "checkpoints").iterdir()
-    _, module, geko = lightning_job.run(str(tmp_path), "callback", epochs=5, ckpt_path=str(ckpt), config=config,
+    _, module, geko = lightning_job.run(str(tmp_path), mode, epochs=5, ckpt_path=str(ckpt), config=config,
                                         workers=2)
     assert 1 not in module.ids  # the spent epoch's rest: nothing
     _assert_resumed_run_equals_the_full_one(module, geko, full_module, full_geko, [2, 3, 4])
