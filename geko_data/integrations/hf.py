@@ -373,7 +373,12 @@ class GEKOTrainerMixin:
         # draws its base seed: dropout then drew other masks than the uninterrupted run (GPT-2's 0.1 dropout
         # moved the final losses by up to 0.67). Restored after the first batch is fetched instead, as the
         # Trainer itself does when it skips batches.
-        self._geko_rng_checkpoint = resume_from_checkpoint if position > 0 else None
+        # Persistent workers: the uninterrupted run kept its iterator at the epoch's end and drew no base seed
+        # there, while the resumed process makes its first iterator after the restore and would draw one from
+        # the restored RNG (measured: epoch 2 of a resume from epoch 0's end trained 22 other draws). So an
+        # end-of-epoch resume defers the restore too, when the workers persist.
+        persistent = bool(self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0)
+        self._geko_rng_checkpoint = resume_from_checkpoint if position > 0 or persistent else None
         # The sampler skips what was trained itself; the Trainer must not skip batches on top of that.
         return epoch, 0
 

@@ -121,9 +121,10 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(out, *, stop=None, resume=None):
+def _run(out, *, stop=None, resume=None, workers=0):
+    loader = {"dataloader_num_workers": workers, "dataloader_persistent_workers": True} if workers else {}
     args = make_args(out, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     warmup_steps=2, save_strategy="no")
+                     warmup_steps=2, save_strategy="no", **loader)
     # With dropout, training draws from torch's RNG: a resume must restore it where the cut run stood (it was
     # restored at the epoch's start, before the DataLoader drew its seed, and the weights differed mid-epoch).
     trainer = tiny.recording_trainer(GEKOTrainer)(
@@ -155,6 +156,20 @@ def test_stop_and_resume_from_checkpoint_continues_exactly(tmp_path, full_run, s
     assert tiny.state_digest(resumed.geko_state) == tiny.state_digest(full.geko_state)
     assert resumed.state.global_step == full.state.global_step
     assert resumed.lrs[-1] == full.lrs[-1] == 0.0
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(180)
+def test_an_end_of_epoch_resume_with_persistent_workers_continues_exactly(tmp_path):
+    # The uninterrupted run keeps its worker iterator across epochs and draws no new base seed at the
+    # epoch's end; the resumed process makes its first iterator after the RNG restore, which shifted every
+    # later dropout mask (22 other draws in epoch 2, weights apart) until the restore was deferred.
+    full, full_ids = _run(tmp_path / "full", workers=2)
+    first, first_ids = _run(tmp_path / "cut", stop=5, workers=2)
+    resumed, rest_ids = _run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-5"), workers=2)
+    assert first_ids + rest_ids == full_ids
+    assert tiny.state_digest(resumed.geko_state) == tiny.state_digest(full.geko_state)
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
