@@ -95,6 +95,17 @@ def _hash_error(index: ShardIndex, url: str, i: int, got: int) -> ShardError:
                       f"data changed)")
 
 
+def _read_on(fd: int, view: memoryview, offset: int, got: int) -> int:
+    """After a ``preadv`` of ``view`` at ``offset`` returned ``got`` bytes, fewer than asked: read on until
+    ``view`` is full or the file ends (a regular file reads short only at its end). Returns the total."""
+    while 0 < got < len(view):
+        more = os.preadv(fd, [view[got:]], offset + got)
+        if not more:
+            break
+        got += more
+    return got
+
+
 class SeekReader:
     """Reads samples of local shards by seeking: skipped samples are seeked over, never read, and a run of
     adjacent samples is one read. Holds each sample to its indexed bytes (and hash, with ``verify``)."""
@@ -120,7 +131,8 @@ class SeekReader:
             path = self.urls[shard].removeprefix("file://")
             if not os.path.exists(path):
                 raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
-            f = open(path, "rb")  # noqa: SIM115 - kept open across samples of the shard
+            # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across samples of the shard
             size = os.fstat(f.fileno()).st_size
             if size != self.index.sizes[shard]:
                 f.close()
@@ -130,12 +142,13 @@ class SeekReader:
         return self._file
 
     def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: np.ndarray,
-                   lengths: np.ndarray) -> list[tuple[int, dict[str, Any] | ShardError]]:
+                   lengths: np.ndarray) -> tuple[list[tuple[int, dict[str, Any] | ShardError]], bool]:
         """(id, sample or its ShardError) for ``ids``, samples of ``shard`` in file order (``offsets`` and
         ``lengths`` int64 arrays of theirs): each run of adjacent ones is one read, all into one reused
         buffer (a fresh one each time costs page faults, more than the copy), back to back, and every
         sample is parsed by one ``parse_samples`` call, whose numpy pass then covers them all even when a
-        worker's samples alternate with another worker's. Failures come first, then the samples."""
+        worker's samples alternate with another worker's. Failures come first, then the samples; and
+        whether there is no failure (every id a sample)."""
         url = self.urls[shard]
         n = len(ids)
         ends = offsets + lengths
@@ -144,17 +157,24 @@ class SeekReader:
         if len(self._buffer) < total:
             self._buffer = bytearray(total)
         view = memoryview(self._buffer)
-        cuts = (np.flatnonzero(offsets[1:] != ends[:-1]) + 1).tolist()  # where a run of adjacent samples ends
+        # Runs of adjacent samples: where each starts (in the group, the shard and the buffer) and its bytes,
+        # as Python ints for the loop over runs (a run is one or two samples when a worker's batches
+        # alternate with other workers').
+        first = np.flatnonzero(np.r_[True, offsets[1:] != ends[:-1]])  # (runs,)
+        after = np.r_[first[1:], n]
+        runs = zip(first.tolist(), after.tolist(), place[first].tolist(), offsets[first].tolist(),
+                   (ends[after - 1] - offsets[first]).tolist())
         out: list[tuple[int, dict[str, Any] | ShardError]] = []
         good = np.ones(n, bool)
-        # Python ints in the loop over runs (a run is one sample when the draws are sparse).
-        first, last, where = offsets.tolist(), ends.tolist(), place.tolist()
-        for lo, hi in zip([0, *cuts], [*cuts, n]):
-            at, size = where[lo], last[hi - 1] - first[lo]
+        fd = -1  # the open shard's; -1: (re)open it
+        for lo, hi, at, start, size in runs:
             try:
-                f = self._open(shard, keys[lo])
-                f.seek(first[lo])
-                got = f.readinto(view[at:at + size])
+                if fd < 0:
+                    fd = self._open(shard, keys[lo]).fileno()
+                # One pread a run (a seek and a read were two system calls) into its place in the buffer.
+                got = os.preadv(fd, [view[at:at + size]], start)
+                if got < size:
+                    got = _read_on(fd, view[at:at + size], start, got)
                 why = None
             except ShardError as e:
                 out += [(ids[j], e) for j in range(lo, n)]
@@ -165,10 +185,11 @@ class SeekReader:
             self.bytes_read += got
             if got < size:
                 self.close()
+                fd = -1
                 for j in range(lo, hi):
-                    start = where[j]
-                    if start + int(lengths[j]) > at + got:
-                        detail = f": {why}" if why else f" is truncated ({max(0, at + got - start)} of {lengths[j]} bytes)"
+                    begin = int(place[j])  # the sample's place in the buffer
+                    if begin + int(lengths[j]) > at + got:
+                        detail = f": {why}" if why else f" is truncated ({max(0, at + got - begin)} of {lengths[j]} bytes)"
                         out.append((ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")))
                         good[j] = False
         if self.verify:
@@ -189,8 +210,10 @@ class SeekReader:
             spans = np.stack([place[which], lengths[which]], axis=1)
             starts = offsets[which]
         # Bytes past `total` are an older group's; every span lies before it.
-        out += zip(kept, parse_samples(self._buffer, spans, shard=url, keys=kept_keys, offsets=starts.tolist()))
-        return out
+        parsed = parse_samples(self._buffer, spans, shard=url, keys=kept_keys, offsets=starts.tolist())
+        clean = not out and set(map(type, parsed)) <= {dict}  # (no Python step per sample)
+        out += zip(kept, parsed)
+        return out, clean
 
 
 class StreamCursor:
@@ -310,6 +333,7 @@ class ShardReader:
         self.tally = dict.fromkeys(COUNTERS, 0)
         self._seek = SeekReader(index, urls, verify=verify)
         self._cursor = StreamCursor(index, urls, shard_start, verify=verify)
+        self._all_local = all(local)
 
     def close(self) -> None:
         if self.ranges is not None:
@@ -337,7 +361,7 @@ class ShardReader:
         pending: list[int] = []  # local samples of one shard, read together
         for i, shard in zip(ids.tolist(), shards):
             if pending and (shard != pending[-1] or not self.local[shard] or i < pending[-2]):
-                yield from self._read_local(np.asarray(pending[0::2]), pending[1])
+                yield from self._read_local(np.asarray(pending[0::2]), pending[1], {}).items()
                 pending = []
             if shard in self.bad.stopped:
                 self.bad.mark_lost(i)
@@ -348,7 +372,29 @@ class ShardReader:
                 if sample is not None:
                     yield i, sample
         if pending:
-            yield from self._read_local(np.asarray(pending[0::2]), pending[1])
+            yield from self._read_local(np.asarray(pending[0::2]), pending[1], {}).items()
+
+    def read_all(self, ids: np.ndarray) -> dict[int, dict[str, Any]]:
+        """``dict(read(ids))``: the samples of ``ids`` that could be read, by id, in read order. When every
+        shard is a local file, the ids are cut into groups (one shard, ascending) in one numpy pass and
+        each group's samples join the dict together: no generator step and no test per sample, which in
+        a DataLoader worker is CPU time of every sample."""
+        if self.ranges is not None or not self._all_local:
+            return dict(self.read(ids))
+        out: dict[int, dict[str, Any]] = {}
+        shards = self.index.shard[ids]
+        # Where `read` would start a new group: another shard, or an id below the last one.
+        cuts = (np.flatnonzero((shards[1:] != shards[:-1]) | (ids[1:] < ids[:-1])) + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, ids.shape[0]]):
+            if lo == hi:
+                continue
+            shard = int(shards[lo])
+            if shard in self.bad.stopped:  # stopped by the handler on an earlier group
+                for i in ids[lo:hi].tolist():
+                    self.bad.mark_lost(i)
+            else:
+                self._read_local(ids[lo:hi], shard, out)
+        return out
 
     def _accept(self, i: int, got: dict[str, Any] | ShardError) -> dict[str, Any] | None:
         """``got`` when it is a sample (counted read); a failure goes to the handler (None when it skips)."""
@@ -366,8 +412,9 @@ class ShardReader:
         except ShardError as e:
             return e
 
-    def _read_local(self, ids: np.ndarray, shard: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Read ``ids`` (ascending, all in ``shard``) in groups of up to _RUN_BYTES (at least one sample)."""
+    def _read_local(self, ids: np.ndarray, shard: int, out: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Read ``ids`` (ascending, all in ``shard``) in groups of up to _RUN_BYTES (at least one sample) into
+        ``out`` (id -> sample; returned)."""
         keys = self.index.keys.take(ids)  # Arrow's take: a list of str, no object array between
         offsets, lengths = self.index.offset[ids].astype(np.int64), self.index.length[ids].astype(np.int64)
         id_list = ids.tolist()
@@ -380,18 +427,24 @@ class ShardReader:
             hi = max(lo + 1, int(np.searchsorted(cum, before_lo + _RUN_BYTES, side="right")))
             before, read = self._seek.bytes_read, 0
             try:
-                for i, got in self._seek.read_group(shard, id_list[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi]):
-                    if shard in stopped:  # the handler stopped the shard on an earlier sample of the group
-                        self.bad.mark_lost(i)
-                    elif type(got) is dict:  # (`_accept`, inlined: this runs once a sample)
-                        read += 1
-                        yield i, got
-                    else:
-                        self._accept(i, got)
-            finally:  # counted also when the consumer stops early
+                got, clean = self._seek.read_group(shard, id_list[lo:hi], keys[lo:hi], offsets[lo:hi], lengths[lo:hi])
+                if clean and shard not in stopped:
+                    out.update(got)  # the usual group: every sample read and parsed
+                    read = len(got)
+                else:  # in order: a failure the handler stops the shard on loses the samples after it
+                    for i, sample in got:
+                        if shard in stopped:
+                            self.bad.mark_lost(i)
+                        elif type(sample) is dict:
+                            read += 1
+                            out[i] = sample
+                        else:
+                            self._accept(i, sample)
+            finally:  # counted also when a failure raises
                 self.tally["samples_read"] += read
                 self.tally["bytes_read"] += self._seek.bytes_read - before
             lo = hi
+        return out
 
     def _fetch_remote(self, ids: np.ndarray, shards: list[int]) -> dict[int, Any]:
         """Samples (or their ShardError) of the remote shards among ``ids``, fetched together so their byte

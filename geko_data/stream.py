@@ -485,7 +485,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         uniq = np.unique(block)
         repeats = uniq.size < block.size
         uniq = uniq[np.argsort(shard_position[self.index.shard[uniq]], kind="stable")]  # read in file order
-        return dict(reader.read(uniq)), repeats
+        return reader.read_all(uniq), repeats
 
     def _tagged(self, block: np.ndarray, weights: np.ndarray, samples: dict[int, dict[str, Any] | None],
                 repeats: bool, reader: ShardReader, main: bool) -> Iterator[dict[str, Any]]:
