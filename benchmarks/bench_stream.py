@@ -14,12 +14,24 @@ samples (``collate_fn=as_list``), and once more with the DataLoader's default ``
 skipped; plus samples/s and CPU time a sample in one process without a DataLoader:
 
     python benchmarks/bench_stream.py --peers [--rounds 6]
+
+``--against DIR`` compares this checkout's GEKOStream with another version of the package (``DIR``: its
+``geko_data`` folder, e.g. of ``git worktree add /tmp/base HEAD~1``), both imported in one process and taking
+turns on the same 16,000 samples: CPU time a sample of DataLoader worker 0 of 2's share read as a worker
+reads it, the same with each batch of 64 pickled as the worker's queue does, and one process reading the
+whole epoch; then real DataLoaders (2 workers, batches as lists), CPU time of the main process and the
+workers. Medians, and the median of the paired differences (the steady measure on a shared machine):
+
+    python benchmarks/bench_stream.py --against /tmp/base/geko_data [--rounds 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -212,12 +224,112 @@ def peers(quick: bool, rounds: int) -> None:
                 f"interleaved runs ({os.cpu_count()} CPUs)", rows))
 
 
+def load_other(package_dir: str, name: str, into: str):
+    """The package at ``package_dir`` (another version's ``geko_data`` folder) imported as ``name``: its files
+    copied under ``into`` with their ``geko_data`` imports renamed, so both versions run in one process."""
+    target = os.path.join(into, name)
+    shutil.copytree(package_dir, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder, _, files in os.walk(target):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(re.sub(r"\b(from|import) geko_data\b", rf"\1 {name}", text))
+    sys.path.insert(0, into)
+    return importlib.import_module(name)
+
+
+def _stream_of(package, folder: str, batch: int):
+    """``frozen_stream(folder, 0.0, batch)`` built with ``package``'s GEKOStream (this one or another version)."""
+    stream = importlib.import_module(package.__name__ + ".stream")
+    config = importlib.import_module(package.__name__ + ".config")
+    s = stream.GEKOStream(folder, total_epochs=1, batch_size=batch, shuffle_buffer=256,
+                          config=config.GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
+    s.state.epoch = 0
+    s.set_epoch(0)
+    return s
+
+
+def _worker_epoch(s, batch: int, pickled: bool) -> int:
+    """Worker 0 of 2's share of ``s``'s epoch, read as that DataLoader worker reads it, in this process (the
+    stream's internals: both versions must have them); with ``pickled``, each batch pickled as the worker's
+    queue does. Returns the samples read."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from geko_data.plan import worker_share
+
+    plan = s._shared.view()
+    order = s._order(plan)
+    mine = worker_share(order.order, world=s.world.with_worker(0, 2), batch_size=batch)
+    s._split = (order.order, batch, 2, 0)
+    got, n = [], 0
+    for sample in s._read_and_yield(mine, plan.loss_weight[mine], plan.epoch, order.shard_position, 0):
+        got.append(sample)
+        if len(got) == batch:
+            if pickled:
+                ForkingPickler.dumps(got)
+            n, got = n + len(got), []
+    return n + len(got)
+
+
+def against(old_dir: str, quick: bool, rounds: int) -> None:
+    import geko_data
+
+    n, size, batch = (2_000, 20_000, 64) if quick else (16_000, 20_000, 64)
+    payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    with tempfile.TemporaryDirectory() as d:
+        old = load_other(old_dir, "geko_old", os.path.join(d, "old"))
+        folder = os.path.join(d, "geko")
+        write_shards(({"__key__": f"k{i:06d}", "bin": payload, "cls": str(i % 10).encode()} for i in range(n)),
+                     os.path.join(folder, "shard-%03d.tar"), maxcount=n // 8)
+        streams = {"old": _stream_of(old, folder, batch), "new": _stream_of(geko_data, folder, batch)}
+        measures = {"worker 0 of 2's share, read": lambda s: _worker_epoch(s, batch, False),
+                    "the same, each batch pickled (ForkingPickler)": lambda s: _worker_epoch(s, batch, True),
+                    "one process, whole epoch": lambda s: sum(1 for _ in s)}
+        cpu: dict[tuple[str, str], list[float]] = {(m, v): [] for m in measures for v in streams}
+        for m, run in measures.items():  # warm-up: page cache, layouts, scratch arrays
+            for s in streams.values():
+                run(s)
+        for r in range(rounds):
+            for m, run in measures.items():
+                for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                    c0 = time.process_time()
+                    count = run(streams[v])
+                    cpu[(m, v)].append((time.process_time() - c0) / count * 1e6)
+        loaders = {v: DataLoader(s, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
+                   for v, s in streams.items()}
+        m = "2 DataLoader workers, batches as lists: main + workers"
+        measures[m] = None
+        for v, loader in loaders.items():
+            drain(loader)
+            cpu[(m, v)] = []
+        for r in range(rounds):
+            for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                cpu[(m, v)].append(timed_cpu_drain(loaders[v])[1] / n * 1e6)
+        del loaders
+    rows = []
+    for m in measures:
+        o, w = np.asarray(cpu[(m, "old")]), np.asarray(cpu[(m, "new")])
+        diff = w - o
+        rows.append((f"{m}: CPU time a sample", f"new {np.median(w):.2f} us, old {np.median(o):.2f} us; paired "
+                     f"difference median {np.median(diff):+.2f} us (from {diff.min():+.1f} to {diff.max():+.1f}), "
+                     f"new lower in {int((diff < 0).sum())} of {len(diff)} rounds", "(steady measure)", ""))
+    print(table(f"bench_stream --against {old_dir}: {n:,} samples of {size // 1000} KB, batch {batch}, {rounds} "
+                f"rounds taking turns ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})", rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="4 shards x 500 samples")
     p.add_argument("--peers", action="store_true", help="compare with webdataset, litdata and MDS (make bench-peers)")
-    p.add_argument("--rounds", type=int, default=6, help="interleaved runs per system with --peers")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved runs per system with --peers (or rounds with --against)")
+    p.add_argument("--against", metavar="DIR", help="compare with another version's geko_data folder")
     ns = p.parse_args()
+    if ns.against:
+        against(ns.against, ns.quick, ns.rounds)
+        return
     if ns.peers:
         peers(ns.quick, ns.rounds)
         return
