@@ -22,7 +22,7 @@ reads it, the same with each batch of 64 pickled as the worker's queue does, and
 whole epoch; then real DataLoaders (2 workers, batches as lists), CPU time of the main process and the
 workers. Medians, and the median of the paired differences (the steady measure on a shared machine):
 
-    python benchmarks/bench_stream.py --against /tmp/base/geko_data [--rounds 12]
+    python benchmarks/bench_stream.py --against /tmp/base/geko_data [--rounds 12] [--frozen 0.5]
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import best_of, table, verdict  # noqa: E402
 
-from geko_data import policy  # noqa: E402
-from geko_data.config import GEKOConfig  # noqa: E402
 from geko_data.shards import _hash_samples, _scan_tar, read_index, write_shards  # noqa: E402
 from geko_data.stream import GEKOStream  # noqa: E402
 
@@ -57,14 +55,17 @@ def drain(loader) -> int:
     return sum(len(b) for b in loader)
 
 
-def frozen_stream(folder: str, share: float, batch: int, verify: bool = False) -> GEKOStream:
+def frozen_stream(folder: str, share: float, batch: int, verify: bool = False,
+                  package: str = "geko_data") -> GEKOStream:
     """A stream with ``share`` of the samples in FREEZE and none of them drawn (``short_run_keep=None``: a
-    1-epoch run would otherwise keep half of FREEZE, and the epoch would read 55% of the samples at 90%)."""
-    s = GEKOStream(folder, total_epochs=1, batch_size=batch, shuffle_buffer=256, verify=verify,
-                   config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
+    1-epoch run would otherwise keep half of FREEZE, and the epoch would read 55% of the samples at 90%);
+    ``package``: the package whose GEKOStream it is (another version's, with ``--against``)."""
+    stream, config, rules = (importlib.import_module(f"{package}.{m}") for m in ("stream", "config", "policy"))
+    s = stream.GEKOStream(folder, total_epochs=1, batch_size=batch, shuffle_buffer=256, verify=verify,
+                          config=config.GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
     n = len(s.state)
     frozen = np.random.default_rng(0).permutation(n)[: int(share * n)]
-    s.state.bucket[frozen] = policy.FREEZE  # as a repartition leaves it
+    s.state.bucket[frozen] = rules.FREEZE  # as a repartition leaves it
     s.state.epoch = 0
     s.set_epoch(0)
     return s
@@ -241,17 +242,6 @@ def load_other(package_dir: str, name: str, into: str):
     return importlib.import_module(name)
 
 
-def _stream_of(package, folder: str, batch: int):
-    """``frozen_stream(folder, 0.0, batch)`` built with ``package``'s GEKOStream (this one or another version)."""
-    stream = importlib.import_module(package.__name__ + ".stream")
-    config = importlib.import_module(package.__name__ + ".config")
-    s = stream.GEKOStream(folder, total_epochs=1, batch_size=batch, shuffle_buffer=256,
-                          config=config.GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0, short_run_keep=None))
-    s.state.epoch = 0
-    s.set_epoch(0)
-    return s
-
-
 def _worker_epoch(s, batch: int, pickled: bool) -> int:
     """Worker 0 of 2's share of ``s``'s epoch, read as that DataLoader worker reads it, in this process (the
     stream's internals: both versions must have them); with ``pickled``, each batch pickled as the worker's
@@ -274,9 +264,7 @@ def _worker_epoch(s, batch: int, pickled: bool) -> int:
     return n + len(got)
 
 
-def against(old_dir: str, quick: bool, rounds: int) -> None:
-    import geko_data
-
+def against(old_dir: str, quick: bool, rounds: int, share: float) -> None:
     n, size, batch = (2_000, 20_000, 64) if quick else (16_000, 20_000, 64)
     payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
     with tempfile.TemporaryDirectory() as d:
@@ -284,7 +272,8 @@ def against(old_dir: str, quick: bool, rounds: int) -> None:
         folder = os.path.join(d, "geko")
         write_shards(({"__key__": f"k{i:06d}", "bin": payload, "cls": str(i % 10).encode()} for i in range(n)),
                      os.path.join(folder, "shard-%03d.tar"), maxcount=n // 8)
-        streams = {"old": _stream_of(old, folder, batch), "new": _stream_of(geko_data, folder, batch)}
+        streams = {"old": frozen_stream(folder, share, batch, package=old.__name__),
+                   "new": frozen_stream(folder, share, batch)}
         measures = {"worker 0 of 2's share, read": lambda s: _worker_epoch(s, batch, False),
                     "the same, each batch pickled (ForkingPickler)": lambda s: _worker_epoch(s, batch, True),
                     "one process, whole epoch": lambda s: sum(1 for _ in s)}
@@ -307,7 +296,7 @@ def against(old_dir: str, quick: bool, rounds: int) -> None:
             cpu[(m, v)] = []
         for r in range(rounds):
             for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                cpu[(m, v)].append(timed_cpu_drain(loaders[v])[1] / n * 1e6)
+                cpu[(m, v)].append(timed_cpu_drain(loaders[v])[1] / len(streams[v]) * 1e6)
         del loaders
     rows = []
     for m in measures:
@@ -316,7 +305,7 @@ def against(old_dir: str, quick: bool, rounds: int) -> None:
         rows.append((f"{m}: CPU time a sample", f"new {np.median(w):.2f} us, old {np.median(o):.2f} us; paired "
                      f"difference median {np.median(diff):+.2f} us (from {diff.min():+.1f} to {diff.max():+.1f}), "
                      f"new lower in {int((diff < 0).sum())} of {len(diff)} rounds", "(steady measure)", ""))
-    print(table(f"bench_stream --against {old_dir}: {n:,} samples of {size // 1000} KB, batch {batch}, {rounds} "
+    print(table(f"bench_stream --against {old_dir}: {n:,} samples of {size // 1000} KB, {share:.0%} frozen, batch {batch}, {rounds} "
                 f"rounds taking turns ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})", rows))
 
 
@@ -326,9 +315,10 @@ def main() -> None:
     p.add_argument("--peers", action="store_true", help="compare with webdataset, litdata and MDS (make bench-peers)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved runs per system with --peers (or rounds with --against)")
     p.add_argument("--against", metavar="DIR", help="compare with another version's geko_data folder")
+    p.add_argument("--frozen", type=float, default=0.0, help="share of the samples frozen with --against")
     ns = p.parse_args()
     if ns.against:
-        against(ns.against, ns.quick, ns.rounds)
+        against(ns.against, ns.quick, ns.rounds, ns.frozen)
         return
     if ns.peers:
         peers(ns.quick, ns.rounds)
