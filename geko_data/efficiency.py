@@ -17,6 +17,7 @@ from geko_data import policy
 from geko_data.summary import GROUPS, groups
 
 if TYPE_CHECKING:  # the state file module formats its history rows here: no import back at run time
+    from geko_data.config import GEKOConfig
     from geko_data.plan import EpochPlan
     from geko_data.state import SampleState
 
@@ -29,7 +30,8 @@ BASELINE_MODES = ("uniform", "random_subset", "infobatch")
 _CHUNK = 1 << 20
 
 
-def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int) -> dict[str, Any]:
+def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int,
+                      config: GEKOConfig | None = None) -> dict[str, Any]:
     """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs; every key is a count over the
     whole run unless it says otherwise.
 
@@ -52,6 +54,8 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     * ``after_last_epoch``: the partition **by every sample's latest report**, as the next ``set_epoch``
       would make it (before its pruning), with ``pruned``: the printed table's ``end`` row. Its counts differ
       from ``buckets`` by what the last epoch's reports moved. ``mastered_freeze`` is its FREEZE count.
+      ``config``: the run's planning config (``GEKOConfig.planning``; default the state's), whose rule
+      that partition follows.
     * ``pruned``: samples pruned for good (frozen for ``prune_after_frozen_epochs`` repartitions).
     * ``forgetting_events``: times a sample reported correct was later reported wrong (summed over samples).
     * ``nonfinite_reports``: reported losses that were NaN or inf (not applied to the state).
@@ -75,7 +79,7 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     # start), so the epoch's own reports would otherwise show only at a next epoch that never comes.
     final = policy.classify(seen=state.seen, correct=state.correct, confidence=state.confidence, q=state.q,
                             loss_var=state.loss_var, loss=state.loss, last_step=state.last_step,
-                            config=state.config)
+                            config=state.config if config is None else config)
     after = np.bincount(groups(final, state.pruned), minlength=len(GROUPS))
     return {
         "samples": n,

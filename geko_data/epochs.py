@@ -83,8 +83,14 @@ class EpochDriver:
     _coverage_resumed = False
     _coverage_warned = False
     #: Whether the epochs are cut into a full epoch's steps (a ``GEKOBatchSampler`` sets it on its sampler;
-    #: a stream's ``batches="steps"`` says it): the plan then takes ``config.short_run_keep_steps``.
+    #: a stream's ``batches="steps"`` says it): the run is then repartitioned and planned with
+    #: ``config.planning(keeps_steps=True, ...)``.
     keeps_steps = False
+
+    def planning_config(self) -> GEKOConfig:
+        """The config this run is repartitioned and planned with (``GEKOConfig.planning``): the state's
+        policy with the rules of epochs that keep their steps when they do."""
+        return self.config.planning(keeps_steps=self.keeps_steps, total_epochs=self.total_epochs)
 
     @staticmethod
     def log(message: str) -> None:
@@ -148,15 +154,16 @@ class EpochDriver:
             self.epoch = epoch
             self._watch(kept)
             return kept
+        config = self.planning_config()
         # A resumed epoch was repartitioned before its checkpoint: the state file holds that.
         if self.state.epoch < epoch and epoch % self.config.repartition_every == 0:
-            stats = self.state.repartition(progress, epoch=epoch, phase=self._phase_of(progress))
+            stats = self.state.repartition(progress, epoch=epoch, phase=self._phase_of(progress), config=config)
             if self.config.log_bucket_stats and self.world.is_main:
                 self.log(stats.format())
         self.epoch = epoch
         self.state.plan = None
         plan = epoch_plan(self.state, seed=self.seed, epoch=epoch, total_epochs=self.total_epochs,
-                          config=self.config.planning(keeps_steps=self.keeps_steps),
+                          config=config,
                           epoch_length=self.epoch_length, out=None if out is None else out())
         self.state.plan = plan
         self._watch(plan)
@@ -262,7 +269,8 @@ class EpochDriver:
         after an epoch ends, or pass what the loop knows).
         """
         done = self.epoch + 1 if epochs_done is None else epochs_done
-        return efficiency_report(self.state, epochs_done=done, total_epochs=self.total_epochs)
+        return efficiency_report(self.state, epochs_done=done, total_epochs=self.total_epochs,
+                                 config=self.planning_config())
 
     def format_efficiency_report(self, *, epochs_done: int | None = None) -> str:
         return format_efficiency_report(self.efficiency_report(epochs_done=epochs_done))

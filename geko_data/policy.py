@@ -89,9 +89,8 @@ def lr_multiplier(progress: float) -> float:
 
 
 def uses_curriculum(total_epochs: int | None, config: GEKOConfig) -> bool:
-    """Whether a run of ``total_epochs`` samples by the curriculum's phase weights: ``use_curriculum`` and at
-    least ``curriculum_min_epochs`` epochs (``None``: the length is not known, the curriculum applies)."""
-    return config.use_curriculum and (total_epochs is None or total_epochs >= config.curriculum_min_epochs)
+    """Whether a run of ``total_epochs`` samples by the curriculum's phase weights (``GEKOConfig.follows_curriculum``)."""
+    return config.follows_curriculum(total_epochs)
 
 
 def kept_share(total_epochs: int | None, config: GEKOConfig) -> float | None:

@@ -218,12 +218,14 @@ class SampleState(StoredState):
         self.last_step[uniq] = step
 
     # ------------------------------------------------------------------ policy
-    def repartition(self, progress: float, *, epoch: int | None = None, phase: str | None = None) -> PartitionStats:
+    def repartition(self, progress: float, *, epoch: int | None = None, phase: str | None = None,
+                    config: GEKOConfig | None = None) -> PartitionStats:
         """Re-bucket every unpruned sample from its last reported state; prune; append to ``history``.
         ``phase``: the curriculum phase to record (default: the phase of ``progress``; ``""`` for a run that
-        follows no curriculum)."""
+        follows no curriculum). ``config``: the run's planning config (``GEKOConfig.planning``; default the
+        state's own)."""
         self._writable("bucket", "frozen_epochs", "pruned")
-        cfg = self.config
+        cfg = self.config if config is None else config
         seen = self.seen
         bucket = policy.classify(seen=seen, correct=self.correct, confidence=self.confidence, q=self.q,
                                  loss_var=self.loss_var, config=cfg, loss=self.loss, last_step=self.last_step)

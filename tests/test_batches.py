@@ -143,3 +143,39 @@ def test_epochs_that_keep_their_steps_plan_the_short_run_rule_for_kept_steps():
     GEKOBatchSampler(half, batch_size=16)
     shrink(half, 80)
     assert np.array_equal(half.plan.counts, fixed.plan.counts)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:GEKO epoch 1 planned")  # the run reports epoch 0 only
+def test_long_runs_that_keep_their_steps_freeze_more_and_train_a_quarter_of_freeze_last():
+    """A 5-epoch run cut by GEKOBatchSampler freezes the easiest 60% of its right answers (50% with fixed
+    batches), draws HARD:FOCUS:LIGHT 0.5:2:1 and trains a quarter of FREEZE in its last epoch, at rescaled
+    loss weights (fixed batches: every sample once at weight 1)."""
+    config = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
+    n = 400
+    fixed, kept = (GEKOSampler(n, total_epochs=5, config=config, seed=5) for _ in range(2))
+    GEKOBatchSampler(kept, batch_size=16)
+    losses = np.linspace(0.01, 2.0, n)
+    confidence = np.where(np.arange(n) < 380, 0.9, 0.7)  # the last 20: wrong, 10 of them sure (HARD)
+    confidence[390:] = 0.1
+    correct = np.arange(n) < 380
+    for s in (fixed, kept):
+        s.set_epoch(0)
+        s.report(np.arange(n), losses, correct=correct, confidence=confidence)
+        s.set_epoch(1)
+    frozen = {name: int((s.state.bucket == policy.FREEZE).sum()) for name, s in (("fixed", fixed), ("kept", kept))}
+    assert frozen == {"fixed": n // 2, "kept": int(0.6 * n)}
+    assert [s.efficiency_report()["mastered_freeze"] for s in (fixed, kept)] == [n // 2, int(0.6 * n)]
+    e = kept.plan.counts.astype(float)
+    light, hard, focus = e[:380][kept.state.bucket[:380] == policy.LIGHT].mean(), e[380:390].mean(), e[390:].mean()
+    assert hard < light < focus  # 0.5 : 1 : 2 in expectation, rounded stochastically
+    for s in (fixed, kept):  # epochs 2-3 plan as epoch 1; epoch 4, the last, anneals
+        s.state.epoch = 4
+        s.set_epoch(4)
+    frozen_ids = kept.state.bucket == policy.FREEZE
+    assert int(fixed.plan.counts.sum()) == n and (fixed.plan.loss_weight == 1).all()
+    drawn = int(kept.plan.counts[frozen_ids].sum())
+    assert 0.15 * frozen_ids.sum() < drawn < 0.35 * frozen_ids.sum()  # a quarter of FREEZE
+    assert kept.plan.loss_weight[frozen_ids].max() > 2.0  # rescaled: c / 0.25
+    assert int(kept.plan.counts[~frozen_ids].sum()) == int((~frozen_ids).sum())  # every other sample once
+    assert kept.config == config

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from geko_data.config import (GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE, GEKOLIB_DEFAULTS, MODES,
+from geko_data.config import (GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE, GEKOLIB_DEFAULTS, MODES, MOUNTAIN,
                               GEKOConfig)
 
 
@@ -171,3 +171,22 @@ def test_short_run_keep_steps_is_validated_planned_and_old_states_keep_their_sha
     old = {k: v for k, v in c.to_dict().items() if not k.endswith("_steps")}  # a state file before the fields
     assert GEKOConfig.from_dict(old).short_run_keep_steps == 0.5
     assert GEKOConfig.from_dict(old).short_run_weights_steps == (1.0, 1.0, 1.0)
+
+
+def test_long_run_freeze_share_steps_plans_long_runs_that_keep_their_steps_only():
+    with pytest.raises(ValueError, match="long_run_freeze_share_steps"):
+        GEKOConfig(long_run_freeze_share_steps=1.5)
+    c = GEKOConfig()
+    long = c.planning(keeps_steps=True, total_epochs=5)
+    assert long.freeze_share == 0.6 and long.phase_weights == ((0.5, 2.0, 1.0),) * 5
+    assert long.anneal == pytest.approx(0.2)  # the last of 5 epochs anneals, with anneal_keep of FREEZE
+    assert c.planning(keeps_steps=True, total_epochs=8).anneal == pytest.approx(0.125)
+    assert c.planning(keeps_steps=True, total_epochs=3).freeze_share == 0.5  # a short run: its own rule
+    assert c.planning(keeps_steps=False, total_epochs=5) is c
+    assert GEKOConfig(anneal=0.0).planning(keeps_steps=True, total_epochs=5).anneal == 0.0  # set: kept
+    for other in (GEKOConfig(long_run_freeze_share_steps=None), GEKOConfig(phase_weights=MOUNTAIN),
+                  GEKOConfig(mode="unbiased")):
+        planned = other.planning(keeps_steps=True, total_epochs=5)
+        assert planned.freeze_share == 0.5 and planned.anneal == other.anneal
+    old = {k: v for k, v in c.to_dict().items() if k != "long_run_freeze_share_steps"}
+    assert GEKOConfig.from_dict(old).long_run_freeze_share_steps is None  # a resumed run keeps its rule
