@@ -157,11 +157,12 @@ def wrap_model(model: torch.nn.Module, args: TrainArgs, world: World,
         return uncompiled, uncompiled, False
 
 
-def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
-                collate_fn: Callable[..., Any]) -> tuple[DataLoader, torch.Generator]:
+def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs, collate_fn: Callable[..., Any],
+                *, stream_batch_size: int | None = None) -> tuple[DataLoader, torch.Generator]:
     """(the training DataLoader, the generator its workers' seeds come from: seed it per epoch). A stream
     whose epochs change their batch size (``batches="steps"``) needs a new one when it changes
-    (``loader_is_stale``)."""
+    (``loader_is_stale``), made with ``stream_batch_size`` = the planned epoch's ``epoch_batch_size``
+    (default the stream's ``batch_size``: the first loader is made before any epoch is planned)."""
     workers = args.dataloader_num_workers if args.dataloader_num_workers >= 0 else min(2, os.cpu_count() or 1)
     loader_kw: dict[str, Any] = {}
     if workers > 0:
@@ -172,8 +173,8 @@ def make_loader(data: GEKOSampler | GEKOStream, dataset: Any, args: TrainArgs,
     rng = torch.Generator()
     if isinstance(data, GEKOSampler) and args.batches == "steps":
         batching: dict[str, Any] = {"batch_sampler": GEKOBatchSampler(data, batch_size=args.batch_size)}
-    elif isinstance(data, GEKOStream):  # a full epoch's size; loader_is_stale says when an epoch needs another
-        batching = {"batch_size": data.batch_size}
+    elif isinstance(data, GEKOStream):  # stream_batch_size: the planned epoch's (loader_is_stale)
+        batching = {"batch_size": data.batch_size if stream_batch_size is None else stream_batch_size}
     else:
         batching = {"batch_size": args.batch_size, "sampler": data}
     loader = DataLoader(dataset, **batching, num_workers=workers, collate_fn=collate_fn, generator=rng, **loader_kw)

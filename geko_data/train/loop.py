@@ -267,7 +267,8 @@ def _start_epoch(run: _Run, epoch: int) -> bool:
     """
     run.data.set_epoch(epoch)
     if build.loader_is_stale(run.loader, run.data):
-        run.loader, run.loader_rng = build.make_loader(run.data, run.loader.dataset, run.args, run.collate_fn)
+        run.loader, run.loader_rng = build.make_loader(run.data, run.loader.dataset, run.args, run.collate_fn,
+                                                       stream_batch_size=run.data.epoch_batch_size)
     run.loader_rng.manual_seed(run.args.seed * 100_003 + epoch)  # the workers' seeds, the same on a resume
     run.epoch, run.consumed = epoch, run.first_position if epoch == run.first_epoch else 0
     run.running, run.micro = 0.0, 0

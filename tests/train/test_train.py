@@ -676,3 +676,27 @@ def test_batches_is_validated_and_a_resume_keeps_it(tmp_path):
     ckpt = list_checkpoints(a.output_dir)[-1]
     with pytest.raises(ValueError, match="`batches` is 'steps' but the checkpoint was written with 'fixed'"):
         train(Plain(), plain_data(16), args=a.replace(batches="steps"), config=CFG, resume_from=ckpt, log=QUIET)
+
+
+@pytest.mark.parametrize("batches", ["steps", "fixed"])
+def test_stream_epochs_keep_a_full_epochs_steps_unless_batches_fixed(tmp_path, batches):
+    # A stream epoch with half of its samples frozen: with batches="steps" it still takes a full epoch's
+    # 4 micro-batches (16 / 4), in batches of 2; "fixed" takes 2 batches of 4. geko-train once rebuilt the
+    # stream's DataLoader at the full batch size, so a steps run took fixed batches (the demo's 19 steps
+    # became 12 and 10).
+    from geko_data.stream import GEKOStream
+    from geko_data.train.collate import decode_json
+
+    rows = lm_data(16)
+    write_shards(({"__key__": f"r{i:03d}", "json": json.dumps(r).encode()} for i, r in enumerate(rows)),
+                 str(tmp_path / "shards" / "s-%03d.tar"))
+    cfg = CFG.replace(recheck_frozen=0.0, short_run_keep=None)
+    state = SampleState(16, config=cfg)
+    state.bucket[:8] = 0  # half FREEZE, as after a repartition
+    state.epoch = 0
+    stream = GEKOStream(tmp_path / "shards", total_epochs=1, config=cfg, state=state, decode=decode_json)
+    a = args(tmp_path, num_epochs=1, batch_size=4, batches=batches)
+    out = train(tiny_lm(), stream, args=a, config=cfg, log=QUIET)
+    epochs = [r for r in metrics(a.output_dir) if r["event"] == "epoch"]
+    assert out.efficiency["sample_passes"] == 8
+    assert [r["micro_batches"] for r in epochs] == [4 if batches == "steps" else 2]
