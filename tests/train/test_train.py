@@ -401,20 +401,26 @@ def test_gradient_checkpointing_needs_an_hf_model(tmp_path):
     assert out.efficiency["sample_passes"] > 0
 
 
-@pytest.mark.parametrize("fp16", [False, True])
-def test_recheck_of_frozen_samples_does_not_move_weights(tmp_path, fp16):
-    # fp16: a window of forward-only re-checks has nothing scaled; the GradScaler must not be stepped
+def frozen_stream(tmp_path, cfg, *, frozen):
+    """A 1-epoch GEKOStream over 16 LM rows in shards whose first ``frozen`` samples are FREEZE, as after a
+    repartition."""
     from geko_data.stream import GEKOStream
     from geko_data.train.collate import decode_json
 
     rows = lm_data(16)
     write_shards(({"__key__": f"r{i:03d}", "json": json.dumps(r).encode()} for i, r in enumerate(rows)),
                  str(tmp_path / "shards" / "s-%03d.tar"))
-    cfg = CFG.replace(recheck_frozen=1.0, short_run_keep=None)
     state = SampleState(16, config=cfg)
-    state.bucket[:] = 0  # everything FREEZE, as after a repartition: the epoch is re-checks only
+    state.bucket[:frozen] = 0
     state.epoch = 0
-    stream = GEKOStream(tmp_path / "shards", total_epochs=1, config=cfg, state=state, decode=decode_json)
+    return GEKOStream(tmp_path / "shards", total_epochs=1, config=cfg, state=state, decode=decode_json)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_recheck_of_frozen_samples_does_not_move_weights(tmp_path, fp16):
+    # fp16: a window of forward-only re-checks has nothing scaled; the GradScaler must not be stepped
+    cfg = CFG.replace(recheck_frozen=1.0, short_run_keep=None)
+    stream = frozen_stream(tmp_path, cfg, frozen=16)  # the epoch is re-checks only
     model = tiny_lm()
     before = weights(model)
     out = train(model, stream, args=args(tmp_path, num_epochs=1, fp16=fp16), config=cfg, log=QUIET)
@@ -684,17 +690,8 @@ def test_stream_epochs_keep_a_full_epochs_steps_unless_batches_fixed(tmp_path, b
     # 4 micro-batches (16 / 4), in batches of 2; "fixed" takes 2 batches of 4. geko-train once rebuilt the
     # stream's DataLoader at the full batch size, so a steps run took fixed batches (the demo's 19 steps
     # became 12 and 10).
-    from geko_data.stream import GEKOStream
-    from geko_data.train.collate import decode_json
-
-    rows = lm_data(16)
-    write_shards(({"__key__": f"r{i:03d}", "json": json.dumps(r).encode()} for i, r in enumerate(rows)),
-                 str(tmp_path / "shards" / "s-%03d.tar"))
     cfg = CFG.replace(recheck_frozen=0.0, short_run_keep=None)
-    state = SampleState(16, config=cfg)
-    state.bucket[:8] = 0  # half FREEZE, as after a repartition
-    state.epoch = 0
-    stream = GEKOStream(tmp_path / "shards", total_epochs=1, config=cfg, state=state, decode=decode_json)
+    stream = frozen_stream(tmp_path, cfg, frozen=8)
     a = args(tmp_path, num_epochs=1, batch_size=4, batches=batches)
     out = train(tiny_lm(), stream, args=a, config=cfg, log=QUIET)
     epochs = [r for r in metrics(a.output_dir) if r["event"] == "epoch"]
