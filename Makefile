@@ -38,6 +38,8 @@ PEER_DEPS := brotli python-snappy cramjam zstd catalogue
 
 bench-peers: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt --no-deps $(PEER_PKGS) $(PEER_DEPS)
+	# litdata imports boto3 at import time; the boto3 that matches the installed botocore (aiobotocore pins it).
+	$(PY) -m pip install -q -c constraints.txt "boto3==$$($(PY) -c 'import botocore; print(botocore.__version__)')"
 	$(PY) -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 	$(PY) benchmarks/bench_stream.py --peers
 
