@@ -149,8 +149,9 @@ def test_epochs_that_keep_their_steps_plan_the_short_run_rule_for_kept_steps():
 @pytest.mark.filterwarnings("ignore:GEKO epoch 1 planned")  # the run reports epoch 0 only
 def test_long_runs_that_keep_their_steps_freeze_more_and_train_a_quarter_of_freeze_last():
     """A 5-epoch run cut by GEKOBatchSampler freezes the easiest 60% of its right answers (50% with fixed
-    batches), draws HARD:FOCUS:LIGHT 0.5:2:1 and trains a quarter of FREEZE in its last epoch, at rescaled
-    loss weights (fixed batches: every sample once at weight 1)."""
+    batches), draws HARD:FOCUS:LIGHT 0.5:1:1 (``long_run_weights_steps``; short runs 0.5:2:1) and trains a
+    quarter of FREEZE in its last epoch, at rescaled loss weights (fixed batches: every sample once at
+    weight 1)."""
     config = GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0)
     n = 400
     fixed, kept = (GEKOSampler(n, total_epochs=5, config=config, seed=5) for _ in range(2))
@@ -168,7 +169,8 @@ def test_long_runs_that_keep_their_steps_freeze_more_and_train_a_quarter_of_free
     assert [s.efficiency_report()["mastered_freeze"] for s in (fixed, kept)] == [n // 2, int(0.6 * n)]
     e = kept.plan.counts.astype(float)
     light, hard, focus = e[:380][kept.state.bucket[:380] == policy.LIGHT].mean(), e[380:390].mean(), e[390:].mean()
-    assert hard < light < focus  # 0.5 : 1 : 2 in expectation, rounded stochastically
+    # 0.5 : 1 : 1 in expectation (about 0.52, 1.03, 1.03 here), rounded stochastically; 0.5:2:1 gives focus 1.94
+    assert hard < 0.75 < light < 1.25 and hard < 0.75 < focus < 1.5
     for s in (fixed, kept):  # epochs 2-3 plan as epoch 1; epoch 4, the last, anneals
         s.state.epoch = 4
         s.set_epoch(4)

@@ -178,7 +178,12 @@ def test_long_run_freeze_share_steps_plans_long_runs_that_keep_their_steps_only(
         GEKOConfig(long_run_freeze_share_steps=1.5)
     c = GEKOConfig()
     long = c.planning(keeps_steps=True, total_epochs=5)
-    assert long.freeze_share == 0.6 and long.phase_weights == ((0.5, 2.0, 1.0),) * 5
+    assert long.freeze_share == 0.6 and long.phase_weights == ((0.5, 1.0, 1.0),) * 5
+    assert long.bucket_weights == (0.5, 2.0, 1.0)  # short runs' weights: not what a long run draws by
+    assert GEKOConfig(long_run_weights_steps=[1, 1, 1]).planning(
+        keeps_steps=True, total_epochs=8).phase_weights == ((1.0, 1.0, 1.0),) * 5
+    with pytest.raises(ValueError, match="long_run_weights_steps"):
+        GEKOConfig(long_run_weights_steps=(1.0, -1.0, 1.0))
     assert long.anneal == pytest.approx(0.2)  # the last of 5 epochs anneals, with anneal_keep of FREEZE
     assert c.planning(keeps_steps=True, total_epochs=8).anneal == pytest.approx(0.125)
     assert c.planning(keeps_steps=True, total_epochs=3).freeze_share == 0.5  # a short run: its own rule
@@ -190,3 +195,7 @@ def test_long_run_freeze_share_steps_plans_long_runs_that_keep_their_steps_only(
         assert planned.freeze_share == 0.5 and planned.anneal == other.anneal
     old = {k: v for k, v in c.to_dict().items() if k != "long_run_freeze_share_steps"}
     assert GEKOConfig.from_dict(old).long_run_freeze_share_steps is None  # a resumed run keeps its rule
+    # written before long_run_weights_steps: its long runs drew by short_run_weights_steps, and still do
+    old = {k: v for k, v in GEKOConfig(short_run_weights_steps=(0.5, 3.0, 1.0)).to_dict().items()
+           if k != "long_run_weights_steps"}
+    assert GEKOConfig.from_dict(old).planning(keeps_steps=True, total_epochs=5).phase_weights == ((0.5, 3.0, 1.0),) * 5
