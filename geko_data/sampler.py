@@ -197,12 +197,18 @@ def _sampler_world(world: World | None, num_replicas: Any, rank: Any) -> World:
             raise ValueError(f"pass either `world` ({world}) or `num_replicas`/`rank` ({num_replicas}/{rank}), "
                              f"not both")
         return World(rank=world.rank, world_size=world.world_size)  # the DataLoader splits among workers
+    given = num_replicas is not None
     if num_replicas is None or rank is None:  # explicit ranks need no process group
         detected = World.detect()
         num_replicas = detected.world_size if num_replicas is None else num_replicas
         rank = detected.rank if rank is None else rank
     check_int("num_replicas", num_replicas, 1)
-    check_int("rank", rank, 0, num_replicas - 1)
+    try:
+        check_int("rank", rank, 0, num_replicas - 1)
+    except ValueError as exn:  # "in [0, 0]" alone does not say where the bound comes from
+        source = "given" if given else "from torch.distributed, or 1 without a process group"
+        raise ValueError(f"{exn}: ranks 0 to num_replicas - 1, with num_replicas={num_replicas} ({source}); "
+                         f"pass num_replicas=N with rank") from None
     return World(rank=int(rank), world_size=int(num_replicas))
 
 

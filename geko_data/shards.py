@@ -1267,12 +1267,21 @@ def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, An
         yield current, start, end
 
 
+#: The time ``write_shards`` gives every tar member (2000-01-01 UTC): a constant, so the same samples write
+#: the same bytes.
+SHARD_MTIME = 946_684_800
+
+
 def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: int = 10_000,
                  maxsize: float = 3e9, progress: bool = False) -> ShardIndex:
     """Write ``samples`` as WebDataset shards named ``pattern % i`` and ``index.arrow`` beside them.
 
     Every sample dict needs a unique string ``__key__``; other entries are ``ext: bytes | str | ...`` as
     ``webdataset.TarWriter`` takes them. Returns the index.
+
+    The same samples give the same bytes, and so the same index fingerprint: every member's time is
+    ``SHARD_MTIME``, not the clock (a state saved against the shards still matches them when they are
+    written again). Without it each member also carries a pax record of its fractional time.
     """
     import webdataset as wds
 
@@ -1285,7 +1294,8 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: i
     folder = os.path.dirname(os.path.abspath(pattern))
     os.makedirs(folder, exist_ok=True)
     written: list[str] = []
-    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+    previous = None
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=SHARD_MTIME) as sink:
         for i, sample in enumerate(tqdm(samples, desc="writing shards", unit="sample", disable=not progress)):
             key = sample.get("__key__") if isinstance(sample, dict) else None
             if not isinstance(key, str) or not key:
@@ -1293,7 +1303,16 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: i
             if "." in key.rsplit("/", 1)[-1]:
                 raise ValueError(f"sample {i}: `__key__` {key!r} must not contain a dot in its base name "
                                  f"(WebDataset splits keys from extensions at the first dot)")
-            sink.write(sample)
+            if key == previous:
+                # A reader groups adjacent members by key: the two would be read as one sample with every
+                # member twice (index_shards refuses a repeated key that is not adjacent).
+                raise ValueError(f"sample {i}: `__key__` {key!r} repeats the previous sample's; keys must be unique")
+            previous = key
+            try:
+                sink.write(sample)
+            except (ValueError, TypeError, AttributeError) as exn:  # webdataset's encoder names no sample
+                raise ValueError(f"sample {i} ({key!r}) cannot be written: {exn}. Values must be bytes or str, "
+                                 f"or of an extension webdataset's encoder knows (e.g. a dict as 'json')") from exn
             if sink.fname not in written:
                 written.append(sink.fname)
     return index_shards(written, output=os.path.join(folder, INDEX_NAME))

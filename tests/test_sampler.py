@@ -466,3 +466,13 @@ def test_batches_out_of_order_still_carry_their_own_indices():
         assert torch.equal(b["__weight__"], torch.tensor(s.plan.loss_weight)[b["__index__"]])
         seen += b["__index__"].tolist()
     assert sorted(seen) == sorted(s)
+
+
+def test_a_rank_without_num_replicas_says_where_the_bound_comes_from():
+    """`rank=1` alone was refused as "in [0, 0]", which does not say that num_replicas (1 without a process
+    group) sets the bound."""
+    with pytest.raises(ValueError, match=r"got 1: ranks 0 to num_replicas - 1, with num_replicas=1 \(from "
+                                         r"torch.distributed, or 1 without a process group\); pass num_replicas=N"):
+        GEKOSampler(list(range(10)), total_epochs=3, rank=1)
+    with pytest.raises(ValueError, match=r"`rank` must be an int in \[0, 1\], got 4: .*num_replicas=2 \(given\)"):
+        GEKOSampler(list(range(10)), total_epochs=3, rank=4, num_replicas=2)

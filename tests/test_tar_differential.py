@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geko_data.shards import (ShardError, _checksum_ok, _fast_members, _regular_run, _tarfile_members, index_shards,
-                              iter_tar_samples, parse_sample, parse_samples, write_shards)
+                              iter_tar_samples, parse_sample, parse_samples)
 from geko_data.stream import GEKOStream
 from geko_data.config import GEKOConfig
 
@@ -327,6 +327,18 @@ def _with_checksum(block: bytearray) -> bytearray:
     return block
 
 
+def shardwriter_shards(samples: list[dict], pattern: str, maxcount: int):
+    """``samples`` written by webdataset's own ShardWriter (member times from the clock, so every member has
+    a pax record of its fractional time: the layout most WebDataset tars have) and indexed. ``write_shards``
+    writes one fixed time and no pax records."""
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    names = sorted(os.path.join(os.path.dirname(pattern), f) for f in os.listdir(os.path.dirname(pattern))
+                   if f.endswith(".tar"))
+    return index_shards(names, output=os.path.join(os.path.dirname(pattern), "index.arrow"))
+
+
 @pytest.mark.timeout(300)
 def test_runs_of_shardwriter_samples_read_as_one_by_one_under_every_header_byte_change(tmp_path):
     """A run of regular samples is checked against one sample's layout in numpy passes; every byte of one
@@ -338,7 +350,7 @@ def test_runs_of_shardwriter_samples_read_as_one_by_one_under_every_header_byte_
     # Times with different decimals make pax records of different lengths; one sample has another size.
     samples = [{"__key__": f"s{i:04d}", "txt": b"x" * (300 if i != 5 else 700), "cls": str(i).encode()}
                for i in range(12)]
-    idx = write_shards(samples, path, maxcount=100)
+    idx = shardwriter_shards(samples, path, maxcount=100)
     shard = idx.shards[0]
     buf = bytearray(open(shard, "rb").read())
     check_run_parser(bytes(buf), idx, shard)  # unchanged
@@ -384,7 +396,7 @@ def test_checking_a_run_allocates_no_array_of_all_its_headers(tmp_path):
     import tracemalloc
 
     samples = [{"__key__": f"k{i:05d}", "bin": b"x" * 10, "cls": b"1"} for i in range(256)]
-    idx = write_shards(samples, str(tmp_path / "s-%03d.tar"), maxcount=1000)
+    idx = shardwriter_shards(samples, str(tmp_path / "s-%03d.tar"), maxcount=1000)
     data = open(idx.shards[0], "rb").read()
     spans = list(zip(idx.offset.tolist(), idx.length.tolist()))
     keys = [str(k) for k in idx.keys]
