@@ -29,6 +29,11 @@ def main() -> None:
         json.dump({"ids": trainer.ids_by_epoch, "plans": trainer.plans, "steps": trainer.state.global_step,
                    "state": tiny.state_digest(trainer.geko_state), "lrs": trainer.lrs,
                    "world": trainer.geko_sampler.world.world_size}, f)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # Trainer leaves the group up: a rank's gloo threads could abort it at exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
