@@ -212,10 +212,13 @@ class GEKOTrainerMixin:
         # accelerate shards a sampler's batches over the processes (rank r takes every world-th batch). The
         # GEKO sampler already yields this rank's share, so that would silently drop half of it (with 2
         # ranks): make the wrapper a passthrough, as transformers does for its own rank-aware samplers.
+        # Its batch_size too: the wrapper yields only batches of exactly that size (and the last one), and
+        # an epoch that keeps its steps is cut into smaller ones, which it would drop but the last.
         shard = getattr(loader, "batch_sampler", None)
         inner = getattr(shard, "batch_sampler", None)
         if inner is not None and getattr(inner, "sampler", None) is sampler:  # GEKOBatchSampler's too
             shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
+            shard.batch_size = None  # accelerate's "batches of any length"
         elif args.world_size > 1:
             raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(loader).__name__} with batch "
                                f"sampler {type(shard).__name__}; GEKO cannot check that each rank trains its "

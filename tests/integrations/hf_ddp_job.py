@@ -16,17 +16,18 @@ from geko_data.train.collate import pad_collate  # noqa: E402
 
 def main() -> None:
     out = sys.argv[1]
-    args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1,
+    args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=8,
+                             gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=1,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
                              ddp_backend="gloo", seed=3)
     trainer = tiny.recording_trainer(GEKOTrainer)(
-        model=tiny.tiny_llama(), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
+        model=tiny.tiny_llama(), args=args, train_dataset=tiny.hf_dataset(160), data_collator=pad_collate,
         geko_config=GEKOConfig(freeze_confidence=0.6, freeze_quality=0.5, log_bucket_stats=False))
     trainer.train()
     rank = int(os.environ["RANK"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"ids": trainer.ids_by_epoch, "plans": trainer.plans, "steps": trainer.state.global_step,
+                   "batch_sizes": trainer.batch_sizes,
                    "state": tiny.state_digest(trainer.geko_state), "lrs": trainer.lrs,
                    "world": trainer.geko_sampler.world.world_size}, f)
     import torch.distributed as dist
