@@ -204,6 +204,18 @@ class GEKOCallback(pl.Callback):
         if epochs is None or epochs < 1:
             raise ValueError(f"GEKOCallback needs the planned epochs: pass `total_epochs=` or set the trainer's "
                              f"`max_epochs` (got {trainer.max_epochs!r})")
+        # GEKO plans whole epochs: a run that max_steps cuts short trains part of an epoch's plan, and the
+        # efficiency report would count the draws cut off as compute saved. Stopping early on purpose (to
+        # resume later) says so by planning the run: total_epochs=.
+        if trainer.max_steps not in (-1, None) and self.total_epochs is None:
+            raise ValueError(f"`max_steps` must be -1 with GEKOCallback unless the run is planned with "
+                             f"`GEKOCallback(total_epochs=...)` (GEKO plans whole epochs; a run cut short counts "
+                             f"what it did not train as saved), got {trainer.max_steps}; set `max_epochs` instead, "
+                             f"or pass total_epochs= to stop early and resume")
+        limit = trainer.limit_train_batches
+        if limit is not None and limit != 1.0:
+            raise ValueError(f"`limit_train_batches` must be 1.0 with GEKOCallback (every draw of an epoch's plan "
+                             f"is trained), got {limit!r}")
         self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
                                             seed=self.seed, num_replicas=trainer.world_size,
                                             rank=trainer.global_rank, epoch_length=self.epoch_length)

@@ -122,7 +122,8 @@ def test_fit_resumed_after_an_epoch_that_took_fewer_steps_continues_exactly(tmp_
     _, full_module, full_geko = lightning_job.run(str(tmp_path / "full"), mode, epochs=5, config=config)
     cut = STEPS + len(full_module.sizes[1])
     assert cut < 2 * STEPS and len(full_module.sizes[4]) == STEPS
-    lightning_job.run(str(tmp_path), mode, epochs=5, checkpoint=cut, max_steps=cut, config=config)
+    lightning_job.run(str(tmp_path), mode, epochs=5, checkpoint=cut, max_steps=cut, config=config,
+                      total_epochs=5)
     (ckpt,) = (tmp_path / "checkpoints").iterdir()
     _, module, geko = lightning_job.run(str(tmp_path), mode, epochs=5, ckpt_path=str(ckpt), config=config,
                                         workers=2)
@@ -184,6 +185,25 @@ def test_a_bare_loss_from_training_step_is_refused_naming_what_lightning_passed_
     with pytest.raises(ValueError, match=r"per-sample losses.*got a dict with keys \['loss'\], which is how "
                                          r"Lightning passes on a bare loss tensor"):
         lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_BareLoss)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_cut_short_by_max_steps_without_a_planned_run_is_refused(tmp_path):
+    # Planned from max_epochs and cut by max_steps, the report counted the draws cut off as compute saved.
+    with pytest.raises(ValueError, match=r"`max_steps` must be -1 with GEKOCallback unless .*total_epochs=.*got 5"):
+        lightning_job.run(str(tmp_path), "callback", epochs=2, max_steps=5)
+
+
+@pytest.mark.timeout(60)
+def test_limit_train_batches_is_refused(tmp_path, monkeypatch):
+    real = lightning_job.pl.Trainer
+
+    def limited(*args, **kwargs):
+        return real(*args, limit_train_batches=0.5, **kwargs)
+
+    monkeypatch.setattr(lightning_job.pl, "Trainer", limited)
+    with pytest.raises(ValueError, match=r"`limit_train_batches` must be 1.0 with GEKOCallback .*got 0.5"):
+        lightning_job.run(str(tmp_path), "callback", epochs=1)
 
 
 @pytest.mark.timeout(60)
