@@ -245,7 +245,13 @@ class EpochDriver:
         for key, value in mine.items():
             theirs = sd.get(key, value)  # fields added later default to ours
             if theirs != value:
-                raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}")
+                hint = ""
+                if key == "total_epochs":  # the plan of every epoch depends on the run's length
+                    hint = (f": the saved run was planned for {theirs} epochs, and a run cannot be extended on "
+                            f"resume; resume with total_epochs={theirs}, or start a new {what} with "
+                            f"`use_state(SampleState.load(path))` and no load_state_dict (its epoch 0 then "
+                            f"plans from what the state learnt)")
+                raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}{hint}")
         theirs_mode = (sd.get("config") or {}).get("mode", self.config.mode)
         if theirs_mode != self.config.mode:
             raise ValueError(f"state_dict config mode {theirs_mode!r} does not match this {what}'s mode "

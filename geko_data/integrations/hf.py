@@ -136,6 +136,13 @@ class GEKOTrainerMixin:
             raise TypeError(f"`geko_signals` must be callable, got {type(geko_signals).__name__}")
         if geko_batches not in BATCHES:
             raise ValueError(f"`geko_batches` must be one of {', '.join(BATCHES)}, got {geko_batches!r}")
+        # Before the Trainer's own check, which asks for max_steps (which GEKO then refuses).
+        train_dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        if isinstance(train_dataset, torch.utils.data.IterableDataset) or (
+                type(train_dataset).__name__ == "IterableDataset"):  # datasets' (not a torch one)
+            raise TypeError(f"`train_dataset` must be a map-style dataset (len and indexing: GEKO picks the "
+                            f"samples of each epoch), got {type(train_dataset).__name__}; to stream shards, "
+                            f"use GEKOStream with your own loop or geko-train")
         super().__init__(*args, **kwargs)
         self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config
@@ -346,6 +353,7 @@ class GEKOTrainerMixin:
             os.makedirs(folder, exist_ok=True)
             sampler.state.save(os.path.join(folder, STATE_FILE))
             sd = sampler.state_dict(consumed=self._geko_consumed)
+            sd["trainer"] = self._geko_batching()
             atomic_write_bytes(os.path.join(folder, SAMPLER_FILE), json.dumps(sd, indent=1).encode())
         super()._save_checkpoint(model, trial)
 
@@ -366,6 +374,13 @@ class GEKOTrainerMixin:
                                         f"would replay a different data order")
         with open(sd_path, "rb") as f:
             sd = json.loads(f.read().decode())
+        self._geko_check_batching(sd.pop("trainer", None), resume_from_checkpoint)
+        planned = sd.get("total_epochs")
+        if isinstance(planned, int) and planned != sampler.total_epochs:
+            raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint!r} was written by a run planned for "
+                             f"{planned} epochs, and this one has `num_train_epochs` {sampler.total_epochs}: GEKO "
+                             f"plans the whole run, so a run cannot be extended on resume; resume with "
+                             f"num_train_epochs={planned}, or start a new run")
         sampler.use_state(SampleState.load(state_path, memory_map=False))
         sampler.load_state_dict(sd)
         epoch, position = int(sd["epoch"]), int(sd["position"])
@@ -384,6 +399,22 @@ class GEKOTrainerMixin:
         self._geko_rng_checkpoint = resume_from_checkpoint if position > 0 or persistent else None
         # The sampler skips what was trained itself; the Trainer must not skip batches on top of that.
         return epoch, 0
+
+    def _geko_batching(self) -> dict[str, Any]:
+        """What cuts this run's epochs into batches, kept with a checkpoint: a resume must cut them alike."""
+        return {"geko_batches": self.geko_batches, "per_device_train_batch_size": self._train_batch_size}
+
+    def _geko_check_batching(self, saved: dict[str, Any] | None, checkpoint: str) -> None:
+        """Refuse a resume whose batching differs from the checkpoint's (a checkpoint written before it was
+        kept is taken as is): another ``geko_batches`` plans other epochs, another batch size cuts them into
+        other batches, and either trains other samples than the run that wrote the checkpoint."""
+        if saved is None:
+            return
+        changed = {k: (v, saved[k]) for k, v in self._geko_batching().items() if k in saved and saved[k] != v}
+        if changed:
+            what = ", ".join(f"`{k}` {now!r} (the checkpoint's: {then!r})" for k, (now, then) in changed.items())
+            raise ValueError(f"resume_from_checkpoint {checkpoint!r} was written by a run that cut its epochs "
+                             f"otherwise: {what}; resume with the checkpoint's values, or start a new run")
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if checkpoint is not None and checkpoint == self._geko_rng_checkpoint:

@@ -121,15 +121,15 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(out, *, stop=None, resume=None, workers=0):
+def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", epochs=3):
     loader = {"dataloader_num_workers": workers, "dataloader_persistent_workers": True} if workers else {}
-    args = make_args(out, num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    args = make_args(out, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
                      warmup_steps=2, save_strategy="no", **loader)
     # With dropout, training draws from torch's RNG: a resume must restore it where the cut run stood (it was
     # restored at the epoch's start, before the DataLoader drew its seed, and the weights differed mid-epoch).
     trainer = tiny.recording_trainer(GEKOTrainer)(
         model=tiny.tiny_llama(dropout=0.1), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
-        geko_config=EASY, callbacks=[StopAt(stop)] if stop else None)
+        geko_config=EASY, callbacks=[StopAt(stop)] if stop else None, geko_batches=batches)
     trainer.train(resume_from_checkpoint=resume)
     ids = [i for e in sorted(trainer.ids_by_epoch) for i in trainer.ids_by_epoch[e]]
     return trainer, ids
@@ -181,6 +181,31 @@ def test_resume_from_a_checkpoint_without_geko_state_is_refused(tmp_path):
     os.remove(ckpt / "geko_state.arrow")
     with pytest.raises(FileNotFoundError, match="geko_state.arrow"):
         _run(tmp_path / "cut", resume=str(ckpt))
+
+
+@pytest.mark.timeout(90)
+def test_a_resume_that_cuts_epochs_otherwise_or_extends_the_run_is_refused_naming_both_values(tmp_path):
+    # It ran, training other samples than the run that wrote the checkpoint (another batch size) or another
+    # plan (fixed batches instead of steps kept).
+    _run(tmp_path / "cut", stop=3)
+    ckpt = str(tmp_path / "cut" / "checkpoint-3")
+    with pytest.raises(ValueError, match=r"`per_device_train_batch_size` 2 \(the checkpoint's: 4\)"):
+        _run(tmp_path / "cut", resume=ckpt, batch=2)
+    with pytest.raises(ValueError, match=r"`geko_batches` 'fixed' \(the checkpoint's: 'steps'\)"):
+        _run(tmp_path / "cut", resume=ckpt, batches="fixed")
+    with pytest.raises(ValueError, match=r"planned for 3 epochs.*`num_train_epochs` 4.*cannot be extended"):
+        _run(tmp_path / "cut", resume=ckpt, epochs=4)
+
+
+@pytest.mark.timeout(60)
+def test_an_iterable_dataset_is_refused_naming_what_geko_needs(tmp_path):
+    import datasets
+
+    stream = tiny.hf_dataset(8).to_iterable_dataset()
+    assert isinstance(stream, datasets.IterableDataset)
+    with pytest.raises(TypeError, match=r"`train_dataset` must be a map-style dataset .*got IterableDataset.*GEKOStream"):
+        GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path), train_dataset=stream,
+                    data_collator=pad_collate)
 
 
 @pytest.mark.timeout(60)
