@@ -143,7 +143,8 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
     if plan and plan["forward_only_draws"]:  # passes count re-checks too: say how many this epoch had
         label = f"Epoch {plan['epoch']} draws"
         lines.append(f"  {label:<19}: {plan['draws']:,} = {plan['trained_draws']:,} trained"
-                     f" + {plan['forward_only_draws']:,} forward-only re-checks")
+                     f" + {plan['forward_only_draws']:,} forward-only re-check"
+                     f"{'' if plan['forward_only_draws'] == 1 else 's'}")
     if report.get("nonfinite_reports"):
         lines.append(f"  Non-finite reports : {report['nonfinite_reports']:,} (not applied)")
     if report.get("skipped_unreadable"):

@@ -135,6 +135,8 @@ def test_report_splits_the_epochs_draws_into_trained_and_forward_only_as_the_loa
         assert (f"Epoch {epoch} draws" in text) == (forward_only > 0)
     assert seen_rechecks, "no FREEZE re-check was drawn: the test did not exercise the split"
     assert f"{forward_only:,} forward-only re-checks" in text
+    one = {**r, "epoch_plan": {**r["epoch_plan"], "forward_only_draws": 1}}
+    assert any(line.endswith(" + 1 forward-only re-check") for line in format_efficiency_report(one).splitlines())
 
 
 def test_every_key_of_the_report_is_documented(state, tmp_path):

@@ -195,6 +195,9 @@ class GEKOTrainerMixin:
         except ImportError:  # pragma: no cover - datasets comes with the hf extra
             pass
         args = self.args
+        if len(dataset) == 0:  # the sampler would name its own argument (`data_source`)
+            raise ValueError("`train_dataset` has no rows left to train on (TRL drops the rows that truncation "
+                             "leaves without completion tokens: check `max_length` against your prompts)")
         # Built here, from the dataset the Trainer finally trains on (TRL may have dropped rows before).
         self.geko_sampler = sampler = GEKOSampler(
             len(dataset), total_epochs=epochs, config=self.geko_config,

@@ -285,7 +285,12 @@ class GEKOCallback(pl.Callback):
         if not isinstance(batch, dict) or "__index__" not in batch:
             raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
         ids = batch["__index__"]
-        self.sampler.report(ids, outputs["per_sample_loss"], correct=outputs.get("correct"),
+        losses = outputs["per_sample_loss"]
+        if getattr(losses, "ndim", 1) != 1 or len(losses) != len(ids):  # the sampler's error would say `losses`
+            raise ValueError(f"`per_sample_loss` must hold one loss per sample of the batch, shape ({len(ids)},), "
+                             f"got shape {tuple(getattr(losses, 'shape', ()))}: compute the loss with "
+                             f"reduction='none'")
+        self.sampler.report(ids, losses, correct=outputs.get("correct"),
                             confidence=outputs.get("confidence"), step=trainer.global_step)
         self._consumed += len(ids)
 

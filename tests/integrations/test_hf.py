@@ -274,6 +274,25 @@ def test_sft_trainer_builds_the_sampler_after_trl_drops_rows(tmp_path):
     assert trainer.lrs[-1] == 0.0
 
 
+@pytest.mark.timeout(60)
+def test_sft_trainer_with_every_row_dropped_by_truncation_says_so(tmp_path):
+    pytest.importorskip("trl")
+    import datasets
+    from trl import SFTConfig
+
+    from geko_data.integrations.hf import GEKOSFTTrainer
+
+    tok = tiny.tiny_tokenizer()
+    raw = [{"prompt": "x" * 60, "completion": " yes"}] * 4  # every row longer than max_length
+    args = SFTConfig(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=2, save_strategy="no",
+                     report_to=[], use_cpu=True, disable_tqdm=True, max_length=40)
+    trainer = GEKOSFTTrainer(model=tiny.tiny_llama(vocab=len(tok)), args=args,
+                             train_dataset=datasets.Dataset.from_list(raw), processing_class=tok)
+    # The sampler's own error named its argument: `data_source` must hold at least 1 sample, got 0.
+    with pytest.raises(ValueError, match=r"`train_dataset` has no rows left to train on \(TRL drops.*max_length"):
+        trainer.train()
+
+
 @pytest.mark.timeout(150)
 def test_torchrun_ddp_each_rank_trains_its_full_share(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

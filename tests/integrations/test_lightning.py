@@ -187,6 +187,20 @@ def test_a_bare_loss_from_training_step_is_refused_naming_what_lightning_passed_
         lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_BareLoss)
 
 
+class _MeanLoss(lightning_job.Module):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        return {**out, "per_sample_loss": out["per_sample_loss"].mean()}
+
+
+@pytest.mark.timeout(60)
+def test_a_reduced_per_sample_loss_is_refused_naming_it(tmp_path):
+    # The sampler's error named its own argument (`losses` must be 1-D), not what the module returned.
+    with pytest.raises(ValueError, match=r"`per_sample_loss` must hold one loss per sample of the batch, shape "
+                                         r"\(8,\), got shape \(\): .*reduction='none'"):
+        lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_MeanLoss)
+
+
 @pytest.mark.timeout(60)
 def test_a_run_cut_short_by_max_steps_without_a_planned_run_is_refused(tmp_path):
     # Planned from max_epochs and cut by max_steps, the report counted the draws cut off as compute saved.
