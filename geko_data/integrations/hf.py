@@ -45,6 +45,7 @@ from geko_data.atomic import atomic_write_bytes
 from geko_data.batches import BATCHES, GEKOBatchSampler
 from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
+from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import SampleState
@@ -218,22 +219,10 @@ class GEKOTrainerMixin:
             "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers,
                                       rank=args.process_index),
         }
-        loader = self.accelerator.prepare(DataLoader(sampler.wrap(dataset), **params))
-        # accelerate shards a sampler's batches over the processes (rank r takes every world-th batch). The
-        # GEKO sampler already yields this rank's share, so that would silently drop half of it (with 2
-        # ranks): make the wrapper a passthrough, as transformers does for its own rank-aware samplers.
-        # Its batch_size too: the wrapper yields only batches of exactly that size (and the last one), and
-        # an epoch that keeps its steps is cut into smaller ones, which it would drop but the last.
-        shard = getattr(loader, "batch_sampler", None)
-        inner = getattr(shard, "batch_sampler", None)
-        if inner is not None and getattr(inner, "sampler", None) is sampler:  # GEKOBatchSampler's too
-            shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
-            shard.batch_size = None  # accelerate's "batches of any length"
-        elif args.world_size > 1:
-            raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(loader).__name__} with batch "
-                               f"sampler {type(shard).__name__}; GEKO cannot check that each rank trains its "
-                               f"share (is `dispatch_batches` set?)")
-        return loader
+        # accelerate would shard the batches over the processes: GEKO's sampler already gives this rank
+        # its share (integrations.accelerate says what that lost).
+        return unshard(self.accelerator.prepare(DataLoader(sampler.wrap(dataset), **params)), sampler,
+                       world_size=args.world_size)
 
     # ------------------------------------------------------------------ epochs, steps, schedule
     def _geko_steps(self, draws: int, batches: int | None = None) -> tuple[int, int]:

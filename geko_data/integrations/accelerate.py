@@ -1,0 +1,67 @@
+"""GEKO in your own 🤗 accelerate loop: ``prepare_loader`` instead of ``accelerator.prepare(loader)``.
+
+``accelerator.prepare(loader)`` shards a DataLoader's batches over the processes: rank r keeps every
+world-th batch, and only batches of the loader's batch size (plus the last). A GEKO sampler already yields
+this rank's equal share, so a prepared GEKO loader trains half of it on 2 ranks, a third on 3, and with
+``GEKOBatchSampler``'s smaller batches of an epoch that keeps its steps, hardly any of it. ``prepare_loader``
+prepares the loader (device placement, RNG synchronisation, as accelerate does) and turns that sharding
+off, as transformers does for its own rank-aware samplers::
+
+    from geko_data.integrations.accelerate import prepare_loader
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loader = prepare_loader(accelerator, DataLoader(sampler.wrap(ds), batch_size=32, sampler=sampler))
+
+``GEKOTrainer`` and ``GEKOSFTTrainer`` use it for their train loader.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from geko_data.batches import GEKOBatchSampler
+from geko_data.sampler import GEKOSampler
+
+__all__ = ["prepare_loader", "unshard"]
+
+
+def _geko_sampler(loader: DataLoader) -> GEKOSampler | None:
+    """The GEKOSampler a (plain) DataLoader draws from, directly or through a GEKOBatchSampler."""
+    batches = loader.batch_sampler
+    if isinstance(batches, GEKOBatchSampler):
+        return batches.sampler
+    sampler = getattr(batches, "sampler", None)
+    return sampler if isinstance(sampler, GEKOSampler) else None
+
+
+def unshard(prepared: Any, sampler: GEKOSampler, *, world_size: int) -> Any:
+    """Make accelerate's batch sharding of ``prepared`` (what ``accelerator.prepare`` returned for a loader
+    over ``sampler``) a passthrough: every batch of this rank's share, of any size. Raises when accelerate
+    wrapped the loader in a way this cannot check (``dispatch_batches``, say) on more than one process."""
+    shard = getattr(prepared, "batch_sampler", None)
+    inner = getattr(shard, "batch_sampler", None)
+    if inner is not None and getattr(inner, "sampler", None) is sampler:  # GEKOBatchSampler's too
+        # Every batch to this rank, not every world-th; and its batch_size None ("batches of any length"):
+        # the wrapper otherwise lets through only batches of exactly that size, and the last one.
+        shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
+        shard.batch_size = None
+    elif world_size > 1:
+        raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(prepared).__name__} with batch "
+                           f"sampler {type(shard).__name__}; GEKO cannot check that each rank trains its "
+                           f"share (is `dispatch_batches` set?)")
+    return prepared
+
+
+def prepare_loader(accelerator: Any, loader: DataLoader) -> Any:
+    """``accelerator.prepare(loader)`` for a DataLoader over a ``GEKOSampler`` (``sampler=`` or a
+    ``GEKOBatchSampler`` as ``batch_sampler=``), each rank keeping its whole share."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"`loader` must be a torch DataLoader, got {type(loader).__name__}")
+    sampler = _geko_sampler(loader)
+    if sampler is None:
+        raise ValueError(f"`loader` must draw from a GEKOSampler (sampler=, or batch_sampler=GEKOBatchSampler), "
+                         f"got sampler {type(loader.sampler).__name__} and batch_sampler "
+                         f"{type(loader.batch_sampler).__name__}; prepare other loaders with accelerator.prepare")
+    return unshard(accelerator.prepare(loader), sampler, world_size=accelerator.num_processes)

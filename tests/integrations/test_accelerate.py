@@ -1,0 +1,68 @@
+"""geko_data.integrations.accelerate: a GEKO loader in a user's own accelerate loop, 2 processes on gloo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import tiny  # noqa: E402
+
+from geko_data import GEKOSampler  # noqa: E402
+from geko_data.integrations.accelerate import prepare_loader  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("acc")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "accelerate_job.py"),
+                           str(out)], capture_output=True, text=True, timeout=140,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(out / "result.json"))
+
+
+@pytest.mark.timeout(150)
+def test_accelerate_prepare_alone_trains_half_of_each_ranks_share(result):
+    # Why prepare_loader exists: accelerate keeps every other batch of a sampler that already gave this rank
+    # its share. If accelerate stops doing that, this fails and prepare_loader can go.
+    for epoch, plan in result["prepare"]["plans"].items():
+        trained = sum(len(ids) for ids in result["prepare"]["ids"][epoch])
+        assert trained <= sum(plan) // 2 + 2 * 8, (trained, sum(plan))
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["sampler", "steps"])
+def test_prepare_loader_trains_every_draw_of_the_plan(result, how):
+    run = result[how]
+    assert sum(run["plans"]["1"]) < sum(run["plans"]["0"])  # the second epoch skipped samples
+    if how == "steps":  # ... in smaller batches, which accelerate's wrapper dropped but the last
+        assert max(run["sizes"]["1"]) < 8
+    for epoch, plan in run["plans"].items():
+        a, b = run["ids"][epoch]
+        assert len(a) == len(b)  # each rank its equal half
+        tiny.assert_trains_plan(plan, a + b, world=2)
+
+
+@pytest.mark.timeout(30)
+def test_prepare_loader_refuses_a_loader_without_a_geko_sampler():
+    class One:
+        num_processes = 1
+
+        def prepare(self, loader):
+            return loader
+
+    with pytest.raises(ValueError, match=r"`loader` must draw from a GEKOSampler .*got sampler SequentialSampler"):
+        prepare_loader(One(), DataLoader(list(range(4)), batch_size=2))
+    with pytest.raises(TypeError, match=r"`loader` must be a torch DataLoader, got list"):
+        prepare_loader(One(), [1, 2])
+    sampler = GEKOSampler(4, total_epochs=1)
+    loader = DataLoader(sampler.wrap([{"x": torch.tensor(0.0)}] * 4), batch_size=2, sampler=sampler)
+    assert prepare_loader(One(), loader) is loader  # one process: nothing to undo
