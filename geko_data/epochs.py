@@ -82,6 +82,7 @@ class EpochDriver:
     _coverage: tuple[int, int | None, int] | None = None
     _coverage_resumed = False
     _coverage_warned = False
+    _warned_past_end = False
     #: Whether the epochs are cut into a full epoch's steps (a ``GEKOBatchSampler`` sets it on its sampler;
     #: a stream's ``batches="steps"`` says it): the run is then repartitioned and planned with
     #: ``config.planning(keeps_steps=True, ...)``.
@@ -146,6 +147,12 @@ class EpochDriver:
         """
         check_int("epoch", epoch, 0)
         epoch = int(epoch)
+        if epoch >= self.total_epochs and not self._warned_past_end:
+            # Not refused: a framework may touch the epoch after the last one. Planned as the run's end.
+            self._warned_past_end = True
+            warnings.warn(f"set_epoch({epoch}) is past the planned run (total_epochs={self.total_epochs}: epochs "
+                          f"0-{self.total_epochs - 1}); it is planned as the run's last epoch. For a longer run, "
+                          f"make the sampler or stream with a larger total_epochs", RuntimeWarning, stacklevel=3)
         self._check_coverage(epoch)
         progress = policy.epoch_progress(epoch, self.total_epochs)
         kept = self.state.plan

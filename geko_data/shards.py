@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import tarfile
 import threading
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -218,7 +220,18 @@ def _refuse_compressed(path: str) -> None:
                              f"(`{command} {os.path.basename(path)}`) and index the .tar")
 
 
-def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[tuple[str, int, int]]:
+def _member_kind(member: tarfile.TarInfo) -> str | None:
+    """What a link or special member is ("symlink", "hard link", ...); None for files and folders, which a
+    tar of a folder holds as a matter of course."""
+    for test, kind in ((member.issym, "symlink"), (member.islnk, "hard link"), (member.isfifo, "FIFO"),
+                       (member.ischr, "character device"), (member.isblk, "block device")):
+        if test():
+            return kind
+    return None
+
+
+def _scan_tar(path: str, advance: Callable[[int], None] | None = None,
+              skipped: list[tuple[str, str, str]] | None = None) -> list[tuple[str, int, int]]:
     """(key, offset, length) of every sample in one tar, members grouped by consecutive key.
 
     The byte ranges are tarfile's own: a member starts at its first header (pax or GNU long-name headers
@@ -242,6 +255,9 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None) -> list[t
                     advance(member.offset - reported)
                     reported = member.offset
                 if not member.isreg():
+                    kind = _member_kind(member)
+                    if kind is not None and skipped is not None:  # never read (nor followed): say so
+                        skipped.append((path, member.name, kind))
                     continue
                 key, _ext = _split_key(member.name)
                 if key is None:
@@ -349,14 +365,20 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     # Progress in bytes, not shards: one big tar would otherwise sit at 0/1 until it is done.
     with tqdm(total=sum(sizes), desc=f"indexing {len(paths)} shard(s)", unit="B", unit_scale=True,
               unit_divisor=1024, disable=not show) as bar:
+        skipped: list[tuple[str, str, str]] = []
         for i, path in enumerate(paths):
-            ranges = _scan_tar(path, bar.update if show else None)
+            ranges = _scan_tar(path, bar.update if show else None, skipped)
             hashes += _hash_samples(path, ranges)
             for key, off, length in ranges:
                 keys.append(key)
                 shard_no.append(i)
                 offsets.append(off)
                 lengths.append(length)
+    if skipped:  # webdataset skips them too; a sample made only of them is not in the index
+        some = ", ".join(f"{name!r} ({kind}) in {os.path.basename(path)!r}" for path, name, kind in skipped[:3])
+        warnings.warn(f"index_shards skipped {len(skipped)} tar member(s) that are links or special files, not "
+                      f"regular files: {some}{', ...' if len(skipped) > 3 else ''}. They are never read nor "
+                      f"followed; a sample made only of them is not in the index", stacklevel=2)
     if not keys:
         raise ShardError(f"no samples found in {len(paths)} shard(s) (first: {paths[0]!r})")
     key_arr = Keys.of(keys)
@@ -1291,6 +1313,11 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: i
         raise ValueError(f"`maxcount` must be an int >= 1, got {maxcount!r}")
     if not maxsize > 0:
         raise ValueError(f"`maxsize` must be > 0, got {maxsize!r}")
+    rest = iter(samples)
+    first = next(rest, None)
+    if first is None:  # before any file is made (ShardWriter opens its first shard at once)
+        raise ValueError("`samples` is empty: there is nothing to write")
+    samples = itertools.chain([first], rest)
     folder = os.path.dirname(os.path.abspath(pattern))
     os.makedirs(folder, exist_ok=True)
     written: list[str] = []

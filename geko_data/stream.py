@@ -112,10 +112,14 @@ class _Counters:
     def __init__(self, num_samples: int) -> None:
         self.counts = torch.zeros((_COUNTER_ROWS, len(COUNTERS)), dtype=torch.int64).share_memory_()
         self.lost = torch.zeros(num_samples, dtype=torch.uint8).share_memory_()  # (N,) lost this epoch
+        # Set to 1 by a DataLoader worker when it starts reading the epoch (before its first sample: the
+        # counts above are flushed a block at a time): the main process then cannot know the position itself.
+        self.in_workers = torch.zeros(1, dtype=torch.uint8).share_memory_()
 
     def zero(self) -> None:
         self.counts.zero_()
         self.lost.zero_()
+        self.in_workers.zero_()
 
     def stats(self) -> dict[str, int]:
         stats = dict(zip(COUNTERS, self.counts.numpy().sum(axis=0).tolist()))
@@ -459,6 +463,8 @@ class GEKOStream(EpochDriver, IterableDataset):
                                       tag=f"e{epoch}v{self._shared.version}s{start}r{self.world.rank}")
         tally, total = reader.tally, dict.fromkeys(COUNTERS, 0)
         row = _Counters.row(worker)
+        if worker is not None:
+            self._counters.in_workers[0] = 1
         finished = False
         try:
             for lo in range(0, mine.shape[0], self.shuffle_buffer):
@@ -531,12 +537,18 @@ class GEKOStream(EpochDriver, IterableDataset):
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
         """Small JSON-serializable position; save the per-sample state apart with ``state.save``.
 
-        ``consumed``: samples of this rank's current epoch the loop has used (pass it when loading with
-        workers; without it, what the main-process iterator yielded).
+        ``consumed``: samples of this rank's current epoch the loop has used; without it, what the
+        main-process iterator yielded. Required once DataLoader workers read the epoch (a ValueError says so:
+        the position would otherwise be 0, and a resume would train the epoch again).
         """
         if in_dataloader_worker():
             raise RuntimeError("state_dict() must be called in the main process, not in a DataLoader worker")
         check_int("consumed", consumed, 0, optional=True)
+        if consumed is None and int(self._counters.in_workers[0]):
+            # The main process yielded nothing of it: position 0 would retrain the whole epoch on resume.
+            raise ValueError("state_dict() needs `consumed=` when DataLoader workers read the epoch: the main "
+                             "process cannot tell how many of their samples the loop used; pass consumed= the "
+                             "samples of the batches your loop finished (every batch's length, summed)")
         sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
         sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "batches": self.batches,
                    "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer})

@@ -1,3 +1,4 @@
+import warnings
 import json
 
 import numpy as np
@@ -480,3 +481,23 @@ def test_a_rank_without_num_replicas_says_where_the_bound_comes_from():
         GEKOSampler(list(range(10)), total_epochs=3, rank=1)
     with pytest.raises(ValueError, match=r"`rank` must be an int in \[0, 1\], got 4: .*num_replicas=2 \(given\)"):
         GEKOSampler(list(range(10)), total_epochs=3, rank=4, num_replicas=2)
+
+
+def test_an_epoch_past_the_planned_run_warns_once():
+    # set_epoch(5) of a 3-epoch run was accepted without a word (a loop over range(E + 1), say).
+    s = GEKOSampler(10, total_epochs=3, config=QUIET)
+
+    def epoch(e):
+        s.set_epoch(e)
+        ids = torch.tensor(list(s))
+        s.report(ids, torch.ones(len(ids)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for e in range(3):
+            epoch(e)
+    with pytest.warns(RuntimeWarning, match=r"set_epoch\(3\) is past the planned run \(total_epochs=3: epochs 0-2\)"):
+        epoch(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epoch(4)  # said once

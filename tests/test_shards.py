@@ -61,6 +61,39 @@ def test_write_shards_names_the_sample_whose_value_cannot_be_written(tmp_path):
             write_shards(samples, str(tmp_path / ext / "shard-%03d.tar"))
 
 
+def test_write_shards_refuses_no_samples_naming_its_own_argument_and_writes_nothing(tmp_path):
+    # It said "`paths` must name at least one shard" (index_shards' argument) and left an empty tar.
+    with pytest.raises(ValueError, match=r"`samples` is empty"):
+        write_shards(iter([]), str(tmp_path / "out" / "shard-%03d.tar"))
+    assert not (tmp_path / "out").exists()
+
+
+def _tar_with_links(path):
+    with tarfile.open(path, "w") as tf:
+        data = b"1"
+        info = tarfile.TarInfo("h0.cls")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("h1.cls", tarfile.LNKTYPE), ("h2.txt", tarfile.SYMTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "h0.cls" if kind == tarfile.LNKTYPE else "/etc/passwd"
+            tf.addfile(link)
+        folder = tarfile.TarInfo("sub")  # a folder entry, as `tar -cf x.tar dir/` writes: not worth a word
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+
+
+def test_index_names_the_links_it_skips(tmp_path):
+    # Samples made only of links vanished from the index without a word ("indexed 1 samples").
+    path = tmp_path / "links.tar"
+    _tar_with_links(path)
+    with pytest.warns(UserWarning, match=r"skipped 2 tar member\(s\) that are links or special files.*'h1.cls' "
+                                         r"\(hard link\).*'h2.txt' \(symlink\).*not in the index") as record:
+        index = index_shards([str(path)])
+    assert len(record) == 1 and "sub" not in str(record[0].message)
+    assert list(index.keys) == ["h0"]
+
+
 def test_index_of_tarwriter_shards(shards):
     idx = read_index(shards)
     assert idx.num_samples == sum(SHARD_SIZES)

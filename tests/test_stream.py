@@ -181,6 +181,23 @@ def test_resume_with_other_num_workers_continues_exactly(shards):
     assert [x["__index__"] for b in loader for x in b] == full[12:]
 
 
+@pytest.mark.timeout(60)
+def test_state_dict_without_consumed_after_workers_read_is_refused(shards):
+    # It returned position 0 (the main process yielded nothing): a resume trained the whole epoch again.
+    s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    s.set_epoch(0)
+    loader = DataLoader(s, batch_size=4, num_workers=2, collate_fn=as_list, multiprocessing_context="fork")
+    it = iter(loader)
+    next(it)
+    with pytest.raises(ValueError, match=r"needs `consumed=` when DataLoader workers read the epoch"):
+        s.state_dict()
+    assert s.state_dict(consumed=4)["position"] == 4
+    del it
+    s.set_epoch(1)  # a new epoch, read in the main process: the position is known again
+    next(iter(s))
+    assert s.state_dict()["position"] == 1
+
+
 def test_state_dict_mismatch(shards, tmp_path):
     s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
     s.set_epoch(0)
