@@ -438,7 +438,7 @@ def _check_shard_name(name: Any, *, root: str, where: str, hint: str) -> str:
     elif "\0" in name:
         why = "contains a NUL byte"
     elif _SCHEME.match(name):
-        why = "has a URL scheme or command prefix (a `pipe:` or URL comes only from GEKOStream(shard_url=...))"
+        why = "has a URL scheme or command prefix"
     elif os.path.isabs(name) or name.startswith(("/", "\\")):
         why = "is an absolute path"
     elif ".." in re.split(r"[\\/]", name):
