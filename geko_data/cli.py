@@ -439,6 +439,11 @@ def cmd_diff(ns: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- index
+def _progress() -> bool:
+    """Progress bars on a terminal; not into a log or a pipe, where each redraw is another line."""
+    return sys.stderr.isatty()
+
+
 def cmd_index(ns: argparse.Namespace) -> int:
     from geko_data.shards import ShardError, index_shards
 
@@ -448,7 +453,7 @@ def cmd_index(ns: argparse.Namespace) -> int:
         return _index_remote(ns)
     _check_output(ns.output, ns.shards)
     try:
-        idx = index_shards(ns.shards, output=ns.output, progress=True)
+        idx = index_shards(ns.shards, output=ns.output, progress=_progress())
     except (ShardError, ValueError) as e:
         raise _Fail(str(e)) from None
     print(f"indexed {idx.num_samples:,} samples in {len(idx.shards)} shard(s) -> {ns.output} "
@@ -464,7 +469,7 @@ def _index_remote(ns: argparse.Namespace) -> int:
 
     options = _storage_options(ns)
     try:
-        idx = index_remote(ns.shards, output=ns.output, storage_options=options, progress=True)
+        idx = index_remote(ns.shards, output=ns.output, storage_options=options, progress=_progress())
     except (ShardError, RemoteError, ValueError) as e:
         raise _Fail(str(e)) from None
     print(f"indexed {idx.num_samples:,} samples in {len(idx.shards)} shard(s) -> {ns.output} "

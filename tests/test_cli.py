@@ -387,8 +387,9 @@ def test_diff_of_different_data_is_one_line(tmp_path, capsys):
 
 def test_index_command(tmp_path, capsys, shards):
     tars = sorted(str(p) for p in shards.glob("*.tar"))
-    code, out, _ = run(capsys, "index", *tars, "-o", tmp_path / "i.arrow")
+    code, out, err = run(capsys, "index", *tars, "-o", tmp_path / "i.arrow")
     assert code == 0 and "43 samples" in out
+    assert "indexing" not in err  # no progress bar into a log or a pipe (stderr is not a terminal here)
     code, out, err = run(capsys, "index", *tars, "-o", tmp_path / "no" / "i.arrow")
     assert_one_line_error(code, out, err, "-o", "does not exist")
 
