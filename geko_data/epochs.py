@@ -199,8 +199,9 @@ class EpochDriver:
                 f"which already yields this rank's share (accelerate's prepare(), Lightning's "
                 f"use_distributed_sampler=True, a DistributedSampler around it), so each rank trains a fraction "
                 f"of its share; or `report(batch['__index__'], losses)` is not called for every batch. Fix: use "
-                f"geko_data.integrations (GEKOTrainer, GEKOSFTTrainer, GEKOCallback) or hand the sampler to the "
-                f"DataLoader unwrapped, and report every batch", RuntimeWarning, stacklevel=4)
+                f"geko_data.integrations (GEKOTrainer, GEKOSFTTrainer, GEKOCallback; in your own accelerate "
+                f"loop, integrations.accelerate.prepare_loader instead of accelerator.prepare(loader)) or hand "
+                f"the sampler to the DataLoader unwrapped, and report every batch", RuntimeWarning, stacklevel=4)
 
     def use_state(self, state: SampleState) -> None:
         """Continue from ``state`` (e.g. ``SampleState.load`` of a checkpoint's file); call before
@@ -254,8 +255,8 @@ class EpochDriver:
             if theirs != value:
                 hint = ""
                 if key == "total_epochs":  # the plan of every epoch depends on the run's length
-                    hint = (f": the saved run was planned for {theirs} epochs, and a run cannot be extended on "
-                            f"resume; resume with total_epochs={theirs}, or start a new {what} with "
+                    hint = (f": the saved run was planned for {theirs} epochs, and a run cannot change its length "
+                            f"on resume; resume with total_epochs={theirs}, or start a new {what} with "
                             f"`use_state(SampleState.load(path))` and no load_state_dict (its epoch 0 then "
                             f"plans from what the state learnt)")
                 raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}{hint}")

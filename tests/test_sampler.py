@@ -226,7 +226,7 @@ def test_load_state_dict_rejects_another_plan_setting():
         with pytest.raises(ValueError, match=field):
             GEKOSampler(20, **args).load_state_dict(sd)
     # A longer run is the likely wish behind another total_epochs: the error says it cannot be, and what can.
-    with pytest.raises(ValueError, match=r"planned for 3 epochs, and a run cannot be extended on resume; resume "
+    with pytest.raises(ValueError, match=r"planned for 3 epochs, and a run cannot change its length on resume; resume "
                                          r"with total_epochs=3, or start a new sampler with `use_state"):
         GEKOSampler(20, total_epochs=4, config=QUIET, seed=1).load_state_dict(sd)
 

@@ -371,7 +371,7 @@ class GEKOTrainerMixin:
         if isinstance(planned, int) and planned != sampler.total_epochs:
             raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint!r} was written by a run planned for "
                              f"{planned} epochs, and this one has `num_train_epochs` {sampler.total_epochs}: GEKO "
-                             f"plans the whole run, so a run cannot be extended on resume; resume with "
+                             f"plans the whole run, so a run cannot change its length on resume; resume with "
                              f"num_train_epochs={planned}, or start a new run")
         sampler.use_state(SampleState.load(state_path, memory_map=False))
         sampler.load_state_dict(sd)
@@ -394,19 +394,21 @@ class GEKOTrainerMixin:
 
     def _geko_batching(self) -> dict[str, Any]:
         """What cuts this run's epochs into batches, kept with a checkpoint: a resume must cut them alike."""
-        return {"geko_batches": self.geko_batches, "per_device_train_batch_size": self._train_batch_size}
+        return {"geko_batches": self.geko_batches, "per_device_train_batch_size": self._train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
 
     def _geko_check_batching(self, saved: dict[str, Any] | None, checkpoint: str) -> None:
         """Refuse a resume whose batching differs from the checkpoint's (a checkpoint written before it was
         kept is taken as is): another ``geko_batches`` plans other epochs, another batch size cuts them into
-        other batches, and either trains other samples than the run that wrote the checkpoint."""
+        other batches, and either trains other samples than the run that wrote the checkpoint; other
+        accumulation takes other optimizer steps over the same samples."""
         if saved is None:
             return
         changed = {k: (v, saved[k]) for k, v in self._geko_batching().items() if k in saved and saved[k] != v}
         if changed:
             what = ", ".join(f"`{k}` {now!r} (the checkpoint's: {then!r})" for k, (now, then) in changed.items())
-            raise ValueError(f"resume_from_checkpoint {checkpoint!r} was written by a run that cut its epochs "
-                             f"otherwise: {what}; resume with the checkpoint's values, or start a new run")
+            raise ValueError(f"resume_from_checkpoint {checkpoint!r} was written by a run that batched its "
+                             f"epochs differently: {what}; resume with the checkpoint's values, or start a new run")
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if checkpoint is not None and checkpoint == self._geko_rng_checkpoint:

@@ -121,9 +121,10 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", epochs=3):
+def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", epochs=3, accumulation=2):
     loader = {"dataloader_num_workers": workers, "dataloader_persistent_workers": True} if workers else {}
-    args = make_args(out, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
+    args = make_args(out, num_train_epochs=epochs, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accumulation,
                      warmup_steps=2, save_strategy="no", **loader)
     # With dropout, training draws from torch's RNG: a resume must restore it where the cut run stood (it was
     # restored at the epoch's start, before the DataLoader drew its seed, and the weights differed mid-epoch).
@@ -193,8 +194,12 @@ def test_a_resume_that_cuts_epochs_otherwise_or_extends_the_run_is_refused_namin
         _run(tmp_path / "cut", resume=ckpt, batch=2)
     with pytest.raises(ValueError, match=r"`geko_batches` 'fixed' \(the checkpoint's: 'steps'\)"):
         _run(tmp_path / "cut", resume=ckpt, batches="fixed")
-    with pytest.raises(ValueError, match=r"planned for 3 epochs.*`num_train_epochs` 4.*cannot be extended"):
-        _run(tmp_path / "cut", resume=ckpt, epochs=4)
+    with pytest.raises(ValueError, match=r"`gradient_accumulation_steps` 1 \(the checkpoint's: 2\)"):
+        _run(tmp_path / "cut", resume=ckpt, accumulation=1)  # it took other steps (68 of 108 in a trial)
+    for epochs in (4, 2):
+        with pytest.raises(ValueError, match=rf"planned for 3 epochs.*`num_train_epochs` {epochs}.*cannot change "
+                                             rf"its length"):
+            _run(tmp_path / "cut", resume=ckpt, epochs=epochs)
 
 
 @pytest.mark.timeout(60)
