@@ -333,11 +333,12 @@ class GEKOSampler(EpochDriver, Sampler[int]):
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
         """Small JSON-serializable position; the per-sample state is saved apart with ``state.save``.
 
-        ``consumed`` is how many of this rank's indices of the current epoch the loop has used; a
-        DataLoader prefetches ahead of the loop, so pass it for an exact resume. Without it, what the
-        iterator handed out is used.
+        ``consumed`` is how many of this rank's indices of the current epoch the loop has used, counted from
+        the epoch's start (in a resumed epoch from ``position``); a DataLoader prefetches ahead of the loop,
+        so pass it for an exact resume. Without it, what the iterator handed out is used.
         """
         check_int("consumed", consumed, 0, optional=True)
+        self._check_consumed(consumed, self._start, "sampler")
         sd = self._base_state_dict("GEKOSampler", self._yielded if consumed is None else consumed)
         sd["shuffle"] = self.shuffle
         return sd

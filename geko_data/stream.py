@@ -544,15 +544,23 @@ class GEKOStream(EpochDriver, IterableDataset):
         if in_dataloader_worker():
             raise RuntimeError("state_dict() must be called in the main process, not in a DataLoader worker")
         check_int("consumed", consumed, 0, optional=True)
+        self._check_consumed(consumed, self.position, "stream")
         if consumed is None and int(self._counters.in_workers[0]):
             # The main process yielded nothing of it: position 0 would retrain the whole epoch on resume.
             raise ValueError("state_dict() needs `consumed=` when DataLoader workers read the epoch: the main "
                              "process cannot tell how many of their samples the loop used; pass consumed= the "
-                             "samples of the batches your loop finished (every batch's length, summed)")
+                             "samples of the batches your loop finished (from `stream.position`, 0 unless the "
+                             "epoch was resumed, add each batch's length)")
         sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
         sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "batches": self.batches,
                    "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer})
         return sd
+
+    @property
+    def position(self) -> int:
+        """Where in this rank's epoch the next iteration starts (0, or a resume's position): where a loop's
+        count of the epoch's samples (``state_dict(consumed=)``) starts."""
+        return int(self._start.item())
 
     @property
     def plan(self) -> EpochPlan:

@@ -501,3 +501,13 @@ def test_an_epoch_past_the_planned_run_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         epoch(4)  # said once
+
+
+def test_a_count_restarted_at_zero_in_a_resumed_epoch_is_refused():
+    s = GEKOSampler(20, total_epochs=2, config=QUIET, seed=1)
+    s.set_epoch(0)
+    resumed = GEKOSampler(20, total_epochs=2, config=QUIET, seed=1)
+    resumed.load_state_dict(s.state_dict(consumed=8))
+    assert resumed.position == 8
+    with pytest.raises(ValueError, match=r"`consumed` \(3\) .* resumed at position 8: .*`sampler.position`"):
+        resumed.state_dict(consumed=3)

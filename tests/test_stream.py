@@ -198,6 +198,23 @@ def test_state_dict_without_consumed_after_workers_read_is_refused(shards):
     assert s.state_dict()["position"] == 1
 
 
+@pytest.mark.timeout(60)
+def test_a_count_restarted_at_zero_in_a_resumed_epoch_is_refused(shards):
+    # consumed counts from the epoch's start: a loop that restarted its count at 0 after a resume saved a
+    # position before the resume's, and the next resume trained the samples between again, silently.
+    s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    s.set_epoch(0)
+    sd = s.state_dict(consumed=12)
+    resumed = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
+    resumed.load_state_dict(sd)
+    resumed.set_epoch(0)
+    assert resumed.position == 12 and s.position == 0
+    with pytest.raises(ValueError, match=r"`consumed` \(4\) counts this epoch's samples from its start, and this "
+                                         r"epoch resumed at position 12: start the loop's count at `stream.position`"):
+        resumed.state_dict(consumed=4)
+    assert resumed.state_dict(consumed=16)["position"] == 16
+
+
 def test_state_dict_mismatch(shards, tmp_path):
     s = GEKOStream(shards, total_epochs=2, config=QUIET, seed=4, batch_size=4)
     s.set_epoch(0)

@@ -46,7 +46,8 @@ def unshard(prepared: Any, sampler: GEKOSampler, *, world_size: int) -> Any:
         # Every batch to this rank, not every world-th; and its batch_size None ("batches of any length"):
         # the wrapper otherwise lets through only batches of exactly that size, and the last one.
         shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
-        shard.batch_size = None
+        # split_batches would cut each batch into world parts, and with batch_size None it cannot iterate.
+        shard.batch_size, shard.split_batches = None, False
     elif world_size > 1:
         raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(prepared).__name__} with batch "
                            f"sampler {type(shard).__name__}; GEKO cannot check that each rank trains its "
@@ -64,4 +65,21 @@ def prepare_loader(accelerator: Any, loader: DataLoader) -> Any:
         raise ValueError(f"`loader` must draw from a GEKOSampler (sampler=, or batch_sampler=GEKOBatchSampler), "
                          f"got sampler {type(loader.sampler).__name__} and batch_sampler "
                          f"{type(loader.batch_sampler).__name__}; prepare other loaders with accelerator.prepare")
-    return unshard(accelerator.prepare(loader), sampler, world_size=accelerator.num_processes)
+    prepared = unshard(accelerator.prepare(loader), sampler, world_size=accelerator.num_processes)
+    _follow_the_sampler(prepared, sampler)
+    return prepared
+
+
+def _follow_the_sampler(prepared: Any, sampler: GEKOSampler) -> None:
+    """accelerate's loader calls ``set_epoch(its iteration count)`` at every ``iter()``, which reaches the GEKO
+    sampler: its count of finished passes (0 in a resumed process, and not moved by a pass left with
+    ``break``) would take GEKO back to an earlier epoch's plan. The epoch the loop set wins (a later one than
+    the count); a loop that never calls ``set_epoch`` still gets accelerate's count."""
+    set_epoch = getattr(prepared, "set_epoch", None)
+    if set_epoch is None:
+        return
+
+    def follow(epoch: int) -> None:
+        set_epoch(max(int(epoch), sampler.epoch))
+
+    prepared.set_epoch = follow

@@ -38,6 +38,8 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from geko_data.batches import BATCHES, GEKOBatchSampler, full_epoch_steps
@@ -212,8 +214,12 @@ class GEKOCallback(pl.Callback):
                              f"`GEKOCallback(total_epochs=...)` (GEKO plans whole epochs; a run cut short counts "
                              f"what it did not train as saved), got {trainer.max_steps}; set `max_epochs` instead, "
                              f"or pass total_epochs= to stop early and resume")
+        if getattr(trainer, "overfit_batches", 0):
+            raise ValueError(f"`overfit_batches` must be 0 with GEKOCallback (it trains the same few batches "
+                             f"every epoch, not GEKO's plan), got {trainer.overfit_batches!r}")
         limit = trainer.limit_train_batches
-        if limit is not None and limit != 1.0:
+        # An int is a number of batches to Lightning (1 is one batch an epoch; fast_dev_run sets one too).
+        if limit is not None and (limit != 1.0 or (isinstance(limit, int) and not isinstance(limit, bool))):
             raise ValueError(f"`limit_train_batches` must be 1.0 with GEKOCallback (every draw of an epoch's plan "
                              f"is trained), got {limit!r}")
         self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
@@ -286,9 +292,10 @@ class GEKOCallback(pl.Callback):
             raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
         ids = batch["__index__"]
         losses = outputs["per_sample_loss"]
-        if getattr(losses, "ndim", 1) != 1 or len(losses) != len(ids):  # the sampler's error would say `losses`
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else np.shape(losses)  # () for a float
+        if shape != (len(ids),):  # the sampler's error would name its own argument, `losses`
             raise ValueError(f"`per_sample_loss` must hold one loss per sample of the batch, shape ({len(ids)},), "
-                             f"got shape {tuple(getattr(losses, 'shape', ()))}: compute the loss with "
+                             f"got {type(losses).__name__} of shape {shape}: compute the loss with "
                              f"reduction='none'")
         self.sampler.report(ids, losses, correct=outputs.get("correct"),
                             confidence=outputs.get("confidence"), step=trainer.global_step)

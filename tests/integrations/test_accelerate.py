@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -66,3 +67,54 @@ def test_prepare_loader_refuses_a_loader_without_a_geko_sampler():
     sampler = GEKOSampler(4, total_epochs=1)
     loader = DataLoader(sampler.wrap([{"x": torch.tensor(0.0)}] * 4), batch_size=2, sampler=sampler)
     assert prepare_loader(One(), loader) is loader  # one process: nothing to undo
+
+
+@pytest.mark.timeout(60)
+def test_unshard_turns_split_batches_off():
+    # With accelerate's split_batches=True the passthrough (batch_size None) raised TypeError at the first batch.
+    from accelerate.data_loader import BatchSamplerShard
+
+    from geko_data.batches import GEKOBatchSampler
+    from geko_data.integrations.accelerate import unshard
+
+    sampler = GEKOSampler(24, total_epochs=1, num_replicas=2, rank=0)
+    batches = GEKOBatchSampler(sampler, batch_size=4)
+    # What accelerate.prepare returns holds the shard as its batch_sampler (a DataLoader refuses the assignment).
+    prepared = types.SimpleNamespace(
+        batch_sampler=BatchSamplerShard(batches, num_processes=2, process_index=0, split_batches=True))
+    ids = [i for b in unshard(prepared, sampler, world_size=2).batch_sampler for i in b]
+    assert sorted(ids) == sorted(sampler)  # this rank's whole share
+
+
+@pytest.mark.timeout(60)
+def test_a_resumed_epoch_stays_the_epoch_the_loop_set(tmp_path):
+    # accelerate's loader calls set_epoch(its count of finished passes) at every iter(): 0 in a resumed
+    # process, which took the sampler back to epoch 0's plan and trained it instead of the epoch's rest.
+    from accelerate import Accelerator
+
+    from geko_data.state import SampleState
+
+    data = [{"x": torch.tensor(float(i))} for i in range(30)]
+
+    def make():
+        sampler = GEKOSampler(30, total_epochs=3, seed=1)
+        return sampler, prepare_loader(Accelerator(cpu=True), DataLoader(sampler.wrap(data), batch_size=4,
+                                                                         sampler=sampler))
+
+    sampler, loader = make()
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        ids = [i for b in loader for i in b["__index__"].tolist()]
+        if epoch == 1:  # a checkpoint after two batches of epoch 1
+            sampler.report(torch.tensor(ids[:8]), torch.ones(8))
+            sd = sampler.state_dict(consumed=8)
+            sampler.state.save(tmp_path / "state.arrow")
+            sampler.report(torch.tensor(ids[8:]), torch.ones(len(ids) - 8))
+            rest = ids[8:]
+        else:
+            sampler.report(torch.tensor(ids), torch.ones(len(ids)))
+    resumed, loader = make()
+    resumed.use_state(SampleState.load(tmp_path / "state.arrow"))
+    resumed.load_state_dict(sd)
+    resumed.set_epoch(1)
+    assert [i for b in loader for i in b["__index__"].tolist()] == rest and resumed.epoch == 1

@@ -193,12 +193,20 @@ class _MeanLoss(lightning_job.Module):
         return {**out, "per_sample_loss": out["per_sample_loss"].mean()}
 
 
+class _FloatLoss(lightning_job.Module):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        return {**out, "per_sample_loss": out["per_sample_loss"].mean().item()}
+
+
 @pytest.mark.timeout(60)
 def test_a_reduced_per_sample_loss_is_refused_naming_it(tmp_path):
     # The sampler's error named its own argument (`losses` must be 1-D), not what the module returned.
     with pytest.raises(ValueError, match=r"`per_sample_loss` must hold one loss per sample of the batch, shape "
-                                         r"\(8,\), got shape \(\): .*reduction='none'"):
+                                         r"\(8,\), got Tensor of shape \(\): .*reduction='none'"):
         lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_MeanLoss)
+    with pytest.raises(ValueError, match=r"got float of shape \(\)"):  # a loss.item(): len() raised TypeError
+        lightning_job.run(str(tmp_path), "callback", epochs=1, module_cls=_FloatLoss)
 
 
 @pytest.mark.timeout(60)
@@ -218,6 +226,12 @@ def test_limit_train_batches_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(lightning_job.pl, "Trainer", limited)
     with pytest.raises(ValueError, match=r"`limit_train_batches` must be 1.0 with GEKOCallback .*got 0.5"):
         lightning_job.run(str(tmp_path), "callback", epochs=1)
+    # An int is a number of batches to Lightning: 1 trained one batch an epoch (1 == 1.0 let it through).
+    for kwargs, match in (({"limit_train_batches": 1}, r"`limit_train_batches` must be 1.0 .*got 1$"),
+                          ({"overfit_batches": 2}, r"`overfit_batches` must be 0 .*got 2")):
+        monkeypatch.setattr(lightning_job.pl, "Trainer", lambda *a, kw=kwargs, **k: real(*a, **kw, **k))
+        with pytest.raises(ValueError, match=match):
+            lightning_job.run(str(tmp_path), "callback", epochs=1)
 
 
 @pytest.mark.timeout(60)
