@@ -65,6 +65,12 @@ def prepare_loader(accelerator: Any, loader: DataLoader) -> Any:
         raise ValueError(f"`loader` must draw from a GEKOSampler (sampler=, or batch_sampler=GEKOBatchSampler), "
                          f"got sampler {type(loader.sampler).__name__} and batch_sampler "
                          f"{type(loader.batch_sampler).__name__}; prepare other loaders with accelerator.prepare")
+    world = sampler.world
+    if (world.world_size, world.rank) != (accelerator.num_processes, accelerator.process_index):
+        # Passed through unsharded, a sampler of another world would have every rank train what it gives.
+        raise ValueError(f"the GEKOSampler is for rank {world.rank} of {world.world_size}, the accelerator's process "
+                         f"is {accelerator.process_index} of {accelerator.num_processes}: make the Accelerator "
+                         f"first and the sampler without num_replicas/rank (it reads them from the process group)")
     prepared = unshard(accelerator.prepare(loader), sampler, world_size=accelerator.num_processes)
     _follow_the_sampler(prepared, sampler)
     return prepared

@@ -55,7 +55,7 @@ def test_prepare_loader_trains_every_draw_of_the_plan(result, how):
 @pytest.mark.timeout(30)
 def test_prepare_loader_refuses_a_loader_without_a_geko_sampler():
     class One:
-        num_processes = 1
+        num_processes, process_index = 1, 0
 
         def prepare(self, loader):
             return loader
@@ -67,6 +67,10 @@ def test_prepare_loader_refuses_a_loader_without_a_geko_sampler():
     sampler = GEKOSampler(4, total_epochs=1)
     loader = DataLoader(sampler.wrap([{"x": torch.tensor(0.0)}] * 4), batch_size=2, sampler=sampler)
     assert prepare_loader(One(), loader) is loader  # one process: nothing to undo
+    # A sampler of another world, passed through unsharded, would have every rank train everything it gives.
+    other = GEKOSampler(4, total_epochs=1, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match=r"the GEKOSampler is for rank 1 of 2, the accelerator's process is 0 of 1"):
+        prepare_loader(One(), DataLoader(other.wrap([{"x": torch.tensor(0.0)}] * 4), batch_size=2, sampler=other))
 
 
 @pytest.mark.timeout(60)
