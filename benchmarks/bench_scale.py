@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import resource
 import subprocess
@@ -166,16 +167,13 @@ def _plain_write(path: str, columns: dict[str, np.ndarray], size: int) -> None:
     """Write ``size`` bytes taken from the state's own columns (no new memory) to ``path`` with plain
     ``write`` calls of 64 MB, then fsync: what putting a file of the state's size into the page cache costs
     on this machine in this run, the floor under ``save``."""
-    views = [memoryview(c).cast("B") for c in columns.values()]
-    left, step = size, 64 << 20
+    step = 64 << 20
+    parts = itertools.cycle([v[a:a + step] for v in map(lambda c: memoryview(c).cast("B"), columns.values())
+                             for a in range(0, len(v), step)])
+    left = size
     with open(path, "wb", buffering=0) as f:
         while left:
-            for v in views:
-                for a in range(0, len(v), step):
-                    if not left:
-                        break
-                    part = v[a:a + min(step, left)]
-                    left -= f.write(part)
+            left -= f.write(next(parts)[:left])
         os.fsync(f.fileno())
 
 

@@ -224,10 +224,12 @@ class EpochDriver:
         """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
         return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
 
-    def _check_consumed(self, consumed: int | None, start: int, what: str) -> None:
-        """``consumed`` counts the epoch from its start: in an epoch resumed at ``start`` it is at least that (a
-        count restarted at 0 after the resume saved a position before it, and the next resume trained the
-        samples between again)."""
+    def _check_consumed(self, consumed: int | None, what: str) -> None:
+        """``state_dict``'s ``consumed`` counts the epoch from its start: in an epoch resumed at ``position`` it
+        is at least that (a count restarted at 0 after the resume saved a position before it, and the next
+        resume trained the samples between again)."""
+        check_int("consumed", consumed, 0, optional=True)
+        start = self.position  # type: ignore[attr-defined]  # both front ends have it
         if consumed is not None and consumed < start:
             raise ValueError(f"`consumed` ({consumed}) counts this epoch's samples from its start, and this epoch "
                              f"resumed at position {start}: start the loop's count at `{what}.position` "

@@ -337,8 +337,7 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         the epoch's start (in a resumed epoch from ``position``); a DataLoader prefetches ahead of the loop,
         so pass it for an exact resume. Without it, what the iterator handed out is used.
         """
-        check_int("consumed", consumed, 0, optional=True)
-        self._check_consumed(consumed, self._start, "sampler")
+        self._check_consumed(consumed, "sampler")
         sd = self._base_state_dict("GEKOSampler", self._yielded if consumed is None else consumed)
         sd["shuffle"] = self.shuffle
         return sd

@@ -543,8 +543,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         """
         if in_dataloader_worker():
             raise RuntimeError("state_dict() must be called in the main process, not in a DataLoader worker")
-        check_int("consumed", consumed, 0, optional=True)
-        self._check_consumed(consumed, self.position, "stream")
+        self._check_consumed(consumed, "stream")
         if consumed is None and int(self._counters.in_workers[0]):
             # The main process yielded nothing of it: position 0 would retrain the whole epoch on resume.
             raise ValueError("state_dict() needs `consumed=` when DataLoader workers read the epoch: the main "

@@ -21,18 +21,15 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from geko_data.batches import GEKOBatchSampler
 from geko_data.sampler import GEKOSampler
 
 __all__ = ["prepare_loader", "unshard"]
 
 
 def _geko_sampler(loader: DataLoader) -> GEKOSampler | None:
-    """The GEKOSampler a (plain) DataLoader draws from, directly or through a GEKOBatchSampler."""
-    batches = loader.batch_sampler
-    if isinstance(batches, GEKOBatchSampler):
-        return batches.sampler
-    sampler = getattr(batches, "sampler", None)
+    """The GEKOSampler a (plain) DataLoader draws from: its batch sampler's (torch's BatchSampler or a
+    GEKOBatchSampler) ``sampler``."""
+    sampler = getattr(loader.batch_sampler, "sampler", None)
     return sampler if isinstance(sampler, GEKOSampler) else None
 
 

@@ -39,7 +39,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from geko_data.batches import BATCHES, GEKOBatchSampler, full_epoch_steps
@@ -292,7 +291,7 @@ class GEKOCallback(pl.Callback):
             raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
         ids = batch["__index__"]
         losses = outputs["per_sample_loss"]
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else np.shape(losses)  # () for a float
+        shape = tuple(np.shape(losses))  # a tensor's own shape; () for a float
         if shape != (len(ids),):  # the sampler's error would name its own argument, `losses`
             raise ValueError(f"`per_sample_loss` must hold one loss per sample of the batch, shape ({len(ids)},), "
                              f"got {type(losses).__name__} of shape {shape}: compute the loss with "
