@@ -17,6 +17,7 @@ off, as transformers does for its own rank-aware samplers::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -40,16 +41,32 @@ def unshard(prepared: Any, sampler: GEKOSampler, *, world_size: int) -> Any:
     shard = getattr(prepared, "batch_sampler", None)
     inner = getattr(shard, "batch_sampler", None)
     if inner is not None and getattr(inner, "sampler", None) is sampler:  # GEKOBatchSampler's too
-        # Every batch to this rank, not every world-th; and its batch_size None ("batches of any length"):
-        # the wrapper otherwise lets through only batches of exactly that size, and the last one.
-        shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
-        # split_batches would cut each batch into world parts, and with batch_size None it cannot iterate.
-        shard.batch_size, shard.split_batches = None, False
+        # Every batch to this rank, not every world-th, and of any size: the wrapper otherwise lets through
+        # only batches of exactly its batch_size, and the last one. Its fields stay as accelerate set them,
+        # so ``total_batch_size`` (batch size x processes) still reads right; split_batches off, as each
+        # rank's batches are whole.
+        shard.__class__ = _passthrough(type(shard))
+        shard.split_batches = False
     elif world_size > 1:
         raise RuntimeError(f"accelerate wrapped the GEKO DataLoader as {type(prepared).__name__} with batch "
                            f"sampler {type(shard).__name__}; GEKO cannot check that each rank trains its "
                            f"share (is `dispatch_batches` set?)")
     return prepared
+
+
+@functools.cache
+def _passthrough(shard_type: type) -> type:
+    """A subclass of accelerate's ``BatchSamplerShard`` (``shard_type``) that yields every batch of the batch
+    sampler it wraps."""
+
+    class Passthrough(shard_type):
+        def __iter__(self):
+            return iter(self.batch_sampler)
+
+        def __len__(self) -> int:
+            return len(self.batch_sampler)
+
+    return Passthrough
 
 
 def prepare_loader(accelerator: Any, loader: DataLoader) -> Any:

@@ -122,3 +122,27 @@ def test_a_resumed_epoch_stays_the_epoch_the_loop_set(tmp_path):
     resumed.load_state_dict(sd)
     resumed.set_epoch(1)
     assert [i for b in loader for i in b["__index__"].tolist()] == rest and resumed.epoch == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batches", ["torch", "geko"])
+def test_unshard_keeps_total_batch_size(batches):
+    # After the passthrough (batch_size None), accelerate's total_batch_size raised TypeError (None * 1).
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
+    from torch.utils.data import BatchSampler
+
+    from geko_data.batches import GEKOBatchSampler
+    from geko_data.integrations.accelerate import unshard
+
+    sampler = GEKOSampler(24, total_epochs=1, num_replicas=2, rank=0)
+    inner = BatchSampler(sampler, 4, False) if batches == "torch" else GEKOBatchSampler(sampler, batch_size=4)
+    data = [{"x": torch.tensor(float(i))} for i in range(24)]
+    loader = DataLoaderShard(sampler.wrap(data), batch_sampler=BatchSamplerShard(inner, num_processes=2,
+                                                                                 process_index=0))
+    assert loader.total_batch_size == 8
+    prepared = unshard(loader, sampler, world_size=2)
+    assert prepared.total_batch_size == 8 and isinstance(prepared, DataLoaderShard)
+    assert sorted(i for b in prepared for i in b["__index__"].tolist()) == sorted(sampler)
+    other = unshard(DataLoaderShard(sampler.wrap(data), batch_sampler=BatchSamplerShard(
+        BatchSampler(sampler, 2, False), num_processes=2, process_index=0)), sampler, world_size=2)
+    assert other.total_batch_size == 4 and prepared.total_batch_size == 8  # one subclass per loader
