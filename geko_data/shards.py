@@ -39,7 +39,7 @@ import threading
 import warnings
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1313,6 +1313,7 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: i
         raise ValueError(f"`maxcount` must be an int >= 1, got {maxcount!r}")
     if not maxsize > 0:
         raise ValueError(f"`maxsize` must be > 0, got {maxsize!r}")
+    total = len(samples) if isinstance(samples, Sized) else None  # the progress bar's total, before iter()
     rest = iter(samples)
     first = next(rest, None)
     if first is None:  # before any file is made (ShardWriter opens its first shard at once)
@@ -1323,7 +1324,8 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, *, maxcount: i
     written: list[str] = []
     previous = None
     with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=SHARD_MTIME) as sink:
-        for i, sample in enumerate(tqdm(samples, desc="writing shards", unit="sample", disable=not progress)):
+        for i, sample in enumerate(tqdm(samples, total=total, desc="writing shards", unit="sample",
+                                              disable=not progress)):
             key = sample.get("__key__") if isinstance(sample, dict) else None
             if not isinstance(key, str) or not key:
                 raise ValueError(f"sample {i} needs a non-empty string `__key__`, got {key!r}")

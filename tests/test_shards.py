@@ -455,3 +455,14 @@ def test_hostile_tar_headers_are_shard_errors(tmp_path, case):
             parse_sample(buf[:-1024], shard="a.tar", key="k", offset=7)
         with pytest.raises(ShardError, match=r"'a\.tar'.* byte \d+"):
             list(iter_tar_samples(io.BytesIO(buf), shard="a.tar"))
+
+
+@pytest.mark.timeout(60)
+def test_write_progress_knows_the_total_of_a_list(tmp_path, capsys):
+    # The list went through a chain of iterators first, and the bar showed a count without a total.
+    samples = [{"__key__": f"s{i:03d}", "txt": f"sample {i}"} for i in range(30)]
+    write_shards(samples, str(tmp_path / "d-%03d.tar"), maxcount=10, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"writing shards: 100%\|.*\| 30/30", err), err
+    write_shards(iter(samples), str(tmp_path / "e-%03d.tar"), maxcount=10, progress=True)
+    assert "30/" not in capsys.readouterr().err  # a generator has no total to show
