@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import posixpath
 import shutil
 import tempfile
@@ -118,10 +119,17 @@ def _index_one(fetcher: RangeFetcher, url: str, size: int, local: str, advance: 
                 raise got.error
             f.write(got.value)
             advance(len(got.value))
-    try:
-        return index_shards([local], progress=False)
-    except ShardError as e:
-        raise ShardError(str(e).replace(repr(local), repr(redact(url, fetcher.storage_options)))) from None
+    name = repr(redact(url, fetcher.storage_options))
+    with warnings.catch_warnings(record=True) as caught:  # they name the temporary file: say the URL instead
+        warnings.simplefilter("always")
+        try:
+            index = index_shards([local], progress=False)
+        except ShardError as e:
+            raise ShardError(str(e).replace(repr(local), name)) from None
+    for w in caught:
+        warnings.warn(str(w.message).replace(repr(local), name).replace(repr(os.path.basename(local)), name),
+                      w.category, stacklevel=3)
+    return index
 
 
 def _merge(parts: Sequence[ShardIndex], shard_urls: Sequence[str], sizes: Sequence[int],

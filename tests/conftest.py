@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import tarfile
 
 import pytest
 
@@ -44,3 +46,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_tar_with_links(path):
+    """A tar of one sample with a file, a hard link to it, a symlink out of the folder and a folder entry."""
+    with tarfile.open(path, "w") as tf:
+        data = b"1"
+        info = tarfile.TarInfo("h0.cls")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("h1.cls", tarfile.LNKTYPE), ("h2.txt", tarfile.SYMTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "h0.cls" if kind == tarfile.LNKTYPE else "/etc/passwd"
+            tf.addfile(link)
+        folder = tarfile.TarInfo("sub")  # a folder entry, as `tar -cf x.tar dir/` writes: not worth a word
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)

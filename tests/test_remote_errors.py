@@ -183,3 +183,20 @@ def test_efficiency_report_counts_the_runs_reads_and_stats_the_epochs(http_serve
     assert s.stats["bytes_read"] == epoch_bytes  # this epoch
     report = s.efficiency_report()
     assert report["bytes_read"] == 2 * epoch_bytes and report["requests"] >= 2 * len(s.index.shards)
+
+
+@pytest.mark.timeout(60)
+def test_index_remote_names_the_url_of_a_tar_with_link_members(http_server):
+    # The warning named the temporary file the shard was downloaded to ('shard.tar'), not the shard.
+    from conftest import write_tar_with_links
+    from geko_data.remote import index_remote
+
+    name = uuid.uuid4().hex[:8]
+    (http_server.root / name).mkdir()
+    write_tar_with_links(http_server.root / name / "links-000.tar")
+    url = f"{http_server.url}{name}/links-000.tar"
+    with pytest.warns(UserWarning, match=r"skipped 2 tar member\(s\)") as record:
+        index = index_remote([url], progress=False, config=QUICK)
+    text = str(record[0].message)
+    assert f"in {url!r}" in text and "shard.tar" not in text, text
+    assert list(index.keys) == ["h0"]

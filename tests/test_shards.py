@@ -11,7 +11,7 @@ import webdataset as wds
 
 from geko_data.shards import (ShardError, fingerprint, index_shards, iter_tar_samples, parse_sample, read_index,
                               write_shards)
-from conftest import SHARD_SIZES
+from conftest import SHARD_SIZES, write_tar_with_links
 
 
 def test_write_shards_and_index(tmp_path):
@@ -68,25 +68,10 @@ def test_write_shards_refuses_no_samples_naming_its_own_argument_and_writes_noth
     assert not (tmp_path / "out").exists()
 
 
-def _tar_with_links(path):
-    with tarfile.open(path, "w") as tf:
-        data = b"1"
-        info = tarfile.TarInfo("h0.cls")
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-        for name, kind in (("h1.cls", tarfile.LNKTYPE), ("h2.txt", tarfile.SYMTYPE)):
-            link = tarfile.TarInfo(name)
-            link.type, link.linkname = kind, "h0.cls" if kind == tarfile.LNKTYPE else "/etc/passwd"
-            tf.addfile(link)
-        folder = tarfile.TarInfo("sub")  # a folder entry, as `tar -cf x.tar dir/` writes: not worth a word
-        folder.type = tarfile.DIRTYPE
-        tf.addfile(folder)
-
-
 def test_index_names_the_links_it_skips(tmp_path):
     # Samples made only of links vanished from the index without a word ("indexed 1 samples").
     path = tmp_path / "links.tar"
-    _tar_with_links(path)
+    write_tar_with_links(path)
     with pytest.warns(UserWarning, match=r"skipped 2 tar member\(s\) that are links or special files.*'h1.cls' "
                                          r"\(hard link\).*'h2.txt' \(symlink\).*not in the index") as record:
         index = index_shards([str(path)])
