@@ -114,21 +114,24 @@ def _resolve(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, *, through_links: bool = True) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is untouched.
-    A symlink at ``path`` is written through: its target is replaced and the link kept. A file that exists
-    keeps its permission bits (a 0600 file stays 0600); a new one gets 0666 minus the umask. Temp files
-    that killed writers of the same target left are removed first (``remove_stale_temps``).
+    A symlink at ``path`` is written through: its target is replaced and the link kept; with
+    ``through_links=False`` the link itself is replaced (a rename never follows it, so no check can be
+    raced), for files written into a folder someone else may control. A file that exists keeps its
+    permission bits (a 0600 file stays 0600); a new one gets 0666 minus the umask. Temp files that killed
+    writers of the same target left are removed first (``remove_stale_temps``).
     """
-    path = _resolve(path)
+    path = _resolve(path) if through_links else os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist")
     remove_stale_temps(path)
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path) if through_links else os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o666 & ~_umask()
     except FileNotFoundError:
         mode = 0o666 & ~_umask()  # mkstemp makes 0600; a new file should look like any other
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp",

@@ -419,7 +419,11 @@ def _write_index(index: ShardIndex, output: str) -> None:
         "length": pa.array(index.length),
         "hash": pa.array(index.hashes, type=pa.uint64()),
     }).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    with atomic_path(output) as tmp:
+    if os.path.islink(output):
+        warnings.warn(f"`output` {output!r} was a symbolic link (to {os.readlink(output)!r}); the index replaces "
+                      f"the link, not the file it names: an index is written into the shards' folder, where "
+                      f"whoever wrote the shards could have planted the link", stacklevel=3)
+    with atomic_path(output, through_links=False) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
 

@@ -134,3 +134,16 @@ def test_a_symlink_is_written_through(tmp_path):
     dangling.symlink_to(tmp_path / "data" / "new.arrow")
     atomic_write_bytes(dangling, b"created")
     assert (tmp_path / "data" / "new.arrow").read_bytes() == b"created" and dangling.is_symlink()
+
+
+def test_without_through_links_the_link_itself_is_replaced(tmp_path):
+    outside = tmp_path / "home" / "authorized_keys"
+    outside.parent.mkdir()
+    outside.write_bytes(b"ssh-ed25519 mine")
+    link = tmp_path / "data" / "index.arrow"
+    link.parent.mkdir()
+    link.symlink_to(outside)
+    with atomic_path(link, through_links=False) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"index")
+    assert outside.read_bytes() == b"ssh-ed25519 mine" and not link.is_symlink() and link.read_bytes() == b"index"

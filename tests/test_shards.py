@@ -451,3 +451,19 @@ def test_write_progress_knows_the_total_of_a_list(tmp_path, capsys):
     assert re.search(r"writing shards: 100%\|.*\| 30/30", err), err
     write_shards(iter(samples), str(tmp_path / "e-%03d.tar"), maxcount=10, progress=True)
     assert "30/" not in capsys.readouterr().err  # a generator has no total to show
+
+
+@pytest.mark.timeout(60)
+def test_an_index_never_writes_through_a_link_planted_in_the_shards_folder(shards, tmp_path):
+    # `geko-data index data/*.tar -o data/index.arrow` with data/index.arrow a link to ~/.ssh/authorized_keys
+    # replaced that file with the index (whose keys the shards' author chooses).
+    victim = tmp_path / "home" / "authorized_keys"
+    victim.parent.mkdir()
+    victim.write_bytes(b"ssh-ed25519 AAAA mine")
+    out = shards / "index.arrow"
+    out.unlink()
+    out.symlink_to(victim)
+    with pytest.warns(UserWarning, match=r"`output` .* was a symbolic link .*replaces the link"):
+        index_shards(sorted(str(p) for p in shards.glob("*.tar")), output=out)
+    assert victim.read_bytes() == b"ssh-ed25519 AAAA mine"
+    assert not out.is_symlink() and read_index(shards).num_samples == sum(SHARD_SIZES)
