@@ -106,6 +106,23 @@ def _read_on(fd: int, view: memoryview, offset: int, got: int) -> int:
     return got
 
 
+def _check_inside(f: Any, path: str, root: str, key: str) -> None:
+    """ShardError (``f`` closed) unless the file open as ``f`` is the one ``path`` resolves to now, inside
+    ``root``: resolved after the open, and the same file by device and inode, so no swap of a link between
+    the check and the open goes unseen."""
+    real = os.path.realpath(path)
+    opened = os.fstat(f.fileno())
+    try:
+        now = os.stat(real)
+        same = (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
+    except OSError:
+        same = False
+    if os.path.commonpath([real, root]) != root or not same:
+        f.close()
+        raise ShardError(f"shard {path!r} now resolves to {real!r}, outside the index's folder {root!r} (a "
+                         f"symbolic link changed since the index was read; reading sample {key!r}): refused")
+
+
 class SeekReader:
     """Reads samples of local shards by seeking: skipped samples are seeked over, never read, and a run of
     adjacent samples is one read. Holds each sample to its indexed bytes (and hash, with ``verify``)."""
@@ -118,6 +135,10 @@ class SeekReader:
         self._file: Any = None
         self._shard = -1
         self._buffer = bytearray()
+        # read_index checked that each shard name resolves inside the index's folder; a link swapped in
+        # since would lead a later epoch's open() elsewhere, so every open is checked again (for the
+        # index's own paths: a `shard_url` mapping is the user's choice).
+        self._root = None if index._file is None else os.path.realpath(os.path.dirname(index._file.path))
 
     def close(self) -> None:
         if self._file is not None:
@@ -133,6 +154,8 @@ class SeekReader:
                 raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
             # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
             f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across samples of the shard
+            if self._root is not None and self.urls[shard] == self.index.shards[shard]:
+                _check_inside(f, path, self._root, key)
             size = os.fstat(f.fileno()).st_size
             if size != self.index.sizes[shard]:
                 f.close()

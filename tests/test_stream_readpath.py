@@ -127,3 +127,26 @@ def test_truncated_shard_fails_its_samples_in_read_all(folder):
     os.truncate(path, cut)  # truncated while open: its reads come back short
     got = reader.read_all(np.array([148, 149, 150, 151, 300]))
     assert list(got) == [148, 149, 300] and reader.bad.lost_here == {150, 151}
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_swapped_for_a_link_out_of_the_folder_is_refused_at_the_next_open(tmp_path):
+    # read_index checks each name once; each epoch re-opened the shard by name and read the file a link
+    # planted since named, outside the folder.
+    data, private = tmp_path / "data", tmp_path / "private"
+    write_shards(({"__key__": f"k{i}", "txt": f"public{i:03d}"} for i in range(4)), str(data / "s-%02d.tar"))
+    write_shards(({"__key__": f"k{i}", "txt": f"SECRET{i:03d}"} for i in range(4)), str(private / "p-%02d.tar"))
+    stream = GEKOStream(str(data), total_epochs=2, shuffle=False, config=GEKOConfig(log_bucket_stats=False))
+    stream.set_epoch(0)
+    assert [s["txt"] for s in stream] == [f"public{i:03d}".encode() for i in range(4)]
+    (data / "s-00.tar").unlink()
+    (data / "s-00.tar").symlink_to(private / "p-00.tar")
+    stream.set_epoch(1)
+    with pytest.raises(ShardError, match=r"now resolves to .*p-00.tar', outside the index's folder"):
+        list(stream)
+    # a link that stays inside the folder is still read
+    (data / "s-00.tar").unlink()
+    write_shards(({"__key__": f"k{i}", "txt": f"public{i:03d}"} for i in range(4)), str(tmp_path / "again-%02d.tar"))
+    os.replace(tmp_path / "again-00.tar", data / "real.tar")
+    (data / "s-00.tar").symlink_to(data / "real.tar")
+    assert [s["txt"] for s in stream] == [f"public{i:03d}".encode() for i in range(4)]
