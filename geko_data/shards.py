@@ -1047,7 +1047,10 @@ class _Layout:
                 ext = suffix[1:].decode("utf-8").lower()
             except UnicodeDecodeError:
                 ext = None
-            if not raw.startswith(key) or suffix[:1] != b"." or b"/" in raw or ext is None or ext in exts:
+            # An extension "__key__" (or any "__x__", the reader's own entries) would replace what the
+            # reader sets: the slow path refuses it by name.
+            if (not raw.startswith(key) or suffix[:1] != b"." or b"/" in raw or ext is None or ext in exts
+                    or ext.startswith("__")):
                 self.ok = False
                 return
             exts.add(ext)

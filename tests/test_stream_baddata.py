@@ -413,3 +413,22 @@ def test_gunzip_never_inflates_past_the_cap():
     assert gunzip(data, 100) == gzip.decompress(data.replace(b"\0" * 7, b"")) == b"onetwo"
     with pytest.raises(EOFError):
         gunzip(gzip.compress(b"x" * 1000)[:-12], 10_000)
+
+
+@pytest.mark.timeout(60)
+def test_a_member_named_key_dot_dunder_key_cannot_replace_the_samples_key(tmp_path):
+    # The local fast path took member 'evil.__key__' as the sample's __key__: the loop was handed 'victim-0001'
+    # for the sample the index calls 'evil' (the slow path and pipe: refused the same bytes).
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, body in (("victim-0001.txt", b"victim"), ("evil.txt", b"attacker"), ("evil.__key__", b"victim-0001")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    index_shards([str(tmp_path / "s.tar")], output=tmp_path / "index.arrow")
+    for kw in ({}, {"shard_url": "pipe:cat {}"}):
+        errors = []
+        stream = GEKOStream(str(tmp_path), total_epochs=1, shuffle=False, handler=lambda e: errors.append(e) or True,
+                            config=GEKOConfig(log_bucket_stats=False), **kw)
+        stream.set_epoch(0)
+        assert [(s["__key__"], s["txt"]) for s in stream] == [("victim-0001", b"victim")], kw
+        assert len(errors) == 1 and "two members with extension '__key__'" in str(errors[0]), kw
