@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -153,7 +154,12 @@ class SeekReader:
             if not os.path.exists(path):
                 raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
             # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across samples of the shard
+            # O_NONBLOCK: opening a FIFO put in a shard's place would otherwise wait for a writer forever;
+            # a regular file ignores the flag.
+            f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0)  # noqa: SIM115
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                f.close()
+                raise ShardError(f"shard {path!r} is not a regular file (reading sample {key!r})")
             if self._root is not None and self.urls[shard] == self.index.shards[shard]:
                 _check_inside(f, path, self._root, key)
             size = os.fstat(f.fileno()).st_size

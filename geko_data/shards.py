@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import tarfile
 import threading
 import warnings
@@ -491,6 +492,8 @@ def _map_table(path: str) -> tuple[pa.Table, dict[str, Any]]:
         raise
     except (pa.ArrowException, OSError, json.JSONDecodeError) as e:
         raise ShardError(f"{path}: not a readable shard index ({e})") from None
+    except RecursionError:  # metadata JSON nested deeper than Python's stack
+        raise ShardError(f"{path}: not a readable shard index (its metadata is nested too deep)") from None
     return table, meta
 
 
@@ -532,6 +535,8 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
         raise FileNotFoundError(f"shard index {path!r} does not exist (write it with write_shards or "
                                 f"`geko-data index`)")
     before = _identity(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # mapping a FIFO or a device would wait or read forever
+        raise ShardError(f"shard index {path!r} is not a regular file")
     table, meta = _map_table(path)
     root = os.path.dirname(os.path.abspath(path))
     try:
@@ -544,8 +549,9 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
             raise ShardError(f"{path}: index format {version} has no per-sample content hashes, so changed "
                              f"shards could go unnoticed; re-run `geko-data index <shards> -o {path}`")
         names, sizes = list(meta["shards"]), [int(x) for x in meta["sizes"]]
-        if len(names) != len(sizes) or min(sizes, default=0) < 0:
-            raise ValueError("'shards' and 'sizes' must be lists of the same length (paths and byte sizes >= 0)")
+        if len(names) != len(sizes) or min(sizes, default=0) < 0 or max(sizes, default=0) >= 1 << 62:
+            raise ValueError("'shards' and 'sizes' must be lists of the same length (paths, and byte sizes "
+                             "from 0 to 2**62)")
         shards = tuple(_check_shard_name(x, root=root, where=path, hint="`pipe:` commands and URLs come only "
                                          "from GEKOStream(shard_url=...)") for x in names)
         index = _from_table(table, shards=shards, sizes=tuple(sizes), fingerprint=str(meta["fingerprint"]))

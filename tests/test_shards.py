@@ -278,10 +278,14 @@ def test_hand_made_index_with_bad_metadata_is_a_named_shard_error(shards, tmp_pa
     key = next(k for k in table.schema.metadata if b"geko" in k)
     meta = json.loads(table.schema.metadata[key])
     cases = {"list.arrow": [1, 2], "no_shards.arrow": {k: v for k, v in meta.items() if k != "shards"},
-             "uneven.arrow": {**meta, "sizes": meta["sizes"][:1]}, "sizes_text.arrow": {**meta, "sizes": "x"}}
+             "uneven.arrow": {**meta, "sizes": meta["sizes"][:1]}, "sizes_text.arrow": {**meta, "sizes": "x"},
+             # these two ended in a bare OverflowError and RecursionError
+             "sizes_huge.arrow": {**meta, "sizes": [10 ** 30] * len(meta["sizes"])},
+             "deep.arrow": "[" * 100_000 + "]" * 100_000}
     for name, bad in cases.items():
         path = tmp_path / name
-        t = table.replace_schema_metadata({key: json.dumps(bad).encode()})
+        raw = bad.encode() if isinstance(bad, str) else json.dumps(bad).encode()
+        t = table.replace_schema_metadata({key: raw})
         with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, t.schema) as w:
             w.write_table(t)
         with pytest.raises(ShardError, match=name):
@@ -467,3 +471,23 @@ def test_an_index_never_writes_through_a_link_planted_in_the_shards_folder(shard
         index_shards(sorted(str(p) for p in shards.glob("*.tar")), output=out)
     assert victim.read_bytes() == b"ssh-ed25519 AAAA mine"
     assert not out.is_symlink() and read_index(shards).num_samples == sum(SHARD_SIZES)
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_in_place_of_an_index_or_a_shard_is_refused_not_waited_on(shards, tmp_path):
+    # Mapping a FIFO index, or opening a FIFO shard, waited for a writer forever.
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "index.arrow")
+    with pytest.raises(ShardError, match=r"index\.arrow' is not a regular file"):
+        read_index(fifo)
+    from geko_data.stream import GEKOStream
+
+    stream = GEKOStream(str(shards), total_epochs=1, shuffle=False)
+    first = read_index(shards).shards[0]
+    os.unlink(first)
+    os.mkfifo(first)
+    stream.set_epoch(0)
+    with pytest.raises(ShardError, match=r"is not a regular file \(reading sample"):
+        list(stream)
+
