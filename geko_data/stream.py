@@ -52,7 +52,7 @@ from geko_data.remote import (RangeFetcher, RangeReader, RemoteConfig, SharedRan
 from geko_data.sampler import _collate_tagged
 from geko_data.shards import ShardError, ShardIndex, read_index
 from geko_data.shared import SharedPlan
-from geko_data.state import SampleState
+from geko_data.state import SampleState, to_numpy
 from geko_data.validate import check_instance, check_int
 from geko_data.world import World, in_dataloader_worker
 
@@ -102,6 +102,43 @@ default_collate_fn_map[_StreamSample] = _collate_tagged
 # Row 0 counts the main process, row 1 + w DataLoader worker w: one writer per row, so no locks.
 # Workers beyond this share rows modulo (increments may then race; 256 workers per rank is not a use).
 _COUNTER_ROWS = 1 + 256
+
+
+class _Reported:
+    """What the loop reported in this rank's epoch, as a count and an order-free sum of mixed ids: enough to
+    tell at a checkpoint whether the first ``consumed`` samples of the order are the ones it reported.
+
+    With DataLoader workers each worker yields its share in chunks of the stream's ``batch_size``, and a
+    DataLoader of that batch size hands the loop the rank's order back; one of another batch size hands it
+    batches mixed from several chunks. Training still covers the epoch, but ``state_dict(consumed=N)``
+    names the first N samples of the order, which are not the ones the loop used, and a resume from it
+    trains some samples twice and some never."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int, int] | None = None
+        self.count = 0
+        self.mixed = np.uint64(0)
+
+    def add(self, key: tuple[int, int, int], ids: np.ndarray) -> None:
+        """Count a report of ``ids`` in the epoch ``key`` = (epoch, plan version, start position)."""
+        if key != self.key:
+            self.key, self.count, self.mixed = key, 0, np.uint64(0)
+        self.count += ids.shape[0]
+        self.mixed += _mix(ids)
+
+    def differs(self, key: tuple[int, int, int], used: np.ndarray) -> bool:
+        """Whether the reports of epoch ``key``, as many as ``used``, are other samples than ``used``; False
+        when they cannot be compared (another count: reports that lag the batches, a subset, extra ones)."""
+        return key == self.key and self.count == used.shape[0] and self.mixed != _mix(used)
+
+
+def _mix(ids: np.ndarray) -> np.uint64:
+    """The wrapping sum of splitmix64's finaliser over ``ids``: equal multisets give equal sums."""
+    x = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    return x.sum(dtype=np.uint64)
 
 
 class _Counters:
@@ -341,6 +378,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._read_before = dict.fromkeys(("bytes_read", "requests", "retries"), 0)
         self._order_cache: _Order | None = None
         self._yielded = 0
+        self._reported = _Reported()
 
     def __getstate__(self) -> dict[str, Any]:
         """What a pickle of the stream carries: what a spawned DataLoader worker reads with, not the
@@ -533,6 +571,18 @@ class GEKOStream(EpochDriver, IterableDataset):
             reader.tally["samples_yielded"] += yielded
             reader.tally["skipped_draws"] += skipped
 
+    def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
+               step: int | None = None) -> int:
+        """Feed per-sample results back (see ``Feedback.report``); the ids reported in the epoch are also
+        counted, so that ``state_dict(consumed=)`` can tell they are the samples its position skips."""
+        rows = super().report(ids, losses, correct=correct, confidence=confidence, step=step)
+        if self._shared.epoch >= 0:
+            self._reported.add(self._epoch_key(), to_numpy(ids, "ids").astype(np.int64, copy=False))
+        return rows
+
+    def _epoch_key(self) -> tuple[int, int, int]:
+        return self._shared.epoch, self._shared.version, int(self._start.item())
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
         """Small JSON-serializable position; save the per-sample state apart with ``state.save``.
@@ -550,10 +600,28 @@ class GEKOStream(EpochDriver, IterableDataset):
                              "process cannot tell how many of their samples the loop used; pass consumed= the "
                              "samples of the batches your loop finished (from `stream.position`, 0 unless the "
                              "epoch was resumed, add each batch's length)")
+        if consumed is not None and self._shared.epoch >= 0:
+            self._check_reported(consumed)
         sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
         sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "batches": self.batches,
                    "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer})
         return sd
+
+    def _check_reported(self, consumed: int) -> None:
+        """ValueError when the loop reported as many samples as ``consumed`` counts, but other ones than the
+        first ``consumed`` of this rank's order (from the epoch's start): the position would resume at
+        samples it did not use. Not checked when samples were lost to bad data (the loop never saw them)."""
+        plan = self._shared.view()
+        start = int(self._start.item())
+        used = self._order(plan).order[start:consumed]
+        if self._counters.lost.numpy()[used].any() or not self._reported.differs(self._epoch_key(), used):
+            return
+        raise ValueError(f"state_dict(consumed={consumed}): the loop reported {used.shape[0]} samples in this epoch, "
+                         f"but not the {used.shape[0]} this rank yields first, which the position would skip on "
+                         f"resume (some trained twice, some never). With DataLoader workers, give GEKOStream the "
+                         f"DataLoader's batch_size (GEKOStream(..., batch_size=B) and DataLoader(stream, "
+                         f"batch_size=B); with batches='steps', a new DataLoader at stream.epoch_batch_size each "
+                         f"epoch)")
 
     @property
     def position(self) -> int:

@@ -147,3 +147,36 @@ def test_items_reach_a_collate_fn_as_dicts_with_a_float_weight(shards):
     assert items and all(type(x) is dict for x in items)
     assert all(type(x["__index__"]) is int and isinstance(x["__weight__"], float) for x in items)
     assert pickle.loads(pickle.dumps(next(iter(s)))).__class__ is dict
+
+
+def _as_list(batch):
+    return batch
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_after_batches_of_another_size_than_the_streams_is_refused(shards):
+    # GEKOStream(batch_size=4) read by DataLoader(batch_size=8, num_workers=2): each loader batch mixes two
+    # workers' chunks, so the first 8 samples the loop used are not the first 8 of the order, and a resume
+    # from state_dict(consumed=8) trained some samples twice and others never, without a word.
+    def run(loader_batch, report=True):
+        stream = GEKOStream(shards, total_epochs=2, config=QUIET, seed=3, batch_size=4)
+        loader = DataLoader(stream, batch_size=loader_batch, num_workers=2, collate_fn=_as_list,
+                            multiprocessing_context="fork")
+        stream.set_epoch(0)
+        used = 0
+        for batch in loader:
+            ids = [x["__index__"] for x in batch]
+            if report:
+                stream.report(ids, np.ones(len(ids)))
+            used += len(ids)
+            if used >= 8:
+                break
+        return stream, used
+
+    stream, used = run(8)
+    with pytest.raises(ValueError, match=r"state_dict\(consumed=8\): the loop reported 8 samples .* not the 8 "
+                                         r"this rank yields first.*give GEKOStream the DataLoader's batch_size"):
+        stream.state_dict(consumed=used)
+    assert run(4)[0].state_dict(consumed=8)["position"] == 8  # the same batch size: the order's first 8
+    # a loop whose reports lag its batches cannot be compared, and is not refused
+    assert run(8, report=False)[0].state_dict(consumed=8)["position"] == 8
