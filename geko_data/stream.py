@@ -291,8 +291,9 @@ class GEKOStream(EpochDriver, IterableDataset):
             (e.g. ``"pil"`` or a list of specs and handlers). With specs, members whose extension is in
             ``UNSAFE_EXTENSIONS`` (pickle, torch.load) raise ShardError instead of being unpickled; decode
             those yourself with a callable if you trust the data. Defaults to ``None``.
-        max_decoded_bytes: with decoder specs, a ``.gz`` member that inflates past this many bytes raises
-            ShardError naming it (a decompression bomb; it is inflated in steps, never whole). Defaults to
+        max_decoded_bytes: with decoder specs, a member that decodes past this many bytes raises ShardError
+            naming it (a decompression bomb): a ``.gz`` member is inflated in steps, never whole; an image's and
+            an ``.npy``/``.npz`` array's size is read from its header first. Defaults to
             ``DEFAULT_MAX_DECODED_BYTES`` (256 MiB).
         verify: check every sample read against the xxh3 content hash the index recorded; a changed byte
             raises ShardError naming the shard, key and offset (costs one hash of the bytes read; see the
