@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geko_data.shards import ShardError
-from geko_data.urls import describe, is_transient, open_url, redact
+from geko_data.urls import REDIRECTS, describe, is_transient, open_url, redact
 from geko_data.validate import check_int, check_number
 
 __all__ = ["Fetched", "RangeFetcher", "RemoteConfig"]
@@ -73,6 +73,19 @@ class RemoteConfig:
         max_backoff: longest wait between two tries, in seconds. Defaults to ``5.0``.
         timeout: seconds one request may take before it counts as failed (transient), for filesystems
             with an async implementation (s3fs, gcsfs, adlfs, HTTP). Defaults to ``60.0``.
+        follow_redirects: which HTTP(S) redirects are followed: ``"same-origin"`` only those to the same
+            scheme, host and port as the URL requested; ``"any"`` also those to another origin (a CDN),
+            without the headers of ``storage_options`` (``headers``, ``client_kwargs["headers"]``),
+            ``Authorization`` or cookies, and refused when ``client_kwargs`` holds an ``auth`` (aiohttp
+            sends that to every host); ``"none"`` no redirect at all. A redirect not followed is a
+            ShardError naming the URL and the redirect's target, not retried. Defaults to
+            ``"same-origin"``: a server, or whoever can write a redirect rule on it, cannot send your
+            requests and their credentials to a host you did not name.
+        max_index_bytes: largest remote ``index.arrow`` read, in bytes: a larger size, as the server
+            declares it, is a ShardError before anything is downloaded (a remote index is read whole into
+            memory, so a server could otherwise make a reader take any amount). An index takes about 40-60
+            bytes a sample, so the default holds some 70-100 million samples; raise it for a larger
+            dataset. Defaults to ``4 GiB``.
     """
 
     concurrency: int = 8
@@ -82,12 +95,18 @@ class RemoteConfig:
     backoff: float = 0.2
     max_backoff: float = 5.0
     timeout: float = 60.0
+    follow_redirects: str = "same-origin"
+    max_index_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        for name, lo in (("concurrency", 1), ("gap", 0), ("max_request", 512), ("retries", 0)):
+        for name, lo in (("concurrency", 1), ("gap", 0), ("max_request", 512), ("retries", 0),
+                         ("max_index_bytes", 1)):
             check_int(name, getattr(self, name), lo, prefix="RemoteConfig ")
         for name in ("backoff", "max_backoff", "timeout"):  # seconds
             check_number(name, getattr(self, name), 0, lo_open=True, prefix="RemoteConfig ")
+        if not isinstance(self.follow_redirects, str) or self.follow_redirects not in REDIRECTS:
+            raise ValueError(f"RemoteConfig `follow_redirects` must be one of {', '.join(map(repr, REDIRECTS))}, "
+                             f"got {self.follow_redirects!r}")
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed try ``attempt`` (0-based): exponential, capped, with jitter."""
@@ -154,10 +173,11 @@ class RangeFetcher:
         key = url if "::" in url else url.split("://", 1)[0]  # chained URLs ("simplecache::s3://") apart
         with self._lock:
             if key not in self._fs:
-                self._fs[key] = open_url(url, self.storage_options)[0]
+                self._fs[key] = open_url(url, self.storage_options, follow_redirects=self.config.follow_redirects)[0]
                 _KEPT.append(self._fs[key])
             fs = self._fs[key]
-        return fs, (open_url(url, self.storage_options)[1] if "::" in url else fs._strip_protocol(url))
+        return fs, (open_url(url, self.storage_options, follow_redirects=self.config.follow_redirects)[1]
+                    if "::" in url else fs._strip_protocol(url))
 
     def take_tally(self) -> dict[str, int]:
         """What this process fetched since the last call (and zero it)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 import posixpath
 import shutil
@@ -16,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -27,30 +28,128 @@ from geko_data.keys import Keys
 from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
 from geko_data.urls import describe, is_url, redact
 
-__all__ = ["ShardsAt", "expand_urls", "index_remote", "read_index_url", "resolve_shard_name", "shards_folder",
-           "write_index_url"]
+__all__ = ["SHARD_NAME_RULE", "ShardsAt", "expand_urls", "index_remote", "read_index_url", "resolve_shard_name",
+           "shard_name_problem", "shards_folder", "url_under", "write_index_url"]
 
 
 def _index_url(url: str) -> str:
     return url if url.endswith(".arrow") else url.rstrip("/") + "/" + INDEX_NAME
 
 
-def resolve_shard_name(index_url: str, name: str) -> str:
-    """The URL of shard ``name`` of the index at ``index_url``. ``read_index`` has already held ``name`` to
-    a relative path under the index's folder, so the result stays in that folder of the same store."""
+# What a shard name of an index of remote shards may be. The index comes from the store (or a file beside it),
+# so whoever can write there chooses the names; a name is only ever a path under the index's folder.
+SHARD_NAME_RULE = ("shard names must be relative paths under the index's folder: '/'-separated segments, none of "
+                   "them '.' or '..' (percent-encoded or not), without a leading '/', a backslash, a URL scheme or "
+                   "an encoded separator (%2f, %5c)")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")  # as shards.py's: "http:", "pipe:", "C:"
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+_MAX_DECODINGS = 8
+
+
+def _decodings(text: str) -> list[str] | None:
+    """``text`` and every percent-decoding of it until one changes nothing; None past ``_MAX_DECODINGS``.
+    Every one, not just the first: a server or proxy in front of it that decodes twice (some do) turns
+    ``%252e%252e`` into ``..``."""
+    forms = [text]
+    while len(forms) <= _MAX_DECODINGS:
+        decoded = unquote(forms[-1], errors="surrogateescape")
+        if decoded == forms[-1]:
+            return forms
+        forms.append(decoded)
+    return None
+
+
+def shard_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a shard name of a remote index (see ``SHARD_NAME_RULE``), or None.
+
+    A literal ``..`` is not the only way out of a folder in a URL: ``%2e%2e`` is decoded and resolved by
+    the HTTP client (yarl) and by servers, ``%2f`` and ``\\`` are separators to many servers."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    forms = _decodings(name)
+    if forms is None:
+        return f"is percent-encoded more than {_MAX_DECODINGS} times over"
+    for form in forms:
+        decoded = "" if form is name else f" when percent-decoded ({form!r})"
+        if "\0" in form:
+            return f"contains a NUL byte{decoded}"
+        if _URL_SCHEME.match(form):
+            return f"has a URL scheme or command prefix{decoded}"
+        if form.startswith("/"):
+            return f"is an absolute path{decoded}"
+        if "\\" in form:
+            return f"contains a backslash{decoded}"
+        if _ENCODED_SEPARATOR.search(form):
+            return f"contains an encoded separator (%2f or %5c){decoded}"
+        if any(seg in (".", "..") for seg in form.split("/")):
+            return f"has a '.' or '..' segment{decoded}"
+    return None
+
+
+def _path_segments(path: str) -> list[str] | None:
+    """``path`` as a server resolves it at worst: every percent-escape decoded (repeatedly), ``/`` and ``\\``
+    both separators, ``.`` and ``..`` applied; None when it climbs above the root or will not decode."""
+    forms = _decodings(path)
+    if forms is None:
+        return None
+    out: list[str] = []
+    for seg in re.split(r"[/\\]", forms[-1]):
+        if seg == "..":
+            if not out:
+                return None
+            out.pop()
+        elif seg not in ("", "."):
+            out.append(seg)
+    return out
+
+
+def url_under(url: str, folder_url: str) -> bool:
+    """Whether ``url`` is in the folder ``folder_url`` (same scheme and host), however a server decodes and
+    normalises its path: the last check on a joined shard URL, whatever the name checks let through."""
+    a, b = urlsplit(url), urlsplit(folder_url)
+    if (a.scheme.lower(), a.netloc.lower()) != (b.scheme.lower(), b.netloc.lower()):
+        return False
+    inside, folder = _path_segments(a.path), _path_segments(b.path)
+    return inside is not None and folder is not None and len(inside) > len(folder) \
+        and inside[:len(folder)] == folder
+
+
+def _refuse_name(index: str, name: Any, why: str, storage_options: dict[str, Any] | None) -> ShardError:
+    return ShardError(redact(f"shard index {index!r}: shard name {name!r} {why}; {SHARD_NAME_RULE}",
+                             storage_options))
+
+
+def resolve_shard_name(index_url: str, name: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The URL of shard ``name`` of the index at ``index_url``: in that index's folder of the same store, or
+    a ShardError naming the index, the name and what a name may be (``SHARD_NAME_RULE``)."""
+    why = shard_name_problem(name)
+    if why is not None:
+        raise _refuse_name(index_url, name, why, storage_options)
     base = urlsplit(index_url)
-    path = posixpath.normpath(posixpath.join(posixpath.dirname(base.path) or "/", name))
-    return urlunsplit((base.scheme, base.netloc, path, "", ""))
+    folder = posixpath.dirname(base.path).rstrip("/") + "/"
+    path = posixpath.normpath(posixpath.join(folder, name))
+    url = urlunsplit((base.scheme, base.netloc, path, "", ""))
+    if not url_under(url, urlunsplit((base.scheme, base.netloc, folder, "", ""))):
+        raise _refuse_name(index_url, name, f"resolves to {url!r}, outside the index's folder", storage_options)
+    return url
 
 
 def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
                    config: RemoteConfig | None = None) -> ShardIndex:
     """Read the shard index at ``url`` (an ``index.arrow`` URL or the folder URL holding one); shard names
     resolve against the index's folder, as for local indexes."""
-    fetcher = RangeFetcher(storage_options=storage_options, config=config or RemoteConfig())
+    config = config or RemoteConfig()
+    fetcher = RangeFetcher(storage_options=storage_options, config=config)
     url = _index_url(url)
     try:
         size = fetcher.size(url)
+        if size.error is None and size.value > config.max_index_bytes:
+            # Read whole into memory: the size the server declares is checked before a byte is downloaded.
+            raise ShardError(redact(
+                f"shard index {url!r} is {size.value} bytes, more than RemoteConfig(max_index_bytes="
+                f"{config.max_index_bytes}) allows (an index takes about 40-60 bytes a sample); for a dataset "
+                f"that large, pass a larger one: GEKOStream(..., remote=RemoteConfig(max_index_bytes=...))",
+                storage_options))
         got = size if size.error is not None else fetcher.fetch(url, 0, size.value)
     finally:
         fetcher.close()
@@ -73,7 +172,7 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     names = json.loads(raw)["shards"]
-    return replace(index, shards=tuple(resolve_shard_name(url, n) for n in names))
+    return replace(index, shards=tuple(resolve_shard_name(url, n, storage_options) for n in names))
 
 
 def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
@@ -201,7 +300,8 @@ class ShardsAt:
     ``sub/shard-0.tar`` is read from ``base_url + "sub/shard-0.tar"``.
 
     The index keeps only names relative to a folder (never a URL, as every index); the URL they are under
-    comes from your code, like any ``shard_url``.
+    comes from your code, like any ``shard_url``. A name is held to ``SHARD_NAME_RULE``, as in an index read
+    from a URL: it stays under ``base_url`` however the server decodes it.
     """
 
     def __init__(self, base_url: str, index: str | os.PathLike) -> None:
@@ -211,10 +311,18 @@ class ShardsAt:
         self.base_url = base_url.rstrip("/") + "/"
         index = os.path.abspath(os.fspath(index))
         self.folder = index if os.path.isdir(index) else os.path.dirname(index)
+        self.index = os.path.join(index, INDEX_NAME) if os.path.isdir(index) else index
 
     def __call__(self, path: str) -> str:
-        rel = os.path.relpath(path, self.folder)
-        return self.base_url + "/".join(rel.split(os.sep))
+        name = "/".join(os.path.relpath(path, self.folder).split(os.sep))
+        # read_index refuses a literal '..' only: '%2e%2e' is a plain folder name on disk, not in a URL.
+        why = shard_name_problem(name)
+        url = self.base_url + name
+        if why is None and not url_under(url, self.base_url):
+            why = f"resolves to {url!r}, outside {self.base_url!r}"
+        if why is not None:
+            raise _refuse_name(self.index, name, why, None)
+        return url
 
     def __repr__(self) -> str:
         return f"ShardsAt({self.base_url!r}, {self.folder!r})"

@@ -4,7 +4,8 @@ A URL (``s3://``, ``gs://``, ``az://``, ``http(s)://`` or any protocol of an ins
 opens through fsspec. A protocol whose package is missing is one ``RemoteError`` naming the package and
 the extra of geko-data that installs it. Failures are sorted into transient (worth another try) and
 permanent (403, 404, other client errors), and every message is passed through ``redact``: credentials
-of ``storage_options`` and any ``user:password@`` of a URL become ``***``.
+of ``storage_options`` and any ``user:password@`` of a URL become ``***``. HTTP(S) redirects are held to
+``RemoteConfig.follow_redirects`` (``redirect_guard``): by default none to another origin is followed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["PROTOCOL_PACKAGES", "RemoteError", "describe", "is_transient", "is_url", "open_url", "redact"]
+__all__ = ["PROTOCOL_PACKAGES", "REDIRECTS", "RedirectRefused", "RemoteError", "describe", "is_transient", "is_url",
+           "open_url", "redact", "redirect_guard"]
 
 #: Protocol -> (package that implements it, extra of geko-data that installs it).
 PROTOCOL_PACKAGES = {
@@ -31,6 +33,14 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 
 class RemoteError(ValueError):
     """A remote URL that cannot be used: unknown protocol, filesystem package missing, bad options."""
+
+
+class RedirectRefused(RemoteError):
+    """An HTTP redirect that ``RemoteConfig.follow_redirects`` does not allow (never retried: a ValueError)."""
+
+
+#: Values of ``RemoteConfig.follow_redirects``.
+REDIRECTS = ("same-origin", "any", "none")
 
 
 def is_url(path: Any) -> bool:
@@ -91,11 +101,16 @@ def _filesystem_class(protocol: str, url: str, storage_options: dict[str, Any] |
                           f"{known} or another protocol of an installed fsspec filesystem") from None
 
 
-def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
+             follow_redirects: str = "same-origin") -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for ``url``; RemoteError naming the package to install when
-    its protocol is unknown or its filesystem library is missing."""
+    its protocol is unknown or its filesystem library is missing. An HTTP(S) filesystem follows redirects
+    as ``follow_redirects`` says (see ``RemoteConfig``)."""
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
+    if follow_redirects not in REDIRECTS:
+        raise ValueError(f"`follow_redirects` must be one of {', '.join(map(repr, REDIRECTS))}, "
+                         f"got {follow_redirects!r}")
     protocol = url.split("://", 1)[0].lower()
     _filesystem_class(protocol, url, storage_options)
     import fsspec
@@ -105,6 +120,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     options = {"skip_instance_cache": True, **(storage_options or {})}
     if protocol in ("s3", "s3a"):
         options = _one_retry_layer(options)
+    if protocol in ("http", "https"):
+        options = _with_redirect_guard(options, follow_redirects, storage_options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # a package the filesystem needs only when made (aiohttp for http)
@@ -117,6 +134,88 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[A
     if protocol in ("s3", "s3a"):
         fs.retries = 1  # s3fs's own retry loop (5 tries, not an option): ours is the one that retries
     return fs, path
+
+
+def _with_redirect_guard(options: dict[str, Any], follow: str, storage_options: dict[str, Any] | None
+                         ) -> dict[str, Any]:
+    """HTTP filesystem options whose aiohttp session runs ``redirect_guard`` on every redirect (the user's
+    own ``client_kwargs`` and trace configs kept). fsspec asks aiohttp to follow redirects on every GET and
+    HEAD, and aiohttp follows them to any host with every header but ``Authorization`` and cookies."""
+    client = dict(options.get("client_kwargs") or {})
+    client["trace_configs"] = [*(client.get("trace_configs") or ()), redirect_guard(follow, storage_options)]
+    return {**options, "client_kwargs": client}
+
+
+def _header_names(headers: Any) -> set[str]:
+    """The lower-cased names of a headers mapping of ``storage_options``; none when it is not one (fsspec or
+    aiohttp refuses it then, with its own message)."""
+    try:
+        return {str(k).lower() for k in dict(headers or {})}
+    except (TypeError, ValueError):
+        return set()
+
+
+def redirect_guard(follow: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """An ``aiohttp.TraceConfig`` holding an HTTP session's redirects to ``follow`` (``REDIRECTS``).
+
+    It runs before aiohttp sends the request a redirect asks for, so a refused redirect never reaches its
+    target: a ``RedirectRefused`` naming the URL, the target and ``RemoteConfig(follow_redirects=...)``.
+    Origins are compared with the URL first requested, so a chain through another host back to the first
+    one counts as leaving it. Following to another origin (``"any"``), the headers named in
+    ``storage_options`` (``headers``, ``client_kwargs["headers"]``), ``Authorization``, ``Cookie`` and
+    ``Proxy-Authorization`` are dropped from the request; a session-wide ``client_kwargs["auth"]`` cannot
+    be (aiohttp adds it to every hop), so such a redirect is refused.
+    """
+    import aiohttp
+    from yarl import URL
+
+    options = storage_options or {}
+    client = options.get("client_kwargs") if isinstance(options.get("client_kwargs"), dict) else {}
+    private = _header_names(options.get("headers")) | _header_names(client.get("headers")) | {
+        "authorization", "cookie", "proxy-authorization"}
+    session_auth = client.get("auth") is not None
+
+    def origin(u: Any) -> tuple[str, str, int | None]:
+        return (u.scheme.lower(), (u.host or "").lower(), u.port)
+
+    async def on_start(session: Any, ctx: Any, params: Any) -> None:
+        ctx.first = params.url
+
+    async def on_redirect(session: Any, ctx: Any, params: Any) -> None:
+        location = params.response.headers.get("Location") or params.response.headers.get("URI")
+        if location is None:  # aiohttp stops there and returns the 3xx
+            return
+        try:
+            target = params.url.join(URL(location))
+        except ValueError:
+            target = None  # aiohttp refuses what is not a URL itself; refused here too, never guessed at
+        first = getattr(ctx, "first", params.url)
+        same = target is not None and bool(target.host) and origin(target) == origin(first)
+        why = None
+        if follow == "none":
+            why = ("RemoteConfig(follow_redirects='none') follows no redirect; 'same-origin' follows those to the "
+                   "same scheme, host and port, 'any' those to other hosts too")
+        elif not same and follow == "same-origin":
+            why = ("it leaves the origin (scheme, host, port) of the URL requested, and requests carry the headers "
+                   "and credentials of storage_options; to follow redirects to other hosts (a CDN), pass "
+                   "RemoteConfig(follow_redirects='any'), which sends them without the storage_options headers")
+        elif not same and session_auth:
+            why = ("storage_options client_kwargs['auth'] is session-wide and aiohttp sends it to every host; pass "
+                   "the credentials as storage_options headers, which are dropped on leaving the origin, or "
+                   "keep RemoteConfig(follow_redirects='same-origin')")
+        if why is not None:
+            hop = "" if str(params.url) == str(first) else f" (by way of {str(params.url)!r})"
+            raise RedirectRefused(redact(f"{str(first)!r}{hop} redirects ({params.response.status}) to "
+                                         f"{location if target is None else str(target)!r}, not followed: {why}",
+                                         storage_options))
+        if not same:  # "any", to another origin: nothing of ours goes there
+            for name in private:
+                params.headers.popall(name, None)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    trace.on_request_redirect.append(on_redirect)
+    return trace
 
 
 def _one_retry_layer(options: dict[str, Any]) -> dict[str, Any]:
