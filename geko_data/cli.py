@@ -19,8 +19,10 @@ name; an output that is a symlink is written through to its target.
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -190,6 +192,20 @@ def _top(path: str, kind: str, n: int, index: str | None, storage_options: dict[
              "confidence": None if np.isnan(conf[i]) else float(conf[i]), "q": float(cols["q"][i]),
              "times_seen": int(cols["times_seen"][i]), "forgets": int(cols["forgets"][i])}
             for i, k in zip(order, keys)]
+
+
+# Keys, names and phases come from files someone else may have written; printed raw, their control
+# characters (ESC, CR, bidi overrides) could clear the screen, move the cursor or forge lines. Everything
+# this command prints for people shows them escaped; tabs and newlines are kept.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+def print(*args: Any, sep: str = " ", end: str = "\n", file: Any = None, flush: bool = False) -> None:  # noqa: A001
+    builtins.print(_printable(sep.join(map(str, args))), end=end, file=file, flush=flush)
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -381,7 +397,8 @@ def cmd_sql(ns: argparse.Namespace) -> int:
 
         sink = pa.BufferOutputStream()
         pcsv.write_csv(result, sink)
-        sys.stdout.write(sink.getvalue().to_pybytes().decode())
+        text = sink.getvalue().to_pybytes().decode()
+        sys.stdout.write(_printable(text) if sys.stdout.isatty() else text)  # a file or pipe gets the data
     elif ns.format == "json":
         print(json.dumps(result.to_pylist(), indent=1, default=str))
     else:

@@ -696,3 +696,21 @@ def test_diff_warns_about_different_fingerprints(tmp_path, capsys):
     code, out, err = run(capsys, "diff", tmp_path / "a.arrow", tmp_path / "b.arrow", "--json")
     assert code == 0 and json.loads(out)["samples"] == 20
     assert err.startswith("warning:") and "a" * 32 in err and "b" * 32 in err
+
+
+@pytest.mark.timeout(60)
+def test_control_characters_from_keys_are_printed_escaped(tmp_path, capsys):
+    # Keys of shards someone else wrote reached the terminal raw: an ESC sequence cleared the screen and
+    # printed a fake "all samples verified OK" line.
+    from geko_data.shards import write_shards
+
+    evil = "k0\x1b[2J\x1b[1;31mFAKE: verified OK\x1b[0m\r"
+    index = write_shards([{"__key__": evil, "txt": "a"}, {"__key__": "k1", "txt": "b"}],
+                         str(tmp_path / "data" / "s-%02d.tar"))
+    state = SampleState(2, fingerprint=index.fingerprint)
+    state.report([0, 1], [5.0, 0.1], correct=[False, True], confidence=[0.9, 0.9])
+    state.repartition(0.5, epoch=0)
+    state.save(tmp_path / "s.arrow")
+    code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow", "--top", "hard", "2", "--index", tmp_path / "data")
+    assert code == 0 and "\x1b" not in out and "\r" not in out
+    assert "k0\\x1b[2J\\x1b[1;31mFAKE" in out
