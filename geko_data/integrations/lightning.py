@@ -153,6 +153,21 @@ def _wrapped_geko(sampler: Any) -> GEKOSampler | None:
     return inner if isinstance(inner, GEKOSampler) and not isinstance(sampler, GEKOSampler) else None
 
 
+def _batch_ids(batch: Any) -> Any:
+    """The sample ids of a batch of ``GEKOCallback.dataloader()``: its ``__index__`` for dict items, the
+    next-to-last entry for tuple items (``x, y, index, weight``: ``GEKOSampler.wrap`` appends index and
+    weight to a tuple)."""
+    if isinstance(batch, dict) and "__index__" in batch:
+        return batch["__index__"]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 3:
+        ids = batch[-2]
+        if getattr(ids, "ndim", None) == 1 and not getattr(ids, "is_floating_point", lambda: True)():
+            return ids
+    raise ValueError("the batch has no sample ids: `__index__` for dict items, or the next-to-last entry of a "
+                     "tuple batch (x, y, index, weight); build the train loader with `GEKOCallback.dataloader()` "
+                     "and hand `training_step` the batch as the loader gives it")
+
+
 class GEKOCallback(pl.Callback):
     """Owns a ``GEKOSampler`` over ``dataset`` for ``trainer.fit``.
 
@@ -287,9 +302,7 @@ class GEKOCallback(pl.Callback):
             raise ValueError("with GEKOCallback, `training_step` must return a dict with the per-sample losses: "
                              "`return {'loss': (losses * batch['__weight__']).mean(), 'per_sample_loss': "
                              f"losses.detach()}}` (got {got})")
-        if not isinstance(batch, dict) or "__index__" not in batch:
-            raise ValueError("the batch has no `__index__`: build the train loader with `GEKOCallback.dataloader()`")
-        ids = batch["__index__"]
+        ids = _batch_ids(batch)
         losses = outputs["per_sample_loss"]
         shape = tuple(np.shape(losses))  # a tensor's own shape; () for a float
         if shape != (len(ids),):  # the sampler's error would name its own argument, `losses`
