@@ -31,7 +31,7 @@ _CHUNK = 1 << 20
 
 
 def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int,
-                      config: GEKOConfig | None = None) -> dict[str, Any]:
+                      config: GEKOConfig | None = None, last_epoch_share: float = 1.0) -> dict[str, Any]:
     """A JSON-serializable summary of ``state`` after ``epochs_done`` epochs; every key is a count over the
     whole run unless it says otherwise.
 
@@ -41,7 +41,9 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     * ``sample_passes``: every reported forward pass of a sample (``times_seen`` summed), **forward-only
       re-checks included**: a FREEZE sample drawn for a re-check (loss weight 0) is evaluated, not trained,
       and still counts one pass. ``uniform_passes``: what a uniform run of ``epochs_done`` epochs reports,
-      ``samples * epochs_done``. ``compute_saved``: ``1 - sample_passes / uniform_passes`` (negative when the
+      ``samples * epochs_done``, or with the last of those epochs cut short (``last_epoch_share`` of its
+      planned draws reported, below 1: a run stopped by ``max_steps``) that share of its last epoch: the
+      report's ``last_epoch_share``. ``compute_saved``: ``1 - sample_passes / uniform_passes`` (negative when the
       run reported more passes than a uniform one, e.g. a fixed ``epoch_length`` with repeats).
     * ``epoch_plan``: the plan of the last epoch started (``None`` before the first ``set_epoch``):
       ``epoch``, its ``draws``, of which ``trained_draws`` carry a loss weight above 0 (forward and
@@ -73,7 +75,10 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
     """
     n = state.num_samples
     passes = int(state.times_seen.sum(dtype=np.int64))
-    uniform = n * max(epochs_done, 0)
+    if not 0.0 <= last_epoch_share <= 1.0:
+        raise ValueError(f"`last_epoch_share` must be in [0, 1], got {last_epoch_share!r}")
+    # A uniform run cut at the same point: its last epoch trained the same share of its samples.
+    uniform = round(n * (max(epochs_done, 1) - 1 + last_epoch_share)) if epochs_done > 0 else 0
     counts = np.bincount(groups(state.bucket, state.pruned), minlength=len(GROUPS))
     # The partition after the last epoch: the state's buckets are those of the last repartition (an epoch's
     # start), so the epoch's own reports would otherwise show only at a next epoch that never comes.
@@ -85,6 +90,7 @@ def efficiency_report(state: SampleState, *, epochs_done: int, total_epochs: int
         "samples": n,
         "mode": state.config.mode,
         "epochs_done": epochs_done,
+        "last_epoch_share": last_epoch_share,
         "total_epochs": total_epochs,
         "seen": int(state.seen.sum()),
         "mastered_freeze": int(after[policy.FREEZE]),
@@ -131,7 +137,9 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
         f"  Samples            : {report['samples']:,}",
         f"  Mode               : {report['mode']}"
         + (" (a baseline: buckets are measured, they do not steer sampling)" if baseline else ""),
-        f"  Epochs             : {report['epochs_done']} of {report['total_epochs']}",
+        f"  Epochs             : {report['epochs_done']} of {report['total_epochs']}"
+        + (f" (the last cut short at {report['last_epoch_share']:.0%} of its draws)"
+           if report.get("last_epoch_share", 1.0) < 1.0 else ""),
         (f"  Would be FREEZE    : {report['mastered_freeze']:,} (trained all the same)" if baseline else
          f"  Mastered (FREEZE)  : {report['mastered_freeze']:,}"),
         f"  Pruned             : {report['pruned']:,}",

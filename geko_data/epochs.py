@@ -290,12 +290,21 @@ class EpochDriver:
     def efficiency_report(self, *, epochs_done: int | None = None) -> dict[str, Any]:
         """Samples, mastered, pruned, passes done vs a uniform run of the same epochs, partition history.
 
-        ``epochs_done``: epochs the loop finished (default: up to and including the current one, so call it
-        after an epoch ends, or pass what the loop knows).
+        ``epochs_done``: epochs the loop finished (default: up to and including the current one; when the
+        current one's reports cover only part of its plan, a run cut short by ``max_steps`` say, the uniform
+        run compared with is cut at the same share of that epoch).
         """
-        done = self.epoch + 1 if epochs_done is None else epochs_done
+        done, share = (self.epoch + 1, self._reported_share()) if epochs_done is None else (epochs_done, 1.0)
         return efficiency_report(self.state, epochs_done=done, total_epochs=self.total_epochs,
-                                 config=self.planning_config())
+                                 config=self.planning_config(), last_epoch_share=share)
+
+    def _reported_share(self) -> float:
+        """The share of the current epoch's planned draws (over all ranks) reported so far; 1.0 when it is
+        not known (an epoch resumed in this process: its reports before the checkpoint are not counted)."""
+        if self._coverage is None or self._coverage[0] != self.epoch or self._coverage[1] is None:
+            return 1.0
+        _, rows_before, draws = self._coverage
+        return min(1.0, (self.feedback.num_rows - rows_before) / draws) if draws else 1.0
 
     def format_efficiency_report(self, *, epochs_done: int | None = None) -> str:
         return format_efficiency_report(self.efficiency_report(epochs_done=epochs_done))

@@ -153,3 +153,25 @@ def test_every_key_of_the_report_is_documented(state, tmp_path):
     missing = sorted(k for k in keys if f"``{k}``" not in doc)
     assert not missing, f"efficiency_report keys without a word in its docstring: {missing}"
     assert "``after_last_epoch``" in doc and "``buckets``" in doc and "forward-only" in doc
+
+
+@pytest.mark.timeout(60)
+def test_a_report_in_an_epoch_cut_short_compares_with_a_uniform_run_cut_alike():
+    # A run stopped by max_steps a fifth into its last epoch was compared with uniform's whole epochs: the
+    # draws cut off counted as compute saved.
+    from geko_data import GEKOSampler
+
+    sampler = GEKOSampler(100, total_epochs=3, seed=0, config=GEKOConfig(log_bucket_stats=False))
+    sampler.set_epoch(0)
+    ids = list(sampler)
+    sampler.report(ids, [0.1] * len(ids))
+    assert sampler.efficiency_report()["uniform_passes"] == 100
+    sampler.set_epoch(1)
+    assert sampler.efficiency_report()["uniform_passes"] == 100  # nothing of epoch 1 trained yet
+    ids = list(sampler)
+    sampler.report(ids[:len(ids) // 4], [0.1] * (len(ids) // 4))
+    report = sampler.efficiency_report()
+    assert report["last_epoch_share"] == pytest.approx((len(ids) // 4) / len(ids))
+    assert report["uniform_passes"] == round(100 * (1 + report["last_epoch_share"]))
+    assert f"the last cut short at {report['last_epoch_share']:.0%} of its draws" in sampler.format_efficiency_report()
+    assert sampler.efficiency_report(epochs_done=2)["uniform_passes"] == 200  # the loop's own count wins
