@@ -160,13 +160,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary directory beside ``path``; on success fsync its files and rename it to ``path``.
 
-    ``path`` must not exist yet (a complete directory is never overwritten). A crash leaves only a
-    ``.tmp`` directory that readers ignore.
+    ``path`` must not exist yet (a complete directory is never overwritten); its parent folders are made
+    when missing. A crash leaves only a hidden ``.tmp`` directory that readers ignore.
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     if os.path.exists(path):
         raise FileExistsError(f"cannot write {path!r}: it already exists")
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield tmp

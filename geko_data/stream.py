@@ -117,14 +117,14 @@ class _Reported:
     def __init__(self) -> None:
         self.key: tuple[int, int, int] | None = None
         self.count = 0
-        self.mixed = np.uint64(0)
+        self.mixed = 0
 
     def add(self, key: tuple[int, int, int], ids: np.ndarray) -> None:
         """Count a report of ``ids`` in the epoch ``key`` = (epoch, plan version, start position)."""
         if key != self.key:
-            self.key, self.count, self.mixed = key, 0, np.uint64(0)
+            self.key, self.count, self.mixed = key, 0, 0
         self.count += ids.shape[0]
-        self.mixed += _mix(ids)
+        self.mixed = (self.mixed + _mix(ids)) % (1 << 64)  # a Python int: numpy warns when a scalar wraps
 
     def differs(self, key: tuple[int, int, int], used: np.ndarray) -> bool:
         """Whether the reports of epoch ``key``, as many as ``used``, are other samples than ``used``; False
@@ -132,13 +132,13 @@ class _Reported:
         return key == self.key and self.count == used.shape[0] and self.mixed != _mix(used)
 
 
-def _mix(ids: np.ndarray) -> np.uint64:
+def _mix(ids: np.ndarray) -> int:
     """The wrapping sum of splitmix64's finaliser over ``ids``: equal multisets give equal sums."""
     x = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
-    return x.sum(dtype=np.uint64)
+    return int(x.sum(dtype=np.uint64))
 
 
 class _Counters:
