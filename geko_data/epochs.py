@@ -270,6 +270,11 @@ class EpochDriver:
                             f"on resume; resume with total_epochs={theirs}, or start a new {what} with "
                             f"`use_state(SampleState.load(path))` and no load_state_dict (its epoch 0 then "
                             f"plans from what the state learnt)")
+                elif key == "world_size":  # each rank's share of an epoch, and so a position, depends on it
+                    hint = (f": the saved run had {theirs} process(es) and this one has {value}; a position in an "
+                            f"epoch names samples of one split of the data over the processes, so resume with "
+                            f"{theirs} process(es) (the run can change its process count only by starting anew "
+                            f"from the saved SampleState, without the position)")
                 raise ValueError(f"state_dict {key} {theirs!r} does not match this {what}'s {key} {value!r}{hint}")
         theirs_mode = (sd.get("config") or {}).get("mode", self.config.mode)
         if theirs_mode != self.config.mode:

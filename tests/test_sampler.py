@@ -229,6 +229,10 @@ def test_load_state_dict_rejects_another_plan_setting():
     with pytest.raises(ValueError, match=r"planned for 3 epochs, and a run cannot change its length on resume; resume "
                                          r"with total_epochs=3, or start a new sampler with `use_state"):
         GEKOSampler(20, total_epochs=4, config=QUIET, seed=1).load_state_dict(sd)
+    # Another process count said only "world_size 1 does not match this sampler's world_size 2".
+    with pytest.raises(ValueError, match=r"the saved run had 1 process\(es\) and this one has 2; .*resume with 1 "
+                                         r"process\(es\)"):
+        GEKOSampler(20, total_epochs=3, config=QUIET, seed=1, num_replicas=2, rank=0).load_state_dict(sd)
 
 
 def test_use_state_checks_size():
