@@ -70,8 +70,12 @@ class _EpochBatches(GEKOBatchSampler):
     """
 
     def __len__(self) -> int:
+        return max(self.steps, self.epoch_batches())
+
+    def epoch_batches(self) -> int:
+        """The batches this epoch takes from its start (a resumed epoch's done ones included)."""
         draws, size, _ = self._epoch()
-        return max(self.steps, -(-draws // size))
+        return -(-draws // size)
 
 
 class _FirstBatchIterator:
@@ -117,6 +121,11 @@ class _FixedLoader(_EpochLoader):
                                 batch_size=self.batch_size or 1)  # None: unbatched samples
         return max(full, super().__len__())
 
+    def epoch_batches(self) -> int:
+        """The batches this epoch takes from its start (a resumed epoch's done ones included)."""
+        sampler = self.sampler
+        return -(-(sampler.position + len(sampler)) // (self.batch_size or 1))
+
 
 class _StepsLoader(_EpochLoader):
     """A DataLoader over an ``_EpochBatches`` whose ``sampler`` is the GEKO sampler the batches come from.
@@ -151,6 +160,25 @@ def _wrapped_geko(sampler: Any) -> GEKOSampler | None:
     """The GEKOSampler inside a Lightning ``DistributedSamplerWrapper``, if that is what ``sampler`` is."""
     inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
     return inner if isinstance(inner, GEKOSampler) and not isinstance(sampler, GEKOSampler) else None
+
+
+def _batches_of_this_epoch(trainer: pl.Trainer, loaders: list[Any]) -> None:
+    """Tell Lightning how many batches this epoch has. It reads the loader's length once, at the first epoch,
+    and validates at an epoch's end only when the epoch took that many batches: GEKO's epochs that took
+    fewer (fixed batches, or steps kept with a step or two fewer) went unvalidated, and whatever watches a
+    validation metric (EarlyStopping, a monitored ModelCheckpoint) saw some epochs only. Here the count and
+    the batch validation follows are set from this epoch's loader, as Lightning's ``setup_data`` sets them."""
+    loop = trainer.fit_loop
+    interval = trainer.val_check_interval
+    ours = [dl for dl in loaders if isinstance(dl, (_FixedLoader, _StepsLoader))]
+    if (len(ours) != 1 or len(loaders) != 1 or trainer.check_val_every_n_epoch is None or isinstance(interval, int)
+            or getattr(trainer, "_val_check_time_interval", None) is not None or not hasattr(loop, "max_batches")):
+        return  # validation every N batches, or by time: Lightning counts those itself
+    loader = ours[0]
+    batches = (loader.batch_sampler if isinstance(loader, _StepsLoader) else loader).epoch_batches()
+    if batches:
+        loop.max_batches = batches
+        trainer.val_check_batch = max(1, int(batches * interval))
 
 
 def _batch_ids(batch: Any) -> Any:
@@ -288,6 +316,7 @@ class GEKOCallback(pl.Callback):
             self.sampler.set_epoch(trainer.current_epoch)  # Lightning calls it too; the second call is a no-op
             start = self._consumed if self._resumed_epoch == trainer.current_epoch else 0
             self._consumed, self._resumed_epoch = start, None
+            _batches_of_this_epoch(trainer, loaders)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -313,3 +313,49 @@ def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp
     assert proc.returncode != 0
     assert "DistributedSamplerWrapper" in proc.stderr and "return `geko.dataloader(...)`" in proc.stderr
     assert "`use_distributed_sampler=False` on the Trainer is the fix only for a plain GEKOSampler" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batches", ["steps", "fixed"])
+def test_every_epoch_is_validated_though_geko_epochs_take_fewer_batches(tmp_path, batches):
+    # Lightning reads the loader's length once and validated only the epochs that took as many batches as the
+    # first: with steps kept 2 of 5 epochs were, so EarlyStopping or a monitored checkpoint saw those only.
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    rows = [{"x": x[i], "y": int(x[i, 0] > 0)} for i in range(256)]
+    geko = GEKOCallback(rows, batches=batches)
+    validated, trained = [], {}
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+        def train_dataloader(self):
+            return geko.dataloader(batch_size=16)
+
+        def val_dataloader(self):
+            return DataLoader(rows[:32], batch_size=32)
+
+        def training_step(self, batch, batch_idx):
+            trained[self.current_epoch] = trained.get(self.current_epoch, 0) + 1
+            logits = self.net(batch["x"])
+            losses = torch.nn.functional.cross_entropy(logits, batch["y"], reduction="none")
+            p = logits.detach().softmax(-1)
+            return {"loss": (losses * batch["__weight__"]).mean(), "per_sample_loss": losses.detach(),
+                    "correct": p.argmax(-1) == batch["y"], "confidence": p.max(-1).values}
+
+        def validation_step(self, batch, batch_idx):
+            validated.append(self.current_epoch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    L.Trainer(max_epochs=5, callbacks=[geko], accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              default_root_dir=str(tmp_path)).fit(Module())
+    assert min(trained.values()) < trained[0]  # some epoch took fewer batches than the first
+    assert validated == [0, 1, 2, 3, 4], (validated, trained)
