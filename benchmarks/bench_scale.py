@@ -209,11 +209,13 @@ def _synthetic_index(folder: str, n: int) -> str:
     key_offsets = np.arange(0, 10 * n + 1, 10, dtype=np.int64 if large else np.int32)
     keys = pa.Array.from_buffers(pa.large_string() if large else pa.string(), n,
                                  [None, pa.py_buffer(key_offsets), pa.py_buffer(digits)])
-    hashes = np.arange(n, dtype=np.uint64)
+    # One 16-byte digest a sample (format 3's BLAKE2b-128), distinct per sample: the id in the first 8 bytes.
+    hashes = np.zeros((n, sh.HASH_BYTES), np.uint8)
+    hashes[:, :8] = np.arange(n, dtype="<u8").view(np.uint8).reshape(n, 8)
     meta = {"format_version": sh.INDEX_VERSION, "shards": names, "sizes": sizes, "num_samples": n,
             "fingerprint": sh.fingerprint(names, sizes, n, hashes=hashes)}
     table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)), "key": keys, "shard": shard, "offset": offset,
-                      "length": np.full(n, 1024, np.int64), "hash": hashes}
+                      "length": np.full(n, 1024, np.int64), "hash": sh._hash_column(hashes)}
                      ).replace_schema_metadata({sh._META_KEY: json.dumps(meta).encode()})
     path = os.path.join(folder, sh.INDEX_NAME)
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:

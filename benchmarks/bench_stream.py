@@ -363,7 +363,7 @@ def main() -> None:
         s = frozen_stream(d, 0.0, batch, verify=True)
         loader = DataLoader(s, batch_size=batch, num_workers=2, collate_fn=as_list, persistent_workers=True)
         t_verify = best_of(lambda: drain(loader), repeat=3)
-        rows.append(("verify=True (xxh3 of every sample read), 2 workers: samples/s",
+        rows.append(("verify=True (BLAKE2b-128 of every sample read), 2 workers: samples/s",
                      f"{n / t_verify:,.0f}/s vs {n / times[0.0]:,.0f}/s without ({times[0.0] / t_verify:.2f}x)",
                      "(its cost)", ""))
         cpu = cpu_per_sample({"off": frozen_stream(d, 0.0, batch), "on": frozen_stream(d, 0.0, batch, verify=True)})

@@ -235,7 +235,7 @@ def _merge(parts: Sequence[ShardIndex], shard_urls: Sequence[str], sizes: Sequen
            storage_options: dict[str, Any] | None) -> ShardIndex:
     """One index of the shards' indexes; ShardError on a key found twice."""
     keys = Keys.concat([p.keys for p in parts])
-    hashes = np.concatenate([p.hashes for p in parts]).astype(np.uint64)
+    hashes = np.concatenate([p.hashes for p in parts])  # (N, 16) uint8 BLAKE2b-128 digests, row per sample
     shard_no = np.concatenate([np.full(p.num_samples, s, dtype=np.int32) for s, p in enumerate(parts)])
     dup = keys.first_duplicate()
     if dup is not None:

@@ -5,10 +5,12 @@
 anyone else wrote (``tar``, ``webdataset.TarWriter``, ...). The index maps
 every sample's dense id to (shard, key, byte offset, byte length) of its tar
 members, so a reader can seek straight to a sample and over everything it
-skips, and an xxh3 hash of each sample's bytes. Its fingerprint (shard
+skips, and a BLAKE2b-128 hash of each sample's bytes. Its fingerprint (shard
 names, sizes, sample count and a hash over the per-sample hashes) is stored
 in every state file, so state is never applied to other shards or to shards
-whose content changed.
+whose content changed. The hashes are cryptographic because whoever writes the
+shards chooses their bytes: a non-cryptographic hash (format 2's xxh3_64) can be
+collided on purpose, a sample changed with its hash kept.
 
 An index is data, never instructions: its shard names must be relative paths
 under its own folder (no absolute paths, ``..``, URL schemes, ``pipe:``
@@ -20,8 +22,11 @@ Both readers hold a sample to exactly its indexed bytes: members must cover
 the sample's byte range with nothing missing (a corrupt header inside it is
 an error, never the end of the sample), extensions are lowercased as
 webdataset does, and two members with one extension in one sample are an
-error. Tar member names are only parsed into keys; they are never used as
-file-system paths. The fast header parser reads what ``tarfile`` reads or
+error. GNU sparse members (any of GNU tar's sparse formats) are refused when
+indexing and when reading: no WebDataset writer makes one, and reading one
+fills its holes with zeros in memory (a 10 KiB tar held a 1 GiB member). Tar
+member names are only parsed into keys; they are never used as file-system
+paths. The fast header parser reads what ``tarfile`` reads or
 hands the sample to ``tarfile``; the indexer takes byte ranges from
 ``tarfile`` itself.
 """
@@ -47,7 +52,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 from tqdm.auto import tqdm
 
 from geko_data.atomic import atomic_path
@@ -58,7 +62,11 @@ __all__ = ["INDEX_NAME", "Keys", "ShardError", "ShardIndex", "fingerprint", "ind
 
 INDEX_NAME = "index.arrow"
 # 2: per-sample `hash` column (xxh3_64 of the sample's bytes), covered by the fingerprint.
-INDEX_VERSION = 2
+# 3: `hash` is BLAKE2b with a 16-byte digest, fixed_size_binary(16): xxh3_64 is not collision resistant, so
+#    whoever writes the shards could change a sample keeping its hash (4 bytes of a 1 KiB sample, in a red-team).
+INDEX_VERSION = 3
+#: Bytes of each per-sample content hash (BLAKE2b's digest_size).
+HASH_BYTES = 16
 _META_KEY = b"geko_data_index"
 _BLOCK = 512
 # WebDataset's conventions (webdataset.tariterators): the key is everything before the first dot of the
@@ -92,11 +100,43 @@ def _put(sample: dict[str, Any], ext: str, data: bytes, *, shard: str, name: str
     sample[ext] = data
 
 
-def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *, hashes: np.ndarray) -> str:
-    """Identity of a shard set: sha256 over shard base names, byte sizes, the sample count and an xxh3 over
-    the per-sample content hashes (so rewriting a shard with other bytes of the same size changes it)."""
-    # The array's own buffer when it is already little-endian uint64 (a mapped index's column): no copy of N * 8 B.
-    content = xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(hashes, dtype="<u8")).cast("B"))
+def _hash_matrix(hashes: Any, what: str = "`hashes`") -> np.ndarray:
+    """``hashes`` as the (N, HASH_BYTES) uint8 array an index holds: from such an array (not copied) or from
+    the index's Arrow ``hash`` column (fixed_size_binary(16)). Anything else is a TypeError: a format-2
+    uint64 array must not be taken for digests."""
+    if isinstance(hashes, (pa.Array, pa.ChunkedArray)):
+        if hashes.type != pa.binary(HASH_BYTES) or hashes.null_count:
+            raise TypeError(f"{what} must be fixed_size_binary({HASH_BYTES}) without nulls, got {hashes.type} "
+                            f"({hashes.null_count} null)")
+        chunks = hashes.chunks if isinstance(hashes, pa.ChunkedArray) else [hashes]
+        if len(chunks) != 1:  # one chunk (as _write_index writes) is viewed in place; others are joined
+            chunks = [pa.concat_arrays(chunks)] if chunks else [pa.array([], pa.binary(HASH_BYTES))]
+        arr = chunks[0]
+        if not len(arr):
+            return np.zeros((0, HASH_BYTES), np.uint8)
+        # The data buffer of a fixed-size binary array is its values back to back (a mapped file's pages).
+        return np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * HASH_BYTES,
+                             offset=arr.offset * HASH_BYTES).reshape(-1, HASH_BYTES)
+    if not (isinstance(hashes, np.ndarray) and hashes.dtype == np.uint8 and hashes.ndim == 2
+            and hashes.shape[1] == HASH_BYTES):
+        got = (f"{hashes.dtype} array of shape {hashes.shape}" if isinstance(hashes, np.ndarray)
+               else type(hashes).__name__)
+        raise TypeError(f"{what} must be an (N, {HASH_BYTES}) uint8 array of BLAKE2b-{HASH_BYTES * 8} digests "
+                        f"(sample_hash of each sample's bytes), got {got}")
+    return hashes
+
+
+def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *, hashes: Any) -> str:
+    """Identity of a shard set: sha256 over shard base names, byte sizes, the sample count and a BLAKE2b over
+    the per-sample content hashes (so rewriting a shard with other bytes of the same size changes it).
+
+    ``hashes``: (N, 16) uint8 BLAKE2b-128 digests (``ShardIndex.hashes``), or the index's ``hash`` column.
+    """
+    # Cryptographic here too: each per-sample digest can be steered in ~32 of its bits by brute force, enough
+    # to collide a non-cryptographic hash of the column (xxh3's lanes trade 32-bit halves). The array's own
+    # buffer (a mapped index's column) is hashed in place, in C, without the GIL.
+    matrix = np.ascontiguousarray(_hash_matrix(hashes))
+    content = hashlib.blake2b(memoryview(matrix).cast("B"), digest_size=HASH_BYTES).hexdigest()
     payload = json.dumps([[os.path.basename(n) for n in names], [int(s) for s in sizes], int(num_samples),
                           content])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -141,8 +181,10 @@ class ShardIndex:
         offset: (N,) int64 byte offset of each sample's first tar header.
         length: (N,) int64 byte length of each sample's members (headers and padding included).
         fingerprint: identity of the shard set (``fingerprint``).
-        hashes: (N,) uint64 xxh3_64 of each sample's ``length`` bytes at ``offset``; None only for an index
-            built by hand (``GEKOStream(verify=True)`` needs it).
+        hashes: (N, 16) uint8: BLAKE2b-128 (``sample_hash``) of each sample's ``length`` bytes at ``offset``,
+            one digest a row (the index file's ``hash`` column, fixed_size_binary(16)); None only for an index
+            built by hand (``GEKOStream(verify=True)`` needs it). Cryptographic, because whoever writes the
+            shards chooses their bytes and could collide a non-cryptographic hash.
     """
 
     shards: tuple[str, ...]
@@ -161,6 +203,11 @@ class ShardIndex:
         if not isinstance(self.keys, Keys):
             object.__setattr__(self, "keys", Keys.of(self.keys))
         n = self.num_samples
+        if self.hashes is not None:  # checked here, not at the first verify: format 2's uint64 has one a sample too
+            try:
+                object.__setattr__(self, "hashes", _hash_matrix(self.hashes))
+            except TypeError as e:
+                raise ValueError(str(e)) from None
         for name in ("keys", "offset", "length", "hashes"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
@@ -231,6 +278,17 @@ def _member_kind(member: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _refuse_sparse(member: tarfile.TarInfo, *, shard: str, offset: int) -> None:
+    """ShardError naming the shard, the member and its header's byte ``offset`` if ``member`` is a GNU sparse
+    file (old GNU type 'S', or pax GNU.sparse 0.0 / 0.1 / 1.0). Checked before its data is read: tarfile
+    reads a sparse member as its full size with the holes filled in, so a 10 KiB tar can hold a 1 GiB read
+    (and every read path reads the whole member into memory). WebDataset writers never write one."""
+    if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
+        raise ShardError(f"shard {shard!r}: member {member.name!r} at byte {offset} is a GNU sparse file "
+                         f"({member.size:,} bytes once its holes are filled in); sparse members are refused, "
+                         f"never expanded: rewrite the shard without --sparse (WebDataset writers never make them)")
+
+
 def _scan_tar(path: str, advance: Callable[[int], None] | None = None,
               skipped: list[tuple[str, str, str]] | None = None) -> list[tuple[str, int, int]]:
     """(key, offset, length) of every sample in one tar, members grouped by consecutive key.
@@ -252,6 +310,8 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None,
             while (member := tf.next()) is not None:
                 tf.members.clear()  # random-access mode keeps every TarInfo; an index holds millions
                 at = member.offset
+                # Any sparse member, sample data or not: every reader refuses it too.
+                _refuse_sparse(member, shard=path, offset=member.offset)
                 if advance is not None and member.offset - reported >= _PROGRESS_STEP:
                     advance(member.offset - reported)
                     reported = member.offset
@@ -268,8 +328,7 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None,
                 except UnicodeEncodeError:
                     raise ShardError(f"shard {path!r}: member name {member.name!r} at byte {member.offset} is not "
                                      f"UTF-8 (keys are stored as UTF-8 text)") from None
-                # tf.offset is where tarfile reads the next header: right for sparse members too, whose
-                # `size` is the expanded size, not the bytes stored.
+                # tf.offset is where tarfile reads the next header, past any extended headers' data.
                 member_end = tf.offset
                 if key == current:
                     end = member_end
@@ -295,18 +354,19 @@ def _scan_tar(path: str, advance: Callable[[int], None] | None = None,
     return out
 
 
-def _hash_samples(path: str, ranges: Sequence[tuple[str, int, int]]) -> list[int]:
-    """xxh3_64 of each ``(key, offset, length)`` byte range of ``path`` (read in file order)."""
-    out = []
+def _hash_samples(path: str, ranges: Sequence[tuple[str, int, int]]) -> bytes:
+    """BLAKE2b-128 of each ``(key, offset, length)`` byte range of ``path`` (read in file order), the digests
+    back to back (``HASH_BYTES`` each)."""
+    out = bytearray()
     with open(path, "rb") as f:
         for _key, offset, length in ranges:
             f.seek(offset)
-            out.append(_hash_range(f, length))
-    return out
+            out += _hash_range(f, length)
+    return bytes(out)
 
 
-def _hash_range(f: Any, length: int) -> int:
-    h = xxhash.xxh3_64()
+def _hash_range(f: Any, length: int) -> bytes:
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
     left = length
     while left > 0:  # in pieces: one sample may be larger than memory allows twice
         chunk = f.read(min(left, 16 << 20))
@@ -314,12 +374,17 @@ def _hash_range(f: Any, length: int) -> int:
             break
         h.update(chunk)
         left -= len(chunk)
-    return h.intdigest()
+    return h.digest()
 
 
-def sample_hash(buf: bytes) -> int:
-    """The content hash the index keeps for a sample: xxh3_64 of its tar bytes, as an unsigned int."""
-    return xxhash.xxh3_64_intdigest(buf)
+def sample_hash(buf: bytes | bytearray | memoryview) -> bytes:
+    """The content hash the index keeps for a sample: BLAKE2b with a 16-byte digest of its tar bytes.
+
+    Cryptographic on purpose: whoever writes the shards chooses their bytes, and a non-cryptographic hash
+    (xxh3_64, index format 2) can be collided, a sample changed with its hash kept. hashlib hashes in C and
+    releases the GIL on large buffers.
+    """
+    return hashlib.blake2b(buf, digest_size=HASH_BYTES).digest()
 
 
 def _first_nonzero(path: str, pos: int) -> int | None:
@@ -338,11 +403,12 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
                  progress: bool | None = None) -> ShardIndex:
     """Index tars that follow WebDataset's conventions; write ``output`` (an Arrow file) when given.
 
-    Samples get ids in the order of ``paths`` and, within a shard, of the file; each gets the xxh3_64 of its
-    bytes. Several files per key (``k.json`` + ``k.txt``), keys with directories, and tars from any writer
-    are fine. Duplicate keys raise ShardError naming the key and the shards; so does a corrupt header
-    (naming its byte offset). With ``output``, every shard must lie under the output's folder: the index
+    Samples get ids in the order of ``paths`` and, within a shard, of the file; each gets the BLAKE2b-128 of
+    its bytes (``sample_hash``). Several files per key (``k.json`` + ``k.txt``), keys with directories, and
+    tars from any writer are fine. Duplicate keys raise ShardError naming the key and the shards; so does a
+    corrupt header (naming its byte offset). With ``output``, every shard must lie under the output's folder: the index
     stores names relative to it. ``progress`` shows a byte-count bar; defaults to on for inputs over 256 MiB.
+    A GNU sparse member is a ShardError naming the shard, the member and its byte offset.
     """
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
     if not paths:
@@ -360,7 +426,7 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     shard_no: list[int] = []
     offsets: list[int] = []
     lengths: list[int] = []
-    hashes: list[int] = []
+    hashes = bytearray()  # HASH_BYTES a sample, back to back
     sizes = [os.path.getsize(p) for p in paths]
     show = progress if progress is not None else sum(sizes) > (256 << 20)
     # Progress in bytes, not shards: one big tar would otherwise sit at 0/1 until it is done.
@@ -392,7 +458,7 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
             hint = (f"; the members of a sample must be adjacent in the tar (`tar -cf x.tar dir/` adds files in "
                     f"directory order, which can split them): write it with `tar --sort=name -cf x.tar dir/`")
         raise ShardError(f"duplicate key {dup!r} in the index (in {where}); keys must be unique{hint}")
-    hash_arr = np.array(hashes, dtype=np.uint64)
+    hash_arr = np.frombuffer(bytes(hashes), np.uint8).reshape(-1, HASH_BYTES)
     index = ShardIndex(shards=tuple(paths), sizes=tuple(sizes), keys=key_arr,
                        shard=np.array(shard_no, dtype=np.int32), offset=np.array(offsets, dtype=np.int64),
                        length=np.array(lengths, dtype=np.int64),
@@ -400,6 +466,16 @@ def index_shards(paths: Iterable[str | os.PathLike], *, output: str | os.PathLik
     if output is not None:
         _write_index(index, os.fspath(output))
     return index
+
+
+def _hash_column(hashes: np.ndarray) -> pa.Array:
+    """The index file's ``hash`` column: (N, 16) uint8 digests as fixed_size_binary(16), without a copy.
+
+    One 16-byte value a sample rather than two uint64 columns: a digest is a string of bytes (no byte order
+    to agree on, shown as one value by pyarrow, pandas and DuckDB), and the (N, 16) uint8 view of its one
+    data buffer serves the NumPy code as the uint64 column did."""
+    matrix = np.ascontiguousarray(_hash_matrix(hashes))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(HASH_BYTES), len(matrix), [None, pa.py_buffer(matrix)])
 
 
 def _write_index(index: ShardIndex, output: str) -> None:
@@ -418,7 +494,7 @@ def _write_index(index: ShardIndex, output: str) -> None:
         "shard": pa.array(index.shard),
         "offset": pa.array(index.offset),
         "length": pa.array(index.length),
-        "hash": pa.array(index.hashes, type=pa.uint64()),
+        "hash": _hash_column(index.hashes),
     }).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     if os.path.islink(output):
         warnings.warn(f"`output` {output!r} was a symbolic link (to {os.readlink(output)!r}); the index replaces "
@@ -461,10 +537,13 @@ def _check_shard_name(name: Any, *, root: str, where: str, hint: str) -> str:
 
 def _column(table: pa.Table, name: str, kind: str, dtype: Any = None) -> Any:
     """A column, refusing nulls and other types (a hand-edited index must not half-work): the Arrow array of
-    a ``"str"`` column, else a NumPy view of the column as ``dtype`` (a copy only when the file holds
-    another integer type, whose values must then fit ``dtype``)."""
+    a ``"str"`` column, the (N, 16) uint8 view of a ``"hash"`` column (fixed_size_binary(16)), else a NumPy
+    view of the column as ``dtype`` (a copy only when the file holds another integer type, whose values must
+    then fit ``dtype``)."""
     col = table.column(name)
-    ok = {"int": pa.types.is_integer, "str": pa.types.is_string, "uint64": lambda t: t == pa.uint64()}[kind]
+    if kind == "hash":  # (N, 16) uint8, a view of the file's pages
+        return _hash_matrix(col, what=f"column {name!r}")
+    ok = {"int": pa.types.is_integer, "str": pa.types.is_string}[kind]
     if not ok(col.type) or col.null_count:
         raise TypeError(f"column {name!r} must be {kind} without nulls, got {col.type} ({col.null_count} null)")
     if kind == "str":
@@ -501,7 +580,7 @@ def _from_table(table: pa.Table, *, shards: tuple[str, ...], sizes: tuple[int, .
     return ShardIndex(shards=shards, sizes=sizes, keys=Keys(_column(table, "key", "str")),
                       shard=_column(table, "shard", "int", np.int32), offset=_column(table, "offset", "int", np.int64),
                       length=_column(table, "length", "int", np.int64), fingerprint=fingerprint,
-                      hashes=_column(table, "hash", "uint64", np.uint64))
+                      hashes=_column(table, "hash", "hash"))
 
 
 def _identity(path: str) -> tuple[int, int, int, int]:
@@ -522,7 +601,8 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
     Everything in the file is checked before use: shard names (relative paths inside the index's folder,
     see the module docstring), byte ranges (inside their shard, in file order, not overlapping), unique
     keys, and the fingerprint against the content hashes. An index written before content hashes existed
-    (format 1) is refused: re-run ``geko-data index``.
+    (format 1), or with xxh3_64 ones (format 2, not collision resistant), is refused: re-run
+    ``geko-data index``.
     """
     path = os.fspath(path)
     from geko_data.remote import is_url, read_index_url  # remote.py builds on this module
@@ -545,9 +625,14 @@ def read_index(path: str | os.PathLike, *, storage_options: dict[str, Any] | Non
         version = meta.get("format_version", 0)
         if not isinstance(version, int) or version > INDEX_VERSION:
             raise ShardError(f"{path}: index format {version!r} is newer than this geko_data reads")
-        if version < INDEX_VERSION or "hash" not in table.column_names:
+        if version < 2 or "hash" not in table.column_names:
             raise ShardError(f"{path}: index format {version} has no per-sample content hashes, so changed "
                              f"shards could go unnoticed; re-run `geko-data index <shards> -o {path}`")
+        if version < INDEX_VERSION:
+            raise ShardError(f"{path}: index format {version} keeps xxh3_64 per-sample content hashes, which are "
+                             f"not collision resistant (whoever writes the shards can change a sample and keep "
+                             f"its hash), so changed shards could go unnoticed; re-run "
+                             f"`geko-data index <shards> -o {path}` (format {INDEX_VERSION}: BLAKE2b-128)")
         names, sizes = list(meta["shards"]), [int(x) for x in meta["sizes"]]
         if len(names) != len(sizes) or min(sizes, default=0) < 0 or max(sizes, default=0) >= 1 << 62:
             raise ValueError("'shards' and 'sizes' must be lists of the same length (paths, and byte sizes "
@@ -849,11 +934,14 @@ def _fast_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int] | None:
     return out, pos
 
 
-def _tarfile_members(buf: bytes) -> tuple[list[tuple[str, bytes]], int]:
-    """As ``_fast_members``, with ``tarfile``; raises one of ``_TAR_ERRORS`` where it cannot read."""
+def _tarfile_members(buf: bytes, *, shard: str = "<buffer>",
+                     offset: int = 0) -> tuple[list[tuple[str, bytes]], int]:
+    """As ``_fast_members``, with ``tarfile``; raises one of ``_TAR_ERRORS`` where it cannot read, and
+    ShardError (naming ``shard`` and the byte in it, ``buf`` starting at ``offset``) for a sparse member."""
     out = []
     with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
         for member in tf:
+            _refuse_sparse(member, shard=shard, offset=offset + member.offset)  # before read() fills its holes
             if not member.isreg():
                 continue
             f = tf.extractfile(member)
@@ -874,10 +962,12 @@ def parse_sample(buf: bytes, *, shard: str, key: str, offset: int = 0) -> dict[s
     corrupt or zeroed header inside the range, another key, a duplicate extension, or a shard changed
     since indexing.
     """
-    parsed = _fast_members(buf)
+    parsed = _fast_members(buf)  # None for sparse members (their types and pax records are tarfile's)
     if parsed is None:
         try:
-            parsed = _tarfile_members(buf)
+            parsed = _tarfile_members(buf, shard=shard, offset=offset)
+        except ShardError:
+            raise  # a sparse member: already names the shard, the member and the byte
         except _TAR_ERRORS as e:
             raise ShardError(f"shard {shard!r}: sample {key!r} at byte {offset} is unreadable "
                              f"({type(e).__name__}: {e})") from None
@@ -1274,6 +1364,13 @@ def iter_tar_samples(fileobj: Any, *, shard: str) -> Iterator[tuple[dict[str, An
         with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
             for member in tf:
                 at = member.offset
+                if member.issparse() or member.type == tarfile.GNUTYPE_SPARSE:
+                    # Refused before read() fills its holes; a sample of another key before it is whole, so
+                    # it is handed out first and the error falls on the sample that holds the member.
+                    if current is not None and _split_key(member.name)[0] not in (None, current["__key__"]):
+                        yield current, start, end
+                        current = None
+                    _refuse_sparse(member, shard=shard, offset=member.offset)
                 if not member.isreg():
                     continue
                 key, ext = _split_key(member.name)

@@ -295,8 +295,9 @@ class GEKOStream(EpochDriver, IterableDataset):
             naming it (a decompression bomb): a ``.gz`` member is inflated in steps, never whole; an image's and
             an ``.npy``/``.npz`` array's size is read from its header first. Defaults to
             ``DEFAULT_MAX_DECODED_BYTES`` (256 MiB).
-        verify: check every sample read against the xxh3 content hash the index recorded; a changed byte
-            raises ShardError naming the shard, key and offset (costs one hash of the bytes read; see the
+        verify: check every sample read against the BLAKE2b-128 content hash the index recorded (a
+            cryptographic hash: whoever writes the shards cannot change a sample and keep its hash); a changed
+            byte raises ShardError naming the shard, key and offset (costs one hash of the bytes read; see the
             README's benchmark). Defaults to ``False`` (sizes, keys and byte ranges are still checked).
         shuffle: shuffle shard order and, within ``shuffle_buffer`` blocks, samples. Defaults to ``True``.
         state: an existing ``SampleState`` for these shards. Defaults to a fresh one.

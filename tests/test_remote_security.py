@@ -290,8 +290,7 @@ def _index_naming(tar: Path, names: list[str], output: Path) -> None:
         table = pa.ipc.open_file(src).read_all()
     meta = json.loads(table.schema.metadata[b"geko_data_index"])
     meta["shards"] = names
-    meta["fingerprint"] = fingerprint(names, meta["sizes"], meta["num_samples"],
-                                      hashes=table.column("hash").to_numpy())
+    meta["fingerprint"] = fingerprint(names, meta["sizes"], meta["num_samples"], hashes=table.column("hash"))
     table = table.replace_schema_metadata({b"geko_data_index": json.dumps(meta).encode()})
     with pa.OSFile(str(output), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)

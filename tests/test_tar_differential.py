@@ -276,10 +276,13 @@ def test_unusual_tars_webdataset_reads_are_read_the_same(tmp_path, kind, shard_u
     assert expected and _stream_samples(folder, shard_url) == expected
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
 @pytest.mark.parametrize("fmt", ["pax", "gnu"])
-@pytest.mark.parametrize("shard_url", [None, "pipe:cat {}"], ids=["local", "pipe"])
-def test_sparse_members_from_gnu_tar(tmp_path, fmt, shard_url):
+def test_sparse_members_from_gnu_tar_are_refused(tmp_path, fmt):
+    # webdataset reads a sparse member with its holes filled in (a 10 KiB tar held 1 GiB); no WebDataset
+    # writer makes one, so geko_data refuses it, here when indexing and on every read path
+    # (tests/test_sparse_tar.py), naming the member and its byte offset.
     src = tmp_path / "src"
     src.mkdir()
     with open(src / "k.bin", "wb") as f:  # a hole, data, a hole: stored sparse
@@ -291,13 +294,13 @@ def test_sparse_members_from_gnu_tar(tmp_path, fmt, shard_url):
     folder = tmp_path / "s"
     folder.mkdir()
     subprocess.run(["tar", f"--format={fmt}", "--sparse", "-cf", str(folder / "a.tar"), "-C", str(src),
-                    "k.txt", "k.bin", "m.txt"], check=True)  # k.bin last: its range ends the sample
+                    "k.txt", "k.bin", "m.txt"], check=True)
     with tarfile.open(folder / "a.tar") as tf:
-        assert tf.getmember("k.bin").issparse() or tf.getmember("k.bin").sparse is not None
-    index_shards([folder / "a.tar"], output=folder / "index.arrow")
-    expected = webdataset_samples(str(folder / "a.tar"))
-    assert [s["__key__"] for s in expected] == ["k", "m"] and len(expected[0]["bin"]) == 700_000
-    assert _stream_samples(folder, shard_url) == expected
+        member = tf.getmember("k.bin")
+        assert member.issparse()
+    with pytest.raises(ShardError, match=rf"a\.tar': member 'k\.bin' at byte {member.offset} is a GNU sparse "
+                                         rf"file \(700,000 bytes"):
+        index_shards([folder / "a.tar"], output=folder / "index.arrow")
 
 
 @SETTINGS
