@@ -353,6 +353,11 @@ class GEKOStream(EpochDriver, IterableDataset):
             raise TypeError(f"`handler` must be callable, got {handler!r}")
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
+        if storage_options and shard_url is None and not is_url(os.fspath(source)):
+            # 's3:/bucket/x' (one slash) or a forgotten scheme would be read from local disk, options unused
+            raise ValueError(f"`storage_options` were given, but `source` {os.fspath(source)!r} is a local path (a "
+                             f"URL has '://', e.g. 's3://bucket/shards/') and no `shard_url` reads remote shards: "
+                             f"nothing would use them")
         check_instance("remote", remote, RemoteConfig)
         self._decoder = make_decoder(decode, max_decoded_bytes=max_decoded_bytes)
         remote = remote or RemoteConfig()

@@ -113,6 +113,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
                          f"got {follow_redirects!r}")
     protocol = url.split("://", 1)[0].lower()
     _filesystem_class(protocol, url, storage_options)
+    if protocol in ("s3", "s3a"):
+        _check_s3_option_names(storage_options)
     import fsspec
 
     # A filesystem of our own, not fsspec's shared instance: the fetcher closes it (sessions, sockets) in the
@@ -134,6 +136,21 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
     if protocol in ("s3", "s3a"):
         fs.retries = 1  # s3fs's own retry loop (5 tries, not an option): ours is the one that retries
     return fs, path
+
+
+#: boto3's names for what s3fs takes under other names (s3fs passes unknown keys on to aiobotocore's session,
+#: which fails at the first request with a TypeError that names neither).
+_BOTO3_NAMES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token",
+                "endpoint_url": "client_kwargs={'endpoint_url': ...}",
+                "region_name": "client_kwargs={'region_name': ...}"}
+
+
+def _check_s3_option_names(storage_options: dict[str, Any] | None) -> None:
+    wrong = [k for k in (storage_options or {}) if k in _BOTO3_NAMES]
+    if wrong:
+        raise RemoteError("`storage_options` for s3:// are s3fs's, not boto3's: " + ", ".join(
+            f"{k!r} is {_BOTO3_NAMES[k]}" for k in wrong) + " (e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
+            "{'endpoint_url': 'http://host:9000'}})")
 
 
 def _with_redirect_guard(options: dict[str, Any], follow: str, storage_options: dict[str, Any] | None

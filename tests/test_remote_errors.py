@@ -9,6 +9,7 @@ import pytest
 
 from conftest import write_uneven_shards
 from geko_data.remote import RangeFetcher, RemoteConfig, open_url, read_index_url, redact
+from geko_data.urls import RemoteError
 from servers import free_port, http_server, s3_server  # noqa: F401 - fixtures
 
 QUICK = RemoteConfig(retries=3, backoff=0.05, max_backoff=0.1, timeout=10.0)
@@ -200,3 +201,17 @@ def test_index_remote_names_the_url_of_a_tar_with_link_members(http_server):
     text = str(record[0].message)
     assert f"in {url!r}" in text and "shard.tar" not in text, text
     assert list(index.keys) == ["h0"]
+
+
+@pytest.mark.timeout(60)
+def test_misnamed_s3_options_and_options_for_a_local_path_say_so(tmp_path):
+    # boto3's option names failed at the first request with "AioSession.__init__() got an unexpected keyword";
+    # 's3:/bucket/...' (one slash) was read as a local path, its storage_options ignored without a word.
+    from geko_data.stream import GEKOStream
+
+    with pytest.raises(RemoteError, match=r"s3fs's, not boto3's: 'aws_access_key_id' is key, 'endpoint_url' is "
+                                          r"client_kwargs"):
+        open_url("s3://bucket/x.tar", {"aws_access_key_id": "K", "endpoint_url": "http://127.0.0.1:1"})
+    with pytest.raises(ValueError, match=r"`storage_options` were given, but `source` 's3:/bucket/shards/' is a "
+                                         r"local path"):
+        GEKOStream("s3:/bucket/shards/", total_epochs=1, storage_options={"anon": True})
