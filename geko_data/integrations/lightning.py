@@ -220,7 +220,8 @@ class GEKOCallback(pl.Callback):
                  batches: str = "steps") -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
-                            f"{type(dataset).__name__}")
+                            f"{type(dataset).__name__}; GEKOCallback samples a dataset it can index: for WebDataset "
+                            f"shards, GEKOStream (the README's streaming section) is read in a loop of your own")
         check_int("total_epochs", total_epochs, 1, optional=True)
         check_int("seed", seed, 0)
         check_int("epoch_length", epoch_length, 1, optional=True)
@@ -251,6 +252,10 @@ class GEKOCallback(pl.Callback):
         # GEKO plans whole epochs: a run that max_steps cuts short trains part of an epoch's plan, and the
         # efficiency report would count the draws cut off as compute saved. Stopping early on purpose (to
         # resume later) says so by planning the run: total_epochs=.
+        if getattr(trainer, "fast_dev_run", False):  # it sets max_steps and limits the batches itself
+            raise ValueError(f"`fast_dev_run` must be False with GEKOCallback (it runs {trainer.fast_dev_run!r} "
+                             f"batch(es), not GEKO's epochs): check the module without the callback, or run a "
+                             f"short planned run (max_epochs=1)")
         if trainer.max_steps not in (-1, None) and self.total_epochs is None:
             raise ValueError(f"`max_steps` must be -1 with GEKOCallback unless the run is planned with "
                              f"`GEKOCallback(total_epochs=...)` (GEKO plans whole epochs; a run cut short counts "

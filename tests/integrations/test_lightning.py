@@ -359,3 +359,21 @@ def test_every_epoch_is_validated_though_geko_epochs_take_fewer_batches(tmp_path
               default_root_dir=str(tmp_path)).fit(Module())
     assert min(trained.values()) < trained[0]  # some epoch took fewer batches than the first
     assert validated == [0, 1, 2, 3, 4], (validated, trained)
+
+
+@pytest.mark.timeout(60)
+def test_fast_dev_run_and_an_iterable_dataset_say_what_to_do(tmp_path):
+    # fast_dev_run was refused as "`max_steps` must be -1 ... got 1", an argument the user never set.
+    import lightning as L
+
+    geko = GEKOCallback([{"x": torch.zeros(2)}] * 8)
+    trainer = L.Trainer(fast_dev_run=True, callbacks=[geko], accelerator="cpu", logger=False,
+                        default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"`fast_dev_run` must be False with GEKOCallback \(it runs True batch"):
+        geko.setup(trainer, None, "fit")
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(TypeError, match=r"must be a map-style dataset .*got Stream; .*GEKOStream"):
+        GEKOCallback(Stream())
