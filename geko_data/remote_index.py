@@ -176,10 +176,13 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
 
 
 def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
-    """Shard URLs of ``urls``: a folder URL (ending in ``/``) or glob stands for the ``*.tar`` in it."""
+    """Shard URLs of ``urls``: a folder URL (ending in ``/``, or one the store says is a folder) or glob
+    stands for the ``*.tar`` in it."""
     out: list[str] = []
     for url in urls:
         fs, path = fetcher.filesystem(url)
+        if not url.endswith("/") and not path.endswith(".tar") and _is_folder(fs, path):
+            url = url + "/"  # GEKOStream takes 's3://bucket/shards' for the folder: so does indexing
         if any(c in url for c in "*?[") or url.endswith("/"):
             pattern = path if any(c in url for c in "*?[") else path.rstrip("/") + "/*.tar"
             try:
@@ -193,6 +196,13 @@ def expand_urls(urls: Sequence[str], fetcher: RangeFetcher) -> list[str]:
         else:
             out.append(url)
     return out
+
+
+def _is_folder(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.isdir(path))
+    except Exception:  # noqa: BLE001 - not listable: taken as the file it names, whose read then says why
+        return False
 
 
 def _why_empty(fs: Any, pattern: str) -> str:

@@ -420,3 +420,15 @@ def test_read_index_and_cli_index_option_take_an_index_url(http_server, tmp_path
         run = subprocess.run([cli, "inspect", str(tmp_path / "state.arrow"), "--index", index, "--top", "hard", "2"],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.timeout(120)
+def test_index_remote_takes_a_folder_url_without_its_trailing_slash(s3_server, tmp_path):
+    # 's3://bucket/shards' (no '/') was read as one tar: "not a readable tar (ReadError: empty file)", while
+    # GEKOStream takes the same URL for the folder.
+    from geko_data.remote import index_remote
+
+    url = upload(s3_server, write_uneven_shards(tmp_path / "shards"))
+    with_slash = index_remote([url], storage_options=s3_server.storage_options, progress=False)
+    without = index_remote([url.rstrip("/")], storage_options=s3_server.storage_options, progress=False)
+    assert without.fingerprint == with_slash.fingerprint and len(without.shards) == len(with_slash.shards) > 1
