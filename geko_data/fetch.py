@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from geko_data.shards import ShardError
+from geko_data.shards import CHANGED_HINT, ShardError
 from geko_data.urls import REDIRECTS, describe, is_transient, open_url, redact
 from geko_data.validate import check_int, check_number
 
@@ -204,7 +204,7 @@ class RangeFetcher:
         if size is not None and size.error is not None:
             return Fetched(None, size.error, got.attempts)
         if size is not None and size.value != want:
-            why = f"shard {url!r} changed since indexing: {size.value} bytes, index says {want}"
+            why = f"shard {url!r} changed since indexing: {size.value} bytes, index says {want} ({CHANGED_HINT})"
             return Fetched(None, ShardError(redact(why, self.storage_options)), got.attempts)
         if got.error is None and len(got.value) != end - start:
             # A server that ignores Range sends the whole object; a shorter answer means a smaller one.

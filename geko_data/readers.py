@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from geko_data.shards import (HASH_BYTES, MISSING_HINT, ShardError, ShardIndex, iter_tar_samples, parse_samples,
-                              sample_hash)
+from geko_data.shards import (CHANGED_HINT, HASH_BYTES, MISSING_HINT, ShardError, ShardIndex, iter_tar_samples,
+                              parse_samples, sample_hash)
 
 __all__ = ["COUNTERS", "BadData", "SeekReader", "ShardReader", "StreamCursor"]
 
@@ -172,7 +172,7 @@ class SeekReader:
             if size != self.index.sizes[shard]:
                 f.close()
                 raise ShardError(f"shard {path!r} changed since indexing: {size} bytes, index says "
-                                 f"{self.index.sizes[shard]} (reading sample {key!r})")
+                                 f"{self.index.sizes[shard]} (reading sample {key!r}; {CHANGED_HINT})")
             self._file, self._shard = f, shard
         return self._file
 

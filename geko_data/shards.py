@@ -146,6 +146,8 @@ def fingerprint(names: Sequence[str], sizes: Sequence[int], num_samples: int, *,
 #: index.arrow``) keeps no URL, so without ``shard_url`` its shards are looked for beside it.
 MISSING_HINT = ("a local index of remote shards reads them with shard_url=ShardsAt(their folder URL, index path), "
                 "from geko_data.remote")
+#: The end of a "changed since indexing" message: an index copied beside other shards looks the same.
+CHANGED_HINT = "or the index was made for other shards: index these with `geko-data index`"
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,8 @@ class ShardIndex:
                 raise ShardError(f"shard {path!r} is missing ({MISSING_HINT})")
             actual = os.path.getsize(path)
             if actual != size:
-                raise ShardError(f"shard {path!r} changed since indexing: {actual} bytes, index says {size}")
+                raise ShardError(f"shard {path!r} changed since indexing: {actual} bytes, index says {size} "
+                                 f"({CHANGED_HINT})")
 
 
 # tarfile reads these and then stops at anything it cannot parse; every other exception it raises on a

@@ -432,3 +432,19 @@ def test_a_member_named_key_dot_dunder_key_cannot_replace_the_samples_key(tmp_pa
         stream.set_epoch(0)
         assert [(s["__key__"], s["txt"]) for s in stream] == [("victim-0001", b"victim")], kw
         assert len(errors) == 1 and "two members with extension '__key__'" in str(errors[0]), kw
+
+
+@pytest.mark.timeout(60)
+def test_an_index_beside_other_shards_says_it_may_be_theirs(tmp_path):
+    # "shard changed since indexing: 778240 bytes, index says 624640" did not say the index may be another's.
+    import shutil
+
+    from geko_data.shards import write_shards
+
+    write_shards(({"__key__": f"k{i}", "txt": "a" * 10} for i in range(8)), str(tmp_path / "a" / "s-%02d.tar"))
+    write_shards(({"__key__": f"k{i}", "txt": "b" * 900} for i in range(8)), str(tmp_path / "b" / "s-%02d.tar"))
+    shutil.copy(tmp_path / "a" / "index.arrow", tmp_path / "b" / "index.arrow")
+    with pytest.raises(ShardError, match=r"changed since indexing: .*index was made for other shards: index these"):
+        stream = GEKOStream(str(tmp_path / "b"), total_epochs=1, config=GEKOConfig(log_bucket_stats=False))
+        stream.set_epoch(0)
+        list(stream)
