@@ -240,6 +240,7 @@ class GEKOCallback(pl.Callback):
         self._consumed = 0  # this rank's indices of the current epoch reported so far
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
         self._resumed_epoch: int | None = None  # the epoch a restored position belongs to
+        self._warned_fixed = False  # a mid-epoch checkpoint with fixed batches was said to be unresumable
 
     # ------------------------------------------------------------------ setup and data
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -366,6 +367,15 @@ class GEKOCallback(pl.Callback):
             self.sampler.state.save(path)
             with open(path, "rb") as f:
                 blob = f.read()
+        if (self.batches == "fixed" and not self._warned_fixed
+                and 0 < self._consumed < self.sampler.position + len(self.sampler)):
+            # Refused only at the resume otherwise: said when the checkpoint is written, once a fit.
+            self._warned_fixed = True
+            warnings.warn(f"GEKOCallback: a checkpoint written in the middle of epoch {self.sampler.epoch} with "
+                          f"batches='fixed' cannot be resumed (only one written at an epoch's end can): save at "
+                          f"epochs' ends (ModelCheckpoint(every_n_epochs=1, save_on_train_epoch_end=True)), or "
+                          f"train with GEKOCallback(batches='steps'), whose loader resumes mid-epoch",
+                          RuntimeWarning, stacklevel=2)
         # The Arrow file travels inside the checkpoint as bytes: no pickled objects.
         return {"sampler": self.sampler.state_dict(consumed=self._consumed), "state_arrow": blob}
 

@@ -173,6 +173,12 @@ def test_a_fixed_mid_epoch_checkpoint_is_refused_with_the_fix(fitted_fixed):
     again.load_state_dict(sd)
     with pytest.raises(RuntimeError, match="middle of epoch .* epoch's end.*batches='steps'"):
         again.setup(trainer, None, "fit")
+    # ... and said when such a checkpoint is written (it was only at the resume), once
+    geko._consumed, geko._warned_fixed = 8, False
+    with pytest.warns(RuntimeWarning, match=r"written in the middle of epoch .* batches='fixed' cannot be resumed"):
+        geko.state_dict()
+    geko._consumed, geko._warned_fixed = 0, False
+    geko.state_dict()  # at an epoch's start: nothing to say
 
 
 class _BareLoss(lightning_job.Module):
