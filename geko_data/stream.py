@@ -610,8 +610,11 @@ class GEKOStream(EpochDriver, IterableDataset):
         if consumed is not None and self._shared.epoch >= 0:
             self._check_reported(consumed)
         sd = self._base_state_dict("GEKOStream", self._yielded if consumed is None else consumed)
+        stats = self._counters.stats()
         sd.update({"fingerprint": self.index.fingerprint, "batch_size": self.batch_size, "batches": self.batches,
-                   "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer})
+                   "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
+                   # what the run read so far: a resumed stream's report goes on from it, as its passes do
+                   "read": {k: int(v + stats[k]) for k, v in self._read_before.items()}})
         return sd
 
     def _check_reported(self, consumed: int) -> None:
@@ -651,6 +654,8 @@ class GEKOStream(EpochDriver, IterableDataset):
             "shuffle_buffer": self.shuffle_buffer}, "stream")
         self.epoch = epoch
         self._start.fill_(position)
+        read = state_dict.get("read") or {}
+        self._read_before = {k: int(read.get(k, 0)) for k in self._read_before}
         if epoch >= 0:
             self.set_epoch(epoch)
             total = int(self._order(self._shared.view()).order.shape[0])

@@ -175,3 +175,20 @@ def test_a_report_in_an_epoch_cut_short_compares_with_a_uniform_run_cut_alike():
     assert report["uniform_passes"] == round(100 * (1 + report["last_epoch_share"]))
     assert f"the last cut short at {report['last_epoch_share']:.0%} of its draws" in sampler.format_efficiency_report()
     assert sampler.efficiency_report(epochs_done=2)["uniform_passes"] == 200  # the loop's own count wins
+
+
+@pytest.mark.timeout(60)
+def test_a_resumed_streams_report_goes_on_from_what_the_run_read(tmp_path):
+    # After a resume, bytes_read and requests counted only the resumed process while the passes covered the run.
+    write_shards(({"__key__": f"k{i:03d}", "txt": "x" * 500} for i in range(40)), str(tmp_path / "s-%02d.tar"))
+    first = GEKOStream(str(tmp_path), total_epochs=2, config=GEKOConfig(log_bucket_stats=False), shuffle=False)
+    first.set_epoch(0)
+    ids = [s["__index__"] for s in first]
+    first.report(ids, [1.0] * len(ids))
+    read = first.efficiency_report()["bytes_read"]
+    assert read > 20_000
+    sd = first.state_dict()
+    again = GEKOStream(str(tmp_path), total_epochs=2, config=GEKOConfig(log_bucket_stats=False), shuffle=False)
+    again.use_state(first.state)
+    again.load_state_dict(sd)
+    assert again.efficiency_report()["bytes_read"] == read
