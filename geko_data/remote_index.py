@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from geko_data.fetch import RangeFetcher, RemoteConfig
 from geko_data.keys import Keys
 from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
-from geko_data.urls import describe, is_url, redact
+from geko_data.urls import describe, endpoint_of, is_url, redact
 
 __all__ = ["SHARD_NAME_RULE", "ShardsAt", "expand_urls", "index_remote", "read_index_url", "resolve_shard_name",
            "shard_name_problem", "shards_folder", "url_under", "write_index_url"]
@@ -157,8 +157,10 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
         if "(404)" not in str(got.error):
             raise got.error
         folder = redact(url.rsplit("/", 1)[0] + "/", storage_options)
+        endpoint = endpoint_of(url, storage_options)
+        at = f" at endpoint {redact(endpoint, storage_options)!r}" if endpoint else ""
         raise FileNotFoundError(
-            f"shard index {redact(url, storage_options)!r} cannot be read ({got.error}). Index the shards once "
+            f"shard index {redact(url, storage_options)!r}{at} cannot be read ({got.error}). Index the shards once "
             f"where they are: `geko-data index {folder} -o {folder}{INDEX_NAME}`; where you cannot write (HTTP, a "
             f"read-only bucket), to a local file: `geko-data index {folder} -o {INDEX_NAME}`, then "
             f"GEKOStream('{INDEX_NAME}', shard_url=ShardsAt('{folder}', '{INDEX_NAME}'))")

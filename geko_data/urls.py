@@ -10,11 +10,12 @@ of ``storage_options`` and any ``user:password@`` of a URL become ``***``. HTTP(
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["PROTOCOL_PACKAGES", "REDIRECTS", "RedirectRefused", "RemoteError", "describe", "is_transient", "is_url",
-           "open_url", "redact", "redirect_guard"]
+__all__ = ["PROTOCOL_PACKAGES", "REDIRECTS", "RedirectRefused", "RemoteError", "describe", "endpoint_of",
+           "is_transient", "is_url", "open_url", "redact", "redirect_guard"]
 
 #: Protocol -> (package that implements it, extra of geko-data that installs it).
 PROTOCOL_PACKAGES = {
@@ -136,6 +137,16 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
     if protocol in ("s3", "s3a"):
         fs.retries = 1  # s3fs's own retry loop (5 tries, not an option): ours is the one that retries
     return fs, path
+
+
+def endpoint_of(url: str, storage_options: dict[str, Any] | None) -> str | None:
+    """The endpoint an ``s3://`` URL goes to, when it is not AWS's: ``client_kwargs["endpoint_url"]`` of
+    ``storage_options``, else ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` of the environment."""
+    if url.split("://", 1)[0].lower() not in ("s3", "s3a"):
+        return None
+    client = (storage_options or {}).get("client_kwargs")
+    found = client.get("endpoint_url") if isinstance(client, dict) else None
+    return found or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 #: boto3's names for what s3fs takes under other names (s3fs passes unknown keys on to aiobotocore's session,

@@ -215,3 +215,14 @@ def test_misnamed_s3_options_and_options_for_a_local_path_say_so(tmp_path):
     with pytest.raises(ValueError, match=r"`storage_options` were given, but `source` 's3:/bucket/shards/' is a "
                                          r"local path"):
         GEKOStream("s3:/bucket/shards/", total_epochs=1, storage_options={"anon": True})
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_s3_index_names_the_endpoint_asked(s3_server):
+    # A wrong bucket or a store that is not S3 said "index not found, index it" without the endpoint asked.
+    from geko_data.stream import GEKOStream
+
+    with pytest.raises(FileNotFoundError, match=rf"shard index 's3://nobucket-geko/shards/index.arrow' at endpoint "
+                                                rf"'{s3_server.endpoint}' cannot be read"):
+        GEKOStream("s3://nobucket-geko/shards/", total_epochs=1, storage_options=s3_server.storage_options,
+                   remote=QUICK)
