@@ -208,6 +208,16 @@ def print(*args: Any, sep: str = " ", end: str = "\n", file: Any = None, flush: 
     builtins.print(_printable(sep.join(map(str, args))), end=end, file=file, flush=flush)
 
 
+def _json_value(x: Any) -> Any:
+    """What json cannot write itself: DuckDB's HUGEINT sums and decimals arrive as ``Decimal`` (a whole one
+    is written as a number, not a string), anything else as its text."""
+    import decimal
+
+    if isinstance(x, decimal.Decimal):
+        return int(x) if x == x.to_integral_value() else float(x)
+    return str(x)
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -400,7 +410,7 @@ def cmd_sql(ns: argparse.Namespace) -> int:
         text = sink.getvalue().to_pybytes().decode()
         sys.stdout.write(_printable(text) if sys.stdout.isatty() else text)  # a file or pipe gets the data
     elif ns.format == "json":
-        print(json.dumps(result.to_pylist(), indent=1, default=str))
+        print(json.dumps(result.to_pylist(), indent=1, default=_json_value))
     else:
         _print_rows(result)
     return 0

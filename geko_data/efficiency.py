@@ -156,8 +156,9 @@ def format_efficiency_report(report: dict[str, Any]) -> str:
     if report.get("nonfinite_reports"):
         lines.append(f"  Non-finite reports : {report['nonfinite_reports']:,} (not applied)")
     if report.get("skipped_unreadable"):
+        epoch = f" in epoch {plan['epoch']}" if plan else ""
         lines.append(f"  Unreadable skipped : {report['skipped_unreadable']:,} samples, "
-                     f"{report.get('skipped_draws', 0):,} draws (handler=)")
+                     f"{report.get('skipped_draws', 0):,} draws{epoch} (passed over by the stream's handler)")
     history = list(report.get("history") or [])
     if history:
         after = report.get("after_last_epoch")

@@ -309,7 +309,12 @@ class EpochDriver:
         if self._coverage is None or self._coverage[0] != self.epoch or self._coverage[1] is None:
             return 1.0
         _, rows_before, draws = self._coverage
-        return min(1.0, (self.feedback.num_rows - rows_before) / draws) if draws else 1.0
+        done = self.feedback.num_rows - rows_before + self._draws_not_reportable()
+        return min(1.0, done / draws) if draws else 1.0
+
+    def _draws_not_reportable(self) -> int:
+        """Draws of the current epoch no loop could report (a stream's unreadable samples): done all the same."""
+        return 0
 
     def format_efficiency_report(self, *, epochs_done: int | None = None) -> str:
         return format_efficiency_report(self.efficiency_report(epochs_done=epochs_done))

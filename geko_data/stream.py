@@ -617,6 +617,9 @@ class GEKOStream(EpochDriver, IterableDataset):
                    "read": {k: int(v + stats[k]) for k, v in self._read_before.items()}})
         return sd
 
+    def _draws_not_reportable(self) -> int:
+        return int(self._counters.stats()["skipped_draws"])
+
     def _check_reported(self, consumed: int) -> None:
         """ValueError when the loop reported as many samples as ``consumed`` counts, but other ones than the
         first ``consumed`` of this rank's order (from the epoch's start): the position would resume at

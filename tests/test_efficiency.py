@@ -192,3 +192,23 @@ def test_a_resumed_streams_report_goes_on_from_what_the_run_read(tmp_path):
     again.use_state(first.state)
     again.load_state_dict(sd)
     assert again.efficiency_report()["bytes_read"] == read
+
+
+@pytest.mark.timeout(60)
+def test_samples_a_handler_skipped_do_not_make_the_epoch_look_cut_short(tmp_path):
+    # Unreadable samples passed over by the handler are never reported: the last epoch read as "cut short",
+    # and its uniform run shrank with it.
+    import webdataset as wds
+
+    samples = [{"__key__": f"k{i:03d}", "txt": "x", "cls": "1" if i not in (3, 11) else "oops"} for i in range(20)]
+    write_shards(samples, str(tmp_path / "s-%02d.tar"))
+    stream = GEKOStream(str(tmp_path), total_epochs=2, config=GEKOConfig(log_bucket_stats=False),
+                        decode=lambda s: {**s, "cls": int(s["cls"])}, handler=wds.warn_and_continue)
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            ids = [s["__index__"] for s in stream]
+            stream.report(ids, [1.0] * len(ids))
+    report = stream.efficiency_report()
+    assert report["skipped_draws"] == 2 and report["last_epoch_share"] == 1.0 and report["uniform_passes"] == 40
+    assert "2 draws in epoch 1 (passed over by the stream's handler)" in stream.format_efficiency_report()

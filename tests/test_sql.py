@@ -30,6 +30,10 @@ def test_query_by_file_name_with_bucket_names(tmp_path, capsys, state):
     assert code == 0 and out.splitlines() == ['"id","times_seen"'] + [f"{i},{s.times_seen[i]}" for i in range(3)]
     code, out, _ = run(capsys, "sql", path, "SELECT count(*) AS samples FROM state")
     assert code == 0 and out.splitlines() == ["samples", "60", "(1 row)"]
+    # DuckDB's sum of integers is a HUGEINT: it came out as the string "..." in JSON
+    code, out, _ = run(capsys, "sql", path, "SELECT sum(times_seen) AS s, avg(loss) > 0 AS a FROM state",
+                       "--format", "json")
+    assert code == 0 and json.loads(out) == [{"s": int(s.times_seen.sum()), "a": True}]
 
 
 def test_index_view_joins_on_id(tmp_path, capsys):
