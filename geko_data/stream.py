@@ -386,6 +386,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self._order_cache: _Order | None = None
         self._yielded = 0
         self._reported = _Reported()
+        self._warned_steps = -1  # the epoch whose batches were said to be too large for batches="steps"
 
     def __getstate__(self) -> dict[str, Any]:
         """What a pickle of the stream carries: what a spawned DataLoader worker reads with, not the
@@ -584,8 +585,25 @@ class GEKOStream(EpochDriver, IterableDataset):
         counted, so that ``state_dict(consumed=)`` can tell they are the samples its position skips."""
         rows = super().report(ids, losses, correct=correct, confidence=confidence, step=step)
         if self._shared.epoch >= 0:
-            self._reported.add(self._epoch_key(), to_numpy(ids, "ids").astype(np.int64, copy=False))
+            got = to_numpy(ids, "ids").astype(np.int64, copy=False)
+            self._reported.add(self._epoch_key(), got)
+            self._check_steps_batch(got.shape[0])
         return rows
+
+    def _check_steps_batch(self, reported: int) -> None:
+        """Warn once an epoch when a ``batches="steps"`` epoch's batches are smaller than ``batch_size`` and a
+        report holds ``batch_size`` samples: the DataLoader still cuts at the full batch size, so the epoch takes
+        fewer optimizer steps than planned. (Reports of other sizes are other loops' business: a whole epoch
+        reported at once, micro-batches.)"""
+        if self.batches != "steps" or self.batch_size is None or self._warned_steps == self._shared.epoch:
+            return
+        size = self.epoch_batch_size
+        if size is not None and size < reported == self.batch_size:
+            self._warned_steps = self._shared.epoch
+            warnings.warn(f"GEKOStream(batches='steps'): a report of {reported} samples in epoch {self._shared.epoch}, "
+                          f"whose batches hold {size} (stream.epoch_batch_size): make the DataLoader with "
+                          f"batch_size=stream.epoch_batch_size after each set_epoch, or the epoch takes fewer "
+                          f"optimizer steps than a full one", RuntimeWarning, stacklevel=3)
 
     def _epoch_key(self) -> tuple[int, int, int]:
         return self._shared.epoch, self._shared.version, int(self._start.item())

@@ -367,3 +367,19 @@ def test_batches_is_validated_and_needs_batch_size(shards):
     freeze_some(fixed.state)
     fixed.set_epoch(1)
     assert fixed.epoch_batch_size == 8 and fixed.batches == "fixed"
+
+
+@pytest.mark.timeout(60)
+def test_steps_batches_from_a_loader_at_the_full_batch_size_are_named(shards):
+    # batches="steps" with the DataLoader left at batch_size=B took half the epoch's steps, without a word.
+    s = GEKOStream(shards, total_epochs=3, config=QUIET, seed=1, batch_size=8, batches="steps")
+    s.set_epoch(0)
+    ids = [x["__index__"] for x in s]
+    s.report(ids, [0.001 if i % 2 else 5.0 for i in ids], correct=[bool(i % 2) for i in ids],
+             confidence=[0.99 if i % 2 else 0.2 for i in ids])
+    s.set_epoch(1)
+    assert s.epoch_batch_size < 8
+    batch = [x["__index__"] for x in s][:8]
+    with pytest.warns(RuntimeWarning, match=r"a report of 8 samples in epoch 1, whose batches hold \d+ "
+                                            r"\(stream.epoch_batch_size\)"):
+        s.report(batch, [1.0] * 8)
