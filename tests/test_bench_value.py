@@ -52,6 +52,12 @@ def test_generative_task_answer_is_the_tweets_last_word():
         assert gen_answer({"text": text, "label": "neutral"}) == answer, text
 
 
+def test_length_task_cuts_at_the_tertiles_of_the_training_rows():
+    length_cuts = _bench_value().length_cuts
+    rows = [{"text": " ".join(["w"] * n)} for n in range(1, 10)]  # 1..9 words
+    assert length_cuts(rows) == (3, 6)  # short <= 3 words < medium <= 6 < long
+
+
 def test_answer_class_is_the_label_or_the_first_answer_token():
     answer_class = _bench_value().answer_class
     assert answer_class(torch.tensor([3, 0, 7])).tolist() == [3, 0, 7]
