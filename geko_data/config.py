@@ -124,8 +124,9 @@ class GEKOConfig:
             on, 3 seeds, test: 56% at -0.07, the rule before 70% at -0.22). Freezing 60% alone lost 1.1 points
             with changed labels: the wrong labels then take a larger share of every step, which drawing
             HARD half as often (a sure wrong answer: where they gather; ``long_run_weights_steps``) and the
-            quarter of FREEZE in the last epoch give back (those figures with HARD:FOCUS:LIGHT 0.5:2:1). ``None``: the fixed-batch rule in those runs too (a state file written
-            before this field keeps it). Defaults to ``0.6``.
+            quarter of FREEZE in the last epoch give back (those figures with HARD:FOCUS:LIGHT 0.5:2:1).
+            ``None``: the fixed-batch rule in those runs too (a state file written before this field keeps
+            it). Defaults to ``0.6``.
         long_run_weights_steps: the (HARD, FOCUS, LIGHT) weights of every phase of those long runs. FOCUS,
             the unsure wrong answers, drawn as often as LIGHT: with 60% of the right answers frozen every
             later epoch is mostly wrong answers already, and drawing them twice as often cost the SFT
