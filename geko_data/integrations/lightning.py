@@ -50,6 +50,9 @@ from geko_data.state import SampleState
 
 __all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
 
+# What Lightning sets max_epochs to when a Trainer is built without it (loops/utilities.py: _parse_loop_limits).
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
 
 class RankAwareGEKOSampler(GEKOSampler, DistributedSampler):
     """A ``GEKOSampler`` that frameworks checking ``isinstance(sampler, DistributedSampler)`` (Lightning)
@@ -250,6 +253,13 @@ class GEKOCallback(pl.Callback):
         if epochs is None or epochs < 1:
             raise ValueError(f"GEKOCallback needs the planned epochs: pass `total_epochs=` or set the trainer's "
                              f"`max_epochs` (got {trainer.max_epochs!r})")
+        # Lightning turns an unset max_epochs into 1000 (it only warns): GEKO would plan a 1000-epoch run, whose
+        # annealing epochs (the frozen samples trained again) start at epoch 875 and are never reached.
+        if self.total_epochs is None and epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS:
+            raise ValueError(f"GEKOCallback plans the run from the trainer's `max_epochs`, which is "
+                             f"{_LIGHTNING_DEFAULT_MAX_EPOCHS}: Lightning's value when it is not set. Set "
+                             f"`max_epochs` to the epochs you will train (with EarlyStopping: the most you allow), "
+                             f"or pass `GEKOCallback(total_epochs={_LIGHTNING_DEFAULT_MAX_EPOCHS})` to plan that many")
         # GEKO plans whole epochs: a run that max_steps cuts short trains part of an epoch's plan, and the
         # efficiency report would count the draws cut off as compute saved. Stopping early on purpose (to
         # resume later) says so by planning the run: total_epochs=.

@@ -223,6 +223,15 @@ def test_a_run_cut_short_by_max_steps_without_a_planned_run_is_refused(tmp_path)
 
 
 @pytest.mark.timeout(60)
+def test_an_unset_max_epochs_is_refused_unless_the_run_is_planned(tmp_path):
+    # Lightning turns an unset max_epochs into 1000 with a warning; GEKO planned a 1000-epoch run, whose
+    # annealing epochs (from epoch 875) a run stopped by hand or by EarlyStopping never reaches.
+    with pytest.raises(ValueError, match=r"`max_epochs`, which is 1000: Lightning's value when it is not set.*"
+                                         r"GEKOCallback\(total_epochs=1000\)"):
+        lightning_job.run(str(tmp_path), "callback", epochs=None)
+
+
+@pytest.mark.timeout(60)
 def test_limit_train_batches_is_refused(tmp_path, monkeypatch):
     real = lightning_job.pl.Trainer
 
