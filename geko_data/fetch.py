@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geko_data.shards import CHANGED_HINT, ShardError
-from geko_data.urls import REDIRECTS, describe, is_transient, open_url, redact
+from geko_data.urls import REDIRECTS, describe, is_transient, lower_scheme, open_url, redact
 from geko_data.validate import check_int, check_number
 
 __all__ = ["Fetched", "RangeFetcher", "RemoteConfig"]
@@ -170,6 +170,7 @@ class RangeFetcher:
     def filesystem(self, url: str) -> tuple[Any, str]:
         """(filesystem, path) for ``url``: one filesystem (one connection pool) per protocol."""
         self._forked()
+        url = lower_scheme(url)
         key = url if "::" in url else url.split("://", 1)[0]  # chained URLs ("simplecache::s3://") apart
         with self._lock:
             if key not in self._fs:

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 from geko_data.fetch import RangeFetcher, RemoteConfig
 from geko_data.keys import Keys
 from geko_data.shards import INDEX_NAME, ShardError, ShardIndex, fingerprint, index_shards, read_index
-from geko_data.urls import describe, endpoint_of, is_url, redact
+from geko_data.urls import describe, endpoint_of, is_url, lower_scheme, redact
 
 __all__ = ["SHARD_NAME_RULE", "ShardsAt", "expand_urls", "index_remote", "read_index_url", "resolve_shard_name",
            "shard_name_problem", "shards_folder", "url_under", "write_index_url"]
 
 
 def _index_url(url: str) -> str:
+    url = lower_scheme(url)
     return url if url.endswith(".arrow") else url.rstrip("/") + "/" + INDEX_NAME
 
 
@@ -272,8 +273,9 @@ def index_remote(urls: Sequence[str], *, output: str | None = None, storage_opti
     """
     config = config or RemoteConfig()
     fetcher = RangeFetcher(storage_options=storage_options, config=config)
+    output = lower_scheme(output) if isinstance(output, str) else output
     try:
-        shard_urls = expand_urls(list(urls), fetcher)
+        shard_urls = expand_urls([lower_scheme(u) for u in urls], fetcher)
         if output is not None:
             _check_output(output, shard_urls, storage_options)
         sizes = []

@@ -56,6 +56,16 @@ _SECRET_NAMES = ("key", "secret", "token", "password", "passwd", "credential", "
                  "user")
 
 
+def lower_scheme(url: str) -> str:
+    """``url`` with its scheme in lower case: schemes are case-insensitive (RFC 3986), fsspec's protocols are
+    registered in lower case ('S3://b/k' was refused as 'Protocol not known: S3'). Chained URLs
+    ('simplecache::s3://...') are left as they are."""
+    if "::" in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return scheme.lower() + "://" + rest
+
+
 def _secrets(options: Any, secret: bool = False) -> list[str]:
     """Every string of ``storage_options`` held under a credential's name (``_SECRET_NAMES``), nested too."""
     if isinstance(options, dict):
@@ -112,7 +122,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
     if follow_redirects not in REDIRECTS:
         raise ValueError(f"`follow_redirects` must be one of {', '.join(map(repr, REDIRECTS))}, "
                          f"got {follow_redirects!r}")
-    protocol = url.split("://", 1)[0].lower()
+    url = lower_scheme(url)
+    protocol = url.split("://", 1)[0]
     _filesystem_class(protocol, url, storage_options)
     if protocol in ("s3", "s3a"):
         _check_s3_option_names(storage_options)

@@ -432,3 +432,20 @@ def test_index_remote_takes_a_folder_url_without_its_trailing_slash(s3_server, t
     with_slash = index_remote([url], storage_options=s3_server.storage_options, progress=False)
     without = index_remote([url.rstrip("/")], storage_options=s3_server.storage_options, progress=False)
     assert without.fingerprint == with_slash.fingerprint and len(without.shards) == len(with_slash.shards) > 1
+
+
+@pytest.mark.timeout(120)
+def test_a_scheme_in_capitals_reads_the_same_shards(s3_server, tmp_path):
+    # 'S3://bucket/...' was refused: "`storage_options` rejected by the 's3' filesystem: Protocol not known: S3";
+    # URL schemes are case-insensitive.
+    from geko_data.remote import index_remote
+
+    url = upload(s3_server, write_uneven_shards(tmp_path / "shards"))
+    upper = "S3" + url[len("s3"):]
+    so = s3_server.storage_options
+    lower = index_remote([url], storage_options=so, progress=False)
+    upper_index = index_remote([upper], output=upper + "index.arrow", storage_options=so, progress=False)
+    assert upper_index.fingerprint == lower.fingerprint
+    local = GEKOStream(str(tmp_path / "shards"), total_epochs=1, config=QUIET, seed=3)
+    remote = GEKOStream(upper, total_epochs=1, config=QUIET, seed=3, storage_options=so)
+    assert [(x["__index__"], x["json"]) for x in remote] == [(x["__index__"], x["json"]) for x in local]
