@@ -120,6 +120,10 @@ class GEKOTrainerMixin:
         geko_batches: ``"steps"``: an epoch that skips samples takes as many optimizer steps as a full one,
             in smaller batches (``GEKOBatchSampler``, down to half of ``per_device_train_batch_size``);
             ``"fixed"``: batches of ``per_device_train_batch_size``, fewer steps. Defaults to ``"steps"``.
+        geko_fingerprint: a name of the data (e.g. ``geko_data.fingerprint_of(keys)`` of its sample keys in
+            index order), kept in the state: training resumed from a checkpoint of other data (another
+            fingerprint) raises ``FingerprintError`` instead of using per-sample state that belongs to other
+            samples. Defaults to ``None`` (only the size is checked).
 
     ``trainer.geko_sampler`` is the ``GEKOSampler`` (built when training starts), ``trainer.geko_state`` its
     ``SampleState``. Train with ``num_train_epochs`` (GEKO plans whole epochs), not ``max_steps``.
@@ -128,7 +132,7 @@ class GEKOTrainerMixin:
     def __init__(self, *args: Any, geko_config: GEKOConfig | None = None, geko_seed: int | None = None,
                  geko_epoch_length: int | None = None,
                  geko_signals: Callable[[Any, torch.Tensor], signals_mod.Signals] | None = None,
-                 geko_batches: str = "steps", **kwargs: Any) -> None:
+                 geko_batches: str = "steps", geko_fingerprint: str | None = None, **kwargs: Any) -> None:
         if geko_config is not None and not isinstance(geko_config, GEKOConfig):
             raise TypeError(f"`geko_config` must be a GEKOConfig, got {type(geko_config).__name__}")
         check_int("geko_seed", geko_seed, 0, optional=True)
@@ -137,6 +141,8 @@ class GEKOTrainerMixin:
             raise TypeError(f"`geko_signals` must be callable, got {type(geko_signals).__name__}")
         if geko_batches not in BATCHES:
             raise ValueError(f"`geko_batches` must be one of {', '.join(BATCHES)}, got {geko_batches!r}")
+        if geko_fingerprint is not None and (not isinstance(geko_fingerprint, str) or not geko_fingerprint):
+            raise ValueError(f"`geko_fingerprint` must be a non-empty str or None, got {geko_fingerprint!r}")
         # Before the Trainer's own check, which asks for max_steps (which GEKO then refuses).
         train_dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
         if isinstance(train_dataset, torch.utils.data.IterableDataset) or (
@@ -148,6 +154,7 @@ class GEKOTrainerMixin:
         self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config
         self.geko_seed = geko_seed
+        self.geko_fingerprint = geko_fingerprint
         self.geko_epoch_length = geko_epoch_length
         self.geko_signals = geko_signals or default_signals
         self.geko_batches = geko_batches
@@ -203,7 +210,7 @@ class GEKOTrainerMixin:
         self.geko_sampler = sampler = GEKOSampler(
             len(dataset), total_epochs=epochs, config=self.geko_config,
             seed=args.seed if self.geko_seed is None else self.geko_seed, num_replicas=args.world_size,
-            rank=args.process_index, epoch_length=self.geko_epoch_length)
+            rank=args.process_index, epoch_length=self.geko_epoch_length, fingerprint=self.geko_fingerprint)
         collate = KeepGEKOKeys(self._get_collator_with_removed_columns(self.data_collator, description="training"))
         if self.geko_batches == "steps":
             self._geko_batch_sampler = GEKOBatchSampler(sampler, batch_size=self._train_batch_size)

@@ -212,6 +212,10 @@ class GEKOCallback(pl.Callback):
         batches: how ``dataloader(batch_size=B)`` cuts an epoch: ``"steps"``: as many optimizer steps as a
             full epoch at ``B``, in smaller batches (``GEKOBatchSampler``, down to half of ``B``); ``"fixed"``:
             batches of ``B``, fewer steps. Defaults to ``"steps"``.
+        fingerprint: a name of the data (e.g. ``geko_data.fingerprint_of(keys)`` of its sample keys in index
+            order), kept in the state: a fit resumed from a checkpoint of other data (another fingerprint)
+            raises ``FingerprintError`` instead of training on per-sample state that belongs to other samples.
+            Defaults to ``None`` (only the size is checked).
 
     ``training_step`` returns ``{"loss": ..., "per_sample_loss": (B,) losses}`` and may add ``"correct"``
     and ``"confidence"`` (both (B,)); the callback reports them with the batch's ``__index__``. Without them
@@ -220,7 +224,7 @@ class GEKOCallback(pl.Callback):
 
     def __init__(self, dataset: Any, *, total_epochs: int | None = None, config: GEKOConfig | None = None,
                  seed: int = 0, epoch_length: int | None = None, log_prefix: str = "geko/",
-                 batches: str = "steps") -> None:
+                 batches: str = "steps", fingerprint: str | None = None) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
                             f"{type(dataset).__name__}; GEKOCallback samples a dataset it can index: for WebDataset "
@@ -232,6 +236,9 @@ class GEKOCallback(pl.Callback):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
         if batches not in BATCHES:
             raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {batches!r}")
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+            raise ValueError(f"`fingerprint` must be a non-empty str or None, got {fingerprint!r}")
+        self.fingerprint = fingerprint
         self.dataset = dataset
         self.total_epochs = total_epochs
         self.config = config
@@ -282,7 +289,8 @@ class GEKOCallback(pl.Callback):
                              f"is trained), got {limit!r}")
         self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
                                             seed=self.seed, num_replicas=trainer.world_size,
-                                            rank=trainer.global_rank, epoch_length=self.epoch_length)
+                                            rank=trainer.global_rank, epoch_length=self.epoch_length,
+                                            fingerprint=self.fingerprint)
         # Set before a checkpoint's epoch is restored and planned (a GEKOBatchSampler would set it only when
         # train_dataloader() runs): the plan's short-run rule depends on it.
         self.sampler.keeps_steps = self.batches == "steps"

@@ -63,14 +63,14 @@ class Module(pl.LightningModule):
 
 
 def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None, max_steps=-1,
-        config=EASY, workers=0, module_cls=None):
+        config=EASY, workers=0, module_cls=None, fingerprint=None):
     """One fit. ``checkpoint``: False, True (Lightning's default end-of-epoch checkpoints) or N (a checkpoint
     every N optimizer steps, all kept); ``max_steps`` stops the fit there, mid-epoch; ``workers``: the
     callback's loader's DataLoader workers (persistent); ``module_cls``: a ``Module`` subclass to fit instead."""
     torch.manual_seed(0)  # the same initial weights in every run
     data = dataset()
     geko = GEKOCallback(data, config=config, seed=2, total_epochs=total_epochs,
-                        batches="fixed" if mode == "fixed" else "steps")
+                        batches="fixed" if mode == "fixed" else "steps", fingerprint=fingerprint)
     if mode == "plain":
         def loader_fn():  # after the process group is up: the sampler reads the ranks from it
             sampler = GEKOSampler(data, total_epochs=epochs, config=config)

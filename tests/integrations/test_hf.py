@@ -121,7 +121,8 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", epochs=3, accumulation=2):
+def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", epochs=3, accumulation=2,
+         fingerprint=None):
     loader = {"dataloader_num_workers": workers, "dataloader_persistent_workers": True} if workers else {}
     args = make_args(out, num_train_epochs=epochs, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=accumulation,
@@ -130,7 +131,8 @@ def _run(out, *, stop=None, resume=None, workers=0, batch=4, batches="steps", ep
     # restored at the epoch's start, before the DataLoader drew its seed, and the weights differed mid-epoch).
     trainer = tiny.recording_trainer(GEKOTrainer)(
         model=tiny.tiny_llama(dropout=0.1), args=args, train_dataset=tiny.hf_dataset(40), data_collator=pad_collate,
-        geko_config=EASY, callbacks=[StopAt(stop)] if stop else None, geko_batches=batches)
+        geko_config=EASY, callbacks=[StopAt(stop)] if stop else None, geko_batches=batches,
+        geko_fingerprint=fingerprint)
     trainer.train(resume_from_checkpoint=resume)
     ids = [i for e in sorted(trainer.ids_by_epoch) for i in trainer.ids_by_epoch[e]]
     return trainer, ids
@@ -182,6 +184,22 @@ def test_resume_from_a_checkpoint_without_geko_state_is_refused(tmp_path):
     os.remove(ckpt / "geko_state.arrow")
     with pytest.raises(FileNotFoundError, match="geko_state.arrow"):
         _run(tmp_path / "cut", resume=str(ckpt))
+
+
+@pytest.mark.timeout(90)
+def test_a_resume_on_other_data_is_refused_by_geko_fingerprint(tmp_path):
+    # Without geko_fingerprint= a checkpoint of other data of the same size resumed silently, its per-sample
+    # state applied to samples it was never measured on.
+    from geko_data.state import FingerprintError
+
+    _run(tmp_path / "cut", stop=3, fingerprint="rows-v1")
+    ckpt = str(tmp_path / "cut" / "checkpoint-3")
+    with pytest.raises(FingerprintError, match=r"its fingerprint is 'rows-v1', the data here has 'rows-v2'"):
+        _run(tmp_path / "cut", resume=ckpt, fingerprint="rows-v2")
+    resumed, _ = _run(tmp_path / "cut", resume=ckpt, fingerprint="rows-v1")
+    assert resumed.geko_state.fingerprint == "rows-v1"
+    with pytest.raises(ValueError, match=r"`geko_fingerprint` must be a non-empty str or None, got 3"):
+        _run(tmp_path / "bad", fingerprint=3)
 
 
 @pytest.mark.timeout(90)

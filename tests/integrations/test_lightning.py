@@ -222,6 +222,25 @@ def test_a_run_cut_short_by_max_steps_without_a_planned_run_is_refused(tmp_path)
         lightning_job.run(str(tmp_path), "callback", epochs=2, max_steps=5)
 
 
+@pytest.mark.timeout(120)
+def test_a_fit_resumed_on_other_data_is_refused_by_its_fingerprint(tmp_path):
+    # Without fingerprint= a checkpoint of other data of the same size resumed silently, its per-sample state
+    # (frozen, hard, passes) applied to samples it was never measured on.
+    from geko_data.state import FingerprintError
+
+    _, cut, geko = lightning_job.run(str(tmp_path), "callback", checkpoint=11, max_steps=11, total_epochs=3,
+                                     fingerprint="tweets-v1")
+    assert geko.sampler.state.fingerprint == "tweets-v1"
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    with pytest.raises(FingerprintError, match=r"its fingerprint is 'tweets-v1', the data here has 'tweets-v2'"):
+        lightning_job.run(str(tmp_path / "other"), "callback", ckpt_path=str(ckpt), fingerprint="tweets-v2")
+    trainer, _, _ = lightning_job.run(str(tmp_path / "same"), "callback", ckpt_path=str(ckpt),
+                                      fingerprint="tweets-v1")
+    assert trainer.global_step == 3 * STEPS
+    with pytest.raises(ValueError, match=r"`fingerprint` must be a non-empty str or None, got ''"):
+        GEKOCallback(lightning_job.dataset(), fingerprint="")
+
+
 @pytest.mark.timeout(60)
 def test_an_unset_max_epochs_is_refused_unless_the_run_is_planned(tmp_path):
     # Lightning turns an unset max_epochs into 1000 with a warning; GEKO planned a 1000-epoch run, whose
