@@ -11,6 +11,7 @@ of ``storage_options`` and any ``user:password@`` of a URL become ``***``. HTTP(
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -289,9 +290,23 @@ def is_transient(exn: BaseException) -> bool:
     status = _status(exn)
     if status is not None:
         return status in _TRANSIENT_STATUS
-    if isinstance(exn, _PERMANENT) or _no_credentials(exn):
+    if isinstance(exn, _PERMANENT) or _no_credentials(exn) or _untrusted_certificate(exn):
         return False
     return not (isinstance(exn, ValueError) and not isinstance(exn, OSError))
+
+
+def _untrusted_certificate(exn: BaseException) -> bool:
+    """A server certificate that failed verification (self-signed, expired, another host's): aiohttp's
+    ClientConnectorCertificateError, or ssl's SSLCertVerificationError anywhere in the chain. Another try
+    meets the same certificate; it was retried 6 times (13 s) as a connection error."""
+    seen: set[int] = set()
+    while exn is not None and id(exn) not in seen:
+        seen.add(id(exn))
+        if isinstance(exn, ssl.SSLCertVerificationError) or any(
+                c.__name__.endswith("CertificateError") for c in type(exn).__mro__):
+            return True
+        exn = getattr(exn, "certificate_error", None) or exn.__cause__ or exn.__context__
+    return False
 
 
 def _no_credentials(exn: BaseException) -> bool:

@@ -63,6 +63,35 @@ def test_missing_credentials_are_not_retried(monkeypatch, tmp_path):
     assert got.attempts == 1 and "no credentials found" in str(got.error), got.error
 
 
+@pytest.mark.timeout(60)
+def test_an_untrusted_certificate_is_not_retried_and_says_so(tmp_path):
+    # A self-signed HTTPS server: the request was retried 6 times over 13 s as if the connection had
+    # dropped, although every try meets the same certificate. Verification stays on (nothing to turn off).
+    import functools
+    import http.server
+    import os
+    import ssl
+    import threading
+
+    folder = write_uneven_shards(tmp_path / "shards")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    tls = os.path.join(os.path.dirname(__file__), "data", "tls")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(tls, "cert.pem"), os.path.join(tls, "key.pem"))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        fetcher = RangeFetcher(config=QUICK)
+        got = fetcher.size(f"https://127.0.0.1:{server.server_address[1]}/index.arrow")
+        fetcher.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got.attempts == 1 and "CERTIFICATE_VERIFY_FAILED" in str(got.error), (got.attempts, got.error)
+
+
 def test_redact_masks_credentials_but_not_the_endpoint():
     so = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "token": "session-tok",
           "client_kwargs": {"endpoint_url": "http://minio.internal:9000", "region_name": "eu-west-1",
