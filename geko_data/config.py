@@ -99,8 +99,8 @@ class GEKOConfig:
             sample for the epoch (with ``short_run_weights_steps`` (3, 2, 1)) trained 69% of uniform's passes
             on MNIST's dev splits (3 epochs, 21 seeds) at +0.13 points on average, and 78% on the SFT task's
             (3 seeds) at +3.11, though a re-run over 6 seeds with the benchmark's ``--batches steps`` gave
-            -4.11 on dev and -2.11 on test, where ``0.5`` was level with uniform (+0.22, -0.44) at 89%: on a
-            task whose model swings between few answers, ``0.5`` is the safer choice. Defaults to ``None``
+            -4.11 on dev and -2.11 on test, where ``0.5`` was level with uniform (+0.22, -0.44) at 89%; on the
+            unseen ``length`` task ``0.5`` lost 0.87 on test where ``None`` gained 1.60. Defaults to ``None``
             (FREEZE only re-checked; a state file written before this field keeps its ``short_run_keep``).
         short_run_weights_steps: ``bucket_weights`` of those runs, (HARD, FOCUS, LIGHT). HARD is a wrong
             answer the model is sure of (confidence above ``focus_confidence``); after an epoch that is where
