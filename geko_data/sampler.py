@@ -34,7 +34,7 @@ from geko_data.epochs import EpochDriver
 from geko_data.plan import EpochPlan, RankOrder
 from geko_data.shared import SharedPlan
 from geko_data.state import SampleState
-from geko_data.validate import check_int
+from geko_data.validate import check_fingerprint_arg, check_int
 from geko_data.world import World
 
 __all__ = ["GEKOSampler", "WeightedDataset"]
@@ -238,8 +238,7 @@ class GEKOSampler(EpochDriver, Sampler[int]):
                  world: World | None = None, state: SampleState | None = None, epoch_length: int | None = None,
                  shuffle: bool = True, fingerprint: str | None = None) -> None:
         num_samples = _num_samples(data_source)
-        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
-            raise ValueError(f"`fingerprint` must be a non-empty str or None, got {fingerprint!r}")
+        check_fingerprint_arg("fingerprint", fingerprint)
         super().__init__(num_samples=num_samples, total_epochs=total_epochs, config=config, seed=seed, state=state,
                          world=_sampler_world(world, num_replicas, rank), epoch_length=epoch_length,
                          fingerprint=fingerprint, data_name="`data_source` has")

@@ -66,3 +66,9 @@ def check_instance(name: str, value: Any, kind: type | tuple[type, ...], *, opti
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise TypeError(f"`{name}` must be a {names}{' or None' if optional else ''}, "
                         f"got {type(value).__name__}")
+
+
+def check_fingerprint_arg(name: str, value: Any) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is None or a non-empty str (a data fingerprint)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"`{name}` must be a non-empty str or None, got {value!r}")

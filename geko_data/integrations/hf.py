@@ -49,6 +49,7 @@ from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import SampleState
+from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOTrainer", "GEKOTrainerMixin", "GEKOSFTTrainer", "KeepGEKOKeys", "default_signals",
            "STATE_FILE", "SAMPLER_FILE"]
@@ -141,8 +142,7 @@ class GEKOTrainerMixin:
             raise TypeError(f"`geko_signals` must be callable, got {type(geko_signals).__name__}")
         if geko_batches not in BATCHES:
             raise ValueError(f"`geko_batches` must be one of {', '.join(BATCHES)}, got {geko_batches!r}")
-        if geko_fingerprint is not None and (not isinstance(geko_fingerprint, str) or not geko_fingerprint):
-            raise ValueError(f"`geko_fingerprint` must be a non-empty str or None, got {geko_fingerprint!r}")
+        check_fingerprint_arg("geko_fingerprint", geko_fingerprint)
         # Before the Trainer's own check, which asks for max_steps (which GEKO then refuses).
         train_dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
         if isinstance(train_dataset, torch.utils.data.IterableDataset) or (

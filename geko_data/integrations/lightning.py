@@ -47,6 +47,7 @@ from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import SampleState
+from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
 
@@ -236,8 +237,7 @@ class GEKOCallback(pl.Callback):
             raise TypeError(f"`config` must be a GEKOConfig, got {type(config).__name__}")
         if batches not in BATCHES:
             raise ValueError(f"`batches` must be one of {', '.join(BATCHES)}, got {batches!r}")
-        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
-            raise ValueError(f"`fingerprint` must be a non-empty str or None, got {fingerprint!r}")
+        check_fingerprint_arg("fingerprint", fingerprint)
         self.fingerprint = fingerprint
         self.dataset = dataset
         self.total_epochs = total_epochs
