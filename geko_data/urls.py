@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["PROTOCOL_PACKAGES", "REDIRECTS", "RedirectRefused", "RemoteError", "describe", "endpoint_of",
-           "is_transient", "is_url", "open_url", "redact", "redirect_guard"]
+           "is_transient", "is_url", "lower_scheme", "open_url", "redact", "redirect_guard"]
 
 #: Protocol -> (package that implements it, extra of geko-data that installs it).
 PROTOCOL_PACKAGES = {
