@@ -86,6 +86,9 @@ def fingerprint_of(keys: Any) -> str:
     Pass it as ``GEKOSampler(..., fingerprint=)``: a state saved for other data of the same length is then
     refused on resume. Each key is hashed as its ``str``; order matters, as ids index the state.
     """
+    if isinstance(keys, (str, bytes)):  # iterating it would hash each character as a key
+        raise TypeError(f"`keys` must be one key a sample (a list, an array, a dataset column), not one "
+                        f"{type(keys).__name__}: got {keys[:40]!r}")
     h = xxhash.xxh3_128()
     n = 0
     for key in keys:

@@ -321,6 +321,10 @@ def test_fingerprint_of_keys():
     assert fingerprint_of(range(3)) == fingerprint_of(["0", "1", "2"])
     with pytest.raises(ValueError, match="keys"):
         fingerprint_of([])
+    # One string is not a list of keys: it fingerprinted each character as a sample ('keys-3-...').
+    for one in ("abc", b"abc"):
+        with pytest.raises(TypeError, match=r"`keys` must be one key a sample .*got 'abc'|got b'abc'"):
+            fingerprint_of(one)
 
 
 def test_bucket_is_a_dictionary_of_names_and_older_uint8_files_still_load(tmp_path):

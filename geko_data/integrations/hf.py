@@ -48,7 +48,7 @@ from geko_data.epochs import check_int
 from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
-from geko_data.state import SampleState
+from geko_data.state import FingerprintError, SampleState
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOTrainer", "GEKOTrainerMixin", "GEKOSFTTrainer", "KeepGEKOKeys", "default_signals",
@@ -380,7 +380,15 @@ class GEKOTrainerMixin:
                              f"{planned} epochs, and this one has `num_train_epochs` {sampler.total_epochs}: GEKO "
                              f"plans the whole run, so a run cannot change its length on resume; resume with "
                              f"num_train_epochs={planned}, or start a new run")
-        sampler.use_state(SampleState.load(state_path, memory_map=False))
+        state = SampleState.load(state_path, memory_map=False)
+        try:
+            sampler.use_state(state)
+        except FingerprintError:
+            raise FingerprintError(
+                f"resume_from_checkpoint {resume_from_checkpoint!r} holds GEKO state written for other data (its "
+                f"fingerprint is {state.fingerprint!r}, this run's `geko_fingerprint` is {self.geko_fingerprint!r}): "
+                f"resume it with the data it was written for, or train this data from the start (without "
+                f"`resume_from_checkpoint`)") from None
         sampler.load_state_dict(sd)
         epoch, position = int(sd["epoch"]), int(sd["position"])
         if len(sampler) == 0:  # saved at the epoch's end: the next epoch starts fresh

@@ -46,7 +46,7 @@ from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
-from geko_data.state import SampleState
+from geko_data.state import FingerprintError, SampleState
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
@@ -251,6 +251,7 @@ class GEKOCallback(pl.Callback):
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
         self._resumed_epoch: int | None = None  # the epoch a restored position belongs to
         self._warned_fixed = False  # a mid-epoch checkpoint with fixed batches was said to be unresumable
+        self._trainer: pl.Trainer | None = None  # the fit's, from setup
 
     # ------------------------------------------------------------------ setup and data
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -266,7 +267,8 @@ class GEKOCallback(pl.Callback):
             raise ValueError(f"GEKOCallback plans the run from the trainer's `max_epochs`, which is "
                              f"{_LIGHTNING_DEFAULT_MAX_EPOCHS}: Lightning's value when it is not set. Set "
                              f"`max_epochs` to the epochs you will train (with EarlyStopping: the most you allow), "
-                             f"or pass `GEKOCallback(total_epochs={_LIGHTNING_DEFAULT_MAX_EPOCHS})` to plan that many")
+                             f"or, to plan {_LIGHTNING_DEFAULT_MAX_EPOCHS} epochs (set or not), pass "
+                             f"`GEKOCallback(total_epochs={_LIGHTNING_DEFAULT_MAX_EPOCHS})`")
         # GEKO plans whole epochs: a run that max_steps cuts short trains part of an epoch's plan, and the
         # efficiency report would count the draws cut off as compute saved. Stopping early on purpose (to
         # resume later) says so by planning the run: total_epochs=.
@@ -294,6 +296,7 @@ class GEKOCallback(pl.Callback):
         # Set before a checkpoint's epoch is restored and planned (a GEKOBatchSampler would set it only when
         # train_dataloader() runs): the plan's short-run rule depends on it.
         self.sampler.keeps_steps = self.batches == "steps"
+        self._trainer = trainer  # its ckpt_path (set when a resume starts) is named by a restore's errors
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
@@ -415,7 +418,14 @@ class GEKOCallback(pl.Callback):
             with open(path, "wb") as f:
                 f.write(state_dict["state_arrow"])
             state = SampleState.load(path, memory_map=False)
-        self.sampler.use_state(state)
+        try:
+            self.sampler.use_state(state)
+        except FingerprintError:
+            ckpt = getattr(self._trainer, "ckpt_path", None)
+            raise FingerprintError(
+                f"checkpoint {ckpt!r} holds GEKO state written for other data (its fingerprint is "
+                f"{state.fingerprint!r}, this fit's `fingerprint=` is {self.fingerprint!r}): resume it with the "
+                f"data it was written for, or fit this data from the start (without `ckpt_path`)") from None
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)
         if len(self.sampler) > 0 and int(sd["position"]) > 0 and self.batches == "fixed":

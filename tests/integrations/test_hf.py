@@ -194,7 +194,9 @@ def test_a_resume_on_other_data_is_refused_by_geko_fingerprint(tmp_path):
 
     _run(tmp_path / "cut", stop=3, fingerprint="rows-v1")
     ckpt = str(tmp_path / "cut" / "checkpoint-3")
-    with pytest.raises(FingerprintError, match=r"its fingerprint is 'rows-v1', the data here has 'rows-v2'"):
+    with pytest.raises(FingerprintError, match=r"resume_from_checkpoint '.*checkpoint-3' holds GEKO state written for "
+                                              r"other data \(its fingerprint is 'rows-v1', this run's `geko_fingerprint` "
+                                              r"is 'rows-v2'\)"):
         _run(tmp_path / "cut", resume=ckpt, fingerprint="rows-v2")
     resumed, _ = _run(tmp_path / "cut", resume=ckpt, fingerprint="rows-v1")
     assert resumed.geko_state.fingerprint == "rows-v1"

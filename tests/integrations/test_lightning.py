@@ -232,7 +232,8 @@ def test_a_fit_resumed_on_other_data_is_refused_by_its_fingerprint(tmp_path):
                                      fingerprint="tweets-v1")
     assert geko.sampler.state.fingerprint == "tweets-v1"
     (ckpt,) = (tmp_path / "checkpoints").iterdir()
-    with pytest.raises(FingerprintError, match=r"its fingerprint is 'tweets-v1', the data here has 'tweets-v2'"):
+    with pytest.raises(FingerprintError, match=r"checkpoint '.*\.ckpt' holds GEKO state written for other data \(its "
+                                              r"fingerprint is 'tweets-v1', this fit's `fingerprint=` is 'tweets-v2'\)"):
         lightning_job.run(str(tmp_path / "other"), "callback", ckpt_path=str(ckpt), fingerprint="tweets-v2")
     trainer, _, _ = lightning_job.run(str(tmp_path / "same"), "callback", ckpt_path=str(ckpt),
                                       fingerprint="tweets-v1")
