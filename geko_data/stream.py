@@ -583,9 +583,10 @@ class GEKOStream(EpochDriver, IterableDataset):
                step: int | None = None) -> int:
         """Feed per-sample results back (see ``Feedback.report``); the ids reported in the epoch are also
         counted, so that ``state_dict(consumed=)`` can tell they are the samples its position skips."""
+        ids = to_numpy(ids, "ids")  # once: a tensor's copy to numpy is not made twice per batch
         rows = super().report(ids, losses, correct=correct, confidence=confidence, step=step)
         if self._shared.epoch >= 0:
-            got = to_numpy(ids, "ids").astype(np.int64, copy=False)
+            got = ids.astype(np.int64, copy=False)
             self._reported.add(self._epoch_key(), got)
             self._check_steps_batch(got.shape[0])
         return rows
