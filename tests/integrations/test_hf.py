@@ -1,11 +1,15 @@
 """GEKOTrainer / GEKOSFTTrainer: real transformers and TRL trainers on a tiny Llama built from a config."""
 
+import gc
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 import warnings
+import weakref
 
 import pytest
 
@@ -13,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import tiny  # noqa: E402
 from geko_data import GEKOConfig  # noqa: E402
@@ -175,6 +179,49 @@ def test_an_end_of_epoch_resume_with_persistent_workers_continues_exactly(tmp_pa
     assert tiny.state_digest(resumed.geko_state) == tiny.state_digest(full.geko_state)
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def _persistent_workers_teardown(cls, out, **kw):
+    """Train ``cls`` with 2 persistent DataLoader workers and drop it: (whether reference counting alone freed
+    the trainer, the seconds until ``del`` + ``gc.collect()`` had stopped its workers)."""
+    before = set(multiprocessing.active_children())
+    trainer = cls(model=tiny.tiny_llama(), args=make_args(out, num_train_epochs=2, per_device_train_batch_size=4,
+                                                          dataloader_num_workers=2,
+                                                          dataloader_persistent_workers=True),
+                  train_dataset=tiny.hf_dataset(16), data_collator=pad_collate, **kw)
+    trainer.train()
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2 and all(p.is_alive() for p in workers)  # kept alive across the epochs
+    freed = weakref.ref(trainer)
+    gc.collect()  # earlier garbage, not this trainer's
+    start = time.perf_counter()
+    gc.disable()
+    try:
+        del trainer
+        by_refcount = freed() is None
+    finally:
+        gc.enable()
+    gc.collect()
+    seconds = time.perf_counter() - start
+    assert not any(p.is_alive() for p in workers)  # torch's shutdown joins (or kills) them
+    return by_refcount, seconds
+
+
+@pytest.mark.timeout(90)
+def test_persistent_workers_stop_at_once_when_the_trainer_goes(tmp_path):
+    # The LR schedule's closure held the trainer (trainer -> lr_scheduler -> trainer), so only the cyclic GC
+    # freed it, and that ran the finalizers of the workers' index queues (ending their feeder threads) before
+    # the DataLoader iterator's __del__ sent the workers their stop signal: it never reached them, each worker
+    # join waited out torch's 5 s timeout before the worker was killed, 10.4 s for 2 workers against 0.3 s for
+    # a plain Trainer (and a later test paid it for every trainer whenever the GC ran).
+    from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
+
+    plain, plain_seconds = _persistent_workers_teardown(Trainer, tmp_path / "plain")
+    assert plain  # the control: a plain Trainer is freed as soon as it is dropped
+    by_refcount, seconds = _persistent_workers_teardown(GEKOTrainer, tmp_path / "geko", geko_config=EASY)
+    assert by_refcount, "the GEKOTrainer is in a reference cycle: only the cyclic GC frees it and its workers"
+    # A worker that missed its stop signal costs one join timeout, whatever the machine's speed.
+    assert seconds < MP_STATUS_CHECK_INTERVAL, (seconds, plain_seconds)
 
 
 @pytest.mark.timeout(60)
