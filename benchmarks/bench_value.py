@@ -543,7 +543,8 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
             if len(check_idx):  # forward-only re-checks of frozen samples: a forward, no backward
                 with torch.no_grad():
                     sig = task.signals(model, _take(x, check_idx), y[check_idx])
-                sampler.report(check_idx, sig.loss, correct=sig.correct, confidence=sig.confidence)
+                sampler.report(check_idx, sig.loss, correct=sig.correct, confidence=sig.confidence,
+                               answer=sig.answer)
                 fwd += len(check_idx)
             if len(train_idx):
                 for group in opt.param_groups:
@@ -553,7 +554,8 @@ def run(task: Task, policy: str, seed: int, initial: dict[str, torch.Tensor], *,
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                sampler.report(train_idx, sig.loss.detach(), correct=sig.correct, confidence=sig.confidence)
+                sampler.report(train_idx, sig.loss.detach(), correct=sig.correct, confidence=sig.confidence,
+                               answer=sig.answer)
                 fwd += len(train_idx)
                 bwd += len(train_idx)
                 trained += torch.bincount(keys[train_idx], minlength=trained.shape[0])

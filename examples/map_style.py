@@ -45,7 +45,8 @@ def main(epochs: int = 6) -> None:
             with torch.no_grad():
                 probs = logits.softmax(-1)
                 sampler.report(batch["__index__"], losses.detach(),  # GEKO: feedback
-                               correct=probs.argmax(-1) == batch["y"], confidence=probs.max(-1).values)
+                               correct=probs.argmax(-1) == batch["y"], confidence=probs.max(-1).values,
+                               answer=batch["y"])
     with torch.no_grad():
         acc = (model(data.x).argmax(-1) == data.y).float().mean().item()
     print(sampler.format_efficiency_report())

@@ -54,7 +54,7 @@ def train(folder: str, epochs: int) -> None:
             opt.step()
             probs = logits.detach().softmax(-1)
             stream.report(batch["__index__"], losses.detach(), correct=probs.argmax(-1) == batch["y"],
-                          confidence=probs.max(-1).values)
+                          confidence=probs.max(-1).values, answer=batch["y"])
             n += len(batch["__index__"])
             loss_sum += float(losses.detach().sum())
         print(f"epoch {epoch}: trained on {n} samples, mean loss {loss_sum / max(n, 1):.4f}")

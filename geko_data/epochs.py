@@ -220,9 +220,10 @@ class EpochDriver:
         self._coverage, self._coverage_resumed = None, True
 
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
+               answer: Any = None, step: int | None = None) -> int:
         """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
-        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, step=step)
+        return self.feedback.report(ids, losses, correct=correct, confidence=confidence, answer=answer,
+                                     step=step)
 
     def _check_consumed(self, consumed: int | None, what: str) -> None:
         """``state_dict``'s ``consumed`` counts the epoch from its start: in an epoch resumed at ``position`` it

@@ -52,37 +52,42 @@ class Feedback:
         return _dist_group_size(self.group)
 
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
+               answer: Any = None, step: int | None = None) -> int:
         """Apply one batch of results (1-D arrays, tensors or lists of equal length); returns rows applied.
 
         Under torch.distributed every rank must call this the same number of times (it is a collective).
         """
         world = self._world()
         if world == 1:
-            rows = self.state.report(ids, losses, correct=correct, confidence=confidence, step=step)
+            rows = self.state.report(ids, losses, correct=correct, confidence=confidence, answer=answer,
+                                     step=step)
         else:
-            rows = self._report_distributed(ids, losses, correct, confidence, step)
+            rows = self._report_distributed(ids, losses, correct, confidence, answer, step)
         self.num_reports += 1
         self.num_rows += rows
         return rows
 
     __call__ = report
 
-    def _report_distributed(self, ids: Any, losses: Any, correct: Any, confidence: Any,
+    def _report_distributed(self, ids: Any, losses: Any, correct: Any, confidence: Any, answer: Any,
                             step: int | None) -> int:
         import torch
         import torch.distributed as dist
 
         error: Exception | None = None
         try:
-            prepared = self.state.prepare(ids, losses, correct=correct, confidence=confidence)
+            prepared = self.state.prepare(ids, losses, correct=correct, confidence=confidence, answer=answer)
         except (ValueError, TypeError) as e:
             error, prepared = e, None
-        # rows: (n, 4) float64 = id, loss, correct, confidence; ids < 2**53 are exact in float64.
+        # rows: (n, 5) float64 = id, loss, correct, confidence, answer (-1: none reported); ids < 2**53 and
+        # answers < 2**32 are exact in float64.
         if prepared is None:
-            rows = np.zeros((0, 4), dtype=np.float64)
+            rows = np.zeros((0, 5), dtype=np.float64)
         else:
-            rows = np.stack([a.astype(np.float64) for a in prepared], axis=1)
+            *columns, answers = prepared
+            rows = np.stack([a.astype(np.float64) for a in columns]
+                            + [np.full(columns[0].shape[0], -1.0) if answers is None else answers.astype(np.float64)],
+                            axis=1)
         device = torch.device("cpu")
         if dist.get_backend(self.group) == "nccl":  # NCCL only moves CUDA tensors
             device = torch.device("cuda", torch.cuda.current_device())
@@ -97,11 +102,18 @@ class Feedback:
                 raise error
             raise ValueError(f"feedback.report got bad input on rank(s) {bad}; see the error there")
         longest = int(headers_np[:, 0].max())
-        padded = np.zeros((longest, 4), dtype=np.float64)
+        padded = np.zeros((longest, 5), dtype=np.float64)
         padded[:rows.shape[0]] = rows
         local = torch.from_numpy(padded).to(device)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local, group=self.group)
         all_rows = np.concatenate([g.cpu().numpy()[:n] for g, n in zip(gathered, headers_np[:, 0])])
+        answers = all_rows[:, 4]
+        if (answers < 0).all():  # no rank reported answers
+            answers = None
+        elif (answers < 0).any():  # answers from some ranks only: a loop reports them everywhere or nowhere
+            raise ValueError("feedback.report got `answer` on some ranks and not on others; pass it on every rank")
+        else:
+            answers = answers.astype(np.uint32)
         return self.state.apply(all_rows[:, 0].astype(np.int64), all_rows[:, 1].astype(np.float32),
-                                all_rows[:, 2].astype(bool), all_rows[:, 3].astype(np.float32), step=step)
+                                all_rows[:, 2].astype(bool), all_rows[:, 3].astype(np.float32), answers, step=step)

@@ -1,4 +1,4 @@
-"""Per-sample learning signals from model outputs: loss, confidence, correctness.
+"""Per-sample learning signals from model outputs: loss, confidence, correctness, answer.
 
 gekolib gives every sample of an HF batch the batch-mean loss and measures
 confidence as the mean max-probability over all positions, padding
@@ -12,19 +12,23 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONFIDENCES", "Signals", "causal_lm", "classification"]
+__all__ = ["CONFIDENCES", "Signals", "answer_hash", "causal_lm", "classification"]
 
 
 class Signals(NamedTuple):
     """Per-sample signals, each shape (B,).
 
-    ``loss`` keeps its graph (weight it and call backward); ``confidence`` and ``correct`` are detached.
-    A sample with no target token has loss NaN (not 0), so the feedback API counts it and skips it.
+    ``loss`` keeps its graph (weight it and call backward); ``confidence``, ``correct`` and ``answer`` are
+    detached. A sample with no target token has loss NaN (not 0), so the feedback API counts it and skips it.
+    ``answer`` (int64 in [0, 2**32), or ``None``) names the sample's answer, so that samples with the same
+    answer can be told apart from the others (``GEKOConfig.answer_weight_cap``): a classifier's label, a
+    hash of a causal LM's target tokens.
     """
 
     loss: torch.Tensor
     confidence: torch.Tensor
     correct: torch.Tensor
+    answer: torch.Tensor | None = None
 
 
 #: How ``causal_lm`` condenses the target tokens' probabilities into one confidence.
@@ -44,6 +48,7 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
       weakest token, which easy tokens cannot inflate; ``"geometric"`` the geometric mean ``exp(-loss)``;
       ``"mean"`` the arithmetic mean (the earlier default: an answer whose one content token has
       probability 0.1 among four near-certain tokens scores 0.82).
+    * answer: ``answer_hash`` of the target tokens: two samples with the same answer get the same number.
     """
     if logits.dim() != 3:
         raise ValueError(f"`logits` must be (batch, seq, vocab), got shape {tuple(logits.shape)}")
@@ -75,11 +80,38 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
         hits = (shift_logits.argmax(dim=-1) == target) & mask
         # token accuracy k / count >= threshold, compared as k >= threshold * count so 1.0 is exactly "all"
         correct = (count > 0) & (hits.sum(dim=1).to(denom.dtype) >= correct_threshold * denom - 1e-6)
-    return Signals(loss=loss, confidence=conf, correct=correct)
+        answer = answer_hash(target, mask)
+    return Signals(loss=loss, confidence=conf, correct=correct, answer=answer)
+
+
+#: ``answer_hash``'s modulus (a prime under 2**31) and base: a polynomial hash whose terms fit in int64.
+_HASH_MOD = 2**31 - 1
+_HASH_BASE = 1_000_003
+
+
+def answer_hash(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 in [0, 2**31 - 1): a polynomial hash of each row's tokens where ``mask`` is True, in order.
+
+    The same tokens give the same number wherever they sit in the row (the position counts from the first
+    masked token, so left padding or a longer prompt changes nothing); a row without any gives 0."""
+    mask = mask.to(torch.bool)
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # 0 at a row's first answer token
+    # base ** pos mod p, by squaring: the powers of a few hundred positions, each product under 2**62
+    power = torch.ones_like(pos)
+    base, e = torch.full_like(pos, _HASH_BASE), pos.clone()
+    while bool((e > 0).any()):
+        odd = (e & 1).bool()
+        power = torch.where(odd, power * base % _HASH_MOD, power)
+        base = base * base % _HASH_MOD
+        e = e >> 1
+    # token + 1 so that token 0 counts; each term < 2**31 * 2**17, the sum of 2**14 of them < 2**63
+    terms = (tokens.to(torch.int64) % _HASH_MOD + 1) * power % _HASH_MOD * mask
+    return terms.sum(dim=1) % _HASH_MOD
 
 
 def classification(logits: torch.Tensor, labels: torch.Tensor) -> Signals:
-    """Signals of a classifier: logits (B, C), labels (B,): loss, max-softmax probability, argmax == label."""
+    """Signals of a classifier: logits (B, C), labels (B,): loss, max-softmax probability, argmax == label;
+    the answer is the label."""
     if logits.dim() != 2:
         raise ValueError(f"`logits` must be (batch, classes), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1]:
@@ -90,4 +122,4 @@ def classification(logits: torch.Tensor, labels: torch.Tensor) -> Signals:
         probs = logits.softmax(dim=-1)
         confidence, pred = probs.max(dim=-1)
         correct = pred == labels
-    return Signals(loss=loss, confidence=confidence, correct=correct)
+    return Signals(loss=loss, confidence=confidence, correct=correct, answer=labels.detach().to(torch.int64))

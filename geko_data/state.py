@@ -23,9 +23,9 @@ import numpy as np
 from geko_data import policy
 from geko_data.config import GEKOConfig
 from geko_data.plan import EpochPlan
-from geko_data.statefile import (BUCKET_TYPE, COLUMNS, FORMAT_VERSION, PLAN_COLUMNS, FingerprintError,
-                                 PartitionStats, StateFileError, StoredState, check_fingerprint, column_values,
-                                 fingerprint_of, read_table)
+from geko_data.statefile import (BUCKET_TYPE, COLUMNS, FORMAT_VERSION, OPTIONAL_COLUMNS, PLAN_COLUMNS,
+                                 FingerprintError, PartitionStats, StateFileError, StoredState, check_fingerprint,
+                                 column_values, fingerprint_of, is_unset, read_table, unset_column)
 
 # The file format's names are re-exported: code written against ``geko_data.state`` keeps working.
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "PLAN_COLUMNS", "FingerprintError", "PartitionStats",
@@ -83,7 +83,8 @@ class SampleState(StoredState):
         #: The plan of the current epoch (set by the sampler / stream at ``set_epoch``), saved with the state.
         self.plan: EpochPlan | None = None
         for name, dtype, init in COLUMNS:
-            setattr(self, name, np.full(self.num_samples, init, dtype=dtype))
+            setattr(self, name, unset_column(self.num_samples, dtype, init) if name in OPTIONAL_COLUMNS
+                    else np.full(self.num_samples, init, dtype=dtype))
 
     # Declared for readers and type checkers; set in __init__ / _from_table.
     loss: np.ndarray
@@ -98,6 +99,7 @@ class SampleState(StoredState):
     forgets: np.ndarray
     pruned: np.ndarray
     last_step: np.ndarray
+    answer: np.ndarray
 
     def __len__(self) -> int:
         return self.num_samples
@@ -108,8 +110,8 @@ class SampleState(StoredState):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the per-sample arrays."""
-        return sum(getattr(self, n).nbytes for n in _NAMES)
+        """Bytes held by the per-sample arrays (an optional column no report has set holds none)."""
+        return sum(0 if is_unset(a) else a.nbytes for a in (getattr(self, n) for n in _NAMES))
 
     @property
     def seen(self) -> np.ndarray:
@@ -127,35 +129,42 @@ class SampleState(StoredState):
     def mapped_columns(self) -> tuple[str, ...]:
         """Columns still read-only views of the file they were loaded from (nothing written to them yet)."""
         packed = self.__dict__.get("_packed") or {}  # booleans not yet unpacked are read from the file too
-        return tuple(n for n in _NAMES if n in packed or not getattr(self, n).flags.writeable)
+        return tuple(n for n in _NAMES if n in packed
+                     or not (getattr(self, n).flags.writeable or is_unset(getattr(self, n))))
 
     # ------------------------------------------------------------------ feedback
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
+               answer: Any = None, step: int | None = None) -> int:
         """Scatter one batch of per-sample results into the state; returns how many were applied.
 
         ``confidence`` defaults to ``exp(-loss)`` (the target's probability under cross-entropy) and
-        ``correct`` to ``confidence >= 0.5``. ``step`` is the loop's optimizer step; without it each report
+        ``correct`` to ``confidence >= 0.5``. ``answer``: an integer in [0, 2**32) per sample naming its answer
+        (a classifier's label, ``signals.answer_hash`` of an LM's target tokens), so that the plan can keep
+        every answer's share of the training (``GEKOConfig.answer_weight_cap``); without it the column keeps
+        what it holds. ``step`` is the loop's optimizer step; without it each report
         counts as one step after the last (``step`` and ``last_step`` then count reports). Ids may repeat: the
         last occurrence wins for loss, confidence and correctness, and every occurrence counts in
         ``times_seen``. Non-finite losses are not applied and are counted in ``num_nonfinite``.
         """
-        return self.apply(*self.prepare(ids, losses, correct=correct, confidence=confidence), step=step)
+        return self.apply(*self.prepare(ids, losses, correct=correct, confidence=confidence, answer=answer),
+                          step=step)
 
-    def prepare(self, ids: Any, losses: Any, *, correct: Any = None,
-                confidence: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Validate one report and fill its defaults: ``(ids int64, loss f32, correct bool, confidence f32)``.
+    def prepare(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
+                answer: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validate one report and fill its defaults: ``(ids int64, loss f32, correct bool, confidence f32,
+        answer uint32 or None)``.
 
         Raises ValueError naming the argument at fault. ``Feedback`` calls this on every rank before it
         all-gathers, so that bad input fails on every rank instead of hanging the others.
         """
-        return prepare_report(ids, losses, correct=correct, confidence=confidence, num_samples=self.num_samples)
+        return prepare_report(ids, losses, correct=correct, confidence=confidence, answer=answer,
+                              num_samples=self.num_samples)
 
     def _check_ids(self, ids: Any) -> np.ndarray:
         return check_ids(ids, self.num_samples)
 
-    def apply(self, ids: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: np.ndarray, *,
-              step: int | None = None) -> int:
+    def apply(self, ids: np.ndarray, loss: np.ndarray, correct: np.ndarray, confidence: np.ndarray,
+              answer: np.ndarray | None = None, *, step: int | None = None) -> int:
         """Scatter arrays already checked by ``prepare`` (the fast path ``Feedback`` uses after a gather)."""
         if step is not None:
             if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -170,11 +179,15 @@ class SampleState(StoredState):
             return 0
         if not finite.all():
             ids, loss, correct, confidence = ids[finite], loss[finite], correct[finite], confidence[finite]
+            answer = None if answer is None else answer[finite]
 
         # Last occurrence of each id wins; every occurrence is a pass.
         m = ids.shape[0]
         uniq, last, passes = _last_occurrences(ids, self.num_samples)
         loss_u, conf_u, correct_u = loss[last], confidence[last], correct[last]
+        if answer is not None:
+            self._writable("answer")
+            self.answer[uniq] = answer[last]
 
         self._writable("loss", "loss_ema", "loss_var", "q", "confidence", "correct", "times_seen", "last_step")
         step = min(self.step, 2**31 - 1)
@@ -271,7 +284,9 @@ class SampleState(StoredState):
                      epoch_length: int | None = None) -> np.ndarray:
         """Loss weight of ``ids`` (float32): in the current epoch's plan, or in ``epoch`` of ``total_epochs``.
 
-        Without ``epoch``: the current plan's weights (ValueError when the state has no plan yet).
+        Without ``epoch``: the current plan's weights (ValueError when the state has no plan yet). With
+        ``epoch``: the policy's weights before the plan's balance of the answers (``answer_weight_cap``),
+        which scales them by the draws the plan made.
         """
         ids_a = self._check_ids(ids)
         if epoch is None:
@@ -335,16 +350,16 @@ def _last_occurrences(ids: np.ndarray, num_samples: int) -> tuple[np.ndarray, np
     return sid[at], pos[at], np.diff(at, prepend=-1)
 
 
-def prepare_report(ids: Any, losses: Any, *, correct: Any, confidence: Any,
-               num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def prepare_report(ids: Any, losses: Any, *, correct: Any, confidence: Any, num_samples: int,
+                   answer: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """One report validated, its defaults filled (``SampleState.prepare``)."""
     ids_a = check_ids(ids, num_samples)
     n = ids_a.shape[0]
+    args = ((losses, "losses"), (correct, "correct"), (confidence, "confidence"), (answer, "answer"))
     if n == 0:  # an empty report is a no-op whatever the (numpy-typed-as-float) empty lists hold
-        if any(to_numpy(x, name).shape[0] for x, name in ((losses, "losses"), (correct, "correct"),
-                                                           (confidence, "confidence")) if x is not None):
-            raise ValueError("`losses`, `correct` and `confidence` must have the length of `ids` (0)")
-        return ids_a, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
+        if any(to_numpy(x, name).shape[0] for x, name in args if x is not None):
+            raise ValueError("`losses`, `correct`, `confidence` and `answer` must have the length of `ids` (0)")
+        return ids_a, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32), None
     loss_a = _column_arg(losses, "losses", n, "fiu", np.float32, "numbers")
     finite = np.isfinite(loss_a)
     if confidence is None:
@@ -361,7 +376,15 @@ def prepare_report(ids: Any, losses: Any, *, correct: Any, confidence: Any,
         correct_a = conf_a >= 0.5
     else:
         correct_a = _column_arg(correct, "correct", n, "biu", bool, "booleans")
-    return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a
+    answer_a = None
+    if answer is not None:
+        arr = to_numpy(answer, "answer")
+        raw = _column_arg(arr, "answer", n, "iu", arr.dtype, "integers")
+        bad = (raw < 0) | (raw >= 2**32) if raw.dtype.kind == "i" else raw >= 2**32
+        if bad.any():
+            raise ValueError(f"`answer` must be integers in [0, 2**32), got {int(raw[bad][0])}")
+        answer_a = raw.astype(np.uint32)
+    return ids_a.astype(np.int64, copy=False), loss_a, correct_a, conf_a, answer_a
 
 
 def check_ids(ids: Any, num_samples: int) -> np.ndarray:

@@ -29,16 +29,19 @@ from geko_data.config import GEKOConfig
 from geko_data.efficiency import format_partition
 from geko_data.plan import EpochPlan
 
-__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "PLAN_COLUMNS", "FingerprintError",
-           "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum", "column_values",
-           "fingerprint_of", "read_table", "state_table", "write_table"]
+__all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "OPTIONAL_COLUMNS", "PLAN_COLUMNS",
+           "FingerprintError", "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum",
+           "column_values", "fingerprint_of", "is_unset", "read_table", "state_table", "unset_column",
+           "write_table"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
 #: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``
 #: column holds the sample id. Format 1 and 2 files (``bucket`` as uint8 codes, no ``id``) still load.
 #: 4: ``id`` is uint32 when every id fits (under 2**32 samples: 4 bytes a sample instead of 8, 0.4 GB at 100M),
 #: int64 past that. Format 3 files (int64 ``id``) still load.
-FORMAT_VERSION = 4
+#: 5: an optional ``answer`` column (uint32: which answer a sample has, ``SampleState.report(answer=)``),
+#: written once a report gave answers. A file without it (older ones too) loads with every answer 0.
+FORMAT_VERSION = 5
 META_KEY = b"geko_data"
 
 #: (column, numpy dtype, initial value), in file order.
@@ -55,8 +58,12 @@ COLUMNS: tuple[tuple[str, str, Any], ...] = (
     ("forgets", "uint16", 0),
     ("pruned", "bool", False),
     ("last_step", "int32", -1),
+    ("answer", "uint32", 0),
 )
 _NAMES = tuple(c[0] for c in COLUMNS)
+#: Columns a file may lack: written only once a report gave them a value, loaded as their initial value
+#: otherwise (``unset_column``), so a state that never heard of them costs neither memory nor file bytes.
+OPTIONAL_COLUMNS = frozenset({"answer"})
 #: The file's ``bucket`` type: int8 codes 0-3 (the same bytes as the uint8 column in memory) into the names.
 BUCKET_TYPE = pa.dictionary(pa.int8(), pa.string())
 _BUCKET_DICT = pa.array(policy.BUCKET_NAMES, pa.string())
@@ -135,6 +142,17 @@ class PartitionStats:
     def format(self) -> str:
         """One line as gekolib prints it, with the pruned count added (``efficiency.format_partition``)."""
         return format_partition(self.to_dict())
+
+
+def unset_column(n: int, dtype: str, init: Any) -> np.ndarray:
+    """An optional column no report has set: ``init`` everywhere, in no memory (a read-only broadcast of one
+    value, which ``SampleState._writable`` copies before the first write)."""
+    return np.broadcast_to(np.array(init, dtype=dtype), (n,))
+
+
+def is_unset(values: np.ndarray) -> bool:
+    """Whether ``values`` is an ``unset_column`` (one value for every sample, held once)."""
+    return values.ndim == 1 and values.shape[0] > 1 and values.strides[0] == 0
 
 
 def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any], *, ids_later: bool = False) -> pa.Table:
@@ -280,7 +298,8 @@ class StoredState:
         return state_table(self._columns(), self.metadata())
 
     def _columns(self) -> dict[str, np.ndarray]:
-        columns = {name: getattr(self, name) for name, _, _ in COLUMNS}
+        columns = {name: getattr(self, name) for name, _, _ in COLUMNS
+                   if not (name in OPTIONAL_COLUMNS and is_unset(getattr(self, name)))}
         if self.plan is not None:
             # max_repeats <= 1000 keeps a count within uint16.
             columns["plan_count"] = self.plan.counts.astype(np.uint16, copy=False)  # shared and loaded plans: uint16
@@ -330,8 +349,10 @@ class StoredState:
         self.history = list(meta.get("history", []))
         # Booleans are bits in the file: kept packed (1 bit a sample) until first read (``__getattr__``).
         self._packed = {}
-        for name, dtype, _ in COLUMNS:
-            if dtype == "bool":
+        for name, dtype, init in COLUMNS:
+            if name not in table.column_names:  # an optional column the writer never set
+                setattr(self, name, unset_column(self.num_samples, dtype, init))
+            elif dtype == "bool":
                 self._packed[name] = _chunk(table.column(name))
             else:
                 setattr(self, name, column_values(table, name))
@@ -383,7 +404,7 @@ def read_table(path: str | os.PathLike, *, memory_map: bool = True, columns: lis
         if not _is_int(version) or version > FORMAT_VERSION:
             raise StateFileError(f"{path}: state file format version {version!r} is newer than this geko_data "
                                  f"reads ({FORMAT_VERSION}); upgrade geko_data")
-        missing = [n for n in _NAMES if n not in reader.schema.names]
+        missing = [n for n in _NAMES if n not in reader.schema.names and n not in OPTIONAL_COLUMNS]
         if missing:
             raise StateFileError(f"{path}: not a geko_data state file (missing columns {missing})")
         _check_meta(path, meta)

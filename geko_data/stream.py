@@ -580,11 +580,12 @@ class GEKOStream(EpochDriver, IterableDataset):
             reader.tally["skipped_draws"] += skipped
 
     def report(self, ids: Any, losses: Any, *, correct: Any = None, confidence: Any = None,
-               step: int | None = None) -> int:
+               answer: Any = None, step: int | None = None) -> int:
         """Feed per-sample results back (see ``Feedback.report``); the ids reported in the epoch are also
         counted, so that ``state_dict(consumed=)`` can tell they are the samples its position skips."""
         ids = to_numpy(ids, "ids")  # once: a tensor's copy to numpy is not made twice per batch
-        rows = super().report(ids, losses, correct=correct, confidence=confidence, step=step)
+        rows = super().report(ids, losses, correct=correct, confidence=confidence, answer=answer,
+                                     step=step)
         if self._shared.epoch >= 0:
             got = ids.astype(np.int64, copy=False)
             self._reported.add(self._epoch_key(), got)

@@ -99,3 +99,44 @@ def test_causal_lm_every_token_right_is_correct_and_padding_does_not_lower_min()
 def test_causal_lm_confidence_choice_is_validated():
     with pytest.raises(ValueError, match="`confidence` must be one of min, geometric, mean, got 'max'"):
         causal_lm(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), confidence="max")
+
+
+def test_causal_lm_answer_names_the_target_tokens_wherever_they_sit():
+    """Two samples with the same answer tokens get the same ``answer``, whatever the prompt's length or the
+    padding before it; another answer (another token, the same tokens in another order, one token more)
+    gets another; a sample without target tokens gets 0."""
+    v = 7
+    labels = torch.tensor([
+        [-100, -100, 3, 5, -100, -100],  # answer (3, 5) after a short prompt
+        [-100, -100, -100, -100, 3, 5],  # the same answer later in the row
+        [-100, -100, 5, 3, -100, -100],  # the same tokens in another order
+        [-100, -100, 3, 5, 0, -100],  # one token (id 0) more
+        [-100, -100, 3, 6, -100, -100],  # another last token
+        [-100, -100, -100, -100, -100, -100],  # no target
+    ])
+    sig = causal_lm(torch.randn(6, 6, v), labels)
+    a = sig.answer.tolist()
+    assert sig.answer.dtype == torch.int64 and a[0] == a[1]
+    assert len({a[0], a[2], a[3], a[4]}) == 4 and a[5] == 0
+    assert all(0 <= x < 2**31 for x in a)
+
+
+def test_answer_hash_of_long_answers_stays_in_range_and_matches_a_python_reference():
+    from geko_data.signals import _HASH_BASE, _HASH_MOD, answer_hash
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 200_000, (4, 700), generator=g)
+    mask = torch.rand(4, 700, generator=g) < 0.8
+    got = answer_hash(tokens, mask).tolist()
+    for row in range(4):
+        ref, k = 0, 0
+        for t, m in zip(tokens[row].tolist(), mask[row].tolist()):
+            if m:
+                ref = (ref + (t % _HASH_MOD + 1) * pow(_HASH_BASE, k, _HASH_MOD)) % _HASH_MOD
+                k += 1
+        assert got[row] == ref
+
+
+def test_classification_answer_is_the_label():
+    sig = classification(torch.randn(4, 3), torch.tensor([2, 0, 1, 2]))
+    assert sig.answer.tolist() == [2, 0, 1, 2]

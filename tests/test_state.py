@@ -8,12 +8,43 @@ import torch
 from geko_data import policy
 from geko_data.config import GEKOConfig
 from geko_data.state import COLUMNS, SampleState
+from geko_data.statefile import OPTIONAL_COLUMNS
+
+#: The columns a state that was never given answers writes.
+WRITTEN = [c[0] for c in COLUMNS if c[0] not in OPTIONAL_COLUMNS]
 
 from test_statefile import _filled, unblock_fifo_later  # noqa: F401 (test_cli imports the FIFO helper from here)
 
 
-def test_memory_is_32_bytes_per_sample():
-    assert SampleState(1000).nbytes == 32 * 1000
+def test_memory_is_32_bytes_per_sample_and_36_once_answers_are_reported():
+    s = SampleState(1000)
+    assert s.nbytes == 32 * 1000  # the answer column, never set, holds no memory
+    s.report([0], [0.5], answer=[3])
+    assert s.nbytes == 36 * 1000 and s.answer[0] == 3 and not s.answer[1:].any()
+
+
+def test_report_answer_last_occurrence_wins_and_a_report_without_it_keeps_the_column():
+    s = SampleState(6)
+    s.report([1, 2, 1], [0.5, 0.5, 0.5], answer=torch.tensor([7, 8, 9]))
+    assert s.answer.dtype == np.uint32 and s.answer.tolist() == [0, 9, 8, 0, 0, 0]
+    s.report([2, 5], [0.5, 0.5])
+    assert s.answer.tolist() == [0, 9, 8, 0, 0, 0]
+    s.report([3, 4], [0.5, float("nan")], answer=np.array([2**32 - 1, 3], dtype=np.uint64))
+    assert s.answer.tolist() == [0, 9, 8, 2**32 - 1, 0, 0]  # a NaN loss applies nothing, its answer neither
+
+
+@pytest.mark.parametrize("answer,message", [
+    ([-1, 0], r"`answer` must be integers in \[0, 2\*\*32\), got -1"),
+    ([0, 2**32], r"`answer` must be integers in \[0, 2\*\*32\), got 4294967296"),
+    (np.array([2**63, 1], dtype=np.uint64), r"got 9223372036854775808"),
+    ([0.5, 1.0], r"`answer` must be integers, got dtype float64"),
+    ([1, 2, 3], r"`answer` must have the length of `ids` \(2\), got 3"),
+])
+def test_bad_answers_are_refused_naming_the_argument_and_value(answer, message):
+    s = SampleState(4)
+    with pytest.raises(ValueError, match=message):
+        s.report([0, 1], [0.1, 0.2], answer=answer)
+    assert not s.seen.any()  # nothing applied
 
 
 def test_report_defaults_and_duplicates():
@@ -123,7 +154,7 @@ def test_the_state_file_keeps_the_current_plan(tmp_path):
     s.plan = epoch_plan(s, seed=3, epoch=2, total_epochs=4)
     s.save(tmp_path / "state.arrow")
     table = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()
-    assert table.column_names == ["id"] + [c[0] for c in COLUMNS] + ["plan_count", "plan_weight"]
+    assert table.column_names == ["id"] + WRITTEN + ["plan_count", "plan_weight"]
     t = SampleState.load(tmp_path / "state.arrow")
     assert t.plan is not None and t.plan.epoch == 2 and t.plan.seed == 3
     np.testing.assert_array_equal(t.plan.counts, s.plan.counts)
@@ -186,7 +217,7 @@ def _in_file(arr, ranges) -> bool:
     return any(lo <= start and start + arr.nbytes <= hi for lo, hi in ranges)
 
 
-NUMERIC = [name for name, dtype, _ in COLUMNS if dtype != "bool"]
+NUMERIC = [name for name, dtype, _ in COLUMNS if dtype != "bool" and name not in OPTIONAL_COLUMNS]
 
 
 def test_a_loaded_state_is_a_view_of_its_file_until_a_column_is_written(tmp_path):

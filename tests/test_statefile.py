@@ -10,7 +10,11 @@ import pytest
 from geko_data import policy
 from geko_data.config import GEKOConfig
 from geko_data.state import SampleState
-from geko_data.statefile import COLUMNS, FingerprintError, StateFileError, fingerprint_of, read_table
+from geko_data.statefile import (COLUMNS, OPTIONAL_COLUMNS, FingerprintError, StateFileError, fingerprint_of,
+                                 read_table)
+
+#: The columns a state that was never given answers writes.
+WRITTEN = [c[0] for c in COLUMNS if c[0] not in OPTIONAL_COLUMNS]
 
 
 def _filled(n=300, seed=0):
@@ -30,9 +34,9 @@ def test_file_opens_with_pyarrow_and_duckdb(tmp_path):
     path = tmp_path / "state.arrow"
     s.save(path)
     table = pa.ipc.open_file(str(path)).read_all()
-    assert table.column_names == ["id"] + [c[0] for c in COLUMNS]
+    assert table.column_names == ["id"] + WRITTEN
     meta = json.loads(table.schema.metadata[b"geko_data"])
-    assert meta["format_version"] == 4 and len(meta["history"]) == 3
+    assert meta["format_version"] == 5 and len(meta["history"]) == 3
     state_table = table  # noqa: F841 - DuckDB finds the pyarrow table by its variable name
     rows = duckdb.sql("SELECT bucket, count(*) AS n FROM state_table GROUP BY bucket ORDER BY bucket").fetchall()
     assert sum(n for _, n in rows) == 300
@@ -131,7 +135,7 @@ def test_duckdb_describes_the_documented_columns(tmp_path):
     _filled(20).save(tmp_path / "state.arrow")
     state = pa.ipc.open_file(str(tmp_path / "state.arrow")).read_all()  # noqa: F841 - DuckDB reads it by name
     described = duckdb.sql("DESCRIBE SELECT * FROM state").fetchall()
-    assert [row[0] for row in described] == ["id"] + [c[0] for c in COLUMNS]
+    assert [row[0] for row in described] == ["id"] + WRITTEN
     types = {row[0]: row[1] for row in described}
     assert types["bucket"] == "VARCHAR" and types["id"] == "UINTEGER" and types["loss"] == "FLOAT" and types["pruned"] == "BOOLEAN"
 
@@ -375,7 +379,7 @@ def test_state_table_and_write_table_round_trip_without_a_sample_state(tmp_path)
     table = state_table(cols, {"num_samples": 4, "config": GEKOConfig().to_dict()})
     write_table(tmp_path / "t.arrow", table)
     back, meta = read_table(tmp_path / "t.arrow")
-    assert meta["format_version"] == 4 and meta["checksum"].startswith("xxh3_64:")
+    assert meta["format_version"] == 5 and meta["checksum"].startswith("xxh3_64:")
     assert back.column("bucket").to_pylist() == ["FOCUS"] * 4
     assert column_values(back, "last_step").tolist() == [-1] * 4
     cols["q"] = cols["q"].astype(np.float64)
@@ -461,3 +465,29 @@ def test_save_makes_no_array_of_ids_and_writes_them_into_the_file(tmp_path):
     table, meta = read_table(path)
     assert np.array_equal(table.column("id").to_numpy(), np.arange(n)) and table.column("id").type == pa.uint32()
     assert meta["checksum"] == statefile.checksum(s.to_arrow(), meta) and SampleState.load(path).loss[3] == 0.25
+
+
+def test_answers_round_trip_and_format_4_files_without_them_load_with_answer_0(tmp_path):
+    s = _filled(50)
+    s.report(np.arange(50), np.full(50, 0.3), answer=np.arange(50) % 3 + 2**31)
+    s.save(tmp_path / "new.arrow")
+    table = pa.ipc.open_file(str(tmp_path / "new.arrow")).read_all()
+    assert table.schema.field("answer").type == pa.uint32()
+    t = SampleState.load(tmp_path / "new.arrow")
+    np.testing.assert_array_equal(t.answer, np.arange(50) % 3 + 2**31)
+    old = table.drop_columns(["answer"])
+    meta = json.loads(table.schema.metadata[b"geko_data"])
+    meta["format_version"] = 4
+    from geko_data.statefile import checksum
+    meta["checksum"] = checksum(old, meta)
+    v4 = _write_with(tmp_path, "v4.arrow", old.replace_schema_metadata({b"geko_data": json.dumps(meta).encode()}))
+    u = SampleState.load(v4)
+    assert u.answer.dtype == np.uint32 and not u.answer.any()
+    np.testing.assert_array_equal(u.loss, s.loss)
+    u.report([0], [0.1], answer=[5])  # the filled-in column is writable
+    assert u.answer[0] == 5
+    # a state that never heard of answers writes no column of them and holds none in memory
+    _filled(50).save(tmp_path / "plain.arrow")
+    assert "answer" not in pa.ipc.open_file(str(tmp_path / "plain.arrow")).read_all().column_names
+    p = SampleState.load(tmp_path / "plain.arrow")
+    assert p.nbytes == 32 * 50 and not p.answer.any() and "answer" not in p.mapped_columns

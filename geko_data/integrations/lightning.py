@@ -365,8 +365,8 @@ class GEKOCallback(pl.Callback):
             raise ValueError(f"`per_sample_loss` must hold one loss per sample of the batch, shape ({len(ids)},), "
                              f"got {type(losses).__name__} of shape {shape}: compute the loss with "
                              f"reduction='none'")
-        self.sampler.report(ids, losses, correct=outputs.get("correct"),
-                            confidence=outputs.get("confidence"), step=trainer.global_step)
+        self.sampler.report(ids, losses, correct=outputs.get("correct"), confidence=outputs.get("confidence"),
+                            answer=outputs.get("answer"), step=trainer.global_step)
         self._consumed += len(ids)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -56,7 +56,8 @@ class Module(pl.LightningModule):
         losses = F.cross_entropy(logits, batch["y"], reduction="none")
         probs = logits.detach().softmax(-1)
         return {"loss": (losses * batch["__weight__"]).mean(), "per_sample_loss": losses.detach(),
-                "correct": probs.argmax(-1) == batch["y"], "confidence": probs.max(-1).values}
+                "correct": probs.argmax(-1) == batch["y"], "confidence": probs.max(-1).values,
+                "answer": batch["y"]}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)

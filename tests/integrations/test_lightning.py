@@ -11,6 +11,7 @@ pytest.importorskip("lightning")
 
 import lightning_job  # noqa: E402
 import tiny  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from geko_data.batches import epoch_batch_size  # noqa: E402
 from geko_data.integrations.lightning import GEKOCallback  # noqa: E402
@@ -38,6 +39,8 @@ def test_callback_trains_the_plan_and_logs_geko_metrics(fitted):
     for epoch, plan in module.plans.items():
         tiny.assert_trains_plan(plan, module.ids[epoch])
     assert len(module.ids[max(module.ids)]) < 64  # samples froze
+    labels = np.array([int(row["y"]) for row in lightning_job.dataset()])  # "answer" reaches the state
+    np.testing.assert_array_equal(geko.sampler.state.answer, labels)
     m = trainer.logged_metrics
     assert float(m["geko/sample_passes"]) == sum(len(v) for v in module.ids.values())
     for key in ("geko/freeze_share", "geko/hard_share", "geko/passes_saved", "geko/forgetting_events"):
