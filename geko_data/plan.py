@@ -131,6 +131,9 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
     if out is not None and counts is not out[0]:  # the whole-array path made its own arrays
         out[0][:], out[1][:] = counts, weight
         counts, weight = out
+    answer = getattr(state, "answer", None)
+    if policy.balances_answers(total_epochs, config) and answer is not None:
+        policy.balance_answers(counts, weight, answer, pruned=state.pruned, cap=config.answer_weight_cap)
     return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
                      epoch_length=epoch_length)
 

@@ -32,6 +32,8 @@ __all__ = [
     "PHASES",
     "PHASE_LR",
     "PHASE_WEIGHTS",
+    "balance_answers",
+    "balances_answers",
     "bucket_weight_table",
     "classify",
     "annealing",
@@ -123,6 +125,14 @@ def rescales(total_epochs: int | None, config: GEKOConfig) -> bool:
     """Whether a run of ``total_epochs`` keeps a share of FREEZE samples at rescaled loss weights
     (``kept_share``)."""
     return kept_share(total_epochs, config) is not None
+
+
+def balances_answers(total_epochs: int | None, config: GEKOConfig) -> bool:
+    """Whether the plans of a run of ``total_epochs`` scale loss weights by answer (``balance_answers``): a
+    ``geko`` run with ``answer_weight_cap`` set that follows no curriculum (shorter than
+    ``curriculum_min_epochs``; ``GEKOConfig.answer_weight_cap`` says why not the longer ones)."""
+    return (config.mode == "geko" and config.answer_weight_cap is not None
+            and not uses_curriculum(total_epochs, config))
 
 
 def bucket_weight_table(progress: float, config: GEKOConfig, *, total_epochs: int | None = None) -> np.ndarray:
@@ -562,6 +572,71 @@ def _expected_counts(*, bucket: np.ndarray, pruned: np.ndarray, times_seen: np.n
     c = rescale_constant(float(expected[alive].sum()), n_alive) if n_alive else 1.0
     weight[alive] = (c / expected[alive]).astype(np.float32)
     return expected, weight
+
+
+#: ``balance_answers`` gives an answer its own share only when at least this many samples have it (and
+#: ``ANSWER_MIN_SHARE`` of the data): rarer answers are balanced together, as one. An open-ended generative
+#: task, where nearly every answer is its own, is then one pool and nothing changes.
+ANSWER_MIN_SAMPLES = 16
+ANSWER_MIN_SHARE = 0.01
+
+
+def balance_answers(counts: np.ndarray, weight: np.ndarray, answer: np.ndarray, *, pruned: np.ndarray,
+                    cap: float) -> np.ndarray | None:
+    """Scale the loss weights of an epoch's plan (``weight``, in place) so that every answer's share of the
+    epoch's trained weight (``counts * weight`` summed over its samples) is its share of the unpruned data,
+    as in a uniform epoch; returns the factor per sample's answer pool, or ``None`` when nothing changed.
+
+    Why: freezing the right answers of a model close to chance freezes mostly the answer it favours, so
+    the next epoch trains mostly the others and the model swings to one of them (the SFT task: an answer
+    at 93% on dev after epoch 2, 28% after epoch 3). The draws stay as planned (the same passes); only
+    their loss weights move. A factor is clipped to [1 / ``cap``, ``cap``] (a few left samples of a mostly
+    frozen answer must not carry its whole share); what a held pool cannot carry goes to the others, so the
+    epoch's total trained weight is unchanged (unless every pool is held). Answers held by fewer than ``ANSWER_MIN_SAMPLES`` samples or
+    ``ANSWER_MIN_SHARE`` of the data are pooled; with fewer than two pools nothing changes.
+    """
+    answer = np.asarray(answer)
+    if answer.shape[0] == 0 or all(not (answer[a:a + _STEP] != answer[0]).any() for a in range(0, answer.shape[0], _STEP)):
+        return None  # one answer (or none reported): a step at a time, before np.unique sorts them all
+    alive = ~np.asarray(pruned, dtype=bool)
+    n_alive = int(np.count_nonzero(alive))
+    if n_alive == 0:
+        return None
+    values, pool = np.unique(answer, return_inverse=True)
+    if values.shape[0] < 2:
+        return None
+    size = np.bincount(pool, weights=alive, minlength=values.shape[0])
+    common = size >= max(ANSWER_MIN_SAMPLES, ANSWER_MIN_SHARE * n_alive)
+    # pools: one per common answer, one (the last) for all the rare ones together
+    pool_of_value = np.where(common, np.cumsum(common) - 1, int(common.sum()))
+    pool = pool_of_value[pool]
+    n_pools = int(common.sum()) + int((~common).any())
+    if n_pools < 2:
+        return None
+    size = np.bincount(pool, weights=alive, minlength=n_pools)
+    mass = np.bincount(pool, weights=np.asarray(counts, dtype=np.float64) * weight, minlength=n_pools)
+    total = float(mass.sum())
+    if total <= 0.0:
+        return None
+    target = size / n_alive * total  # each pool's trained weight in a uniform epoch
+    factor = np.ones(n_pools)
+    free = mass > 0  # a pool nothing of which is drawn has no weight to scale
+    # Water-filling: a pool whose factor would leave [1/cap, cap] is held at the bound, and the pools still
+    # free share what is left of the total in proportion to their targets (a pool at the cap gives its
+    # missing weight to the others rather than shrinking the epoch). Each round holds at least one more pool.
+    held_mass = 0.0
+    while free.any():
+        scale = (total - held_mass) / float(target[free].sum())
+        want = np.where(free, scale * target / np.where(free, mass, 1.0), 1.0)
+        out = free & ((want > cap) | (want < 1.0 / cap))
+        if not out.any():
+            factor[free] = want[free]
+            break
+        factor[out] = np.clip(want[out], 1.0 / cap, cap)
+        held_mass += float((mass[out] * factor[out]).sum())
+        free &= ~out  # (when every drawn pool ends held, the caps win over the total)
+    weight *= factor[pool].astype(np.float32)
+    return factor
 
 
 def rescale_constant(total: float, n: int) -> float:

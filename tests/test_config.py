@@ -3,7 +3,7 @@ import json
 import pytest
 
 from geko_data.config import (GEKO_AGGRESSIVE, GEKO_BALANCED, GEKO_CONSERVATIVE, GEKOLIB_DEFAULTS, MODES, MOUNTAIN,
-                              GEKOConfig)
+                              PRESETS, GEKOConfig)
 
 
 def test_gekolib_defaults():
@@ -199,3 +199,16 @@ def test_long_run_freeze_share_steps_plans_long_runs_that_keep_their_steps_only(
     old = {k: v for k, v in GEKOConfig(short_run_weights_steps=(0.5, 3.0, 1.0)).to_dict().items()
            if k != "long_run_weights_steps"}
     assert GEKOConfig.from_dict(old).planning(keeps_steps=True, total_epochs=5).phase_weights == ((0.5, 3.0, 1.0),) * 5
+
+
+def test_answers_are_balanced_by_default_and_not_by_gekolibs_presets_or_older_states():
+    assert GEKOConfig().answer_weight_cap == 4.0
+    for preset in PRESETS.values():
+        assert preset.answer_weight_cap is None, preset.name  # gekolib had no such rule
+    old = GEKOConfig().to_dict()
+    del old["answer_weight_cap"]  # a state written before the field: resumed with the rule it ran with
+    assert GEKOConfig.from_dict(old).answer_weight_cap is None
+    assert GEKOConfig.from_dict(GEKOConfig().to_dict()) == GEKOConfig()
+    for bad in (0.5, -1.0, float("nan"), "4"):
+        with pytest.raises(ValueError, match="answer_weight_cap"):
+            GEKOConfig(answer_weight_cap=bad)

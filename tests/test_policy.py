@@ -485,3 +485,68 @@ def test_kept_steps_short_runs_draw_sure_wrong_answers_least_and_unsure_ones_mos
     assert e[:40].sum() == 0 and e.sum() == pytest.approx(60.0)  # FREEZE dropped, the epoch keeps its length
     light, focus, hard = e[40], e[70], e[90]
     assert hard / light == pytest.approx(0.5) and focus / light == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------- answers' balance
+def _masses(counts, weight, answer):
+    return {int(a): float((counts * weight)[answer == a].sum()) for a in np.unique(answer)}
+
+
+def test_balance_answers_gives_each_answer_its_data_share_of_the_trained_weight():
+    # 3 answers of 100 samples; answer 0's samples mostly frozen (count 0), the others all drawn
+    answer = np.repeat(np.array([5, 6, 7], np.uint32), 100)
+    counts = np.ones(300, np.int32)
+    counts[:80] = 0
+    counts[100:150] = 2  # half of answer 6 drawn twice (a FOCUS weight)
+    weight = np.ones(300, np.float32)
+    before = float((counts * weight).sum())
+    factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(300, bool), cap=10.0)
+    m = _masses(counts, weight, answer)
+    assert factor is not None
+    assert m[5] == pytest.approx(m[6], rel=1e-5) == pytest.approx(m[7], rel=1e-5)
+    assert sum(m.values()) == pytest.approx(before, rel=1e-5)  # the epoch's total weight is unchanged
+    assert weight[80] > 1.0 > weight[100]  # the few left of answer 5 weigh more, answer 6 less
+
+
+def test_balance_answers_caps_the_factor_then_keeps_the_total():
+    answer = np.repeat(np.array([0, 1], np.uint32), 100)
+    counts = np.ones(200, np.int32)
+    counts[:95] = 0  # 5 of answer 0's 100 samples left: a factor of ~20 uncapped
+    weight = np.ones(200, np.float32)
+    policy.balance_answers(counts, weight, answer, pruned=np.zeros(200, bool), cap=2.0)
+    # answer 0 held at the cap (2); answer 1 carries the rest of the epoch's weight: (105 - 5 * 2) / 100
+    assert weight[95] == pytest.approx(2.0) and weight[100] == pytest.approx(0.95, rel=1e-5)
+    assert float((counts * weight).sum()) == pytest.approx(105.0, rel=1e-5)
+
+
+def test_balance_answers_pools_rare_answers_and_leaves_one_pool_alone():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 3, 1000).astype(np.int32)
+    # every answer its own (an open-ended generative task): one pool, nothing changes
+    weight = np.ones(1000, np.float32)
+    assert policy.balance_answers(counts, weight, np.arange(1000, dtype=np.uint32),
+                                  pruned=np.zeros(1000, bool), cap=4.0) is None
+    assert (weight == 1.0).all()
+    # nothing reported (every answer 0): nothing changes, without sorting
+    assert policy.balance_answers(counts, weight, np.zeros(1000, np.uint32), pruned=np.zeros(1000, bool),
+                                  cap=4.0) is None
+    # one common answer (500 samples) and 500 rare ones: two pools, balanced against each other
+    answer = np.where(np.arange(1000) < 500, 7, np.arange(1000)).astype(np.uint32)
+    counts[:500] = 0
+    counts[:100] = 1
+    factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(1000, bool), cap=100.0)
+    assert factor is not None and factor.shape == (2,)
+    m = float((counts * weight)[:500].sum()), float((counts * weight)[500:].sum())
+    assert m[0] == pytest.approx(m[1], rel=1e-5)
+
+
+def test_balance_answers_counts_only_unpruned_samples_in_the_shares():
+    answer = np.repeat(np.array([0, 1], np.uint32), 100)
+    pruned = np.zeros(200, bool)
+    pruned[:50] = True  # answer 0 has 50 unpruned samples, answer 1 has 100
+    counts = np.where(pruned, 0, 1).astype(np.int32)
+    weight = np.ones(200, np.float32)
+    assert policy.balance_answers(counts, weight, answer, pruned=pruned, cap=4.0) is not None
+    m = _masses(counts, weight, answer)
+    assert m[1] == pytest.approx(2 * m[0], rel=1e-5)  # as drawn: already the unpruned shares
+    assert np.allclose(weight[50:], 1.0)

@@ -182,7 +182,7 @@ BAD_CONFIG = {
     "q_value_loss_scale": [0], "repartition_every": [0], "log_bucket_stats": ["yes"], "max_times_seen": [-1],
     "prune_frozen_after": [300], "mode": ["fast"], "keep_frozen": [0.0], "recheck_frozen": [-0.1],
     "early_stop_frozen": [0.0], "anneal": [1.5], "anneal_keep": [0.0, 1.5], "loss_ema": [1.0], "max_repeats": [0], "subset_fraction": [0.0],
-    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "short_run_keep": [0.0, 1.5], "short_run_keep_steps": [0.0, 1.5, "0.5"], "short_run_weights_steps": [(1, 2), (1, -1, 1)], "long_run_weights_steps": [(1, 2), (1, -1, 1)], "long_run_freeze_share_steps": [0.0, 1.5, "0.6"], "phase_weights": [((1, 2, 3),) * 4],
+    "prune_ratio": [1.0], "name": [3, None], "curriculum_min_epochs": [0, True], "short_run_keep": [0.0, 1.5], "short_run_keep_steps": [0.0, 1.5, "0.5"], "short_run_weights_steps": [(1, 2), (1, -1, 1)], "long_run_weights_steps": [(1, 2), (1, -1, 1)], "long_run_freeze_share_steps": [0.0, 1.5, "0.6"], "answer_weight_cap": [0.5, 0.0, "4"], "phase_weights": [((1, 2, 3),) * 4],
 }
 
 
