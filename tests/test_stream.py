@@ -383,3 +383,24 @@ def test_steps_batches_from_a_loader_at_the_full_batch_size_are_named(shards):
     with pytest.warns(RuntimeWarning, match=r"a report of 8 samples in epoch 1, whose batches hold \d+ "
                                             r"\(stream.epoch_batch_size\)"):
         s.report(batch, [1.0] * 8)
+
+
+def test_reported_answers_balance_the_streams_plan(shards):
+    """A stream's report carries the answers into its state, and its next epoch's loss weights give each
+    answer its data share of the epoch's trained weight (a 3-epoch run: the answers' balance applies)."""
+    cfg = GEKOConfig(log_bucket_stats=False, short_run_keep=None)
+    s = GEKOStream(shards, total_epochs=3, config=cfg, seed=1)
+    s.set_epoch(0)
+    ids = np.array([x["__index__"] for x in s])
+    answer = ids % 2
+    right = answer == 0  # the model favours answer 0: its right answers freeze
+    loss = np.where(right, 0.1 * (1 + ids), 3.0)  # about half of the right answers are among the easiest half
+    s.report(ids, loss, correct=right, confidence=np.where(right, 0.99, 0.3), answer=answer)
+    assert s.state.answer.tolist() == (np.arange(N) % 2).tolist()
+    s.set_epoch(1)
+    counts, weight = s.plan.counts, s.plan.loss_weight
+    assert 0 < counts[np.arange(N) % 2 == 0].sum() < counts[np.arange(N) % 2 == 1].sum()  # unbalanced draws
+    mass = [float((counts * weight)[np.arange(N) % 2 == a].sum()) for a in (0, 1)]
+    share = [np.count_nonzero(np.arange(N) % 2 == a) / N for a in (0, 1)]
+    assert mass[0] / sum(mass) == pytest.approx(share[0], rel=1e-4)
+    assert mass[1] / sum(mass) == pytest.approx(share[1], rel=1e-4)
