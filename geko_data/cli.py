@@ -166,7 +166,7 @@ def _write_failed(path: str, e: OSError) -> _Fail:
 _SUMMARY_COLUMNS = ["loss", "confidence", "q", "bucket", "times_seen", "forgets", "pruned"]
 # freeze_share first: the default rule's one setting (freeze_confidence overrides it when set)
 _CONFIG_SHOWN = ("freeze_share", "freeze_confidence", "freeze_quality", "focus_confidence", "q_value_lr",
-                 "min_q_for_freeze", "prune_frozen_after", "recheck_frozen", "keep_frozen")
+                 "min_q_for_freeze", "prune_frozen_after", "recheck_frozen", "keep_frozen", "answer_weight_cap")
 _CELL_MAX = 60  # characters of a key or value in a table; longer ones end in "..."
 
 

@@ -379,7 +379,9 @@ def prepare_report(ids: Any, losses: Any, *, correct: Any, confidence: Any, num_
     answer_a = None
     if answer is not None:
         arr = to_numpy(answer, "answer")
-        raw = _column_arg(arr, "answer", n, "iu", arr.dtype, "integers")
+        # labels read as floats (a CSV, a float tensor) are the usual mistake: say how to pass them
+        raw = _column_arg(arr, "answer", n, "iu", arr.dtype, "integers (labels as floats: pass `.long()` / "
+                          "`.astype(int)`)")
         bad = (raw < 0) | (raw >= 2**32) if raw.dtype.kind == "i" else raw >= 2**32
         if bad.any():
             raise ValueError(f"`answer` must be integers in [0, 2**32), got {int(raw[bad][0])}")

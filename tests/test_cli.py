@@ -55,7 +55,7 @@ def test_inspect_text_and_json(tmp_path, capsys):
     s = make_state(tmp_path / "s.arrow")
     code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow")
     assert code == 0 and "FREEZE" in out and "CONSOLIDATE" in out and "times seen" in out
-    assert "freeze_share=0.5" in out  # the default rule's setting is among the config shown
+    assert "freeze_share=0.5" in out and "answer_weight_cap=4.0" in out  # the default rule's settings shown
     code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow", "--json")
     data = json.loads(out)
     assert data["samples"] == 200 and len(data["history"]) == 4

@@ -37,7 +37,8 @@ def test_report_answer_last_occurrence_wins_and_a_report_without_it_keeps_the_co
     ([-1, 0], r"`answer` must be integers in \[0, 2\*\*32\), got -1"),
     ([0, 2**32], r"`answer` must be integers in \[0, 2\*\*32\), got 4294967296"),
     (np.array([2**63, 1], dtype=np.uint64), r"got 9223372036854775808"),
-    ([0.5, 1.0], r"`answer` must be integers, got dtype float64"),
+    ([0.0, 1.0], r"`answer` must be integers \(labels as floats: pass `\.long\(\)` / `\.astype\(int\)`\), "
+                 r"got dtype float64"),
     ([1, 2, 3], r"`answer` must have the length of `ids` \(2\), got 3"),
 ])
 def test_bad_answers_are_refused_naming_the_argument_and_value(answer, message):
