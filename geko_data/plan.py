@@ -133,7 +133,8 @@ def epoch_plan(state: Any, *, seed: int, epoch: int, total_epochs: int, config: 
         counts, weight = out
     answer = getattr(state, "answer", None)
     if policy.balances_answers(total_epochs, config) and answer is not None:
-        policy.balance_answers(counts, weight, answer, pruned=state.pruned, cap=config.answer_weight_cap)
+        policy.balance_answers(counts, weight, answer, pruned=state.pruned, cap=config.answer_weight_cap,
+                               seen=np.isfinite(state.loss))  # an unreported sample's answer is not known
     return EpochPlan(epoch=int(epoch), progress=progress, counts=counts, loss_weight=weight, seed=int(seed),
                      epoch_length=epoch_length)
 

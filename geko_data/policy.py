@@ -582,60 +582,64 @@ ANSWER_MIN_SHARE = 0.01
 
 
 def balance_answers(counts: np.ndarray, weight: np.ndarray, answer: np.ndarray, *, pruned: np.ndarray,
-                    cap: float) -> np.ndarray | None:
+                    cap: float, seen: np.ndarray | None = None) -> np.ndarray | None:
     """Scale the loss weights of an epoch's plan (``weight``, in place) so that every answer's share of the
-    epoch's trained weight (``counts * weight`` summed over its samples) is its share of the unpruned data,
-    as in a uniform epoch; returns the factor per sample's answer pool, or ``None`` when nothing changed.
+    epoch's trained weight (``counts * weight`` summed over its samples) is its share of the data, as in a
+    uniform epoch; returns the factor of each answer pool, or ``None`` when nothing changed.
 
     Why: freezing the right answers of a model close to chance freezes mostly the answer it favours, so
     the next epoch trains mostly the others and the model swings to one of them (the SFT task: an answer
     at 93% on dev after epoch 2, 28% after epoch 3). The draws stay as planned (the same passes); only
-    their loss weights move. A factor is clipped to [1 / ``cap``, ``cap``] (a few left samples of a mostly
-    frozen answer must not carry its whole share); what a held pool cannot carry goes to the others, so the
-    epoch's total trained weight is unchanged (unless every pool is held). Answers held by fewer than ``ANSWER_MIN_SAMPLES`` samples or
-    ``ANSWER_MIN_SHARE`` of the data are pooled; with fewer than two pools nothing changes.
+    their loss weights move. The factors are ``clip(s * target / mass, 1 / cap, cap)`` with the one scale
+    ``s`` that keeps the epoch's total trained weight (a few left samples of a mostly frozen answer must not
+    carry its whole share; what a pool held at a bound cannot carry is spread over the others in proportion
+    to their shares). Only unpruned samples that were ``seen`` (reported: their answer is known) count
+    and are scaled. Answers held by fewer than ``ANSWER_MIN_SAMPLES`` of them or ``ANSWER_MIN_SHARE`` are
+    pooled; with fewer than two pools nothing changes.
     """
     answer = np.asarray(answer)
-    if answer.shape[0] == 0 or all(not (answer[a:a + _STEP] != answer[0]).any() for a in range(0, answer.shape[0], _STEP)):
-        return None  # one answer (or none reported): a step at a time, before np.unique sorts them all
-    alive = ~np.asarray(pruned, dtype=bool)
-    n_alive = int(np.count_nonzero(alive))
-    if n_alive == 0:
+    # one answer (or none reported): found a step at a time, before np.unique sorts them all
+    if answer.shape[0] == 0 or all(not (answer[a:a + _STEP] != answer[0]).any()
+                                   for a in range(0, answer.shape[0], _STEP)):
         return None
-    values, pool = np.unique(answer, return_inverse=True)
+    member = ~np.asarray(pruned, dtype=bool)
+    if seen is not None:
+        member &= np.asarray(seen, dtype=bool)
+    n = int(np.count_nonzero(member))
+    if n == 0:
+        return None
+    values, pool = np.unique(answer[member], return_inverse=True)
     if values.shape[0] < 2:
         return None
-    size = np.bincount(pool, weights=alive, minlength=values.shape[0])
-    common = size >= max(ANSWER_MIN_SAMPLES, ANSWER_MIN_SHARE * n_alive)
+    size = np.bincount(pool, minlength=values.shape[0])
+    common = size >= max(ANSWER_MIN_SAMPLES, ANSWER_MIN_SHARE * n)
     # pools: one per common answer, one (the last) for all the rare ones together
-    pool_of_value = np.where(common, np.cumsum(common) - 1, int(common.sum()))
-    pool = pool_of_value[pool]
+    pool = np.where(common, np.cumsum(common) - 1, int(common.sum()))[pool]
     n_pools = int(common.sum()) + int((~common).any())
     if n_pools < 2:
         return None
-    size = np.bincount(pool, weights=alive, minlength=n_pools)
-    mass = np.bincount(pool, weights=np.asarray(counts, dtype=np.float64) * weight, minlength=n_pools)
+    size = np.bincount(pool, minlength=n_pools)
+    mass = np.bincount(pool, weights=np.asarray(counts)[member] * weight[member].astype(np.float64),
+                       minlength=n_pools)
     total = float(mass.sum())
-    if total <= 0.0:
+    drawn = mass > 0  # a pool nothing of which is drawn has no weight to scale
+    if total <= 0.0 or int(np.count_nonzero(drawn)) < 2:
         return None
-    target = size / n_alive * total  # each pool's trained weight in a uniform epoch
+    ratio = np.ones(n_pools)
+    ratio[drawn] = size[drawn] / n * total / mass[drawn]  # each pool's factor if nothing were capped
+
+    def kept(scale: float) -> float:  # the epoch's total weight with every factor clip(scale * ratio)
+        return float((mass[drawn] * np.clip(scale * ratio[drawn], 1.0 / cap, cap)).sum())
+
+    # kept() grows with the scale from total / cap (every pool at the lower bound) to total * cap (every
+    # pool at the upper one), so one scale gives the total back: bisected (on its log) to float precision.
+    lo, hi = np.log(1.0 / cap / ratio[drawn].max()), np.log(cap / ratio[drawn].min())
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if kept(float(np.exp(mid))) < total else (lo, mid)
     factor = np.ones(n_pools)
-    free = mass > 0  # a pool nothing of which is drawn has no weight to scale
-    # Water-filling: a pool whose factor would leave [1/cap, cap] is held at the bound, and the pools still
-    # free share what is left of the total in proportion to their targets (a pool at the cap gives its
-    # missing weight to the others rather than shrinking the epoch). Each round holds at least one more pool.
-    held_mass = 0.0
-    while free.any():
-        scale = (total - held_mass) / float(target[free].sum())
-        want = np.where(free, scale * target / np.where(free, mass, 1.0), 1.0)
-        out = free & ((want > cap) | (want < 1.0 / cap))
-        if not out.any():
-            factor[free] = want[free]
-            break
-        factor[out] = np.clip(want[out], 1.0 / cap, cap)
-        held_mass += float((mass[out] * factor[out]).sum())
-        free &= ~out  # (when every drawn pool ends held, the caps win over the total)
-    weight *= factor[pool].astype(np.float32)
+    factor[drawn] = np.clip(np.exp(0.5 * (lo + hi)) * ratio[drawn], 1.0 / cap, cap)
+    weight[member] *= factor[pool].astype(np.float32)
     return factor
 
 

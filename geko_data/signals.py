@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONFIDENCES", "Signals", "answer_hash", "causal_lm", "classification"]
+__all__ = ["CONFIDENCES", "NO_ANSWER", "Signals", "answer_hash", "causal_lm", "classification"]
 
 
 class Signals(NamedTuple):
@@ -84,6 +84,9 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     return Signals(loss=loss, confidence=conf, correct=correct, answer=answer)
 
 
+#: ``classification``'s answer for a label it ignores (negative, e.g. -100): above every hash and label.
+NO_ANSWER = 2**32 - 1
+
 #: ``answer_hash``'s modulus (a prime under 2**31) and base: a polynomial hash whose terms fit in int64.
 _HASH_MOD = 2**31 - 1
 _HASH_BASE = 1_000_003
@@ -99,12 +102,13 @@ def answer_hash(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # base ** pos mod p, by squaring: the powers of a few hundred positions, each product under 2**62
     power = torch.ones_like(pos)
     base, e = torch.full_like(pos, _HASH_BASE), pos.clone()
-    while bool((e > 0).any()):
+    for _ in range(max(1, pos.shape[1]).bit_length()):  # the bits of the longest position, known on the host
         odd = (e & 1).bool()
         power = torch.where(odd, power * base % _HASH_MOD, power)
         base = base * base % _HASH_MOD
         e = e >> 1
-    # token + 1 so that token 0 counts; each term < 2**31 * 2**17, the sum of 2**14 of them < 2**63
+    # token + 1 so that token 0 counts; each term is reduced below 2**31 before the sum, so a row of up to
+    # 2**32 tokens sums within int64
     terms = (tokens.to(torch.int64) % _HASH_MOD + 1) * power % _HASH_MOD * mask
     return terms.sum(dim=1) % _HASH_MOD
 
@@ -122,4 +126,6 @@ def classification(logits: torch.Tensor, labels: torch.Tensor) -> Signals:
         probs = logits.softmax(dim=-1)
         confidence, pred = probs.max(dim=-1)
         correct = pred == labels
-    return Signals(loss=loss, confidence=confidence, correct=correct, answer=labels.detach().to(torch.int64))
+        # a label cross_entropy ignores (-100) names no answer: the value no label takes, 2**32 - 1
+        answer = torch.where(labels >= 0, labels, NO_ANSWER).detach().to(torch.int64)
+    return Signals(loss=loss, confidence=confidence, correct=correct, answer=answer)

@@ -152,7 +152,7 @@ def unset_column(n: int, dtype: str, init: Any) -> np.ndarray:
 
 def is_unset(values: np.ndarray) -> bool:
     """Whether ``values`` is an ``unset_column`` (one value for every sample, held once)."""
-    return values.ndim == 1 and values.shape[0] > 1 and values.strides[0] == 0
+    return values.ndim == 1 and values.strides[0] == 0 and not values.flags.writeable
 
 
 def state_table(columns: dict[str, np.ndarray], meta: dict[str, Any], *, ids_later: bool = False) -> pa.Table:

@@ -550,3 +550,59 @@ def test_balance_answers_counts_only_unpruned_samples_in_the_shares():
     m = _masses(counts, weight, answer)
     assert m[1] == pytest.approx(2 * m[0], rel=1e-5)  # as drawn: already the unpruned shares
     assert np.allclose(weight[50:], 1.0)
+
+
+def test_balance_answers_keeps_the_total_when_one_answer_sits_at_each_bound():
+    """Review case: a mostly frozen answer at the upper bound must not drag the other to the lower bound
+    (an earlier water-filling held both bounds and lost 57% of the epoch's weight)."""
+    answer = np.r_[np.zeros(800, np.uint32), np.ones(200, np.uint32)]
+    counts = np.r_[np.zeros(780), np.ones(20), np.ones(200)].astype(np.int32)
+    weight = np.r_[np.ones(800), np.full(200, 2.0)].astype(np.float32)
+    before = float((counts * weight).sum())
+    factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(1000, bool), cap=4.0)
+    assert factor[0] == pytest.approx(4.0) and 0.25 < factor[1] < 1.0
+    assert float((counts * weight).sum()) == pytest.approx(before, rel=1e-5)
+
+
+def test_balance_answers_gives_every_free_answer_the_same_ratio_to_its_data_share():
+    """The one-scale solution: answers whose factor is inside (1/cap, cap) all end at the same ratio of
+    trained-weight share to data share; an answer held at the cap ends below that ratio, one at 1/cap above
+    it; the epoch's total is kept."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        k = int(rng.integers(2, 7))
+        answer = rng.integers(0, k, 600).astype(np.uint32)
+        counts = (rng.random(600) < rng.random(k)[answer]).astype(np.int32) * rng.integers(1, 3, 600).astype(np.int32)
+        weight = rng.choice([0.5, 1.0, 2.0], 600).astype(np.float32)
+        total = float((counts * weight).sum())
+        factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(600, bool), cap=2.0)
+        if factor is None:
+            continue
+        data = np.bincount(answer, minlength=k) / 600
+        mass = np.bincount(answer, weights=counts * weight.astype(np.float64), minlength=k)
+        ratio = mass / mass.sum() / data
+        drawn = mass > 0
+        free = drawn & (factor > 0.5 + 1e-6) & (factor < 2.0 - 1e-6)
+        if free.any():
+            r = ratio[free].mean()
+            assert np.allclose(ratio[free], r, rtol=1e-4), trial
+            assert (ratio[drawn & (factor >= 2.0 - 1e-6)] <= r * (1 + 1e-4)).all(), trial
+            assert (ratio[drawn & (factor <= 0.5 + 1e-6)] >= r * (1 - 1e-4)).all(), trial
+        assert float((counts * weight).sum()) == pytest.approx(total, rel=1e-5)
+
+
+def test_balance_answers_leaves_unreported_samples_out():
+    """Samples not yet reported carry answer 0 (the column's initial value): they must neither count as
+    answer 0 nor be scaled by its factor."""
+    answer = np.zeros(600, np.uint32)
+    labels = np.arange(600) % 3
+    answer[:300] = labels[:300]  # only the first 300 reported
+    seen = np.arange(600) < 300
+    counts = np.ones(600, np.int32)
+    counts[:300][labels[:300] == 0] = 0
+    counts[:100] = 1  # some of label 0 drawn
+    weight = np.ones(600, np.float32)
+    policy.balance_answers(counts, weight, answer, pruned=np.zeros(600, bool), cap=4.0, seen=seen)
+    assert (weight[300:] == 1.0).all()
+    m = [float((counts * weight)[:300][labels[:300] == a].sum()) for a in range(3)]
+    assert m[0] == pytest.approx(m[1], rel=1e-5) == pytest.approx(m[2], rel=1e-5)

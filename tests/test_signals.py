@@ -140,3 +140,14 @@ def test_answer_hash_of_long_answers_stays_in_range_and_matches_a_python_referen
 def test_classification_answer_is_the_label():
     sig = classification(torch.randn(4, 3), torch.tensor([2, 0, 1, 2]))
     assert sig.answer.tolist() == [2, 0, 1, 2]
+
+
+def test_classification_answer_of_an_ignored_label_is_no_answer():
+    from geko_data.signals import NO_ANSWER
+    from geko_data.state import SampleState
+
+    sig = classification(torch.randn(3, 4), torch.tensor([1, -100, 3]))
+    assert sig.answer.tolist() == [1, NO_ANSWER, 3]
+    s = SampleState(3)
+    s.report([0, 1, 2], sig.loss.detach(), answer=sig.answer)  # reported without an error (-100 was refused)
+    assert s.answer.tolist() == [1, 2**32 - 1, 3]

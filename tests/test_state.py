@@ -474,3 +474,10 @@ def test_large_report_by_blocks_of_ids_is_the_report_in_one_go(monkeypatch):
     assert one_go["forgets"].any() and one_go["times_seen"].max() > 4
     for name in one_go:
         np.testing.assert_array_equal(blocked[name], one_go[name], err_msg=name)
+
+
+def test_a_one_sample_state_holds_no_answer_column_until_one_is_reported(tmp_path):
+    s = SampleState(1)
+    assert s.nbytes == 32 and s.mapped_columns == ()
+    s.save(tmp_path / "one.arrow")
+    assert "answer" not in pa.ipc.open_file(str(tmp_path / "one.arrow")).read_all().column_names

@@ -337,7 +337,8 @@ class GEKOTrainerMixin:
         loss = (torch.where(finite, per_sample, 0.0) * weight.to(per_sample.device)).sum() / max(len(weight), 1)
         answer = getattr(sig, "answer", None)  # a user's signals function may return a Signals without it
         self.geko_sampler.report(ids.cpu(), per_sample.detach().cpu(), correct=sig.correct.cpu(),
-                                 confidence=sig.confidence.cpu(), answer=None if answer is None else answer.cpu(),
+                                 confidence=sig.confidence.cpu(),
+                                 answer=answer.cpu() if isinstance(answer, torch.Tensor) else answer,
                                  step=self.state.global_step)
         self._geko_consumed += len(ids)
         return (loss, outputs) if return_outputs else loss

@@ -259,6 +259,8 @@ def _saved_run(resume: str) -> tuple[str, dict[str, Any], dict[str, Any], dict[s
         saved_args = json.load(f).get("args") or {}
     with open(os.path.join(ckpt, "data_state.json"), encoding="utf-8") as f:
         saved_config = json.load(f).get("config") or {}
+    if saved_config:  # a field added after the checkpoint keeps the value the run had (GEKOConfig.from_dict)
+        saved_config = GEKOConfig.from_dict(saved_config).to_dict()
     run_dir = os.path.dirname(os.path.abspath(ckpt))
     run: dict[str, Any] = {}
     if os.path.exists(os.path.join(run_dir, RUN_FILE)):

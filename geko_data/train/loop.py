@@ -317,8 +317,8 @@ def _micro_batch(run: _Run, batch: dict[str, Any]) -> None:
     per_sample = sig.loss.detach().float()
     finite = torch.isfinite(per_sample)
     run.forward_passes += len(ids)
-    run.data.report(ids, per_sample, correct=sig.correct, confidence=sig.confidence, answer=sig.answer,
-                    step=run.step)
+    run.data.report(ids, per_sample, correct=sig.correct, confidence=sig.confidence,
+                    answer=getattr(sig, "answer", None), step=run.step)  # a user's signals may have none
     if run.ids_seen is not None:
         run.ids_seen.extend(ids.tolist())
     run.consumed += len(ids)

@@ -274,3 +274,22 @@ def test_a_model_name_in_the_offline_hf_cache_trains(tmp_path, monkeypatch, caps
     assert reached == []
     assert json.load(open(tmp_path / "out" / "efficiency.json"))["samples"] == 8
     assert json.load(open(tmp_path / "out" / "geko-train.json"))["model"] == "tiny-org/tiny-llama"
+
+
+def test_resuming_a_checkpoint_from_before_a_config_field_keeps_the_value_the_run_had(tmp_path):
+    """A checkpoint whose saved config predates ``answer_weight_cap`` resumes without the answers' balance
+    (GEKOConfig.from_dict's rule for an older state), not with the new default 4."""
+    from geko_data.config import GEKOConfig
+    from geko_data.train.__main__ import _saved_run
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    old = GEKOConfig().to_dict()
+    del old["answer_weight_cap"]
+    (ckpt / "trainer_state.json").write_text(json.dumps({"args": {"num_epochs": 3}}))
+    (ckpt / "data_state.json").write_text(json.dumps({"config": old}))
+    for name in ("state.arrow", "optimizer.pt", "rng.safetensors", "model.safetensors"):
+        (ckpt / name).write_bytes(b"")
+    _, _, saved_config, _ = _saved_run(str(ckpt))
+    assert saved_config["answer_weight_cap"] is None
+    assert GEKOConfig().replace(**{k: v for k, v in saved_config.items() if k != "name"}).answer_weight_cap is None
