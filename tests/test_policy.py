@@ -535,7 +535,7 @@ def test_balance_answers_pools_rare_answers_and_leaves_one_pool_alone():
     counts[:500] = 0
     counts[:100] = 1
     factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(1000, bool), cap=100.0)
-    assert factor is not None and factor.shape == (2,)
+    assert factor is not None and factor.shape == (2,)  # answer 7's pool, then the rare answers' pool
     m = float((counts * weight)[:500].sum()), float((counts * weight)[500:].sum())
     assert m[0] == pytest.approx(m[1], rel=1e-5)
 
@@ -578,6 +578,7 @@ def test_balance_answers_gives_every_free_answer_the_same_ratio_to_its_data_shar
         factor = policy.balance_answers(counts, weight, answer, pruned=np.zeros(600, bool), cap=2.0)
         if factor is None:
             continue
+        factor = factor[:k]  # every answer here is common: the last pool, the rare ones', is empty
         data = np.bincount(answer, minlength=k) / 600
         mass = np.bincount(answer, weights=counts * weight.astype(np.float64), minlength=k)
         ratio = mass / mass.sum() / data
@@ -606,3 +607,23 @@ def test_balance_answers_leaves_unreported_samples_out():
     assert (weight[300:] == 1.0).all()
     m = [float((counts * weight)[:300][labels[:300] == a].sum()) for a in range(3)]
     assert m[0] == pytest.approx(m[1], rel=1e-5) == pytest.approx(m[2], rel=1e-5)
+
+
+def test_balance_answers_in_steps_finds_the_same_pools_as_in_one(monkeypatch):
+    """The common answers are found a step at a time: with steps of 97 samples the factors and weights are
+    those of one step over all, including an answer common overall but spread thinly over the steps."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    answer = rng.choice(np.array([5, 9, 11, 40], np.uint32), n, p=[0.5, 0.3, 0.17, 0.03])
+    answer[::50] = np.arange(1000, 1000 + n // 50, dtype=np.uint32)  # rare answers, one sample each
+    counts = rng.integers(0, 3, n).astype(np.uint16)
+    pruned = rng.random(n) < 0.05
+    seen = rng.random(n) < 0.9
+    base = rng.choice([0.5, 1.0], n).astype(np.float32)
+    one, steps = base.copy(), base.copy()
+    f_one = policy.balance_answers(counts, one, answer, pruned=pruned, seen=seen, cap=4.0)
+    monkeypatch.setattr(policy, "_STEP", 97)
+    f_steps = policy.balance_answers(counts, steps, answer, pruned=pruned, seen=seen, cap=4.0)
+    assert f_one.shape == (5,)  # 5, 9, 11, 40 (3% of the samples: common), then the rare pool
+    np.testing.assert_allclose(f_steps, f_one, rtol=1e-12)
+    np.testing.assert_array_equal(steps, one)
