@@ -31,8 +31,8 @@ from geko_data.plan import EpochPlan
 
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "OPTIONAL_COLUMNS", "PLAN_COLUMNS",
            "FingerprintError", "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum",
-           "column_values", "fingerprint_of", "is_unset", "read_table", "state_table", "unset_column",
-           "write_table"]
+           "column_values", "fingerprint_of", "is_unset", "read_table", "resume_fingerprint_error",
+           "state_table", "unset_column", "write_table"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
 #: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``
@@ -85,6 +85,15 @@ def check_fingerprint(stored: str | None, expected: str | None, *, where: str) -
         raise FingerprintError(f"{where}: state was written for other data (other shards or samples: its "
                                f"fingerprint is {stored!r}, the data here has {expected!r}); point at the data it was "
                                f"written for, or start a new state for this data")
+
+
+def resume_fingerprint_error(checkpoint: str, stored: str | None, expected: str | None, *, run: str,
+                             fresh: str) -> FingerprintError:
+    """The FingerprintError of a framework resume whose checkpoint holds state of other data: names the
+    checkpoint, both fingerprints (``run``: where this run's came from) and both ways out (``fresh``: how
+    to start over). One wording for every integration (GEKOTrainer, GEKOCallback)."""
+    return FingerprintError(f"{checkpoint} holds GEKO state written for other data (its fingerprint is {stored!r}, "
+                            f"{run} is {expected!r}): resume it with the data it was written for, or {fresh}")
 
 
 def fingerprint_of(keys: Any) -> str:

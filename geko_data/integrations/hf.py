@@ -50,6 +50,7 @@ from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import FingerprintError, SampleState
+from geko_data.statefile import resume_fingerprint_error
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOTrainer", "GEKOTrainerMixin", "GEKOSFTTrainer", "KeepGEKOKeys", "default_signals",
@@ -395,11 +396,10 @@ class GEKOTrainerMixin:
         try:
             sampler.use_state(state)
         except FingerprintError:
-            raise FingerprintError(
-                f"resume_from_checkpoint {resume_from_checkpoint!r} holds GEKO state written for other data (its "
-                f"fingerprint is {state.fingerprint!r}, this run's `geko_fingerprint` is {self.geko_fingerprint!r}): "
-                f"resume it with the data it was written for, or train this data from the start (without "
-                f"`resume_from_checkpoint`)") from None
+            raise resume_fingerprint_error(
+                f"resume_from_checkpoint {resume_from_checkpoint!r}", state.fingerprint, self.geko_fingerprint,
+                run="this run's `geko_fingerprint`",
+                fresh="train this data from the start (without `resume_from_checkpoint`)") from None
         sampler.load_state_dict(sd)
         epoch, position = int(sd["epoch"]), int(sd["position"])
         if len(sampler) == 0:  # saved at the epoch's end: the next epoch starts fresh

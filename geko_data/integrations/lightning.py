@@ -47,6 +47,7 @@ from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import FingerprintError, SampleState
+from geko_data.statefile import resume_fingerprint_error
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
@@ -422,10 +423,9 @@ class GEKOCallback(pl.Callback):
             self.sampler.use_state(state)
         except FingerprintError:
             ckpt = getattr(self._trainer, "ckpt_path", None)
-            raise FingerprintError(
-                f"checkpoint {ckpt!r} holds GEKO state written for other data (its fingerprint is "
-                f"{state.fingerprint!r}, this fit's `fingerprint=` is {self.fingerprint!r}): resume it with the "
-                f"data it was written for, or fit this data from the start (without `ckpt_path`)") from None
+            raise resume_fingerprint_error(f"checkpoint {ckpt!r}", state.fingerprint, self.fingerprint,
+                                           run="this fit's `fingerprint=`",
+                                           fresh="fit this data from the start (without `ckpt_path`)") from None
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)
         if len(self.sampler) > 0 and int(sd["position"]) > 0 and self.batches == "fixed":
