@@ -171,11 +171,19 @@ _CELL_MAX = 60  # characters of a key or value in a table; longer ones end in ".
 
 
 def _summary(path: str) -> dict[str, Any]:
-    cols, meta = _load_columns(path, _SUMMARY_COLUMNS)
-    return {"path": path, **summary.summarize(cols),
-            **{k: meta.get(k) for k in ("epoch", "step", "num_nonfinite", "fingerprint", "config")},
-            "history": meta.get("history", []), "format_version": meta.get("format_version"),
-            "checksum": meta.get("checksum")}
+    table, meta = _load(path)  # every column (memory-mapped): the optional ones are read when the file has them
+    cols = {name: column_values(table, name) for name in _SUMMARY_COLUMNS}
+    out = {"path": path, **summary.summarize(cols),
+           **{k: meta.get(k) for k in ("epoch", "step", "num_nonfinite", "fingerprint", "config")},
+           "history": meta.get("history", []), "format_version": meta.get("format_version"),
+           "checksum": meta.get("checksum")}
+    if "answer" in table.column_names:
+        plan = {n: column_values(table, n) for n in ("plan_count", "plan_weight") if n in table.column_names}
+        out["answers"] = summary.answers(
+            column_values(table, "answer"), seen=np.isfinite(cols["loss"]), bucket=cols["bucket"],
+            pruned=cols["pruned"], correct=column_values(table, "correct"), counts=plan.get("plan_count"),
+            weight=plan.get("plan_weight"))
+    return out
 
 
 def _top(path: str, kind: str, n: int, index: str | None, storage_options: dict[str, Any] | None = None
@@ -250,6 +258,15 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"{'PRUNED':<8} {s['pruned']:>10,} {100 * s['pruned'] / max(s['samples'], 1):>6.1f}%")
     print()
     print("times seen   " + "  ".join(f"{k}: {v:,}" for k, v in s["times_seen"].items() if v))
+    if "answers" in s:
+        a = s["answers"]
+        print()
+        print(f"answers      {a['distinct']:,} distinct among {a['seen']:,} seen samples; the most common:")
+        print(f"  {'answer':<12} {'samples':>9} {'data':>7} {'FREEZE':>7} {'right':>7} {'trained weight':>15}")
+        for r in a["rows"]:
+            w = "-" if r["trained_weight_share"] is None else f"{100 * r['trained_weight_share']:.1f}%"
+            print(f"  {r['answer']:<12} {r['samples']:>9,} {100 * r['data_share']:>6.1f}% "
+                  f"{100 * r['freeze_share']:>6.1f}% {100 * r['right_share']:>6.1f}% {w:>15}")
     if s["history"]:
         print()
         print("\n".join(format_history(s["history"], detail=True)))

@@ -15,7 +15,7 @@ import numpy as np
 from geko_data import policy
 from geko_data.validate import check_int
 
-__all__ = ["GROUPS", "PRUNED", "TOP_KINDS", "groups", "summarize", "top", "transitions"]
+__all__ = ["GROUPS", "PRUNED", "TOP_KINDS", "answers", "groups", "summarize", "top", "transitions"]
 
 #: The code of a pruned sample in ``groups``, after the four bucket codes.
 PRUNED = len(policy.BUCKET_NAMES)
@@ -98,3 +98,24 @@ def transitions(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = len(GROUPS)
     matrix = np.bincount(a.astype(np.int64) * k + b, minlength=k * k).reshape(k, k)
     return matrix, np.flatnonzero((a != PRUNED) & (b == PRUNED))
+
+
+def answers(answer: np.ndarray, *, seen: np.ndarray, bucket: np.ndarray, pruned: np.ndarray, correct: np.ndarray,
+            counts: np.ndarray | None = None, weight: np.ndarray | None = None, top: int = 8) -> dict[str, Any]:
+    """How the reported answers fare (a state with an ``answer`` column): the number of distinct answers among
+    the ``seen`` samples and, for the ``top`` most common, their samples, share FREEZE, share right and, with
+    the plan's ``counts`` and loss ``weight``, their share of the epoch's trained weight (what the answers'
+    balance keeps at their data share; a model near chance freezes mostly the answer it favours)."""
+    check_int("top", top, 1)
+    seen = np.asarray(seen, dtype=bool)
+    values, tally = np.unique(np.asarray(answer)[seen], return_counts=True)
+    trained = None if counts is None or weight is None else np.asarray(counts) * np.asarray(weight, np.float64)
+    total = float(trained[seen].sum()) if trained is not None else 0.0
+    frozen = (np.asarray(bucket) == policy.FREEZE) & ~np.asarray(pruned, dtype=bool)
+    rows = []
+    for i in np.argsort(-tally, kind="stable")[:top]:
+        m = seen & (answer == values[i])
+        rows.append({"answer": int(values[i]), "samples": int(tally[i]), "data_share": float(tally[i] / seen.sum()),
+                     "freeze_share": float(frozen[m].mean()), "right_share": float(np.asarray(correct)[m].mean()),
+                     "trained_weight_share": float(trained[m].sum() / total) if total > 0 else None})
+    return {"distinct": int(values.shape[0]), "seen": int(seen.sum()), "rows": rows}

@@ -51,6 +51,31 @@ def installed_script():
 
 
 # ---------------------------------------------------------------------- inspect
+def test_inspect_shows_how_each_answer_fares_when_the_state_has_answers(tmp_path, capsys):
+    from geko_data import GEKOSampler
+
+    n = 600
+    rng = np.random.default_rng(0)
+    answer = np.arange(n) % 3 + 7
+    correct = (answer == 7) | (rng.random(n) < 0.15)  # the model favours answer 7: its samples freeze
+    s = GEKOSampler(n, total_epochs=3, seed=1, config=GEKOConfig(short_run_keep=None, log_bucket_stats=False))
+    s.set_epoch(0)
+    s.report(np.arange(n), rng.exponential(1.0, n).astype(np.float32), correct=correct, answer=answer)
+    s.set_epoch(1)
+    s.state.save(tmp_path / "a.arrow")
+    code, out, _ = run(capsys, "inspect", tmp_path / "a.arrow", "--json")
+    rows = {r["answer"]: r for r in json.loads(out)["answers"]["rows"]}
+    assert code == 0 and sorted(rows) == [7, 8, 9] and all(r["samples"] == 200 for r in rows.values())
+    assert rows[7]["right_share"] == 1.0 and rows[7]["freeze_share"] > 3 * rows[8]["freeze_share"]
+    for r in rows.values():  # the answers' balance: each answer's trained weight is its data share
+        assert r["trained_weight_share"] == pytest.approx(1 / 3, rel=1e-4)
+    code, out, _ = run(capsys, "inspect", tmp_path / "a.arrow")
+    assert "3 distinct among 600 seen samples" in out and "trained weight" in out
+    make_state(tmp_path / "plain.arrow")  # no answers reported: no such section
+    code, out, _ = run(capsys, "inspect", tmp_path / "plain.arrow")
+    assert code == 0 and "answers" not in out
+
+
 def test_inspect_text_and_json(tmp_path, capsys):
     s = make_state(tmp_path / "s.arrow")
     code, out, _ = run(capsys, "inspect", tmp_path / "s.arrow")

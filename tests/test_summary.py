@@ -76,3 +76,26 @@ def test_transitions():
     assert matrix.shape == (5, 5) and matrix.sum() == 7 and np.trace(matrix) == 4
     assert matrix[1, 4] == 1 and matrix[3, 4] == 1 and matrix[1, 2] == 1 and matrix[4, 4] == 1
     assert newly.tolist() == [1, 3]
+
+
+def test_answers_counts_the_seen_samples_most_common_first():
+    from geko_data import summary as sm
+
+    answer = np.array([4, 4, 4, 9, 9, 1, 0, 0], np.uint32)
+    seen = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)  # the two unseen carry the column's 0
+    bucket = np.array([policy.FREEZE, policy.FREEZE, policy.LIGHT, policy.FOCUS, policy.FREEZE, policy.LIGHT,
+                       policy.FOCUS, policy.FOCUS], np.uint8)
+    pruned = np.array([0, 1, 0, 0, 0, 0, 0, 0], bool)
+    correct = np.array([1, 1, 1, 0, 1, 1, 0, 0], bool)
+    got = sm.answers(answer, seen=seen, bucket=bucket, pruned=pruned, correct=correct, top=2)
+    assert got["distinct"] == 3 and got["seen"] == 6 and [r["answer"] for r in got["rows"]] == [4, 9]
+    four = got["rows"][0]
+    assert four["samples"] == 3 and four["freeze_share"] == pytest.approx(1 / 3)  # the pruned one is not FREEZE
+    assert four["right_share"] == 1.0 and four["trained_weight_share"] is None  # no plan given
+    counts = np.array([0, 0, 1, 2, 0, 1, 1, 1], np.uint16)
+    weight = np.array([0, 0, 2, 1, 0, 1, 1, 1], np.float32)
+    got = sm.answers(answer, seen=seen, bucket=bucket, pruned=pruned, correct=correct, counts=counts,
+                     weight=weight)
+    assert [r["trained_weight_share"] for r in got["rows"]] == pytest.approx([0.4, 0.4, 0.2])
+    with pytest.raises(ValueError, match="top"):
+        sm.answers(answer, seen=seen, bucket=bucket, pruned=pruned, correct=correct, top=0)
