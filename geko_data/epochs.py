@@ -223,7 +223,7 @@ class EpochDriver:
                answer: Any = None, step: int | None = None) -> int:
         """Feed per-sample results back (all-gathered under torch.distributed); see ``Feedback.report``."""
         return self.feedback.report(ids, losses, correct=correct, confidence=confidence, answer=answer,
-                                     step=step)
+                                   step=step)
 
     def _check_consumed(self, consumed: int | None, what: str) -> None:
         """``state_dict``'s ``consumed`` counts the epoch from its start: in an epoch resumed at ``position`` it

@@ -585,7 +585,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         counted, so that ``state_dict(consumed=)`` can tell they are the samples its position skips."""
         ids = to_numpy(ids, "ids")  # once: a tensor's copy to numpy is not made twice per batch
         rows = super().report(ids, losses, correct=correct, confidence=confidence, answer=answer,
-                                     step=step)
+                              step=step)
         if self._shared.epoch >= 0:
             got = ids.astype(np.int64, copy=False)
             self._reported.add(self._epoch_key(), got)
