@@ -31,16 +31,23 @@ and the loader's ``sampler`` is that sampler in both modes, so Lightning leaves 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import secrets
+import shutil
+import stat
 import tempfile
 import warnings
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from geko_data.atomic import atomic_write_bytes
 from geko_data.batches import BATCHES, GEKOBatchSampler, full_epoch_steps
 from geko_data.config import GEKOConfig
 from geko_data.epochs import check_int
@@ -201,6 +208,28 @@ def _batch_ids(batch: Any) -> Any:
                      "and hand `training_step` the batch as the loader gives it")
 
 
+def _fits_in_children(trainer: pl.Trainer) -> bool:
+    """Whether the fit runs in processes the main one started and waits for (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``), whose callbacks are copies: what they hold is lost with them unless handed back."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def _own_folder(path: str) -> bool:
+    """``path`` is a folder (not a link to one) of this user that only this user can write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _remove_handover(path: str, owner: int) -> None:
+    if os.getpid() == owner and _own_folder(path):  # never from a forked child: the parent reads it
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class GEKOCallback(pl.Callback):
     """Owns a ``GEKOSampler`` over ``dataset`` for ``trainer.fit``.
 
@@ -247,12 +276,31 @@ class GEKOCallback(pl.Callback):
         self.epoch_length = epoch_length
         self.log_prefix = log_prefix
         self.batches = batches
-        self.sampler: RankAwareGEKOSampler | None = None
+        self._sampler: RankAwareGEKOSampler | None = None
         self._consumed = 0  # this rank's indices of the current epoch reported so far
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
         self._resumed_epoch: int | None = None  # the epoch a restored position belongs to
         self._warned_fixed = False  # a mid-epoch checkpoint with fixed batches was said to be unresumable
         self._trainer: pl.Trainer | None = None  # the fit's, from setup
+        # Under a strategy that fits in child processes (ddp_spawn, ddp_fork, ddp_notebook) this object is only
+        # copied into them: rank 0 hands the run's state back through a private folder under this name (made by
+        # the child, mode 0700; nothing is made unless such a fit runs), read at the next `sampler` access here.
+        self._owner_pid = os.getpid()
+        self._set_up_here = False  # whether setup() ran in this process (the fit ran here, not in children)
+        self._handover = os.path.join(tempfile.gettempdir(), f"geko-callback-{secrets.token_hex(16)}")
+        weakref.finalize(self, _remove_handover, self._handover, self._owner_pid)
+
+    @property
+    def sampler(self) -> RankAwareGEKOSampler | None:
+        """The fit's ``GEKOSampler`` (its ``state``, ``efficiency_report()``); ``None`` before a fit. After a fit
+        that ran in child processes (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``), a copy of rank 0's."""
+        if not self._set_up_here and os.getpid() == self._owner_pid:
+            self._take_handover()
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: RankAwareGEKOSampler | None) -> None:
+        self._sampler = value
 
     # ------------------------------------------------------------------ setup and data
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -290,17 +338,21 @@ class GEKOCallback(pl.Callback):
         if limit is not None and (limit != 1.0 or (isinstance(limit, int) and not isinstance(limit, bool))):
             raise ValueError(f"`limit_train_batches` must be 1.0 with GEKOCallback (every draw of an epoch's plan "
                              f"is trained), got {limit!r}")
-        self.sampler = RankAwareGEKOSampler(self.dataset, total_epochs=int(epochs), config=self.config,
-                                            seed=self.seed, num_replicas=trainer.world_size,
-                                            rank=trainer.global_rank, epoch_length=self.epoch_length,
-                                            fingerprint=self.fingerprint)
-        # Set before a checkpoint's epoch is restored and planned (a GEKOBatchSampler would set it only when
-        # train_dataloader() runs): the plan's short-run rule depends on it.
-        self.sampler.keeps_steps = self.batches == "steps"
+        self._set_up_here = True
+        self.sampler = self._new_sampler(int(epochs), world_size=trainer.world_size, rank=trainer.global_rank)
         self._trainer = trainer  # its ckpt_path (set when a resume starts) is named by a restore's errors
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
+
+    def _new_sampler(self, epochs: int, *, world_size: int, rank: int) -> RankAwareGEKOSampler:
+        sampler = RankAwareGEKOSampler(self.dataset, total_epochs=epochs, config=self.config, seed=self.seed,
+                                       num_replicas=world_size, rank=rank, epoch_length=self.epoch_length,
+                                       fingerprint=self.fingerprint)
+        # Set before a checkpoint's epoch is restored and planned (a GEKOBatchSampler would set it only when
+        # train_dataloader() runs): the plan's short-run rule depends on it.
+        sampler.keeps_steps = self.batches == "steps"
+        return sampler
 
     def dataloader(self, **kwargs: Any) -> DataLoader:
         """The train DataLoader over the wrapped dataset (``DataLoader``'s keyword args, but no sampler); call it
@@ -379,6 +431,42 @@ class GEKOCallback(pl.Callback):
             ours = re.escape(self.log_prefix)
             warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{ours}")
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (self._sampler is not None and trainer.global_rank == 0 and os.getpid() != self._owner_pid
+                and _fits_in_children(trainer)):
+            self._give_handover(trainer)
+
+    # ------------------------------------------------------------------ the state of a fit run in children
+    def _give_handover(self, trainer: pl.Trainer) -> None:
+        """Rank 0 of a fit in child processes: the state and the sampler's position, for the parent's copy."""
+        assert self._sampler is not None
+        try:
+            os.mkdir(self._handover, 0o700)
+        except FileExistsError:  # a second fit before the parent read the first one's: replaced below
+            if not _own_folder(self._handover):
+                raise RuntimeError(f"GEKOCallback: {self._handover!r} exists and is not a folder of this user; "
+                                   f"the fit's state is not handed back to the main process") from None
+            with contextlib.suppress(FileNotFoundError):  # written last: marks a complete handover
+                os.unlink(os.path.join(self._handover, "sampler.json"))
+        self._sampler.state.save(os.path.join(self._handover, "state.arrow"))
+        meta = {"sampler": self._sampler.state_dict(consumed=self._consumed),
+                "total_epochs": self._sampler.total_epochs, "world_size": trainer.world_size}
+        atomic_write_bytes(os.path.join(self._handover, "sampler.json"), json.dumps(meta).encode())
+
+    def _take_handover(self) -> None:
+        """In the process that made this callback: the state a fit in child processes handed back, if any."""
+        meta_path = os.path.join(self._handover, "sampler.json")
+        if not _own_folder(self._handover) or not os.path.isfile(meta_path):
+            return
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+        state = SampleState.load(os.path.join(self._handover, "state.arrow"), memory_map=False)
+        sampler = self._new_sampler(int(meta["total_epochs"]), world_size=int(meta["world_size"]), rank=0)
+        sampler.use_state(state)
+        sampler.load_state_dict(meta["sampler"])
+        self._sampler, self._consumed = sampler, int(meta["sampler"]["position"])
+        shutil.rmtree(self._handover, ignore_errors=True)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -44,7 +44,9 @@ class Module(pl.LightningModule):
         self.plans = {}  # epoch: the callback's plan (draws per sample, over all ranks)
 
     def train_dataloader(self):
-        return self.loader_fn()
+        # No loader function: the callback's loader, built here (a module fitted in spawned processes is
+        # pickled, and a lambda cannot be)
+        return self.loader_fn() if self.loader_fn is not None else self.geko.dataloader(batch_size=BATCH)
 
     def training_step(self, batch, batch_idx):
         ids = batch["__index__"].tolist()
@@ -64,10 +66,12 @@ class Module(pl.LightningModule):
 
 
 def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None, max_steps=-1,
-        config=EASY, workers=0, module_cls=None, fingerprint=None):
+        config=EASY, workers=0, module_cls=None, fingerprint=None, strategy=None):
     """One fit. ``checkpoint``: False, True (Lightning's default end-of-epoch checkpoints) or N (a checkpoint
     every N optimizer steps, all kept); ``max_steps`` stops the fit there, mid-epoch; ``workers``: the
-    callback's loader's DataLoader workers (persistent); ``module_cls``: a ``Module`` subclass to fit instead."""
+    callback's loader's DataLoader workers (persistent); ``module_cls``: a ``Module`` subclass to fit instead;
+    ``strategy``: Lightning's (default ``"ddp"`` with 2+ devices); ``"ddp_spawn"`` / ``"ddp_fork"`` fit in child
+    processes, with the callback's loader (``mode`` ``"callback"``, no workers)."""
     torch.manual_seed(0)  # the same initial weights in every run
     data = dataset()
     geko = GEKOCallback(data, config=config, seed=2, total_epochs=total_epochs,
@@ -76,6 +80,8 @@ def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_
         def loader_fn():  # after the process group is up: the sampler reads the ranks from it
             sampler = GEKOSampler(data, total_epochs=epochs, config=config)
             return DataLoader(sampler.wrap(data), batch_size=BATCH, sampler=sampler)
+    elif strategy in ("ddp_spawn", "ddp_fork"):
+        loader_fn = None
     else:
         loader_fn = lambda: geko.dataloader(batch_size=BATCH, num_workers=workers,  # noqa: E731
                                             persistent_workers=workers > 0)
@@ -85,7 +91,7 @@ def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_
                                                       every_n_train_steps=checkpoint))
     module = (module_cls or Module)(loader_fn, geko)
     trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=devices,
-                         strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, logger=False,
+                         strategy=strategy or ("ddp" if devices > 1 else "auto"), callbacks=callbacks, logger=False,
                          enable_checkpointing=bool(checkpoint), enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=out,
                          use_distributed_sampler=mode != "nodist")

@@ -345,6 +345,21 @@ def test_ddp_fixed_batches_each_rank_trains_its_share(ddp):
             assert sizes[:-1] == [lightning_job.BATCH] * (len(sizes) - 1)
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_fit_in_child_processes_hands_its_state_back_to_the_main_process(tmp_path, ddp, strategy):
+    # These strategies fit in processes the main one starts; its callback is only copied into them, so its
+    # sampler stayed None after the fit and the run's per-sample state was lost with the children.
+    trainer, _, geko = lightning_job.run(str(tmp_path), "callback", devices=2, strategy=strategy,
+                                         config=lightning_job.EASY_DDP)
+    assert trainer.world_size == 2 and geko.sampler is not None
+    r0 = ddp[1]["callback"][0]  # the same fit under torchrun: its processes are the ranks
+    assert tiny.state_digest(geko.sampler.state) == r0["state"]
+    assert geko.sampler.efficiency_report()["sample_passes"] == r0["metrics"]["geko/sample_passes"]
+    assert geko.sampler.epoch == 2 and not os.path.exists(geko._handover)  # read once, then removed
+    assert GEKOCallback(lightning_job.dataset()).sampler is None  # nothing handed back: nothing there
+
+
 @pytest.mark.timeout(150)
 def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp_path):
     proc = _torchrun(tmp_path, "plain")
