@@ -1,9 +1,9 @@
 """geko_data: GEKO as a data-pipeline component.
 
-``GEKOSampler`` (map-style) and ``GEKOStream`` (WebDataset shards) skip what the
-model has mastered and repeat what it gets confidently wrong; the training loop
-reports per-sample losses back through ``report``; ``SampleState`` keeps the
-per-sample learning state in Arrow files.
+``GEKOSampler`` (map-style datasets, and WebDataset shards through ``ShardDataset``) and ``GEKOStream``
+(WebDataset shards) skip what the model has mastered and repeat what it gets confidently wrong; the
+training loop reports per-sample losses back through ``report``; ``SampleState`` keeps the per-sample
+learning state in Arrow files.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _LAZY = {
     "GEKOStream": "geko_data.stream",
     "PartitionStats": "geko_data.state",
     "SampleState": "geko_data.state",
+    "ShardDataset": "geko_data.dataset",
     "ShardError": "geko_data.shards",
     "StateFileError": "geko_data.state",
     "fingerprint_of": "geko_data.state",

@@ -194,6 +194,19 @@ def _shard_urls(index: ShardIndex, shard_url: str | Callable[[str], str] | None)
     raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
 
 
+def check_source_args(source: str | os.PathLike, *, storage_options: dict[str, Any] | None,
+                      shard_url: str | Callable[[str], str] | None, remote: RemoteConfig | None) -> None:
+    """The arguments that say where shards are read from, checked before anything is read."""
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
+    if storage_options and shard_url is None and not is_url(os.fspath(source)):
+        # 's3:/bucket/x' (one slash) or a forgotten scheme would be read from local disk, options unused
+        raise ValueError(f"`storage_options` were given, but `source` {os.fspath(source)!r} is a local path (a "
+                         f"URL has '://', e.g. 's3://bucket/shards/') and no `shard_url` reads remote shards: "
+                         f"nothing would use them")
+    check_instance("remote", remote, RemoteConfig)
+
+
 def _open_index(source: str | os.PathLike, storage_options: dict[str, Any] | None,
                 remote: RemoteConfig) -> ShardIndex:
     if is_url(os.fspath(source)):
@@ -351,14 +364,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         check_instance("world", world, World)
         if handler is not None and not callable(handler):
             raise TypeError(f"`handler` must be callable, got {handler!r}")
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
-        if storage_options and shard_url is None and not is_url(os.fspath(source)):
-            # 's3:/bucket/x' (one slash) or a forgotten scheme would be read from local disk, options unused
-            raise ValueError(f"`storage_options` were given, but `source` {os.fspath(source)!r} is a local path (a "
-                             f"URL has '://', e.g. 's3://bucket/shards/') and no `shard_url` reads remote shards: "
-                             f"nothing would use them")
-        check_instance("remote", remote, RemoteConfig)
+        check_source_args(source, storage_options=storage_options, shard_url=shard_url, remote=remote)
         self._decoder = make_decoder(decode, max_decoded_bytes=max_decoded_bytes)
         remote = remote or RemoteConfig()
         self.index = _open_index(source, storage_options, remote)

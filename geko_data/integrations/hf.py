@@ -150,8 +150,8 @@ class GEKOTrainerMixin:
         if isinstance(train_dataset, torch.utils.data.IterableDataset) or (
                 type(train_dataset).__name__ == "IterableDataset"):  # datasets' (not a torch one)
             raise TypeError(f"`train_dataset` must be a map-style dataset (len and indexing: GEKO picks the "
-                            f"samples of each epoch), got {type(train_dataset).__name__}; to stream shards, "
-                            f"use GEKOStream with your own loop or geko-train")
+                            f"samples of each epoch), got {type(train_dataset).__name__}; for WebDataset shards "
+                            f"(local or s3://, gs://, ...), pass geko_data.ShardDataset(folder_or_url)")
         super().__init__(*args, **kwargs)
         self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config

@@ -259,7 +259,7 @@ class GEKOCallback(pl.Callback):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
                             f"{type(dataset).__name__}; GEKOCallback samples a dataset it can index: for WebDataset "
-                            f"shards, GEKOStream (the README's streaming section) is read in a loop of your own")
+                            f"shards (local or s3://, gs://, ...), pass geko_data.ShardDataset(folder_or_url)")
         check_int("total_epochs", total_epochs, 1, optional=True)
         check_int("seed", seed, 0)
         check_int("epoch_length", epoch_length, 1, optional=True)

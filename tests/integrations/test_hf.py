@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import tiny  # noqa: E402
+from servers import s3_server  # noqa: E402,F401 - fixture
 from geko_data import GEKOConfig  # noqa: E402
 from geko_data.batches import epoch_batch_size  # noqa: E402
 from geko_data.integrations.hf import GEKOTrainer  # noqa: E402
@@ -278,7 +279,7 @@ def test_an_iterable_dataset_is_refused_naming_what_geko_needs(tmp_path):
 
     stream = tiny.hf_dataset(8).to_iterable_dataset()
     assert isinstance(stream, datasets.IterableDataset)
-    with pytest.raises(TypeError, match=r"`train_dataset` must be a map-style dataset .*got IterableDataset.*GEKOStream"):
+    with pytest.raises(TypeError, match=r"`train_dataset` must be a map-style dataset .*got IterableDataset.*ShardDataset"):
         GEKOTrainer(model=tiny.tiny_llama(), args=make_args(tmp_path), train_dataset=stream,
                     data_collator=pad_collate)
 
@@ -391,3 +392,36 @@ def test_torchrun_ddp_each_rank_trains_its_full_share(tmp_path):
         a, b = r0["ids"][epoch], r1["ids"][epoch]
         assert len(a) == len(b) == -(-sum(plan) // 2)  # each rank its equal half (accelerate took half of it)
         tiny.assert_trains_plan(plan, a + b, world=2)  # every draw of the plan, exactly once
+
+
+@pytest.mark.timeout(180)
+def test_trainer_reads_shards_from_s3_through_a_shard_dataset(s3_server, tmp_path):
+    # Shards in an object store, read by the Trainer's DataLoader workers through ShardDataset: every draw of
+    # every epoch's plan is trained, and the resume check knows the data by the index's fingerprint.
+    import uuid
+
+    from geko_data.dataset import ShardDataset
+    from geko_data.remote_index import index_remote
+    from geko_data.shards import write_shards
+    from geko_data.train.collate import decode_json
+
+    rows = tiny.rows(64)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shards([{"__key__": f"{i:05d}", "json": json.dumps(r)} for i, r in enumerate(rows)],
+                 str(folder / "shard-%03d.tar"), maxcount=20)
+    prefix, fs = f"geko/{uuid.uuid4().hex[:8]}", s3_server.filesystem()
+    for p in sorted(folder.glob("*.tar")):
+        fs.put_file(str(p), f"{prefix}/{p.name}")
+    url = f"s3://{prefix}/"
+    index_remote([url], output=url + "index.arrow", storage_options=s3_server.storage_options, progress=False)
+    data = ShardDataset(url, decode=decode_json, storage_options=s3_server.storage_options)
+    trainer = tiny.recording_trainer(GEKOTrainer)(
+        model=tiny.tiny_llama(), args=make_args(tmp_path / "out", num_train_epochs=5, dataloader_num_workers=2),
+        train_dataset=data, data_collator=pad_collate, geko_config=EASY.replace(freeze_confidence=None),
+        geko_fingerprint=data.fingerprint)
+    trainer.train()
+    assert sorted(trainer.plans) == [0, 1, 2, 3, 4] and sum(trainer.plans[4]) < 64  # samples froze: epochs shrank
+    for epoch, plan in trainer.plans.items():
+        tiny.assert_trains_plan(plan, trainer.ids_by_epoch[epoch])
+    assert trainer.geko_sampler.state.fingerprint == data.fingerprint

@@ -428,5 +428,5 @@ def test_fast_dev_run_and_an_iterable_dataset_say_what_to_do(tmp_path):
         def __iter__(self):
             return iter(())
 
-    with pytest.raises(TypeError, match=r"must be a map-style dataset .*got Stream; .*GEKOStream"):
+    with pytest.raises(TypeError, match=r"must be a map-style dataset .*got Stream; .*ShardDataset"):
         GEKOCallback(Stream())

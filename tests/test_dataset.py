@@ -1,0 +1,139 @@
+"""ShardDataset: shards as a map-style dataset for GEKOSampler and the integrations, local and over S3."""
+
+import pickle
+import uuid
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from conftest import SHARD_SIZES, sample_for, write_uneven_shards
+from geko_data import GEKOConfig, GEKOSampler
+from geko_data.dataset import ShardDataset
+from geko_data.remote_index import index_remote
+from geko_data.shards import ShardError, read_index
+from geko_data.train.collate import decode_json
+from servers import s3_server  # noqa: F401 - fixture
+
+N = sum(SHARD_SIZES)
+QUIET = GEKOConfig(log_bucket_stats=False)
+HALF = GEKOConfig(mode="random_subset", subset_fraction=0.5, log_bucket_stats=False)
+
+
+def as_list(batch):
+    return batch
+
+
+def expected(i):
+    """What sample ``i`` of the uneven shards was written as (shard, position)."""
+    shard = int(np.searchsorted(np.cumsum(SHARD_SIZES), i, side="right"))
+    return sample_for(shard, i - int(sum(SHARD_SIZES[:shard])))
+
+
+@pytest.mark.timeout(60)
+def test_items_are_the_samples_written_in_the_order_asked(shards):
+    ds = ShardDataset(str(shards))
+    assert len(ds) == N and ds.fingerprint == read_index(shards).fingerprint
+    for i in (0, 4, 5, N - 1):
+        item = ds[i]
+        want = expected(i)
+        assert {k: item[k] for k in want} == want
+        assert item["__url__"] == str(shards / f"shard-{int(item['__key__'][1]):03d}.tar")
+    got = ds.__getitems__([30, 2, 30, 41])  # a batch: any order, repeats
+    assert [g["__key__"] for g in got] == [expected(i)["__key__"] for i in (30, 2, 30, 41)]
+    assert got[0] is not got[2] and got[0] == got[2]  # a repeated draw is its own dict
+    assert ds.__getitems__([]) == []
+
+
+@pytest.mark.timeout(60)
+def test_bad_indices_are_refused_naming_the_value_and_the_range(shards):
+    ds = ShardDataset(str(shards))
+    with pytest.raises(IndexError, match=rf"sample index {N} is out of range: the shards hold {N} samples \(0 to "
+                                         rf"{N - 1}\)"):
+        ds[N]
+    with pytest.raises(IndexError, match="sample index -1 is out of range"):
+        ds.__getitems__([3, -1])
+    with pytest.raises(TypeError, match="sample indices must be integers, got"):
+        ds.__getitems__([1.5])
+    with pytest.raises(ValueError, match="`storage_options` were given, but `source`"):
+        ShardDataset(str(shards), storage_options={"anon": True})
+    with pytest.raises(TypeError, match="`verify` must be a bool"):
+        ShardDataset(str(shards), verify="yes")
+
+
+@pytest.mark.timeout(60)
+def test_only_the_drawn_samples_are_read(shards):
+    ds = ShardDataset(str(shards))
+    sampler = GEKOSampler(ds, total_epochs=2, config=HALF, seed=3)
+    sampler.set_epoch(0)
+    drawn = sorted(set(sampler))
+    assert 0 < len(drawn) < N
+    loader = DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=4, collate_fn=as_list)
+    items = [x for b in loader for x in b]
+    assert [x["__key__"] for x in items] == [expected(x["__index__"])["__key__"] for x in items]
+    assert ds.stats["samples_read"] == len(drawn)  # a sample the plan does not draw is never read
+    index = read_index(shards)
+    assert ds.stats["bytes_read"] <= int(index.length[drawn].sum()) + 1024 * len(drawn)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_read_every_draw(shards, context):
+    ds = ShardDataset(str(shards), decode=decode_json)
+    assert len(pickle.dumps(ds)) < 20_000  # a spawned worker gets the index's file name, not the samples
+    sampler = GEKOSampler(ds, total_epochs=2, config=QUIET, seed=1)
+    sampler.set_epoch(0)
+    loader = DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=5, num_workers=2, collate_fn=as_list,
+                        multiprocessing_context=context)
+    items = [x for b in loader for x in b]
+    assert sorted(x["__index__"] for x in items) == list(range(N))
+    for x in items:
+        want = expected(x["__index__"])
+        assert x["__key__"] == want["__key__"] and [x["shard"], x["i"]] == x["x"]  # decoded from its json member
+
+
+@pytest.mark.timeout(60)
+def test_verify_names_a_changed_sample(shards):
+    path = shards / "shard-002.tar"
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"sample 2/3")
+    raw[at + len("sample 2/")] = ord("9")  # same size, same layout: only the content hash can tell
+    path.write_bytes(bytes(raw))
+    assert ShardDataset(str(shards))[5 + 17 + 3]["txt"] == b"sample 2/9"
+    with pytest.raises(ShardError, match="s2_003"):
+        ShardDataset(str(shards), verify=True)[5 + 17 + 3]
+
+
+def _upload(s3_server, folder):
+    prefix = f"geko/{uuid.uuid4().hex[:8]}"
+    fs = s3_server.filesystem()
+    for p in sorted(folder.glob("*.tar")):
+        fs.put_file(str(p), f"{prefix}/{p.name}")
+    url = f"s3://{prefix}/"
+    index_remote([url], output=url + "index.arrow", storage_options=s3_server.storage_options, progress=False)
+    return url
+
+
+@pytest.mark.timeout(180)
+def test_shards_in_s3_read_only_what_is_drawn_with_workers(s3_server, tmp_path):
+    folder = write_uneven_shards(tmp_path / "shards")
+    url = _upload(s3_server, folder)
+    so = s3_server.storage_options
+    ds = ShardDataset(url, storage_options=so)
+    assert ds.fingerprint == read_index(folder).fingerprint
+    assert so["secret"].encode() not in pickle.dumps(ShardDataset(str(folder)))
+    sampler = GEKOSampler(ds, total_epochs=2, config=HALF, seed=3)
+    sampler.set_epoch(0)
+    drawn = sorted(set(sampler))
+    loader = DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=4, collate_fn=as_list)
+    items = [x for b in loader for x in b]
+    local = ShardDataset(str(folder))
+    assert [(x["__key__"], x["json"], x["txt"]) for x in items] == [
+        (y["__key__"], y["json"], y["txt"]) for y in local.__getitems__([x["__index__"] for x in items])]
+    assert ds.stats["samples_read"] == len(drawn) and ds.stats["requests"] > 0
+    # A batch's ranges are coalesced, gaps up to RemoteConfig.gap read through: at most the drawn samples' bytes
+    # and the gaps between them, never the whole shards
+    assert ds.stats["bytes_read"] < int(read_index(folder).length.sum())
+    workers = DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=4, num_workers=2, collate_fn=as_list,
+                         multiprocessing_context="spawn")
+    assert [(x["__index__"], x["json"]) for b in workers for x in b] == [(x["__index__"], x["json"]) for x in items]
