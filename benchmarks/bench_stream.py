@@ -71,6 +71,26 @@ def frozen_stream(folder: str, share: float, batch: int, verify: bool = False,
     return s
 
 
+def frozen_sampler_loader(folder: str, share: float, batch: int) -> DataLoader:
+    """The map-style path the framework integrations take over the same shards: ``GEKOSampler`` over a
+    ``ShardDataset``, ``share`` of the samples FREEZE as in ``frozen_stream``, batches of ``batch`` read by
+    2 persistent workers (one ``__getitems__`` a batch)."""
+    from geko_data.config import GEKOConfig
+    from geko_data.dataset import ShardDataset
+    from geko_data.policy import FREEZE
+    from geko_data.sampler import GEKOSampler
+
+    ds = ShardDataset(folder)
+    sampler = GEKOSampler(ds, total_epochs=1, config=GEKOConfig(log_bucket_stats=False, recheck_frozen=0.0,
+                                                                short_run_keep=None))
+    frozen = np.random.default_rng(0).permutation(len(ds))[: int(share * len(ds))]
+    sampler.state.bucket[frozen] = FREEZE
+    sampler.state.epoch = 0
+    sampler.set_epoch(0)
+    return DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=batch, num_workers=2, collate_fn=as_list,
+                      persistent_workers=True)
+
+
 def cpu_per_sample(streams: dict[str, GEKOStream], repeat: int = 3) -> dict[str, float]:
     """Best CPU seconds per sample of iterating each stream in this process, the streams taking turns (CPU
     time, not wall time: other work on the machine barely moves it)."""
@@ -342,6 +362,9 @@ def main() -> None:
                                         persistent_workers=True)
             got = drain(loaders[share])
             assert got == len(s), (got, len(s))
+        for share in (0.0, 0.5):  # keys ("map", share): the map-style path over the same shards
+            loaders[("map", share)] = frozen_sampler_loader(d, share, batch)
+            assert drain(loaders[("map", share)]) == round(n * (1 - share))
         # The shares take turns (5 rounds, medians): a ratio of two times measured minutes apart on a shared
         # machine says more about the other jobs than about the stream.
         runs: dict[float, list[tuple[float, float]]] = {share: [] for share in loaders}
@@ -351,6 +374,12 @@ def main() -> None:
         times = {share: float(np.median([w for w, _ in r])) for share, r in runs.items()}
         cpus = {share: float(np.median([c for _, c in r])) for share, r in runs.items()}
         del loaders
+        for share in (0.0, 0.5):
+            m = times[("map", share)]
+            rows.append((f"ShardDataset + GEKOSampler (the integrations' map-style path), {int(share * 100)}% "
+                         f"frozen, 2 workers: wall time", f"{m:.2f} s vs GEKOStream {times[share]:.2f} s "
+                         f"({m / times[share]:.2f}x; CPU time {cpus[('map', share)]:.2f} s vs {cpus[share]:.2f} s)",
+                         "(its cost)", ""))
         ratio = (n / times[0.0]) / (n / t_plain)
         rows.append((f"{shards} shards x {per} x {size // 1000} KB, 2 workers: samples/s",
                      f"GEKOStream {n / times[0.0]:,.0f}/s vs webdataset {n / t_plain:,.0f}/s ({ratio:.2f}x)",

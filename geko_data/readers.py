@@ -130,6 +130,10 @@ def _check_inside(f: Any, path: str, root: str, key: str) -> None:
                          f"symbolic link changed since the index was read; reading sample {key!r}): refused")
 
 
+#: Shards a SeekReader keeps open at once (file descriptors of one process).
+_OPEN_SHARDS = 64
+
+
 class SeekReader:
     """Reads samples of local shards by seeking: skipped samples are seeked over, never read, and a run of
     adjacent samples is one read. Holds each sample to its indexed bytes (and hash, with ``verify``)."""
@@ -139,8 +143,9 @@ class SeekReader:
         self.urls = urls
         self.verify = verify
         self.bytes_read = 0
-        self._file: Any = None
-        self._shard = -1
+        # Open shards by number, the most recently used last: a map-style batch (ShardDataset) draws from
+        # every shard, and opening one (with the checks below) cost as much as reading a few samples.
+        self._files: dict[int, Any] = {}
         self._buffer = bytearray()
         # read_index checked that each shard name resolves inside the index's folder; a link swapped in
         # since would lead a later epoch's open() elsewhere, so every open is checked again (for the
@@ -148,14 +153,15 @@ class SeekReader:
         self._root = None if index._file is None else os.path.realpath(os.path.dirname(index._file.path))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._shard = -1
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def _open(self, shard: int, key: str) -> Any:
-        if self._shard != shard:
-            self.close()
+        f = self._files.pop(shard, None)
+        if f is None:
+            if len(self._files) >= _OPEN_SHARDS:
+                self._files.pop(next(iter(self._files))).close()  # the least recently used
             path = self.urls[shard].removeprefix("file://")
             if not os.path.exists(path):
                 raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
@@ -173,8 +179,8 @@ class SeekReader:
                 f.close()
                 raise ShardError(f"shard {path!r} changed since indexing: {size} bytes, index says "
                                  f"{self.index.sizes[shard]} (reading sample {key!r}; {CHANGED_HINT})")
-            self._file, self._shard = f, shard
-        return self._file
+        self._files[shard] = f
+        return f
 
     def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: np.ndarray,
                    lengths: np.ndarray) -> tuple[list[tuple[int, dict[str, Any] | ShardError]], bool]:
