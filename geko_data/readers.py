@@ -143,9 +143,10 @@ class SeekReader:
         self.urls = urls
         self.verify = verify
         self.bytes_read = 0
-        # Open shards by number, the most recently used last: a map-style batch (ShardDataset) draws from
-        # every shard, and opening one (with the checks below) cost as much as reading a few samples.
-        self._files: dict[int, Any] = {}
+        # Open shards by number, the most recently used last, with the identity each had when opened: a
+        # map-style batch (ShardDataset) draws from every shard, and opening one (with the checks below)
+        # cost as much as reading a few samples; a reader kept across epochs still sees a changed shard.
+        self._files: dict[int, tuple[Any, tuple[int, int]]] = {}
         self._buffer = bytearray()
         # read_index checked that each shard name resolves inside the index's folder; a link swapped in
         # since would lead a later epoch's open() elsewhere, so every open is checked again (for the
@@ -153,16 +154,26 @@ class SeekReader:
         self._root = None if index._file is None else os.path.realpath(os.path.dirname(index._file.path))
 
     def close(self) -> None:
-        for f in self._files.values():
+        for f, _ in self._files.values():
             f.close()
         self._files.clear()
 
     def _open(self, shard: int, key: str) -> Any:
-        f = self._files.pop(shard, None)
-        if f is None:
+        path = self.urls[shard].removeprefix("file://")
+        held = self._files.pop(shard, None)
+        if held is not None:
+            f, opened = held
+            try:  # a shard replaced since it was opened (another file at its path) is opened and checked again;
+                now = os.stat(path)  # one cut or rewritten in place reads short or fails its header checks
+                same = (now.st_dev, now.st_ino) == opened
+            except OSError:
+                same = False
+            if not same:
+                f.close()
+                held = None
+        if held is None:
             if len(self._files) >= _OPEN_SHARDS:
-                self._files.pop(next(iter(self._files))).close()  # the least recently used
-            path = self.urls[shard].removeprefix("file://")
+                self._files.pop(next(iter(self._files)))[0].close()  # the least recently used
             if not os.path.exists(path):
                 raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
             # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
@@ -174,12 +185,13 @@ class SeekReader:
                 raise ShardError(f"shard {path!r} is not a regular file (reading sample {key!r})")
             if self._root is not None and self.urls[shard] == self.index.shards[shard]:
                 _check_inside(f, path, self._root, key)
-            size = os.fstat(f.fileno()).st_size
-            if size != self.index.sizes[shard]:
+            st = os.fstat(f.fileno())
+            if st.st_size != self.index.sizes[shard]:
                 f.close()
-                raise ShardError(f"shard {path!r} changed since indexing: {size} bytes, index says "
+                raise ShardError(f"shard {path!r} changed since indexing: {st.st_size} bytes, index says "
                                  f"{self.index.sizes[shard]} (reading sample {key!r}; {CHANGED_HINT})")
-        self._files[shard] = f
+            opened = (st.st_dev, st.st_ino)
+        self._files[shard] = (f, opened)
         return f
 
     def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: np.ndarray,

@@ -137,3 +137,16 @@ def test_shards_in_s3_read_only_what_is_drawn_with_workers(s3_server, tmp_path):
     workers = DataLoader(sampler.wrap(ds), sampler=sampler, batch_size=4, num_workers=2, collate_fn=as_list,
                          multiprocessing_context="spawn")
     assert [(x["__index__"], x["json"]) for b in workers for x in b] == [(x["__index__"], x["json"]) for x in items]
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_replaced_between_reads_is_noticed(shards, tmp_path):
+    # A reader keeps shards open across batches (and epochs, in one process): a shard replaced since must
+    # not be read through the old file's descriptor.
+    ds = ShardDataset(str(shards))
+    assert ds[1]["__key__"] == "s0_001"
+    other = tmp_path / "other"
+    write_uneven_shards(other, sizes=(60, 1, 1, 1))  # more than a tar record more: another size
+    (other / "shard-000.tar").replace(shards / "shard-000.tar")
+    with pytest.raises(ShardError, match="shard-000.tar' changed since indexing"):
+        ds[2]
