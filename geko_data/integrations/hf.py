@@ -152,6 +152,13 @@ class GEKOTrainerMixin:
             raise TypeError(f"`train_dataset` must be a map-style dataset (len and indexing: GEKO picks the "
                             f"samples of each epoch), got {type(train_dataset).__name__}; for WebDataset shards "
                             f"(local or s3://, gs://, ...), pass geko_data.ShardDataset(folder_or_url)")
+        trl = any(c.__name__ == "SFTTrainer" for c in type(self).__mro__)
+        if trl and type(train_dataset).__name__ == "ShardDataset":
+            # TRL's own check names the type but not what to do
+            raise TypeError("`train_dataset` must be a Hugging Face `datasets.Dataset` for TRL's SFTTrainer (it "
+                            "tokenizes and formats the rows itself), got ShardDataset; for WebDataset shards use "
+                            "GEKOTrainer with shards of token ids (or a collator that tokenizes), as in the README's "
+                            "ShardDataset section")
         super().__init__(*args, **kwargs)
         self._geko_check_args()  # at construction, not minutes later at train()
         self.geko_config = geko_config

@@ -425,3 +425,18 @@ def test_trainer_reads_shards_from_s3_through_a_shard_dataset(s3_server, tmp_pat
     for epoch, plan in trainer.plans.items():
         tiny.assert_trains_plan(plan, trainer.ids_by_epoch[epoch])
     assert trainer.geko_sampler.state.fingerprint == data.fingerprint
+
+
+@pytest.mark.timeout(60)
+def test_sft_trainer_given_shards_says_to_use_gekotrainer(shards):
+    # TRL's own refusal named the type only: "`train_dataset` must be a `Dataset` or `IterableDataset`, got
+    # `ShardDataset`."
+    from trl import SFTConfig
+
+    from geko_data.dataset import ShardDataset
+    from geko_data.integrations.hf import GEKOSFTTrainer
+
+    args = SFTConfig(output_dir=str(shards / "out"), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match=r"Hugging Face `datasets.Dataset` for TRL's SFTTrainer .*got ShardDataset; "
+                                        r"for WebDataset shards use GEKOTrainer"):
+        GEKOSFTTrainer(model=tiny.tiny_llama(), args=args, train_dataset=ShardDataset(str(shards)))
