@@ -33,6 +33,23 @@ def dataset(n=64):
     return [{"x": x[i], "y": y[i]} for i in range(n)]
 
 
+def decode_xy(sample):
+    """A shard sample's json member as the tensors of ``dataset()``'s rows."""
+    row = json.loads(sample["json"])
+    return {"x": torch.tensor(row["x"]), "y": torch.tensor(row["y"])}
+
+
+def shard_dataset(folder):
+    """``dataset()`` written as WebDataset shards in ``folder``, read back as a ``ShardDataset``."""
+    from geko_data.dataset import ShardDataset
+    from geko_data.shards import write_shards
+
+    rows = [{"__key__": f"{i:04d}", "json": json.dumps({"x": r["x"].tolist(), "y": int(r["y"])})}
+            for i, r in enumerate(dataset())]
+    write_shards(rows, os.path.join(folder, "shard-%02d.tar"), maxcount=20)
+    return ShardDataset(folder, decode=decode_xy)
+
+
 class Module(pl.LightningModule):
     def __init__(self, loader_fn, geko):
         super().__init__()
@@ -66,14 +83,14 @@ class Module(pl.LightningModule):
 
 
 def run(out, mode, devices=1, epochs=3, ckpt_path=None, checkpoint=False, total_epochs=None, max_steps=-1,
-        config=EASY, workers=0, module_cls=None, fingerprint=None, strategy=None):
+        config=EASY, workers=0, module_cls=None, fingerprint=None, strategy=None, data=None):
     """One fit. ``checkpoint``: False, True (Lightning's default end-of-epoch checkpoints) or N (a checkpoint
     every N optimizer steps, all kept); ``max_steps`` stops the fit there, mid-epoch; ``workers``: the
     callback's loader's DataLoader workers (persistent); ``module_cls``: a ``Module`` subclass to fit instead;
-    ``strategy``: Lightning's (default ``"ddp"`` with 2+ devices); ``"ddp_spawn"`` / ``"ddp_fork"`` fit in child
+    ``data``: the train dataset (default ``dataset()``); ``strategy``: Lightning's (default ``"ddp"`` with 2+ devices); ``"ddp_spawn"`` / ``"ddp_fork"`` fit in child
     processes, with the callback's loader (``mode`` ``"callback"``, no workers)."""
     torch.manual_seed(0)  # the same initial weights in every run
-    data = dataset()
+    data = dataset() if data is None else data
     geko = GEKOCallback(data, config=config, seed=2, total_epochs=total_epochs,
                         batches="fixed" if mode == "fixed" else "steps", fingerprint=fingerprint)
     if mode == "plain":

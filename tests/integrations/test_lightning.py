@@ -360,6 +360,17 @@ def test_a_fit_in_child_processes_hands_its_state_back_to_the_main_process(tmp_p
     assert GEKOCallback(lightning_job.dataset()).sampler is None  # nothing handed back: nothing there
 
 
+@pytest.mark.timeout(120)
+def test_a_fit_over_shards_trains_what_the_same_rows_in_memory_train(tmp_path, fitted):
+    # The shards of the same 64 rows, read by 2 DataLoader workers through ShardDataset: the same draws,
+    # batches and state as the fit over the rows in memory.
+    data = lightning_job.shard_dataset(str(tmp_path / "shards"))
+    _, module, geko = lightning_job.run(str(tmp_path), "callback", workers=2, data=data)
+    _, memory, memory_geko = fitted
+    assert module.ids == memory.ids and module.sizes == memory.sizes
+    assert tiny.state_digest(geko.sampler.state) == tiny.state_digest(memory_geko.sampler.state)
+
+
 @pytest.mark.timeout(150)
 def test_ddp_plain_geko_sampler_wrapped_by_lightning_is_refused_with_the_fix(tmp_path):
     proc = _torchrun(tmp_path, "plain")
