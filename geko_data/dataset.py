@@ -43,9 +43,9 @@ class ShardDataset(Dataset):
         max_decoded_bytes: with decoder specs, the most bytes a member may decode to. Defaults to 256 MiB.
 
     An item is a dict: ``__key__``, ``__url__`` and the sample's members (bytes, or what ``decode`` made).
-    ``fingerprint`` names the data (the index's): pass it on (``GEKOSampler(..., fingerprint=ds.fingerprint)``,
-    ``GEKOTrainer(..., geko_fingerprint=...)``) and a resume on other shards is refused. A bad sample raises
-    ``ShardError`` naming its shard and key (a map-style dataset has no item to skip it with).
+    ``fingerprint`` names the data (the index's); a ``GEKOSampler`` over the dataset (the integrations' too)
+    keeps it in its state without ``fingerprint=``, so a resume on other shards is refused. A bad sample
+    raises ``ShardError`` naming its shard and key (a map-style dataset has no item to skip it with).
     """
 
     def __init__(self, source: str | os.PathLike, *, decode: Any = None, verify: bool = False,
@@ -90,6 +90,8 @@ class ShardDataset(Dataset):
         return {k: self._tally[k] for k in ("samples_read", "bytes_read", "requests", "retries")}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"a sample index must be an int, got {i!r}")
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Any) -> list[dict[str, Any]]:
@@ -116,6 +118,9 @@ class ShardDataset(Dataset):
                     sample = self._decoder({**raw, "__url__": url})
                 except Exception as exn:  # noqa: BLE001 - decoders raise anything: name the sample
                     raise decoding_error(exn, url=url, key=str(self.index.keys[i])) from exn
+                if not isinstance(sample, dict):
+                    raise TypeError(f"`decode` must return the sample as a dict, got {type(sample).__name__} for "
+                                    f"sample {self.index.keys[i]!r} of {url!r}")
             elif i in seen:  # a repeated draw: its own dict, so what a loop does to one never reaches another
                 sample = {**raw, "__url__": url}
             else:

@@ -164,7 +164,8 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
             f"shard index {redact(url, storage_options)!r}{at} cannot be read ({got.error}). Index the shards once "
             f"where they are: `geko-data index {folder} -o {folder}{INDEX_NAME}`; where you cannot write (HTTP, a "
             f"read-only bucket), to a local file: `geko-data index {folder} -o {INDEX_NAME}`, then "
-            f"GEKOStream('{INDEX_NAME}', shard_url=ShardsAt('{folder}', '{INDEX_NAME}'))")
+            f"GEKOStream('{INDEX_NAME}', shard_url=ShardsAt('{folder}', '{INDEX_NAME}')) (ShardDataset takes the "
+            f"same arguments)")
     tmp = tempfile.mkdtemp(prefix="geko-index-")
     try:
         local = os.path.join(tmp, INDEX_NAME)

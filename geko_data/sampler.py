@@ -21,6 +21,7 @@ Typical loop::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -80,6 +81,12 @@ class WeightedDataset(Dataset):
         # Dict items tagged inline: a function call per item costs a third of what the whole tagging does.
         return [_Item(item, __index__=i, __weight__=w) if type(item) is dict else _tag(item, i, w)
                 for item, i, w in zip(items, map(int, indices), weights)]
+
+
+def _carried_fingerprint(data_source: Any) -> str | None:
+    """The name a dataset carries of its data (a ``ShardDataset``: its index's fingerprint), else None."""
+    shards = sys.modules.get("geko_data.dataset")  # loaded when data_source is one: nothing imported here
+    return data_source.fingerprint if shards is not None and isinstance(data_source, shards.ShardDataset) else None
 
 
 def _tag(item: Any, index: int, weight: np.float32) -> Any:
@@ -176,6 +183,10 @@ default_collate_fn_map[_Row] = _collate_tagged
 def _num_samples(data_source: Any) -> int:
     if isinstance(data_source, bool):
         raise TypeError(f"`data_source` must be a sized dataset or an int, got {data_source!r}")
+    if isinstance(data_source, torch.utils.data.IterableDataset):  # a GEKOStream has a length, but no indexing
+        raise TypeError(f"`data_source` must be a map-style dataset (len and indexing) or an int, got the iterable "
+                        f"{type(data_source).__name__}: a GEKOStream plans and reads its epochs itself (iterate "
+                        f"it in your loop); for WebDataset shards under a sampler, use geko_data.ShardDataset")
     if isinstance(data_source, (int, np.integer)):
         num_samples = int(data_source)
     elif hasattr(data_source, "__len__"):
@@ -229,8 +240,9 @@ class GEKOSampler(EpochDriver, Sampler[int]):
         shuffle: shuffle the epoch's order. Defaults to ``True``.
         fingerprint: a name of the data (e.g. ``geko_data.fingerprint_of(keys)`` of its sample keys in index
             order), kept in the state and its files: a state of other data with the same length is refused
-            on ``use_state`` / ``state=`` / ``load_state_dict`` with FingerprintError. Defaults to ``None``
-            (the state's, if any; only the length is checked).
+            on ``use_state`` / ``state=`` / ``load_state_dict`` with FingerprintError. Defaults to ``None``: a
+            ``ShardDataset``'s own (its index's fingerprint), else the state's, if any (only the length is
+            checked).
     """
 
     def __init__(self, data_source: Sized | int, *, total_epochs: int, config: GEKOConfig | None = None,
@@ -239,6 +251,8 @@ class GEKOSampler(EpochDriver, Sampler[int]):
                  shuffle: bool = True, fingerprint: str | None = None) -> None:
         num_samples = _num_samples(data_source)
         check_fingerprint_arg("fingerprint", fingerprint)
+        if fingerprint is None:
+            fingerprint = _carried_fingerprint(data_source)
         super().__init__(num_samples=num_samples, total_epochs=total_epochs, config=config, seed=seed, state=state,
                          world=_sampler_world(world, num_replicas, rank), epoch_length=epoch_length,
                          fingerprint=fingerprint, data_name="`data_source` has")

@@ -31,7 +31,7 @@ from geko_data.plan import EpochPlan
 
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "OPTIONAL_COLUMNS", "PLAN_COLUMNS",
            "FingerprintError", "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum",
-           "column_values", "fingerprint_of", "is_unset", "read_table", "resume_fingerprint_error",
+           "column_values", "fingerprint_of", "fingerprint_source", "is_unset", "read_table", "resume_fingerprint_error",
            "state_table", "unset_column", "write_table"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
@@ -94,6 +94,12 @@ def resume_fingerprint_error(checkpoint: str, stored: str | None, expected: str 
     to start over). One wording for every integration (GEKOTrainer, GEKOCallback)."""
     return FingerprintError(f"{checkpoint} holds GEKO state written for other data (its fingerprint is {stored!r}, "
                             f"{run} is {expected!r}): resume it with the data it was written for, or {fresh}")
+
+
+def fingerprint_source(given: str | None, run: str) -> str:
+    """What ``resume_fingerprint_error`` calls this run's fingerprint: ``run`` (the argument it was given by),
+    or, given none, the one the data carries (a ``ShardDataset``'s index)."""
+    return run if given is not None else "the fingerprint of this run's shards (their index, by ShardDataset)"
 
 
 def fingerprint_of(keys: Any) -> str:

@@ -197,6 +197,10 @@ def _shard_urls(index: ShardIndex, shard_url: str | Callable[[str], str] | None)
 def check_source_args(source: str | os.PathLike, *, storage_options: dict[str, Any] | None,
                       shard_url: str | Callable[[str], str] | None, remote: RemoteConfig | None) -> None:
     """The arguments that say where shards are read from, checked before anything is read."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"`source` must be a folder holding index.arrow, the index's path or their URL (a str or "
+                        f"path), got {type(source).__name__}: index a list of tars first (geko-data index TARS "
+                        f"-o FOLDER/index.arrow, or write_shards)")
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(f"`storage_options` must be a dict or None, got {type(storage_options).__name__}")
     if storage_options and shard_url is None and not is_url(os.fspath(source)):
@@ -575,6 +579,9 @@ class GEKOStream(EpochDriver, IterableDataset):
                         skipped += 1
                         reader.reject(i, decoding_error(exn, url=urls[shard], key=str(self.index.keys[i])), samples)
                         continue
+                    if not isinstance(sample, dict):  # it would fail below on item assignment, naming no argument
+                        raise TypeError(f"`decode` must return the sample as a dict, got {type(sample).__name__} "
+                                        f"for sample {self.index.keys[i]!r} of {urls[shard]!r}")
                     sample["__index__"] = i
                     sample["__weight__"] = weight
                 yielded += 1

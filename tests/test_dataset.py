@@ -12,6 +12,7 @@ from geko_data import GEKOConfig, GEKOSampler
 from geko_data.dataset import ShardDataset
 from geko_data.remote_index import index_remote
 from geko_data.shards import ShardError, read_index
+from geko_data.stream import GEKOStream
 from geko_data.train.collate import decode_json
 from servers import s3_server  # noqa: F401 - fixture
 
@@ -59,6 +60,16 @@ def test_bad_indices_are_refused_naming_the_value_and_the_range(shards):
         ShardDataset(str(shards), storage_options={"anon": True})
     with pytest.raises(TypeError, match="`verify` must be a bool"):
         ShardDataset(str(shards), verify="yes")
+    with pytest.raises(TypeError, match=r"a sample index must be an int, got 1.5"):
+        ds[1.5]
+    # a list of tars was "expected str, bytes or os.PathLike object, not list", naming no argument
+    with pytest.raises(TypeError, match=r"`source` must be a folder holding index.arrow, .* got list: index a list"):
+        ShardDataset(sorted(str(p) for p in shards.glob("*.tar")))
+    # a decoder returning something else failed later, in a collator or a Trainer, far from the cause
+    with pytest.raises(TypeError, match=r"`decode` must return the sample as a dict, got bytes for sample 's0_000'"):
+        ShardDataset(str(shards), decode=lambda s: s["json"])[0]
+    with pytest.raises(TypeError, match=r"`decode` must return the sample as a dict, got bytes for sample"):
+        next(iter(GEKOStream(str(shards), total_epochs=1, decode=lambda s: s["json"], shuffle=False)))
 
 
 @pytest.mark.timeout(60)
@@ -150,3 +161,27 @@ def test_a_shard_replaced_between_reads_is_noticed(shards, tmp_path):
     (other / "shard-000.tar").replace(shards / "shard-000.tar")
     with pytest.raises(ShardError, match="shard-000.tar' changed since indexing"):
         ds[2]
+
+
+@pytest.mark.timeout(60)
+def test_a_sampler_over_shards_knows_them_by_their_index(shards, tmp_path):
+    # Without fingerprint= a sampler checked only the length: a state of other shards with as many samples
+    # was taken over silently.
+    from geko_data.state import FingerprintError
+
+    ds = ShardDataset(str(shards))
+    sampler = GEKOSampler(ds, total_epochs=1, config=QUIET)
+    assert sampler.state.fingerprint == ds.fingerprint
+    other = write_uneven_shards(tmp_path / "other", sizes=(43,))  # as many samples, other keys
+    theirs = GEKOSampler(ShardDataset(str(other)), total_epochs=1, config=QUIET).state
+    with pytest.raises(FingerprintError):
+        sampler.use_state(theirs)
+
+
+@pytest.mark.timeout(60)
+def test_a_sampler_over_a_stream_is_refused_naming_shard_dataset(shards):
+    # A GEKOStream has a length, so it was taken as a dataset and failed at the first batch with torch's
+    # "Subclasses of Dataset should implement __getitem__".
+    with pytest.raises(TypeError, match=r"`data_source` must be a map-style dataset .* got the iterable GEKOStream.*"
+                                        r"geko_data.ShardDataset"):
+        GEKOSampler(GEKOStream(str(shards), total_epochs=1), total_epochs=1)

@@ -50,7 +50,7 @@ from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import FingerprintError, SampleState
-from geko_data.statefile import resume_fingerprint_error
+from geko_data.statefile import fingerprint_source, resume_fingerprint_error
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOTrainer", "GEKOTrainerMixin", "GEKOSFTTrainer", "KeepGEKOKeys", "default_signals",
@@ -217,7 +217,7 @@ class GEKOTrainerMixin:
                              "leaves without completion tokens: check `max_length` against your prompts)")
         # Built here, from the dataset the Trainer finally trains on (TRL may have dropped rows before).
         self.geko_sampler = sampler = GEKOSampler(
-            len(dataset), total_epochs=epochs, config=self.geko_config,
+            dataset, total_epochs=epochs, config=self.geko_config,
             seed=args.seed if self.geko_seed is None else self.geko_seed, num_replicas=args.world_size,
             rank=args.process_index, epoch_length=self.geko_epoch_length, fingerprint=self.geko_fingerprint)
         collate = KeepGEKOKeys(self._get_collator_with_removed_columns(self.data_collator, description="training"))
@@ -335,8 +335,11 @@ class GEKOTrainerMixin:
         weight = inputs.pop("__weight__").float()
         labels = inputs.pop("labels", None)
         if labels is None:
+            raw = (" (a ShardDataset without `decode=` gives raw shard members, which the Trainer drops as "
+                   "columns the model does not take: decode them into the model's inputs, e.g. decode_json)"
+                   if type(self.train_dataset).__name__ == "ShardDataset" else "")
             raise ValueError("GEKO measures per-sample losses against `labels`; the batch has none (keys: "
-                             f"{sorted(inputs)}); use a collator that adds labels")
+                             f"{sorted(inputs)}); use a collator that adds labels{raw}")
         outputs = model(**inputs)
         sig = self.geko_signals(outputs, labels)
         per_sample = sig.loss.float()
@@ -404,8 +407,8 @@ class GEKOTrainerMixin:
             sampler.use_state(state)
         except FingerprintError:
             raise resume_fingerprint_error(
-                f"resume_from_checkpoint {resume_from_checkpoint!r}", state.fingerprint, self.geko_fingerprint,
-                run="this run's `geko_fingerprint`",
+                f"resume_from_checkpoint {resume_from_checkpoint!r}", state.fingerprint, sampler.state.fingerprint,
+                run=fingerprint_source(self.geko_fingerprint, "this run's `geko_fingerprint`"),
                 fresh="train this data from the start (without `resume_from_checkpoint`)") from None
         sampler.load_state_dict(sd)
         epoch, position = int(sd["epoch"]), int(sd["position"])

@@ -45,7 +45,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from geko_data.atomic import atomic_write_bytes
 from geko_data.batches import BATCHES, GEKOBatchSampler, full_epoch_steps
@@ -54,7 +54,7 @@ from geko_data.epochs import check_int
 from geko_data.integrations.metrics import epoch_metrics
 from geko_data.sampler import GEKOSampler
 from geko_data.state import FingerprintError, SampleState
-from geko_data.statefile import resume_fingerprint_error
+from geko_data.statefile import fingerprint_source, resume_fingerprint_error
 from geko_data.validate import check_fingerprint_arg
 
 __all__ = ["GEKOCallback", "RankAwareGEKOSampler"]
@@ -256,7 +256,8 @@ class GEKOCallback(pl.Callback):
     def __init__(self, dataset: Any, *, total_epochs: int | None = None, config: GEKOConfig | None = None,
                  seed: int = 0, epoch_length: int | None = None, log_prefix: str = "geko/",
                  batches: str = "steps", fingerprint: str | None = None) -> None:
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        if (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")
+                or isinstance(dataset, IterableDataset)):  # a GEKOStream has a length and torch's __getitem__ stub
             raise TypeError(f"`dataset` must be a map-style dataset (with __len__ and __getitem__), got "
                             f"{type(dataset).__name__}; GEKOCallback samples a dataset it can index: for WebDataset "
                             f"shards (local or s3://, gs://, ...), pass geko_data.ShardDataset(folder_or_url)")
@@ -511,8 +512,8 @@ class GEKOCallback(pl.Callback):
             self.sampler.use_state(state)
         except FingerprintError:
             ckpt = getattr(self._trainer, "ckpt_path", None)
-            raise resume_fingerprint_error(f"checkpoint {ckpt!r}", state.fingerprint, self.fingerprint,
-                                           run="this fit's `fingerprint=`",
+            raise resume_fingerprint_error(f"checkpoint {ckpt!r}", state.fingerprint, self.sampler.state.fingerprint,
+                                           run=fingerprint_source(self.fingerprint, "this fit's `fingerprint=`"),
                                            fresh="fit this data from the start (without `ckpt_path`)") from None
         sd = dict(state_dict["sampler"])
         self.sampler.load_state_dict(sd)

@@ -39,12 +39,13 @@ def decode_xy(sample):
     return {"x": torch.tensor(row["x"]), "y": torch.tensor(row["y"])}
 
 
-def shard_dataset(folder):
-    """``dataset()`` written as WebDataset shards in ``folder``, read back as a ``ShardDataset``."""
+def shard_dataset(folder, prefix=""):
+    """``dataset()`` written as WebDataset shards in ``folder`` (sample keys ``prefix`` + a number), read back
+    as a ``ShardDataset``."""
     from geko_data.dataset import ShardDataset
     from geko_data.shards import write_shards
 
-    rows = [{"__key__": f"{i:04d}", "json": json.dumps({"x": r["x"].tolist(), "y": int(r["y"])})}
+    rows = [{"__key__": f"{prefix}{i:04d}", "json": json.dumps({"x": r["x"].tolist(), "y": int(r["y"])})}
             for i, r in enumerate(dataset())]
     write_shards(rows, os.path.join(folder, "shard-%02d.tar"), maxcount=20)
     return ShardDataset(folder, decode=decode_xy)

@@ -397,7 +397,7 @@ def test_torchrun_ddp_each_rank_trains_its_full_share(tmp_path):
 @pytest.mark.timeout(180)
 def test_trainer_reads_shards_from_s3_through_a_shard_dataset(s3_server, tmp_path):
     # Shards in an object store, read by the Trainer's DataLoader workers through ShardDataset: every draw of
-    # every epoch's plan is trained, and the resume check knows the data by the index's fingerprint.
+    # every epoch's plan is trained, and the state knows the data by the index's fingerprint (no argument).
     import uuid
 
     from geko_data.dataset import ShardDataset
@@ -418,8 +418,7 @@ def test_trainer_reads_shards_from_s3_through_a_shard_dataset(s3_server, tmp_pat
     data = ShardDataset(url, decode=decode_json, storage_options=s3_server.storage_options)
     trainer = tiny.recording_trainer(GEKOTrainer)(
         model=tiny.tiny_llama(), args=make_args(tmp_path / "out", num_train_epochs=5, dataloader_num_workers=2),
-        train_dataset=data, data_collator=pad_collate, geko_config=EASY.replace(freeze_confidence=None),
-        geko_fingerprint=data.fingerprint)
+        train_dataset=data, data_collator=pad_collate, geko_config=EASY.replace(freeze_confidence=None))
     trainer.train()
     assert sorted(trainer.plans) == [0, 1, 2, 3, 4] and sum(trainer.plans[4]) < 64  # samples froze: epochs shrank
     for epoch, plan in trainer.plans.items():

@@ -245,6 +245,24 @@ def test_a_fit_resumed_on_other_data_is_refused_by_its_fingerprint(tmp_path):
         GEKOCallback(lightning_job.dataset(), fingerprint="")
 
 
+@pytest.mark.timeout(120)
+def test_a_fit_over_shards_resumed_on_other_shards_is_refused_without_a_fingerprint_argument(tmp_path):
+    # A ShardDataset names its data by its index: a checkpoint of other shards of the same size is refused
+    # without `fingerprint=` (it resumed silently when only the size was checked).
+    from geko_data.state import FingerprintError
+
+    data = lightning_job.shard_dataset(str(tmp_path / "a"))
+    lightning_job.run(str(tmp_path), "callback", checkpoint=11, max_steps=11, total_epochs=3, data=data)
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    other = lightning_job.shard_dataset(str(tmp_path / "b"), prefix="b")
+    with pytest.raises(FingerprintError, match=rf"its fingerprint is '{data.fingerprint}', the fingerprint of this "
+                                               rf"run's shards \(their index, by ShardDataset\) is "
+                                               rf"'{other.fingerprint}'"):
+        lightning_job.run(str(tmp_path / "other"), "callback", ckpt_path=str(ckpt), data=other)
+    trainer, _, _ = lightning_job.run(str(tmp_path / "same"), "callback", ckpt_path=str(ckpt), data=data)
+    assert trainer.global_step == 3 * STEPS
+
+
 @pytest.mark.timeout(60)
 def test_an_unset_max_epochs_is_refused_unless_the_run_is_planned(tmp_path):
     # Lightning turns an unset max_epochs into 1000 with a warning; GEKO planned a 1000-epoch run, whose
@@ -441,3 +459,11 @@ def test_fast_dev_run_and_an_iterable_dataset_say_what_to_do(tmp_path):
 
     with pytest.raises(TypeError, match=r"must be a map-style dataset .*got Stream; .*ShardDataset"):
         GEKOCallback(Stream())
+
+    class SizedStream(Stream):  # as a GEKOStream: a length, and torch's __getitem__ that raises
+        def __len__(self):
+            return 8
+
+    # It was accepted and failed at the first batch: "Subclasses of Dataset should implement __getitem__"
+    with pytest.raises(TypeError, match=r"must be a map-style dataset .*got SizedStream; .*ShardDataset"):
+        GEKOCallback(SizedStream())
