@@ -10,6 +10,7 @@ of ``storage_options`` and any ``user:password@`` of a URL become ``***``. HTTP(
 
 from __future__ import annotations
 
+import difflib
 import os
 import ssl
 from typing import Any
@@ -174,6 +175,31 @@ def _check_s3_option_names(storage_options: dict[str, Any] | None) -> None:
         raise RemoteError("`storage_options` for s3:// are s3fs's, not boto3's: " + ", ".join(
             f"{k!r} is {_BOTO3_NAMES[k]}" for k in wrong) + " (e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
             "{'endpoint_url': 'http://host:9000'}})")
+    # s3fs hands names it does not know to botocore's session, which refuses them only at the first request,
+    # deep inside a retried read ("AioSession.__init__() got an unexpected keyword argument 'client_kwarg'")
+    known = _s3_option_names()
+    unknown = [k for k in (storage_options or {}) if k not in known]
+    if unknown and known:
+        close = {k: difflib.get_close_matches(str(k), sorted(known), n=1) for k in unknown}
+        raise RemoteError("`storage_options` for s3:// hold names s3fs does not take: " + ", ".join(
+            f"{k!r}" + (f" (did you mean {close[k][0]!r}?)" if close[k] else "") for k in unknown)
+            + f"; its options are {', '.join(sorted(known))}")
+
+
+def _s3_option_names() -> set[str]:
+    """The keyword arguments s3fs's filesystem takes (its own, fsspec's, botocore's session's); empty when
+    they cannot be read (no check then)."""
+    try:
+        import inspect
+
+        import s3fs
+        from aiobotocore.session import AioSession
+    except ImportError:
+        return set()
+    names = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters)
+    names |= set(inspect.signature(AioSession.__init__).parameters)
+    names |= {"batch_size", "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+    return names - {"self", "args", "kwargs"}
 
 
 def _with_redirect_guard(options: dict[str, Any], follow: str, storage_options: dict[str, Any] | None

@@ -244,6 +244,10 @@ def test_misnamed_s3_options_and_options_for_a_local_path_say_so(tmp_path):
     with pytest.raises(ValueError, match=r"`storage_options` were given, but `source` 's3:/bucket/shards/' is a "
                                          r"local path"):
         GEKOStream("s3:/bucket/shards/", total_epochs=1, storage_options={"anon": True})
+    # A misspelt s3fs name failed the same way, at the first request, after the retries (a new-user trial)
+    with pytest.raises(RemoteError, match=r"names s3fs does not take: 'client_kwarg' \(did you mean "
+                                          r"'client_kwargs'\?\); its options are .*, secret, "):
+        open_url("s3://bucket/x.tar", {"key": "K", "secret": "S", "client_kwarg": {"endpoint_url": "http://h"}})
 
 
 @pytest.mark.timeout(120)
