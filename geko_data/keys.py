@@ -116,7 +116,7 @@ class Keys(Sequence[str]):
             if lo < 0:
                 ids = np.where(ids < 0, ids + n, ids)
         if as_list and ids.size <= _FEW:  # Arrow's take costs ~30 us a call: a few keys are sliced directly
-            flat, data = ids.reshape(-1), self._data
+            flat, data = ids.reshape(-1).astype(np.int64, copy=False), self._data  # flat + 1 must not wrap
             return [str(data[a:b], "utf-8") for a, b in zip(self._offsets[flat].tolist(),
                                                              self._offsets[flat + 1].tolist())]
         got = self._array.take(ids.reshape(-1))

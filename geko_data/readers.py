@@ -11,8 +11,12 @@ ShardError that ``BadData`` raises or, with a handler, counts and skips; the cal
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -130,8 +134,47 @@ def _check_inside(f: Any, path: str, root: str, key: str) -> None:
                          f"symbolic link changed since the index was read; reading sample {key!r}): refused")
 
 
-#: Shards a SeekReader keeps open at once (file descriptors of one process).
-_OPEN_SHARDS = 64
+class _IdleShards:
+    """Shard files open but not being read, of every ``SeekReader`` of this process, the least recently used
+    first: at most ``limit`` (file descriptors are the process's budget, whatever the number of readers), the
+    oldest closed first. A file being read is never here, so it is never closed under its reader."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._files: OrderedDict[tuple[int, int], tuple[Any, tuple[int, int, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:  # a forked child's copies of the parent's files: its readers are its own
+        if self._pid != os.getpid():
+            for f, _ in self._files.values():
+                f.close()
+            self._files.clear()
+            self._pid = os.getpid()
+
+    def take(self, key: tuple[int, int]) -> tuple[Any, tuple[int, int, int]] | None:
+        with self._lock:
+            self._forked()
+            return self._files.pop(key, None)
+
+    def put(self, key: tuple[int, int], entry: tuple[Any, tuple[int, int, int]]) -> None:
+        with self._lock:
+            self._forked()
+            self._files[key] = entry
+            while len(self._files) > self.limit:
+                self._files.popitem(last=False)[1][0].close()
+
+    def drop(self, reader: int) -> None:
+        """Close the idle files of ``reader``."""
+        with self._lock:
+            for key in [k for k in self._files if k[0] == reader]:
+                self._files.pop(key)[0].close()
+
+
+#: Every reader's idle shard files: a map-style batch (ShardDataset) draws from every shard, and opening one
+#: (with the checks of ``SeekReader._open``) cost as much as reading a few of its samples.
+_IDLE = _IdleShards(64)
+_READERS = itertools.count()  # a reader's key in _IDLE (an id() could be reused by a later reader)
 
 
 class SeekReader:
@@ -143,10 +186,8 @@ class SeekReader:
         self.urls = urls
         self.verify = verify
         self.bytes_read = 0
-        # Open shards by number, the most recently used last, with the identity each had when opened: a
-        # map-style batch (ShardDataset) draws from every shard, and opening one (with the checks below)
-        # cost as much as reading a few samples; a reader kept across epochs still sees a changed shard.
-        self._files: dict[int, tuple[Any, tuple[int, int]]] = {}
+        self._key = next(_READERS)
+        weakref.finalize(self, _IDLE.drop, self._key)  # a reader dropped without close(): its idle files too
         self._buffer = bytearray()
         # read_index checked that each shard name resolves inside the index's folder; a link swapped in
         # since would lead a later epoch's open() elsewhere, so every open is checked again (for the
@@ -154,45 +195,40 @@ class SeekReader:
         self._root = None if index._file is None else os.path.realpath(os.path.dirname(index._file.path))
 
     def close(self) -> None:
-        for f, _ in self._files.values():
-            f.close()
-        self._files.clear()
+        _IDLE.drop(self._key)
 
-    def _open(self, shard: int, key: str) -> Any:
+    def _open(self, shard: int, key: str) -> tuple[Any, tuple[int, int, int]]:
+        """The shard's file, open and checked, with its identity (device, inode, size), for one group: an idle
+        one of this reader if the path still names that file at the indexed size, else opened again."""
         path = self.urls[shard].removeprefix("file://")
-        held = self._files.pop(shard, None)
+        held = _IDLE.take((self._key, shard))
         if held is not None:
             f, opened = held
-            try:  # a shard replaced since it was opened (another file at its path) is opened and checked again;
-                now = os.stat(path)  # one cut or rewritten in place reads short or fails its header checks
-                same = (now.st_dev, now.st_ino) == opened
+            try:  # replaced at its path, or cut or grown in place, since it was opened: open and check again
+                now = os.stat(path)
+                same = (now.st_dev, now.st_ino, os.fstat(f.fileno()).st_size) == opened
             except OSError:
                 same = False
-            if not same:
-                f.close()
-                held = None
-        if held is None:
-            if len(self._files) >= _OPEN_SHARDS:
-                self._files.pop(next(iter(self._files)))[0].close()  # the least recently used
-            if not os.path.exists(path):
-                raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
-            # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
-            # O_NONBLOCK: opening a FIFO put in a shard's place would otherwise wait for a writer forever;
-            # a regular file ignores the flag.
-            f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0)  # noqa: SIM115
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                f.close()
-                raise ShardError(f"shard {path!r} is not a regular file (reading sample {key!r})")
-            if self._root is not None and self.urls[shard] == self.index.shards[shard]:
-                _check_inside(f, path, self._root, key)
-            st = os.fstat(f.fileno())
-            if st.st_size != self.index.sizes[shard]:
-                f.close()
-                raise ShardError(f"shard {path!r} changed since indexing: {st.st_size} bytes, index says "
-                                 f"{self.index.sizes[shard]} (reading sample {key!r}; {CHANGED_HINT})")
-            opened = (st.st_dev, st.st_ino)
-        self._files[shard] = (f, opened)
-        return f
+            if same:
+                return held
+            f.close()
+        if not os.path.exists(path):
+            raise ShardError(f"shard {path!r} is missing (reading sample {key!r}; {MISSING_HINT})")
+        # Unbuffered: every read is one pread into the run buffer (no seek, no copy through a buffer).
+        # O_NONBLOCK: opening a FIFO put in a shard's place would otherwise wait for a writer forever;
+        # a regular file ignores the flag.
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb", buffering=0)  # noqa: SIM115
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            raise ShardError(f"shard {path!r} is not a regular file (reading sample {key!r})")
+        if self._root is not None and self.urls[shard] == self.index.shards[shard]:
+            _check_inside(f, path, self._root, key)
+        st = os.fstat(f.fileno())
+        if st.st_size != self.index.sizes[shard]:
+            f.close()
+            raise ShardError(f"shard {path!r} changed since indexing: {st.st_size} bytes, index says "
+                             f"{self.index.sizes[shard]} (reading sample {key!r}; {CHANGED_HINT})")
+        return f, (st.st_dev, st.st_ino, st.st_size)
 
     def read_group(self, shard: int, ids: list[int], keys: list[str], offsets: np.ndarray,
                    lengths: np.ndarray) -> tuple[list[tuple[int, dict[str, Any] | ShardError]], bool]:
@@ -219,32 +255,40 @@ class SeekReader:
                    (ends[after - 1] - offsets[first]).tolist())
         out: list[tuple[int, dict[str, Any] | ShardError]] = []
         good = np.ones(n, bool)
-        fd = -1  # the open shard's; -1: (re)open it
-        for lo, hi, at, start, size in runs:
-            try:
-                if fd < 0:
-                    fd = self._open(shard, keys[lo]).fileno()
-                # One pread a run (a seek and a read were two system calls) into its place in the buffer.
-                got = os.preadv(fd, [view[at:at + size]], start)
+        held: tuple[Any, tuple[int, int, int]] | None = None  # the shard's file and identity; None: (re)open it
+        try:
+            for lo, hi, at, start, size in runs:
+                try:
+                    if held is None:
+                        held = self._open(shard, keys[lo])
+                    fd = held[0].fileno()
+                    # One pread a run (a seek and a read were two system calls) into its place in the buffer.
+                    got = os.preadv(fd, [view[at:at + size]], start)
+                    if got < size:
+                        got = _read_on(fd, view[at:at + size], start, got)
+                    why = None
+                except ShardError as e:
+                    out += [(ids[j], e) for j in range(lo, n)]
+                    good[lo:] = False
+                    break
+                except OSError as e:
+                    got, why = 0, str(e)
+                self.bytes_read += got
                 if got < size:
-                    got = _read_on(fd, view[at:at + size], start, got)
-                why = None
-            except ShardError as e:
-                out += [(ids[j], e) for j in range(lo, n)]
-                good[lo:] = False
-                break
-            except OSError as e:
-                got, why = 0, str(e)
-            self.bytes_read += got
-            if got < size:
-                self.close()
-                fd = -1
-                for j in range(lo, hi):
-                    begin = int(place[j])  # the sample's place in the buffer
-                    if begin + int(lengths[j]) > at + got:
-                        detail = f": {why}" if why else f" is truncated ({max(0, at + got - begin)} of {lengths[j]} bytes)"
-                        out.append((ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte {offsets[j]}{detail}")))
-                        good[j] = False
+                    if held is not None:
+                        held[0].close()
+                        held = None
+                    for j in range(lo, hi):
+                        begin = int(place[j])  # the sample's place in the buffer
+                        if begin + int(lengths[j]) > at + got:
+                            detail = (f": {why}" if why else
+                                      f" is truncated ({max(0, at + got - begin)} of {lengths[j]} bytes)")
+                            out.append((ids[j], ShardError(f"shard {url!r}: sample {keys[j]!r} at byte "
+                                                           f"{offsets[j]}{detail}")))
+                            good[j] = False
+        finally:  # idle again: kept open for this reader's next group of the shard (or closed as the oldest)
+            if held is not None:
+                _IDLE.put((self._key, shard), held)
         if self.verify:
             check = np.flatnonzero(good)
             digests = b"".join([sample_hash(view[a:a + b])

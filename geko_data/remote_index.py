@@ -149,7 +149,8 @@ def read_index_url(url: str, *, storage_options: dict[str, Any] | None = None,
             raise ShardError(redact(
                 f"shard index {url!r} is {size.value} bytes, more than RemoteConfig(max_index_bytes="
                 f"{config.max_index_bytes}) allows (an index takes about 40-60 bytes a sample); for a dataset "
-                f"that large, pass a larger one: GEKOStream(..., remote=RemoteConfig(max_index_bytes=...))",
+                f"that large, pass a larger one: GEKOStream(..., remote=RemoteConfig(max_index_bytes=...)) (or "
+                f"ShardDataset(...))",
                 storage_options))
         got = size if size.error is not None else fetcher.fetch(url, 0, size.value)
     finally:

@@ -154,11 +154,13 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None, *,
 
 def endpoint_of(url: str, storage_options: dict[str, Any] | None) -> str | None:
     """The endpoint an ``s3://`` URL goes to, when it is not AWS's: ``client_kwargs["endpoint_url"]`` of
-    ``storage_options``, else ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` of the environment."""
+    ``storage_options`` (or its own ``endpoint_url``, which newer s3fs take), else ``AWS_ENDPOINT_URL`` /
+    ``AWS_ENDPOINT_URL_S3`` of the environment."""
     if url.split("://", 1)[0].lower() not in ("s3", "s3a"):
         return None
     client = (storage_options or {}).get("client_kwargs")
     found = client.get("endpoint_url") if isinstance(client, dict) else None
+    found = found or (storage_options or {}).get("endpoint_url")
     return found or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
@@ -170,15 +172,17 @@ _BOTO3_NAMES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "
 
 
 def _check_s3_option_names(storage_options: dict[str, Any] | None) -> None:
-    wrong = [k for k in (storage_options or {}) if k in _BOTO3_NAMES]
+    known = _s3_option_names()
+    # boto3's names that this s3fs does not take as well (a newer one takes `endpoint_url` itself)
+    wrong = [k for k in (storage_options or {}) if k in _BOTO3_NAMES and k not in known]
     if wrong:
         raise RemoteError("`storage_options` for s3:// are s3fs's, not boto3's: " + ", ".join(
             f"{k!r} is {_BOTO3_NAMES[k]}" for k in wrong) + " (e.g. {'key': ..., 'secret': ..., 'client_kwargs': "
             "{'endpoint_url': 'http://host:9000'}})")
     # s3fs hands names it does not know to botocore's session, which refuses them only at the first request,
     # deep inside a retried read ("AioSession.__init__() got an unexpected keyword argument 'client_kwarg'")
-    known = _s3_option_names()
-    unknown = [k for k in (storage_options or {}) if k not in known]
+    # fsspec also takes options keyed by protocol ({"s3": {...}}) and `protocol`: not checked here
+    unknown = [k for k in (storage_options or {}) if k not in known and k not in ("s3", "s3a", "protocol")]
     if unknown and known:
         close = {k: difflib.get_close_matches(str(k), sorted(known), n=1) for k in unknown}
         raise RemoteError("`storage_options` for s3:// hold names s3fs does not take: " + ", ".join(
@@ -198,7 +202,7 @@ def _s3_option_names() -> set[str]:
         return set()
     names = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters)
     names |= set(inspect.signature(AioSession.__init__).parameters)
-    names |= {"batch_size", "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+    names |= {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}  # fsspec's own
     return names - {"self", "args", "kwargs"}
 
 

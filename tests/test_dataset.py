@@ -1,5 +1,6 @@
 """ShardDataset: shards as a map-style dataset for GEKOSampler and the integrations, local and over S3."""
 
+import json
 import pickle
 import uuid
 
@@ -132,7 +133,6 @@ def test_shards_in_s3_read_only_what_is_drawn_with_workers(s3_server, tmp_path):
     so = s3_server.storage_options
     ds = ShardDataset(url, storage_options=so)
     assert ds.fingerprint == read_index(folder).fingerprint
-    assert so["secret"].encode() not in pickle.dumps(ShardDataset(str(folder)))
     sampler = GEKOSampler(ds, total_epochs=2, config=HALF, seed=3)
     sampler.set_epoch(0)
     drawn = sorted(set(sampler))
@@ -142,6 +142,9 @@ def test_shards_in_s3_read_only_what_is_drawn_with_workers(s3_server, tmp_path):
     assert [(x["__key__"], x["json"], x["txt"]) for x in items] == [
         (y["__key__"], y["json"], y["txt"]) for y in local.__getitems__([x["__index__"] for x in items])]
     assert ds.stats["samples_read"] == len(drawn) and ds.stats["requests"] > 0
+    sampler.state.save(str(tmp_path / "state.arrow"))  # the credentials never reach a file
+    assert so["secret"].encode() not in (tmp_path / "state.arrow").read_bytes()
+    assert so["secret"] not in json.dumps(sampler.state_dict())
     # A batch's ranges are coalesced, gaps up to RemoteConfig.gap read through: at most the drawn samples' bytes
     # and the gaps between them, never the whole shards
     assert ds.stats["bytes_read"] < int(read_index(folder).length.sum())
@@ -185,3 +188,35 @@ def test_a_sampler_over_a_stream_is_refused_naming_shard_dataset(shards):
     with pytest.raises(TypeError, match=r"`data_source` must be a map-style dataset .* got the iterable GEKOStream.*"
                                         r"geko_data.ShardDataset"):
         GEKOSampler(GEKOStream(str(shards), total_epochs=1), total_epochs=1)
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_rewritten_in_place_with_another_size_is_noticed(shards, tmp_path):
+    # The same file (inode) cut and written again: a shard kept open was read on, its new bytes taken for the
+    # indexed samples (a review found it); a fresh open refuses it by its size.
+    ds = ShardDataset(str(shards))
+    assert ds[1]["__key__"] == "s0_001"
+    other = write_uneven_shards(tmp_path / "other", sizes=(60, 1, 1, 1))
+    with open(shards / "shard-000.tar", "r+b") as f:  # in place: same inode
+        f.truncate(0)
+        f.write((other / "shard-000.tar").read_bytes())
+    with pytest.raises(ShardError, match="shard-000.tar' changed since indexing"):
+        ds[2]
+
+
+@pytest.mark.timeout(60)
+def test_open_shards_are_a_budget_of_the_process_not_of_each_reader(tmp_path):
+    # 64 open shards a reader: 17 datasets of 64 shards each ran out of file descriptors (a review found it)
+    import os
+
+    from geko_data import readers
+
+    many = write_uneven_shards(tmp_path / "many", sizes=(1,) * 80)
+    before = len(os.listdir("/proc/self/fd"))
+    datasets = [ShardDataset(str(many)) for _ in range(3)]
+    for ds in datasets:
+        assert [x["__key__"] for x in ds.__getitems__(list(range(80)))] == [f"s{s}_000" for s in range(80)]
+    assert len(os.listdir("/proc/self/fd")) - before <= readers._IDLE.limit
+    for ds in datasets:
+        ds.close()
+    assert len(os.listdir("/proc/self/fd")) <= before

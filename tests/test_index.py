@@ -48,6 +48,9 @@ def test_keys_read_as_str_by_int_array_mask_and_slice():
     many = Keys.of([f"k{i}/ü" for i in range(40)])  # a few ids are sliced in Python, more go through Arrow
     for ids in ([3, -1, 0], list(range(-20, 20)), np.array([[1, 2], [3, -40]])):
         assert many.take(ids) == [f"k{i % 40}/ü" for i in np.ravel(ids)]
+    for dtype in (np.uint8, np.int8):  # the last key's end offset is at id + 1, past the dtype's range
+        wide = Keys.of([f"k{i}" for i in range(128)])
+        assert wide.take(np.array([127], dtype=dtype)) == ["k127"]
     assert k.positions(["ccc", "nope", "a"]).tolist() == [2, -1, 0]
     assert k.where("bb").tolist() == [1] and (k == "bb").tolist() == [False, True, False, False]
     assert "ccc" in k and "cc" not in k and 3 not in k and (k != "a").tolist() == [False, True, True, True]

@@ -340,6 +340,8 @@ class GEKOCallback(pl.Callback):
             raise ValueError(f"`limit_train_batches` must be 1.0 with GEKOCallback (every draw of an epoch's plan "
                              f"is trained), got {limit!r}")
         self._set_up_here = True
+        if os.getpid() == self._owner_pid:  # a fit here: what an earlier fit in child processes left is older
+            _remove_handover(self._handover, self._owner_pid)
         self.sampler = self._new_sampler(int(epochs), world_size=trainer.world_size, rank=trainer.global_rank)
         self._trainer = trainer  # its ckpt_path (set when a resume starts) is named by a restore's errors
         if self._pending is not None:
@@ -432,6 +434,10 @@ class GEKOCallback(pl.Callback):
             ours = re.escape(self.log_prefix)
             warnings.filterwarnings("ignore", message=rf"It is recommended to use `self\.log\('{ours}")
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and os.getpid() == self._owner_pid:
+            self._set_up_here = False  # a later fit may run in child processes: `sampler` then looks for it
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (self._sampler is not None and trainer.global_rank == 0 and os.getpid() != self._owner_pid

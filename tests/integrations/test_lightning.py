@@ -378,6 +378,23 @@ def test_a_fit_in_child_processes_hands_its_state_back_to_the_main_process(tmp_p
     assert GEKOCallback(lightning_job.dataset()).sampler is None  # nothing handed back: nothing there
 
 
+@pytest.mark.timeout(240)
+def test_a_fit_in_child_processes_after_one_in_process_hands_back_the_later_state(tmp_path, ddp):
+    # The same callback fitted here, then under ddp_spawn: `sampler` stayed the first fit's (a review found it)
+    import lightning as L
+
+    geko = GEKOCallback(lightning_job.dataset(), config=lightning_job.EASY_DDP, seed=2)
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        torch.manual_seed(0)
+        L.Trainer(max_epochs=3, accelerator="cpu", devices=devices, strategy=strategy, callbacks=[geko], logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=str(tmp_path)).fit(lightning_job.Module(None, geko))
+        if devices == 1:
+            first = geko.sampler
+    assert geko.sampler is not first and geko.sampler.world.world_size == 2
+    assert tiny.state_digest(geko.sampler.state) == ddp[1]["callback"][0]["state"]
+
+
 @pytest.mark.timeout(120)
 def test_a_fit_over_shards_trains_what_the_same_rows_in_memory_train(tmp_path, fitted):
     # The shards of the same 64 rows, read by 2 DataLoader workers through ShardDataset: the same draws,
