@@ -15,13 +15,23 @@ from geko_data.train.collate import pad_collate  # noqa: E402
 
 
 def main() -> None:
+    """argv: OUT_DIR [SHARDS]: with SHARDS (a folder of the same 160 rows as json shards) the ranks read them
+    through ShardDataset, one DataLoader worker each."""
     out = sys.argv[1]
+    shards = sys.argv[2] if len(sys.argv) > 2 else None
     args = TrainingArguments(output_dir=out, num_train_epochs=3, per_device_train_batch_size=8,
                              gradient_accumulation_steps=2, learning_rate=3e-2, logging_steps=1,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             ddp_backend="gloo", seed=3)
+                             ddp_backend="gloo", seed=3, dataloader_num_workers=1 if shards else 0)
+    if shards:
+        from geko_data.dataset import ShardDataset
+        from geko_data.train.collate import decode_json
+
+        data = ShardDataset(shards, decode=decode_json)
+    else:
+        data = tiny.hf_dataset(160)
     trainer = tiny.recording_trainer(GEKOTrainer)(
-        model=tiny.tiny_llama(), args=args, train_dataset=tiny.hf_dataset(160), data_collator=pad_collate,
+        model=tiny.tiny_llama(), args=args, train_dataset=data, data_collator=pad_collate,
         geko_config=GEKOConfig(freeze_confidence=0.6, freeze_quality=0.5, log_bucket_stats=False))
     trainer.train()
     rank = int(os.environ["RANK"])

@@ -373,14 +373,23 @@ def test_sft_trainer_with_every_row_dropped_by_truncation_says_so(tmp_path):
         trainer.train()
 
 
-@pytest.mark.timeout(150)
-def test_torchrun_ddp_each_rank_trains_its_full_share(tmp_path):
+def _hf_ddp(out, *extra):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "hf_ddp_job.py"),
-                           str(tmp_path)], capture_output=True, text=True, timeout=140,
+                           str(out), *extra], capture_output=True, text=True, timeout=140,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def hf_ddp(tmp_path_factory):
+    return _hf_ddp(tmp_path_factory.mktemp("hf_ddp"))
+
+
+@pytest.mark.timeout(150)
+def test_torchrun_ddp_each_rank_trains_its_full_share(hf_ddp):
+    r0, r1 = hf_ddp
     assert r0["world"] == 2 and r0["state"] == r1["state"] and r0["steps"] == r1["steps"]
     assert r0["lrs"] == r1["lrs"] and r0["lrs"][-1] == 0.0
     assert sorted(r0["ids"]) == ["0", "1", "2"]
@@ -439,3 +448,17 @@ def test_sft_trainer_given_shards_says_to_use_gekotrainer(shards):
     with pytest.raises(TypeError, match=r"Hugging Face `datasets.Dataset` for TRL's SFTTrainer .*got ShardDataset; "
                                         r"for WebDataset shards use GEKOTrainer"):
         GEKOSFTTrainer(model=tiny.tiny_llama(), args=args, train_dataset=ShardDataset(str(shards)))
+
+
+@pytest.mark.timeout(150)
+def test_torchrun_ddp_over_shards_trains_what_the_same_rows_in_memory_train(hf_ddp, tmp_path):
+    # The same 160 rows as json shards, read through ShardDataset by one DataLoader worker a rank: the same ids
+    # per rank and epoch, steps and final state as the run over the rows in memory.
+    from geko_data.shards import write_shards
+
+    write_shards([{"__key__": f"{i:05d}", "json": json.dumps(r)} for i, r in enumerate(tiny.rows(160))],
+                 str(tmp_path / "shards" / "shard-%03d.tar"), maxcount=50)
+    r0, r1 = _hf_ddp(tmp_path, str(tmp_path / "shards"))
+    m0, m1 = hf_ddp
+    assert (r0["ids"], r1["ids"], r0["steps"]) == (m0["ids"], m1["ids"], m0["steps"])
+    assert r0["state"] == r1["state"] == m0["state"]
