@@ -6,6 +6,8 @@ script trains each rank on its equal share of GEKO's plan.
 
 Run: ``python examples/hf_trainer.py``; ``GEKO_OUT=dir`` keeps the checkpoints (each holds the GEKO state,
 ``trainer.train(resume_from_checkpoint=True)`` continues exactly), ``GEKO_EPOCHS=n`` sets the epochs.
+``GEKO_SHARDS=dir`` writes the rows as WebDataset shards there and trains from them through
+``ShardDataset`` (a folder URL such as ``s3://bucket/shards/`` reads shards indexed there instead).
 """
 
 import os
@@ -59,7 +61,7 @@ def main():
                              per_device_train_batch_size=20, learning_rate=1e-2, warmup_steps=3,
                              lr_scheduler_type="linear", logging_steps=5, save_strategy="epoch",
                              save_total_limit=2, report_to=report_to, use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = GEKOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),  # GEKO: the class
+    trainer = GEKOTrainer(model=model, args=args, train_dataset=train_data(rows),  # GEKO: the class
                           data_collator=pad_collate)
     print(f"exact match before: {exact_match(model, rows):.0%}")
     trainer.train()
@@ -67,6 +69,24 @@ def main():
     print(trainer.geko_sampler.format_efficiency_report())
     print(f"optimizer steps {trainer.state.global_step}, final learning rate "
           f"{trainer.lr_scheduler.get_last_lr()[0]:.2g}; logs and checkpoints in {args.output_dir}")
+
+
+def train_data(rows):
+    """The rows in memory, or with ``GEKO_SHARDS`` set, read from WebDataset shards (written there first
+    when it is a local folder without an index)."""
+    shards = os.environ.get("GEKO_SHARDS")
+    if not shards:
+        return Dataset.from_list(rows)
+    import json
+
+    from geko_data import ShardDataset, write_shards
+    from geko_data.train.collate import decode_json
+
+    if "://" not in shards and not os.path.exists(os.path.join(shards, "index.arrow")):
+        os.makedirs(shards, exist_ok=True)
+        write_shards([{"__key__": f"{i:05d}", "json": json.dumps(r)} for i, r in enumerate(rows)],
+                     os.path.join(shards, "shard-%03d.tar"), maxcount=64)
+    return ShardDataset(shards, decode=decode_json)  # the index's order: the rows' order
 
 
 def _has(module):

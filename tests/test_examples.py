@@ -87,6 +87,21 @@ def test_hf_trainer_example_logs_geko_metrics_to_tensorboard(tmp_path):
 
 
 @pytest.mark.timeout(170)
+def test_hf_trainer_example_trains_from_shards_as_from_memory(tmp_path):
+    pytest.importorskip("transformers")
+    env = {"GEKO_EPOCHS": "2", "OMP_NUM_THREADS": "1"}
+    memory = run(sys.executable, "examples/hf_trainer.py", env={**env, "GEKO_OUT": str(tmp_path / "a")})
+    shards = run(sys.executable, "examples/hf_trainer.py", env={**env, "GEKO_OUT": str(tmp_path / "b"),
+                                                                 "GEKO_SHARDS": str(tmp_path / "shards")})
+    assert (tmp_path / "shards" / "index.arrow").exists()
+
+    def report(out):  # the efficiency report and exact match, without the folder names and times
+        return [line for line in out.splitlines() if "exact match" in line or "passes" in line.lower()]
+
+    assert report(shards) == report(memory) and any("exact match after" in line for line in report(memory))
+
+
+@pytest.mark.timeout(170)
 def test_trl_sft_example(tmp_path):
     pytest.importorskip("trl")
     out = run(sys.executable, "examples/trl_sft.py", env={"GEKO_OUT": str(tmp_path / "out"), "GEKO_EPOCHS": "2",
