@@ -15,15 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, get_worker_info
 
 from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, decoding_error, make_decoder
-from geko_data.readers import COUNTERS, BadData, ShardReader
+from geko_data.readers import BadData, ShardReader
 from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, is_url
 from geko_data.stream import _is_local, _open_index, _shard_urls, check_source_args
 from geko_data.validate import check_int
 
 __all__ = ["ShardDataset"]
+
+_STATS = ("samples_read", "bytes_read", "requests", "retries")
+_ROWS = 1 + 64  # the main process, then DataLoader workers by id (modulo: rows are only spread, never read apart)
 
 
 class ShardDataset(Dataset):
@@ -67,7 +71,9 @@ class ShardDataset(Dataset):
         self._shard_start = np.searchsorted(self.index.shard, np.arange(len(self.index.shards) + 1))
         self._reader: ShardReader | None = None
         self._pid = -1  # the process the reader belongs to (a forked worker makes its own)
-        self._tally = dict.fromkeys(COUNTERS, 0)
+        # What was read, a row per process (the main one, each DataLoader worker), in shared memory made before
+        # any worker starts: fork and spawn workers add to it where this process sums it.
+        self._counts = torch.zeros((_ROWS, len(_STATS)), dtype=torch.int64).share_memory_()
 
     def __getstate__(self) -> dict[str, Any]:
         """A spawned DataLoader worker gets the index (its file's name: mapped again) and the settings, no reader."""
@@ -85,9 +91,9 @@ class ShardDataset(Dataset):
 
     @property
     def stats(self) -> dict[str, int]:
-        """What this process read so far: ``samples_read``, ``bytes_read`` and, for remote shards, ``requests``
-        and ``retries`` (in a DataLoader worker, that worker's)."""
-        return {k: self._tally[k] for k in ("samples_read", "bytes_read", "requests", "retries")}
+        """What was read so far, by this process and its DataLoader workers: ``samples_read``, ``bytes_read``
+        and, for remote shards, ``requests`` and ``retries``."""
+        return dict(zip(_STATS, self._counts.numpy().sum(axis=0).tolist()))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
@@ -105,8 +111,10 @@ class ShardDataset(Dataset):
         try:
             read = reader.read_all(distinct)
         finally:
-            for k, v in reader.tally.items():
-                self._tally[k] += v
+            info = get_worker_info()
+            row = 0 if info is None else 1 + info.id % (_ROWS - 1)
+            self._counts.numpy()[row] += np.asarray([reader.tally[k] for k in _STATS], dtype=np.int64)
+            for k in reader.tally:
                 reader.tally[k] = 0
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
@@ -149,7 +157,6 @@ class ShardDataset(Dataset):
             self._reader = ShardReader(self.index, self.urls, self._local, self._shard_start, bad, self.verify,
                                        ranges)
             self._pid = os.getpid()
-            self._tally = dict.fromkeys(COUNTERS, 0)
         return self._reader
 
     def close(self) -> None:
