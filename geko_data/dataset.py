@@ -42,7 +42,8 @@ class ShardDataset(Dataset):
             (sizes, keys and byte ranges are still checked).
         shard_url: maps a local shard path to the URL to read, as ``GEKOStream``'s. Defaults to ``None``.
         storage_options: options of the filesystem library for remote shards (credentials, an S3 endpoint);
-            kept in memory only. Defaults to ``None``.
+            never written to a state file or checkpoint (a pickle of the dataset, which a spawned worker gets,
+            carries them). Defaults to ``None``.
         remote: how remote shards are fetched (``RemoteConfig``). Defaults to ``RemoteConfig()``.
         max_decoded_bytes: with decoder specs, the most bytes a member may decode to. Defaults to 256 MiB.
 
