@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, decoding_error, make_decoder
+from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, check_decoded, decoding_error, make_decoder
 from geko_data.readers import BadData, ShardReader
 from geko_data.remote import RangeFetcher, RangeReader, RemoteConfig, is_url
 from geko_data.stream import _is_local, _open_index, _shard_urls, check_source_args
@@ -127,9 +127,7 @@ class ShardDataset(Dataset):
                     sample = self._decoder({**raw, "__url__": url})
                 except Exception as exn:  # noqa: BLE001 - decoders raise anything: name the sample
                     raise decoding_error(exn, url=url, key=str(self.index.keys[i])) from exn
-                if not isinstance(sample, dict):
-                    raise TypeError(f"`decode` must return the sample as a dict, got {type(sample).__name__} for "
-                                    f"sample {self.index.keys[i]!r} of {url!r}")
+                check_decoded(sample, url=url, key=str(self.index.keys[i]))
             elif i in seen:  # a repeated draw: its own dict, so what a loop does to one never reaches another
                 sample = {**raw, "__url__": url}
             else:

@@ -33,7 +33,7 @@ from typing import Any
 from geko_data.shards import ShardError
 
 __all__ = ["COMMON_IMAGE_FORMATS", "DEFAULT_MAX_DECODED_BYTES", "IMAGE_FORMATS", "REFUSED_IMAGE_EXTENSIONS",
-           "UNSAFE_EXTENSIONS", "decoding_error", "gunzip", "make_decoder"]
+           "UNSAFE_EXTENSIONS", "check_decoded", "decoding_error", "gunzip", "make_decoder"]
 
 #: Extensions webdataset's default decoders would unpickle (plain pickle, or torch's unsafe loader): code
 #: execution from a tar. A ``decode=`` spec refuses them (decode them yourself with a callable).
@@ -444,6 +444,14 @@ def make_decoder(decode: Any, *, max_decoded_bytes: int) -> Callable[[dict[str, 
             raise TypeError(f"`decode` entries must be spec strings or handler callables, got {spec!r}")
     pre = [_refuse_unsafe, _GunzipHandler(max_decoded_bytes), _ArrayCap(max_decoded_bytes)]
     return autodecode.Decoder(handlers, pre=pre, post=list(autodecode.default_post_handlers))
+
+
+def check_decoded(sample: Any, *, url: str, key: str) -> dict[str, Any]:
+    """``sample`` as ``decode`` returned it, which must be a dict (the reader tags it; a collator indexes it)."""
+    if not isinstance(sample, dict):
+        raise TypeError(f"`decode` must return the sample as a dict, got {type(sample).__name__} for sample "
+                        f"{key!r} of {url!r}")
+    return sample
 
 
 def decoding_error(exn: Exception, *, url: str, key: str) -> ShardError:

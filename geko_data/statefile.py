@@ -31,8 +31,8 @@ from geko_data.plan import EpochPlan
 
 __all__ = ["BUCKET_TYPE", "COLUMNS", "FORMAT_VERSION", "META_KEY", "OPTIONAL_COLUMNS", "PLAN_COLUMNS",
            "FingerprintError", "PartitionStats", "StateFileError", "StoredState", "check_fingerprint", "checksum",
-           "column_values", "fingerprint_of", "fingerprint_source", "is_unset", "read_table", "resume_fingerprint_error",
-           "state_table", "unset_column", "write_table"]
+           "column_values", "fingerprint_of", "fingerprint_source", "is_unset", "read_table",
+           "resume_fingerprint_error", "state_table", "unset_column", "write_table"]
 
 #: 2: the metadata carries a checksum of the columns and of itself (format 1 files, without it, still load).
 #: 3: ``bucket`` is a dictionary column (its names, not codes, in pandas, polars and DuckDB) and an ``id``

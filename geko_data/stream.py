@@ -43,7 +43,8 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from geko_data.batches import BATCHES, epoch_batch_size, full_epoch_steps, smallest_batch
 from geko_data.config import GEKOConfig
-from geko_data.decode import DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, decoding_error, make_decoder
+from geko_data.decode import (DEFAULT_MAX_DECODED_BYTES, UNSAFE_EXTENSIONS, check_decoded, decoding_error,
+                              make_decoder)
 from geko_data.epochs import EpochDriver
 from geko_data.plan import EpochPlan, ShardLayout, rank_order, shard_positions, worker_share
 from geko_data.readers import COUNTERS, BadData, ShardReader
@@ -580,8 +581,7 @@ class GEKOStream(EpochDriver, IterableDataset):
                         reader.reject(i, decoding_error(exn, url=urls[shard], key=str(self.index.keys[i])), samples)
                         continue
                     if not isinstance(sample, dict):  # it would fail below on item assignment, naming no argument
-                        raise TypeError(f"`decode` must return the sample as a dict, got {type(sample).__name__} "
-                                        f"for sample {self.index.keys[i]!r} of {urls[shard]!r}")
+                        check_decoded(sample, url=urls[shard], key=str(self.index.keys[i]))
                     sample["__index__"] = i
                     sample["__weight__"] = weight
                 yielded += 1

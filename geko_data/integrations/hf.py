@@ -45,6 +45,7 @@ from geko_data import signals as signals_mod
 from geko_data.atomic import atomic_write_bytes
 from geko_data.batches import BATCHES, GEKOBatchSampler
 from geko_data.config import GEKOConfig
+from geko_data.dataset import ShardDataset
 from geko_data.epochs import check_int
 from geko_data.integrations.accelerate import unshard
 from geko_data.integrations.metrics import epoch_metrics
@@ -153,7 +154,7 @@ class GEKOTrainerMixin:
                             f"samples of each epoch), got {type(train_dataset).__name__}; for WebDataset shards "
                             f"(local or s3://, gs://, ...), pass geko_data.ShardDataset(folder_or_url)")
         trl = any(c.__name__ == "SFTTrainer" for c in type(self).__mro__)
-        if trl and type(train_dataset).__name__ == "ShardDataset":
+        if trl and isinstance(train_dataset, ShardDataset):
             # TRL's own check names the type but not what to do
             raise TypeError("`train_dataset` must be a Hugging Face `datasets.Dataset` for TRL's SFTTrainer (it "
                             "tokenizes and formats the rows itself), got ShardDataset; for WebDataset shards use "
@@ -337,7 +338,7 @@ class GEKOTrainerMixin:
         if labels is None:
             raw = (" (a ShardDataset without `decode=` gives raw shard members, which the Trainer drops as "
                    "columns the model does not take: decode them into the model's inputs, e.g. decode_json)"
-                   if type(self.train_dataset).__name__ == "ShardDataset" else "")
+                   if isinstance(self.train_dataset, ShardDataset) else "")
             raise ValueError("GEKO measures per-sample losses against `labels`; the batch has none (keys: "
                              f"{sorted(inputs)}); use a collator that adds labels{raw}")
         outputs = model(**inputs)
