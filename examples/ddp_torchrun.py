@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geko_data import GEKOConfig
-from geko_data.train import TrainArgs, train
+from geko_data.train import TrainArgs, leave_process_group, train
 
 
 def copy_task(n: int, seed: int = 0) -> list[dict]:
@@ -45,6 +45,7 @@ def main() -> None:
     # ranks, counted in the shared state.
     print(f"[rank {rank}] optimizer steps {result.step} (the job's), sample passes of all ranks "
           f"{result.efficiency['sample_passes']} (shared state)")
+    leave_process_group()  # a barrier, then the group destroyed: exiting with it up can hang a gloo rank
 
 
 if __name__ == "__main__":

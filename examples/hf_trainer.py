@@ -18,6 +18,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from geko_data.integrations.hf import GEKOTrainer  # GEKO
+from geko_data.train import leave_process_group
 from geko_data.train.collate import pad_collate
 
 CHARS = "0123456789+*=#"  # '#' ends the answer
@@ -69,6 +70,7 @@ def main():
     print(trainer.geko_sampler.format_efficiency_report())
     print(f"optimizer steps {trainer.state.global_step}, final learning rate "
           f"{trainer.lr_scheduler.get_last_lr()[0]:.2g}; logs and checkpoints in {args.output_dir}")
+    leave_process_group()  # under torchrun: Trainer leaves the group up, and a gloo rank can hang at exit with it
 
 
 def train_data(rows):

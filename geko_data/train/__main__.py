@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = anneal_warning(config, args.num_epochs)
 
     from geko_data.train import default as dj
-    from geko_data.train.distributed import setup_distributed
+    from geko_data.train.distributed import leave_process_group, setup_distributed
     from geko_data.train.loop import train
     from geko_data.train.outdir import OutputDirBusyError
 
@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     whole = f" (the whole run: {result.efficiency['wall_time_s']:.0f} s)" if ns.resume else ""
     say(f"[geko-train] done in {time.time() - t0:.0f} s{whole}. Per-sample state: {result.state_path}\n"
         f"  inspect it with:  geko-data inspect {result.state_path}")
+    leave_process_group()  # under torchrun: the group left before exit, where gloo's threads could hang it
     return 0
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from geko_data import GEKOConfig, GEKOSampler  # noqa: E402
 from geko_data.batches import GEKOBatchSampler  # noqa: E402
 from geko_data.integrations.accelerate import prepare_loader  # noqa: E402
+from geko_data.train import leave_process_group  # noqa: E402
 
 N, BATCH = 96, 8
 
@@ -52,8 +53,7 @@ def main() -> None:
     if accelerator.process_index == 0:
         with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
             json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

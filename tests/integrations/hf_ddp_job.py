@@ -40,11 +40,9 @@ def main() -> None:
                    "batch_sizes": trainer.batch_sizes,
                    "state": tiny.state_digest(trainer.geko_state), "lrs": trainer.lrs,
                    "world": trainer.geko_sampler.world.world_size}, f)
-    import torch.distributed as dist
+    from geko_data.train import leave_process_group
 
-    if dist.is_initialized():  # Trainer leaves the group up: a rank's gloo threads could abort it at exit
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()  # Trainer leaves the group up: a rank's gloo threads could hang or abort it at exit
 
 
 if __name__ == "__main__":

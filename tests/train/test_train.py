@@ -13,7 +13,7 @@ from crash_job import rows
 from geko_data.config import GEKOConfig
 from geko_data.shards import write_shards
 from geko_data.state import COLUMNS, SampleState
-from geko_data.train import TrainArgs, train
+from geko_data.train import TrainArgs, leave_process_group, train
 from geko_data.train.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_checkpoint,
                                         write_manifest)
 from geko_data.train.collate import pad_collate
@@ -494,15 +494,12 @@ def _ddp_worker(rank, world, port, tmp):
                                                        learning_rate=5e-3, logging_steps=1, save_steps=3,
                                                        progress=False, dataloader_num_workers=0),
                 config=CFG, record_ids=True, log=QUIET)
-    import torch.distributed as dist
-
     state = out.data.state  # this rank's in-memory state, saved here and not by the loop's rank-0 writer
     np.savez(f"{tmp}/state-{rank}.npz", **{name: getattr(state, name) for name, _, _ in COLUMNS})
     np.save(f"{tmp}/step-{rank}.npy", np.array([out.step, len(out.ids_seen)]))
     w = torch.cat([p.detach().flatten() for p in out.model.parameters()])
     np.save(f"{tmp}/w-{rank}.npy", w.numpy())
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.timeout(150)
