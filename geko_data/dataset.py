@@ -64,7 +64,7 @@ class ShardDataset(Dataset):
         self._decoder = make_decoder(decode, max_decoded_bytes=max_decoded_bytes)
         remote = remote or RemoteConfig()
         self.index = _open_index(source, storage_options, remote)
-        self.urls = _shard_urls(self.index, shard_url)
+        self.urls = _shard_urls(self.index, shard_url, storage_options)
         self.verify = verify
         self._local = [_is_local(u) for u in self.urls]
         ranged = [is_url(u) for u in self.urls]

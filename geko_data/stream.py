@@ -50,6 +50,7 @@ from geko_data.plan import EpochPlan, ShardLayout, rank_order, shard_positions, 
 from geko_data.readers import COUNTERS, BadData, ShardReader
 from geko_data.remote import (RangeFetcher, RangeReader, RemoteConfig, SharedRanges, is_url, range_dir,
                               read_index_url)
+from geko_data.urls import check_options_for
 from geko_data.sampler import _collate_tagged
 from geko_data.shards import ShardError, ShardIndex, read_index
 from geko_data.shared import SharedPlan
@@ -182,17 +183,22 @@ def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
 
 
-def _shard_urls(index: ShardIndex, shard_url: str | Callable[[str], str] | None) -> list[str]:
-    """The URL each shard is read from: its path, or ``shard_url`` applied to it."""
+def _shard_urls(index: ShardIndex, shard_url: str | Callable[[str], str] | None,
+                storage_options: dict[str, Any] | None) -> list[str]:
+    """The URL each shard is read from: its path, or ``shard_url`` applied to it (``storage_options`` checked
+    against the filesystem those URLs need)."""
     if shard_url is None:
         return list(index.shards)
     if isinstance(shard_url, str):
         # A path is data, not shell syntax: spaces or `$(...)` in a folder name must not run anything.
         quote = shlex.quote if shard_url.startswith("pipe:") else str
-        return [shard_url.format(quote(p)) for p in index.shards]
-    if callable(shard_url):
-        return [shard_url(p) for p in index.shards]
-    raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
+        urls = [shard_url.format(quote(p)) for p in index.shards]
+    elif callable(shard_url):
+        urls = [shard_url(p) for p in index.shards]
+    else:
+        raise TypeError(f"`shard_url` must be None, a format string or a callable, got {shard_url!r}")
+    check_options_for(urls, storage_options)
+    return urls
 
 
 def check_source_args(source: str | os.PathLike, *, storage_options: dict[str, Any] | None,
@@ -383,7 +389,7 @@ class GEKOStream(EpochDriver, IterableDataset):
         self.batch_size = batch_size
         self.batches = batches
         self.handler = handler
-        self.urls = _shard_urls(self.index, shard_url)
+        self.urls = _shard_urls(self.index, shard_url, storage_options)
         self._sources = _Sources(self, self.index, self.urls, verify=verify, storage_options=storage_options,
                                  remote=remote)
         self._split: tuple[np.ndarray, int, int, int] | None = None

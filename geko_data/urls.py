@@ -171,6 +171,13 @@ _BOTO3_NAMES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "
                 "region_name": "client_kwargs={'region_name': ...}"}
 
 
+def check_options_for(urls: list[str], storage_options: dict[str, Any] | None) -> None:
+    """Refuse ``storage_options`` the shards' filesystem would refuse only at its first request: with a local
+    index whose ``shard_url`` points into S3, that request is in a DataLoader worker, mid-epoch."""
+    if storage_options and any(lower_scheme(u).split("://", 1)[0] in ("s3", "s3a") for u in urls):
+        _check_s3_option_names(storage_options)
+
+
 def _check_s3_option_names(storage_options: dict[str, Any] | None) -> None:
     known = _s3_option_names()
     # boto3's names that this s3fs does not take as well (a newer one takes `endpoint_url` itself)

@@ -2,6 +2,7 @@
 index or folder, a local index without its shards' URL. Real servers on 127.0.0.1 (tests/servers.py) or a
 port nothing listens on."""
 
+import os
 import time
 import uuid
 
@@ -254,6 +255,17 @@ def test_misnamed_s3_options_and_options_for_a_local_path_say_so(tmp_path):
     with pytest.raises(RemoteError, match=r"names s3fs does not take: 'client_kwarg' \(did you mean "
                                           r"'client_kwargs'\?\); its options are .*, secret, "):
         open_url("s3://bucket/x.tar", {"key": "K", "secret": "S", "client_kwarg": {"endpoint_url": "http://h"}})
+    # ... and with a local index whose `shard_url` reads the shards from S3, the first request was in a
+    # DataLoader worker, mid-epoch: now the stream and the dataset refuse the name when they are made
+    from geko_data.dataset import ShardDataset
+    from geko_data.shards import write_shards
+
+    write_shards([{"__key__": f"{i:03d}", "bin": b"x"} for i in range(4)], str(tmp_path / "s-%03d.tar"))
+    typo = {"key": "K", "secret": "S", "client_kwarg": {"endpoint_url": "http://127.0.0.1:1"}}
+    for make in (lambda **kw: GEKOStream(tmp_path, total_epochs=1, **kw), lambda **kw: ShardDataset(tmp_path, **kw)):
+        for shard_url in ("s3://bucket/{}", lambda p: "S3://bucket/" + os.path.basename(p)):
+            with pytest.raises(RemoteError, match=r"names s3fs does not take: 'client_kwarg' \(did you mean"):
+                make(shard_url=shard_url, storage_options=typo)
 
 
 @pytest.mark.timeout(120)
